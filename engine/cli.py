@@ -1,0 +1,278 @@
+"""``msggc``: a thin click shell over :mod:`engine`. User mistakes end in one line and exit 2."""
+
+from __future__ import annotations
+
+import functools
+import json
+import signal
+import sys
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from datetime import timedelta
+from typing import Any, TypeVar
+
+import click
+
+from engine import embedded, migrate, runs
+from engine.collector import GcResult, Progress, collect
+from engine.config import STRATEGIES, GcOptions, TableSpec, mask_dsn, parse_duration, resolve_dsn
+from engine.db import connection
+from engine.errors import MsggcError
+from engine.notify import LogNotifier, Notifier, WebhookNotifier
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def friendly_errors(func: F) -> F:
+    """Print expected errors on one line (no traceback) and exit with their code."""
+
+    @functools.wraps(func)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return func(*args, **kwargs)
+        except MsggcError as exc:
+            click.echo(f"msggc: error: {exc}", err=True)
+            sys.exit(exc.exit_code)
+
+    return wrapper  # type: ignore[return-value]
+
+
+dsn_option = click.option(
+    "--dsn", envvar="MSGGC_DSN", default=None,
+    help="PostgreSQL DSN (env MSGGC_DSN). Default: the embedded server, started on demand.",
+)
+table_option = click.option(
+    "--table", "table", default="messages", show_default=True, help="Table to collect (or SCHEMA.TABLE)."
+)
+
+
+class DurationType(click.ParamType):
+    name = "duration"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> timedelta:
+        if isinstance(value, timedelta):
+            return value
+        try:
+            return parse_duration(value)
+        except MsggcError as exc:
+            self.fail(str(exc), param, ctx)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="msggc")
+def main() -> None:
+    """Batched, resumable garbage collection of processed messages on PostgreSQL."""
+
+
+@main.command(name="migrate")
+@dsn_option
+@friendly_errors
+def migrate_command(dsn: str | None) -> None:
+    """Create or upgrade msggc's schema (idempotent)."""
+    dsn = resolve_dsn(dsn)
+    before, after = migrate.upgrade(dsn)
+    state = "already at" if before == after else f"upgraded from {before or 'empty'} to"
+    click.echo(f"schema {state} revision {after} on {mask_dsn(dsn)}")
+
+
+@main.command()
+@dsn_option
+@table_option
+@click.option("--rows", type=click.IntRange(min=1), required=True, help="Rows to insert.")
+@click.option("--shape", type=click.Choice(["dense", "sparse", "aged"]), default="dense", show_default=True)
+@click.option("--garbage-fraction", type=click.FloatRange(0, 1), default=None,
+              help="Share of garbage rows (default: 0.8 dense/aged, 0.01 sparse).")
+@friendly_errors
+def seed(dsn: str | None, table: str, rows: int, shape: str, garbage_fraction: float | None) -> None:
+    """Fill the table with synthetic messages, generated server-side."""
+    from engine import synth
+
+    dsn = resolve_dsn(dsn)
+    with _phase_progress() as on_progress:
+        report = synth.seed(dsn, rows, shape, garbage_fraction,  # type: ignore[arg-type]
+                            table=TableSpec.parse(table).name, on_progress=on_progress)
+    indexes = ", ".join(f"{name} {seconds:.1f}s" for name, seconds in report.index_seconds.items())
+    click.echo(
+        f"seeded {report.rows:,} rows ({report.garbage_rows:,} garbage, {shape}) in"
+        f" {report.total_seconds():.1f}s: insert {report.insert_seconds:.1f}s; indexes: {indexes};"
+        f" vacuum analyze {report.vacuum_analyze_seconds:.1f}s"
+    )
+
+
+@main.command()
+@dsn_option
+@table_option
+@click.option("--strategy", type=click.Choice(STRATEGIES), default="auto", show_default=True)
+@click.option("--batch-size", type=click.IntRange(min=1), default=None,
+              help="Fixed rows per batch (default: adapt toward --target-batch-ms).")
+@click.option("--target-batch-ms", type=click.FloatRange(min=1), default=50.0, show_default=True)
+@click.option("--max-rows", type=click.IntRange(min=1), default=None, help="Stop after about this many rows.")
+@click.option("--max-seconds", type=click.FloatRange(min=0, min_open=True), default=None,
+              help="Stop after this many seconds.")
+@click.option("--sleep", type=click.FloatRange(min=0), default=0.0, help="Seconds to pause between batches.")
+@click.option("--older-than", type=DurationType(), default=None,
+              help="Only rows processed longer ago than this (e.g. 30d, 12h).")
+@click.option("--lock-timeout-ms", type=click.IntRange(min=1), default=100, show_default=True)
+@click.option("--statement-timeout-ms", type=click.IntRange(min=10), default=5000, show_default=True)
+@click.option("--workers", type=click.IntRange(1, 16), default=1, show_default=True,
+              help="Parallel workers on disjoint ranges.")
+@click.option("--node", default="", help="Node name reported in webhooks (multiconnect).")
+@click.option("--webhook", default=None, help="Callback URL that receives the completion body.")
+@click.option("--webhook-secret", envvar="MSGGC_WEBHOOK_SECRET", default=None,
+              help="HMAC-SHA256 secret for the signature header (env MSGGC_WEBHOOK_SECRET).")
+@click.option("--dry-run", is_flag=True, help="Plan and estimate only; delete nothing.")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+@friendly_errors
+def gc(dsn: str | None, table: str, webhook: str | None, webhook_secret: str | None,
+       as_json: bool, **settings: Any) -> None:
+    """Delete processed messages in bounded, resumable batches.
+
+    Exit codes: 0 complete, 1 failed, 2 usage error, 3 stopped on a budget or signal
+    (the next run resumes), 4 another GC is running on the table.
+    """
+    options = GcOptions(table=TableSpec.parse(table), **settings)
+    dsn = resolve_dsn(dsn)
+    notifier: Notifier = WebhookNotifier(webhook, secret=webhook_secret) if webhook else LogNotifier()
+    stop = threading.Event()
+    with _stop_on_signals(stop), _gc_progress(enabled=not as_json and not options.dry_run) as on_progress:
+        result = collect(dsn, options, notifier, stop=stop, on_progress=on_progress)
+    click.echo(json.dumps(result.as_json(), default=str) if as_json else summary(result))
+    sys.exit(result.exit_code)
+
+
+def summary(result: GcResult) -> str:
+    if result.status == "dry-run":
+        return (f"dry run: strategy {result.strategy} ({result.reason}); would delete"
+                f" ~{result.garbage_estimate:,} rows in ~{result.planned_batches:,} batches")
+    line = (f"{result.status}: deleted {result.messages_deleted:,} rows in {result.elapsed_s:.1f}s"
+            f" ({result.rows_per_s:,.0f} rows/s, {result.batches:,} batches")
+    if result.batch_ms_p50 is not None:
+        line += f", batch p50 {result.batch_ms_p50:.0f} ms p99 {result.batch_ms_p99:.0f} ms"
+    line += f") with strategy {result.strategy}, run {result.run_id}"
+    if result.rows_skipped_locked:
+        line += f"; {result.rows_skipped_locked:,} locked rows left for the next run"
+    if result.stop_reason:
+        line += f"; stopped on {result.stop_reason}: run again to resume"
+    if result.error:
+        line += f"; error: {result.error}"
+    if result.notification_error:
+        line += f"; webhook not delivered yet ({result.notification_error}), kept in the outbox"
+    return line
+
+
+@contextmanager
+def _stop_on_signals(stop: threading.Event) -> Iterator[None]:
+    """SIGINT/SIGTERM finish the batch in flight, checkpoint and stop."""
+
+    def request_stop(signum: int, _frame: object) -> None:
+        stop.set()
+
+    previous = {sig: signal.signal(sig, request_stop) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+@contextmanager
+def _gc_progress(enabled: bool) -> Iterator[Callable[[Progress], None] | None]:
+    if not enabled or not sys.stderr.isatty():
+        yield None
+        return
+    from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeRemainingColumn
+    from rich.progress import Progress as Bar
+
+    columns = (TextColumn("deleting"), BarColumn(), MofNCompleteColumn(),
+               TextColumn("{task.fields[rate]} rows/s"), TimeRemainingColumn())
+    with Bar(*columns, transient=True) as bar:
+        task = bar.add_task("gc", total=None, rate="0")
+
+        def update(progress: Progress) -> None:
+            rate = progress.deleted / progress.elapsed_s if progress.elapsed_s else 0
+            bar.update(task, completed=progress.deleted, rate=f"{rate:,.0f}",
+                       total=max(progress.garbage_estimate, progress.deleted))
+
+        yield update
+
+
+@contextmanager
+def _phase_progress() -> Iterator[Callable[[str, float], None] | None]:
+    if not sys.stderr.isatty():
+        yield None
+        return
+    from rich.progress import BarColumn, TaskID, TextColumn, TimeElapsedColumn
+    from rich.progress import Progress as Bar
+
+    with Bar(TextColumn("{task.description:<28}"), BarColumn(), TimeElapsedColumn(),
+             transient=True) as bar:
+        tasks: dict[str, TaskID] = {}
+
+        def update(phase: str, fraction: float) -> None:
+            if phase not in tasks:
+                tasks[phase] = bar.add_task(phase, total=1.0)
+            bar.update(tasks[phase], completed=fraction)
+
+        yield update
+
+
+@main.command()
+@dsn_option
+@click.option("--limit", type=click.IntRange(min=1), default=10, show_default=True)
+@click.option("--json", "as_json", is_flag=True)
+@friendly_errors
+def status(dsn: str | None, limit: int, as_json: bool) -> None:
+    """Show the most recent GC runs."""
+    from engine.db import require_bookkeeping
+
+    with connection(resolve_dsn(dsn)) as conn:
+        require_bookkeeping(conn)
+        rows = runs.recent(conn, limit)
+    if as_json:
+        click.echo(json.dumps(rows, default=str))
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table("run", "node", "table", "status", "strategy", "deleted", "batches", "started", "error")
+    for row in rows:
+        table.add_row(str(row["id"]), row["node"], row["table_name"], row["status"], row["strategy"] or "",
+                      f"{row['messages_deleted']:,}", str(row["batches"]),
+                      f"{row['started_at']:%Y-%m-%d %H:%M:%S}" if row["started_at"] else "",
+                      row["error"] or "")
+    Console().print(table)
+
+
+@main.group()
+def db() -> None:
+    """See and control the embedded PostgreSQL server."""
+
+
+@db.command()
+@friendly_errors
+def url() -> None:
+    """Print the embedded server's DSN (exit 1 when it is not running)."""
+    dsn = embedded.url()
+    if dsn is None:
+        click.echo(f"embedded server is not running (data in {embedded.data_dir()})", err=True)
+        sys.exit(1)
+    click.echo(dsn)
+
+
+@db.command()
+@friendly_errors
+def start() -> None:
+    """Start the embedded server (no-op when running) and print its DSN."""
+    click.echo(embedded.ensure_running())
+
+
+@db.command()
+@friendly_errors
+def stop() -> None:
+    """Stop the embedded server."""
+    click.echo("stopped" if embedded.stop() else "embedded server was not running")
+
+
+if __name__ == "__main__":
+    main()

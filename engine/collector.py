@@ -1,0 +1,414 @@
+"""The bounded loop: ``plan -> walk -> delete batch + checkpoint -> report``.
+
+Each batch is one short transaction that deletes and advances the run's checkpoint together,
+under ``SET LOCAL lock_timeout/statement_timeout``. A crash at any instant therefore resumes
+exactly after the last committed batch and counts every deleted row once.
+"""
+
+from __future__ import annotations
+
+import queue
+import statistics
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import psycopg
+from psycopg import errors as pg_errors
+
+from engine import outbox, runs
+from engine.config import GcOptions
+from engine.contract import completion
+from engine.db import Connection, connect, require_bookkeeping, require_target
+from engine.errors import DatabaseUnreachable, GcAlreadyRunning, MsggcError
+from engine.notify import Notifier, encode
+from engine.planner import Plan, make_plan
+from engine.queries import SET_TIMEOUTS, Statements
+from engine.strategies import STRATEGIES, BatchOutcome, Slice, Strategy
+
+DEFAULT_BATCH_ROWS = 2000
+LOCKED_TABLE_RETRIES = 5
+RECONNECT_WINDOW_S = 30.0
+
+
+@dataclass(frozen=True)
+class Progress:
+    run_id: int
+    deleted: int
+    batches: int
+    elapsed_s: float
+    garbage_estimate: int
+
+
+@dataclass
+class GcResult:
+    """What a run did; ``status`` is complete, stopped (resumable), failed or dry-run."""
+
+    status: str
+    strategy: str
+    reason: str
+    garbage_estimate: int
+    rows_estimate: int
+    run_id: int | None = None
+    stop_reason: str | None = None
+    error: str | None = None
+    messages_deleted: int = 0
+    rows_skipped_locked: int = 0
+    batches: int = 0
+    elapsed_s: float = 0.0
+    batch_ms_p50: float | None = None
+    batch_ms_p99: float | None = None
+    batch_ms_max: float | None = None
+    planned_batches: int | None = None
+    notification_error: str | None = None
+
+    @property
+    def rows_per_s(self) -> float:
+        return self.messages_deleted / self.elapsed_s if self.elapsed_s > 0 else 0.0
+
+    @property
+    def exit_code(self) -> int:
+        return {"complete": 0, "dry-run": 0, "stopped": 3}.get(self.status, 1)
+
+    def as_json(self) -> dict[str, Any]:
+        return {**asdict(self), "rows_per_s": round(self.rows_per_s, 1)}
+
+
+class BatchSizer:
+    """Steers the batch size so a batch takes about the target duration (or keeps it fixed)."""
+
+    def __init__(self, initial: int, maximum: int, target_s: float, adaptive: bool) -> None:
+        self.size = max(1, min(initial, maximum))
+        self.maximum = maximum
+        self.target_s = target_s
+        self.adaptive = adaptive
+
+    def observe(self, seconds: float) -> None:
+        if self.adaptive and seconds > 0:
+            factor = min(2.0, max(0.5, self.target_s / seconds))
+            self.size = max(1, min(self.maximum, round(self.size * factor)))
+
+    def shrink(self) -> bool:
+        """Halve after a statement timeout; False when there is nothing left to halve."""
+        if self.size == 1:
+            return False
+        self.size = max(1, self.size // 2)
+        return True
+
+
+@dataclass
+class Walk:
+    """State shared by the workers of one run."""
+
+    options: GcOptions
+    plan: Plan
+    run: runs.Run
+    strategy: Strategy
+    statements: Statements
+    dsn: str
+    stop: threading.Event
+    on_progress: Callable[[Progress], None] | None
+    started: float = field(default_factory=time.monotonic)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    deleted: int = 0
+    skipped: int = 0
+    batches: int = 0
+    latencies_ms: list[float] = field(default_factory=list)
+    stop_reason: str | None = None
+    error: str | None = None
+
+    def budget_reason(self) -> str | None:
+        if self.stop.is_set():
+            return self.stop_reason or "interrupted"
+        if self.options.max_rows is not None and self.deleted >= self.options.max_rows:
+            return f"max_rows={self.options.max_rows}"
+        elapsed = time.monotonic() - self.started
+        if self.options.max_seconds is not None and elapsed >= self.options.max_seconds:
+            return f"max_seconds={self.options.max_seconds:g}"
+        return None
+
+    def record(self, outcome: BatchOutcome, seconds: float) -> None:
+        with self.lock:
+            self.deleted += outcome.deleted
+            self.skipped += outcome.skipped_locked
+            self.batches += 1
+            self.latencies_ms.append(seconds * 1000)
+            progress = Progress(self.run.id, self.deleted, self.batches,
+                                time.monotonic() - self.started,
+                                self.plan.facts.garbage_rows_estimate)
+        if self.on_progress:
+            self.on_progress(progress)
+
+    def fail(self, message: str) -> None:
+        with self.lock:
+            self.error = self.error or message
+        self.stop.set()
+
+    def batch_size(self, sizer: BatchSizer) -> int:
+        """The sizer's choice, capped so a ``max_rows`` budget is not overshot by much."""
+        if self.options.max_rows is None:
+            return sizer.size
+        remaining = max(1, self.options.max_rows - self.deleted)
+        return min(sizer.size, self.strategy.units_for_rows(remaining, self.plan.facts))
+
+    @property
+    def params(self) -> dict[str, Any]:
+        return {"cutoff": self.plan.cutoff}
+
+    @property
+    def timeouts(self) -> dict[str, str]:
+        return {"lock_timeout": f"{self.options.lock_timeout_ms}ms",
+                "statement_timeout": f"{self.options.statement_timeout_ms}ms"}
+
+
+def _initial_size(walk: Walk) -> int:
+    rows = walk.options.batch_size or DEFAULT_BATCH_ROWS
+    return walk.strategy.units_for_rows(rows, walk.plan.facts)
+
+
+def run_batch(conn: Connection, walk: Walk, index: int, part: Slice,
+              sizer: BatchSizer) -> BatchOutcome:
+    """One batch and its checkpoint in one transaction; retried smaller or skip-locked."""
+    skip_locked = False
+    locked_retries = 0
+    while True:
+        try:
+            with conn.transaction():
+                conn.execute(SET_TIMEOUTS, walk.timeouts)
+                outcome = walk.strategy.run_batch(conn, walk.statements, part, walk.batch_size(sizer),
+                                                  walk.params, skip_locked)
+                runs.checkpoint(conn, walk.run.id, index, outcome.position, outcome.deleted,
+                                outcome.skipped_locked)
+            return outcome
+        except pg_errors.LockNotAvailable:
+            if skip_locked:
+                locked_retries += 1
+                if locked_retries > LOCKED_TABLE_RETRIES:
+                    raise MsggcError(
+                        f"{walk.options.table.qualified} stayed locked by another transaction"
+                    ) from None
+                time.sleep(0.1 * 2**locked_retries)
+            skip_locked = True
+        except pg_errors.QueryCanceled:
+            if not sizer.shrink():
+                raise MsggcError(
+                    "a batch of the smallest size still exceeds statement_timeout"
+                    f" ({walk.options.statement_timeout_ms} ms)"
+                ) from None
+
+
+def reconnect(walk: Walk, holds_lock: bool) -> Connection:
+    """Reconnect with backoff after the server went away; the lock holder takes its lock back."""
+    deadline = time.monotonic() + RECONNECT_WINDOW_S
+    delay = 0.5
+    while True:
+        try:
+            conn = connect(walk.dsn)
+        except DatabaseUnreachable:
+            if time.monotonic() + delay > deadline or walk.stop.is_set():
+                raise
+            time.sleep(delay)
+            delay = min(delay * 2, 5.0)
+            continue
+        if holds_lock and not runs.try_lock_table(conn, walk.plan.facts.oid):
+            conn.close()
+            raise GcAlreadyRunning("lost the table lock while reconnecting: another GC took over")
+        return conn
+
+
+def work(conn: Connection, walk: Walk, todo: queue.SimpleQueue[int], holds_lock: bool) -> Connection:
+    """A worker: takes slices from the queue and walks each to its end or to the budget."""
+    sizer = BatchSizer(_initial_size(walk), walk.strategy.max_units,
+                       walk.options.target_batch_ms / 1000, walk.options.batch_size is None)
+    while True:
+        try:
+            index = todo.get_nowait()
+        except queue.Empty:
+            return conn
+        part = walk.run.slices[index]
+        while not part.done:
+            if (reason := walk.budget_reason()) is not None:
+                with walk.lock:
+                    walk.stop_reason = walk.stop_reason or reason
+                return conn
+            began = time.monotonic()
+            try:
+                outcome = run_batch(conn, walk, index, part, sizer)
+            except psycopg.OperationalError:
+                conn.close()
+                conn = reconnect(walk, holds_lock)
+                continue
+            seconds = time.monotonic() - began
+            part.position = outcome.position
+            sizer.observe(seconds)
+            walk.record(outcome, seconds)
+            if walk.options.sleep:
+                walk.stop.wait(walk.options.sleep)
+
+
+def _worker_thread(walk: Walk, todo: queue.SimpleQueue[int]) -> None:
+    try:
+        with connect(walk.dsn) as conn:
+            work(conn, walk, todo, holds_lock=False)
+    except MsggcError as exc:
+        walk.fail(str(exc))
+    except psycopg.Error as exc:
+        walk.fail(f"database error: {exc}".strip())
+
+
+def walk_run(conn: Connection, walk: Walk) -> Connection:
+    """Run the workers; the calling connection (which holds the table lock) is worker 0."""
+    todo: queue.SimpleQueue[int] = queue.SimpleQueue()
+    for index, part in enumerate(walk.run.slices):
+        if not part.done:
+            todo.put(index)
+    helpers = [threading.Thread(target=_worker_thread, args=(walk, todo), daemon=True)
+               for _ in range(min(walk.options.workers, len(walk.run.slices)) - 1)]
+    for thread in helpers:
+        thread.start()
+    try:
+        conn = work(conn, walk, todo, holds_lock=True)
+    except MsggcError as exc:
+        walk.fail(str(exc))
+    except psycopg.Error as exc:
+        walk.fail(f"database error: {exc}".strip())
+    finally:
+        for thread in helpers:
+            thread.join()
+    return conn
+
+
+def _failure_details(walk: Walk) -> str | None:
+    if walk.error:
+        return walk.error
+    if walk.stop_reason:
+        return (f"GC stopped ({walk.stop_reason}) before the end of the table;"
+                " run it again to continue from its checkpoint")
+    return None
+
+
+def _status(walk: Walk) -> str:
+    if walk.error:
+        return "failed"
+    if all(part.done for part in walk.run.slices):
+        return "complete"
+    return "stopped"
+
+
+def _percentile(values: list[float], q: float) -> float | None:
+    if not values:
+        return None
+    if len(values) == 1:
+        return values[0]
+    return statistics.quantiles(values, n=100, method="inclusive")[q - 1]
+
+
+def report(conn: Connection, walk: Walk, notifier: Notifier | None) -> GcResult:
+    """Close the run and queue its notice in one transaction, then deliver the notice."""
+    status = _status(walk)
+    details = None if status == "complete" else _failure_details(walk)
+    with conn.transaction():
+        deleted = runs.finish(conn, walk.run.id, status, walk.error or walk.stop_reason)
+        body = encode(completion(deleted, node=walk.options.node or None, failure=details))
+        if notifier is not None and notifier.target:
+            outbox.enqueue(conn, walk.run.id, notifier.target, body)
+    result = _result(walk, status)
+    result.messages_deleted = deleted
+    if notifier is not None:
+        result.notification_error = _deliver(conn, notifier, walk.run.id, body)
+    return result
+
+
+def _deliver(conn: Connection, notifier: Notifier, run_id: int, body: bytes) -> str | None:
+    if notifier.target:
+        return outbox.deliver_run(conn, notifier, run_id)
+    try:
+        notifier.send(body)
+    except MsggcError as exc:
+        return str(exc)
+    return None
+
+
+def _result(walk: Walk, status: str) -> GcResult:
+    latencies = sorted(walk.latencies_ms)
+    return GcResult(
+        status=status,
+        strategy=walk.plan.strategy,
+        reason=walk.plan.reason,
+        garbage_estimate=walk.plan.facts.garbage_rows_estimate,
+        rows_estimate=walk.plan.facts.rows_estimate,
+        run_id=walk.run.id,
+        stop_reason=walk.stop_reason if status == "stopped" else None,
+        error=walk.error,
+        messages_deleted=walk.deleted,
+        rows_skipped_locked=walk.skipped,
+        batches=walk.batches,
+        elapsed_s=time.monotonic() - walk.started,
+        batch_ms_p50=_percentile(latencies, 50),
+        batch_ms_p99=_percentile(latencies, 99),
+        batch_ms_max=latencies[-1] if latencies else None,
+    )
+
+
+def dry_run(plan: Plan, options: GcOptions) -> GcResult:
+    rows_per_batch = options.batch_size or DEFAULT_BATCH_ROWS
+    garbage = plan.facts.garbage_rows_estimate
+    return GcResult(
+        status="dry-run",
+        strategy=plan.strategy,
+        reason=plan.reason,
+        garbage_estimate=garbage,
+        rows_estimate=plan.facts.rows_estimate,
+        planned_batches=-(-garbage // rows_per_batch),
+    )
+
+
+def resume_or_start(conn: Connection, options: GcOptions, plan: Plan) -> runs.Run:
+    """Continue the latest unfinished run of this table and node, or start a fresh walk."""
+    table = options.table.qualified
+    previous = runs.latest_resumable(conn, table, options.node)
+    if previous is not None:
+        previous_id, strategy, slices = previous
+        if options.strategy in ("auto", strategy):
+            return runs.start(conn, table, options.node, strategy, slices,
+                              options.describe(), resumed_from=previous_id)
+    slices = STRATEGIES[plan.strategy].slices(plan.facts, options.workers)
+    return runs.start(conn, table, options.node, plan.strategy, slices, options.describe(),
+                      resumed_from=previous[0] if previous else None)
+
+
+def collect(
+    dsn: str,
+    options: GcOptions | None = None,
+    notifier: Notifier | None = None,
+    *,
+    stop: threading.Event | None = None,
+    on_progress: Callable[[Progress], None] | None = None,
+) -> GcResult:
+    """Run one GC on ``dsn`` and return what it did. Raises :class:`MsggcError` on bad input."""
+    options = options or GcOptions()
+    conn = connect(dsn)
+    try:
+        require_bookkeeping(conn)
+        oid = require_target(conn, options.table)
+        statements = Statements.for_table(options.table, options.older_than is not None)
+        plan = make_plan(conn, options, oid, statements)
+        if options.dry_run:
+            return dry_run(plan, options)
+        if not runs.try_lock_table(conn, oid):
+            holder = runs.lock_holder(conn, oid)
+            raise GcAlreadyRunning(
+                f"another GC is already running on {options.table.qualified}"
+                + (f" (backend pid {holder})" if holder else "")
+            )
+        run = resume_or_start(conn, options, plan)
+        strategy = STRATEGIES[run.strategy]  # type: ignore[index]
+        walk = Walk(options=options, plan=plan, run=run, strategy=strategy,
+                    statements=statements, dsn=dsn, stop=stop or threading.Event(),
+                    on_progress=on_progress)
+        conn = walk_run(conn, walk)
+        return report(conn, walk, notifier)
+    finally:
+        conn.close()

@@ -1,0 +1,124 @@
+"""What a GC run is asked to do, and where: options, target table and DSN resolution."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import asdict, dataclass, field
+from datetime import timedelta
+from typing import Any, Literal
+
+from psycopg import conninfo
+
+from engine.errors import UsageError
+
+StrategyName = Literal["auto", "physical", "index", "key"]
+STRATEGIES: tuple[StrategyName, ...] = ("auto", "physical", "index", "key")
+
+
+@dataclass(frozen=True)
+class TableSpec:
+    """The table to collect and the columns that define garbage.
+
+    Names are identifiers, never SQL: they only reach the database through ``psycopg.sql``.
+    """
+
+    name: str = "messages"
+    schema: str | None = None
+    key: str = "id"
+    processed_at: str = "processed_at"
+
+    @classmethod
+    def parse(cls, qualified: str) -> TableSpec:
+        """``messages`` or ``app.messages`` (a dot separates the schema, as in SQL)."""
+        schema, dot, name = qualified.rpartition(".")
+        if not name or (dot and not schema):
+            raise UsageError(f"invalid table name {qualified!r}: expected NAME or SCHEMA.NAME")
+        return cls(name=name, schema=schema or None)
+
+    @property
+    def qualified(self) -> str:
+        return f"{self.schema}.{self.name}" if self.schema else self.name
+
+
+@dataclass(frozen=True)
+class GcOptions:
+    """Everything that shapes one GC run; defaults are safe for a live service."""
+
+    table: TableSpec = field(default_factory=TableSpec)
+    strategy: StrategyName = "auto"
+    batch_size: int | None = None
+    """Fixed rows per batch; ``None`` adapts the size toward ``target_batch_ms``."""
+    target_batch_ms: float = 50.0
+    max_rows: int | None = None
+    max_seconds: float | None = None
+    sleep: float = 0.0
+    older_than: timedelta | None = None
+    lock_timeout_ms: int = 100
+    statement_timeout_ms: int = 5000
+    workers: int = 1
+    dry_run: bool = False
+    node: str = ""
+
+    def __post_init__(self) -> None:
+        checks = [
+            (self.strategy in STRATEGIES, f"strategy must be one of {', '.join(STRATEGIES)}"),
+            (self.batch_size is None or self.batch_size >= 1, "batch size must be >= 1"),
+            (self.target_batch_ms > 0, "target batch duration must be > 0 ms"),
+            (self.max_rows is None or self.max_rows >= 1, "max rows must be >= 1"),
+            (self.max_seconds is None or self.max_seconds > 0, "max seconds must be > 0"),
+            (self.sleep >= 0, "sleep must be >= 0"),
+            (self.older_than is None or self.older_than >= timedelta(0), "older-than must be >= 0"),
+            (self.lock_timeout_ms >= 1, "lock timeout must be >= 1 ms"),
+            (self.statement_timeout_ms >= 10, "statement timeout must be >= 10 ms"),
+            (1 <= self.workers <= 16, "workers must be between 1 and 16"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise UsageError(message)
+
+    def describe(self) -> dict[str, Any]:
+        """A JSON-able record of the options, stored with the run."""
+        record = asdict(self)
+        record["table"] = self.table.qualified
+        record["older_than"] = self.older_than.total_seconds() if self.older_than else None
+        return record
+
+
+def resolve_dsn(dsn: str | None) -> str:
+    """An explicit DSN, else ``$MSGGC_DSN``, else the embedded server (started on demand)."""
+    chosen = dsn or os.environ.get("MSGGC_DSN")
+    if chosen:
+        try:
+            conninfo.conninfo_to_dict(chosen)
+        except Exception as exc:
+            raise UsageError(f"invalid DSN {mask_dsn(chosen)!r}: {exc}") from None
+        return chosen
+    from engine import embedded
+
+    return embedded.ensure_running()
+
+
+def mask_dsn(dsn: str) -> str:
+    """The DSN with its password replaced, safe for logs and error messages."""
+    try:
+        params = conninfo.conninfo_to_dict(dsn)
+    except Exception:
+        return "<unparseable DSN>"
+    if params.get("password"):
+        params["password"] = "***"
+    return conninfo.make_conninfo(**params)  # type: ignore[arg-type]
+
+
+DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+
+
+def parse_duration(text: str) -> timedelta:
+    """``90s``, ``15m``, ``12h``, ``30d``, ``2w`` (a bare number is seconds)."""
+    value, unit = (text[:-1], text[-1]) if text and text[-1] in DURATION_UNITS else (text, "s")
+    try:
+        amount = float(value)
+    except ValueError:
+        raise UsageError(f"invalid duration {text!r}: use e.g. 90s, 15m, 12h, 30d") from None
+    if amount < 0:
+        raise UsageError(f"invalid duration {text!r}: must not be negative")
+    return timedelta(seconds=amount * DURATION_UNITS[unit])

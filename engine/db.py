@@ -1,0 +1,105 @@
+"""The thin connector layer: every connection msggc opens goes through here.
+
+It turns driver failures a user can cause (wrong DSN, server down, missing table, missing
+privilege) into the errors of :mod:`engine.errors`, with the DSN's password masked.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import psycopg
+from psycopg import errors as pg_errors
+from psycopg import sql
+
+from engine.config import TableSpec, mask_dsn
+from engine.errors import DatabaseUnreachable, PermissionMissing, SchemaMissing, TargetTableError
+
+CONNECT_TIMEOUT_S = 5
+APPLICATION_NAME = "msggc"
+
+Connection = psycopg.Connection[tuple]
+
+
+def connect(dsn: str, *, autocommit: bool = True, timeout_s: float = CONNECT_TIMEOUT_S) -> Connection:
+    """Open a connection or raise :class:`DatabaseUnreachable` with a one-line reason."""
+    try:
+        return psycopg.connect(
+            dsn,
+            autocommit=autocommit,
+            connect_timeout=max(1, round(timeout_s)),
+            application_name=APPLICATION_NAME,
+        )
+    except psycopg.OperationalError as exc:
+        reason = " ".join(line.strip() for line in str(exc).splitlines()) or type(exc).__name__
+        raise DatabaseUnreachable(f"cannot connect to {mask_dsn(dsn)}: {reason}") from None
+    except psycopg.ProgrammingError as exc:
+        raise DatabaseUnreachable(f"invalid DSN {mask_dsn(dsn)}: {exc}") from None
+
+
+@contextmanager
+def connection(dsn: str, *, autocommit: bool = True) -> Iterator[Connection]:
+    with connect(dsn, autocommit=autocommit) as conn:
+        yield conn
+
+
+def table_ident(table: TableSpec) -> sql.Composable:
+    if table.schema:
+        return sql.Identifier(table.schema, table.name)
+    return sql.Identifier(table.name)
+
+
+def regclass_of(conn: Connection, table: TableSpec) -> int | None:
+    """The table's oid, or None when it does not exist (no string formatting: to_regclass)."""
+    ident = table_ident(table).as_string(conn)
+    row = conn.execute("SELECT to_regclass(%s)::oid", (ident,)).fetchone()
+    return row[0] if row and row[0] is not None else None
+
+
+def require_bookkeeping(conn: Connection) -> None:
+    """msggc's own tables must exist before any run."""
+    row = conn.execute(
+        "SELECT to_regclass('gc_runs') IS NOT NULL AND to_regclass('gc_outbox') IS NOT NULL"
+    ).fetchone()
+    if not row or not row[0]:
+        raise SchemaMissing("msggc tables are missing in this database: run `msggc migrate` first")
+
+
+def require_target(conn: Connection, table: TableSpec) -> int:
+    """The target table must exist, have its key and processed-at columns, and be deletable."""
+    oid = regclass_of(conn, table)
+    if oid is None:
+        raise TargetTableError(
+            f"table {table.qualified} does not exist: run `msggc migrate` first"
+            " (or pass --table for another table)"
+        )
+    columns = {
+        name: type_
+        for name, type_ in conn.execute(
+            "SELECT attname, format_type(atttypid, atttypmod) FROM pg_attribute"
+            " WHERE attrelid = %s AND attnum > 0 AND NOT attisdropped",
+            (oid,),
+        )
+    }
+    for column in (table.key, table.processed_at):
+        if column not in columns:
+            raise TargetTableError(f"table {table.qualified} has no column {column!r}")
+    if columns[table.key] not in ("bigint", "integer", "smallint"):
+        raise TargetTableError(
+            f"column {table.qualified}.{table.key} must be an integer key, not {columns[table.key]}"
+        )
+    if not columns[table.processed_at].startswith("timestamp"):
+        raise TargetTableError(
+            f"column {table.qualified}.{table.processed_at} must be a timestamp,"
+            f" not {columns[table.processed_at]}"
+        )
+    allowed = conn.execute("SELECT has_table_privilege(%s::oid, 'DELETE')", (oid,)).fetchone()
+    if not allowed or not allowed[0]:
+        raise PermissionMissing(f"the database role may not DELETE from {table.qualified}")
+    return oid
+
+
+def is_user_fault(exc: BaseException) -> bool:
+    """Errors caused by the environment, not by a bug: reported as one line."""
+    return isinstance(exc, (pg_errors.InsufficientPrivilege, pg_errors.UndefinedTable))

@@ -1,0 +1,79 @@
+"""``gc_outbox``: completion notices written with the run's last transaction, delivered after.
+
+Each row is retried with exponential backoff until the callback server answers 2xx; a row is
+marked delivered once, under a row lock, so two deliverers never post the same notice twice.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+from engine.db import Connection
+from engine.errors import DeliveryFailed
+from engine.notify import Notifier
+
+BACKOFF_BASE_S = 1.0
+BACKOFF_MAX_S = 300.0
+
+
+def enqueue(conn: Connection, run_id: int, target: str, body: bytes) -> int:
+    row = conn.execute(
+        "INSERT INTO gc_outbox (run_id, target_url, body) VALUES (%s, %s, %s) RETURNING id",
+        (run_id, target, body.decode()),
+    ).fetchone()
+    return row[0]
+
+
+def backoff_s(attempts: int) -> float:
+    return min(BACKOFF_MAX_S, BACKOFF_BASE_S * 2 ** max(attempts - 1, 0))
+
+
+def deliver_due(conn: Connection, notifier_for: Callable[[str], Notifier],
+                run_id: int | None = None) -> tuple[int, int]:
+    """Try every due notice once (or only the run's); returns (delivered, still pending)."""
+    delivered = pending = 0
+    after = 0
+    while True:
+        with conn.transaction():
+            row = conn.execute(
+                "SELECT id, target_url, body, attempts FROM gc_outbox"
+                " WHERE delivered_at IS NULL AND next_attempt_at <= now() AND id > %(after)s"
+                " AND (%(run)s::bigint IS NULL OR run_id = %(run)s)"
+                " ORDER BY id LIMIT 1 FOR UPDATE SKIP LOCKED",
+                {"run": run_id, "after": after},
+            ).fetchone()
+            if row is None:
+                return delivered, pending
+            after, target, body, attempts = row
+            try:
+                notifier_for(target).send(body.encode())
+            except DeliveryFailed as exc:
+                conn.execute(
+                    "UPDATE gc_outbox SET attempts = attempts + 1, last_error = %s,"
+                    " next_attempt_at = now() + make_interval(secs => %s) WHERE id = %s",
+                    (str(exc), backoff_s(attempts + 1), after),
+                )
+                pending += 1
+            else:
+                conn.execute(
+                    "UPDATE gc_outbox SET attempts = attempts + 1, delivered_at = now(),"
+                    " last_error = NULL WHERE id = %s",
+                    (after,),
+                )
+                delivered += 1
+
+
+def deliver_run(conn: Connection, notifier: Notifier, run_id: int, attempts: int = 3) -> str | None:
+    """Deliver one run's notice with a few quick retries; returns the last error if still queued."""
+    for attempt in range(attempts):
+        _, pending = deliver_due(conn, lambda _url: notifier, run_id)
+        if not pending:
+            return None
+        if attempt + 1 < attempts:
+            time.sleep(backoff_s(attempt + 1))
+            conn.execute("UPDATE gc_outbox SET next_attempt_at = now() WHERE run_id = %s"
+                         " AND delivered_at IS NULL", (run_id,))
+    row = conn.execute("SELECT last_error FROM gc_outbox WHERE run_id = %s"
+                       " AND delivered_at IS NULL ORDER BY id DESC LIMIT 1", (run_id,)).fetchone()
+    return row[0] if row else None

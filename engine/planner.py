@@ -1,0 +1,139 @@
+"""Plan a run: read what the table has (size, garbage density, indexes) and pick a strategy.
+
+The planner only reads; it works on any ``messages`` table, including one msggc did not create
+and that lacks the partial garbage index: it then plans with what the table has.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+
+from engine.config import GcOptions, StrategyName, TableSpec
+from engine.db import Connection
+from engine.errors import UsageError
+from engine.queries import Statements
+
+DENSE_GARBAGE_FRACTION = 0.05
+"""At or above this share of garbage rows, most heap blocks hold garbage: reading the heap in
+block order (physical) beats jumping through an index to each row."""
+
+SAMPLE_BLOCKS = 2000
+"""Blocks read by the density sample (16 MB): enough for a tight estimate, cheap on any table."""
+
+TID_RANGE_SCAN_VERSION = 140000
+"""PostgreSQL 14 added TID range scans; before it a ctid range is a sequential scan."""
+
+
+@dataclass(frozen=True)
+class TableFacts:
+    """What the planner learned about the table, reported by ``--dry-run`` too."""
+
+    oid: int
+    blocks: int
+    rows_estimate: int
+    garbage_fraction: float
+    garbage_index: str | None
+    key_indexed: bool
+    key_min: int | None
+    key_max: int | None
+    server_version: int
+
+    @property
+    def garbage_rows_estimate(self) -> int:
+        return round(self.rows_estimate * self.garbage_fraction)
+
+    @property
+    def rows_per_block(self) -> float:
+        return self.rows_estimate / self.blocks if self.blocks else 1.0
+
+
+@dataclass(frozen=True)
+class Plan:
+    strategy: StrategyName
+    reason: str
+    facts: TableFacts
+    cutoff: datetime | None
+
+
+def read_facts(conn: Connection, table: TableSpec, oid: int, statements: Statements,
+               cutoff: datetime | None) -> TableFacts:
+    blocks = conn.execute(
+        "SELECT pg_relation_size(%s::oid) / current_setting('block_size')::int", (oid,)
+    ).fetchone()[0]
+    percent = min(100.0, 100.0 * SAMPLE_BLOCKS / max(blocks, 1))
+    sampled, garbage = conn.execute(
+        statements.sample_garbage, {"percent": percent, "cutoff": cutoff}
+    ).fetchone()
+    key_min, key_max = conn.execute(statements.key_bounds).fetchone()
+    return TableFacts(
+        oid=oid,
+        blocks=blocks,
+        rows_estimate=round(sampled * 100.0 / percent),
+        garbage_fraction=garbage / sampled if sampled else 0.0,
+        garbage_index=_garbage_index(conn, table, oid),
+        key_indexed=_key_indexed(conn, table, oid),
+        key_min=key_min,
+        key_max=key_max,
+        server_version=conn.info.server_version,
+    )
+
+
+KEY_ATTNUM = "(SELECT attnum FROM pg_attribute WHERE attrelid = i.indrelid AND attname = %(key)s)"
+
+
+def _garbage_index(conn: Connection, table: TableSpec, oid: int) -> str | None:
+    """A valid partial btree index led by the key whose predicate is the garbage predicate."""
+    row = conn.execute(
+        "SELECT i.indexrelid::regclass::text FROM pg_index i"
+        " WHERE i.indrelid = %(oid)s AND i.indisvalid AND i.indpred IS NOT NULL"
+        " AND i.indkey[0] = " + KEY_ATTNUM +
+        " AND pg_get_expr(i.indpred, i.indrelid) = format('(%%I IS NOT NULL)', %(processed)s::text)"
+        " ORDER BY pg_relation_size(i.indexrelid) LIMIT 1",
+        {"oid": oid, "key": table.key, "processed": table.processed_at},
+    ).fetchone()
+    return row[0] if row else None
+
+
+def _key_indexed(conn: Connection, table: TableSpec, oid: int) -> bool:
+    row = conn.execute(
+        "SELECT EXISTS (SELECT 1 FROM pg_index i WHERE i.indrelid = %(oid)s AND i.indisvalid"
+        " AND i.indpred IS NULL AND i.indkey[0] = " + KEY_ATTNUM + ")",
+        {"oid": oid, "key": table.key},
+    ).fetchone()
+    return bool(row and row[0])
+
+
+def choose_strategy(facts: TableFacts, requested: StrategyName) -> tuple[StrategyName, str]:
+    """The strategy and a one-line reason. A forced strategy is checked, never silently swapped."""
+    physical_ok = facts.server_version >= TID_RANGE_SCAN_VERSION
+    density = f"estimated garbage {facts.garbage_fraction:.1%} of ~{facts.rows_estimate:,} rows"
+    if requested == "physical" and not physical_ok:
+        raise UsageError("strategy physical needs PostgreSQL 14 or later (TID range scans)")
+    if requested == "index" and not facts.garbage_index:
+        raise UsageError(
+            "strategy index needs a partial index on the key WHERE processed_at IS NOT NULL"
+            " (run `msggc migrate`, or choose --strategy physical)"
+        )
+    if requested == "key" and not facts.key_indexed:
+        raise UsageError("strategy key needs a btree index led by the key column")
+    if requested != "auto":
+        return requested, f"forced by --strategy; {density}"
+    if physical_ok and facts.garbage_fraction >= DENSE_GARBAGE_FRACTION:
+        return "physical", f"{density}: dense, one sequential pass over the heap by TID ranges"
+    if facts.garbage_index:
+        return "index", f"{density}: sparse, keyset walk over {facts.garbage_index}"
+    if physical_ok:
+        return "physical", f"{density}: no partial garbage index, sequential TID-range walk"
+    if facts.key_indexed:
+        return "key", f"{density}: key ranges probed on the primary key (no TID range scans)"
+    raise UsageError("the table has no index on its key and the server has no TID range scans")
+
+
+def make_plan(conn: Connection, options: GcOptions, oid: int, statements: Statements) -> Plan:
+    cutoff = None
+    if options.older_than is not None:
+        cutoff = conn.execute("SELECT now() - %s::interval", (options.older_than,)).fetchone()[0]
+    facts = read_facts(conn, options.table, oid, statements, cutoff)
+    strategy, reason = choose_strategy(facts, options.strategy)
+    return Plan(strategy=strategy, reason=reason, facts=facts, cutoff=cutoff)

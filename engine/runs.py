@@ -1,0 +1,117 @@
+"""The ``gc_runs`` bookkeeping: one row per run, its checkpoint and its end.
+
+The checkpoint is written in the same transaction as the batch it records, so the row always
+says exactly which part of the table has been collected and how many rows that removed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from psycopg.types.json import Jsonb
+
+from engine.db import Connection
+from engine.strategies import Slice
+
+RESUMABLE = ("queued", "running", "stopped", "failed")
+ADVISORY_LOCK_CLASS = 0x6D736763
+"""First key of msggc's advisory locks ('msgc'); the second is the table's oid."""
+
+
+@dataclass
+class Run:
+    id: int
+    strategy: str
+    slices: list[Slice]
+    resumed_from: int | None
+
+
+def try_lock_table(conn: Connection, oid: int) -> bool:
+    """Session-level: released by the server if this process dies, so a crash never wedges GC."""
+    row = conn.execute("SELECT pg_try_advisory_lock(%s, %s::oid::int)", (ADVISORY_LOCK_CLASS, oid))
+    return bool(row.fetchone()[0])
+
+
+def unlock_table(conn: Connection, oid: int) -> None:
+    conn.execute("SELECT pg_advisory_unlock(%s, %s::oid::int)", (ADVISORY_LOCK_CLASS, oid))
+
+
+def lock_holder(conn: Connection, oid: int) -> int | None:
+    row = conn.execute(
+        "SELECT pid FROM pg_locks WHERE locktype = 'advisory' AND granted"
+        " AND classid = %s AND objid = %s::oid LIMIT 1",
+        (ADVISORY_LOCK_CLASS, oid),
+    ).fetchone()
+    return row[0] if row else None
+
+
+def latest_resumable(conn: Connection, table: str, node: str) -> tuple[int, str, list[Slice]] | None:
+    row = conn.execute(
+        "SELECT id, strategy, cursor FROM gc_runs"
+        " WHERE table_name = %s AND node = %s AND status = ANY(%s) AND cursor IS NOT NULL"
+        " ORDER BY id DESC LIMIT 1",
+        (table, node, list(RESUMABLE)),
+    ).fetchone()
+    if row is None:
+        return None
+    run_id, strategy, cursor = row
+    return run_id, strategy, [Slice(s["position"], s["end"]) for s in cursor["slices"]]
+
+
+def start(conn: Connection, table: str, node: str, strategy: str, slices: list[Slice],
+          options: dict[str, Any], resumed_from: int | None) -> Run:
+    """Open a running row; a resumed predecessor is marked superseded in the same transaction."""
+    with conn.transaction():
+        if resumed_from is not None:
+            conn.execute(
+                "UPDATE gc_runs SET status = 'superseded', finished_at = coalesce(finished_at, now())"
+                " WHERE id = %s",
+                (resumed_from,),
+            )
+        run_id = conn.execute(
+            "INSERT INTO gc_runs (node, table_name, status, strategy, cursor, options,"
+            " started_at, heartbeat_at, resumed_from)"
+            " VALUES (%s, %s, 'running', %s, %s, %s, now(), now(), %s) RETURNING id",
+            (node, table, strategy, Jsonb(_cursor(slices)), Jsonb(options), resumed_from),
+        ).fetchone()[0]
+    return Run(id=run_id, strategy=strategy, slices=slices, resumed_from=resumed_from)
+
+
+def _cursor(slices: list[Slice]) -> dict[str, Any]:
+    return {"slices": [s.as_json() for s in slices]}
+
+
+def checkpoint(conn: Connection, run_id: int, slice_index: int, position: int,
+               deleted: int, skipped_locked: int) -> None:
+    """Called inside the batch's transaction: the delete and its record commit together."""
+    conn.execute(
+        "UPDATE gc_runs SET"
+        " cursor = jsonb_set(cursor, ARRAY['slices', %(i)s::text, 'position'], to_jsonb(%(pos)s::bigint)),"
+        " messages_deleted = messages_deleted + %(deleted)s,"
+        " rows_skipped_locked = rows_skipped_locked + %(skipped)s,"
+        " batches = batches + 1, heartbeat_at = now()"
+        " WHERE id = %(run)s",
+        {"i": slice_index, "pos": position, "deleted": deleted, "skipped": skipped_locked,
+         "run": run_id},
+    )
+
+
+def finish(conn: Connection, run_id: int, status: str, error: str | None) -> int:
+    """Close the run; returns the rows it deleted, as committed batch by batch."""
+    row = conn.execute(
+        "UPDATE gc_runs SET status = %s, error = %s, finished_at = now(), heartbeat_at = now()"
+        " WHERE id = %s RETURNING messages_deleted",
+        (status, error, run_id),
+    ).fetchone()
+    return row[0]
+
+
+def recent(conn: Connection, limit: int = 10) -> list[dict[str, Any]]:
+    cur = conn.execute(
+        "SELECT id, node, table_name, status, strategy, messages_deleted, rows_skipped_locked,"
+        " batches, started_at, finished_at, error FROM gc_runs ORDER BY id DESC LIMIT %s",
+        (limit,),
+    )
+    names = [c.name for c in cur.description or []]
+    return [dict(zip(names, row, strict=True)) for row in cur]

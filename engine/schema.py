@@ -1,0 +1,87 @@
+"""The single description of msggc's schema; Alembic autogenerates its migrations from it."""
+
+from __future__ import annotations
+
+import sqlalchemy as sa
+from sqlalchemy.dialects import postgresql
+
+NAMING_CONVENTION = {
+    "ix": "ix_%(table_name)s_%(column_0_N_name)s",
+    "uq": "uq_%(table_name)s_%(column_0_N_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+metadata = sa.MetaData(naming_convention=NAMING_CONVENTION)
+
+RUN_STATUSES = ("queued", "running", "stopped", "complete", "failed", "superseded")
+"""``stopped`` runs (budget or signal) and ``failed`` ones are resumed by the next run."""
+
+messages = sa.Table(
+    "messages",
+    metadata,
+    sa.Column("id", sa.BigInteger, sa.Identity(always=False), primary_key=True),
+    sa.Column("message_id", sa.Text, nullable=False, unique=True),
+    sa.Column("chat_id", sa.Text, nullable=False),
+    sa.Column("direction", sa.SmallInteger, nullable=False),
+    sa.Column("status", sa.SmallInteger, nullable=False),
+    sa.Column("payload", sa.Text, nullable=False),
+    sa.Column(
+        "created_at", sa.DateTime(timezone=True), nullable=False, server_default=sa.func.now()
+    ),
+    sa.Column("processed_at", sa.DateTime(timezone=True), nullable=True),
+    # The garbage index: small (only processed rows), it lets the index strategy find
+    # sparse garbage without reading the live rows around it.
+    sa.Index(
+        "ix_messages_garbage",
+        "id",
+        postgresql_where=sa.text("processed_at IS NOT NULL"),
+    ),
+)
+
+gc_runs = sa.Table(
+    "gc_runs",
+    metadata,
+    sa.Column("id", sa.BigInteger, sa.Identity(always=False), primary_key=True),
+    sa.Column("node", sa.Text, nullable=False, server_default=""),
+    sa.Column("table_name", sa.Text, nullable=False),
+    sa.Column("status", sa.Text, nullable=False),
+    sa.Column("strategy", sa.Text, nullable=True),
+    sa.Column("cursor", postgresql.JSONB, nullable=True),
+    sa.Column("options", postgresql.JSONB, nullable=False, server_default=sa.text("'{}'::jsonb")),
+    sa.Column("messages_deleted", sa.BigInteger, nullable=False, server_default="0"),
+    sa.Column("rows_skipped_locked", sa.BigInteger, nullable=False, server_default="0"),
+    sa.Column("batches", sa.Integer, nullable=False, server_default="0"),
+    sa.Column("requested_at", sa.DateTime(timezone=True), nullable=False, server_default=sa.func.now()),
+    sa.Column("started_at", sa.DateTime(timezone=True), nullable=True),
+    sa.Column("heartbeat_at", sa.DateTime(timezone=True), nullable=True),
+    sa.Column("finished_at", sa.DateTime(timezone=True), nullable=True),
+    sa.Column("error", sa.Text, nullable=True),
+    sa.Column("resumed_from", sa.BigInteger, sa.ForeignKey("gc_runs.id"), nullable=True),
+    sa.CheckConstraint(
+        "status IN (" + ", ".join(f"'{s}'" for s in RUN_STATUSES) + ")", name="status"
+    ),
+    sa.Index("ix_gc_runs_table_name_node_status", "table_name", "node", "status"),
+)
+
+gc_outbox = sa.Table(
+    "gc_outbox",
+    metadata,
+    sa.Column("id", sa.BigInteger, sa.Identity(always=False), primary_key=True),
+    sa.Column("run_id", sa.BigInteger, sa.ForeignKey("gc_runs.id"), nullable=False),
+    sa.Column("target_url", sa.Text, nullable=False),
+    # Text, not JSONB: the body is delivered byte for byte as it was written (key order kept).
+    sa.Column("body", sa.Text, nullable=False),
+    sa.Column("attempts", sa.Integer, nullable=False, server_default="0"),
+    sa.Column(
+        "next_attempt_at", sa.DateTime(timezone=True), nullable=False, server_default=sa.func.now()
+    ),
+    sa.Column("delivered_at", sa.DateTime(timezone=True), nullable=True),
+    sa.Column("last_error", sa.Text, nullable=True),
+    sa.Index(
+        "ix_gc_outbox_pending",
+        "next_attempt_at",
+        postgresql_where=sa.text("delivered_at IS NULL"),
+    ),
+)

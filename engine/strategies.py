@@ -1,0 +1,153 @@
+"""The three walks. Each turns a slice position and a batch size into one bounded DELETE.
+
+A slice is a part of the table walked in one direction; ``position`` only moves forward and is
+checkpointed with each batch, so a resumed run starts exactly after the last committed batch.
+- physical: position = next heap block to visit, end = first block past the walk.
+- index/key: position = last key visited (exclusive), end = last key of the walk (inclusive).
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from dataclasses import dataclass
+from typing import Any, ClassVar, Protocol
+
+from engine.config import StrategyName
+from engine.db import Connection
+from engine.planner import TableFacts
+from engine.queries import Statements
+
+
+@dataclass
+class Slice:
+    position: int
+    end: int
+
+    @property
+    def done(self) -> bool:
+        return self.position >= self.end
+
+    def as_json(self) -> dict[str, int]:
+        return {"position": self.position, "end": self.end}
+
+
+@dataclass(frozen=True)
+class BatchOutcome:
+    deleted: int
+    skipped_locked: int
+    position: int
+
+
+def split(start: int, end: int, parts: int) -> list[Slice]:
+    """``parts`` disjoint slices covering (start, end] or [start, end), for parallel workers."""
+    width = max(1, math.ceil((end - start) / parts))
+    bounds = [*range(start, end, width), end]
+    return [Slice(lo, hi) for lo, hi in itertools.pairwise(bounds)] or [Slice(start, end)]
+
+
+class Strategy(Protocol):
+    name: ClassVar[StrategyName]
+    max_units: ClassVar[int]
+
+    def slices(self, facts: TableFacts, workers: int) -> list[Slice]: ...
+
+    def units_for_rows(self, rows: int, facts: TableFacts) -> int: ...
+
+    def run_batch(self, conn: Connection, st: Statements, part: Slice, size: int,
+                  params: dict[str, Any], skip_locked: bool) -> BatchOutcome: ...
+
+
+def _delete_range(conn: Connection, st: Statements, range_: Any, params: dict[str, Any],
+                  skip_locked: bool, by_ctid: bool) -> tuple[int, int]:
+    """Delete the garbage of a range; with skip_locked, leave the rows the app has locked."""
+    if not skip_locked:
+        return conn.execute(st.delete_range(range_), params).rowcount, 0
+    deleted = conn.execute(st.delete_range_skip_locked(range_, by_ctid), params).rowcount
+    skipped = conn.execute(st.count_garbage_in(range_), params).fetchone()[0]
+    return deleted, skipped
+
+
+class PhysicalStrategy:
+    """Walk the heap in TID ranges: sequential I/O, no index lookups; best for dense garbage."""
+
+    name: ClassVar[StrategyName] = "physical"
+    max_units: ClassVar[int] = 20_000
+
+    def slices(self, facts: TableFacts, workers: int) -> list[Slice]:
+        return split(0, facts.blocks, workers)
+
+    def units_for_rows(self, rows: int, facts: TableFacts) -> int:
+        garbage_per_block = max(facts.rows_per_block * facts.garbage_fraction, 0.01)
+        return max(1, min(self.max_units, round(rows / garbage_per_block)))
+
+    def run_batch(self, conn: Connection, st: Statements, part: Slice, size: int,
+                  params: dict[str, Any], skip_locked: bool) -> BatchOutcome:
+        hi = min(part.position + size, part.end)
+        params = {**params, "lo_tid": f"({part.position},0)", "hi_tid": f"({hi},0)"}
+        deleted, skipped = _delete_range(conn, st, st.block_range, params, skip_locked, True)
+        return BatchOutcome(deleted, skipped, hi)
+
+
+class KeyStrategy:
+    """Primary-key ranges whose upper bound an index-only probe finds (each_batch style)."""
+
+    name: ClassVar[StrategyName] = "key"
+    max_units: ClassVar[int] = 2_000_000
+
+    def slices(self, facts: TableFacts, workers: int) -> list[Slice]:
+        return _key_slices(facts, workers)
+
+    def units_for_rows(self, rows: int, facts: TableFacts) -> int:
+        return max(1, min(self.max_units, round(rows / max(facts.garbage_fraction, 0.001))))
+
+    def run_batch(self, conn: Connection, st: Statements, part: Slice, size: int,
+                  params: dict[str, Any], skip_locked: bool) -> BatchOutcome:
+        probe = {"lo": part.position, "end": part.end, "offset": size - 1}
+        row = conn.execute(st.key_upper_bound, probe).fetchone()
+        hi = row[0] if row else part.end
+        params = {**params, "lo": part.position, "hi": hi}
+        deleted, skipped = _delete_range(conn, st, st.key_range, params, skip_locked, False)
+        return BatchOutcome(deleted, skipped, hi)
+
+
+class IndexStrategy:
+    """Keyset walk over the partial garbage index: touches only garbage; best when it is sparse.
+
+    The keys are fetched first and deleted by ``key = ANY(keys)``: that plan is a primary-key
+    lookup whatever the statistics say, where ``id IN (SELECT ... LIMIT n)`` may flip to a scan.
+    """
+
+    name: ClassVar[StrategyName] = "index"
+    max_units: ClassVar[int] = 100_000
+
+    def slices(self, facts: TableFacts, workers: int) -> list[Slice]:
+        return _key_slices(facts, workers)
+
+    def units_for_rows(self, rows: int, facts: TableFacts) -> int:
+        return max(1, min(self.max_units, rows))
+
+    def run_batch(self, conn: Connection, st: Statements, part: Slice, size: int,
+                  params: dict[str, Any], skip_locked: bool) -> BatchOutcome:
+        probe = {**params, "lo": part.position, "end": part.end, "size": size}
+        keys = [row[0] for row in conn.execute(st.next_garbage_keys, probe)]
+        hi = keys[-1] if len(keys) == size else part.end
+        if not keys:
+            return BatchOutcome(0, 0, hi)
+        if skip_locked:
+            params = {**params, "lo": part.position, "hi": hi}
+            deleted, skipped = _delete_range(conn, st, st.key_range, params, True, False)
+        else:
+            deleted, skipped = conn.execute(st.delete_keys, {**params, "keys": keys}).rowcount, 0
+        return BatchOutcome(deleted, skipped, hi)
+
+
+def _key_slices(facts: TableFacts, workers: int) -> list[Slice]:
+    if facts.key_min is None or facts.key_max is None:
+        return [Slice(position=0, end=0)]
+    return split(facts.key_min - 1, facts.key_max, workers)
+
+
+STRATEGIES: dict[StrategyName, Strategy] = {
+    s.name: s for s in (PhysicalStrategy(), KeyStrategy(), IndexStrategy())
+}
