@@ -365,18 +365,23 @@ def dry_run(plan: Plan, options: GcOptions) -> GcResult:
     )
 
 
-def resume_or_start(conn: Connection, options: GcOptions, plan: Plan) -> runs.Run:
-    """Continue the latest unfinished run of this table and node, or start a fresh walk."""
+def resume_or_start(conn: Connection, options: GcOptions, plan: Plan, run_id: int | None) -> runs.Run:
+    """Continue the latest unfinished run of this table and node, or start a fresh walk.
+
+    ``run_id`` names a queued run to promote (the API's worker); if it had already walked part of
+    the table before its worker died, it goes on in place from its checkpoint.
+    """
+    if run_id is not None and (in_place := runs.walked_so_far(conn, run_id)) is not None:
+        return in_place
     table = options.table.qualified
-    previous = runs.latest_resumable(conn, table, options.node)
-    if previous is not None:
+    previous = runs.latest_resumable(conn, table, options.node, exclude=run_id)
+    if previous is not None and options.strategy in ("auto", previous[1]):
         previous_id, strategy, slices = previous
-        if options.strategy in ("auto", strategy):
-            return runs.start(conn, table, options.node, strategy, slices,
-                              options.describe(), resumed_from=previous_id)
-    slices = STRATEGIES[plan.strategy].slices(plan.facts, options.workers)
-    return runs.start(conn, table, options.node, plan.strategy, slices, options.describe(),
-                      resumed_from=previous[0] if previous else None)
+    else:
+        strategy = plan.strategy
+        slices = STRATEGIES[plan.strategy].slices(plan.facts, options.workers)
+    return runs.start(conn, table, options.node, strategy, slices, options.describe(),
+                      resumed_from=previous[0] if previous else None, run_id=run_id)
 
 
 def collect(
@@ -386,8 +391,13 @@ def collect(
     *,
     stop: threading.Event | None = None,
     on_progress: Callable[[Progress], None] | None = None,
+    run_id: int | None = None,
 ) -> GcResult:
-    """Run one GC on ``dsn`` and return what it did. Raises :class:`MsggcError` on bad input."""
+    """Run one GC on ``dsn`` and return what it did. Raises :class:`MsggcError` on bad input.
+
+    ``stop`` ends the run after the batch in flight (resumable); ``run_id`` executes a run
+    queued by :func:`engine.runs.enqueue` instead of opening a new one.
+    """
     options = options or GcOptions()
     conn = connect(dsn)
     try:
@@ -403,7 +413,7 @@ def collect(
                 f"another GC is already running on {options.table.qualified}"
                 + (f" (backend pid {holder})" if holder else "")
             )
-        run = resume_or_start(conn, options, plan)
+        run = resume_or_start(conn, options, plan, run_id)
         strategy = STRATEGIES[run.strategy]  # type: ignore[index]
         walk = Walk(options=options, plan=plan, run=run, strategy=strategy,
                     statements=statements, dsn=dsn, stop=stop or threading.Event(),

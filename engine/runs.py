@@ -46,22 +46,53 @@ def lock_holder(conn: Connection, oid: int) -> int | None:
     return row[0] if row else None
 
 
-def latest_resumable(conn: Connection, table: str, node: str) -> tuple[int, str, list[Slice]] | None:
+def _slices(cursor: dict[str, Any]) -> list[Slice]:
+    return [Slice(s["position"], s["end"]) for s in cursor["slices"]]
+
+
+def latest_resumable(conn: Connection, table: str, node: str,
+                     exclude: int | None = None) -> tuple[int, str, list[Slice]] | None:
     row = conn.execute(
         "SELECT id, strategy, cursor FROM gc_runs"
         " WHERE table_name = %s AND node = %s AND status = ANY(%s) AND cursor IS NOT NULL"
-        " ORDER BY id DESC LIMIT 1",
-        (table, node, list(RESUMABLE)),
+        " AND id IS DISTINCT FROM %s ORDER BY id DESC LIMIT 1",
+        (table, node, list(RESUMABLE), exclude),
     ).fetchone()
     if row is None:
         return None
     run_id, strategy, cursor = row
-    return run_id, strategy, [Slice(s["position"], s["end"]) for s in cursor["slices"]]
+    return run_id, strategy, _slices(cursor)
+
+
+def enqueue(conn: Connection, table: str, node: str, options: dict[str, Any]) -> int:
+    """A queued run, claimed later by a worker (the HTTP API's way to start a GC)."""
+    row = conn.execute(
+        "INSERT INTO gc_runs (node, table_name, status, options) VALUES (%s, %s, 'queued', %s)"
+        " RETURNING id",
+        (node, table, Jsonb(options)),
+    ).fetchone()
+    return row[0]
+
+
+def walked_so_far(conn: Connection, run_id: int) -> Run | None:
+    """A run that already walked part of the table (a worker died): it goes on in place."""
+    row = conn.execute(
+        "SELECT strategy, cursor, resumed_from FROM gc_runs WHERE id = %s AND cursor IS NOT NULL",
+        (run_id,),
+    ).fetchone()
+    if row is None:
+        return None
+    conn.execute(
+        "UPDATE gc_runs SET status = 'running', heartbeat_at = now(), error = NULL WHERE id = %s",
+        (run_id,),
+    )
+    return Run(id=run_id, strategy=row[0], slices=_slices(row[1]), resumed_from=row[2])
 
 
 def start(conn: Connection, table: str, node: str, strategy: str, slices: list[Slice],
-          options: dict[str, Any], resumed_from: int | None) -> Run:
-    """Open a running row; a resumed predecessor is marked superseded in the same transaction."""
+          options: dict[str, Any], resumed_from: int | None, run_id: int | None = None) -> Run:
+    """Open a running row (or promote the queued ``run_id``); a resumed predecessor is marked
+    superseded in the same transaction."""
     with conn.transaction():
         if resumed_from is not None:
             conn.execute(
@@ -69,12 +100,20 @@ def start(conn: Connection, table: str, node: str, strategy: str, slices: list[S
                 " WHERE id = %s",
                 (resumed_from,),
             )
-        run_id = conn.execute(
-            "INSERT INTO gc_runs (node, table_name, status, strategy, cursor, options,"
-            " started_at, heartbeat_at, resumed_from)"
-            " VALUES (%s, %s, 'running', %s, %s, %s, now(), now(), %s) RETURNING id",
-            (node, table, strategy, Jsonb(_cursor(slices)), Jsonb(options), resumed_from),
-        ).fetchone()[0]
+        values = (strategy, Jsonb(_cursor(slices)), resumed_from)
+        if run_id is None:
+            run_id = conn.execute(
+                "INSERT INTO gc_runs (node, table_name, status, strategy, cursor, resumed_from, options,"
+                " started_at, heartbeat_at) VALUES (%s, %s, 'running', %s, %s, %s, %s, now(), now())"
+                " RETURNING id",
+                (node, table, *values, Jsonb(options)),
+            ).fetchone()[0]
+        else:
+            conn.execute(
+                "UPDATE gc_runs SET status = 'running', strategy = %s, cursor = %s, resumed_from = %s,"
+                " started_at = now(), heartbeat_at = now() WHERE id = %s",
+                (*values, run_id),
+            )
     return Run(id=run_id, strategy=strategy, slices=slices, resumed_from=resumed_from)
 
 

@@ -1,0 +1,73 @@
+"""Real PostgreSQL for every test: ``MSGGC_TEST_DSN`` when set, else the embedded server.
+
+pytest-postgresql's ``postgresql_noproc`` points at that server; its template database is
+migrated once per session, and each test gets a fresh copy of it (``dsn``).
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import pytest
+from psycopg.conninfo import conninfo_to_dict, make_conninfo
+from pytest_postgresql import factories
+
+os.environ.setdefault("MSGGC_HOME", str(Path(tempfile.gettempdir()) / f"msggc-test-{os.getuid()}"))
+
+
+def _server_dsn() -> str:
+    explicit = os.environ.get("MSGGC_TEST_DSN")
+    if explicit:
+        return explicit
+    from engine import embedded
+
+    return embedded.ensure_running()
+
+
+SERVER_DSN = _server_dsn()
+_SERVER = conninfo_to_dict(SERVER_DSN)
+
+
+def _migrate_template(**connect_kwargs: Any) -> None:
+    from engine.migrate import upgrade
+
+    keys = ("host", "port", "user", "password", "dbname")
+    upgrade(make_conninfo(**{k: v for k, v in connect_kwargs.items() if k in keys and v}))
+
+
+postgresql_noproc = factories.postgresql_noproc(
+    host=str(_SERVER.get("host") or "127.0.0.1"),
+    port=_SERVER.get("port") or 5432,
+    user=str(_SERVER.get("user") or "postgres"),
+    password=_SERVER.get("password") or None,
+    dbname="msggc_tests",
+    load=[_migrate_template],
+)
+postgresql = factories.postgresql("postgresql_noproc")
+
+
+@pytest.fixture
+def server_dsn() -> str:
+    """The server's maintenance DSN (database postgres), for tests that create databases."""
+    return SERVER_DSN
+
+
+@pytest.fixture
+def dsn(postgresql: psycopg.Connection[Any]) -> str:
+    """A fresh, migrated database for this test."""
+    info = postgresql.info
+    params = {"host": info.host, "port": info.port, "user": info.user, "dbname": info.dbname}
+    if info.password:
+        params["password"] = info.password
+    return make_conninfo(**params)
+
+
+@pytest.fixture
+def conn(dsn: str) -> Iterator[psycopg.Connection[Any]]:
+    with psycopg.connect(dsn, autocommit=True) as connection:
+        yield connection
