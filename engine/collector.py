@@ -376,7 +376,7 @@ def resume_or_start(conn: Connection, options: GcOptions, plan: Plan, run_id: in
     table = options.table.qualified
     previous = runs.latest_resumable(conn, table, options.node, exclude=run_id)
     if previous is not None and options.strategy in ("auto", previous[1]):
-        previous_id, strategy, slices = previous
+        _, strategy, slices = previous
     else:
         strategy = plan.strategy
         slices = STRATEGIES[plan.strategy].slices(plan.facts, options.workers)
