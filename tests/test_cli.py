@@ -1,0 +1,128 @@
+"""The CLI as a user meets it: real subprocesses, one-line errors, documented exit codes."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import psycopg
+import pytest
+
+from engine.runs import ADVISORY_LOCK_CLASS
+from tests.data import fill, surviving_ids
+
+
+def msggc(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "engine.cli", *args], capture_output=True, text=True,
+                          timeout=120, env=env)
+
+
+def assert_one_line_error(proc: subprocess.CompletedProcess[str], fragment: str, code: int = 2) -> None:
+    assert proc.returncode == code, proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert fragment in proc.stderr
+
+
+def test_gc_json_reports_the_run_and_exits_zero(conn, dsn):
+    fill(conn, [i % 2 == 0 for i in range(1000)])
+    proc = msggc("gc", "--dsn", dsn, "--json")
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(proc.stdout)
+    assert result["status"] == "complete"
+    assert result["messages_deleted"] == 500
+    assert len(surviving_ids(conn)) == 500
+
+
+def test_gc_summary_is_one_line(conn, dsn):
+    fill(conn, [True] * 100)
+    proc = msggc("gc", "--dsn", dsn)
+    assert proc.returncode == 0
+    assert proc.stdout.count("\n") == 1
+    assert proc.stdout.startswith("complete: deleted 100 rows")
+
+
+def test_budget_stop_exits_three(conn, dsn):
+    fill(conn, [True] * 1000)
+    proc = msggc("gc", "--dsn", dsn, "--batch-size", "10", "--max-rows", "50")
+    assert proc.returncode == 3
+    assert "stopped on max_rows=50: run again to resume" in proc.stdout
+
+
+def test_unreachable_dsn_is_a_one_line_error():
+    proc = msggc("gc", "--dsn", "postgresql://postgres:s3cret@127.0.0.1:1/nope")
+    assert_one_line_error(proc, "cannot connect to")
+    assert "s3cret" not in proc.stderr
+    assert proc.stderr.count("\n") == 1
+
+
+def test_missing_tables_ask_for_migrate(server_dsn):
+    with psycopg.connect(server_dsn, autocommit=True) as admin:
+        admin.execute("DROP DATABASE IF EXISTS msggc_unmigrated")
+        admin.execute("CREATE DATABASE msggc_unmigrated")
+    from engine.embedded import dsn_for_database
+
+    proc = msggc("gc", "--dsn", dsn_for_database(server_dsn, "msggc_unmigrated"))
+    assert_one_line_error(proc, "run `msggc migrate` first")
+
+
+def test_missing_target_table_is_named(conn, dsn):
+    proc = msggc("gc", "--dsn", dsn, "--table", "nosuch")
+    assert_one_line_error(proc, "table nosuch does not exist")
+
+
+def test_table_without_the_expected_columns_is_refused(conn, dsn):
+    conn.execute("CREATE TABLE other (id bigint primary key, note text)")
+    proc = msggc("gc", "--dsn", dsn, "--table", "other")
+    assert_one_line_error(proc, "has no column 'processed_at'")
+
+
+@pytest.mark.parametrize(
+    ("flag", "value", "fragment"),
+    [
+        ("--strategy", "fastest", "Invalid value for '--strategy'"),
+        ("--batch-size", "0", "Invalid value for '--batch-size'"),
+        ("--max-rows", "-1", "Invalid value for '--max-rows'"),
+        ("--max-seconds", "0", "Invalid value for '--max-seconds'"),
+        ("--older-than", "soon", "invalid duration 'soon'"),
+        ("--workers", "99", "Invalid value for '--workers'"),
+        ("--table", "a.", "invalid table name"),
+    ],
+)
+def test_invalid_flags_change_nothing(conn, dsn, flag, value, fragment):
+    fill(conn, [True] * 20)
+    proc = msggc("gc", "--dsn", dsn, flag, value)
+    assert_one_line_error(proc, fragment)
+    assert len(surviving_ids(conn)) == 20
+
+
+def test_second_gc_on_a_table_exits_four(conn, dsn):
+    fill(conn, [True] * 20)
+    oid = conn.execute("SELECT 'messages'::regclass::oid::int").fetchone()[0]
+    with psycopg.connect(dsn, autocommit=True) as other:
+        other.execute("SELECT pg_advisory_lock(%s, %s)", (ADVISORY_LOCK_CLASS, oid))
+        proc = msggc("gc", "--dsn", dsn)
+    assert_one_line_error(proc, "another GC is already running on messages", code=4)
+    assert len(surviving_ids(conn)) == 20
+
+
+def test_dry_run_prints_the_plan_and_deletes_nothing(conn, dsn):
+    fill(conn, [i % 10 == 0 for i in range(2000)])
+    proc = msggc("gc", "--dsn", dsn, "--dry-run")
+    assert proc.returncode == 0
+    assert proc.stdout.startswith("dry run: strategy physical")
+    assert len(surviving_ids(conn)) == 2000
+
+
+def test_status_lists_recent_runs_as_json(conn, dsn):
+    fill(conn, [True] * 5)
+    msggc("gc", "--dsn", dsn)
+    proc = msggc("status", "--dsn", dsn, "--json")
+    runs = json.loads(proc.stdout)
+    assert [(r["status"], r["messages_deleted"]) for r in runs] == [("complete", 5)]
+
+
+def test_migrate_is_idempotent(dsn):
+    proc = msggc("migrate", "--dsn", dsn)
+    assert proc.returncode == 0
+    assert "already at revision" in proc.stdout

@@ -1,0 +1,82 @@
+"""Pure planning logic: strategy choice, slicing and batch sizing, without a database."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+from engine.collector import BatchSizer
+from engine.errors import UsageError
+from engine.planner import TableFacts, choose_strategy
+from engine.strategies import PhysicalStrategy, split
+
+FACTS = TableFacts(oid=1, blocks=1000, rows_estimate=30000, garbage_fraction=0.8,
+                   garbage_index="ix_messages_garbage", key_indexed=True, key_min=1,
+                   key_max=30000, server_version=150000)
+
+
+def facts(**changes: object) -> TableFacts:
+    return dataclasses.replace(FACTS, **changes)
+
+
+def test_dense_garbage_walks_the_heap():
+    assert choose_strategy(facts(), "auto")[0] == "physical"
+
+
+def test_sparse_garbage_walks_the_partial_index():
+    strategy, reason = choose_strategy(facts(garbage_fraction=0.01), "auto")
+    assert strategy == "index"
+    assert "ix_messages_garbage" in reason
+
+
+def test_sparse_garbage_without_the_partial_index_walks_the_heap():
+    assert choose_strategy(facts(garbage_fraction=0.01, garbage_index=None), "auto")[0] == "physical"
+
+
+def test_old_servers_without_tid_range_scans_fall_back_to_key_ranges():
+    old = facts(server_version=130000, garbage_index=None)
+    assert choose_strategy(old, "auto")[0] == "key"
+
+
+@pytest.mark.parametrize(
+    ("requested", "changes", "message"),
+    [
+        ("index", {"garbage_index": None}, "needs a partial index"),
+        ("physical", {"server_version": 130000}, "PostgreSQL 14"),
+        ("key", {"key_indexed": False}, "btree index led by the key"),
+    ],
+)
+def test_a_forced_strategy_the_table_cannot_serve_is_refused(requested, changes, message):
+    with pytest.raises(UsageError, match=message):
+        choose_strategy(facts(**changes), requested)
+
+
+def test_split_covers_the_range_with_disjoint_slices():
+    slices = split(0, 10, 3)
+    assert [(s.position, s.end) for s in slices] == [(0, 4), (4, 8), (8, 10)]
+    assert split(5, 5, 2)[0].done
+
+
+def test_physical_batch_size_converts_rows_to_blocks():
+    # 30 rows per block, 80% garbage: 24 garbage rows per block
+    assert PhysicalStrategy().units_for_rows(2400, FACTS) == 100
+
+
+def test_sizer_moves_toward_the_target_duration_within_a_factor_of_two():
+    sizer = BatchSizer(initial=1000, maximum=100_000, target_s=0.05, adaptive=True)
+    sizer.observe(0.01)
+    assert sizer.size == 2000
+    sizer.observe(0.05)
+    assert sizer.size == 2000
+    sizer.observe(1.0)
+    assert sizer.size == 1000
+
+
+def test_a_fixed_sizer_only_shrinks_after_a_timeout():
+    sizer = BatchSizer(initial=8, maximum=100, target_s=0.05, adaptive=False)
+    sizer.observe(0.001)
+    assert sizer.size == 8
+    assert sizer.shrink() and sizer.size == 4
+    sizer.size = 1
+    assert not sizer.shrink()
