@@ -244,6 +244,35 @@ def status(dsn: str | None, limit: int, as_json: bool) -> None:
     Console().print(table)
 
 
+@main.command()
+@dsn_option
+@click.option("--rows", type=click.IntRange(min=1), default=1_000_000, show_default=True)
+@friendly_errors
+def demo(dsn: str | None, rows: int) -> None:
+    """Seed a demo database and collect it, with a webhook to a local receiver."""
+    from engine.demo import run_demo
+
+    with _phase_progress() as on_seed, _gc_progress(enabled=True) as on_progress:
+        result = run_demo(rows, click.echo, on_seed, on_progress, dsn)
+    click.echo(summary(result))
+    sys.exit(result.exit_code)
+
+
+@main.command()
+@click.option("--port", type=click.IntRange(0, 65535), default=8765, show_default=True)
+@click.option("--count", type=click.IntRange(min=0), default=0, help="Exit after this many (0 = never).")
+def receive(port: int, count: int) -> None:
+    """Print the webhook bodies POSTed to http://127.0.0.1:PORT/ (a stand-in callback server)."""
+    from engine.receiver import Receiver
+
+    with Receiver(lambda body: click.echo(json.dumps(body, indent=4)), port=port) as receiver:
+        click.echo(f"listening on {receiver.url}", err=True)
+        if count:
+            receiver.wait_for(count, timeout_s=None)
+        else:
+            receiver.thread.join()
+
+
 @main.group()
 def db() -> None:
     """See and control the embedded PostgreSQL server."""

@@ -353,7 +353,8 @@ _INSERT = sql.SQL(
                  %(t0)s::timestamptz
                      + ((g.k + 1) * %(step)s::bigint) * interval '1 microsecond' AS created_at,
                  {garbage} AS garbage
-          FROM generate_series(%(low)s::bigint, %(high)s::bigint) AS g(k)) AS s
+          -- In the select list, not FROM: streamed row by row instead of spooled to temp files.
+          FROM (SELECT generate_series(%(low)s::bigint, %(high)s::bigint) AS k) AS g) AS s
     """
 )
 
