@@ -121,6 +121,8 @@ def seed(dsn: str | None, table: str, rows: int, shape: str, garbage_fraction: f
 @click.option("--webhook", default=None, help="Callback URL that receives the completion body.")
 @click.option("--webhook-secret", envvar="MSGGC_WEBHOOK_SECRET", default=None,
               help="HMAC-SHA256 secret for the signature header (env MSGGC_WEBHOOK_SECRET).")
+@click.option("--archive", is_flag=True,
+              help="Move deleted rows to TABLE_archive in the same statement (see `msggc restore`).")
 @click.option("--dry-run", is_flag=True, help="Plan and estimate only; delete nothing.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 @friendly_errors
@@ -242,6 +244,37 @@ def status(dsn: str | None, limit: int, as_json: bool) -> None:
                       f"{row['started_at']:%Y-%m-%d %H:%M:%S}" if row["started_at"] else "",
                       row["error"] or "")
     Console().print(table)
+
+
+@main.command()
+@dsn_option
+@table_option
+@click.option("--run", "run_id", type=click.IntRange(min=1), required=True, help="Run whose rows to restore.")
+@friendly_errors
+def restore(dsn: str | None, table: str, run_id: int) -> None:
+    """Put the rows a run archived (gc --archive) back into the table."""
+    from engine import archive
+    from engine.db import require_target
+
+    spec = TableSpec.parse(table)
+    with connection(resolve_dsn(dsn)) as conn:
+        restored = archive.restore(conn, spec, require_target(conn, spec), run_id)
+    click.echo(f"restored {restored:,} rows of run {run_id} into {spec.qualified}")
+
+
+@main.command(name="purge-archive")
+@dsn_option
+@table_option
+@click.option("--older-than", type=DurationType(), required=True, help="Archive age to purge, e.g. 30d.")
+@friendly_errors
+def purge_archive(dsn: str | None, table: str, older_than: timedelta) -> None:
+    """Delete archived rows older than --older-than, in batches."""
+    from engine import archive
+
+    spec = TableSpec.parse(table)
+    with connection(resolve_dsn(dsn)) as conn:
+        purged = archive.purge(conn, spec, older_than)
+    click.echo(f"purged {purged:,} archived rows of {spec.qualified}")
 
 
 @main.command()

@@ -19,6 +19,7 @@ import psycopg
 from psycopg import errors as pg_errors
 
 from engine import outbox, runs
+from engine.archive import resolve as resolve_archive
 from engine.config import GcOptions
 from engine.contract import completion
 from engine.db import Connection, connect, require_bookkeeping, require_target
@@ -155,7 +156,7 @@ class Walk:
 
     @property
     def params(self) -> dict[str, Any]:
-        return {"cutoff": self.plan.cutoff}
+        return {"cutoff": self.plan.cutoff, "run_id": self.run.id}
 
     @property
     def timeouts(self) -> dict[str, str]:
@@ -403,7 +404,8 @@ def collect(
     try:
         require_bookkeeping(conn)
         oid = require_target(conn, options.table)
-        statements = Statements.for_table(options.table, options.older_than is not None)
+        archive = resolve_archive(conn, options.table, oid) if options.archive else None
+        statements = Statements.for_table(options.table, options.older_than is not None, archive)
         plan = make_plan(conn, options, oid, statements)
         if options.dry_run:
             return dry_run(plan, options)

@@ -58,6 +58,8 @@ class GcOptions:
     workers: int = 1
     dry_run: bool = False
     node: str = ""
+    archive: bool = False
+    """Move deleted rows to ``<table>_archive`` in the same statement (``msggc restore`` undoes)."""
 
     def __post_init__(self) -> None:
         checks = [

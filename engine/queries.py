@@ -29,15 +29,35 @@ def garbage_predicate(table: TableSpec, with_cutoff: bool) -> sql.Composable:
 
 
 @dataclass(frozen=True)
+class Archive:
+    """Where ``--archive`` moves deleted rows, and the columns it copies."""
+
+    table: TableSpec
+    columns: tuple[str, ...]
+
+
+@dataclass(frozen=True)
 class Statements:
     """The statements of one run; composed once so psycopg can prepare them."""
 
     table: TableSpec
     garbage: sql.Composable
+    archive: Archive | None = None
 
     @classmethod
-    def for_table(cls, table: TableSpec, with_cutoff: bool) -> Statements:
-        return cls(table=table, garbage=garbage_predicate(table, with_cutoff))
+    def for_table(cls, table: TableSpec, with_cutoff: bool, archive: Archive | None = None) -> Statements:
+        return cls(table=table, garbage=garbage_predicate(table, with_cutoff), archive=archive)
+
+    def _moving(self, delete: sql.Composed) -> sql.Composed:
+        """With an archive, the DELETE's rows are inserted there in the same statement."""
+        if self.archive is None:
+            return delete
+        columns = sql.SQL(", ").join(map(sql.Identifier, self.archive.columns))
+        return sql.SQL(
+            "WITH gone AS ({delete} RETURNING {columns})"
+            " INSERT INTO {archive} ({columns}, archived_at, run_id)"
+            " SELECT {columns}, now(), %(run_id)s FROM gone"
+        ).format(delete=delete, columns=columns, archive=table_ident(self.archive.table))
 
     def _format(self, template: str, **extra: sql.Composable) -> sql.Composed:
         return sql.SQL(template).format(
@@ -61,18 +81,18 @@ class Statements:
 
     def delete_range(self, range_: sql.Composable) -> sql.Composed:
         """The fast path: one DELETE over the range, waiting at most lock_timeout on a lock."""
-        return self._format("DELETE FROM {t} WHERE {range} AND {garbage}", range=range_)
+        return self._moving(self._format("DELETE FROM {t} WHERE {range} AND {garbage}", range=range_))
 
     def delete_range_skip_locked(self, range_: sql.Composable, by_ctid: bool) -> sql.Composed:
         """The slow path after a lock timeout: lock what is free, leave what the app holds."""
         column = sql.SQL("ctid") if by_ctid else sql.Identifier(self.table.key)
-        return self._format(
+        return self._moving(self._format(
             "DELETE FROM {t} WHERE {col} = ANY(ARRAY("
             "SELECT {col} FROM {t} WHERE {range} AND {garbage} FOR UPDATE SKIP LOCKED"
             ")) AND {garbage}",
             col=column,
             range=range_,
-        )
+        ))
 
     def count_garbage_in(self, range_: sql.Composable) -> sql.Composed:
         """Garbage still present in a range after a skip-locked delete: the rows skipped."""
@@ -81,7 +101,7 @@ class Statements:
     @property
     def delete_keys(self) -> sql.Composed:
         """Delete an explicit list of keys: always a primary-key lookup, a stable plan."""
-        return self._format("DELETE FROM {t} WHERE {k} = ANY(%(keys)s) AND {garbage}")
+        return self._moving(self._format("DELETE FROM {t} WHERE {k} = ANY(%(keys)s) AND {garbage}"))
 
     # -- probes ----------------------------------------------------------------------------
 

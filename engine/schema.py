@@ -40,6 +40,25 @@ messages = sa.Table(
     ),
 )
 
+messages_archive = sa.Table(
+    "messages_archive",
+    metadata,
+    # The columns of `messages`, without identity or uniqueness: a row may be archived, restored
+    # and archived again. `--archive` moves rows here in the statement that deletes them.
+    sa.Column("id", sa.BigInteger, nullable=False),
+    sa.Column("message_id", sa.Text, nullable=False),
+    sa.Column("chat_id", sa.Text, nullable=False),
+    sa.Column("direction", sa.SmallInteger, nullable=False),
+    sa.Column("status", sa.SmallInteger, nullable=False),
+    sa.Column("payload", sa.Text, nullable=False),
+    sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
+    sa.Column("processed_at", sa.DateTime(timezone=True), nullable=True),
+    sa.Column("archived_at", sa.DateTime(timezone=True), nullable=False, server_default=sa.func.now()),
+    sa.Column("run_id", sa.BigInteger, nullable=False),
+    sa.Index("ix_messages_archive_run_id", "run_id"),
+    sa.Index("ix_messages_archive_archived_at", "archived_at"),
+)
+
 gc_runs = sa.Table(
     "gc_runs",
     metadata,
