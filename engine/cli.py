@@ -16,7 +16,15 @@ import click
 
 from engine import embedded, migrate, runs
 from engine.collector import GcResult, Progress, collect
-from engine.config import STRATEGIES, GcOptions, TableSpec, mask_dsn, parse_duration, resolve_dsn
+from engine.config import (
+    STRATEGIES,
+    GcOptions,
+    TableSpec,
+    mask_dsn,
+    parse_duration,
+    parse_size,
+    resolve_dsn,
+)
 from engine.db import connection
 from engine.errors import MsggcError
 from engine.notify import LogNotifier, Notifier, WebhookNotifier
@@ -55,6 +63,18 @@ class DurationType(click.ParamType):
             return value
         try:
             return parse_duration(value)
+        except MsggcError as exc:
+            self.fail(str(exc), param, ctx)
+
+
+class SizeType(click.ParamType):
+    name = "size"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> int:
+        if isinstance(value, int):
+            return value
+        try:
+            return parse_size(value)
         except MsggcError as exc:
             self.fail(str(exc), param, ctx)
 
@@ -121,6 +141,12 @@ def seed(dsn: str | None, table: str, rows: int, shape: str, garbage_fraction: f
 @click.option("--webhook", default=None, help="Callback URL that receives the completion body.")
 @click.option("--webhook-secret", envvar="MSGGC_WEBHOOK_SECRET", default=None,
               help="HMAC-SHA256 secret for the signature header (env MSGGC_WEBHOOK_SECRET).")
+@click.option("--max-wal-rate", type=SizeType(), default=None,
+              help="Pause batches while the run's WAL exceeds this rate per second (e.g. 50MB).")
+@click.option("--max-replica-lag", type=DurationType(), default=None,
+              help="Pause while a standby's replay lag exceeds this (e.g. 10s).")
+@click.option("--pause-for-vacuum", is_flag=True, help="Pause while (auto)vacuum works on the table.")
+@click.option("--vacuum", is_flag=True, help="VACUUM (ANALYZE) the table after the run; report sizes.")
 @click.option("--archive", is_flag=True,
               help="Move deleted rows to TABLE_archive in the same statement (see `msggc restore`).")
 @click.option("--dry-run", is_flag=True, help="Plan and estimate only; delete nothing.")
@@ -152,6 +178,11 @@ def summary(result: GcResult) -> str:
     if result.batch_ms_p50 is not None:
         line += f", batch p50 {result.batch_ms_p50:.0f} ms p99 {result.batch_ms_p99:.0f} ms"
     line += f") with strategy {result.strategy}, run {result.run_id}"
+    if result.throttle_pauses:
+        reasons = ", ".join(f"{k} x{v}" for k, v in result.throttle_reasons.items())
+        line += f"; throttled {result.throttled_s:.1f}s ({reasons})"
+    if result.reclaim and "after_vacuum" in result.reclaim:
+        line += "; " + _reclaim_line(result.reclaim)
     if result.rows_skipped_locked:
         line += f"; {result.rows_skipped_locked:,} locked rows left for the next run"
     if result.stop_reason:
@@ -161,6 +192,18 @@ def summary(result: GcResult) -> str:
     if result.notification_error:
         line += f"; webhook not delivered yet ({result.notification_error}), kept in the outbox"
     return line
+
+
+def _mib(size: int) -> str:
+    return f"{size / 2**20:,.0f} MiB"
+
+
+def _reclaim_line(space: dict[str, Any]) -> str:
+    before, after = space["after_gc"], space["after_vacuum"]
+    return (f"vacuum {space['vacuum_s']:.1f}s:"
+            f" dead tuples {before['dead_tuples']:,} -> {after['dead_tuples']:,},"
+            f" table {_mib(before['table_bytes'])} -> {_mib(after['table_bytes'])},"
+            f" indexes {_mib(before['index_bytes'])} -> {_mib(after['index_bytes'])}")
 
 
 @contextmanager
@@ -237,10 +280,12 @@ def status(dsn: str | None, limit: int, as_json: bool) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    table = Table("run", "node", "table", "status", "strategy", "deleted", "batches", "started", "error")
+    table = Table("run", "node", "table", "status", "strategy", "deleted", "batches", "throttled",
+                  "started", "error")
     for row in rows:
         table.add_row(str(row["id"]), row["node"], row["table_name"], row["status"], row["strategy"] or "",
                       f"{row['messages_deleted']:,}", str(row["batches"]),
+                      f"{row['throttle_pauses']} / {row['throttled_seconds']:.1f}s",
                       f"{row['started_at']:%Y-%m-%d %H:%M:%S}" if row["started_at"] else "",
                       row["error"] or "")
     Console().print(table)

@@ -18,7 +18,7 @@ from typing import Any
 import psycopg
 from psycopg import errors as pg_errors
 
-from engine import outbox, runs
+from engine import outbox, reclaim, runs
 from engine.archive import resolve as resolve_archive
 from engine.config import GcOptions
 from engine.contract import completion
@@ -28,6 +28,7 @@ from engine.notify import Notifier, encode
 from engine.planner import Plan, make_plan
 from engine.queries import SET_TIMEOUTS, Statements
 from engine.strategies import STRATEGIES, BatchOutcome, Slice, Strategy
+from engine.throttle import Limits, Throttle
 
 DEFAULT_BATCH_ROWS = 2000
 LOCKED_TABLE_RETRIES = 5
@@ -64,6 +65,10 @@ class GcResult:
     batch_ms_max: float | None = None
     planned_batches: int | None = None
     notification_error: str | None = None
+    throttle_pauses: int = 0
+    throttled_s: float = 0.0
+    throttle_reasons: dict[str, int] = field(default_factory=dict)
+    reclaim: dict[str, Any] | None = None
 
     @property
     def rows_per_s(self) -> float:
@@ -111,6 +116,7 @@ class Walk:
     dsn: str
     stop: threading.Event
     on_progress: Callable[[Progress], None] | None
+    throttle: Throttle
     started: float = field(default_factory=time.monotonic)
     lock: threading.Lock = field(default_factory=threading.Lock)
     deleted: int = 0
@@ -234,8 +240,9 @@ def work(conn: Connection, walk: Walk, todo: queue.SimpleQueue[int], holds_lock:
                 with walk.lock:
                     walk.stop_reason = walk.stop_reason or reason
                 return conn
-            began = time.monotonic()
             try:
+                walk.throttle.wait(conn, lambda: walk.budget_reason() is not None, walk.stop.wait)
+                began = time.monotonic()
                 outcome = run_batch(conn, walk, index, part, sizer)
             except psycopg.OperationalError:
                 conn.close()
@@ -267,6 +274,7 @@ def walk_run(conn: Connection, walk: Walk) -> Connection:
             todo.put(index)
     helpers = [threading.Thread(target=_worker_thread, args=(walk, todo), daemon=True)
                for _ in range(min(walk.options.workers, len(walk.run.slices)) - 1)]
+    walk.throttle.start(conn)
     for thread in helpers:
         thread.start()
     try:
@@ -311,7 +319,8 @@ def report(conn: Connection, walk: Walk, notifier: Notifier | None) -> GcResult:
     status = _status(walk)
     details = None if status == "complete" else _failure_details(walk)
     with conn.transaction():
-        deleted = runs.finish(conn, walk.run.id, status, walk.error or walk.stop_reason)
+        deleted = runs.finish(conn, walk.run.id, status, walk.error or walk.stop_reason,
+                              walk.throttle.pauses, walk.throttle.paused_s)
         body = encode(completion(deleted, node=walk.options.node or None, failure=details))
         if notifier is not None and notifier.target:
             outbox.enqueue(conn, walk.run.id, notifier.target, body)
@@ -350,7 +359,20 @@ def _result(walk: Walk, status: str) -> GcResult:
         batch_ms_p50=_percentile(latencies, 50),
         batch_ms_p99=_percentile(latencies, 99),
         batch_ms_max=latencies[-1] if latencies else None,
+        throttle_pauses=walk.throttle.pauses,
+        throttled_s=walk.throttle.paused_s,
+        throttle_reasons=walk.throttle.reasons,
     )
+
+
+def reclaim_space(conn: Connection, options: GcOptions, oid: int,
+                  before: dict[str, Any]) -> dict[str, Any]:
+    """Sizes and dead tuples before and after the run, and after VACUUM when asked for."""
+    space: dict[str, Any] = {"before": before, "after_gc": reclaim.health(conn, oid)}
+    if options.vacuum:
+        space["vacuum_s"] = reclaim.vacuum(conn, options.table)
+        space["after_vacuum"] = reclaim.health(conn, oid)
+    return space
 
 
 def dry_run(plan: Plan, options: GcOptions) -> GcResult:
@@ -417,10 +439,15 @@ def collect(
             )
         run = resume_or_start(conn, options, plan, run_id)
         strategy = STRATEGIES[run.strategy]  # type: ignore[index]
+        limits = Limits(options.max_wal_rate, options.max_replica_lag, options.pause_for_vacuum)
         walk = Walk(options=options, plan=plan, run=run, strategy=strategy,
                     statements=statements, dsn=dsn, stop=stop or threading.Event(),
-                    on_progress=on_progress)
+                    on_progress=on_progress, throttle=Throttle(limits, oid))
+        before = reclaim.health(conn, oid)
         conn = walk_run(conn, walk)
-        return report(conn, walk, notifier)
+        result = report(conn, walk, notifier)
+        result.reclaim = reclaim_space(conn, options, oid, before)
+        runs.record_reclaim(conn, run.id, result.reclaim)
+        return result
     finally:
         conn.close()

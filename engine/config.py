@@ -60,6 +60,12 @@ class GcOptions:
     node: str = ""
     archive: bool = False
     """Move deleted rows to ``<table>_archive`` in the same statement (``msggc restore`` undoes)."""
+    max_wal_rate: float | None = None
+    """Bytes of WAL per second the run may cause on average; batches wait beyond it."""
+    max_replica_lag: timedelta | None = None
+    pause_for_vacuum: bool = False
+    vacuum: bool = False
+    """``VACUUM (ANALYZE)`` the table after the run, reporting sizes before and after."""
 
     def __post_init__(self) -> None:
         checks = [
@@ -73,6 +79,9 @@ class GcOptions:
             (self.lock_timeout_ms >= 1, "lock timeout must be >= 1 ms"),
             (self.statement_timeout_ms >= 10, "statement timeout must be >= 10 ms"),
             (1 <= self.workers <= 16, "workers must be between 1 and 16"),
+            (self.max_wal_rate is None or self.max_wal_rate > 0, "max WAL rate must be > 0"),
+            (self.max_replica_lag is None or self.max_replica_lag > timedelta(0),
+             "max replica lag must be > 0"),
         ]
         for ok, message in checks:
             if not ok:
@@ -82,7 +91,9 @@ class GcOptions:
         """A JSON-able record of the options, stored with the run."""
         record = asdict(self)
         record["table"] = self.table.qualified
-        record["older_than"] = self.older_than.total_seconds() if self.older_than else None
+        for name in ("older_than", "max_replica_lag"):
+            value = getattr(self, name)
+            record[name] = value.total_seconds() if value else None
         return record
 
 
@@ -112,6 +123,20 @@ def mask_dsn(dsn: str) -> str:
 
 
 DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+SIZE_UNITS = {"": 1, "B": 1, "KB": 1024, "MB": 1024**2, "GB": 1024**3}
+
+
+def parse_size(text: str) -> int:
+    """``512KB``, ``50MB``, ``1GB`` or a bare number of bytes."""
+    number = text.rstrip("KMGBkmgb")
+    unit = text[len(number):].upper()
+    try:
+        amount = float(number)
+    except ValueError:
+        amount = -1.0
+    if unit not in SIZE_UNITS or amount <= 0:
+        raise UsageError(f"invalid size {text!r}: use e.g. 512KB, 50MB, 1GB")
+    return round(amount * SIZE_UNITS[unit])
 
 
 def parse_duration(text: str) -> timedelta:

@@ -136,21 +136,107 @@ def checkpoint(conn: Connection, run_id: int, slice_index: int, position: int,
     )
 
 
-def finish(conn: Connection, run_id: int, status: str, error: str | None) -> int:
+def finish(conn: Connection, run_id: int, status: str, error: str | None,
+           throttle_pauses: int = 0, throttled_s: float = 0.0) -> int:
     """Close the run; returns the rows it deleted, as committed batch by batch."""
     row = conn.execute(
-        "UPDATE gc_runs SET status = %s, error = %s, finished_at = now(), heartbeat_at = now()"
-        " WHERE id = %s RETURNING messages_deleted",
-        (status, error, run_id),
+        "UPDATE gc_runs SET status = %s, error = %s, finished_at = now(), heartbeat_at = now(),"
+        " throttle_pauses = %s, throttled_seconds = %s WHERE id = %s RETURNING messages_deleted",
+        (status, error, throttle_pauses, throttled_s, run_id),
     ).fetchone()
     return row[0]
+
+
+def record_reclaim(conn: Connection, run_id: int, space: dict[str, Any]) -> None:
+    conn.execute("UPDATE gc_runs SET reclaim = %s WHERE id = %s", (Jsonb(space), run_id))
 
 
 def recent(conn: Connection, limit: int = 10) -> list[dict[str, Any]]:
     cur = conn.execute(
         "SELECT id, node, table_name, status, strategy, messages_deleted, rows_skipped_locked,"
-        " batches, started_at, finished_at, error FROM gc_runs ORDER BY id DESC LIMIT %s",
+        " batches, throttle_pauses, throttled_seconds, reclaim, started_at, finished_at, error"
+        " FROM gc_runs ORDER BY id DESC LIMIT %s",
         (limit,),
     )
     names = [c.name for c in cur.description or []]
     return [dict(zip(names, row, strict=True)) for row in cur]
+
+
+# -- the service's queue: enqueue or join, claim, status ------------------------------------
+
+ACTIVE = ("queued", "running")
+ENQUEUE_LOCK_CLASS = ADVISORY_LOCK_CLASS + 1
+"""Transaction-level lock key serialising enqueuers of one table and node."""
+
+
+def enqueue_or_join(conn: Connection, table: str, node: str, options: dict[str, Any]) -> tuple[int, bool]:
+    """The active run of this table and node, or a new queued one: ``(run id, joined)``.
+
+    Check and insert happen under one advisory transaction lock, so two PUTs racing on two
+    API processes still leave one active run.
+    """
+    with conn.transaction():
+        conn.execute("SELECT pg_advisory_xact_lock(%s, hashtext(%s))",
+                     (ENQUEUE_LOCK_CLASS, f"{table}\x1f{node}"))
+        row = conn.execute(
+            "SELECT id FROM gc_runs WHERE table_name = %s AND node = %s AND status = ANY(%s)"
+            " ORDER BY id DESC LIMIT 1",
+            (table, node, list(ACTIVE)),
+        ).fetchone()
+        if row is not None:
+            return row[0], True
+        return enqueue(conn, table, node, options), False
+
+
+def claim(conn: Connection, table: str, node: str, stale_after_s: float) -> tuple[int, dict[str, Any]] | None:
+    """Take the oldest queued run, or a running one whose heartbeat is stale (its worker died).
+
+    ``SKIP LOCKED`` plus the re-check of the row after locking: two workers never claim the same
+    run. The claim refreshes the heartbeat so other workers leave it alone from now on.
+    """
+    row = conn.execute(
+        "UPDATE gc_runs SET status = 'running', heartbeat_at = now()"
+        " WHERE id = (SELECT id FROM gc_runs WHERE table_name = %(table)s AND node = %(node)s"
+        " AND (status = 'queued' OR (status = 'running' AND (heartbeat_at IS NULL"
+        " OR heartbeat_at < now() - make_interval(secs => %(stale)s))))"
+        " ORDER BY id LIMIT 1 FOR UPDATE SKIP LOCKED)"
+        " RETURNING id, options",
+        {"table": table, "node": node, "stale": stale_after_s},
+    ).fetchone()
+    return (row[0], row[1]) if row else None
+
+
+def release(conn: Connection, run_id: int) -> None:
+    """Hand back a claimed run that could not take its table: queued again if it never walked."""
+    conn.execute(
+        "UPDATE gc_runs SET status = 'queued', heartbeat_at = NULL"
+        " WHERE id = %s AND status = 'running' AND cursor IS NULL",
+        (run_id,),
+    )
+
+
+def latest(conn: Connection, table: str, node: str) -> dict[str, Any] | None:
+    """The newest run of this table and node with its speed, for the API's status answer."""
+    cur = conn.execute(
+        "SELECT id AS run_id, status, messages_deleted, batches, requested_at, started_at,"
+        " finished_at, heartbeat_at, error,"
+        " round((messages_deleted / greatest(extract(epoch FROM"
+        "   coalesce(finished_at, heartbeat_at) - started_at), 0.001))::numeric, 1)::float8 AS rows_per_s"
+        " FROM gc_runs WHERE table_name = %s AND node = %s ORDER BY id DESC LIMIT 1",
+        (table, node),
+    )
+    row = cur.fetchone()
+    if row is None:
+        return None
+    names = [c.name for c in cur.description or []]
+    return dict(zip(names, row, strict=True))
+
+
+def totals(conn: Connection, table: str, node: str) -> dict[str, tuple[int, int]]:
+    """Per status: (runs, rows they deleted); the metrics read these at scrape time."""
+    rows = conn.execute(
+        "SELECT status, count(*), coalesce(sum(messages_deleted), 0)::bigint FROM gc_runs"
+        " WHERE table_name = %s AND node = %s GROUP BY status",
+        (table, node),
+    )
+    return {status: (count, deleted) for status, count, deleted in rows}

@@ -1,0 +1,45 @@
+"""Space reclaim: what a run left behind (dead tuples, bloat, sizes) and, on request, VACUUM.
+
+DELETE only marks rows dead; the space returns to the table (not the OS) when VACUUM runs.
+Reporting the dead tuples and sizes before and after lets an operator see what a run cost and
+what ``--vacuum`` gave back.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from psycopg import sql
+
+from engine.config import TableSpec
+from engine.db import Connection, table_ident
+
+
+def health(conn: Connection, oid: int) -> dict[str, Any]:
+    """Table and index sizes, live/dead tuples, and pgstattuple's free space when installed."""
+    row = conn.execute(
+        "SELECT pg_table_size(c.oid), pg_indexes_size(c.oid), s.n_live_tup, s.n_dead_tup,"
+        " s.last_autovacuum, s.last_vacuum"
+        " FROM pg_class c LEFT JOIN pg_stat_user_tables s ON s.relid = c.oid WHERE c.oid = %s",
+        (oid,),
+    ).fetchone()
+    report: dict[str, Any] = {
+        "table_bytes": row[0], "index_bytes": row[1], "live_tuples": row[2], "dead_tuples": row[3],
+        "last_autovacuum": row[4].isoformat() if row[4] else None,
+        "last_vacuum": row[5].isoformat() if row[5] else None,
+    }
+    if conn.execute("SELECT EXISTS (SELECT 1 FROM pg_extension WHERE extname = 'pgstattuple')").fetchone()[0]:
+        approx = conn.execute(
+            "SELECT approx_free_percent, dead_tuple_percent FROM pgstattuple_approx(%s::oid::regclass)",
+            (oid,),
+        ).fetchone()
+        report["free_percent"], report["dead_tuple_percent"] = approx
+    return report
+
+
+def vacuum(conn: Connection, table: TableSpec) -> float:
+    """``VACUUM (ANALYZE)`` the table (outside a transaction); returns the seconds it took."""
+    began = time.monotonic()
+    conn.execute(sql.SQL("VACUUM (ANALYZE) {}").format(table_ident(table)))
+    return time.monotonic() - began
