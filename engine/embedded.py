@@ -20,7 +20,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
 from typing import Any
-from urllib.parse import parse_qsl, quote, urlencode, urlsplit, urlunsplit
+from urllib.parse import quote, urlsplit, urlunsplit
 
 import platformdirs
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
@@ -97,9 +97,7 @@ def stop() -> bool:
         try:
             _package().pg_ctl(args, pgdata=pgdata, user=_system_user(pgdata))
         except (subprocess.SubprocessError, OSError) as exc:
-            raise EmbeddedServerError(
-                f"embedded PostgreSQL did not stop ({exc}); see {_log_path()}"
-            ) from exc
+            raise EmbeddedServerError(f"embedded PostgreSQL did not stop ({exc}); see {_log_path()}") from exc
     return True
 
 
@@ -113,9 +111,10 @@ def dsn_for_database(dsn: str, dbname: str) -> str:
         params["dbname"] = dbname
         return make_conninfo("", **params)
     parts = urlsplit(dsn)
-    query = [(k, v) for k, v in parse_qsl(parts.query, keep_blank_values=True) if k != "dbname"]
+    # A dbname query parameter would override the path: drop it, keep the rest verbatim.
+    query = "&".join(p for p in parts.query.split("&") if p and p.split("=", 1)[0] != "dbname")
     path = "/" + quote(dbname, safe="")
-    return urlunsplit((parts.scheme, parts.netloc, path, urlencode(query, quote_via=quote), ""))
+    return urlunsplit((parts.scheme, parts.netloc, path, query, parts.fragment))
 
 
 def server_settings() -> dict[str, str]:

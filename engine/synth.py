@@ -115,15 +115,14 @@ def seed(
     notify = on_progress or _ignore_progress
     with _connect(dsn) as conn:
         _tune_session(conn)
-        with conn.transaction():
-            target = _resolve_table(conn, table)
-            conn.execute(sql.SQL("SET LOCAL lock_timeout = {}").format(sql.Literal(LOCK_TIMEOUT)))
-            conn.execute(sql.SQL("LOCK TABLE {} IN ACCESS EXCLUSIVE MODE").format(target.ident))
-            layout = _layout(conn, target, rows)
-            saved = _drop_indexes(conn, target)
-            insert_seconds = _insert(conn, target, layout, rows, garbage, shape, notify)
-            index_seconds = _recreate_indexes(conn, target, saved, notify)
-            _advance_identity(conn, target, layout.base_id + rows)
+        try:
+            target, insert_seconds, index_seconds = _load(conn, table, rows, garbage, shape, notify)
+        except psycopg.errors.LockNotAvailable as exc:
+            raise TargetTableError(f"table {table} is busy (no lock within {LOCK_TIMEOUT})") from exc
+        except psycopg.errors.IntegrityError as exc:
+            raise TargetTableError(
+                f"seed rolled back, table {table} unchanged: {exc.diag.message_primary}"
+            ) from exc
         vacuum_seconds = _vacuum_analyze(conn, target, notify)
     return SeedReport(
         rows=rows,
@@ -133,6 +132,27 @@ def seed(
         index_seconds=index_seconds,
         vacuum_analyze_seconds=vacuum_seconds,
     )
+
+
+def _load(
+    conn: psycopg.Connection,
+    table: str,
+    rows: int,
+    garbage: int,
+    shape: str,
+    notify: ProgressCallback,
+) -> tuple[_Target, float, dict[str, float]]:
+    """Drop indexes, insert, rebuild indexes and advance the identity: all or nothing."""
+    with conn.transaction():
+        target = _resolve_table(conn, table)
+        conn.execute(sql.SQL("SET LOCAL lock_timeout = {}").format(sql.Literal(LOCK_TIMEOUT)))
+        conn.execute(sql.SQL("LOCK TABLE {} IN ACCESS EXCLUSIVE MODE").format(target.ident))
+        layout = _layout(conn, target, rows)
+        saved = _drop_indexes(conn, target)
+        insert_seconds = _insert(conn, target, layout, rows, garbage, shape, notify)
+        index_seconds = _recreate_indexes(conn, target, saved, notify)
+        _advance_identity(conn, target, layout.base_id + rows)
+    return target, insert_seconds, index_seconds
 
 
 def _ignore_progress(phase: str, fraction: float) -> None:
@@ -190,8 +210,7 @@ def _resolve_table(conn: psycopg.Connection, table: str) -> _Target:
     columns = {
         name
         for (name,) in conn.execute(
-            "SELECT attname FROM pg_attribute WHERE attrelid = %s AND attnum > 0"
-            " AND NOT attisdropped",
+            "SELECT attname FROM pg_attribute WHERE attrelid = %s AND attnum > 0 AND NOT attisdropped",
             (oid,),
         )
     }
@@ -203,9 +222,7 @@ def _resolve_table(conn: psycopg.Connection, table: str) -> _Target:
 
 def _identity_sequence(conn: psycopg.Connection, target: _Target) -> str | None:
     """The sequence feeding ``id`` (identity or serial), or None for a plain column."""
-    row = conn.execute(
-        "SELECT pg_get_serial_sequence(%s::regclass::text, 'id')", (target.oid,)
-    ).fetchone()
+    row = conn.execute("SELECT pg_get_serial_sequence(%s::regclass::text, 'id')", (target.oid,)).fetchone()
     return row[0] if row else None
 
 
@@ -217,9 +234,7 @@ def _layout(conn: psycopg.Connection, target: _Target, rows: int) -> _Layout:
     max_id, last_created = row if row else (0, None)
     sequence = _identity_sequence(conn, target)
     if sequence is not None:
-        seq_row = conn.execute(
-            "SELECT pg_sequence_last_value(%s::regclass)", (sequence,)
-        ).fetchone()
+        seq_row = conn.execute("SELECT pg_sequence_last_value(%s::regclass)", (sequence,)).fetchone()
         max_id = max(max_id, seq_row[0] or 0) if seq_row else max_id
     now_row = conn.execute("SELECT now()").fetchone()
     assert now_row is not None
@@ -227,7 +242,8 @@ def _layout(conn: psycopg.Connection, target: _Target, rows: int) -> _Layout:
     t0 = now - TIME_SPAN
     if last_created is not None and last_created > t0:
         t0 = last_created
-    step_us = max(1, int((now - t0) / timedelta(microseconds=1)) // rows)
+    # rows + 1 steps: the newest row stays strictly before now, so its processed_at can follow it.
+    step_us = max(1, int((now - t0) / timedelta(microseconds=1)) // (rows + 1))
     return _Layout(base_id=max_id, t0=t0, step_us=step_us, now=now)
 
 
@@ -306,9 +322,7 @@ def _restore_index_flags(conn: psycopg.Connection, target: _Target, index: _Save
     """Re-attach REPLICA IDENTITY USING INDEX and CLUSTER ON, which the drop forgot."""
     name = sql.Identifier(index.name)
     if index.replica_identity:
-        conn.execute(
-            sql.SQL("ALTER TABLE {} REPLICA IDENTITY USING INDEX {}").format(target.ident, name)
-        )
+        conn.execute(sql.SQL("ALTER TABLE {} REPLICA IDENTITY USING INDEX {}").format(target.ident, name))
     if index.clustered:
         conn.execute(sql.SQL("ALTER TABLE {} CLUSTER ON {}").format(target.ident, name))
 
@@ -321,8 +335,7 @@ def _chunks(rows: int) -> Iterator[tuple[int, int]]:
 
 
 _EVEN_SPREAD = sql.SQL(
-    "(g.k + 1) * %(garbage)s::bigint / %(rows)s::bigint"
-    " > g.k * %(garbage)s::bigint / %(rows)s::bigint"
+    "(g.k + 1) * %(garbage)s::bigint / %(rows)s::bigint > g.k * %(garbage)s::bigint / %(rows)s::bigint"
 )
 
 _GARBAGE_PREDICATE: dict[str, sql.SQL] = {

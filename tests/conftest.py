@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import os
 import tempfile
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import psycopg
 import pytest
+from psycopg import sql
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 from pytest_postgresql import factories
 
@@ -55,6 +57,21 @@ postgresql = factories.postgresql("postgresql_noproc")
 def server_dsn() -> str:
     """The server's maintenance DSN (database postgres), for tests that create databases."""
     return SERVER_DSN
+
+
+@pytest.fixture
+def scratch_dsn() -> Iterator[str]:
+    """A fresh, empty (unmigrated) database, dropped after the test."""
+    from engine.embedded import dsn_for_database
+
+    name = f"msggc_scratch_{uuid.uuid4().hex[:12]}"
+    with psycopg.connect(SERVER_DSN, autocommit=True) as admin:
+        admin.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+    try:
+        yield dsn_for_database(SERVER_DSN, name)
+    finally:
+        with psycopg.connect(SERVER_DSN, autocommit=True) as admin:
+            admin.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
 
 
 @pytest.fixture

@@ -56,13 +56,8 @@ def test_unreachable_dsn_is_a_one_line_error():
     assert proc.stderr.count("\n") == 1
 
 
-def test_missing_tables_ask_for_migrate(server_dsn):
-    with psycopg.connect(server_dsn, autocommit=True) as admin:
-        admin.execute("DROP DATABASE IF EXISTS msggc_unmigrated")
-        admin.execute("CREATE DATABASE msggc_unmigrated")
-    from engine.embedded import dsn_for_database
-
-    proc = msggc("gc", "--dsn", dsn_for_database(server_dsn, "msggc_unmigrated"))
+def test_missing_tables_ask_for_migrate(scratch_dsn):
+    proc = msggc("gc", "--dsn", scratch_dsn)
     assert_one_line_error(proc, "run `msggc migrate` first")
 
 

@@ -7,7 +7,6 @@ import sqlalchemy as sa
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
 
-from engine.embedded import dsn_for_database
 from engine.migrate import head, upgrade
 from engine.schema import metadata
 
@@ -24,15 +23,11 @@ def test_upgrade_twice_is_a_no_op(dsn):
     assert upgrade(dsn) == (head(), head())
 
 
-def test_migrate_keeps_an_existing_messages_table(server_dsn):
+def test_migrate_keeps_an_existing_messages_table(scratch_dsn):
     """An application's own messages table is left as it is; msggc adds its bookkeeping."""
-    with psycopg.connect(server_dsn, autocommit=True) as admin:
-        admin.execute("DROP DATABASE IF EXISTS msggc_foreign")
-        admin.execute("CREATE DATABASE msggc_foreign")
-    dsn = dsn_for_database(server_dsn, "msggc_foreign")
-    with psycopg.connect(dsn, autocommit=True) as conn:
+    with psycopg.connect(scratch_dsn, autocommit=True) as conn:
         conn.execute("CREATE TABLE messages (id bigserial primary key, processed_at timestamptz)")
         conn.execute("INSERT INTO messages (processed_at) VALUES (now()), (NULL)")
-        upgrade(dsn)
+        upgrade(scratch_dsn)
         assert conn.execute("SELECT count(*) FROM messages").fetchone()[0] == 2
         assert conn.execute("SELECT to_regclass('gc_runs') IS NOT NULL").fetchone()[0]
