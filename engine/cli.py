@@ -172,7 +172,9 @@ def gc(dsn: str | None, table: str, webhook: str | None, webhook_secret: str | N
 def summary(result: GcResult) -> str:
     if result.status == "dry-run":
         return (f"dry run: strategy {result.strategy} ({result.reason}); would delete"
-                f" ~{result.garbage_estimate:,} rows in ~{result.planned_batches:,} batches")
+                f" ~{result.garbage_estimate:,} rows in ~{result.planned_batches:,} batches,"
+                f" predicted ~{result.predicted_seconds:,.1f}s and ~{_mib(result.predicted_wal_bytes or 0)}"
+                " of WAL (from rolled-back sample batches)")
     line = (f"{result.status}: deleted {result.messages_deleted:,} rows in {result.elapsed_s:.1f}s"
             f" ({result.rows_per_s:,.0f} rows/s, {result.batches:,} batches")
     if result.batch_ms_p50 is not None:

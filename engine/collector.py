@@ -24,6 +24,7 @@ from engine.config import GcOptions
 from engine.contract import completion
 from engine.db import Connection, connect, require_bookkeeping, require_target
 from engine.errors import DatabaseUnreachable, GcAlreadyRunning, MsggcError
+from engine.estimate import estimate
 from engine.notify import Notifier, encode
 from engine.planner import Plan, make_plan
 from engine.queries import SET_TIMEOUTS, Statements
@@ -69,6 +70,8 @@ class GcResult:
     throttled_s: float = 0.0
     throttle_reasons: dict[str, int] = field(default_factory=dict)
     reclaim: dict[str, Any] | None = None
+    predicted_seconds: float | None = None
+    predicted_wal_bytes: int | None = None
 
     @property
     def rows_per_s(self) -> float:
@@ -375,9 +378,13 @@ def reclaim_space(conn: Connection, options: GcOptions, oid: int,
     return space
 
 
-def dry_run(plan: Plan, options: GcOptions) -> GcResult:
-    rows_per_batch = options.batch_size or DEFAULT_BATCH_ROWS
+def dry_run(conn: Connection, plan: Plan, options: GcOptions, statements: Statements) -> GcResult:
+    """The plan, the garbage estimate, the batches, and a prediction from rolled-back samples."""
+    strategy = STRATEGIES[plan.strategy]
     garbage = plan.facts.garbage_rows_estimate
+    rows_per_batch = options.batch_size or DEFAULT_BATCH_ROWS
+    sample = estimate(conn, plan, strategy, statements, {"cutoff": plan.cutoff, "run_id": 0},
+                      strategy.units_for_rows(rows_per_batch, plan.facts))
     return GcResult(
         status="dry-run",
         strategy=plan.strategy,
@@ -385,6 +392,8 @@ def dry_run(plan: Plan, options: GcOptions) -> GcResult:
         garbage_estimate=garbage,
         rows_estimate=plan.facts.rows_estimate,
         planned_batches=-(-garbage // rows_per_batch),
+        predicted_seconds=sample.predicted_seconds,
+        predicted_wal_bytes=sample.predicted_wal_bytes,
     )
 
 
@@ -430,7 +439,7 @@ def collect(
         statements = Statements.for_table(options.table, options.older_than is not None, archive)
         plan = make_plan(conn, options, oid, statements)
         if options.dry_run:
-            return dry_run(plan, options)
+            return dry_run(conn, plan, options, statements)
         if not runs.try_lock_table(conn, oid):
             holder = runs.lock_holder(conn, oid)
             raise GcAlreadyRunning(

@@ -85,3 +85,16 @@ def test_dry_run_deletes_nothing_and_estimates_the_garbage(conn, dsn):
     assert result.garbage_estimate == pytest.approx(8000, rel=0.05)
     assert result.planned_batches == pytest.approx(8, abs=1)
     assert conn.execute("SELECT count(*) FROM gc_runs").fetchone()[0] == 0
+
+
+@pytest.mark.parametrize("strategy", ["physical", "index", "key"])
+def test_dry_run_prediction_comes_from_rolled_back_samples(conn, dsn, strategy):
+    garbage = [i % 4 != 0 for i in range(20000)]
+    fill(conn, garbage)
+
+    result = collect(dsn, GcOptions(dry_run=True, strategy=strategy))
+
+    assert len(surviving_ids(conn)) == 20000
+    assert result.predicted_seconds > 0
+    # a delete writes WAL for every row: at least ~50 bytes each
+    assert result.predicted_wal_bytes > 50 * result.garbage_estimate
