@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import json
+import logging
 import signal
 import sys
 import threading
@@ -25,7 +26,7 @@ from engine.config import (
     parse_size,
     resolve_dsn,
 )
-from engine.db import connection
+from engine.db import connection, user_fault
 from engine.errors import MsggcError
 from engine.notify import LogNotifier, Notifier, WebhookNotifier
 
@@ -42,6 +43,11 @@ def friendly_errors(func: F) -> F:
         except MsggcError as exc:
             click.echo(f"msggc: error: {exc}", err=True)
             sys.exit(exc.exit_code)
+        except Exception as exc:  # a missing privilege met past the up-front checks
+            if (reason := user_fault(exc)) is None:
+                raise
+            click.echo(f"msggc: error: {reason}", err=True)
+            sys.exit(2)
 
     return wrapper  # type: ignore[return-value]
 
@@ -381,6 +387,77 @@ def start() -> None:
 def stop() -> None:
     """Stop the embedded server."""
     click.echo("stopped" if embedded.stop() else "embedded server was not running")
+
+
+service_options = (
+    dsn_option,
+    click.option("--nodes", "nodes_spec", envvar="MSGGC_NODES", default=None,
+                 help="Multiconnect nodes NAME=DSN,NAME=DSN (env MSGGC_NODES); else one database."),
+    click.option("--config", envvar="MSGGC_CONFIG", default=None, type=click.Path(dir_okay=False),
+                 help="TOML or JSON config: nodes, [gc] default options, callback... (env MSGGC_CONFIG)."),
+    click.option("--callback-url", envvar="MSGGC_CALLBACK_URL", default=None,
+                 help="Where completion webhooks are POSTed (env MSGGC_CALLBACK_URL)."),
+    click.option("--webhook-secret", envvar="MSGGC_WEBHOOK_SECRET", default=None,
+                 help="HMAC-SHA256 secret for the X-Msggc-Signature header (env MSGGC_WEBHOOK_SECRET)."),
+    click.option("--table", default=None, help="Table to collect (default messages)."),
+    click.option("--stale-after", "stale_after_s", type=click.FloatRange(min=0, min_open=True), default=None,
+                 help="Seconds without heartbeat after which a running run is resumed (default 60)."),
+)
+
+
+def with_service_options(func: F) -> F:
+    """``serve`` and ``worker`` read the same configuration: one list, so they never drift."""
+    for option in reversed(service_options):
+        func = option(func)
+    return func
+
+
+def _log_to_stderr() -> None:
+    """The worker's runs and deliveries at INFO; httpx's line per webhook POST would repeat them."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)
+
+
+@main.command()
+@with_service_options
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
+@click.option("--port", type=click.IntRange(1, 65535), default=8080, show_default=True)
+@click.option("--token", envvar="MSGGC_API_TOKEN", default=None,
+              help="Bearer token required by the API (env MSGGC_API_TOKEN); mandatory beyond loopback.")
+@click.option("--no-worker", is_flag=True, help="Serve the API only; run `msggc worker` separately.")
+@friendly_errors
+def serve(host: str, port: int, token: str | None, no_worker: bool, **service: Any) -> None:
+    """Serve the HTTP API (PUT /v1/services/message/gc) and run its worker."""
+    from engine.settings import load_settings, require_token_beyond_loopback
+
+    settings = load_settings(token=token, run_worker=not no_worker, **service)
+    require_token_beyond_loopback(host, settings.token)
+    import uvicorn
+
+    from engine.api import create_app
+
+    _log_to_stderr()
+    uvicorn.run(create_app(settings), host=host, port=port, log_level="info")
+
+
+@main.command()
+@with_service_options
+@friendly_errors
+def worker(**service: Any) -> None:
+    """Claim and execute queued GC runs and deliver their webhooks, without the HTTP API."""
+    from engine.settings import load_settings
+    from engine.worker import Worker
+
+    settings = load_settings(**service)
+    _log_to_stderr()
+    runner = Worker(settings)
+    runner.start()
+    stop = threading.Event()
+    with _stop_on_signals(stop):
+        while not stop.wait(1.0) and runner.alive:
+            pass
+    runner.close()
+    sys.exit(0 if stop.is_set() else 1)
 
 
 if __name__ == "__main__":

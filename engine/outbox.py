@@ -10,7 +10,7 @@ import time
 from collections.abc import Callable
 
 from engine.db import Connection
-from engine.errors import DeliveryFailed
+from engine.errors import MsggcError
 from engine.notify import Notifier
 
 BACKOFF_BASE_S = 1.0
@@ -30,8 +30,9 @@ def backoff_s(attempts: int) -> float:
 
 
 def deliver_due(conn: Connection, notifier_for: Callable[[str], Notifier],
-                run_id: int | None = None) -> tuple[int, int]:
-    """Try every due notice once (or only the run's); returns (delivered, still pending)."""
+                run_id: int | None = None, target: str | None = None) -> tuple[int, int]:
+    """Try every due notice once (or only the run's, or only those for ``target``), oldest first;
+    returns (delivered, still pending)."""
     delivered = pending = 0
     after = 0
     while True:
@@ -40,18 +41,21 @@ def deliver_due(conn: Connection, notifier_for: Callable[[str], Notifier],
                 "SELECT id, target_url, body, attempts FROM gc_outbox"
                 " WHERE delivered_at IS NULL AND next_attempt_at <= now() AND id > %(after)s"
                 " AND (%(run)s::bigint IS NULL OR run_id = %(run)s)"
+                " AND (%(target)s::text IS NULL OR target_url = %(target)s)"
                 " ORDER BY id LIMIT 1 FOR UPDATE SKIP LOCKED",
-                {"run": run_id, "after": after},
+                {"run": run_id, "after": after, "target": target},
             ).fetchone()
             if row is None:
                 return delivered, pending
-            after, target, body, attempts = row
+            after, url, body, attempts = row
             try:
-                notifier_for(target).send(body.encode())
-            except DeliveryFailed as exc:
+                notifier_for(url).send(body.encode())
+            except MsggcError as exc:  # DeliveryFailed, or a stored URL that is not valid
+                # backoff counted from the end of the attempt (clock_timestamp), not from the
+                # transaction's start: a slow server's timeout must not use the backoff up
                 conn.execute(
                     "UPDATE gc_outbox SET attempts = attempts + 1, last_error = %s,"
-                    " next_attempt_at = now() + make_interval(secs => %s) WHERE id = %s",
+                    " next_attempt_at = clock_timestamp() + make_interval(secs => %s) WHERE id = %s",
                     (str(exc), backoff_s(attempts + 1), after),
                 )
                 pending += 1
@@ -65,7 +69,19 @@ def deliver_due(conn: Connection, notifier_for: Callable[[str], Notifier],
 
 
 def deliver_run(conn: Connection, notifier: Notifier, run_id: int, attempts: int = 3) -> str | None:
-    """Deliver one run's notice with a few quick retries; returns the last error if still queued."""
+    """Deliver one run's notice with a few quick retries; returns the last error if still queued.
+
+    Once the target has answered, the notices still due for it go too, oldest first: those of a
+    collector that died after its last transaction but before delivering, or of a server that
+    was down when their run ended.
+    """
+    error = _deliver_with_retries(conn, notifier, run_id, attempts)
+    if error is None and notifier.target:
+        deliver_due(conn, lambda _url: notifier, target=notifier.target)
+    return error
+
+
+def _deliver_with_retries(conn: Connection, notifier: Notifier, run_id: int, attempts: int) -> str | None:
     for attempt in range(attempts):
         _, pending = deliver_due(conn, lambda _url: notifier, run_id)
         if not pending:
@@ -77,3 +93,13 @@ def deliver_run(conn: Connection, notifier: Notifier, run_id: int, attempts: int
     row = conn.execute("SELECT last_error FROM gc_outbox WHERE run_id = %s"
                        " AND delivered_at IS NULL ORDER BY id DESC LIMIT 1", (run_id,)).fetchone()
     return row[0] if row else None
+
+
+def backlog(conn: Connection, node: str) -> int:
+    """Notices of this node's runs not delivered yet (the metrics' outbox backlog)."""
+    row = conn.execute(
+        "SELECT count(*) FROM gc_outbox o JOIN gc_runs r ON r.id = o.run_id"
+        " WHERE o.delivered_at IS NULL AND r.node = %s",
+        (node,),
+    ).fetchone()
+    return row[0]

@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 import tempfile
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -88,3 +88,27 @@ def dsn(postgresql: psycopg.Connection[Any]) -> str:
 def conn(dsn: str) -> Iterator[psycopg.Connection[Any]]:
     with psycopg.connect(dsn, autocommit=True) as connection:
         yield connection
+
+
+@pytest.fixture
+def make_dsn(postgresql_noproc: Any) -> Iterator[Callable[[], str]]:
+    """A factory of extra fresh, migrated databases (copies of the template), dropped after the
+    test: for tests that need several nodes."""
+    from pytest_postgresql.janitor import DatabaseJanitor
+
+    from engine.embedded import dsn_for_database
+
+    janitors: list[DatabaseJanitor] = []
+
+    def make() -> str:
+        name = f"msggc_node_{uuid.uuid4().hex[:12]}"
+        janitor = DatabaseJanitor(user=postgresql_noproc.user, host=postgresql_noproc.host,
+                                  port=postgresql_noproc.port, password=postgresql_noproc.password,
+                                  dbname=name, template_dbname=postgresql_noproc.template_dbname)
+        janitor.init()
+        janitors.append(janitor)
+        return dsn_for_database(SERVER_DSN, name)
+
+    yield make
+    for janitor in janitors:
+        janitor.drop()

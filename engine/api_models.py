@@ -1,0 +1,157 @@
+"""Pydantic models of the HTTP API: the request body, and every answer for the OpenAPI schema.
+
+The answers themselves are built by :mod:`engine.contract` (the seed's bodies, key order kept);
+these models describe them, so ``/openapi.json`` documents exactly what the service sends.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime, timedelta
+from typing import Annotated, Any, Generic, Literal, TypeVar
+
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, WithJsonSchema
+
+from engine.config import parse_duration
+from engine.errors import MsggcError
+
+T = TypeVar("T")
+
+
+def _duration(value: Any) -> Any:
+    """``"30d"``, ``"12h"``, ``"90s"`` or a number of seconds, never negative."""
+    if isinstance(value, bool):
+        raise ValueError("expected a duration such as 30d, 12h, 90s or a number of seconds")
+    try:
+        if isinstance(value, str):
+            return parse_duration(value)
+    except MsggcError as exc:
+        raise ValueError(str(exc)) from None
+    if isinstance(value, int | float):
+        if value < 0:
+            raise ValueError("must not be negative")
+        return timedelta(seconds=value)
+    return value
+
+
+Duration = Annotated[
+    timedelta,
+    BeforeValidator(_duration),
+    WithJsonSchema({"anyOf": [{"type": "string", "pattern": r"^\d+(\.\d+)?[smhdw]?$"},
+                              {"type": "number", "minimum": 0}],
+                    "examples": ["30d", 3600]}),
+]
+
+
+class GcRequest(BaseModel):
+    """Optional body of the PUT: a budget and a retention for this run; omitted keys take the
+    configured defaults. A PUT that joins a GC already running does not change its budget."""
+
+    model_config = ConfigDict(extra="forbid",
+                              json_schema_extra={"examples": [{"max_seconds": 600, "older_than": "30d"}]})
+
+    max_seconds: float | None = Field(None, gt=0, description="Stop after this many seconds (resumable).")
+    max_rows: int | None = Field(None, ge=1, description="Stop after about this many deleted rows.")
+    older_than: Duration | None = Field(
+        None, description="Only messages processed longer ago than this: 30d, 12h, 90s or seconds.")
+
+    def overrides(self) -> dict[str, Any]:
+        """Only the keys the client sent: an explicit ``null`` lifts the default budget."""
+        return {name: getattr(self, name) for name in self.model_fields_set}
+
+
+class Meta(BaseModel):
+    api_status: Literal["stable"]
+    version: str
+
+
+class ErrorEntry(BaseModel):
+    code: int = Field(description="1014 Internal error (the seed's); 1005, 1006, 1009, 1025 for requests")
+    title: str
+    details: str
+
+
+class ErrorAnswer(BaseModel):
+    """An HTTP error: the seed's single-instance error shape."""
+
+    meta: Meta
+    errors: list[ErrorEntry]
+
+
+class Processing(BaseModel):
+    status: Literal["processing"]
+
+
+class NodeFailure(BaseModel):
+    """A multiconnect node that could not be reached or used; the others go on."""
+
+    errors: list[ErrorEntry]
+
+
+class GcOf(BaseModel, Generic[T]):
+    gc: T
+
+
+class MessageOf(BaseModel, Generic[T]):
+    message: GcOf[T]
+
+
+class AnswerOf(BaseModel, Generic[T]):
+    services: MessageOf[T]
+    meta: Meta
+
+
+class SingleStartAnswer(AnswerOf[Processing]):
+    """Single instance: the GC is queued, or already running and joined."""
+
+
+class MultiStartAnswer(AnswerOf[dict[str, Processing | NodeFailure]]):
+    """Multiconnect: one key per configured node."""
+
+
+class RunStatus(BaseModel):
+    """The newest run of a node (beyond the seed)."""
+
+    status: Literal["idle", "queued", "running", "stopped", "complete", "failed", "superseded"]
+    run_id: int | None = None
+    messages_deleted: int = 0
+    rows_per_s: float | None = None
+    batches: int = 0
+    requested_at: datetime | None = None
+    started_at: datetime | None = None
+    finished_at: datetime | None = None
+    heartbeat_at: datetime | None = None
+    error: str | None = None
+
+
+class SingleStatusAnswer(AnswerOf[RunStatus]):
+    """Single instance: the newest run (status ``idle`` before the first)."""
+
+
+class MultiStatusAnswer(AnswerOf[dict[str, RunStatus | NodeFailure]]):
+    """Multiconnect: the newest run of every node."""
+
+
+class WebhookError(BaseModel):
+    code: Literal[1014]
+    details: str
+
+
+class CompletionGc(BaseModel):
+    messages_deleted: int
+    node: str | None = Field(None, description="Multiconnect only; absent for a single instance.")
+    errors: list[WebhookError] | None = Field(None, description="Only when status is failed.")
+    status: Literal["complete", "failed"]
+
+
+class CompletionWebhook(BaseModel):
+    """POSTed to the callback URL when a node's GC ends (``X-Msggc-Signature: sha256=<hmac>``
+    when a secret is configured). ``failed`` includes a run stopped by its budget: PUT again
+    to continue where it stopped."""
+
+    services: list[MessageOf[CompletionGc]]
+
+
+class Health(BaseModel):
+    status: Literal["ok", "unhealthy"]
+    version: str
+    worker: Literal["running", "stopped", "disabled"]

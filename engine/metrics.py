@@ -1,0 +1,93 @@
+"""Prometheus metrics of the service (``GET /metrics``).
+
+What the databases know (runs by status, rows deleted, undelivered webhooks, node reachable)
+is read from every node at scrape time, so the answer is true whichever process did the work
+(an in-service worker, a separate ``msggc worker``, a CLI run) and survives restarts. Batch
+latency exists only where the batches run, so it is a histogram of this process's worker.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Iterator
+
+from prometheus_client import CollectorRegistry, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from engine import outbox, runs
+from engine.collector import Progress
+from engine.db import connect
+from engine.nodes import Node
+from engine.service import on_every_node
+from engine.settings import ServiceSettings
+
+BATCH_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
+
+
+class DatabaseCollector(Collector):
+    """Reads each node's ``gc_runs``/``gc_outbox`` when Prometheus scrapes."""
+
+    def __init__(self, settings: ServiceSettings) -> None:
+        self.settings = settings
+
+    def collect(self) -> Iterator[Metric]:
+        up = GaugeMetricFamily("msggc_node_up", "1 when the node's database answered this scrape",
+                               labels=["node"])
+        by_status = GaugeMetricFamily("msggc_runs", "GC runs by status", labels=["node", "status"])
+        deleted = CounterMetricFamily("msggc_messages_deleted", "Rows deleted by all GC runs",
+                                      labels=["node"])
+        backlog = GaugeMetricFamily("msggc_outbox_backlog", "Completion webhooks not delivered yet",
+                                    labels=["node"])
+        for result in on_every_node(self.settings, self._read):
+            label = result.node.label
+            up.add_metric([label], 1 if result.value is not None else 0)
+            if result.value is None:
+                continue
+            totals, pending = result.value
+            for status, (count, _) in sorted(totals.items()):
+                by_status.add_metric([label, status], count)
+            deleted.add_metric([label], sum(rows for _, rows in totals.values()))
+            backlog.add_metric([label], pending)
+        yield from (up, by_status, deleted, backlog)
+
+    def _read(self, node: Node) -> tuple[dict[str, tuple[int, int]], int]:
+        """One node's run totals and backlog; ``on_every_node`` asks all nodes at once, so an
+        unreachable node costs the scrape one connect timeout, not one per node."""
+        with connect(node.dsn, timeout_s=self.settings.connect_timeout_s) as conn:
+            return runs.totals(conn, self.settings.table, node.name), outbox.backlog(conn, node.name)
+
+
+class Metrics:
+    """One registry per service instance (tests run several in one process)."""
+
+    def __init__(self, settings: ServiceSettings) -> None:
+        self.registry = CollectorRegistry()
+        self.batch_seconds = Histogram(
+            "msggc_batch_duration_seconds", "Duration of one delete batch and its checkpoint",
+            ["node"], buckets=BATCH_BUCKETS, registry=self.registry,
+        )
+        self.registry.register(DatabaseCollector(settings))
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
+
+    def batch_observer(self, node: Node, pause_s: float) -> Callable[[Progress], None]:
+        """An ``on_progress`` callback feeding the batch histogram.
+
+        The engine reports progress, not batch timings: a batch's duration is the run time
+        between two reports of the same engine thread, minus the configured pause between batches.
+        """
+        histogram = self.batch_seconds.labels(node.label)
+        last: dict[int, float] = {}
+        lock = threading.Lock()
+
+        def observe(progress: Progress) -> None:
+            now = progress.elapsed_s
+            with lock:
+                previous = last.get(threading.get_ident())
+                last[threading.get_ident()] = now
+            pause = pause_s if previous is not None else 0.0
+            histogram.observe(max(0.0, now - (previous or 0.0) - pause))
+
+        return observe

@@ -1,0 +1,86 @@
+"""What the HTTP API asks of each node: queue (or join) a GC, read its status.
+
+Each node is asked in parallel with a short connect timeout, and a node that cannot answer
+becomes an error entry instead of holding the whole answer back: the seed's multiconnect
+answer reports every node on its own. Nothing here runs a GC; the worker does.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any, Generic, TypeVar
+
+import psycopg
+
+from engine import runs
+from engine.db import connect, require_bookkeeping, require_target
+from engine.errors import DatabaseUnreachable, MsggcError
+from engine.nodes import Node, unreachable_details
+from engine.settings import ServiceSettings
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class NodeResult(Generic[T]):
+    """One node's answer: a value, or the details of a 1014 error."""
+
+    node: Node
+    value: T | None = None
+    error: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+
+@dataclass(frozen=True)
+class Started:
+    run_id: int
+    joined: bool
+
+
+def on_every_node(settings: ServiceSettings, task: Callable[[Node], T]) -> list[NodeResult[T]]:
+    """``task`` on all nodes at once; database failures become per-node errors, order kept."""
+
+    def guarded(node: Node) -> NodeResult[T]:
+        try:
+            return NodeResult(node, value=task(node))
+        except DatabaseUnreachable as exc:
+            return NodeResult(node, error=unreachable_details(node, exc))
+        except MsggcError as exc:
+            return NodeResult(node, error=str(exc))
+        except psycopg.Error as exc:
+            return NodeResult(node, error=f"database error on {node.label}: {exc}".strip())
+
+    if len(settings.nodes) == 1:
+        return [guarded(settings.nodes[0])]
+    with ThreadPoolExecutor(max_workers=len(settings.nodes), thread_name_prefix="msggc-node") as pool:
+        return list(pool.map(guarded, settings.nodes))
+
+
+def request_gc(settings: ServiceSettings, overrides: Mapping[str, Any]) -> list[NodeResult[Started]]:
+    """Queue a run on every node, or join the one already queued or running there."""
+
+    def start(node: Node) -> Started:
+        options = settings.options_for(node, overrides)
+        with connect(node.dsn, timeout_s=settings.connect_timeout_s) as conn:
+            require_bookkeeping(conn)
+            require_target(conn, options.table)
+            run_id, joined = runs.enqueue_or_join(conn, settings.table, node.name, options.describe())
+        return Started(run_id, joined)
+
+    return on_every_node(settings, start)
+
+
+def read_status(settings: ServiceSettings) -> list[NodeResult[dict[str, Any] | None]]:
+    """The newest run of every node (``None`` before the first)."""
+
+    def status(node: Node) -> dict[str, Any] | None:
+        with connect(node.dsn, timeout_s=settings.connect_timeout_s) as conn:
+            require_bookkeeping(conn)
+            return runs.latest(conn, settings.table, node.name)
+
+    return on_every_node(settings, status)

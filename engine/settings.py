@@ -1,0 +1,202 @@
+"""The service's configuration: nodes, default GC options, callback, auth and worker timings.
+
+Sources, strongest first: a command-line flag (or its environment variable), the config file
+(TOML or JSON, ``--config``/``MSGGC_CONFIG``), the built-in default. Every bad value raises
+:class:`UsageError` with one line, so ``msggc serve`` exits 2 before it listens. Config file::
+
+    callback_url = "http://127.0.0.1:9000/gc"     # completion webhooks (optional)
+    webhook_secret = "..."                        # HMAC-SHA256 signature header (optional)
+    token = "..."                                 # bearer token of the API (optional)
+    stale_after_s = 60                            # a running run without heartbeat this long is resumed
+    [nodes]                                       # multiconnect; omit for a single instance
+    wacore1 = "postgresql://msggc@db1/app"
+    [gc]                                          # default options of every run
+    max_seconds = 3600
+    batch_size = 2000
+    sleep = 0.0
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import ipaddress
+import json
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+from engine import nodes as nodes_config
+from engine.config import GcOptions, TableSpec, parse_duration, parse_size, resolve_dsn
+from engine.errors import UsageError
+from engine.nodes import Node
+from engine.notify import LogNotifier, Notifier, WebhookNotifier, check_url
+
+DEFAULT_MAX_SECONDS = 3600.0
+"""A run stops after an hour unless told otherwise; the next PUT continues where it stopped,
+as the seed recommends for large tables."""
+
+GC_KEYS = tuple(f.name for f in dataclasses.fields(GcOptions) if f.name not in ("table", "node", "dry_run"))
+"""Options a config file may default and a queued run carries (table and node come from the service)."""
+DURATION_KEYS = ("older_than", "max_replica_lag")
+SIZE_KEYS = ("max_wal_rate",)
+FILE_KEYS = ("nodes", "dsn", "table", "callback_url", "webhook_secret", "token", "stale_after_s",
+             "poll_s", "connect_timeout_s", "gc")
+
+
+@dataclass(frozen=True)
+class ServiceSettings:
+    """Everything ``msggc serve``/``msggc worker`` need; immutable, passed explicitly."""
+
+    nodes: tuple[Node, ...]
+    multiconnect: bool = False
+    defaults: GcOptions = field(default_factory=lambda: GcOptions(max_seconds=DEFAULT_MAX_SECONDS))
+    callback_url: str | None = None
+    webhook_secret: str | None = None
+    token: str | None = None
+    stale_after_s: float = 60.0
+    poll_s: float = 1.0
+    connect_timeout_s: float = 2.0
+    run_worker: bool = True
+
+    @property
+    def table(self) -> str:
+        return self.defaults.table.qualified
+
+    def options_for(self, node: Node, overrides: Mapping[str, Any]) -> GcOptions:
+        """The configured defaults with a request's overrides, for one node."""
+        try:
+            return dataclasses.replace(self.defaults, node=node.name, **overrides)
+        except TypeError as exc:
+            raise UsageError(f"invalid GC options: {exc}") from None
+
+    def options_of_run(self, node: Node, record: Mapping[str, Any]) -> GcOptions:
+        """Rebuild the options a run was queued with (``GcOptions.describe()`` of the API)."""
+        return self.options_for(node, gc_values({k: v for k, v in record.items() if k in GC_KEYS}))
+
+    def notifier(self) -> Notifier:
+        """Durable webhook when a callback URL is configured, else a JSON line on stderr."""
+        return self.webhook(self.callback_url) if self.callback_url else LogNotifier()
+
+    def webhook(self, url: str) -> WebhookNotifier:
+        return WebhookNotifier(url, secret=self.webhook_secret)
+
+
+def gc_values(mapping: Mapping[str, Any]) -> dict[str, Any]:
+    """GC option values from a config table or a stored run: durations as ``30d`` or seconds,
+    sizes as ``50MB`` or bytes."""
+    unknown = sorted(set(mapping) - set(GC_KEYS))
+    if unknown:
+        raise UsageError(f"unknown GC option(s) {', '.join(unknown)}; known: {', '.join(GC_KEYS)}")
+    values = dict(mapping)
+    for key in DURATION_KEYS:
+        if isinstance(values.get(key), str):
+            values[key] = parse_duration(values[key])
+        elif isinstance(values.get(key), int | float):
+            values[key] = timedelta(seconds=values[key])
+    for key in SIZE_KEYS:
+        if isinstance(values.get(key), str):
+            values[key] = parse_size(values[key])
+    return values
+
+
+def read_config(path: str | Path) -> dict[str, Any]:
+    """A TOML (``.toml``) or JSON (anything else) config file, its keys checked."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise UsageError(f"cannot read config file {path}: {exc.strerror or exc}") from None
+    try:
+        data = tomllib.loads(text) if path.suffix == ".toml" else json.loads(text)
+    except (tomllib.TOMLDecodeError, json.JSONDecodeError) as exc:
+        kind = "TOML" if path.suffix == ".toml" else "JSON"
+        raise UsageError(f"config file {path} is not valid {kind}: {exc}") from None
+    if not isinstance(data, dict):
+        raise UsageError(f"config file {path} must hold a table/object at the top level")
+    unknown = sorted(set(data) - set(FILE_KEYS))
+    if unknown:
+        raise UsageError(f"config file {path}: unknown key(s) {', '.join(unknown)}")
+    return data
+
+
+def load_settings(*, dsn: str | None = None, nodes_spec: str | None = None, config: str | None = None,
+                  callback_url: str | None = None, webhook_secret: str | None = None,
+                  token: str | None = None, table: str | None = None, stale_after_s: float | None = None,
+                  run_worker: bool = True) -> ServiceSettings:
+    """Merge flags over the config file over the defaults; raise UsageError on any bad value."""
+    file = read_config(config) if config else {}
+
+    def pick(flag: Any, key: str, default: Any = None) -> Any:
+        return flag if flag is not None else file.get(key, default)
+
+    gc = file.get("gc", {})
+    if not isinstance(gc, dict):
+        raise UsageError("config key 'gc' must be a table of GC options")
+    try:
+        options = GcOptions(**{"max_seconds": DEFAULT_MAX_SECONDS, **gc_values(gc),
+                               "table": TableSpec.parse(pick(table, "table", "messages"))})
+    except TypeError as exc:
+        raise UsageError(f"invalid [gc] options: {exc}") from None
+    node_set, multiconnect = _nodes(pick(dsn, "dsn"), nodes_spec, file.get("nodes"))
+    return ServiceSettings(
+        nodes=node_set,
+        multiconnect=multiconnect,
+        defaults=options,
+        callback_url=_callback(pick(callback_url, "callback_url")),
+        webhook_secret=pick(webhook_secret, "webhook_secret") or None,
+        token=pick(token, "token") or None,
+        stale_after_s=_positive(pick(stale_after_s, "stale_after_s", 60.0), "stale_after_s"),
+        poll_s=_positive(file.get("poll_s", 1.0), "poll_s"),
+        connect_timeout_s=_positive(file.get("connect_timeout_s", 2.0), "connect_timeout_s"),
+        run_worker=run_worker,
+    )
+
+
+def _nodes(dsn: str | None, spec: str | None, from_file: Any) -> tuple[tuple[Node, ...], bool]:
+    """Nodes from the flag/env, else from the file; else the single instance on ``dsn``."""
+    if spec and spec.strip():
+        mapping: Mapping[str, Any] = nodes_config.parse_nodes(spec)
+    elif from_file is not None:
+        if not isinstance(from_file, dict):
+            raise UsageError("config key 'nodes' must be a table of NAME = DSN")
+        mapping = from_file
+    else:
+        return nodes_config.single(resolve_dsn(dsn)), False
+    if dsn:
+        raise UsageError("both a DSN (--dsn/MSGGC_DSN) and nodes are configured: keep only one")
+    return nodes_config.build_nodes(mapping), True
+
+
+def _callback(url: str | None) -> str | None:
+    """Checked at start, so a typo fails ``msggc serve`` instead of every webhook later."""
+    return check_url(url) if url else None
+
+
+def _positive(value: Any, name: str) -> float:
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise UsageError(f"{name} must be a number of seconds, not {value!r}") from None
+    if number <= 0:
+        raise UsageError(f"{name} must be > 0")
+    return number
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def require_token_beyond_loopback(host: str, token: str | None) -> None:
+    """An API that deletes data must not be reachable from the network without a token."""
+    if not token and not is_loopback(host):
+        raise UsageError(f"refusing to listen on {host} without a token: set --token or MSGGC_API_TOKEN"
+                         " (or listen on 127.0.0.1)")
+

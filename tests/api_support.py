@@ -1,0 +1,123 @@
+"""Helpers of the API tests: the seed's examples, a real service on a free port, waiting.
+
+The seed document is kept verbatim in ``tests/fixtures``; its JSON examples are read from it, so
+the contract tests compare against the seed itself, not against a copy of our own output.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import socket
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, TypeVar
+
+import psycopg
+import uvicorn
+
+from engine.api import create_app
+from engine.settings import ServiceSettings
+
+SEED = Path(__file__).parent / "fixtures" / "messages-gc-endpoint.txt"
+SEED_EXAMPLES = ("single_answer", "multi_answer", "single_webhook", "multi_webhook_first",
+                 "multi_webhook_second", "single_error", "multi_error", "failure_webhook")
+GC_PATH = "/v1/services/message/gc"
+
+T = TypeVar("T")
+
+
+def _json_blocks(text: str) -> Iterator[str]:
+    """Every top-level ``{...}`` block that starts a line, braces balanced."""
+    for start in (m.start() for m in re.finditer(r"^\{", text, re.MULTILINE)):
+        depth = 0
+        for end in range(start, len(text)):
+            depth += {"{": 1, "}": -1}.get(text[end], 0)
+            if depth == 0:
+                yield text[start:end + 1]
+                break
+
+
+def seed_examples() -> dict[str, Any]:
+    """The seed's eight JSON examples by name; its trailing commas (invalid JSON) removed."""
+    blocks = [json.loads(re.sub(r",(\s*[}\]])", r"\1", block)) for block in _json_blocks(SEED.read_text())]
+    assert len(blocks) == len(SEED_EXAMPLES), f"the seed has {len(blocks)} JSON examples"
+    return dict(zip(SEED_EXAMPLES, blocks, strict=True))
+
+
+def gc_of(body: dict[str, Any]) -> dict[str, Any]:
+    """The ``gc`` object of an answer (``services.message.gc``) or a webhook (``services[0]...``)."""
+    services = body["services"]
+    return (services[0] if isinstance(services, list) else services)["message"]["gc"]
+
+
+def assert_same_keys_in_order(ours: Any, seed: Any) -> None:
+    """Recursively: same keys in the same order (a client may parse the body naively)."""
+    if isinstance(seed, dict):
+        assert list(ours) == list(seed)
+        for key in seed:
+            assert_same_keys_in_order(ours[key], seed[key])
+    elif isinstance(seed, list):
+        assert len(ours) == len(seed)
+        for mine, theirs in zip(ours, seed, strict=True):
+            assert_same_keys_in_order(mine, theirs)
+
+
+def free_port() -> int:
+    """A loopback port nothing listens on (bound and released at once)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def closed_port_dsn() -> str:
+    return f"postgresql://postgres@127.0.0.1:{free_port()}/postgres"
+
+
+def wait_until(check: Callable[[], T], timeout_s: float = 15.0, interval_s: float = 0.05) -> T:
+    """Poll ``check`` until it returns something truthy; fail the test on timeout."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        value = check()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"condition not met within {timeout_s}s (last value {value!r})")
+        time.sleep(interval_s)
+
+
+@contextmanager
+def running_service(settings: ServiceSettings) -> Iterator[str]:
+    """The real app (and its worker) on uvicorn on a free loopback port; yields its base URL."""
+    server = uvicorn.Server(uvicorn.Config(create_app(settings), host="127.0.0.1", port=free_port(),
+                                           log_level="warning", lifespan="on"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    wait_until(lambda: server.started, timeout_s=10)
+    try:
+        yield f"http://127.0.0.1:{server.config.port}"
+    finally:
+        server.should_exit = True
+        thread.join(10)
+
+
+def runs_of(dsn: str) -> list[dict[str, Any]]:
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        cur = conn.execute("SELECT id, node, status, messages_deleted, batches, error FROM gc_runs"
+                           " ORDER BY id")
+        names = [c.name for c in cur.description or []]
+        return [dict(zip(names, row, strict=True)) for row in cur]
+
+
+def garbage_left(dsn: str) -> int:
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        return conn.execute("SELECT count(*) FROM messages WHERE processed_at IS NOT NULL").fetchone()[0]
+
+
+def posted_bodies(httpserver: Any) -> list[dict[str, Any]]:
+    """The JSON bodies the callback server answered 2xx to, in arrival order."""
+    return [json.loads(request.get_data()) for request, response in list(httpserver.log)
+            if 200 <= response.status_code < 300]

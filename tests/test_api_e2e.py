@@ -1,0 +1,168 @@
+"""End to end: ``msggc serve`` (and ``msggc worker``) as real subprocesses on real databases.
+
+Covers what only a real process shows: the command line and config file, a SIGKILL mid-run and
+a restart that resumes the run from its checkpoint, and the worker running in its own process.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import psycopg
+import pytest
+
+from engine.nodes import Node
+from engine.notify import SIGNATURE_HEADER, sign
+from tests.api_support import (
+    GC_PATH,
+    closed_port_dsn,
+    free_port,
+    gc_of,
+    posted_bodies,
+    runs_of,
+    wait_until,
+)
+from tests.data import fill, live_ids, surviving_ids
+
+pytestmark = pytest.mark.slow
+
+REPO = Path(__file__).resolve().parent.parent
+TOKEN = "e2e-token"
+SECRET = "e2e-secret"
+AUTH = {"Authorization": f"Bearer {TOKEN}"}
+
+
+@dataclass
+class Process:
+    url: str
+    popen: subprocess.Popen[bytes]
+    log: Path
+
+    def output(self) -> str:
+        return self.log.read_text(errors="replace")
+
+
+def _clean_env() -> dict[str, str]:
+    """No MSGGC_* setting leaks in from the developer's shell (the config file says it all)."""
+    return {k: v for k, v in os.environ.items() if not k.startswith("MSGGC_") or k == "MSGGC_HOME"}
+
+
+@contextmanager
+def msggc(tmp_path: Path, command: str, config: dict[str, Any], *args: str) -> Iterator[Process]:
+    """``msggc <command> --config <file> ...`` in a subprocess; for ``serve``, wait until healthy."""
+    config_file = tmp_path / "msggc.json"
+    config_file.write_text(json.dumps(config))
+    port = free_port()
+    extra = ["--port", str(port), "--token", TOKEN] if command == "serve" else []
+    log = tmp_path / f"{command}-{port}.log"
+    with log.open("wb") as sink:
+        popen = subprocess.Popen([sys.executable, "-m", "engine.cli", command, "--config", str(config_file),
+                                  *extra, *args], stdout=sink, stderr=subprocess.STDOUT, env=_clean_env(),
+                                 cwd=REPO)
+    process = Process(f"http://127.0.0.1:{port}", popen, log)
+    try:
+        if command == "serve":
+            wait_until(lambda: popen.poll() is not None or _healthy(process.url), timeout_s=30)
+            assert popen.poll() is None, process.output()
+        yield process
+    finally:
+        if popen.poll() is None:
+            popen.terminate()
+            try:
+                popen.wait(10)
+            except subprocess.TimeoutExpired:
+                popen.kill()
+                popen.wait()
+
+
+def _healthy(url: str) -> bool:
+    try:
+        return httpx.get(url + "/health", timeout=1).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+@pytest.fixture
+def callback(httpserver):
+    httpserver.expect_request("/gc", method="POST").respond_with_data("ok")
+    return httpserver
+
+
+def test_two_live_nodes_and_a_closed_port_get_a_mixed_answer_and_two_webhooks(
+        conn, dsn, make_dsn, callback, tmp_path):
+    second = make_dsn()
+    fill(conn, [True] * 11 + [False] * 4)
+    with psycopg.connect(second, autocommit=True) as other:
+        fill(other, [True] * 5 + [False] * 2)
+    dead = closed_port_dsn()
+    config = {"nodes": {"wacore1": dsn, "wacore2": second, "wacore3": dead},
+              "callback_url": callback.url_for("/gc"), "webhook_secret": SECRET, "poll_s": 0.2}
+    with msggc(tmp_path, "serve", config) as service:
+        answer = httpx.put(service.url + GC_PATH, headers=AUTH)
+        wait_until(lambda: len(posted_bodies(callback)) == 2, timeout_s=20)
+        unauthorized = httpx.put(service.url + GC_PATH)
+
+    print("PUT answer:", answer.text, *(request.get_data().decode() for request, _ in callback.log), sep="\n")
+    assert (answer.status_code, unauthorized.status_code) == (200, 401)
+    gc = gc_of(answer.json())
+    assert list(gc) == ["wacore1", "wacore2", "wacore3"]
+    assert gc["wacore1"] == gc["wacore2"] == {"status": "processing"}
+    [error] = gc["wacore3"]["errors"]
+    assert (error["code"], error["title"]) == (1014, "Internal error")
+    assert error["details"].endswith(f"Please check if wacore3 is running: {Node('wacore3', dead).address}")
+    webhooks = {gc_of(body)["node"]: gc_of(body) for body in posted_bodies(callback)}
+    assert webhooks == {"wacore1": {"messages_deleted": 11, "node": "wacore1", "status": "complete"},
+                        "wacore2": {"messages_deleted": 5, "node": "wacore2", "status": "complete"}}
+    for request, _ in callback.log:
+        assert request.headers[SIGNATURE_HEADER] == sign(request.get_data(), SECRET)
+
+
+def test_a_service_killed_mid_run_resumes_it_after_restart_and_the_totals_are_exact(
+        conn, dsn, callback, tmp_path):
+    garbage = [i % 4 != 0 for i in range(4000)]
+    fill(conn, garbage)
+    config = {"dsn": dsn, "callback_url": callback.url_for("/gc"), "stale_after_s": 1, "poll_s": 0.2,
+              "gc": {"strategy": "index", "batch_size": 100, "sleep": 0.1}}
+    with msggc(tmp_path, "serve", config) as service:
+        assert httpx.put(service.url + GC_PATH, headers=AUTH).status_code == 200
+        wait_until(lambda: runs_of(dsn) and runs_of(dsn)[0]["batches"] >= 8)
+        service.popen.kill()
+        service.popen.wait()
+
+    [killed] = runs_of(dsn)
+    assert killed["status"] == "running"
+    assert 0 < killed["messages_deleted"] < sum(garbage)
+    assert not posted_bodies(callback)
+    with msggc(tmp_path, "serve", config) as service:
+        wait_until(lambda: posted_bodies(callback), timeout_s=30)
+        status = httpx.get(service.url + GC_PATH, headers=AUTH).json()
+
+    [run] = runs_of(dsn)
+    assert (run["id"], run["status"], run["messages_deleted"]) == (killed["id"], "complete", sum(garbage))
+    assert surviving_ids(conn) == live_ids(garbage)
+    assert [gc_of(body) for body in posted_bodies(callback)] == [
+        {"messages_deleted": sum(garbage), "status": "complete"}]
+    assert gc_of(status)["status"] == "complete"
+
+
+def test_an_api_without_worker_and_a_separate_worker_process_complete_a_gc(conn, dsn, callback, tmp_path):
+    fill(conn, [True] * 7 + [False])
+    config = {"dsn": dsn, "callback_url": callback.url_for("/gc"), "poll_s": 0.2}
+    with msggc(tmp_path, "serve", config, "--no-worker") as service:
+        assert httpx.put(service.url + GC_PATH, headers=AUTH).status_code == 200
+        assert httpx.get(service.url + "/health").json()["worker"] == "disabled"
+        assert runs_of(dsn)[0]["status"] == "queued"
+        with msggc(tmp_path, "worker", config):
+            wait_until(lambda: posted_bodies(callback), timeout_s=20)
+
+    assert [gc_of(body) for body in posted_bodies(callback)] == [
+        {"messages_deleted": 7, "status": "complete"}]

@@ -1,0 +1,115 @@
+"""HTTP behaviour beyond the seed: auth, errors in the seed's shape, OpenAPI, metrics, health."""
+
+from __future__ import annotations
+
+import httpx
+import pytest
+
+from engine import nodes
+from engine.api_models import ErrorAnswer
+from engine.config import GcOptions
+from engine.contract import package_version
+from engine.settings import ServiceSettings
+from tests.api_support import GC_PATH, running_service, wait_until
+from tests.data import fill
+
+TOKEN = "t0ken-for-tests"
+
+
+@pytest.fixture
+def service(dsn):
+    settings = ServiceSettings(nodes=nodes.single(dsn), defaults=GcOptions(max_seconds=60),
+                               token=TOKEN, poll_s=0.2)
+    with running_service(settings) as url:
+        yield url
+
+
+def error_of(answer: httpx.Response) -> dict:
+    body = answer.json()
+    ErrorAnswer.model_validate(body)
+    assert body["meta"] == {"api_status": "stable", "version": package_version()}
+    return body["errors"][0]
+
+
+@pytest.mark.parametrize("headers", [{}, {"Authorization": "Bearer wrong"},
+                                     {"Authorization": f"Basic {TOKEN}"}],
+                         ids=["missing", "wrong", "not-bearer"])
+def test_a_missing_or_wrong_token_gets_401_in_the_errors_shape(service, headers):
+    answers = [httpx.request(method, service + path, headers=headers)
+               for method, path in (("PUT", GC_PATH), ("GET", GC_PATH), ("GET", "/metrics"))]
+    for answer in answers:
+        assert answer.status_code == 401
+        assert answer.headers["WWW-Authenticate"] == "Bearer"
+        assert error_of(answer)["code"] == 1005
+
+
+def test_the_right_token_starts_gc_and_health_needs_none(service, conn):
+    fill(conn, [True, False])
+    answer = httpx.put(service + GC_PATH, headers={"Authorization": f"Bearer {TOKEN}"})
+    assert answer.status_code == 200
+    assert answer.json()["services"] == {"message": {"gc": {"status": "processing"}}}
+    health = httpx.get(service + "/health")
+    assert (health.status_code, health.json()["worker"]) == (200, "running")
+
+
+@pytest.mark.parametrize(("body", "code", "mentions"), [
+    (b'{"max_rows": ', 1025, "not valid JSON"),
+    (b'{"max_rows": 0}', 1009, "max_rows"),
+    (b'{"max_seconds": -1}', 1009, "max_seconds"),
+    (b'{"older_than": "ten days"}', 1009, "older_than"),
+    (b'{"budget": 5}', 1009, "budget"),
+    (b'[1, 2]', 1009, "body"),
+])
+def test_a_malformed_body_gets_422_in_the_errors_shape(service, body, code, mentions):
+    answer = httpx.put(service + GC_PATH, content=body, headers={
+        "Authorization": f"Bearer {TOKEN}", "Content-Type": "application/json"})
+    assert answer.status_code == 422
+    error = error_of(answer)
+    assert error["code"] == code
+    assert mentions in error["details"]
+
+
+@pytest.mark.parametrize("method", ["POST", "DELETE", "PATCH"])
+def test_a_wrong_method_gets_405_with_allow_in_the_errors_shape(service, method):
+    answer = httpx.request(method, service + GC_PATH, headers={"Authorization": f"Bearer {TOKEN}"})
+    assert answer.status_code == 405
+    assert answer.headers["Allow"] == "GET, PUT"
+    assert error_of(answer)["code"] == 1025
+
+
+def test_an_unknown_path_gets_404_in_the_errors_shape(service):
+    answer = httpx.get(service + "/v1/services/message/nothing")
+    assert answer.status_code == 404
+    assert error_of(answer)["code"] == 1006
+
+
+def test_openapi_declares_a_schema_for_every_answer(service):
+    schema = httpx.get(service + "/openapi.json").json()
+    gc = schema["paths"][GC_PATH]
+    expected = {"put": {"200", "401", "405", "422", "500", "503"}, "get": {"200", "401", "405", "500", "503"}}
+    for method, codes in expected.items():
+        responses = gc[method]["responses"]
+        assert set(responses) == codes
+        for code in codes:
+            assert "$ref" in responses[code]["content"]["application/json"]["schema"], (method, code)
+    assert gc["put"]["requestBody"]["content"]["application/json"]["schema"]
+    assert "401" in schema["paths"]["/metrics"]["get"]["responses"]
+    assert "401" not in schema["paths"]["/health"]["get"]["responses"]  # health is open
+    assert "message-gc-completion" in schema["webhooks"]
+    assert set(schema["paths"]) == {GC_PATH, "/metrics", "/health"}
+
+
+def test_metrics_report_runs_rows_batches_and_backlog(service, conn):
+    fill(conn, [True] * 3 + [False])
+    httpx.put(service + GC_PATH, headers={"Authorization": f"Bearer {TOKEN}"})
+
+    def scraped() -> str | None:
+        text = httpx.get(service + "/metrics", headers={"Authorization": f"Bearer {TOKEN}"}).text
+        return text if 'msggc_runs{node="postgresql",status="complete"} 1.0' in text else None
+
+    text = wait_until(scraped)
+    for line in ('msggc_node_up{node="postgresql"} 1.0',
+                 'msggc_messages_deleted_total{node="postgresql"} 3.0',
+                 'msggc_outbox_backlog{node="postgresql"} 0.0',
+                 'msggc_batch_duration_seconds_count{node="postgresql"} 1.0'):
+        assert line in text
