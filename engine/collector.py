@@ -43,6 +43,8 @@ class Progress:
     batches: int
     elapsed_s: float
     garbage_estimate: int
+    batch_s: float
+    """Duration of the batch this report follows."""
 
 
 @dataclass
@@ -147,7 +149,7 @@ class Walk:
             self.latencies_ms.append(seconds * 1000)
             progress = Progress(self.run.id, self.deleted, self.batches,
                                 time.monotonic() - self.started,
-                                self.plan.facts.garbage_rows_estimate)
+                                self.plan.facts.garbage_rows_estimate, seconds)
         if self.on_progress:
             self.on_progress(progress)
 
@@ -321,16 +323,34 @@ def report(conn: Connection, walk: Walk, notifier: Notifier | None) -> GcResult:
     """Close the run and queue its notice in one transaction, then deliver the notice."""
     status = _status(walk)
     details = None if status == "complete" else _failure_details(walk)
-    with conn.transaction():
-        deleted = runs.finish(conn, walk.run.id, status, walk.error or walk.stop_reason,
-                              walk.throttle.pauses, walk.throttle.paused_s)
-        body = encode(completion(deleted, node=walk.options.node or None, failure=details))
-        if notifier is not None and notifier.target:
-            outbox.enqueue(conn, walk.run.id, notifier.target, body)
+    try:
+        with conn.transaction():
+            deleted = runs.finish(conn, walk.run.id, status, walk.error or walk.stop_reason,
+                                  walk.throttle.pauses, walk.throttle.paused_s)
+            body = encode(completion(deleted, node=walk.options.node or None, failure=details))
+            if notifier is not None and notifier.target:
+                outbox.enqueue(conn, walk.run.id, notifier.target, body)
+    except psycopg.OperationalError as exc:
+        return _report_unrecorded(walk, notifier, f"database connection lost: {exc}".strip())
     result = _result(walk, status)
     result.messages_deleted = deleted
     if notifier is not None:
         result.notification_error = _deliver(conn, notifier, walk.run.id, body)
+    return result
+
+
+def _report_unrecorded(walk: Walk, notifier: Notifier | None, error: str) -> GcResult:
+    """The database is gone (the reconnect window ran out): the run stays resumable at its last
+    checkpoint, and its failure notice is sent directly, as there is nowhere durable to queue it."""
+    walk.fail(error)
+    result = _result(walk, "failed")
+    if notifier is not None:
+        body = encode(completion(walk.deleted, node=walk.options.node or None,
+                                 failure=_failure_details(walk)))
+        try:
+            notifier.send(body)
+        except MsggcError as exc:
+            result.notification_error = str(exc)
     return result
 
 
@@ -455,8 +475,9 @@ def collect(
         before = reclaim.health(conn, oid)
         conn = walk_run(conn, walk)
         result = report(conn, walk, notifier)
-        result.reclaim = reclaim_space(conn, options, oid, before)
-        runs.record_reclaim(conn, run.id, result.reclaim)
+        if not conn.closed:
+            result.reclaim = reclaim_space(conn, options, oid, before)
+            runs.record_reclaim(conn, run.id, result.reclaim)
         return result
     finally:
         conn.close()

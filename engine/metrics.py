@@ -8,7 +8,6 @@ latency exists only where the batches run, so it is a histogram of this process'
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Callable, Iterator
 
 from prometheus_client import CollectorRegistry, Histogram, generate_latest
@@ -72,22 +71,7 @@ class Metrics:
     def render(self) -> bytes:
         return generate_latest(self.registry)
 
-    def batch_observer(self, node: Node, pause_s: float) -> Callable[[Progress], None]:
-        """An ``on_progress`` callback feeding the batch histogram.
-
-        The engine reports progress, not batch timings: a batch's duration is the run time
-        between two reports of the same engine thread, minus the configured pause between batches.
-        """
+    def batch_observer(self, node: Node) -> Callable[[Progress], None]:
+        """An ``on_progress`` callback feeding the batch latency histogram."""
         histogram = self.batch_seconds.labels(node.label)
-        last: dict[int, float] = {}
-        lock = threading.Lock()
-
-        def observe(progress: Progress) -> None:
-            now = progress.elapsed_s
-            with lock:
-                previous = last.get(threading.get_ident())
-                last[threading.get_ident()] = now
-            pause = pause_s if previous is not None else 0.0
-            histogram.observe(max(0.0, now - (previous or 0.0) - pause))
-
-        return observe
+        return lambda progress: histogram.observe(progress.batch_s)

@@ -125,7 +125,7 @@ class Worker:
         try:
             options = self.settings.options_of_run(node, record)
             result = collect(node.dsn, options, self.settings.notifier(), run_id=run_id,
-                             on_progress=self.metrics.batch_observer(node, options.sleep))
+                             on_progress=self.metrics.batch_observer(node))
         except GcAlreadyRunning as exc:
             log.info("node %s: run %s waits: %s", node.label, run_id, exc)
             self._release(node, run_id)
