@@ -47,7 +47,7 @@ postgresql_noproc = factories.postgresql_noproc(
     port=_SERVER.get("port") or 5432,
     user=str(_SERVER.get("user") or "postgres"),
     password=_SERVER.get("password") or None,
-    dbname="msggc_tests",
+    dbname=f"msggc_tests_{os.getpid()}",  # unique: concurrent sessions never share a template
     load=[_migrate_template],
 )
 postgresql = factories.postgresql("postgresql_noproc")
