@@ -27,7 +27,7 @@ from engine.config import (
     resolve_dsn,
 )
 from engine.db import connection, user_fault
-from engine.errors import MsggcError
+from engine.errors import MsggcError, UsageError
 from engine.notify import LogNotifier, Notifier, WebhookNotifier
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -442,20 +442,30 @@ def serve(host: str, port: int, token: str | None, no_worker: bool, **service: A
 
 @main.command()
 @with_service_options
+@click.option("--every", type=DurationType(), default=None,
+              help="Also request a GC on every node now and then at this interval (e.g. 1h).")
 @friendly_errors
-def worker(**service: Any) -> None:
+def worker(every: timedelta | None, **service: Any) -> None:
     """Claim and execute queued GC runs and deliver their webhooks, without the HTTP API."""
+    from engine.schedule import Schedule
     from engine.settings import load_settings
     from engine.worker import Worker
 
     settings = load_settings(**service)
+    if every is not None and every.total_seconds() < 1:
+        raise UsageError("--every must be at least 1s")
     _log_to_stderr()
     runner = Worker(settings)
     runner.start()
+    schedule = Schedule(settings, every) if every else None
+    if schedule:
+        schedule.start()
     stop = threading.Event()
     with _stop_on_signals(stop):
         while not stop.wait(1.0) and runner.alive:
             pass
+    if schedule:
+        schedule.close()
     runner.close()
     sys.exit(0 if stop.is_set() else 1)
 

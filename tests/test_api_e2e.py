@@ -166,3 +166,16 @@ def test_an_api_without_worker_and_a_separate_worker_process_complete_a_gc(conn,
 
     assert [gc_of(body) for body in posted_bodies(callback)] == [
         {"messages_deleted": 7, "status": "complete"}]
+
+
+def test_a_worker_with_every_collects_new_garbage_periodically(conn, dsn, callback, tmp_path):
+    fill(conn, [True] * 5 + [False])
+    config = {"dsn": dsn, "callback_url": callback.url_for("/gc"), "poll_s": 0.2}
+    with msggc(tmp_path, "worker", config, "--every", "2s"):
+        wait_until(lambda: len(posted_bodies(callback)) >= 1, timeout_s=20)
+        conn.execute("UPDATE messages SET processed_at = now() WHERE processed_at IS NULL")
+        wait_until(lambda: len(posted_bodies(callback)) >= 2, timeout_s=20)
+
+    assert surviving_ids(conn) == []
+    assert [gc_of(body) for body in posted_bodies(callback)][:2] == [
+        {"messages_deleted": 5, "status": "complete"}, {"messages_deleted": 1, "status": "complete"}]
