@@ -54,6 +54,7 @@ from engine.api_models import (
     SingleStartAnswer,
     SingleStatusAnswer,
 )
+from engine.body_limit import MAX_BODY_BYTES, BodyLimit
 from engine.metrics import Metrics
 from engine.service import NodeResult
 from engine.settings import ServiceSettings
@@ -80,6 +81,7 @@ def _error_response(description: str) -> dict[str, Any]:
 
 
 COMMON_RESPONSES: dict[int | str, dict[str, Any]] = {
+    413: _error_response(f"Request body over {MAX_BODY_BYTES} bytes (1025 Invalid request)."),
     405: _error_response("Method not allowed on this path (1025 Invalid request); see the Allow header."),
     500: _error_response("Unexpected error (1014 Internal error)."),
 }
@@ -105,6 +107,7 @@ def create_app(settings: ServiceSettings) -> FastAPI:
                   summary="Batched garbage collection of the messages table, behind the seed's contract.",
                   responses=COMMON_RESPONSES)
     _install_error_handlers(app)
+    app.add_middleware(BodyLimit)
     auth = [Depends(_bearer_check(settings.token))] if settings.token else []
     guarded = UNAUTHORIZED if settings.token else {}
     multi = settings.multiconnect
@@ -114,6 +117,7 @@ def create_app(settings: ServiceSettings) -> FastAPI:
                               "description": "Queued or joined; answers at once, the webhook follows."},
                         503: {"model": MultiStartAnswer if multi else ErrorAnswer,
                               "description": "No node could start (1014 Internal error)."},
+                        400: _error_response("Body that cannot be parsed, e.g. nested too deep (1025)."),
                         422: _error_response("Body not JSON (1025) or invalid fields (1009)."), **guarded})
     def start_gc(body: Annotated[GcRequest | None, Body()] = None) -> JSONResponse:
         """Queue a GC on every node, or join the one already running there. Repeated PUTs

@@ -29,7 +29,10 @@ def _duration(value: Any) -> Any:
     if isinstance(value, int | float):
         if value < 0:
             raise ValueError("must not be negative")
-        return timedelta(seconds=value)
+        try:
+            return timedelta(seconds=value)
+        except (OverflowError, ValueError):  # inf, nan, or beyond timedelta's range
+            raise ValueError("must be a finite, reasonable number of seconds") from None
     return value
 
 
@@ -49,7 +52,8 @@ class GcRequest(BaseModel):
     model_config = ConfigDict(extra="forbid",
                               json_schema_extra={"examples": [{"max_seconds": 600, "older_than": "30d"}]})
 
-    max_seconds: float | None = Field(None, gt=0, description="Stop after this many seconds (resumable).")
+    max_seconds: float | None = Field(None, gt=0, allow_inf_nan=False,
+                                      description="Stop after this many seconds (resumable).")
     max_rows: int | None = Field(None, ge=1, description="Stop after about this many deleted rows.")
     older_than: Duration | None = Field(
         None, description="Only messages processed longer ago than this: 30d, 12h, 90s or seconds.")

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import math
 import os
+import re
 from dataclasses import asdict, dataclass, field
 from datetime import timedelta
 from typing import Any, Literal
@@ -71,10 +73,11 @@ class GcOptions:
         checks = [
             (self.strategy in STRATEGIES, f"strategy must be one of {', '.join(STRATEGIES)}"),
             (self.batch_size is None or self.batch_size >= 1, "batch size must be >= 1"),
-            (self.target_batch_ms > 0, "target batch duration must be > 0 ms"),
+            (0 < self.target_batch_ms < math.inf, "target batch duration must be > 0 ms and finite"),
             (self.max_rows is None or self.max_rows >= 1, "max rows must be >= 1"),
-            (self.max_seconds is None or self.max_seconds > 0, "max seconds must be > 0"),
-            (self.sleep >= 0, "sleep must be >= 0"),
+            (self.max_seconds is None or 0 < self.max_seconds < math.inf,
+             "max seconds must be > 0 and finite"),
+            (0 <= self.sleep < math.inf, "sleep must be >= 0 and finite"),
             (self.older_than is None or self.older_than >= timedelta(0), "older-than must be >= 0"),
             (self.lock_timeout_ms >= 1, "lock timeout must be >= 1 ms"),
             (self.statement_timeout_ms >= 10, "statement timeout must be >= 10 ms"),
@@ -104,7 +107,7 @@ def resolve_dsn(dsn: str | None) -> str:
         try:
             conninfo.conninfo_to_dict(chosen)
         except Exception as exc:
-            raise UsageError(f"invalid DSN {mask_dsn(chosen)!r}: {exc}") from None
+            raise UsageError(f"invalid DSN {mask_dsn(chosen)!r}: {scrub_dsn(str(exc), chosen)}") from None
         return chosen
     from engine import embedded
 
@@ -122,6 +125,17 @@ def mask_dsn(dsn: str) -> str:
     return conninfo.make_conninfo(**params)  # type: ignore[arg-type]
 
 
+_URI_PASSWORD = re.compile(r"(://[^:/?#@\s]*:)[^@\s]*@")
+_KEYWORD_PASSWORD = re.compile(r"(password\s*=\s*)('(?:[^'\\]|\\.)*'?|[^\s&]+)", re.IGNORECASE)
+
+
+def scrub_dsn(text: str, dsn: str) -> str:
+    """A driver message about ``dsn`` on one line, without the DSN's password: libpq quotes a
+    DSN it cannot parse verbatim ("... in URI: "postgresql://u:secret@[::1/db"")."""
+    text = " ".join(text.replace(dsn, mask_dsn(dsn)).split())
+    return _KEYWORD_PASSWORD.sub(r"\1***", _URI_PASSWORD.sub(r"\1***@", text))
+
+
 DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
 SIZE_UNITS = {"": 1, "B": 1, "KB": 1024, "MB": 1024**2, "GB": 1024**3}
 
@@ -134,7 +148,7 @@ def parse_size(text: str) -> int:
         amount = float(number)
     except ValueError:
         amount = -1.0
-    if unit not in SIZE_UNITS or amount <= 0:
+    if unit not in SIZE_UNITS or not 0 < amount < math.inf:
         raise UsageError(f"invalid size {text!r}: use e.g. 512KB, 50MB, 1GB")
     return round(amount * SIZE_UNITS[unit])
 
@@ -148,4 +162,7 @@ def parse_duration(text: str) -> timedelta:
         raise UsageError(f"invalid duration {text!r}: use e.g. 90s, 15m, 12h, 30d") from None
     if amount < 0:
         raise UsageError(f"invalid duration {text!r}: must not be negative")
-    return timedelta(seconds=amount * DURATION_UNITS[unit])
+    try:
+        return timedelta(seconds=amount * DURATION_UNITS[unit])
+    except (OverflowError, ValueError):  # inf, nan, or beyond timedelta's ~2.7 million years
+        raise UsageError(f"invalid duration {text!r}: must be a finite, reasonable length") from None

@@ -13,7 +13,7 @@ import psycopg
 from psycopg import errors as pg_errors
 from psycopg import sql
 
-from engine.config import TableSpec, mask_dsn
+from engine.config import TableSpec, mask_dsn, scrub_dsn
 from engine.errors import DatabaseUnreachable, PermissionMissing, SchemaMissing, TargetTableError
 
 CONNECT_TIMEOUT_S = 5
@@ -32,10 +32,10 @@ def connect(dsn: str, *, autocommit: bool = True, timeout_s: float = CONNECT_TIM
             application_name=APPLICATION_NAME,
         )
     except psycopg.OperationalError as exc:
-        reason = " ".join(line.strip() for line in str(exc).splitlines()) or type(exc).__name__
+        reason = scrub_dsn(str(exc), dsn) or type(exc).__name__
         raise DatabaseUnreachable(f"cannot connect to {mask_dsn(dsn)}: {reason}") from None
     except psycopg.ProgrammingError as exc:
-        raise DatabaseUnreachable(f"invalid DSN {mask_dsn(dsn)}: {exc}") from None
+        raise DatabaseUnreachable(f"invalid DSN {mask_dsn(dsn)}: {scrub_dsn(str(exc), dsn)}") from None
 
 
 @contextmanager
@@ -66,14 +66,28 @@ def require_bookkeeping(conn: Connection) -> None:
         raise SchemaMissing("msggc tables are missing in this database: run `msggc migrate` first")
 
 
+RELATION_KINDS = {"v": "a view", "m": "a materialized view", "f": "a foreign table", "S": "a sequence",
+                  "i": "an index", "I": "a partitioned index", "c": "a composite type", "t": "a TOAST table"}
+BOOKKEEPING_PRIVILEGES = (("gc_runs", "SELECT"), ("gc_runs", "INSERT"), ("gc_runs", "UPDATE"),
+                          ("gc_outbox", "SELECT"), ("gc_outbox", "INSERT"), ("gc_outbox", "UPDATE"))
+
+
 def require_target(conn: Connection, table: TableSpec) -> int:
-    """The target table must exist, have its key and processed-at columns, and be deletable."""
+    """The target must be an existing plain table with its key and processed-at columns, the
+    role must be allowed to DELETE from it and to record the run in msggc's own tables."""
     oid = regclass_of(conn, table)
     if oid is None:
         raise TargetTableError(
             f"table {table.qualified} does not exist: run `msggc migrate` first"
             " (or pass --table for another table)"
         )
+    kind = conn.execute("SELECT relkind FROM pg_class WHERE oid = %s", (oid,)).fetchone()[0]
+    if kind == "p":  # its own heap is empty: a walk over it would find nothing and say complete
+        raise TargetTableError(
+            f"{table.qualified} is a partitioned table: collect each partition with --table PARTITION"
+        )
+    if kind != "r":
+        raise TargetTableError(f"{table.qualified} is {RELATION_KINDS.get(kind, 'not a table')}, not a table")
     columns = {
         name: type_
         for name, type_ in conn.execute(
@@ -97,9 +111,22 @@ def require_target(conn: Connection, table: TableSpec) -> int:
     allowed = conn.execute("SELECT has_table_privilege(%s::oid, 'DELETE')", (oid,)).fetchone()
     if not allowed or not allowed[0]:
         raise PermissionMissing(f"the database role may not DELETE from {table.qualified}")
+    for name, privilege in BOOKKEEPING_PRIVILEGES:
+        if not conn.execute("SELECT has_table_privilege(%s, %s)", (name, privilege)).fetchone()[0]:
+            raise PermissionMissing(f"the database role may not {privilege} {name}: it cannot record"
+                                    " the run (grant SELECT, INSERT, UPDATE on gc_runs and gc_outbox)")
     return oid
 
 
 def is_user_fault(exc: BaseException) -> bool:
     """Errors caused by the environment, not by a bug: reported as one line."""
     return isinstance(exc, (pg_errors.InsufficientPrivilege, pg_errors.UndefinedTable))
+
+
+def user_fault(exc: BaseException) -> str | None:
+    """The one-line reason of an environment error (also when SQLAlchemy wraps it), else None."""
+    cause = getattr(exc, "orig", None) or exc
+    if not is_user_fault(cause):
+        return None
+    lines = str(cause).strip().splitlines()
+    return lines[0] if lines else type(cause).__name__

@@ -15,7 +15,7 @@ from typing import Any, Protocol, TextIO
 
 import httpx
 
-from engine.errors import DeliveryFailed
+from engine.errors import DeliveryFailed, UsageError
 
 SIGNATURE_HEADER = "X-Msggc-Signature"
 
@@ -48,11 +48,35 @@ def sign(body: bytes, secret: str) -> str:
     return "sha256=" + hmac.new(secret.encode(), body, hashlib.sha256).hexdigest()
 
 
+def display_url(url: str) -> str:
+    """The URL with its password (if any) masked: safe for logs, errors and answers."""
+    try:
+        parsed = httpx.URL(url)
+    except (httpx.InvalidURL, TypeError):
+        return "<invalid URL>"
+    if parsed.password:
+        parsed = parsed.copy_with(username=parsed.username, password="***")
+    return str(parsed)
+
+
+def check_url(url: str) -> str:
+    """An absolute http(s) URL with a host and a valid port, or :class:`UsageError`."""
+    try:
+        parsed = httpx.URL(url)
+        valid = (parsed.scheme in ("http", "https") and bool(parsed.host)
+                 and (parsed.port is None or 0 < parsed.port < 65536))
+    except (httpx.InvalidURL, TypeError):
+        valid = False
+    if not valid:
+        raise UsageError(f"invalid webhook URL {display_url(url)!r}: expected http(s)://HOST[:PORT]/PATH")
+    return url
+
+
 class WebhookNotifier:
     """POSTs the body to the callback URL; any answer but 2xx is a failed attempt."""
 
     def __init__(self, url: str, *, secret: str | None = None, timeout_s: float = 5.0) -> None:
-        self.target = url
+        self.target = check_url(url)
         self.secret = secret
         self.timeout_s = timeout_s
 
@@ -64,6 +88,7 @@ class WebhookNotifier:
             answer = httpx.post(self.target, content=body, headers=headers,
                                 timeout=self.timeout_s, follow_redirects=False)
         except httpx.HTTPError as exc:
-            raise DeliveryFailed(f"POST {self.target} failed: {exc or type(exc).__name__}") from None
+            raise DeliveryFailed(
+                f"POST {display_url(self.target)} failed: {exc or type(exc).__name__}") from None
         if not answer.is_success:
-            raise DeliveryFailed(f"POST {self.target} answered {answer.status_code}")
+            raise DeliveryFailed(f"POST {display_url(self.target)} answered {answer.status_code}")

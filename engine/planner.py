@@ -133,7 +133,12 @@ def choose_strategy(facts: TableFacts, requested: StrategyName) -> tuple[Strateg
 def make_plan(conn: Connection, options: GcOptions, oid: int, statements: Statements) -> Plan:
     cutoff = None
     if options.older_than is not None:
-        cutoff = conn.execute("SELECT now() - %s::interval", (options.older_than,)).fetchone()[0]
+        # a retention reaching before year 1 (e.g. 99999999w) keeps every row: clamp, not overflow
+        cutoff = conn.execute(
+            "SELECT CASE WHEN %(keep)s::interval < now() - '0001-01-01 00:00+00'::timestamptz"
+            " THEN now() - %(keep)s::interval ELSE '0001-01-01 00:00+00'::timestamptz END",
+            {"keep": options.older_than},
+        ).fetchone()[0]
     facts = read_facts(conn, options.table, oid, statements, cutoff)
     strategy, reason = choose_strategy(facts, options.strategy)
     return Plan(strategy=strategy, reason=reason, facts=facts, cutoff=cutoff)

@@ -16,8 +16,26 @@ from engine.config import TableSpec
 from engine.db import Connection, table_ident
 
 
+def flush_stats(conn: Connection) -> None:
+    """Publish this session's pending table statistics now (PostgreSQL 15+; autocommit only).
+
+    A backend adds its inserts and deletes to ``pg_stat_user_tables`` at most once a second, when
+    idle. Without this, a report read right after a run shows none of its dead tuples, and a
+    ``VACUUM`` then resets the counts before the run's deletes arrive: measured, the table was left
+    claiming 0 live and 20,000 dead tuples after vacuuming a 40,000-row table of 20,000 garbage.
+    The flush happens before the server answers, so the next statement sees the counts.
+    """
+    if conn.info.server_version >= 150000:
+        conn.execute("SELECT pg_stat_force_next_flush()")
+
+
 def health(conn: Connection, oid: int) -> dict[str, Any]:
-    """Table and index sizes, live/dead tuples, and pgstattuple's free space when installed."""
+    """Table and index sizes, live/dead tuples, and pgstattuple's free space when installed.
+
+    The counts include what this session did (it flushes its statistics first); what other
+    sessions did in the last second may still be missing.
+    """
+    flush_stats(conn)
     row = conn.execute(
         "SELECT pg_table_size(c.oid), pg_indexes_size(c.oid), s.n_live_tup, s.n_dead_tup,"
         " s.last_autovacuum, s.last_vacuum"

@@ -64,12 +64,16 @@ def latest_resumable(conn: Connection, table: str, node: str,
     return run_id, strategy, _slices(cursor)
 
 
+QUEUED_MARK = "queued"
+"""Option set on runs queued by :func:`enqueue`: their worker posts the service's webhook."""
+
+
 def enqueue(conn: Connection, table: str, node: str, options: dict[str, Any]) -> int:
     """A queued run, claimed later by a worker (the HTTP API's way to start a GC)."""
     row = conn.execute(
         "INSERT INTO gc_runs (node, table_name, status, options) VALUES (%s, %s, 'queued', %s)"
         " RETURNING id",
-        (node, table, Jsonb(options)),
+        (node, table, Jsonb({**options, QUEUED_MARK: True})),
     ).fetchone()
     return row[0]
 
@@ -173,15 +177,17 @@ def enqueue_or_join(conn: Connection, table: str, node: str, options: dict[str, 
     """The active run of this table and node, or a new queued one: ``(run id, joined)``.
 
     Check and insert happen under one advisory transaction lock, so two PUTs racing on two
-    API processes still leave one active run.
+    API processes still leave one active run. Only a queued run is joined: a GC started
+    elsewhere (``msggc gc``) posts no webhook to the service's callback, so a PUT meeting one
+    queues a run that waits for the table, then collects what is left and notifies.
     """
     with conn.transaction():
         conn.execute("SELECT pg_advisory_xact_lock(%s, hashtext(%s))",
                      (ENQUEUE_LOCK_CLASS, f"{table}\x1f{node}"))
         row = conn.execute(
             "SELECT id FROM gc_runs WHERE table_name = %s AND node = %s AND status = ANY(%s)"
-            " ORDER BY id DESC LIMIT 1",
-            (table, node, list(ACTIVE)),
+            " AND options ? %s ORDER BY id DESC LIMIT 1",
+            (table, node, list(ACTIVE), QUEUED_MARK),
         ).fetchone()
         if row is not None:
             return row[0], True

@@ -1,8 +1,11 @@
 """Health-aware throttling: before a batch, wait while the server is under pressure.
 
-Three signals, each optional: the WAL written since the run began against a rate budget
-(a token bucket, so bursts average out), the replay lag of the slowest standby in
-``pg_stat_replication``, and autovacuum (or any VACUUM) working on the table.
+Three signals, each optional: the server's WAL against a rate budget (a token bucket, so bursts
+average out, holding at most ``WAL_BURST_S`` of unused budget), the replay lag of the slowest
+standby in ``pg_stat_replication``, and autovacuum (or any VACUUM) working on the table.
+
+Seeing other backends' progress and replication lag needs ``pg_read_all_stats`` (or superuser):
+without it PostgreSQL hides those columns and the lag and vacuum signals never fire.
 """
 
 from __future__ import annotations
@@ -18,12 +21,36 @@ from engine.db import Connection
 POLL_S = 0.2
 MAX_PAUSE_S = 5.0
 """A single wait is capped so budgets and signals are still honoured while throttled."""
+WAL_BURST_S = 1.0
+"""Seconds of WAL budget a run may bank while it writes less (or waits on another signal).
+
+Without a cap, a run held for a minute by replica lag or a VACUUM would then write a minute's
+worth of WAL at full speed: the very burst the budget exists to prevent.
+"""
+
+REPLICA_LAG_SQL = """
+SELECT coalesce(max(CASE WHEN replay_lsn >= pg_current_wal_lsn() THEN 0
+                         ELSE extract(epoch FROM replay_lag) END), 0)
+FROM pg_stat_replication
+"""
+"""The slowest standby's replay lag in seconds; 0 for a standby that replayed all the WAL there is.
+
+``replay_lag`` alone is not enough: it is the delay measured for the last WAL the standby
+confirmed replaying, so when a stalled standby catches up it reports how late that WAL was, and
+keeps showing it until the standby's next status reply (every ``wal_receiver_status_interval``,
+10s by default). ``replay_lsn`` does not go stale that way: a standby that has replayed all it
+received reports its position at once (``WalRcvForceReply``), so a caught-up standby counts as 0.
+Measured on a real standby after ``pg_wal_replay_resume()``: ``replay_lag`` still showed 4.1s for
+8s with nothing left to replay, and a run limited to 1s stayed paused 9.7s after the standby had
+caught up (0.2s with this query). Walsenders that replay nothing (pg_basebackup, pg_receivewal)
+have a NULL ``replay_lsn`` and ``replay_lag`` and count as 0.
+"""
 
 
 @dataclass(frozen=True)
 class Limits:
     max_wal_rate: float | None = None
-    """Bytes of WAL per second, server-wide, averaged since the run began."""
+    """Bytes of WAL per second, server-wide, as a token bucket holding at most ``WAL_BURST_S``."""
     max_replica_lag: timedelta | None = None
     pause_for_vacuum: bool = False
 
@@ -41,8 +68,10 @@ class Throttle:
         self.lock = threading.Lock()
         self.pauses = 0
         self.paused_s = 0.0
-        self._start_lsn: int | None = None
-        self._started = time.monotonic()
+        self._wal_credit = 0.0
+        """Bytes of WAL the run may still write now; negative when it must wait."""
+        self._wal_seen: tuple[float, int] | None = None
+        """(monotonic time, WAL position) when the credit was last brought up to date."""
         self._reasons: dict[str, int] = {}
 
     @property
@@ -53,19 +82,25 @@ class Throttle:
         return conn.execute("SELECT (pg_current_wal_lsn() - '0/0'::pg_lsn)::bigint").fetchone()[0]
 
     def _wal_excess_s(self, conn: Connection) -> float:
-        """Seconds to wait so the WAL written since the start fits the rate budget."""
-        if not self.limits.max_wal_rate:
+        """Seconds to wait until the WAL written so far fits the rate budget (a token bucket)."""
+        rate = self.limits.max_wal_rate
+        if not rate:
             return 0.0
-        written = self._wal_lsn(conn) - (self._start_lsn or 0)
-        allowed_at = written / self.limits.max_wal_rate
-        return max(0.0, allowed_at - (time.monotonic() - self._started))
+        lsn, now = self._wal_lsn(conn), time.monotonic()
+        with self.lock:
+            if self._wal_seen is None:
+                self._wal_seen = (now, lsn)
+            seen_at, seen_lsn = self._wal_seen
+            if lsn >= seen_lsn:  # another worker may have read a newer position meanwhile
+                self._wal_credit = min(rate * WAL_BURST_S, self._wal_credit + (now - seen_at) * rate)
+                self._wal_credit -= lsn - seen_lsn
+                self._wal_seen = (now, lsn)
+            return max(0.0, -self._wal_credit / rate)
 
     def _replica_lagging(self, conn: Connection) -> bool:
         if not self.limits.max_replica_lag:
             return False
-        lag = conn.execute(
-            "SELECT coalesce(max(extract(epoch FROM replay_lag)), 0) FROM pg_stat_replication"
-        ).fetchone()[0]
+        lag = conn.execute(REPLICA_LAG_SQL).fetchone()[0]
         return float(lag) > self.limits.max_replica_lag.total_seconds()
 
     def _vacuum_running(self, conn: Connection) -> bool:
@@ -77,9 +112,12 @@ class Throttle:
         return bool(row[0])
 
     def start(self, conn: Connection) -> None:
+        """Begin metering WAL here: what the server wrote before the run is not charged to it."""
         if self.limits.max_wal_rate:
-            self._start_lsn = self._wal_lsn(conn)
-        self._started = time.monotonic()
+            lsn = self._wal_lsn(conn)
+            with self.lock:
+                self._wal_credit = 0.0
+                self._wal_seen = (time.monotonic(), lsn)
 
     def pressure(self, conn: Connection) -> tuple[str, float] | None:
         """The reason to wait and for how long, or None when the batch may go."""
@@ -96,14 +134,15 @@ class Throttle:
         """Block in short steps until no limit is exceeded or the run must stop anyway."""
         if not self.limits.active:
             return
-        counted = False
+        reasons: set[str] = set()
         while not interrupted() and (pressure := self.pressure(conn)) is not None:
             reason, seconds = pressure
             began = time.monotonic()
             sleep(seconds)
             with self.lock:
-                if not counted:
+                if not reasons:
                     self.pauses += 1
+                if reason not in reasons:  # one wait may be held by several signals in turn
+                    reasons.add(reason)
                     self._reasons[reason] = self._reasons.get(reason, 0) + 1
-                    counted = True
                 self.paused_s += time.monotonic() - began

@@ -86,7 +86,8 @@ def test_an_unknown_path_gets_404_in_the_errors_shape(service):
 def test_openapi_declares_a_schema_for_every_answer(service):
     schema = httpx.get(service + "/openapi.json").json()
     gc = schema["paths"][GC_PATH]
-    expected = {"put": {"200", "401", "405", "422", "500", "503"}, "get": {"200", "401", "405", "500", "503"}}
+    expected = {"put": {"200", "400", "401", "405", "413", "422", "500", "503"},
+                "get": {"200", "401", "405", "413", "500", "503"}}
     for method, codes in expected.items():
         responses = gc[method]["responses"]
         assert set(responses) == codes
