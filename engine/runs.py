@@ -145,7 +145,8 @@ def finish(conn: Connection, run_id: int, status: str, error: str | None,
     """Close the run; returns the rows it deleted, as committed batch by batch."""
     row = conn.execute(
         "UPDATE gc_runs SET status = %s, error = %s, finished_at = now(), heartbeat_at = now(),"
-        " throttle_pauses = %s, throttled_seconds = %s WHERE id = %s RETURNING messages_deleted",
+        " throttle_pauses = throttle_pauses + %s, throttled_seconds = throttled_seconds + %s"
+        " WHERE id = %s RETURNING messages_deleted",
         (status, error, throttle_pauses, throttled_s, run_id),
     ).fetchone()
     return row[0]
