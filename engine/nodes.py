@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 from psycopg import conninfo
 
-from engine.config import mask_dsn
+from engine.config import mask_dsn, scrub_dsn
 from engine.errors import DatabaseUnreachable, UsageError
 
 SINGLE_LABEL = "postgresql"
@@ -81,7 +81,7 @@ def _checked_dsn(dsn: str, label: str) -> str:
     try:
         conninfo.conninfo_to_dict(dsn)
     except Exception as exc:
-        raise UsageError(f"node {label}: invalid DSN {mask_dsn(dsn)!r}: {exc}") from None
+        raise UsageError(f"node {label}: invalid DSN {mask_dsn(dsn)!r}: {scrub_dsn(str(exc), dsn)}") from None
     return dsn
 
 
