@@ -18,12 +18,15 @@ import httpx
 from engine.errors import DeliveryFailed, UsageError
 
 SIGNATURE_HEADER = "X-Msggc-Signature"
+DELIVERY_HEADER = "X-Msggc-Delivery"
+"""The outbox id of a notice: the same on every retry, so a receiver can drop a duplicate
+(delivery is at least once: a crash between the receiver's 2xx and our commit posts again)."""
 
 
 class Notifier(Protocol):
     target: str | None
 
-    def send(self, body: bytes) -> None:
+    def send(self, body: bytes, delivery_id: str | None = None) -> None:
         """Deliver the JSON body or raise :class:`DeliveryFailed`."""
 
 
@@ -39,7 +42,7 @@ class LogNotifier:
     def __init__(self, stream: TextIO | None = None) -> None:
         self.stream = stream or sys.stderr
 
-    def send(self, body: bytes) -> None:
+    def send(self, body: bytes, delivery_id: str | None = None) -> None:
         self.stream.write(json.dumps(json.loads(body)) + "\n")
         self.stream.flush()
 
@@ -80,8 +83,10 @@ class WebhookNotifier:
         self.secret = secret
         self.timeout_s = timeout_s
 
-    def send(self, body: bytes) -> None:
+    def send(self, body: bytes, delivery_id: str | None = None) -> None:
         headers = {"Content-Type": "application/json"}
+        if delivery_id:
+            headers[DELIVERY_HEADER] = delivery_id
         if self.secret:
             headers[SIGNATURE_HEADER] = sign(body, self.secret)
         try:

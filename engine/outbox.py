@@ -49,7 +49,7 @@ def deliver_due(conn: Connection, notifier_for: Callable[[str], Notifier],
                 return delivered, pending
             after, url, body, attempts = row
             try:
-                notifier_for(url).send(body.encode())
+                notifier_for(url).send(body.encode(), delivery_id=str(after))
             except MsggcError as exc:  # DeliveryFailed, or a stored URL that is not valid
                 # backoff counted from the end of the attempt (clock_timestamp), not from the
                 # transaction's start: a slow server's timeout must not use the backoff up

@@ -110,3 +110,20 @@ def test_two_deliverers_at_once_post_a_notice_once(conn: Conn, dsn: str, callbac
     ledger.add(notifications_duplicated=max(0, len(callback.accepted) - 1))
     assert sorted(outcomes) == [(0, 0), (0, 0), (0, 0), (1, 0)]
     assert len(callback.accepted) == 1
+
+
+def test_every_attempt_of_a_notice_carries_the_same_delivery_id(conn: Conn, dsn: str, httpserver,
+                                                                quick_backoff: float) -> None:
+    """Receivers can drop the duplicate that at-least-once delivery allows."""
+    from werkzeug import Response
+
+    from engine.notify import DELIVERY_HEADER
+
+    fill(conn, [True] * 10)
+    httpserver.expect_ordered_request("/gc", method="POST").respond_with_response(Response(status=500))
+    httpserver.expect_ordered_request("/gc", method="POST").respond_with_data("ok")
+    result = collect(dsn, GcOptions(), notifier_for(httpserver.url_for("/gc")))
+
+    assert result.notification_error is None
+    outbox_id = conn.execute("SELECT id FROM gc_outbox").fetchone()[0]
+    assert [request.headers[DELIVERY_HEADER] for request, _ in httpserver.log] == [str(outbox_id)] * 2
