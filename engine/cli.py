@@ -61,28 +61,24 @@ table_option = click.option(
 )
 
 
-class DurationType(click.ParamType):
-    name = "duration"
+class Parsed(click.ParamType):
+    """A flag value read by one of engine.config's parsers; its UsageError becomes click's."""
 
-    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> timedelta:
-        if isinstance(value, timedelta):
+    def __init__(self, name: str, parse: Callable[[str], Any]) -> None:
+        self.name = name
+        self.parse = parse
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        if not isinstance(value, str):
             return value
         try:
-            return parse_duration(value)
+            return self.parse(value)
         except MsggcError as exc:
             self.fail(str(exc), param, ctx)
 
 
-class SizeType(click.ParamType):
-    name = "size"
-
-    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> int:
-        if isinstance(value, int):
-            return value
-        try:
-            return parse_size(value)
-        except MsggcError as exc:
-            self.fail(str(exc), param, ctx)
+DURATION = Parsed("duration", parse_duration)
+SIZE = Parsed("size", parse_size)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -137,7 +133,7 @@ def seed(dsn: str | None, table: str, rows: int, shape: str, garbage_fraction: f
 @click.option("--max-seconds", type=click.FloatRange(min=0, min_open=True), default=None,
               help="Stop after this many seconds.")
 @click.option("--sleep", type=click.FloatRange(min=0), default=0.0, help="Seconds to pause between batches.")
-@click.option("--older-than", type=DurationType(), default=None,
+@click.option("--older-than", type=DURATION, default=None,
               help="Only rows processed longer ago than this (e.g. 30d, 12h).")
 @click.option("--lock-timeout-ms", type=click.IntRange(min=1), default=100, show_default=True)
 @click.option("--statement-timeout-ms", type=click.IntRange(min=10), default=5000, show_default=True)
@@ -147,9 +143,9 @@ def seed(dsn: str | None, table: str, rows: int, shape: str, garbage_fraction: f
 @click.option("--webhook", default=None, help="Callback URL that receives the completion body.")
 @click.option("--webhook-secret", envvar="MSGGC_WEBHOOK_SECRET", default=None,
               help="HMAC-SHA256 secret for the signature header (env MSGGC_WEBHOOK_SECRET).")
-@click.option("--max-wal-rate", type=SizeType(), default=None,
+@click.option("--max-wal-rate", type=SIZE, default=None,
               help="Pause batches while the run's WAL exceeds this rate per second (e.g. 50MB).")
-@click.option("--max-replica-lag", type=DurationType(), default=None,
+@click.option("--max-replica-lag", type=DURATION, default=None,
               help="Pause while a standby's replay lag exceeds this (e.g. 10s).")
 @click.option("--pause-for-vacuum", is_flag=True, help="Pause while (auto)vacuum works on the table.")
 @click.option("--vacuum", is_flag=True, help="VACUUM (ANALYZE) the table after the run; report sizes.")
@@ -318,7 +314,7 @@ def restore(dsn: str | None, table: str, run_id: int) -> None:
 @main.command(name="purge-archive")
 @dsn_option
 @table_option
-@click.option("--older-than", type=DurationType(), required=True, help="Archive age to purge, e.g. 30d.")
+@click.option("--older-than", type=DURATION, required=True, help="Archive age to purge, e.g. 30d.")
 @friendly_errors
 def purge_archive(dsn: str | None, table: str, older_than: timedelta) -> None:
     """Delete archived rows older than --older-than, in batches."""
@@ -442,7 +438,7 @@ def serve(host: str, port: int, token: str | None, no_worker: bool, **service: A
 
 @main.command()
 @with_service_options
-@click.option("--every", type=DurationType(), default=None,
+@click.option("--every", type=DURATION, default=None,
               help="Also request a GC on every node now and then at this interval (e.g. 1h).")
 @friendly_errors
 def worker(every: timedelta | None, **service: Any) -> None:

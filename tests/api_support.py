@@ -10,24 +10,24 @@ import json
 import re
 import socket
 import threading
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import psycopg
 import uvicorn
 
 from engine.api import create_app
 from engine.settings import ServiceSettings
+from tests.data import run_rows
+from tests.polling import wait_until
 
 SEED = Path(__file__).parent / "fixtures" / "messages-gc-endpoint.txt"
 SEED_EXAMPLES = ("single_answer", "multi_answer", "single_webhook", "multi_webhook_first",
                  "multi_webhook_second", "single_error", "multi_error", "failure_webhook")
 GC_PATH = "/v1/services/message/gc"
 
-T = TypeVar("T")
 
 
 def _json_blocks(text: str) -> Iterator[str]:
@@ -77,18 +77,6 @@ def closed_port_dsn() -> str:
     return f"postgresql://postgres@127.0.0.1:{free_port()}/postgres"
 
 
-def wait_until(check: Callable[[], T], timeout_s: float = 15.0, interval_s: float = 0.05) -> T:
-    """Poll ``check`` until it returns something truthy; fail the test on timeout."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        value = check()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"condition not met within {timeout_s}s (last value {value!r})")
-        time.sleep(interval_s)
-
-
 @contextmanager
 def running_service(settings: ServiceSettings) -> Iterator[str]:
     """The real app (and its worker) on uvicorn on a free loopback port; yields its base URL."""
@@ -105,11 +93,7 @@ def running_service(settings: ServiceSettings) -> Iterator[str]:
 
 
 def runs_of(dsn: str) -> list[dict[str, Any]]:
-    with psycopg.connect(dsn, autocommit=True) as conn:
-        cur = conn.execute("SELECT id, node, status, messages_deleted, batches, error FROM gc_runs"
-                           " ORDER BY id")
-        names = [c.name for c in cur.description or []]
-        return [dict(zip(names, row, strict=True)) for row in cur]
+    return run_rows(dsn)
 
 
 def garbage_left(dsn: str) -> int:

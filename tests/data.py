@@ -34,3 +34,15 @@ def surviving_ids(conn: psycopg.Connection[Any], table: str = "messages") -> lis
 def live_ids(garbage: Sequence[bool]) -> list[int]:
     """The ids that must survive a complete GC of a table made by :func:`fill`."""
     return [i for i, flag in enumerate(garbage, start=1) if not flag]
+
+
+RUN_COLUMNS = ("id", "node", "status", "messages_deleted", "batches", "error")
+
+
+def run_rows(dsn: str, columns: Sequence[str] = RUN_COLUMNS) -> list[dict[str, Any]]:
+    """The ``gc_runs`` rows as dicts, oldest first."""
+    selected = sql.SQL(", ").join(map(sql.Identifier, columns))
+    query = sql.SQL("SELECT {} FROM gc_runs ORDER BY id").format(selected)
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        cur = conn.execute(query)
+        return [dict(zip(columns, row, strict=True)) for row in cur]

@@ -9,12 +9,11 @@ import os
 import subprocess
 import sys
 import threading
-import time
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import psycopg
 from psycopg import sql
@@ -23,8 +22,8 @@ from werkzeug import Request, Response
 
 from tests.api_support import free_port as free_port  # re-exported: a port nothing listens on
 from tests.data import surviving_ids
+from tests.polling import wait_until
 
-T = TypeVar("T")
 Conn = psycopg.Connection[Any]
 
 # --- msggc as a real process --------------------------------------------------------------------
@@ -78,19 +77,6 @@ def notice(body: bytes) -> dict[str, Any]:
 
 
 # --- waiting, always bounded ----------------------------------------------------------------------
-
-
-def wait_until(check: Callable[[], T | None], timeout_s: float, what: str,
-               interval_s: float = 0.01) -> T:
-    """Poll ``check`` until it returns something truthy; fail after ``timeout_s``."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        value = check()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout_s:g}s waiting for {what}")
-        time.sleep(interval_s)
 
 
 def gc_backends(conn: Conn) -> int:

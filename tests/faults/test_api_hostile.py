@@ -9,7 +9,6 @@ from collections.abc import Iterator
 from typing import Any
 
 import httpx
-import psycopg
 import pytest
 import schemathesis
 from hypothesis import HealthCheck, given, settings
@@ -27,7 +26,7 @@ from engine.body_limit import MAX_BODY_BYTES
 from engine.config import GcOptions
 from engine.settings import ServiceSettings
 from tests.api_support import GC_PATH, running_service
-from tests.data import fill
+from tests.data import fill, run_rows
 from tests.faults.helpers import (
     CallbackServer,
     Conn,
@@ -149,11 +148,7 @@ def quick_busy_retry(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def run_windows(dsn: str) -> list[dict[str, Any]]:
-    with psycopg.connect(dsn, autocommit=True) as conn:
-        cur = conn.execute("SELECT id, status, messages_deleted, started_at, finished_at, error"
-                           " FROM gc_runs ORDER BY id")
-        names = [c.name for c in cur.description or []]
-        return [dict(zip(names, row, strict=True)) for row in cur]
+    return run_rows(dsn, ("id", "status", "messages_deleted", "started_at", "finished_at", "error"))
 
 
 def all_finished(dsn: str) -> list[dict[str, Any]] | None:
