@@ -211,6 +211,15 @@ def run_batch(conn: Connection, walk: Walk, index: int, part: Slice,
                 ) from None
 
 
+@dataclass
+class Link:
+    """A worker's connection, replaced in place when the server comes back after a restart, so
+    whoever closes the run uses (and finally closes) the live one, table lock included."""
+
+    conn: Connection
+    holds_lock: bool
+
+
 def reconnect(walk: Walk, holds_lock: bool) -> Connection:
     """Reconnect with backoff after the server went away; the lock holder takes its lock back."""
     deadline = time.monotonic() + RECONNECT_WINDOW_S
@@ -230,7 +239,7 @@ def reconnect(walk: Walk, holds_lock: bool) -> Connection:
         return conn
 
 
-def work(conn: Connection, walk: Walk, todo: queue.SimpleQueue[int], holds_lock: bool) -> Connection:
+def work(link: Link, walk: Walk, todo: queue.SimpleQueue[int]) -> None:
     """A worker: takes slices from the queue and walks each to its end or to the budget."""
     sizer = BatchSizer(_initial_size(walk), walk.strategy.max_units,
                        walk.options.target_batch_ms / 1000, walk.options.batch_size is None)
@@ -238,20 +247,20 @@ def work(conn: Connection, walk: Walk, todo: queue.SimpleQueue[int], holds_lock:
         try:
             index = todo.get_nowait()
         except queue.Empty:
-            return conn
+            return
         part = walk.run.slices[index]
         while not part.done:
             if (reason := walk.budget_reason()) is not None:
                 with walk.lock:
                     walk.stop_reason = walk.stop_reason or reason
-                return conn
+                return
             try:
-                walk.throttle.wait(conn, lambda: walk.budget_reason() is not None, walk.stop.wait)
+                walk.throttle.wait(link.conn, lambda: walk.budget_reason() is not None, walk.stop.wait)
                 began = time.monotonic()
-                outcome = run_batch(conn, walk, index, part, sizer)
+                outcome = run_batch(link.conn, walk, index, part, sizer)
             except psycopg.OperationalError:
-                conn.close()
-                conn = reconnect(walk, holds_lock)
+                link.conn.close()
+                link.conn = reconnect(walk, link.holds_lock)
                 continue
             seconds = time.monotonic() - began
             part.position = outcome.position
@@ -261,14 +270,22 @@ def work(conn: Connection, walk: Walk, todo: queue.SimpleQueue[int], holds_lock:
                 walk.stop.wait(walk.options.sleep)
 
 
-def _worker_thread(walk: Walk, todo: queue.SimpleQueue[int]) -> None:
+def _guarded(walk: Walk, action: Callable[[], None]) -> None:
+    """Run a worker; an error stops the whole run and becomes its failure."""
     try:
-        with connect(walk.dsn) as conn:
-            work(conn, walk, todo, holds_lock=False)
+        action()
     except MsggcError as exc:
         walk.fail(str(exc))
     except psycopg.Error as exc:
         walk.fail(f"database error: {exc}".strip())
+
+
+def _helper_worker(walk: Walk, todo: queue.SimpleQueue[int]) -> None:
+    link = Link(connect(walk.dsn), holds_lock=False)
+    try:
+        work(link, walk, todo)
+    finally:
+        link.conn.close()
 
 
 def walk_run(conn: Connection, walk: Walk) -> Connection:
@@ -277,21 +294,19 @@ def walk_run(conn: Connection, walk: Walk) -> Connection:
     for index, part in enumerate(walk.run.slices):
         if not part.done:
             todo.put(index)
-    helpers = [threading.Thread(target=_worker_thread, args=(walk, todo), daemon=True)
+    helpers = [threading.Thread(target=_guarded, args=(walk, lambda: _helper_worker(walk, todo)),
+                                daemon=True)
                for _ in range(min(walk.options.workers, len(walk.run.slices)) - 1)]
     walk.throttle.start(conn)
     for thread in helpers:
         thread.start()
+    link = Link(conn, holds_lock=True)
     try:
-        conn = work(conn, walk, todo, holds_lock=True)
-    except MsggcError as exc:
-        walk.fail(str(exc))
-    except psycopg.Error as exc:
-        walk.fail(f"database error: {exc}".strip())
+        _guarded(walk, lambda: work(link, walk, todo))
     finally:
         for thread in helpers:
             thread.join()
-    return conn
+    return link.conn
 
 
 def _failure_details(walk: Walk) -> str | None:
