@@ -23,8 +23,10 @@ def fill_settled(conn: psycopg.Connection, garbage: list[bool]) -> None:
     """:func:`fill`, with its inserts already counted in pg_stat_user_tables.
 
     A session publishes its counts up to a second late; were the fill's inserts published after its
-    ANALYZE, or after the run's VACUUM, live tuples would be counted twice.
+    ANALYZE, or after the run's VACUUM, live tuples would be counted twice. Autovacuum is off on the
+    table: woken by the run's dead tuples, it would reset their count before the report reads it.
     """
+    conn.execute("ALTER TABLE messages SET (autovacuum_enabled = off)")
     fill(conn, garbage)
     conn.execute("SELECT pg_stat_force_next_flush()")
     conn.execute("ANALYZE messages")
@@ -103,7 +105,7 @@ def test_pgstattuple_free_space_is_reported_when_installed(conn, dsn):
 
 @pytest.mark.slow
 def test_status_json_shows_throttling_and_reclaim_of_a_cli_run(conn, dsn):
-    fill(conn, [i % 2 == 0 for i in range(20_000)])
+    fill_settled(conn, [i % 2 == 0 for i in range(20_000)])
 
     gc = msggc("gc", "--dsn", dsn, "--batch-size", "500", "--max-wal-rate", "256KB", "--vacuum", "--json",
                "--max-seconds", "15")
