@@ -1,0 +1,260 @@
+"""The contenders: msggc and the ways people delete old rows today, written as they write them.
+
+Each contender runs in its own child process (:mod:`benchmarks.child`) so its peak RSS is its
+own, and records a timeline of committed rows so every contender is judged by the same
+arithmetic (:mod:`benchmarks.metrics`).
+
+The baselines are literal SQL on purpose: they stand for application code as commonly written
+(one ``DELETE``, a ``LIMIT`` loop, Rails/GitLab ``each_batch``), not for msggc's query builder.
+"""
+
+from __future__ import annotations
+
+import re
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import psycopg
+
+from benchmarks.metrics import Point
+
+Kind = Literal["single", "naive", "each_batch", "msggc"]
+
+NAIVE_BATCH = 5000
+EACH_BATCH_OF = 5000
+
+SINGLE_SQL = "DELETE FROM messages WHERE processed_at IS NOT NULL"
+NAIVE_SQL = (
+    "DELETE FROM messages WHERE id IN"
+    " (SELECT id FROM messages WHERE processed_at IS NOT NULL LIMIT %(n)s)"
+)
+EACH_BATCH_FIRST = "SELECT id FROM messages WHERE processed_at IS NOT NULL ORDER BY id LIMIT 1"
+EACH_BATCH_NEXT = (
+    "SELECT id FROM messages WHERE processed_at IS NOT NULL AND id >= %(lower)s"
+    " ORDER BY id OFFSET %(of)s LIMIT 1"
+)
+EACH_BATCH_DELETE = (
+    "DELETE FROM messages WHERE processed_at IS NOT NULL AND id >= %(lower)s AND id < %(upper)s"
+)
+EACH_BATCH_DELETE_TAIL = "DELETE FROM messages WHERE processed_at IS NOT NULL AND id >= %(lower)s"
+
+MSGGC_NAME = re.compile(r"msggc_(auto|physical|index|key)((?:_(?:w\d+|t\d+|s\d+|r\d+))*)((?:\+[a-z]+)*)")
+WALCOMP = "_walcomp"
+DEFAULT_CONTENDERS = (
+    "single", "naive", "each_batch",
+    "msggc_auto", "msggc_physical", "msggc_index", "msggc_key", "msggc_auto_w2",
+)
+
+
+@dataclass(frozen=True)
+class ContenderSpec:
+    """What a contender name means: its kind and, for msggc, the options it runs with.
+
+    Grammar: ``single|naive|each_batch`` or ``msggc_<strategy>[_w<workers>][_t<target ms>]
+    [_s<sleep ms>][_r<max WAL MB/s>][+<prototype>...]``, any of them with a ``_walcomp`` suffix (session
+    ``wal_compression = on`` through PGOPTIONS, the server's default method, pglz unless built
+    with lz4/zstd; needs a superuser). A ``+prototype`` is a proposed engine change patched in
+    at run time (:mod:`benchmarks.prototypes`).
+    """
+
+    name: str
+    kind: Kind
+    strategy: str | None = None
+    workers: int = 1
+    target_batch_ms: float | None = None
+    sleep_ms: float = 0.0
+    max_wal_mb_s: float | None = None
+    prototypes: tuple[str, ...] = ()
+    walcomp: bool = False
+
+    @property
+    def bounded_by_time(self) -> bool:
+        """Only the naive loop may stop on its time budget (reported as partial)."""
+        return self.kind == "naive"
+
+    @property
+    def pgoptions(self) -> str | None:
+        return "-c wal_compression=on" if self.walcomp else None
+
+
+def parse_contender(name: str) -> ContenderSpec:
+    """The spec of a contender name (see :class:`ContenderSpec` for the grammar)."""
+    base, walcomp = (name[: -len(WALCOMP)], True) if name.endswith(WALCOMP) else (name, False)
+    if base in ("single", "naive", "each_batch"):
+        return ContenderSpec(name=name, kind=base, walcomp=walcomp)  # type: ignore[arg-type]
+    match = MSGGC_NAME.fullmatch(base)
+    if not match:
+        raise ValueError(
+            f"unknown contender {name!r}: use single, naive, each_batch or"
+            " msggc_<auto|physical|index|key>[_w<workers>][_t<ms>][_s<ms>][_r<MB/s>][+prototype...][_walcomp]"
+        )
+    mods = {part[0]: int(part[1:]) for part in match[2].split("_") if part}
+    return ContenderSpec(
+        name=name, kind="msggc", strategy=match[1], workers=mods.get("w", 1),
+        target_batch_ms=float(mods["t"]) if "t" in mods else None,
+        sleep_ms=float(mods.get("s", 0)),
+        max_wal_mb_s=float(mods["r"]) if "r" in mods else None,
+        prototypes=tuple(p for p in match[3].split("+") if p),
+        walcomp=walcomp,
+    )
+
+
+@dataclass
+class Recorder:
+    """Committed rows over time and per-batch latencies, shared by all contenders.
+
+    Thread-safe because msggc calls ``on_progress`` from each of its worker threads.
+    """
+
+    started: float = field(default_factory=time.monotonic)
+    points: list[Point] = field(default_factory=list)
+    batch_ms: list[float] = field(default_factory=list)
+    longest_txn_s: float = 0.0
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def now(self) -> float:
+        return time.monotonic() - self.started
+
+    def walk_started(self, at: float | None = None) -> None:
+        """The (t, 0) point that tenths are measured from: after connect and planning."""
+        with self.lock:
+            self.points.append((self.now() if at is None else at, 0))
+
+    def committed(self, total: int, batch_s: float | None = None, txn_s: float | None = None) -> None:
+        with self.lock:
+            self.points.append((self.now(), total))
+            if batch_s is not None:
+                self.batch_ms.append(batch_s * 1000)
+            if txn_s is not None:
+                self.longest_txn_s = max(self.longest_txn_s, txn_s)
+
+    def ordered_points(self) -> list[Point]:
+        """Points by count with non-decreasing time (worker callbacks may interleave)."""
+        with self.lock:
+            ordered = sorted(self.points, key=lambda p: (p[1], p[0]))
+        latest = float("-inf")
+        result: list[Point] = []
+        for t, count in ordered:
+            latest = max(latest, t)
+            result.append((latest, count))
+        return result
+
+
+@dataclass
+class Outcome:
+    """What a contender reports besides its timeline."""
+
+    deleted: int
+    partial: bool = False
+    strategy: str | None = None
+    note: str = ""
+    engine: dict[str, Any] | None = None
+
+
+def connect(dsn: str, name: str) -> psycopg.Connection[Any]:
+    """Autocommit, like an application's connection: each statement is its own transaction."""
+    conn = psycopg.connect(dsn, autocommit=True, application_name=f"bench-{name}")
+    conn.execute("SET statement_timeout = 0")
+    return conn
+
+
+def run_single(dsn: str, rec: Recorder) -> Outcome:
+    """One unbounded DELETE: the throughput reference, and one transaction for the whole table."""
+    with connect(dsn, "single") as conn:
+        rec.walk_started()
+        began = time.monotonic()
+        deleted = conn.execute(SINGLE_SQL).rowcount
+        seconds = time.monotonic() - began
+        rec.committed(deleted, seconds, seconds)
+    return Outcome(deleted=deleted, note="one statement, one transaction")
+
+
+def run_naive(dsn: str, rec: Recorder, budget_s: float | None) -> Outcome:
+    """``DELETE ... WHERE id IN (SELECT id ... LIMIT n)`` until nothing is left or time is up.
+
+    Each batch rescans from the start of the table (or index) past the dead rows of the
+    previous batches: the reason it slows down as it goes.
+    """
+    total = 0
+    with connect(dsn, "naive") as conn:
+        rec.walk_started()
+        while True:
+            if budget_s is not None and rec.now() >= budget_s:
+                return Outcome(deleted=total, partial=True,
+                               note=f"stopped by its {budget_s:g}s time budget")
+            began = time.monotonic()
+            deleted = conn.execute(NAIVE_SQL, {"n": NAIVE_BATCH}).rowcount
+            seconds = time.monotonic() - began
+            if deleted == 0:
+                return Outcome(deleted=total, note=f"LIMIT {NAIVE_BATCH} loop")
+            total += deleted
+            rec.committed(total, seconds, seconds)
+
+
+def run_each_batch(dsn: str, rec: Recorder) -> Outcome:
+    """GitLab's ``Model.where(garbage).each_batch(of: n) { |b| b.delete_all }``, statement for statement.
+
+    The bound probe ``id >= lower ORDER BY id OFFSET n LIMIT 1`` is an index-only scan; the
+    DELETE then covers the half-open key range. Probe and DELETE are separate transactions.
+    """
+    total = 0
+    with connect(dsn, "each_batch") as conn:
+        rec.walk_started()
+        row = conn.execute(EACH_BATCH_FIRST).fetchone()
+        lower = row[0] if row else None
+        while lower is not None:
+            began = time.monotonic()
+            row = conn.execute(EACH_BATCH_NEXT, {"lower": lower, "of": EACH_BATCH_OF}).fetchone()
+            upper = row[0] if row else None
+            probed = time.monotonic()
+            if upper is None:
+                deleted = conn.execute(EACH_BATCH_DELETE_TAIL, {"lower": lower}).rowcount
+            else:
+                deleted = conn.execute(EACH_BATCH_DELETE, {"lower": lower, "upper": upper}).rowcount
+            done = time.monotonic()
+            total += deleted
+            rec.committed(total, done - began, max(done - probed, probed - began))
+            lower = upper
+    return Outcome(deleted=total, note=f"each_batch(of: {EACH_BATCH_OF}) scoped to garbage")
+
+
+def run_msggc(dsn: str, rec: Recorder, spec: ContenderSpec) -> Outcome:
+    """``engine.collect`` as a caller embeds it; its timeline comes from ``on_progress``."""
+    from engine.collector import Progress, collect
+    from engine.config import GcOptions
+
+    first = threading.Event()
+
+    def on_progress(progress: Progress) -> None:
+        if not first.is_set():
+            first.set()
+            rec.walk_started(rec.now() - progress.elapsed_s)
+        rec.committed(progress.deleted)
+
+    options = GcOptions(
+        strategy=spec.strategy or "auto",  # type: ignore[arg-type]
+        workers=spec.workers,
+        target_batch_ms=spec.target_batch_ms or GcOptions.target_batch_ms,
+        sleep=spec.sleep_ms / 1000,
+        max_wal_rate=spec.max_wal_mb_s * 2**20 if spec.max_wal_mb_s else None,
+    )
+    result = collect(dsn, options, on_progress=on_progress)
+    if result.status != "complete":
+        raise RuntimeError(f"msggc ended {result.status}: {result.error or result.stop_reason}")
+    engine = result.as_json()
+    rec.longest_txn_s = (result.batch_ms_max or 0.0) / 1000
+    return Outcome(deleted=result.messages_deleted, strategy=result.strategy,
+                   note=result.reason, engine=engine)
+
+
+def run(spec: ContenderSpec, dsn: str, rec: Recorder, budget_s: float | None) -> Outcome:
+    """Dispatch by kind."""
+    if spec.kind == "single":
+        return run_single(dsn, rec)
+    if spec.kind == "naive":
+        return run_naive(dsn, rec, budget_s)
+    if spec.kind == "each_batch":
+        return run_each_batch(dsn, rec)
+    return run_msggc(dsn, rec, spec)

@@ -1,0 +1,495 @@
+"""The runner: ``python -m benchmarks [--rows N] [--shapes ...] [--contenders ...] [--dsn DSN]``.
+
+For each shape: seed a template database once, measure the application load alone on a fresh
+copy, then for each contender make a fresh copy, CHECKPOINT, start the load, run the contender
+in a child process, stop the load, read the WAL counters and check the count of deleted rows
+against the exact expected count (a wrong count aborts the run). Results go to
+``<out>/<date>-<shape>.json`` with a plot, and the whole run to the markdown report.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import select
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from datetime import date
+from pathlib import Path
+from typing import Any
+
+from benchmarks import dataset, report
+from benchmarks.contenders import DEFAULT_CONTENDERS, ContenderSpec, parse_contender
+from benchmarks.metrics import ratio
+from benchmarks.server import (
+    BenchmarkError,
+    HarnessError,
+    Server,
+    WaitSampler,
+    busy_share,
+    cpu_times,
+    machine,
+)
+
+ROOT = Path(__file__).resolve().parent.parent
+COPY_NAME = "msggc_bench_run"
+SCALE_CONTENDERS = ("single", "msggc_auto", "msggc_auto_w2")
+CROSSOVER_CONTENDERS = ("single", "msggc_physical", "msggc_index")
+READY_TIMEOUT_S = 60.0
+STOP_TIMEOUT_S = 30.0
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything that shapes a run; recorded in every result file."""
+
+    rows: int
+    shapes: tuple[str, ...]
+    contenders: tuple[str, ...]
+    naive_budget_s: float
+    load_rate: float
+    baseline_s: float
+    load_max_s: float
+    scale: tuple[int, ...]
+    crossover: tuple[float, ...]
+    crossover_rows: int
+    crossover_contenders: tuple[str, ...]
+    proposal: tuple[str, ...]
+    repeats: int
+    contender_timeout_s: float
+    out: str
+    markdown: str | None
+    reuse_templates: bool
+    keep_templates: bool
+
+
+@dataclass(frozen=True)
+class Entry:
+    """A contender as it appears in the report: a label (unique in the run) and its spec."""
+
+    label: str
+    spec: ContenderSpec
+
+
+def _csv(text: str) -> tuple[str, ...]:
+    return tuple(part.strip() for part in text.split(",") if part.strip())
+
+
+def _ints(text: str) -> tuple[int, ...]:
+    return tuple(int(float(part)) for part in _csv(text))
+
+
+def parse_args(argv: list[str] | None) -> tuple[Settings, str | None]:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--dsn", default=os.environ.get("MSGGC_BENCH_DSN"),
+                        help="server to run on (loopback only); default: the embedded server")
+    parser.add_argument("--rows", type=lambda s: int(float(s)), default=10_000_000)
+    parser.add_argument("--shapes", type=_csv, default=("dense", "sparse", "aged"))
+    parser.add_argument("--contenders", type=_csv, default=DEFAULT_CONTENDERS)
+    parser.add_argument("--naive-budget", type=float, default=None,
+                        help="seconds the naive loop may run (default scales with --rows)")
+    parser.add_argument("--load-rate", type=float, default=200.0,
+                        help="application operations per second beside each contender; 0 = no load")
+    parser.add_argument("--baseline-seconds", type=float, default=None,
+                        help="how long to measure the load without GC (default scales with --rows)")
+    parser.add_argument("--load-max-seconds", type=float, default=900.0)
+    parser.add_argument("--scale", type=_ints, default=(),
+                        help="extra row counts for the dense scale curve, e.g. 1000000,3000000")
+    parser.add_argument("--crossover", type=lambda t: tuple(float(x) for x in _csv(t)), default=(),
+                        help="garbage fractions for the physical-vs-index planner experiment")
+    parser.add_argument("--crossover-rows", type=lambda s: int(float(s)), default=None)
+    parser.add_argument("--crossover-contenders", type=_csv, default=CROSSOVER_CONTENDERS)
+    parser.add_argument("--proposal", type=_csv, default=(),
+                        help="LABEL[,PARALLEL_LABEL]: contenders standing for a proposed engine change;"
+                             " the targets table shows them beside msggc as it is")
+    parser.add_argument("--repeats", type=int, default=1,
+                        help="rounds over all contenders; each figure is taken from the median run")
+    parser.add_argument("--contender-timeout", type=float, default=1800.0)
+    parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
+    parser.add_argument("--markdown", default=str(ROOT / "BENCHMARKS.md"),
+                        help="markdown report to write ('' for none)")
+    parser.add_argument("--reuse-templates", action="store_true",
+                        help="reuse seeded templates left by an earlier run with --keep-templates")
+    parser.add_argument("--keep-templates", action="store_true")
+    args = parser.parse_args(argv)
+    for name in (*args.contenders, *args.crossover_contenders):
+        parse_contender(name)
+    scale_factor = args.rows / 10_000_000
+    settings = Settings(
+        rows=args.rows,
+        shapes=args.shapes,
+        contenders=args.contenders,
+        naive_budget_s=args.naive_budget or min(120.0, max(5.0, 60.0 * scale_factor)),
+        load_rate=args.load_rate,
+        baseline_s=args.baseline_seconds or min(20.0, max(5.0, 20.0 * scale_factor)),
+        load_max_s=args.load_max_seconds,
+        scale=tuple(n for n in args.scale if n != args.rows),
+        crossover=args.crossover,
+        crossover_rows=args.crossover_rows or args.rows,
+        crossover_contenders=args.crossover_contenders,
+        proposal=args.proposal,
+        repeats=max(1, args.repeats),
+        contender_timeout_s=args.contender_timeout,
+        out=args.out,
+        markdown=args.markdown or None,
+        reuse_templates=args.reuse_templates,
+        keep_templates=args.keep_templates or args.reuse_templates,
+    )
+    return settings, args.dsn
+
+
+def entries(names: tuple[str, ...]) -> list[Entry]:
+    """The contenders in run order."""
+    return [Entry(name, parse_contender(name)) for name in names]
+
+
+# --- child processes -----------------------------------------------------------------------
+
+
+def _child_env() -> dict[str, str]:
+    """Children import ``benchmarks`` and ``engine`` from this checkout."""
+    path = os.environ.get("PYTHONPATH")
+    return {**os.environ, "PYTHONPATH": str(ROOT) + (os.pathsep + path if path else "")}
+
+
+class LoadProcess:
+    """The application load in its own process; started before a contender, stopped after."""
+
+    def __init__(self, dsn: str, settings: Settings, workdir: Path, tag: str) -> None:
+        self.out = workdir / f"load-{tag}.json"
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "benchmarks.load", "--dsn", dsn, "--rate", str(settings.load_rate),
+             "--max-seconds", str(settings.load_max_s), "--out", str(self.out)],
+            cwd=ROOT, env=_child_env(), stdout=subprocess.PIPE, text=True,
+        )
+        self._wait_ready()
+
+    def _wait_ready(self) -> None:
+        assert self.proc.stdout is not None
+        ready, _, _ = select.select([self.proc.stdout], [], [], READY_TIMEOUT_S)
+        line = self.proc.stdout.readline() if ready else ""
+        if line.strip() != "ready":
+            self.proc.kill()
+            raise HarnessError(f"the load process did not start (said {line!r})")
+
+    def stop(self) -> dict[str, Any]:
+        """SIGTERM: the load finishes its operation in flight and writes its summary."""
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            self.proc.wait(timeout=STOP_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            raise HarnessError("the load process did not stop") from None
+        if self.proc.returncode != 0 or not self.out.exists():
+            raise HarnessError(f"the load process failed (exit {self.proc.returncode},"
+                               f" summary {'present' if self.out.exists() else 'missing'})")
+        return json.loads(self.out.read_text())
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+
+def run_child(entry: Entry, dsn: str, settings: Settings, workdir: Path) -> dict[str, Any]:
+    """One contender in a child process; its JSON document."""
+    out = workdir / f"{entry.label}.json"
+    command = [sys.executable, "-m", "benchmarks.child", "--contender", entry.spec.name,
+               "--dsn", dsn, "--out", str(out)]
+    if entry.spec.bounded_by_time:
+        command += ["--budget", str(settings.naive_budget_s)]
+    try:
+        done = subprocess.run(command, cwd=ROOT, env=_child_env(), timeout=settings.contender_timeout_s,
+                              check=False)
+    except subprocess.TimeoutExpired:
+        raise BenchmarkError(f"{entry.label} exceeded {settings.contender_timeout_s:g}s") from None
+    if done.returncode != 0 or not out.exists():
+        raise BenchmarkError(f"{entry.label} failed (exit {done.returncode}); see its stderr above")
+    document: dict[str, Any] = json.loads(out.read_text())
+    document["label"] = entry.label
+    return document
+
+
+# --- one measurement -------------------------------------------------------------------------
+
+
+def fresh_copy(server: Server, template: dataset.Template) -> tuple[str, float, dict[str, Any]]:
+    """A byte-for-byte copy of the template, checkpointed; its DSN, copy seconds, conditions."""
+    copy_s = server.create_database(COPY_NAME, template=template.name)
+    dsn = server.database(COPY_NAME)
+    server.checkpoint()
+    return dsn, copy_s, dataset.conditions(dsn)
+
+
+def baseline_load(server: Server, template: dataset.Template, settings: Settings,
+                  workdir: Path) -> dict[str, Any] | None:
+    """The load alone on a fresh copy: its latency without GC, and its own WAL per operation."""
+    if settings.load_rate <= 0:
+        return None
+    print(f"baseline: load alone for {settings.baseline_s:g}s", file=sys.stderr)
+    dsn, _, _ = fresh_copy(server, template)
+    before = server.wal_snapshot()
+    load = LoadProcess(dsn, settings, workdir, "baseline")
+    try:
+        time.sleep(settings.baseline_s)
+        summary = load.stop()
+    finally:
+        load.kill()
+    after = server.wal_snapshot()
+    wal = server.wal_bytes(before, after)
+    server.drop_database(COPY_NAME)
+    summary["wal_bytes"] = wal
+    summary["wal_bytes_per_op"] = wal / summary["ops"] if summary["ops"] else 0.0
+    return summary
+
+
+def verify(label: str, document: dict[str, Any], expected: int, remaining: int) -> None:
+    """The count must be exact: a contender that deletes too much or too little is a bug."""
+    deleted = document["deleted"]
+    if deleted + remaining != expected:
+        raise BenchmarkError(
+            f"{label}: deleted {deleted:,} + remaining {remaining:,} != expected {expected:,} garbage rows"
+        )
+    if not document["partial"] and remaining != 0:
+        raise BenchmarkError(f"{label}: reported complete but {remaining:,} garbage rows remain")
+
+
+def measure(server: Server, template: dataset.Template, entry: Entry, settings: Settings,
+            baseline: dict[str, Any] | None, workdir: Path) -> dict[str, Any]:
+    """One contender on a fresh copy, with the load beside it; every figure of the report."""
+    print(f"contender {entry.label} on {template.shape} {template.rows:,}", file=sys.stderr)
+    dsn, copy_s, conditions = fresh_copy(server, template)
+    before = server.wal_snapshot()
+    load = LoadProcess(dsn, settings, workdir, entry.label) if settings.load_rate > 0 else None
+    sampler = WaitSampler(server, COPY_NAME)
+    sampler.start()
+    cpu_before, loadavg = cpu_times(), os.getloadavg()[0]
+    try:
+        document = run_child(entry, dsn, settings, workdir)
+        host_busy = busy_share(cpu_before, cpu_times())
+        load_summary = load.stop() if load else None
+    finally:
+        profile = sampler.stop()
+        if load:
+            load.kill()
+    time.sleep(0.5)  # backends flush their WAL statistics as they exit
+    after = server.wal_snapshot()
+    remaining = dataset.remaining_garbage(dsn)
+    verify(entry.label, document, template.expected_garbage, remaining)
+    server.drop_database(COPY_NAME)
+    wal = server.wal_bytes(before, after)
+    load_wal = (load_summary["ops"] * baseline["wal_bytes_per_op"]) if load_summary and baseline else 0.0
+    document.update(
+        expected=template.expected_garbage,
+        remaining=remaining,
+        copy_s=copy_s,
+        conditions=conditions,
+        wal_bytes=wal,
+        wal_bytes_load_estimate=round(load_wal),
+        wal_bytes_gc=max(0, round(wal - load_wal)),
+        wal_fpi=after.fpi - before.fpi,
+        wal_records=after.records - before.records,
+        checkpoints_during=after.checkpoints - before.checkpoints,
+        backend_block_writes=(after.backend_writes - before.backend_writes
+                              if after.backend_writes is not None and before.backend_writes is not None
+                              else None),
+        load=load_summary,
+        profile=profile,
+        host_cpu_busy=host_busy,
+        loadavg_at_start=round(loadavg, 2),
+    )
+    deleted = document["deleted"]
+    document["wal_bytes_per_row"] = document["wal_bytes_gc"] / deleted if deleted else None
+    _print_line(document)
+    return document
+
+
+def measure_once_more(server: Server, template: dataset.Template, entry: Entry, settings: Settings,
+                      baseline: dict[str, Any] | None, workdir: Path) -> dict[str, Any]:
+    """:func:`measure`, retried once when the harness (not the contender) failed."""
+    try:
+        return measure(server, template, entry, settings, baseline, workdir)
+    except HarnessError as exc:
+        print(f"  harness failure ({exc}); measuring {entry.label} again", file=sys.stderr)
+        return measure(server, template, entry, settings, baseline, workdir)
+
+
+def _print_line(doc: dict[str, Any]) -> None:
+    load = (doc.get("load") or {}).get("latency_ms") or {}
+    print(
+        f"  -> {doc['label']}: {doc['deleted']:,} rows, {doc['elapsed_s']:.2f}s,"
+        f" {doc['rows_per_s'] or 0:,.0f} rows/s, p99 batch {doc['batch_ms']['p99'] or 0:.1f} ms,"
+        f" WAL {doc['wal_bytes_per_row'] or 0:.0f} B/row, RSS {doc['rss_mb']:.0f} MB,"
+        f" app p99 {load.get('p99') or 0:.1f} ms" + (" (partial)" if doc["partial"] else ""),
+        file=sys.stderr,
+    )
+
+
+# --- shapes and scale ---------------------------------------------------------------------
+
+
+RUN_FIELDS = ("elapsed_s", "rows_per_s", "wal_bytes_per_row", "tenth_ratio", "longest_txn_s", "rss_mb",
+              "host_cpu_busy", "loadavg_at_start")
+
+
+def _run_summary(document: dict[str, Any]) -> dict[str, Any]:
+    """The few figures kept from every run, for the spread."""
+    summary = {key: document.get(key) for key in RUN_FIELDS}
+    summary["batch_ms_p99"] = document["batch_ms"]["p99"]
+    summary["app_p99_ms"] = ((document.get("load") or {}).get("latency_ms") or {}).get("p99")
+    return summary
+
+
+def _median(values: list[float | None]) -> float | None:
+    present = [v for v in values if v is not None]
+    return statistics.median(present) if present else None
+
+
+def _p99(document: dict[str, Any] | None) -> float | None:
+    return (((document or {}).get("load") or document or {}).get("latency_ms") or {}).get("p99")
+
+
+def paired(runs: list[dict[str, Any]], reference: list[dict[str, Any]] | None,
+           baselines: list[dict[str, Any] | None]) -> dict[str, list[float | None]]:
+    """Ratios taken within each round: the contender against ``single`` and against the load
+    alone *of the same round*.
+
+    Why: on a shared machine the background changes over minutes; a ratio of two runs a few
+    seconds apart cancels most of it, a ratio of two medians taken over the whole run does not.
+    """
+    refs = reference or [None] * len(runs)
+    return {
+        "x_single": [ratio(run["rows_per_s"], (ref or {}).get("rows_per_s"))
+                     for run, ref in zip(runs, refs, strict=True)],
+        "x_single_wal": [ratio(run["wal_bytes_per_row"], (ref or {}).get("wal_bytes_per_row"))
+                         for run, ref in zip(runs, refs, strict=True)],
+        "x_app_p99": [ratio(_p99(run), _p99(base)) for run, base in zip(runs, baselines, strict=True)],
+    }
+
+
+def aggregate(runs: list[dict[str, Any]], reference: list[dict[str, Any]] | None,
+              baselines: list[dict[str, Any] | None]) -> dict[str, Any]:
+    """One contender over its runs: the run of median rows/s, with every run's key figures.
+
+    Why the median run rather than averages: all figures of a row then come from one real run
+    (a p99 and a WAL count of the same execution), while the spread is shown beside them. The
+    ratios are medians of the per-round ratios (:func:`paired`), and the application's p99 is
+    the median of the runs' p99s: it is the noisiest figure of all.
+    """
+    ordered = sorted(runs, key=lambda doc: doc["rows_per_s"] or 0.0)
+    chosen = dict(ordered[(len(ordered) - 1) // 2])
+    chosen["runs"] = [_run_summary(doc) for doc in runs]
+    chosen["app_p99_ms_median"] = _median([r["app_p99_ms"] for r in chosen["runs"]])
+    chosen["paired"] = paired(runs, reference, baselines)
+    chosen["paired_median"] = {key: _median(values) for key, values in chosen["paired"].items()}
+    return chosen
+
+
+def _rotated(names: tuple[str, ...], round_: int) -> tuple[str, ...]:
+    """Each round starts one contender later, so no contender always runs right after a copy
+    of the same neighbour or always first."""
+    shift = round_ % len(names) if names else 0
+    return names[shift:] + names[:shift]
+
+
+def run_shape(server: Server, shape: str, rows: int, names: tuple[str, ...], settings: Settings,
+              workdir: Path, fraction: float | None = None) -> dict[str, Any]:
+    """Seed (or reuse) the template; then per round the load alone, then every contender.
+
+    With ``--repeats N`` the contenders run round-robin N times (not N times in a row), so a
+    noisy minute on a shared machine spreads over all of them instead of hitting one; the load
+    alone is measured in every round, as the reference of that round's contenders.
+    """
+    template = dataset.build(server, shape, rows, settings.reuse_templates, fraction)
+    runs: dict[str, list[dict[str, Any]]] = {name: [] for name in names}
+    baselines: list[dict[str, Any] | None] = []
+    try:
+        for round_ in range(settings.repeats):
+            if settings.repeats > 1:
+                print(f"round {round_ + 1}/{settings.repeats}", file=sys.stderr)
+            baselines.append(baseline_load(server, template, settings, workdir))
+            for entry in entries(_rotated(names, round_)):
+                runs[entry.label].append(
+                    measure_once_more(server, template, entry, settings, baselines[-1], workdir))
+    finally:
+        server.drop_database(COPY_NAME)
+        if not settings.keep_templates:
+            server.drop_database(template.name)
+    measured = [b for b in baselines if b is not None]
+    typical = sorted(measured, key=lambda b: _p99(b) or 0.0)[(len(measured) - 1) // 2] if measured else None
+    return {
+        "shape": shape,
+        "rows": rows,
+        "fraction": fraction,
+        "expected_garbage": template.expected_garbage,
+        "seed": template.seed,
+        "seed_reused": template.reused,
+        "baseline_load": typical,
+        "baseline_p99_by_round": [_p99(b) for b in baselines],
+        "contenders": [aggregate(runs[name], runs.get("single"), baselines) for name in names],
+    }
+
+
+def git_state() -> dict[str, Any]:
+    """The commit measured, and the engine files that differed from it (work in progress)."""
+    def git(*args: str) -> str:
+        try:
+            return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True,
+                                  check=False, timeout=10).stdout.strip()
+        except (OSError, subprocess.SubprocessError):
+            return ""
+
+    return {"commit": git("rev-parse", "--short", "HEAD"),
+            "engine_changes": git("status", "--porcelain", "--", "engine").splitlines()}
+
+
+def main(argv: list[str] | None = None) -> int:
+    settings, dsn = parse_args(argv)
+    out = Path(settings.out)
+    out.mkdir(parents=True, exist_ok=True)
+    started = time.monotonic()
+    try:
+        server = Server.open(dsn)
+        context = {
+            "date": date.today().isoformat(),
+            "command": "python -m benchmarks " + " ".join(argv if argv is not None else sys.argv[1:]),
+            "machine": machine(),
+            "git": git_state(),
+            "server": server.settings(),
+            "settings": asdict(settings),
+        }
+        print(f"server: {context['server']['version']}", file=sys.stderr)
+        shapes: dict[str, Any] = {}
+        scale: list[dict[str, Any]] = []
+        crossover: list[dict[str, Any]] = []
+        with tempfile.TemporaryDirectory(prefix="bench-work-") as tmp:
+            workdir = Path(tmp)
+            for shape in settings.shapes:
+                doc = run_shape(server, shape, settings.rows, settings.contenders, settings, workdir)
+                shapes[shape] = doc
+                report.write_shape(out, context, doc)
+            for rows in settings.scale:
+                names = tuple(dict.fromkeys(n for n in (*SCALE_CONTENDERS, *settings.proposal)
+                                            if n in settings.contenders))
+                scale.append(run_shape(server, "dense", rows, names, settings, workdir))
+            if settings.scale:
+                report.write_scale(out, context, scale, shapes.get("dense"))
+            for fraction in settings.crossover:
+                crossover.append(run_shape(server, "dense", settings.crossover_rows,
+                                           settings.crossover_contenders, settings, workdir, fraction))
+                report.write_crossover(out, context, crossover)
+    except BenchmarkError as exc:
+        print(f"benchmark FAILED: {exc}", file=sys.stderr)
+        return 1
+    context["duration_s"] = round(time.monotonic() - started, 1)
+    if settings.markdown:
+        report.write_markdown(Path(settings.markdown), out, context, shapes, scale, crossover)
+    print(f"done in {context['duration_s']:.0f}s; results in {out}", file=sys.stderr)
+    return 0
