@@ -1,10 +1,10 @@
 """The runner: ``python -m benchmarks [--rows N] [--shapes ...] [--contenders ...] [--dsn DSN]``.
 
-For each shape: seed a template database once, measure the application load alone on a fresh
-copy, then for each contender make a fresh copy, CHECKPOINT, start the load, run the contender
-in a child process, stop the load, read the WAL counters and check the count of deleted rows
-against the exact expected count (a wrong count aborts the run). Results go to
-``<out>/<date>-<shape>.json`` with a plot, and the whole run to the markdown report.
+For each shape: seed a template database once; then, in each round, measure the application
+load alone on a fresh copy, and for each contender make a fresh copy, CHECKPOINT, start the
+load, run the contender in a child process, stop the load, read the WAL counters and check the
+count of deleted rows against the exact expected count (a wrong count aborts the run). Results
+go to ``<out>/<date>-<shape>.json`` with a plot, and the whole run to the markdown report.
 """
 
 from __future__ import annotations
