@@ -9,46 +9,8 @@ the process (or the repository) sees it. Each patch states the exact change it s
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
 
 from psycopg import sql
-
-
-def _index_one_statement() -> None:
-    """Index strategy in one round trip: pick the keys and delete them in one statement.
-
-    Today ``IndexStrategy.run_batch`` fetches up to ``size`` keys into Python and sends them
-    back as an array parameter (two statements, every key over the wire twice). Proposed:
-    ``Statements.delete_next_garbage`` below, executed once per batch; it keeps the
-    ``key = ANY(ARRAY(...))`` primary-key plan (stable whatever the statistics) and returns the
-    count deleted, the count of keys picked and the last key (the new position).
-    """
-    from engine import strategies
-    from engine.queries import Statements
-
-    original = strategies.IndexStrategy.run_batch
-
-    def delete_next_garbage(st: Statements) -> sql.Composed:
-        return st._format(
-            "WITH picked AS MATERIALIZED ("
-            " SELECT {k} FROM {t} WHERE {garbage} AND {k} > %(lo)s AND {k} <= %(end)s"
-            " ORDER BY {k} LIMIT %(size)s),"
-            " gone AS (DELETE FROM {t} WHERE {k} = ANY(ARRAY(SELECT {k} FROM picked))"
-            " AND {garbage} RETURNING 1)"
-            " SELECT (SELECT count(*) FROM gone), (SELECT count(*) FROM picked),"
-            " (SELECT max({k}) FROM picked)"
-        )
-
-    def run_batch(self: Any, conn: Any, st: Statements, part: Any, size: int,
-                  params: dict[str, Any], skip_locked: bool) -> Any:
-        if skip_locked:
-            return original(self, conn, st, part, size, params, skip_locked)
-        probe = {**params, "lo": part.position, "end": part.end, "size": size}
-        deleted, picked, last = conn.execute(delete_next_garbage(st), probe).fetchone()
-        position = last if picked == size else part.end
-        return strategies.BatchOutcome(deleted, 0, position)
-
-    strategies.IndexStrategy.run_batch = run_batch  # type: ignore[method-assign]
 
 
 def _async_commit() -> None:
@@ -72,7 +34,6 @@ def _async_commit() -> None:
 
 
 PROTOTYPES: dict[str, Callable[[], None]] = {
-    "onestmt": _index_one_statement,
     "async": _async_commit,
 }
 

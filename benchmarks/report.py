@@ -514,7 +514,8 @@ msggc against the ways people delete old rows today, on synthetic `messages` tab
   `msggc_<strategy>` `engine.collect` with that strategy forced (`auto` = the planner's choice);
   `_w2` = two workers, `_t10` = `target_batch_ms=10`; `+name` = the engine with a proposed
   change patched in for that process only (`benchmarks/prototypes.py`: `+async` batch
-  transactions with `synchronous_commit = off`, `+onestmt` the index walk in one statement).
+  transactions with `synchronous_commit = off`; `+onestmt`, the index walk in one statement, was
+  a prototype in the 2026-11-25 run and is the engine's index walk since).
 - `--repeats N` runs every contender N times, round-robin, the order rotated each round. A row
   shows the run of median rows/s (all its figures from that one run) and the rows/s range.
   Ratios (x single, x single WAL, x app p99) are medians of per-round ratios: each round first

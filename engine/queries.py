@@ -99,25 +99,49 @@ class Statements:
         return self._format("SELECT count(*) FROM {t} WHERE {range} AND {garbage}", range=range_)
 
     @property
-    def delete_keys(self) -> sql.Composed:
-        """Delete an explicit list of keys: always a primary-key lookup, a stable plan."""
-        return self._moving(self._format("DELETE FROM {t} WHERE {k} = ANY(%(keys)s) AND {garbage}"))
+    def delete_next_garbage(self) -> sql.Composed:
+        """Pick the next garbage keys over the partial index and delete them, in one statement.
+
+        ``key = ANY(ARRAY(...))`` keeps a primary-key lookup whatever the statistics say, where
+        ``id IN (SELECT ... LIMIT n)`` may flip to a scan. Returns rows deleted, keys picked and
+        the last key picked (the new position). With an archive, the deleted rows move there.
+        """
+        archive = sql.SQL("")
+        returning = sql.SQL("1")
+        if self.archive is not None:
+            columns = sql.SQL(", ").join(map(sql.Identifier, self.archive.columns))
+            returning = columns
+            archive = sql.SQL(
+                ", moved AS (INSERT INTO {archive} ({columns}, archived_at, run_id)"
+                " SELECT {columns}, now(), %(run_id)s FROM gone)"
+            ).format(archive=table_ident(self.archive.table), columns=columns)
+        return self._format(
+            "WITH picked AS MATERIALIZED ("
+            "SELECT {k} FROM {t} WHERE {garbage} AND {k} > %(lo)s AND {k} <= %(end)s"
+            " ORDER BY {k} LIMIT %(size)s),"
+            " gone AS (DELETE FROM {t} WHERE {k} = ANY(ARRAY(SELECT {k} FROM picked))"
+            " AND {garbage} RETURNING {returning}){archive}"
+            " SELECT (SELECT count(*) FROM gone), (SELECT count(*) FROM picked),"
+            " (SELECT max({k}) FROM picked)",
+            returning=returning,
+            archive=archive,
+        )
 
     # -- probes ----------------------------------------------------------------------------
-
-    @property
-    def next_garbage_keys(self) -> sql.Composed:
-        """The next keys of garbage rows in key order: a walk over the partial garbage index."""
-        return self._format(
-            "SELECT {k} FROM {t} WHERE {garbage} AND {k} > %(lo)s AND {k} <= %(end)s"
-            " ORDER BY {k} LIMIT %(size)s"
-        )
 
     @property
     def key_upper_bound(self) -> sql.Composed:
         """The key ``size`` rows ahead: an index-only probe on the primary key."""
         return self._format(
             "SELECT {k} FROM {t} WHERE {k} > %(lo)s AND {k} <= %(end)s"
+            " ORDER BY {k} OFFSET %(offset)s LIMIT 1"
+        )
+
+    @property
+    def garbage_upper_bound(self) -> sql.Composed:
+        """The key of the garbage row ``offset + 1`` ahead, over the partial index."""
+        return self._format(
+            "SELECT {k} FROM {t} WHERE {garbage} AND {k} > %(lo)s AND {k} <= %(end)s"
             " ORDER BY {k} OFFSET %(offset)s LIMIT 1"
         )
 

@@ -112,11 +112,7 @@ class KeyStrategy:
 
 
 class IndexStrategy:
-    """Keyset walk over the partial garbage index: touches only garbage; best when it is sparse.
-
-    The keys are fetched first and deleted by ``key = ANY(keys)``: that plan is a primary-key
-    lookup whatever the statistics say, where ``id IN (SELECT ... LIMIT n)`` may flip to a scan.
-    """
+    """Keyset walk over the partial garbage index: touches only garbage; best when it is sparse."""
 
     name: ClassVar[StrategyName] = "index"
     max_units: ClassVar[int] = 100_000
@@ -129,16 +125,20 @@ class IndexStrategy:
 
     def run_batch(self, conn: Connection, st: Statements, part: Slice, size: int,
                   params: dict[str, Any], skip_locked: bool) -> BatchOutcome:
-        probe = {**params, "lo": part.position, "end": part.end, "size": size}
-        keys = [row[0] for row in conn.execute(st.next_garbage_keys, probe)]
-        hi = keys[-1] if len(keys) == size else part.end
-        if not keys:
-            return BatchOutcome(0, 0, hi)
         if skip_locked:
-            params = {**params, "lo": part.position, "hi": hi}
-            deleted, skipped = _delete_range(conn, st, st.key_range, params, True, False)
-        else:
-            deleted, skipped = conn.execute(st.delete_keys, {**params, "keys": keys}).rowcount, 0
+            return self._skip_locked(conn, st, part, size, params)
+        probe = {**params, "lo": part.position, "end": part.end, "size": size}
+        deleted, picked, last = conn.execute(st.delete_next_garbage, probe).fetchone()
+        return BatchOutcome(deleted, 0, last if picked == size else part.end)
+
+    def _skip_locked(self, conn: Connection, st: Statements, part: Slice, size: int,
+                     params: dict[str, Any]) -> BatchOutcome:
+        """After a lock timeout: the same keys' range, leaving the rows the app has locked."""
+        probe = {**params, "lo": part.position, "end": part.end, "offset": size - 1}
+        row = conn.execute(st.garbage_upper_bound, probe).fetchone()
+        hi = row[0] if row else part.end
+        params = {**params, "lo": part.position, "hi": hi}
+        deleted, skipped = _delete_range(conn, st, st.key_range, params, True, False)
         return BatchOutcome(deleted, skipped, hi)
 
 
