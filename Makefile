@@ -23,11 +23,13 @@ lint: setup
 demo: setup
 	$(BIN)/msggc demo --rows 1000000
 
-bench: setup
-	$(BIN)/python -m benchmarks --rows 10000000
+bench: setup  ## 10M rows x dense/sparse/aged, 3 rounds, scale curve, planner crossover (~35-40 min)
+	$(BIN)/python -m benchmarks --rows 10000000 --shapes dense,sparse,aged --repeats 3 \
+	    --scale 1000000,3000000 --crossover 0.01,0.02,0.05,0.1 --crossover-rows 3000000
 
-bench-small: setup
-	$(BIN)/python -m benchmarks --rows 1000000
+bench-small: setup  ## 1M rows, every shape and contender, one round (< 3 min), under benchmarks/results/tmp
+	$(BIN)/python -m benchmarks --rows 1000000 --shapes dense,sparse,aged \
+	    --out benchmarks/results/tmp --markdown benchmarks/results/tmp/BENCHMARKS.md
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache .hypothesis
