@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from benchmarks.contenders import Recorder, parse_contender, run
+from benchmarks.contenders import Recorder, parse_contender, predict, run
 from benchmarks.metrics import LatencySummary, tenths, thin
 
 
@@ -71,6 +71,7 @@ def main(argv: list[str] | None = None) -> int:
 
         for name in spec.prototypes:
             apply(name)
+    prediction = predict(args.dsn, spec) if spec.kind == "msggc" else None
     rec = Recorder()
     began = time.time()
     outcome = run(spec, args.dsn, rec, args.budget)
@@ -94,6 +95,7 @@ def main(argv: list[str] | None = None) -> int:
         "tenth_ratio": split.ratio,
         "timeline": thin(points),
         "engine": outcome.engine,
+        "prediction": prediction,
         "started_unix": began,
         **_usage(),
     }

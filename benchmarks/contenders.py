@@ -40,11 +40,11 @@ EACH_BATCH_DELETE = (
 )
 EACH_BATCH_DELETE_TAIL = "DELETE FROM messages WHERE processed_at IS NOT NULL AND id >= %(lower)s"
 
-MSGGC_NAME = re.compile(r"msggc_(auto|physical|index|key)((?:_(?:w\d+|t\d+|s\d+|r\d+))*)((?:\+[a-z]+)*)")
+MSGGC_NAME = re.compile(r"msggc_(auto|physical|index|key)((?:_(?:w\d+|t\d+|s\d+|r\d+|a\d))*)((?:\+[a-z]+)*)")
 WALCOMP = "_walcomp"
 DEFAULT_CONTENDERS = (
     "single", "naive", "each_batch",
-    "msggc_auto", "msggc_physical", "msggc_index", "msggc_key", "msggc_auto_w2",
+    "msggc_auto", "msggc_physical", "msggc_index", "msggc_key", "msggc_auto_w2", "msggc_auto_a1",
 )
 
 
@@ -53,7 +53,8 @@ class ContenderSpec:
     """What a contender name means: its kind and, for msggc, the options it runs with.
 
     Grammar: ``single|naive|each_batch`` or ``msggc_<strategy>[_w<workers>][_t<target ms>]
-    [_s<sleep ms>][_r<max WAL MB/s>][+<prototype>...]``, any of them with a ``_walcomp`` suffix (session
+    [_s<sleep ms>][_r<max WAL MB/s>][_a1 (--archive)][+<prototype>...]``, any of them with a
+    ``_walcomp`` suffix (session
     ``wal_compression = on`` through PGOPTIONS, the server's default method, pglz unless built
     with lz4/zstd; needs a superuser). A ``+prototype`` is a proposed engine change patched in
     at run time (:mod:`benchmarks.prototypes`).
@@ -66,6 +67,7 @@ class ContenderSpec:
     target_batch_ms: float | None = None
     sleep_ms: float = 0.0
     max_wal_mb_s: float | None = None
+    archive: bool = False
     prototypes: tuple[str, ...] = ()
     walcomp: bool = False
 
@@ -88,7 +90,8 @@ def parse_contender(name: str) -> ContenderSpec:
     if not match:
         raise ValueError(
             f"unknown contender {name!r}: use single, naive, each_batch or"
-            " msggc_<auto|physical|index|key>[_w<workers>][_t<ms>][_s<ms>][_r<MB/s>][+prototype...][_walcomp]"
+            " msggc_<auto|physical|index|key>[_w<workers>][_t<ms>][_s<ms>][_r<MB/s>][_a1][+prototype...]"
+            "[_walcomp]"
         )
     mods = {part[0]: int(part[1:]) for part in match[2].split("_") if part}
     return ContenderSpec(
@@ -96,6 +99,7 @@ def parse_contender(name: str) -> ContenderSpec:
         target_batch_ms=float(mods["t"]) if "t" in mods else None,
         sleep_ms=float(mods.get("s", 0)),
         max_wal_mb_s=float(mods["r"]) if "r" in mods else None,
+        archive=bool(mods.get("a")),
         prototypes=tuple(p for p in match[3].split("+") if p),
         walcomp=walcomp,
     )
@@ -220,10 +224,41 @@ def run_each_batch(dsn: str, rec: Recorder) -> Outcome:
     return Outcome(deleted=total, note=f"each_batch(of: {EACH_BATCH_OF}) scoped to garbage")
 
 
+def msggc_options(spec: ContenderSpec, dry_run: bool = False) -> Any:
+    from engine.config import GcOptions
+
+    return GcOptions(
+        strategy=spec.strategy or "auto",  # type: ignore[arg-type]
+        workers=spec.workers,
+        target_batch_ms=spec.target_batch_ms or GcOptions.target_batch_ms,
+        sleep=spec.sleep_ms / 1000,
+        max_wal_rate=spec.max_wal_mb_s * 2**20 if spec.max_wal_mb_s else None,
+        archive=spec.archive,
+        dry_run=dry_run,
+    )
+
+
+def predict(dsn: str, spec: ContenderSpec) -> dict[str, Any]:
+    """``--dry-run``'s prediction, made before the timed run. Its sample batches roll back; the
+    full-page images they wrote are then not written again by the run, so the contender's WAL
+    (samples included) stays what the run alone would have written, within their few delete
+    records (``sample_wal_bytes`` reports them all)."""
+    import psycopg
+
+    from engine.collector import collect
+
+    lsn = "SELECT (pg_current_wal_insert_lsn() - '0/0'::pg_lsn)::bigint"
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        before = conn.execute(lsn).fetchone()[0]
+        result = collect(dsn, msggc_options(spec, dry_run=True))
+        sample_wal = conn.execute(lsn).fetchone()[0] - before
+    return {"seconds": result.predicted_seconds, "wal_bytes": result.predicted_wal_bytes,
+            "garbage_estimate": result.garbage_estimate, "sample_wal_bytes": sample_wal}
+
+
 def run_msggc(dsn: str, rec: Recorder, spec: ContenderSpec) -> Outcome:
     """``engine.collect`` as a caller embeds it; its timeline comes from ``on_progress``."""
     from engine.collector import Progress, collect
-    from engine.config import GcOptions
 
     first = threading.Event()
 
@@ -233,14 +268,7 @@ def run_msggc(dsn: str, rec: Recorder, spec: ContenderSpec) -> Outcome:
             rec.walk_started(rec.now() - progress.elapsed_s)
         rec.committed(progress.deleted)
 
-    options = GcOptions(
-        strategy=spec.strategy or "auto",  # type: ignore[arg-type]
-        workers=spec.workers,
-        target_batch_ms=spec.target_batch_ms or GcOptions.target_batch_ms,
-        sleep=spec.sleep_ms / 1000,
-        max_wal_rate=spec.max_wal_mb_s * 2**20 if spec.max_wal_mb_s else None,
-    )
-    result = collect(dsn, options, on_progress=on_progress)
+    result = collect(dsn, msggc_options(spec), on_progress=on_progress)
     if result.status != "complete":
         raise RuntimeError(f"msggc ended {result.status}: {result.error or result.stop_reason}")
     engine = result.as_json()

@@ -116,6 +116,23 @@ def shape_rows(doc: dict[str, Any]) -> list[list[str]]:
     return rows
 
 
+def prediction_rows(doc: dict[str, Any]) -> list[list[str]]:
+    """``--dry-run``'s prediction (made before each msggc run) beside what the run measured."""
+    rows = []
+    for entry in doc["contenders"]:
+        predicted = entry.get("prediction")
+        if not predicted or not predicted.get("seconds"):
+            continue
+        rows.append([
+            entry["label"], _num(predicted["seconds"], 2), _num(entry["elapsed_s"], 2),
+            _x(predicted["seconds"] / entry["elapsed_s"] if entry["elapsed_s"] else None),
+            _num(predicted["wal_bytes"] / 2**20), _num(entry["wal_bytes_gc"] / 2**20),
+            _x(predicted["wal_bytes"] / entry["wal_bytes_gc"] if entry["wal_bytes_gc"] else None),
+            _num(predicted["garbage_estimate"]), _num(entry["deleted"]),
+        ])
+    return rows
+
+
 def deciles(entry: dict[str, Any]) -> list[float] | None:
     """Rows/s over each tenth of the rows deleted (from the stored timeline, interpolated)."""
     points = [(float(t), int(n)) for t, n in entry.get("timeline") or []]
@@ -426,6 +443,10 @@ def render(markdown_path: Path, out: Path, context: dict[str, Any], shapes: dict
             "Throughput by tenth of the rows deleted (million rows/s; the tenths target compares the"
             " last column with the first):",
             table(["contender", *(f"{k}0%" for k in range(1, 11))], decile_rows(doc)),
+            "`--dry-run` prediction (rolled-back sample batches, made before each msggc run) against"
+            " the run (target: within 25%, i.e. 0.75x-1.25x):",
+            table(["contender", "predicted s", "elapsed s", "x", "predicted WAL MB", "WAL MB", "x",
+                   "garbage estimate", "deleted"], prediction_rows(doc)),
             "Where the GC backends spent their time (share of 100 ms samples of pg_stat_activity):",
             "",
             table(["contender", "GC backends", "backend CPU s", "load backend"], _profile_rows(doc)),
