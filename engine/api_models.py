@@ -9,7 +9,7 @@ from __future__ import annotations
 from datetime import datetime, timedelta
 from typing import Annotated, Any, Generic, Literal, TypeVar
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, WithJsonSchema
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, WithJsonSchema
 
 from engine.config import parse_duration
 from engine.errors import MsggcError
@@ -45,6 +45,16 @@ Duration = Annotated[
 ]
 
 
+
+def _positive(value: timedelta) -> timedelta:
+    if value <= timedelta(0):
+        raise ValueError("must be longer than zero")
+    return value
+
+
+PositiveDuration = Annotated[Duration, AfterValidator(_positive)]
+
+
 class GcRequest(BaseModel):
     """Optional body of the PUT: a budget and a retention for this run; omitted keys take the
     configured defaults. A PUT that joins a GC already running does not change its budget."""
@@ -57,6 +67,12 @@ class GcRequest(BaseModel):
     max_rows: int | None = Field(None, ge=1, description="Stop after about this many deleted rows.")
     older_than: Duration | None = Field(
         None, description="Only messages processed longer ago than this: 30d, 12h, 90s or seconds.")
+    archive: bool | None = Field(None, description="Move deleted rows to messages_archive (restorable).")
+    vacuum: bool | None = Field(None, description="VACUUM (ANALYZE) the table after the run.")
+    max_wal_rate: int | None = Field(None, gt=0, le=2**40,
+                                     description="Pause batches beyond this many WAL bytes per second.")
+    max_replica_lag: PositiveDuration | None = Field(None, description="Pause while a standby lags more.")
+    pause_for_vacuum: bool | None = Field(None, description="Pause while (auto)vacuum works on the table.")
 
     def overrides(self) -> dict[str, Any]:
         """Only the keys the client sent: an explicit ``null`` lifts the default budget."""
@@ -125,6 +141,9 @@ class RunStatus(BaseModel):
     finished_at: datetime | None = None
     heartbeat_at: datetime | None = None
     error: str | None = None
+    throttle_pauses: int = 0
+    throttled_seconds: float = 0.0
+    reclaim: dict[str, Any] | None = Field(None, description="Sizes and dead tuples before and after.")
 
 
 class SingleStatusAnswer(AnswerOf[RunStatus]):

@@ -226,7 +226,7 @@ def latest(conn: Connection, table: str, node: str) -> dict[str, Any] | None:
     """The newest run of this table and node with its speed, for the API's status answer."""
     cur = conn.execute(
         "SELECT id AS run_id, status, messages_deleted, batches, requested_at, started_at,"
-        " finished_at, heartbeat_at, error,"
+        " finished_at, heartbeat_at, error, throttle_pauses, throttled_seconds, reclaim,"
         " round((messages_deleted / greatest(extract(epoch FROM"
         "   coalesce(finished_at, heartbeat_at) - started_at), 0.001))::numeric, 1)::float8 AS rows_per_s"
         " FROM gc_runs WHERE table_name = %s AND node = %s ORDER BY id DESC LIMIT 1",

@@ -114,3 +114,29 @@ def test_metrics_report_runs_rows_batches_and_backlog(service, conn):
                  'msggc_outbox_backlog{node="postgresql"} 0.0',
                  'msggc_batch_duration_seconds_count{node="postgresql"} 1.0'):
         assert line in text
+
+
+def test_a_put_can_archive_throttle_and_vacuum_and_status_shows_the_results(conn, dsn, httpserver):
+    """The beyond-the-seed options work through the API as through the CLI."""
+    from engine import nodes
+    from engine.config import GcOptions
+    from engine.settings import ServiceSettings
+    from tests.api_support import GC_PATH, posted_bodies, running_service, wait_until
+    from tests.data import fill, surviving_ids
+
+    httpserver.expect_request("/gc", method="POST").respond_with_data("ok")
+    fill(conn, [i % 2 == 0 for i in range(400)])
+    settings = ServiceSettings(nodes=tuple(nodes.single(dsn)), defaults=GcOptions(),
+                               callback_url=httpserver.url_for("/gc"), poll_s=0.2)
+    with running_service(settings) as url:
+        answer = httpx.put(url + GC_PATH, json={"archive": True, "vacuum": True, "max_wal_rate": 2**30,
+                                                "max_replica_lag": "10s", "pause_for_vacuum": True})
+        wait_until(lambda: posted_bodies(httpserver))
+        status = httpx.get(url + GC_PATH).json()["services"]["message"]["gc"]
+
+    assert answer.status_code == 200
+    assert surviving_ids(conn) == list(range(2, 401, 2))
+    assert conn.execute("SELECT count(*) FROM messages_archive").fetchone()[0] == 200
+    assert status["status"] == "complete"
+    assert status["reclaim"]["after_vacuum"]["dead_tuples"] == 0
+    assert status["throttle_pauses"] == 0
