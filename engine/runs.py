@@ -33,10 +33,6 @@ def try_lock_table(conn: Connection, oid: int) -> bool:
     return bool(row.fetchone()[0])
 
 
-def unlock_table(conn: Connection, oid: int) -> None:
-    conn.execute("SELECT pg_advisory_unlock(%s, %s::oid::int)", (ADVISORY_LOCK_CLASS, oid))
-
-
 def lock_holder(conn: Connection, oid: int) -> int | None:
     row = conn.execute(
         "SELECT pid FROM pg_locks WHERE locktype = 'advisory' AND granted"
