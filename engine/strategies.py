@@ -68,6 +68,17 @@ def _delete_range(conn: Connection, st: Statements, range_: Any, params: dict[st
     return deleted, skipped
 
 
+def _probed_range(conn: Connection, st: Statements, bound: Any, part: Slice, size: int,
+                  params: dict[str, Any], skip_locked: bool) -> BatchOutcome:
+    """Delete the garbage up to the key ``size`` rows ahead, found by the index probe ``bound``."""
+    probe = {**params, "lo": part.position, "end": part.end, "offset": size - 1}
+    row = conn.execute(bound, probe).fetchone()
+    hi = row[0] if row else part.end
+    params = {**params, "lo": part.position, "hi": hi}
+    deleted, skipped = _delete_range(conn, st, st.key_range, params, skip_locked, False)
+    return BatchOutcome(deleted, skipped, hi)
+
+
 class PhysicalStrategy:
     """Walk the heap in TID ranges: sequential I/O, no index lookups; best for dense garbage."""
 
@@ -103,12 +114,7 @@ class KeyStrategy:
 
     def run_batch(self, conn: Connection, st: Statements, part: Slice, size: int,
                   params: dict[str, Any], skip_locked: bool) -> BatchOutcome:
-        probe = {"lo": part.position, "end": part.end, "offset": size - 1}
-        row = conn.execute(st.key_upper_bound, probe).fetchone()
-        hi = row[0] if row else part.end
-        params = {**params, "lo": part.position, "hi": hi}
-        deleted, skipped = _delete_range(conn, st, st.key_range, params, skip_locked, False)
-        return BatchOutcome(deleted, skipped, hi)
+        return _probed_range(conn, st, st.key_upper_bound, part, size, params, skip_locked)
 
 
 class IndexStrategy:
@@ -125,21 +131,11 @@ class IndexStrategy:
 
     def run_batch(self, conn: Connection, st: Statements, part: Slice, size: int,
                   params: dict[str, Any], skip_locked: bool) -> BatchOutcome:
-        if skip_locked:
-            return self._skip_locked(conn, st, part, size, params)
+        if skip_locked:  # after a lock timeout: the same range, leaving the rows the app has locked
+            return _probed_range(conn, st, st.garbage_upper_bound, part, size, params, True)
         probe = {**params, "lo": part.position, "end": part.end, "size": size}
         deleted, picked, last = conn.execute(st.delete_next_garbage, probe).fetchone()
         return BatchOutcome(deleted, 0, last if picked == size else part.end)
-
-    def _skip_locked(self, conn: Connection, st: Statements, part: Slice, size: int,
-                     params: dict[str, Any]) -> BatchOutcome:
-        """After a lock timeout: the same keys' range, leaving the rows the app has locked."""
-        probe = {**params, "lo": part.position, "end": part.end, "offset": size - 1}
-        row = conn.execute(st.garbage_upper_bound, probe).fetchone()
-        hi = row[0] if row else part.end
-        params = {**params, "lo": part.position, "hi": hi}
-        deleted, skipped = _delete_range(conn, st, st.key_range, params, True, False)
-        return BatchOutcome(deleted, skipped, hi)
 
 
 def _key_slices(facts: TableFacts, workers: int) -> list[Slice]:
