@@ -82,7 +82,8 @@ class App:
     def pick_target(self, conn: Conn, rng: random.Random) -> int:
         """Half the time a row just ahead of where GC is deleting now, else anywhere."""
         if rng.random() < 0.5:
-            ahead = [row[0] for row in conn.execute(FRONTIER)]
+            # a block the walk is at may hold no row any more: no frontier id there
+            ahead = [row[0] for row in conn.execute(FRONTIER) if row[0] is not None]
             if ahead:
                 return rng.choice(ahead) + rng.randint(1, 300)
         return rng.randint(1, ROWS)
