@@ -39,7 +39,7 @@ class Replica:
 
 
 @contextlib.contextmanager
-def _home(root: Path) -> Iterator[None]:
+def msggc_home(root: Path) -> Iterator[None]:
     """engine.embedded reads MSGGC_HOME on every call: point it at the private home meanwhile."""
     saved = os.environ.get("MSGGC_HOME")
     os.environ["MSGGC_HOME"] = str(root)
@@ -84,7 +84,7 @@ def start() -> Replica:
     root = Path(tempfile.mkdtemp(prefix="msggc-repl-", dir="/tmp"))  # short: socket paths are limited
     root.chmod(0o755)
     try:
-        with _home(root):
+        with msggc_home(root):
             primary_dsn = embedded.ensure_running()
             user = embedded._system_user(embedded.data_dir())
         primary = conninfo_to_dict(primary_dsn)
@@ -117,7 +117,7 @@ def _teardown(root: Path, standby_dir: Path) -> None:
             owner = pwd.getpwuid(standby_dir.stat().st_uid).pw_name if os.geteuid() == 0 else None
             with contextlib.suppress(RuntimeError, subprocess.SubprocessError):
                 _run([_bin("pg_ctl"), "-D", str(standby_dir), "-m", "immediate", "-w", "stop"], owner)
-        with _home(root), contextlib.suppress(Exception):
+        with msggc_home(root), contextlib.suppress(Exception):
             embedded.stop()
     finally:
         shutil.rmtree(root, ignore_errors=True)

@@ -3,14 +3,12 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import subprocess
 import sys
 import threading
 from collections import Counter
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,6 +21,7 @@ from werkzeug import Request, Response
 from tests.api_support import free_port as free_port  # re-exported: a port nothing listens on
 from tests.data import surviving_ids
 from tests.polling import wait_until
+from tests.standby import msggc_home
 
 Conn = psycopg.Connection[Any]
 
@@ -248,30 +247,16 @@ class PrivateServer:
     def __init__(self, home: Path) -> None:
         self.home = home
 
-    @contextlib.contextmanager
-    def _home(self) -> Iterator[None]:
-        from engine import embedded  # noqa: F401  (imported here so MSGGC_HOME is read per call)
-
-        previous = os.environ.get("MSGGC_HOME")
-        os.environ["MSGGC_HOME"] = str(self.home)
-        try:
-            yield
-        finally:
-            if previous is None:
-                os.environ.pop("MSGGC_HOME", None)
-            else:
-                os.environ["MSGGC_HOME"] = previous
-
     def start(self) -> str:
         from engine import embedded
 
-        with self._home():
+        with msggc_home(self.home):
             return embedded.ensure_running()
 
     def stop(self) -> bool:
         from engine import embedded
 
-        with self._home():
+        with msggc_home(self.home):
             return embedded.stop()
 
 
