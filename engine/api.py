@@ -122,6 +122,9 @@ def create_app(settings: ServiceSettings) -> FastAPI:
     def start_gc(body: Annotated[GcRequest | None, Body()] = None) -> JSONResponse:
         """Queue a GC on every node, or join the one already running there. Repeated PUTs
         continue where the last run stopped. One completion webhook per node follows."""
+        if body and body.archive_to_file and not settings.archive_dir:
+            return _errors(422, [contract.error("archive_to_file: this service has no archive_dir configured",
+                                                code=contract.PARAMETER_NOT_VALID)])
         results = service.request_gc(settings, body.overrides() if body else {})
         if worker is not None:
             worker.wake()

@@ -68,6 +68,9 @@ class GcRequest(BaseModel):
     older_than: Duration | None = Field(
         None, description="Only messages processed longer ago than this: 30d, 12h, 90s or seconds.")
     archive: bool | None = Field(None, description="Move deleted rows to messages_archive (restorable).")
+    archive_to_file: bool | None = Field(
+        None, description="Stream deleted rows with COPY into a gzip CSV file in the service's archive_dir,"
+                          " one file per run (restorable with `msggc restore --file`).")
     vacuum: bool | None = Field(None, description="VACUUM (ANALYZE) the table after the run.")
     max_wal_rate: int | None = Field(None, gt=0, le=2**40,
                                      description="Pause batches beyond this many WAL bytes per second.")

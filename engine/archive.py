@@ -21,7 +21,7 @@ def archive_table(table: TableSpec) -> TableSpec:
     return TableSpec(name=f"{table.name}_archive", schema=table.schema)
 
 
-def _columns(conn: Connection, oid: int) -> list[str]:
+def table_columns(conn: Connection, oid: int) -> list[str]:
     return [row[0] for row in conn.execute(
         "SELECT attname FROM pg_attribute WHERE attrelid = %s AND attnum > 0 AND NOT attisdropped"
         " ORDER BY attnum", (oid,))]
@@ -33,8 +33,8 @@ def resolve(conn: Connection, table: TableSpec, target_oid: int) -> Archive:
     oid = regclass_of(conn, archive)
     if oid is None:
         raise SchemaMissing(f"archive table {archive.qualified} does not exist: run `msggc migrate` first")
-    columns = _columns(conn, target_oid)
-    missing = set(columns + list(BOOKKEEPING_COLUMNS)) - set(_columns(conn, oid))
+    columns = table_columns(conn, target_oid)
+    missing = set(columns + list(BOOKKEEPING_COLUMNS)) - set(table_columns(conn, oid))
     if missing:
         raise TargetTableError(f"archive table {archive.qualified} lacks columns {sorted(missing)}")
     return Archive(table=archive, columns=tuple(columns))

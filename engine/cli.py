@@ -11,6 +11,7 @@ import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import timedelta
+from pathlib import Path
 from typing import Any, TypeVar
 
 import click
@@ -151,6 +152,9 @@ def seed(dsn: str | None, table: str, rows: int, shape: str, garbage_fraction: f
 @click.option("--vacuum", is_flag=True, help="VACUUM (ANALYZE) the table after the run; report sizes.")
 @click.option("--archive", is_flag=True,
               help="Move deleted rows to TABLE_archive in the same statement (see `msggc restore`).")
+@click.option("--archive-to", metavar="PATH", default=None,
+              help="Stream deleted rows with COPY to a new gzip CSV file, or into a directory"
+                   " (one TABLE-runN.csv.gz per run); see `msggc restore --file`.")
 @click.option("--dry-run", is_flag=True, help="Plan and estimate only; delete nothing.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 @friendly_errors
@@ -298,17 +302,28 @@ def status(dsn: str | None, limit: int, as_json: bool) -> None:
 @main.command()
 @dsn_option
 @table_option
-@click.option("--run", "run_id", type=click.IntRange(min=1), required=True, help="Run whose rows to restore.")
+@click.option("--run", "run_id", type=click.IntRange(min=1), default=None,
+              help="Run whose rows to restore from TABLE_archive (gc --archive).")
+@click.option("--file", "path", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Archive file to restore (gc --archive-to); rows already present are kept.")
 @friendly_errors
-def restore(dsn: str | None, table: str, run_id: int) -> None:
-    """Put the rows a run archived (gc --archive) back into the table."""
-    from engine import archive
+def restore(dsn: str | None, table: str, run_id: int | None, path: Path | None) -> None:
+    """Put archived rows back into the table: a run's rows from the archive table, or a file's."""
+    from engine import archive, archive_file
     from engine.db import require_target
 
+    if (run_id is None) == (path is None):
+        raise UsageError("give either --run ID or --file PATH")
     spec = TableSpec.parse(table)
     with connection(resolve_dsn(dsn)) as conn:
-        restored = archive.restore(conn, spec, require_target(conn, spec), run_id)
-    click.echo(f"restored {restored:,} rows of run {run_id} into {spec.qualified}")
+        oid = require_target(conn, spec)
+        if path is not None:
+            restored = archive_file.restore(conn, spec, oid, path)
+            source = str(path)
+        else:
+            restored = archive.restore(conn, spec, oid, run_id)
+            source = f"run {run_id}"
+    click.echo(f"restored {restored:,} rows of {source} into {spec.qualified}")
 
 
 @main.command(name="purge-archive")

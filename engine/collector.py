@@ -12,14 +12,18 @@ import statistics
 import threading
 import time
 from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 import psycopg
 from psycopg import errors as pg_errors
 
-from engine import outbox, reclaim, runs
+from engine import archive_file, outbox, reclaim, runs
 from engine.archive import resolve as resolve_archive
+from engine.archive import table_columns
+from engine.archive_file import ArchiveFile
 from engine.config import GcOptions
 from engine.contract import completion
 from engine.db import Connection, connect, require_bookkeeping, require_target
@@ -27,7 +31,7 @@ from engine.errors import DatabaseUnreachable, GcAlreadyRunning, MsggcError
 from engine.estimate import estimate
 from engine.notify import Notifier, encode
 from engine.planner import Plan, make_plan
-from engine.queries import SET_TIMEOUTS, Statements
+from engine.queries import SET_TIMEOUTS, Archive, Statements
 from engine.strategies import STRATEGIES, BatchOutcome, Slice, Strategy
 from engine.throttle import Limits, Throttle
 
@@ -122,6 +126,7 @@ class Walk:
     stop: threading.Event
     on_progress: Callable[[Progress], None] | None
     throttle: Throttle
+    archive_file: ArchiveFile | None = None
     started: float = field(default_factory=time.monotonic)
     lock: threading.Lock = field(default_factory=threading.Lock)
     deleted: int = 0
@@ -165,6 +170,12 @@ class Walk:
         remaining = max(1, self.options.max_rows - self.deleted)
         return min(sizer.size, self.strategy.units_for_rows(remaining, self.plan.facts))
 
+    def prepared(self, conn: Connection) -> Connection:
+        """A worker's connection, with its session temp table when rows go to a file."""
+        if self.archive_file is not None:
+            archive_file.prepare(conn, self.options.table)
+        return conn
+
     @property
     def params(self) -> dict[str, Any]:
         return {"cutoff": self.plan.cutoff, "run_id": self.run.id}
@@ -187,12 +198,13 @@ def run_batch(conn: Connection, walk: Walk, index: int, part: Slice,
     locked_retries = 0
     while True:
         try:
-            with conn.transaction():
+            file = walk.archive_file
+            with file.turn() if file else nullcontext() as turn, conn.transaction():
                 conn.execute(SET_TIMEOUTS, walk.timeouts)
                 outcome = walk.strategy.run_batch(conn, walk.statements, part, walk.batch_size(sizer),
                                                   walk.params, skip_locked)
                 runs.checkpoint(conn, walk.run.id, index, outcome.position, outcome.deleted,
-                                outcome.skipped_locked)
+                                outcome.skipped_locked, turn.append(conn) if turn else None)
             return outcome
         except pg_errors.LockNotAvailable:
             if skip_locked:
@@ -236,7 +248,7 @@ def reconnect(walk: Walk, holds_lock: bool) -> Connection:
         if holds_lock and not runs.try_lock_table(conn, walk.plan.facts.oid):
             conn.close()
             raise GcAlreadyRunning("lost the table lock while reconnecting: another GC took over")
-        return conn
+        return walk.prepared(conn)
 
 
 def work(link: Link, walk: Walk, todo: queue.SimpleQueue[int]) -> None:
@@ -281,7 +293,7 @@ def _guarded(walk: Walk, action: Callable[[], None]) -> None:
 
 
 def _helper_worker(walk: Walk, todo: queue.SimpleQueue[int]) -> None:
-    link = Link(connect(walk.dsn), holds_lock=False)
+    link = Link(walk.prepared(connect(walk.dsn)), holds_lock=False)
     try:
         work(link, walk, todo)
     finally:
@@ -419,7 +431,7 @@ def dry_run(conn: Connection, plan: Plan, options: GcOptions, statements: Statem
     garbage = plan.facts.garbage_rows_estimate
     rows_per_batch = options.batch_size or DEFAULT_BATCH_ROWS
     sample = estimate(conn, plan, strategy, statements, {"cutoff": plan.cutoff, "run_id": 0},
-                      strategy.units_for_rows(rows_per_batch, plan.facts))
+                      strategy.units_for_rows(rows_per_batch, plan.facts), options.archive_to is not None)
     return GcResult(
         status="dry-run",
         strategy=plan.strategy,
@@ -430,6 +442,17 @@ def dry_run(conn: Connection, plan: Plan, options: GcOptions, statements: Statem
         predicted_seconds=sample.predicted_seconds,
         predicted_wal_bytes=sample.predicted_wal_bytes,
     )
+
+
+def _archive_target(conn: Connection, options: GcOptions, oid: int) -> Archive | None:
+    """Where the batch statements move deleted rows: the archive table, or with a file this
+    session's outgoing temp table, which each batch drains with COPY."""
+    if options.archive:
+        return resolve_archive(conn, options.table, oid)
+    if options.archive_to:
+        archive_file.prepare(conn, options.table)
+        return archive_file.outgoing_archive(tuple(table_columns(conn, oid)))
+    return None
 
 
 def resume_or_start(conn: Connection, options: GcOptions, plan: Plan, run_id: int | None) -> runs.Run:
@@ -470,7 +493,7 @@ def collect(
     try:
         require_bookkeeping(conn)
         oid = require_target(conn, options.table)
-        archive = resolve_archive(conn, options.table, oid) if options.archive else None
+        archive = _archive_target(conn, options, oid)
         statements = Statements.for_table(options.table, options.older_than is not None, archive)
         plan = make_plan(conn, options, oid, statements)
         if options.dry_run:
@@ -484,9 +507,11 @@ def collect(
         run = resume_or_start(conn, options, plan, run_id)
         strategy = STRATEGIES[run.strategy]  # type: ignore[index]
         limits = Limits(options.max_wal_rate, options.max_replica_lag, options.pause_for_vacuum)
+        file = (ArchiveFile.open(conn, Path(options.archive_to), options.table, archive.columns, run)
+                if options.archive_to and archive else None)
         walk = Walk(options=options, plan=plan, run=run, strategy=strategy,
                     statements=statements, dsn=dsn, stop=stop or threading.Event(),
-                    on_progress=on_progress, throttle=Throttle(limits, oid))
+                    on_progress=on_progress, throttle=Throttle(limits, oid), archive_file=file)
         before = reclaim.health(conn, oid)
         conn = walk_run(conn, walk)
         result = report(conn, walk, notifier)

@@ -62,6 +62,8 @@ class GcOptions:
     node: str = ""
     archive: bool = False
     """Move deleted rows to ``<table>_archive`` in the same statement (``msggc restore`` undoes)."""
+    archive_to: str | None = None
+    """Stream deleted rows with COPY into this new gzip CSV file (``msggc restore --file`` undoes)."""
     max_wal_rate: float | None = None
     """Bytes of WAL per second the run may cause on average; batches wait beyond it."""
     max_replica_lag: timedelta | None = None
@@ -82,6 +84,7 @@ class GcOptions:
             (self.lock_timeout_ms >= 1, "lock timeout must be >= 1 ms"),
             (self.statement_timeout_ms >= 10, "statement timeout must be >= 10 ms"),
             (1 <= self.workers <= 16, "workers must be between 1 and 16"),
+            (not (self.archive and self.archive_to), "choose --archive or --archive-to, not both"),
             (self.max_wal_rate is None or self.max_wal_rate > 0, "max WAL rate must be > 0"),
             (self.max_replica_lag is None or self.max_replica_lag > timedelta(0),
              "max replica lag must be > 0"),

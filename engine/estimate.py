@@ -15,6 +15,7 @@ from typing import Any
 
 from psycopg import errors as pg_errors
 
+from engine.archive_file import drain
 from engine.db import Connection
 from engine.planner import Plan
 from engine.queries import SET_TIMEOUTS, Statements
@@ -46,8 +47,9 @@ def _wal_insert_lsn(conn: Connection) -> int:
 
 
 def estimate(conn: Connection, plan: Plan, strategy: Strategy, statements: Statements,
-             params: dict[str, Any], size: int) -> Estimate:
-    """Sample ``SAMPLES`` batches of ``size`` units, one at the start of each quarter of the walk."""
+             params: dict[str, Any], size: int, to_file: bool = False) -> Estimate:
+    """Sample ``SAMPLES`` batches of ``size`` units, one at the start of each quarter of the walk;
+    ``to_file`` includes the COPY and compression of ``--archive-to`` in each sample's cost."""
     parts = strategy.slices(plan.facts, SAMPLES)
     rows = walked = 0
     seconds = 0.0
@@ -57,8 +59,10 @@ def estimate(conn: Connection, plan: Plan, strategy: Strategy, statements: State
         for part in parts:
             began, lsn = time.monotonic(), _wal_insert_lsn(conn)
             try:
-                with conn.transaction():
+                with conn.transaction(force_rollback=True):
                     outcome = strategy.run_batch(conn, statements, part, size, params, skip_locked=False)
+                    if to_file:
+                        drain(conn)
             except pg_errors.LockNotAvailable:
                 continue
             seconds += time.monotonic() - began

@@ -122,18 +122,33 @@ def _cursor(slices: list[Slice]) -> dict[str, Any]:
 
 
 def checkpoint(conn: Connection, run_id: int, slice_index: int, position: int,
-               deleted: int, skipped_locked: int) -> None:
+               deleted: int, skipped_locked: int, archive_bytes: int | None = None) -> None:
     """Called inside the batch's transaction: the delete and its record commit together."""
     conn.execute(
         "UPDATE gc_runs SET"
         " cursor = jsonb_set(cursor, ARRAY['slices', %(i)s::text, 'position'], to_jsonb(%(pos)s::bigint)),"
         " messages_deleted = messages_deleted + %(deleted)s,"
         " rows_skipped_locked = rows_skipped_locked + %(skipped)s,"
+        " archive_bytes = coalesce(%(archived)s, archive_bytes),"
         " batches = batches + 1, heartbeat_at = now()"
         " WHERE id = %(run)s",
         {"i": slice_index, "pos": position, "deleted": deleted, "skipped": skipped_locked,
-         "run": run_id},
+         "archived": archive_bytes, "run": run_id},
     )
+
+
+def archive_state(conn: Connection, run_id: int) -> tuple[str, int] | None:
+    """The run's archive file and its committed length, if it wrote one."""
+    row = conn.execute(
+        "SELECT archive_file, archive_bytes FROM gc_runs WHERE id = %s AND archive_file IS NOT NULL",
+        (run_id,),
+    ).fetchone()
+    return (row[0], row[1]) if row else None
+
+
+def record_archive(conn: Connection, run_id: int, path: str, size: int) -> None:
+    conn.execute("UPDATE gc_runs SET archive_file = %s, archive_bytes = %s WHERE id = %s",
+                 (path, size, run_id))
 
 
 def finish(conn: Connection, run_id: int, status: str, error: str | None,

@@ -75,6 +75,9 @@ gc_runs = sa.Table(
     sa.Column("throttle_pauses", sa.Integer, nullable=False, server_default="0"),
     sa.Column("throttled_seconds", sa.Float, nullable=False, server_default="0"),
     sa.Column("reclaim", postgresql.JSONB, nullable=True),
+    # --archive-to: the file and its length as of the last committed batch (a longer file is cut back).
+    sa.Column("archive_file", sa.Text, nullable=True),
+    sa.Column("archive_bytes", sa.BigInteger, nullable=True),
     sa.Column("requested_at", sa.DateTime(timezone=True), nullable=False, server_default=sa.func.now()),
     sa.Column("started_at", sa.DateTime(timezone=True), nullable=True),
     sa.Column("heartbeat_at", sa.DateTime(timezone=True), nullable=True),

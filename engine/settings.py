@@ -8,6 +8,7 @@ Sources, strongest first: a command-line flag (or its environment variable), the
     webhook_secret = "..."                        # HMAC-SHA256 signature header (optional)
     token = "..."                                 # bearer token of the API (optional)
     stale_after_s = 60                            # a running run without heartbeat this long is resumed
+    archive_dir = "/var/lib/msggc/archive"        # where PUT {"archive_to_file": true} writes (optional)
     [nodes]                                       # multiconnect; omit for a single instance
     wacore1 = "postgresql://msggc@db1/app"
     [gc]                                          # default options of every run
@@ -43,7 +44,7 @@ GC_KEYS = tuple(f.name for f in dataclasses.fields(GcOptions) if f.name not in (
 DURATION_KEYS = ("older_than", "max_replica_lag")
 SIZE_KEYS = ("max_wal_rate",)
 FILE_KEYS = ("nodes", "dsn", "table", "callback_url", "webhook_secret", "token", "stale_after_s",
-             "poll_s", "connect_timeout_s", "gc")
+             "poll_s", "connect_timeout_s", "archive_dir", "gc")
 
 
 @dataclass(frozen=True)
@@ -60,6 +61,8 @@ class ServiceSettings:
     poll_s: float = 1.0
     connect_timeout_s: float = 2.0
     run_worker: bool = True
+    archive_dir: str | None = None
+    """Directory of the files a request with ``archive_to_file`` writes, one per run."""
 
     @property
     def table(self) -> str:
@@ -67,6 +70,12 @@ class ServiceSettings:
 
     def options_for(self, node: Node, overrides: Mapping[str, Any]) -> GcOptions:
         """The configured defaults with a request's overrides, for one node."""
+        overrides = dict(overrides)
+        if "archive_to_file" in overrides:
+            wanted = overrides.pop("archive_to_file")
+            if wanted and not self.archive_dir:
+                raise UsageError("archive_to_file: this service has no archive_dir configured")
+            overrides["archive_to"] = self.archive_dir if wanted else None
         try:
             return dataclasses.replace(self.defaults, node=node.name, **overrides)
         except TypeError as exc:
@@ -152,6 +161,7 @@ def load_settings(*, dsn: str | None = None, nodes_spec: str | None = None, conf
         poll_s=_positive(file.get("poll_s", 1.0), "poll_s"),
         connect_timeout_s=_positive(file.get("connect_timeout_s", 2.0), "connect_timeout_s"),
         run_worker=run_worker,
+        archive_dir=_directory(file.get("archive_dir")),
     )
 
 
@@ -173,6 +183,14 @@ def _nodes(dsn: str | None, spec: str | None, from_file: Any) -> tuple[tuple[Nod
 def _callback(url: str | None) -> str | None:
     """Checked at start, so a typo fails ``msggc serve`` instead of every webhook later."""
     return check_url(url) if url else None
+
+
+def _directory(path: Any) -> str | None:
+    if path is None:
+        return None
+    if not isinstance(path, str) or not Path(path).is_dir():
+        raise UsageError(f"archive_dir {path!r} is not an existing directory")
+    return str(Path(path).resolve())
 
 
 def _positive(value: Any, name: str) -> float:

@@ -83,7 +83,9 @@ class PhysicalStrategy:
     """Walk the heap in TID ranges: sequential I/O, no index lookups; best for dense garbage."""
 
     name: ClassVar[StrategyName] = "physical"
-    max_units: ClassVar[int] = 20_000
+    max_units: ClassVar[int] = 4096
+    """32 MB of heap: the sizer steers by the last batch, but a batch costs ~10x more once the
+    walk leaves cached blocks for cold ones; the cap bounds that jump (dense batches stay under)."""
 
     def slices(self, facts: TableFacts, workers: int) -> list[Slice]:
         return split(0, facts.blocks, workers)

@@ -72,6 +72,8 @@ def test_a_single_instance_gets_the_default_budget_and_a_queued_run_keeps_its_op
     ('{"callback_url": "ftp://x/y"}', "invalid webhook URL"),
     ('{"nodes": {"a": "postgresql://x/y"}, "dsn": "postgresql://z/w"}', "keep only one"),
     ("{not json", "not valid JSON"),
+    ('{"archive_dir": "/nonexistent/msggc"}', "is not an existing directory"),
+    ('{"gc": {"archive": true, "archive_to": "/tmp"}}', "not both"),
 ])
 def test_a_bad_config_file_is_one_usage_error(tmp_path, content, message):
     config = tmp_path / "msggc.json"

@@ -140,3 +140,40 @@ def test_a_put_can_archive_throttle_and_vacuum_and_status_shows_the_results(conn
     assert status["status"] == "complete"
     assert status["reclaim"]["after_vacuum"]["dead_tuples"] == 0
     assert status["throttle_pauses"] == 0
+
+
+def test_a_put_can_archive_to_a_file_in_the_configured_directory(conn, dsn, httpserver, tmp_path):
+    from engine import nodes
+    from engine.config import GcOptions
+    from engine.settings import ServiceSettings
+    from tests.api_support import GC_PATH, posted_bodies, running_service, wait_until
+    from tests.data import fill, surviving_ids
+    from tests.test_archive_file import archived_ids
+
+    httpserver.expect_request("/gc", method="POST").respond_with_data("ok")
+    fill(conn, [i % 2 == 0 for i in range(400)])
+    settings = ServiceSettings(nodes=tuple(nodes.single(dsn)), defaults=GcOptions(),
+                               callback_url=httpserver.url_for("/gc"), poll_s=0.2, archive_dir=str(tmp_path))
+    with running_service(settings) as url:
+        answer = httpx.put(url + GC_PATH, json={"archive_to_file": True})
+        wait_until(lambda: posted_bodies(httpserver))
+        run_id = httpx.get(url + GC_PATH).json()["services"]["message"]["gc"]["run_id"]
+
+    assert answer.status_code == 200
+    assert surviving_ids(conn) == list(range(2, 401, 2))
+    assert archived_ids(tmp_path / f"messages-run{run_id}.csv.gz") == list(range(1, 401, 2))
+
+
+def test_archive_to_file_without_an_archive_dir_is_a_parameter_error(dsn):
+    from engine import nodes
+    from engine.config import GcOptions
+    from engine.settings import ServiceSettings
+    from tests.api_support import GC_PATH, running_service
+
+    settings = ServiceSettings(nodes=tuple(nodes.single(dsn)), defaults=GcOptions(), run_worker=False)
+    with running_service(settings) as url:
+        answer = httpx.put(url + GC_PATH, json={"archive_to_file": True})
+
+    assert answer.status_code == 422
+    assert answer.json()["errors"][0]["code"] == 1009
+    assert "archive_dir" in answer.json()["errors"][0]["details"]

@@ -8,6 +8,7 @@ import os
 import random
 import subprocess
 import time
+from pathlib import Path
 
 import pytest
 
@@ -32,8 +33,10 @@ from tests.faults.helpers import (
     wait_for_gc_backends_gone,
     wait_until,
 )
+from tests.test_archive_file import archived_ids
 
 KILLS = 20
+ARCHIVE_KILLS = 8
 SEED = int(os.environ.get("MSGGC_FAULT_SEED", "6"))
 """Seed of the kill moments; set MSGGC_FAULT_SEED to replay or vary them."""
 
@@ -127,3 +130,28 @@ def test_a_notice_whose_delivery_was_killed_is_delivered_by_the_next_run(
     assert all(row["delivered_at"] is not None for row in outbox_rows(conn))
     assert again == (0, 0)
     assert len(callback.accepted) == 2
+
+
+@pytest.mark.slow
+def test_sigkill_during_an_archive_to_file_run_leaves_each_deleted_row_in_the_file_once(
+    conn: Conn, dsn: str, tmp_path: Path, ledger: Ledger
+) -> None:
+    rng = random.Random(SEED + 1)
+    garbage = [i % 4 != 0 for i in range(20_000)]
+    fill(conn, garbage)
+    path = tmp_path / "gone.csv.gz"
+    gc = ("gc", "--dsn", dsn, "--archive-to", str(path), "--json")
+
+    for _ in range(ARCHIVE_KILLS):
+        process = spawn_msggc(*gc, "--batch-size", "50", "--sleep", "0.01")
+        kill_at_a_random_moment(conn, process, rng)
+        wait_for_gc_backends_gone(conn)
+    final = run_msggc(*gc)
+    assert final.returncode == 0, final.stderr
+
+    fate = table_fate(conn, garbage)
+    ledger.add(sigkills=ARCHIVE_KILLS, **fate.figures())
+    in_file = archived_ids(path)
+    assert surviving_ids(conn) == live_ids(garbage)
+    assert in_file == sorted(set(range(1, len(garbage) + 1)) - set(live_ids(garbage)))
+    assert len(in_file) == len(set(in_file)) == counted_deletions(conn)

@@ -1,0 +1,141 @@
+"""--archive-to streams the deleted rows with COPY into a gzip CSV file, exactly once per row,
+even across a stop or a crash between a batch's fsync and its commit; restore --file undoes."""
+
+from __future__ import annotations
+
+import csv
+import gzip
+import io
+from pathlib import Path
+
+import pytest
+
+from engine import collect
+from engine.archive_file import members, restore
+from engine.config import GcOptions, TableSpec
+from tests.data import fill, live_ids, run_rows, surviving_ids
+from tests.test_cli import assert_one_line_error, msggc
+
+
+def archived(path: Path) -> list[dict[str, str]]:
+    """The file's rows as the CSV header names them (header member first)."""
+    parts = list(members(path))
+    text = "".join(part.decode() for part in parts)
+    return list(csv.DictReader(io.StringIO(text)))
+
+
+def archived_ids(path: Path) -> list[int]:
+    return sorted(int(row["id"]) for row in archived(path))
+
+
+def oid_of_messages(conn) -> int:
+    return conn.execute("SELECT 'messages'::regclass::oid").fetchone()[0]
+
+
+@pytest.mark.parametrize(("strategy", "workers"),
+                         [("physical", 1), ("physical", 2), ("index", 1), ("key", 2)])
+def test_file_holds_each_deleted_row_once_with_its_values(conn, dsn, tmp_path, strategy, workers):
+    garbage = [i % 3 != 0 for i in range(3000)]
+    fill(conn, garbage)
+    before = {row[0]: row[1] for row in conn.execute("SELECT id, payload FROM messages")}
+    path = tmp_path / "gone.csv.gz"
+
+    result = collect(dsn, GcOptions(strategy=strategy, workers=workers, batch_size=100,
+                                    archive_to=str(path)))
+
+    gone = sorted(set(before) - set(live_ids(garbage)))
+    assert surviving_ids(conn) == live_ids(garbage)
+    rows = archived(path)
+    assert sorted(int(row["id"]) for row in rows) == gone
+    assert all(row["payload"] == before[int(row["id"])] for row in rows)
+    assert {row["run_id"] for row in rows} == {str(result.run_id)}
+    recorded = conn.execute("SELECT archive_bytes FROM gc_runs WHERE id = %s", (result.run_id,)).fetchone()
+    assert recorded[0] == path.stat().st_size
+
+
+def test_restore_from_file_puts_the_rows_back_once(conn, dsn, tmp_path):
+    garbage = [i % 2 == 0 for i in range(1000)]
+    fill(conn, garbage)
+    path = tmp_path / "gone.csv.gz"
+    collect(dsn, GcOptions(batch_size=64, archive_to=str(path)))
+
+    assert restore(conn, TableSpec(), oid_of_messages(conn), path) == 500
+    assert restore(conn, TableSpec(), oid_of_messages(conn), path) == 0  # again: nothing duplicated
+
+    assert surviving_ids(conn) == list(range(1, 1001))
+
+
+def test_a_resumed_run_cuts_the_uncommitted_tail_and_continues_the_same_file(conn, dsn, tmp_path):
+    """The crash window: a batch's rows were fsynced to the file but its commit never happened,
+    so they are still in the table; the file must not keep them twice."""
+    garbage = [True] * 2000
+    fill(conn, garbage)
+    path = tmp_path / "gone.csv.gz"
+    first = collect(dsn, GcOptions(strategy="index", batch_size=100, max_rows=500, archive_to=str(path)))
+    assert first.status == "stopped"
+    committed = path.stat().st_size
+    ghost = "\n".join(f"{i},ghost" for i in range(501, 601)) + "\n"  # rows of a batch that rolled back
+    with path.open("ab") as handle:
+        handle.write(gzip.compress(ghost.encode()))
+
+    second = collect(dsn, GcOptions(strategy="index", batch_size=100, archive_to=str(path)))
+
+    assert second.status == "complete"
+    assert surviving_ids(conn) == []
+    assert archived_ids(path) == list(range(1, 2001))
+    assert path.stat().st_size > committed
+
+
+def test_a_directory_gets_one_file_per_run_and_every_row_once(conn, dsn, tmp_path):
+    fill(conn, [True] * 1200)
+    stopped = collect(dsn, GcOptions(batch_size=100, max_rows=400, archive_to=str(tmp_path)))
+    finished = collect(dsn, GcOptions(batch_size=100, archive_to=str(tmp_path)))
+
+    files = sorted(tmp_path.iterdir())
+    assert [f.name for f in files] == [f"messages-run{stopped.run_id}.csv.gz",
+                                       f"messages-run{finished.run_id}.csv.gz"]
+    assert sorted(archived_ids(files[0]) + archived_ids(files[1])) == list(range(1, 1201))
+    assert [r["messages_deleted"] for r in run_rows(dsn)][-2:] == [len(archived_ids(f)) for f in files]
+
+
+def test_dry_run_with_a_file_deletes_nothing_and_writes_nothing(conn, dsn, tmp_path):
+    fill(conn, [True] * 500)
+    path = tmp_path / "gone.csv.gz"
+
+    result = collect(dsn, GcOptions(dry_run=True, archive_to=str(path)))
+
+    assert result.status == "dry-run"
+    assert result.predicted_seconds and result.predicted_seconds > 0
+    assert len(surviving_ids(conn)) == 500
+    assert not path.exists()
+
+
+def test_an_existing_file_is_never_overwritten(conn, dsn, tmp_path):
+    fill(conn, [True] * 50)
+    path = tmp_path / "precious.csv.gz"
+    path.write_bytes(b"someone else's data")
+
+    proc = msggc("gc", "--dsn", dsn, "--archive-to", str(path))
+
+    assert_one_line_error(proc, "already exists")
+    assert path.read_bytes() == b"someone else's data"
+    assert len(surviving_ids(conn)) == 50
+
+
+@pytest.mark.parametrize(("args", "fragment"), [
+    (("gc", "--archive", "--archive-to", "x.csv.gz"), "not both"),
+    (("restore",), "either --run ID or --file PATH"),
+    (("restore", "--run", "1", "--file", "x.csv.gz"), "either --run ID or --file PATH"),
+    (("gc", "--archive-to", "/nonexistent-dir/x.csv.gz"), "cannot create archive file"),
+])
+def test_bad_archive_flags_are_one_line_errors(conn, dsn, args, fragment):
+    fill(conn, [True] * 20)
+    proc = msggc(*args, "--dsn", dsn)
+    assert_one_line_error(proc, fragment)
+    assert len(surviving_ids(conn)) == 20
+
+
+def test_restoring_a_file_that_is_not_an_archive_is_refused(conn, dsn, tmp_path):
+    path = tmp_path / "notes.txt"
+    path.write_text("hello")
+    assert_one_line_error(msggc("restore", "--dsn", dsn, "--file", str(path)), "is not an msggc archive file")
