@@ -11,9 +11,11 @@ The baselines are literal SQL on purpose: they stand for application code as com
 from __future__ import annotations
 
 import re
+import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Literal
 
 import psycopg
@@ -40,11 +42,13 @@ EACH_BATCH_DELETE = (
 )
 EACH_BATCH_DELETE_TAIL = "DELETE FROM messages WHERE processed_at IS NOT NULL AND id >= %(lower)s"
 
-MSGGC_NAME = re.compile(r"msggc_(auto|physical|index|key)((?:_(?:w\d+|t\d+|s\d+|r\d+|a\d))*)((?:\+[a-z]+)*)")
+MSGGC_NAME = re.compile(
+    r"msggc_(auto|physical|index|key)((?:_(?:w\d+|t\d+|s\d+|r\d+|a\d|f\d|c\d))*)((?:\+[a-z]+)*)")
 WALCOMP = "_walcomp"
 DEFAULT_CONTENDERS = (
     "single", "naive", "each_batch",
-    "msggc_auto", "msggc_physical", "msggc_index", "msggc_key", "msggc_auto_w2", "msggc_auto_a1",
+    "msggc_auto", "msggc_physical", "msggc_index", "msggc_key", "msggc_auto_w2", "msggc_auto_w2_t10_c1",
+    "msggc_auto_a1", "msggc_auto_f1",
 )
 
 
@@ -53,7 +57,9 @@ class ContenderSpec:
     """What a contender name means: its kind and, for msggc, the options it runs with.
 
     Grammar: ``single|naive|each_batch`` or ``msggc_<strategy>[_w<workers>][_t<target ms>]
-    [_s<sleep ms>][_r<max WAL MB/s>][_a1 (--archive)][+<prototype>...]``, any of them with a
+    [_s<sleep ms>][_r<max WAL MB/s>][_a1 (--archive)][_f1 (--archive-to a file)][_c1 (--async-commit)]
+    [+<prototype>...]``,
+    any of them with a
     ``_walcomp`` suffix (session
     ``wal_compression = on`` through PGOPTIONS, the server's default method, pglz unless built
     with lz4/zstd; needs a superuser). A ``+prototype`` is a proposed engine change patched in
@@ -68,6 +74,8 @@ class ContenderSpec:
     sleep_ms: float = 0.0
     max_wal_mb_s: float | None = None
     archive: bool = False
+    archive_file: bool = False
+    async_commit: bool = False
     prototypes: tuple[str, ...] = ()
     walcomp: bool = False
 
@@ -90,8 +98,8 @@ def parse_contender(name: str) -> ContenderSpec:
     if not match:
         raise ValueError(
             f"unknown contender {name!r}: use single, naive, each_batch or"
-            " msggc_<auto|physical|index|key>[_w<workers>][_t<ms>][_s<ms>][_r<MB/s>][_a1][+prototype...]"
-            "[_walcomp]"
+            " msggc_<auto|physical|index|key>[_w<workers>][_t<ms>][_s<ms>][_r<MB/s>][_a1][_f1][_c1]"
+            "[+prototype...][_walcomp]"
         )
     mods = {part[0]: int(part[1:]) for part in match[2].split("_") if part}
     return ContenderSpec(
@@ -100,6 +108,8 @@ def parse_contender(name: str) -> ContenderSpec:
         sleep_ms=float(mods.get("s", 0)),
         max_wal_mb_s=float(mods["r"]) if "r" in mods else None,
         archive=bool(mods.get("a")),
+        archive_file=bool(mods.get("f")),
+        async_commit=bool(mods.get("c")),
         prototypes=tuple(p for p in match[3].split("+") if p),
         walcomp=walcomp,
     )
@@ -224,7 +234,7 @@ def run_each_batch(dsn: str, rec: Recorder) -> Outcome:
     return Outcome(deleted=total, note=f"each_batch(of: {EACH_BATCH_OF}) scoped to garbage")
 
 
-def msggc_options(spec: ContenderSpec, dry_run: bool = False) -> Any:
+def msggc_options(spec: ContenderSpec, dry_run: bool = False, archive_dir: str | None = None) -> Any:
     from engine.config import GcOptions
 
     return GcOptions(
@@ -234,6 +244,8 @@ def msggc_options(spec: ContenderSpec, dry_run: bool = False) -> Any:
         sleep=spec.sleep_ms / 1000,
         max_wal_rate=spec.max_wal_mb_s * 2**20 if spec.max_wal_mb_s else None,
         archive=spec.archive,
+        archive_to=archive_dir if spec.archive_file else None,
+        async_commit=spec.async_commit,
         dry_run=dry_run,
     )
 
@@ -250,7 +262,7 @@ def predict(dsn: str, spec: ContenderSpec) -> dict[str, Any]:
     lsn = "SELECT (pg_current_wal_insert_lsn() - '0/0'::pg_lsn)::bigint"
     with psycopg.connect(dsn, autocommit=True) as conn:
         before = conn.execute(lsn).fetchone()[0]
-        result = collect(dsn, msggc_options(spec, dry_run=True))
+        result = collect(dsn, msggc_options(spec, dry_run=True, archive_dir=tempfile.gettempdir()))
         sample_wal = conn.execute(lsn).fetchone()[0] - before
     return {"seconds": result.predicted_seconds, "wal_bytes": result.predicted_wal_bytes,
             "garbage_estimate": result.garbage_estimate, "sample_wal_bytes": sample_wal}
@@ -268,10 +280,12 @@ def run_msggc(dsn: str, rec: Recorder, spec: ContenderSpec) -> Outcome:
             rec.walk_started(rec.now() - progress.elapsed_s)
         rec.committed(progress.deleted)
 
-    result = collect(dsn, msggc_options(spec), on_progress=on_progress)
+    with tempfile.TemporaryDirectory(prefix="msggc-bench-") as archive_dir:
+        result = collect(dsn, msggc_options(spec, archive_dir=archive_dir), on_progress=on_progress)
+        archived = sum(f.stat().st_size for f in Path(archive_dir).iterdir())
     if result.status != "complete":
         raise RuntimeError(f"msggc ended {result.status}: {result.error or result.stop_reason}")
-    engine = result.as_json()
+    engine = {**result.as_json(), "archive_file_bytes": archived}
     rec.longest_txn_s = (result.batch_ms_max or 0.0) / 1000
     return Outcome(deleted=result.messages_deleted, strategy=result.strategy,
                    note=result.reason, engine=engine)

@@ -72,6 +72,7 @@ class GcRequest(BaseModel):
         None, description="Stream deleted rows with COPY into a gzip CSV file in the service's archive_dir,"
                           " one file per run (restorable with `msggc restore --file`).")
     vacuum: bool | None = Field(None, description="VACUUM (ANALYZE) the table after the run.")
+    async_commit: bool | None = Field(None, description="Batch commits skip the WAL flush wait.")
     max_wal_rate: int | None = Field(None, gt=0, le=2**40,
                                      description="Pause batches beyond this many WAL bytes per second.")
     max_replica_lag: PositiveDuration | None = Field(None, description="Pause while a standby lags more.")

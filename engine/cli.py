@@ -155,6 +155,8 @@ def seed(dsn: str | None, table: str, rows: int, shape: str, garbage_fraction: f
 @click.option("--archive-to", metavar="PATH", default=None,
               help="Stream deleted rows with COPY to a new gzip CSV file, or into a directory"
                    " (one TABLE-runN.csv.gz per run); see `msggc restore --file`.")
+@click.option("--async-commit", is_flag=True,
+              help="Batch commits skip the WAL flush wait (safe: delete and checkpoint are lost together).")
 @click.option("--dry-run", is_flag=True, help="Plan and estimate only; delete nothing.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 @friendly_errors

@@ -31,7 +31,7 @@ from engine.errors import DatabaseUnreachable, GcAlreadyRunning, MsggcError
 from engine.estimate import estimate
 from engine.notify import Notifier, encode
 from engine.planner import Plan, make_plan
-from engine.queries import SET_TIMEOUTS, Archive, Statements
+from engine.queries import SET_BATCH_SETTINGS, Archive, Statements
 from engine.strategies import STRATEGIES, BatchOutcome, Slice, Strategy
 from engine.throttle import Limits, Throttle
 
@@ -135,6 +135,7 @@ class Walk:
     latencies_ms: list[float] = field(default_factory=list)
     stop_reason: str | None = None
     error: str | None = None
+    rewound: bool = False
 
     def budget_reason(self) -> str | None:
         if self.stop.is_set():
@@ -157,6 +158,17 @@ class Walk:
                                 self.plan.facts.garbage_rows_estimate, seconds)
         if self.on_progress:
             self.on_progress(progress)
+
+    def rewind(self, conn: Connection) -> None:
+        """After the server went away, believe only what it kept: with ``--async-commit`` a crash
+        loses the last batches that looked committed, so every slice goes back to its recorded
+        checkpoint (a finished slice is walked again) and the archive file to its recorded end."""
+        with self.lock:
+            for part, position in zip(self.run.slices, runs.positions(conn, self.run.id), strict=True):
+                part.position = position
+            self.rewound = True
+        if self.archive_file is not None:
+            self.archive_file.stale = True
 
     def fail(self, message: str) -> None:
         with self.lock:
@@ -181,9 +193,10 @@ class Walk:
         return {"cutoff": self.plan.cutoff, "run_id": self.run.id}
 
     @property
-    def timeouts(self) -> dict[str, str]:
+    def settings(self) -> dict[str, str | None]:
         return {"lock_timeout": f"{self.options.lock_timeout_ms}ms",
-                "statement_timeout": f"{self.options.statement_timeout_ms}ms"}
+                "statement_timeout": f"{self.options.statement_timeout_ms}ms",
+                "synchronous_commit": "off" if self.options.async_commit else None}
 
 
 def _initial_size(walk: Walk) -> int:
@@ -200,7 +213,7 @@ def run_batch(conn: Connection, walk: Walk, index: int, part: Slice,
         try:
             file = walk.archive_file
             with file.turn() if file else nullcontext() as turn, conn.transaction():
-                conn.execute(SET_TIMEOUTS, walk.timeouts)
+                conn.execute(SET_BATCH_SETTINGS, walk.settings)
                 outcome = walk.strategy.run_batch(conn, walk.statements, part, walk.batch_size(sizer),
                                                   walk.params, skip_locked)
                 runs.checkpoint(conn, walk.run.id, index, outcome.position, outcome.deleted,
@@ -273,6 +286,7 @@ def work(link: Link, walk: Walk, todo: queue.SimpleQueue[int]) -> None:
             except psycopg.OperationalError:
                 link.conn.close()
                 link.conn = reconnect(walk, link.holds_lock)
+                walk.rewind(link.conn)
                 continue
             seconds = time.monotonic() - began
             part.position = outcome.position
@@ -301,7 +315,17 @@ def _helper_worker(walk: Walk, todo: queue.SimpleQueue[int]) -> None:
 
 
 def walk_run(conn: Connection, walk: Walk) -> Connection:
-    """Run the workers; the calling connection (which holds the table lock) is worker 0."""
+    """Run the workers until every slice is done or the run stops; a rewind after a server
+    restart may reopen slices that workers had already left, so they are walked again."""
+    while True:
+        walk.rewound = False
+        conn = _run_workers(conn, walk)
+        if not walk.rewound or walk.error or walk.stop_reason or all(p.done for p in walk.run.slices):
+            return conn
+
+
+def _run_workers(conn: Connection, walk: Walk) -> Connection:
+    """One pass of the workers; the calling connection (which holds the table lock) is worker 0."""
     todo: queue.SimpleQueue[int] = queue.SimpleQueue()
     for index, part in enumerate(walk.run.slices):
         if not part.done:
@@ -428,17 +452,17 @@ def reclaim_space(conn: Connection, options: GcOptions, oid: int,
 def dry_run(conn: Connection, plan: Plan, options: GcOptions, statements: Statements) -> GcResult:
     """The plan, the garbage estimate, the batches, and a prediction from rolled-back samples."""
     strategy = STRATEGIES[plan.strategy]
-    garbage = plan.facts.garbage_rows_estimate
-    rows_per_batch = options.batch_size or DEFAULT_BATCH_ROWS
-    sample = estimate(conn, plan, strategy, statements, {"cutoff": plan.cutoff, "run_id": 0},
-                      strategy.units_for_rows(rows_per_batch, plan.facts), options.archive_to is not None)
+    size = strategy.units_for_rows(options.batch_size or DEFAULT_BATCH_ROWS, plan.facts)
+    target_s = None if options.batch_size else options.target_batch_ms / 1000
+    sample = estimate(conn, plan, strategy, statements, {"cutoff": plan.cutoff, "run_id": 0}, size,
+                      target_s, options.archive_to is not None)
     return GcResult(
         status="dry-run",
         strategy=plan.strategy,
         reason=plan.reason,
-        garbage_estimate=garbage,
+        garbage_estimate=plan.facts.garbage_rows_estimate,
         rows_estimate=plan.facts.rows_estimate,
-        planned_batches=-(-garbage // rows_per_batch),
+        planned_batches=sample.batches,
         predicted_seconds=sample.predicted_seconds,
         predicted_wal_bytes=sample.predicted_wal_bytes,
     )

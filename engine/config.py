@@ -70,6 +70,10 @@ class GcOptions:
     pause_for_vacuum: bool = False
     vacuum: bool = False
     """``VACUUM (ANALYZE)`` the table after the run, reporting sizes before and after."""
+    async_commit: bool = False
+    """Batch commits do not wait for their WAL flush. Safe: a batch's delete and checkpoint are
+    lost together in a server crash (the resumed run redoes them), and the run's closing
+    transaction is synchronous, so its flush covers every batch before it."""
 
     def __post_init__(self) -> None:
         checks = [

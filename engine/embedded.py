@@ -19,7 +19,7 @@ import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
-from typing import Any
+from typing import Any, Literal
 from urllib.parse import quote, urlsplit, urlunsplit
 
 import platformdirs
@@ -85,15 +85,16 @@ def ensure_running() -> str:
     return dsn
 
 
-def stop() -> bool:
-    """Stop the embedded server (fast shutdown); True when it was running."""
+def stop(mode: Literal["fast", "immediate"] = "fast") -> bool:
+    """Stop the embedded server; True when it was running. ``immediate`` is a crash: no
+    shutdown checkpoint, and commits not yet flushed (``--async-commit``) are lost."""
     pgdata = data_dir()
     if not pgdata.exists():
         return False
     with _home_lock():
         if _running_postmaster(pgdata) is None:
             return False
-        args = ["-w", "-t", str(_STOP_TIMEOUT_S), "-m", "fast", "stop"]
+        args = ["-w", "-t", str(_STOP_TIMEOUT_S), "-m", mode, "stop"]
         try:
             _package().pg_ctl(args, pgdata=pgdata, user=_system_user(pgdata))
         except (subprocess.SubprocessError, OSError) as exc:

@@ -1,14 +1,17 @@
 """Predict a run's duration and WAL before deleting anything.
 
 A few real batches run at spread positions of the walk inside a transaction that is rolled
-back: they cost what the run's batches will cost (same plans, same full-page images), and
-scaling them by the share of the walk they covered predicts the whole run. Nothing is deleted;
-rows locked by the application are skipped (the samples use the skip-locked path's lock wait of
-zero through a short lock_timeout and are dropped when they meet one).
+back: they cost what the run's batches will cost (same plans, same full-page images). Their
+sizes grow toward the run's target batch duration, so a straight line through (size, seconds)
+separates a batch's fixed cost from its cost per unit; the run's adaptive batches are then
+predicted at the size the sizer will settle on. Nothing is deleted; rows locked by the
+application are skipped (a short lock_timeout drops a sample that meets one).
 """
 
 from __future__ import annotations
 
+import math
+import statistics
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -18,28 +21,65 @@ from psycopg import errors as pg_errors
 from engine.archive_file import drain
 from engine.db import Connection
 from engine.planner import Plan
-from engine.queries import SET_TIMEOUTS, Statements
+from engine.queries import SET_BATCH_SETTINGS, Statements
 from engine.strategies import Strategy
 
 SAMPLES = 4
-SAMPLE_TIMEOUTS = {"lock_timeout": "20ms", "statement_timeout": "5s"}
+GROWTH = 4.0
+"""The most a sample may grow over the previous one, toward the target duration."""
+SAMPLE_SETTINGS = {"lock_timeout": "20ms", "statement_timeout": "5s", "synchronous_commit": None}
+
+
+@dataclass(frozen=True)
+class Sample:
+    units: int
+    """Blocks or keys walked (physical, key), or garbage rows deleted (index)."""
+    seconds: float
+    wal_bytes: int
 
 
 @dataclass(frozen=True)
 class Estimate:
-    sampled_rows: int
-    sampled_seconds: float
-    sampled_wal_bytes: int
-    coverage: float
-    """Share of the walk the samples covered."""
-
-    @property
-    def predicted_seconds(self) -> float:
-        return self.sampled_seconds / self.coverage if self.coverage else 0.0
+    samples: tuple[Sample, ...]
+    total_units: int
+    """Units of the whole walk, as the samples count them."""
+    target_s: float | None
+    """The adaptive batches' target duration; ``None`` when batches have a fixed size."""
+    batch_units: int
+    """The fixed batch size, or the largest one the adaptive sizer may reach."""
 
     @property
     def predicted_wal_bytes(self) -> int:
-        return round(self.sampled_wal_bytes / self.coverage) if self.coverage else 0
+        units = sum(s.units for s in self.samples)
+        return round(sum(s.wal_bytes for s in self.samples) * self.total_units / units) if units else 0
+
+    @property
+    def batch_size(self) -> float:
+        """Units per batch: fixed, or where fixed cost + units x unit cost meets the target."""
+        per_batch, per_unit = self.cost_model()
+        if self.target_s is None or per_unit <= 0:
+            return self.batch_units
+        return min(self.batch_units, max(1.0, (self.target_s - per_batch) / per_unit))
+
+    @property
+    def batches(self) -> int:
+        return math.ceil(self.total_units / self.batch_size)
+
+    @property
+    def predicted_seconds(self) -> float:
+        per_batch, per_unit = self.cost_model()
+        return self.total_units * per_unit + self.batches * per_batch
+
+    def cost_model(self) -> tuple[float, float]:
+        """(seconds per batch, seconds per unit): a least-squares line through the samples, or
+        the plain average when their sizes do not differ enough to draw one."""
+        usable = [s for s in self.samples if s.units > 0]
+        if len({s.units for s in usable}) >= 2:
+            fit = statistics.linear_regression([s.units for s in usable], [s.seconds for s in usable])
+            if fit.slope > 0:
+                return max(0.0, fit.intercept), fit.slope
+        units = sum(s.units for s in usable)
+        return 0.0, (sum(s.seconds for s in usable) / units if units else 0.0)
 
 
 def _wal_insert_lsn(conn: Connection) -> int:
@@ -47,15 +87,15 @@ def _wal_insert_lsn(conn: Connection) -> int:
 
 
 def estimate(conn: Connection, plan: Plan, strategy: Strategy, statements: Statements,
-             params: dict[str, Any], size: int, to_file: bool = False) -> Estimate:
-    """Sample ``SAMPLES`` batches of ``size`` units, one at the start of each quarter of the walk;
-    ``to_file`` includes the COPY and compression of ``--archive-to`` in each sample's cost."""
+             params: dict[str, Any], size: int, target_s: float | None, to_file: bool = False) -> Estimate:
+    """Sample ``SAMPLES`` batches, one at the start of each quarter of the walk, the first of
+    ``size`` units and, when batches adapt (``target_s``), each next one grown toward the
+    target; ``to_file`` includes the COPY and compression of ``--archive-to`` in each sample."""
+    fixed = size
     parts = strategy.slices(plan.facts, SAMPLES)
-    rows = walked = 0
-    seconds = 0.0
-    wal = 0
+    samples: list[Sample] = []
     with conn.transaction(force_rollback=True):
-        conn.execute(SET_TIMEOUTS, SAMPLE_TIMEOUTS)
+        conn.execute(SET_BATCH_SETTINGS, SAMPLE_SETTINGS)
         for part in parts:
             began, lsn = time.monotonic(), _wal_insert_lsn(conn)
             try:
@@ -65,17 +105,18 @@ def estimate(conn: Connection, plan: Plan, strategy: Strategy, statements: State
                         drain(conn)
             except pg_errors.LockNotAvailable:
                 continue
-            seconds += time.monotonic() - began
-            wal += _wal_insert_lsn(conn) - lsn
-            rows += outcome.deleted
-            walked += outcome.position - part.position
-    return Estimate(rows, seconds, wal, _coverage(plan, strategy, parts, walked, rows))
+            seconds = time.monotonic() - began
+            walked = outcome.deleted if strategy.name == "index" else outcome.position - part.position
+            samples.append(Sample(walked, seconds, _wal_insert_lsn(conn) - lsn))
+            if target_s is not None:
+                growth = min(GROWTH, target_s / seconds) if seconds > 0 else GROWTH
+                size = max(size, min(strategy.max_units, round(size * growth)))
+    return Estimate(tuple(samples), _total_units(plan, strategy, parts), target_s,
+                    strategy.max_units if target_s is not None else fixed)
 
 
-def _coverage(plan: Plan, strategy: Strategy, parts: list[Any], walked: int, rows: int) -> float:
+def _total_units(plan: Plan, strategy: Strategy, parts: list[Any]) -> int:
     """The index walk advances by garbage rows; the others by blocks or keys of the table."""
     if strategy.name == "index":
-        garbage = plan.facts.garbage_rows_estimate
-        return min(1.0, rows / garbage) if garbage else 1.0
-    extent = sum(part.end - part.position for part in parts)
-    return min(1.0, walked / extent) if extent else 1.0
+        return plan.facts.garbage_rows_estimate
+    return sum(part.end - part.position for part in parts)

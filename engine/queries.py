@@ -14,10 +14,14 @@ from psycopg import sql
 from engine.config import TableSpec
 from engine.db import table_ident
 
-SET_TIMEOUTS = sql.SQL(
+SET_BATCH_SETTINGS = sql.SQL(
     "SELECT set_config('lock_timeout', %(lock_timeout)s, true),"
-    " set_config('statement_timeout', %(statement_timeout)s, true)"
+    " set_config('statement_timeout', %(statement_timeout)s, true),"
+    " set_config('synchronous_commit',"
+    " coalesce(%(synchronous_commit)s, current_setting('synchronous_commit')), true)"
 )
+"""Transaction-local: a batch waits at most lock_timeout for a row lock, runs at most
+statement_timeout, and with ``--async-commit`` does not wait for its WAL flush."""
 
 
 def garbage_predicate(table: TableSpec, with_cutoff: bool) -> sql.Composable:

@@ -137,6 +137,12 @@ def checkpoint(conn: Connection, run_id: int, slice_index: int, position: int,
     )
 
 
+def positions(conn: Connection, run_id: int) -> list[int]:
+    """Where each slice of the run stands as of its last committed (and kept) checkpoint."""
+    row = conn.execute("SELECT cursor FROM gc_runs WHERE id = %s", (run_id,)).fetchone()
+    return [part.position for part in _slices(row[0])]
+
+
 def archive_state(conn: Connection, run_id: int) -> tuple[str, int] | None:
     """The run's archive file and its committed length, if it wrote one."""
     row = conn.execute(

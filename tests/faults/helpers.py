@@ -11,7 +11,7 @@ import threading
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import psycopg
 from psycopg import sql
@@ -253,11 +253,11 @@ class PrivateServer:
         with msggc_home(self.home):
             return embedded.ensure_running()
 
-    def stop(self) -> bool:
+    def stop(self, mode: Literal["fast", "immediate"] = "fast") -> bool:
         from engine import embedded
 
         with msggc_home(self.home):
-            return embedded.stop()
+            return embedded.stop(mode)
 
 
 # --- the figures the suite reports ------------------------------------------------------------------

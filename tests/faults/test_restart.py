@@ -9,6 +9,7 @@ import subprocess
 import time
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 
 import psycopg
 import pytest
@@ -29,6 +30,7 @@ from tests.faults.helpers import (
     table_fate,
     wait_until,
 )
+from tests.test_archive_file import archived_ids
 
 GARBAGE = [i % 4 != 0 for i in range(20_000)]
 SLOW_GC = ("--batch-size", "50", "--sleep", "0.01", "--json")
@@ -52,9 +54,10 @@ def private_dsn(private_server: PrivateServer) -> Iterator[str]:
         admin.execute(sql.SQL("DROP DATABASE {} WITH (FORCE)").format(sql.Identifier(name)))
 
 
-def start_slow_gc(dsn: str, webhook: str, reconnect_window_s: float | None = None) -> subprocess.Popen[str]:
+def start_slow_gc(dsn: str, webhook: str, *extra: str,
+                  reconnect_window_s: float | None = None) -> subprocess.Popen[str]:
     """A collector paced so the outage lands mid-walk; returns once it has committed 5 batches."""
-    process = spawn_msggc("gc", "--dsn", dsn, "--webhook", webhook, *SLOW_GC,
+    process = spawn_msggc("gc", "--dsn", dsn, "--webhook", webhook, *SLOW_GC, *extra,
                           reconnect_window_s=reconnect_window_s)
     with psycopg.connect(dsn, autocommit=True) as watch:
         wait_until(lambda: batches_committed(watch) >= 5 or process.poll() is not None, 30,
@@ -121,3 +124,24 @@ def test_a_database_down_beyond_the_reconnect_window_fails_cleanly_and_the_next_
     assert len(notices) == 2
     # a batch whose commit was in flight when the server went may be counted by the database only
     assert first["messages_deleted"] + resumed["messages_deleted"] <= sum(GARBAGE)
+
+
+@pytest.mark.slow
+def test_a_server_crash_under_async_commit_rewinds_to_what_the_server_kept(
+    private_server: PrivateServer, private_dsn: str, callback: CallbackServer, ledger: Ledger, tmp_path: Path
+) -> None:
+    """Immediate shutdown = a crash: async batch commits not yet flushed are lost, rows and
+    checkpoint together. The collector must not trust its own memory of them: it walks those
+    rows again, and the archive file drops the copies it wrote for them."""
+    path = tmp_path / "gone.csv.gz"
+    process = start_slow_gc(private_dsn, callback.url, "--async-commit", "--archive-to", str(path))
+    private_server.stop("immediate")
+    time.sleep(1.0)
+    private_server.start()
+    out, err = process.communicate(timeout=120)
+    ledger.add(db_outages=1)
+
+    assert process.returncode == 0, err
+    assert json.loads(out)["messages_deleted"] == sum(GARBAGE)
+    assert assert_exact_totals(private_dsn, ledger) == ["complete"]
+    assert archived_ids(path) == [i for i, flag in enumerate(GARBAGE, start=1) if flag]
