@@ -149,9 +149,12 @@ def create_app(settings: ServiceSettings) -> FastAPI:
              responses={503: {"model": Health, "description": "A worker thread died."}})
     def health() -> JSONResponse:
         state = "disabled" if worker is None else "running" if worker.alive else "stopped"
+        schedule = worker.schedule if worker is not None else None
         body = Health(status="ok" if state != "stopped" else "unhealthy",
-                      version=contract.package_version(), worker=state)
-        return JSONResponse(body.model_dump(), status_code=200 if body.status == "ok" else 503)
+                      version=contract.package_version(), worker=state,
+                      schedule=schedule.trigger.describe() if schedule else None,
+                      next_scheduled_gc=schedule.next_at if schedule else None)
+        return JSONResponse(body.model_dump(mode="json"), status_code=200 if body.status == "ok" else 503)
 
     @app.webhooks.post("message-gc-completion")
     def completion_webhook(body: CompletionWebhook) -> None:

@@ -182,3 +182,5 @@ class Health(BaseModel):
     status: Literal["ok", "unhealthy"]
     version: str
     worker: Literal["running", "stopped", "disabled"]
+    schedule: str | None = Field(default=None, description="The worker's own GC requests, e.g. every 1:00:00")
+    next_scheduled_gc: datetime | None = Field(default=None, description="When the worker next requests a GC")

@@ -415,6 +415,11 @@ service_options = (
     click.option("--table", default=None, help="Table to collect (default messages)."),
     click.option("--stale-after", "stale_after_s", type=click.FloatRange(min=0, min_open=True), default=None,
                  help="Seconds without heartbeat after which a running run is resumed (default 60)."),
+    click.option("--every", type=DURATION, default=None,
+                 help="The worker also requests a GC on every node now and then at this interval (e.g. 1h)."),
+    click.option("--cron", default=None, metavar="EXPR",
+                 help='The worker also requests a GC at the times a cron expression matches, in UTC'
+                      ' (e.g. "0 3 * * *"; a sixth, leading field counts seconds).'),
 )
 
 
@@ -455,30 +460,20 @@ def serve(host: str, port: int, token: str | None, no_worker: bool, **service: A
 
 @main.command()
 @with_service_options
-@click.option("--every", type=DURATION, default=None,
-              help="Also request a GC on every node now and then at this interval (e.g. 1h).")
 @friendly_errors
-def worker(every: timedelta | None, **service: Any) -> None:
+def worker(**service: Any) -> None:
     """Claim and execute queued GC runs and deliver their webhooks, without the HTTP API."""
-    from engine.schedule import Schedule
     from engine.settings import load_settings
     from engine.worker import Worker
 
     settings = load_settings(**service)
-    if every is not None and every.total_seconds() < 1:
-        raise UsageError("--every must be at least 1s")
     _log_to_stderr()
     runner = Worker(settings)
     runner.start()
-    schedule = Schedule(settings, every) if every else None
-    if schedule:
-        schedule.start()
     stop = threading.Event()
     with _stop_on_signals(stop):
         while not stop.wait(1.0) and runner.alive:
             pass
-    if schedule:
-        schedule.close()
     runner.close()
     sys.exit(0 if stop.is_set() else 1)
 

@@ -1,43 +1,47 @@
-"""``msggc worker --every 1h``: request a GC on every node periodically, so no external cron is
-needed. Each request is the API's PUT (queue, or join a run in flight); the worker executes it
-with the configured budget, and the next request continues where a stopped run left off.
+"""Periodic GC without an external cron: one loop waits for its trigger (:mod:`engine.triggers`),
+then requests a GC on every node as the API's PUT does (queue, or join a run in flight). The worker
+executes each request with the configured budget; the next request continues where a stopped run
+left off.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
-from datetime import timedelta
+from collections.abc import Callable
+from datetime import UTC, datetime
 
 from engine.service import request_gc
 from engine.settings import ServiceSettings
+from engine.triggers import Trigger
 
 log = logging.getLogger("msggc.schedule")
 
 
 class Schedule:
-    """Requests a GC now and then every ``every``, until closed."""
+    """Requests a GC on every node each time its trigger fires; run by the worker in its own thread."""
 
-    def __init__(self, settings: ServiceSettings, every: timedelta) -> None:
+    def __init__(self, settings: ServiceSettings, trigger: Trigger, on_request: Callable[[], None]) -> None:
         self.settings = settings
-        self.every = every
-        self.requests = 0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._loop, name="msggc-schedule", daemon=True)
+        self.trigger = trigger
+        self.on_request = on_request
+        self.next_at: datetime | None = None
 
-    def start(self) -> None:
-        self._thread.start()
+    def run(self, stop: threading.Event) -> None:
+        log.info("scheduled GC %s", self.trigger.describe())
+        due = self.trigger.first(datetime.now(UTC))
+        while True:
+            self.next_at = due
+            if stop.wait(max(0.0, (due - datetime.now(UTC)).total_seconds())):
+                return
+            self._request()
+            # Never fire twice for one due time, nor catch up on times missed while suspended.
+            due = self.trigger.next_after(max(due, datetime.now(UTC)))
 
-    def close(self) -> None:
-        self._stop.set()
-        self._thread.join(timeout=5)
-
-    def _loop(self) -> None:
-        while not self._stop.is_set():
-            for result in request_gc(self.settings, {}):
-                if result.ok:
-                    log.info("scheduled GC on node %r: run %s", result.node.label, result.value.run_id)
-                else:
-                    log.warning("scheduled GC on node %r not started: %s", result.node.label, result.error)
-            self.requests += 1
-            self._stop.wait(self.every.total_seconds())
+    def _request(self) -> None:
+        for result in request_gc(self.settings, {}):
+            if result.ok:
+                log.info("scheduled GC on node %r: run %s", result.node.label, result.value.run_id)
+            else:
+                log.warning("scheduled GC on node %r not started: %s", result.node.label, result.error)
+        self.on_request()

@@ -9,6 +9,7 @@ Sources, strongest first: a command-line flag (or its environment variable), the
     token = "..."                                 # bearer token of the API (optional)
     stale_after_s = 60                            # a running run without heartbeat this long is resumed
     archive_dir = "/var/lib/msggc/archive"        # where PUT {"archive_to_file": true} writes (optional)
+    cron = "0 3 * * *"                            # request a GC at these times, UTC (or every = "1h")
     [nodes]                                       # multiconnect; omit for a single instance
     wacore1 = "postgresql://msggc@db1/app"
     [gc]                                          # default options of every run
@@ -34,6 +35,7 @@ from engine.config import GcOptions, TableSpec, parse_duration, parse_size, reso
 from engine.errors import UsageError
 from engine.nodes import Node
 from engine.notify import LogNotifier, Notifier, WebhookNotifier, check_url
+from engine.triggers import Trigger, trigger_of
 
 DEFAULT_MAX_SECONDS = 3600.0
 """A run stops after an hour unless told otherwise; the next PUT continues where it stopped,
@@ -44,7 +46,7 @@ GC_KEYS = tuple(f.name for f in dataclasses.fields(GcOptions) if f.name not in (
 DURATION_KEYS = ("older_than", "max_replica_lag")
 SIZE_KEYS = ("max_wal_rate",)
 FILE_KEYS = ("nodes", "dsn", "table", "callback_url", "webhook_secret", "token", "stale_after_s",
-             "poll_s", "connect_timeout_s", "archive_dir", "gc")
+             "poll_s", "connect_timeout_s", "archive_dir", "every", "cron", "gc")
 
 
 @dataclass(frozen=True)
@@ -63,6 +65,8 @@ class ServiceSettings:
     run_worker: bool = True
     archive_dir: str | None = None
     """Directory of the files a request with ``archive_to_file`` writes, one per run."""
+    schedule: Trigger | None = None
+    """When ``serve`` and ``worker`` request a GC by themselves, if ever."""
 
     @property
     def table(self) -> str:
@@ -101,14 +105,21 @@ def gc_values(mapping: Mapping[str, Any]) -> dict[str, Any]:
         raise UsageError(f"unknown GC option(s) {', '.join(unknown)}; known: {', '.join(GC_KEYS)}")
     values = dict(mapping)
     for key in DURATION_KEYS:
-        if isinstance(values.get(key), str):
-            values[key] = parse_duration(values[key])
-        elif isinstance(values.get(key), int | float):
-            values[key] = timedelta(seconds=values[key])
+        if key in values:
+            values[key] = _as_duration(values[key])
     for key in SIZE_KEYS:
         if isinstance(values.get(key), str):
             values[key] = parse_size(values[key])
     return values
+
+
+def _as_duration(value: Any) -> Any:
+    """``30d`` or a number of seconds as a timedelta; anything else unchanged, for the caller to judge."""
+    if isinstance(value, str):
+        return parse_duration(value)
+    if isinstance(value, int | float):
+        return timedelta(seconds=value)
+    return value
 
 
 def read_config(path: str | Path) -> dict[str, Any]:
@@ -134,6 +145,7 @@ def read_config(path: str | Path) -> dict[str, Any]:
 def load_settings(*, dsn: str | None = None, nodes_spec: str | None = None, config: str | None = None,
                   callback_url: str | None = None, webhook_secret: str | None = None,
                   token: str | None = None, table: str | None = None, stale_after_s: float | None = None,
+                  every: timedelta | None = None, cron: str | None = None,
                   run_worker: bool = True) -> ServiceSettings:
     """Merge flags over the config file over the defaults; raise UsageError on any bad value."""
     file = read_config(config) if config else {}
@@ -162,6 +174,7 @@ def load_settings(*, dsn: str | None = None, nodes_spec: str | None = None, conf
         connect_timeout_s=_positive(file.get("connect_timeout_s", 2.0), "connect_timeout_s"),
         run_worker=run_worker,
         archive_dir=_directory(file.get("archive_dir")),
+        schedule=_schedule(every, cron, file),
     )
 
 
@@ -183,6 +196,18 @@ def _nodes(dsn: str | None, spec: str | None, from_file: Any) -> tuple[tuple[Nod
 def _callback(url: str | None) -> str | None:
     """Checked at start, so a typo fails ``msggc serve`` instead of every webhook later."""
     return check_url(url) if url else None
+
+
+def _schedule(every: timedelta | None, cron: str | None, file: Mapping[str, Any]) -> Trigger | None:
+    """The flags' trigger, else the file's: a flag replaces the file's schedule, whichever kind."""
+    if every is not None or cron is not None:
+        return trigger_of(every, cron)
+    every_value, cron_value = _as_duration(file.get("every")), file.get("cron")
+    if every_value is not None and not isinstance(every_value, timedelta):
+        raise UsageError(f"every must be a duration such as \"1h\" or seconds, not {every_value!r}")
+    if cron_value is not None and not isinstance(cron_value, str):
+        raise UsageError(f"cron must be a cron expression string, not {cron_value!r}")
+    return trigger_of(every_value, cron_value)
 
 
 def _directory(path: Any) -> str | None:

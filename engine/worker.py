@@ -24,6 +24,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 import psycopg
@@ -36,6 +37,7 @@ from engine.errors import DatabaseUnreachable, GcAlreadyRunning, MsggcError
 from engine.metrics import Metrics
 from engine.nodes import Node
 from engine.notify import encode
+from engine.schedule import Schedule
 from engine.settings import ServiceSettings
 
 log = logging.getLogger("msggc.worker")
@@ -55,14 +57,19 @@ class Worker:
         self._deliver_now = {node.name: threading.Event() for node in settings.nodes}
         self._down: dict[str, str] = {}
         self._threads: list[threading.Thread] = []
+        self.schedule = Schedule(settings, settings.schedule, self.wake) if settings.schedule else None
 
     def start(self) -> None:
         for node in self.settings.nodes:
             for target, role in ((self._node_loop, "gc"), (self._delivery_loop, "outbox")):
-                thread = threading.Thread(target=target, args=(node,), name=f"msggc-{role}-{node.label}",
-                                          daemon=True)
-                thread.start()
-                self._threads.append(thread)
+                self._start_thread(f"msggc-{role}-{node.label}", target, node)
+        if self.schedule is not None:
+            self._start_thread("msggc-schedule", self.schedule.run, self._closing)
+
+    def _start_thread(self, name: str, target: Callable[..., None], *args: Any) -> None:
+        thread = threading.Thread(target=target, args=args, name=name, daemon=True)
+        thread.start()
+        self._threads.append(thread)
 
     @property
     def alive(self) -> bool:

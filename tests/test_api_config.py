@@ -12,6 +12,7 @@ from engine import nodes
 from engine.cli import main
 from engine.errors import DatabaseUnreachable, UsageError
 from engine.settings import load_settings, require_token_beyond_loopback
+from engine.triggers import Cron, Every
 
 URI_1 = "postgresql://msggc@db1:5433/app"
 URI_2 = "postgresql://msggc@db2a:5432,db2b:5432/app?target_session_attrs=read-write"
@@ -74,6 +75,11 @@ def test_a_single_instance_gets_the_default_budget_and_a_queued_run_keeps_its_op
     ("{not json", "not valid JSON"),
     ('{"archive_dir": "/nonexistent/msggc"}', "is not an existing directory"),
     ('{"gc": {"archive": true, "archive_to": "/tmp"}}', "not both"),
+    ('{"every": "1h", "cron": "0 3 * * *"}', "exclude each other"),
+    ('{"cron": "0 25 * * *"}', "invalid cron expression"),
+    ('{"cron": 3}', "cron must be a cron expression string"),
+    ('{"every": [1]}', "every must be a duration"),
+    ('{"every": "0.2s"}', "at least 1s"),
 ])
 def test_a_bad_config_file_is_one_usage_error(tmp_path, content, message):
     config = tmp_path / "msggc.json"
@@ -98,6 +104,8 @@ def test_listening_beyond_loopback_needs_a_token(host, allowed):
     (["serve", "--host", "0.0.0.0", "--dsn", URI_1], "refusing to listen on 0.0.0.0 without a token"),
     (["serve", "--nodes", "wacore1", "--dsn", URI_1], "invalid node entry"),
     (["worker", "--config", "/nonexistent/msggc.toml"], "cannot read config file"),
+    (["worker", "--dsn", URI_1, "--cron", "0 3 * *"], "invalid cron expression '0 3 * *'"),
+    (["serve", "--dsn", URI_1, "--every", "1h", "--cron", "0 3 * * *"], "exclude each other"),
 ])
 def test_serve_and_worker_exit_2_with_one_line_on_bad_config(args, message):
     result = CliRunner().invoke(main, args, env={"MSGGC_DSN": None, "MSGGC_NODES": None, "MSGGC_CONFIG": None,
@@ -112,3 +120,13 @@ def test_a_json_config_matches_the_toml_one(tmp_path):
     config.write_text(json.dumps({"nodes": {"wacore1": URI_1}, "gc": {"sleep": 0.5, "max_wal_rate": "50MB"}}))
     settings = load_settings(config=str(config))
     assert (settings.defaults.sleep, settings.defaults.max_wal_rate) == (0.5, 50 * 1024**2)
+
+
+def test_a_schedule_comes_from_the_file_unless_a_flag_sets_one(tmp_path):
+    config = tmp_path / "msggc.toml"
+    config.write_text(f'dsn = "{URI_1}"\ncron = "0 3 * * *"\n')
+    assert load_settings(config=str(config)).schedule == Cron("0 3 * * *")
+    assert load_settings(config=str(config), every=timedelta(hours=6)).schedule == Every(timedelta(hours=6))
+    config.write_text(f'dsn = "{URI_1}"\nevery = 3600\n')
+    assert load_settings(config=str(config)).schedule == Every(timedelta(hours=1))
+    assert load_settings(dsn=URI_1).schedule is None

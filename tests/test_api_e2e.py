@@ -13,6 +13,7 @@ import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -172,10 +173,32 @@ def test_a_worker_with_every_collects_new_garbage_periodically(conn, dsn, callba
     fill(conn, [True] * 5 + [False])
     config = {"dsn": dsn, "callback_url": callback.url_for("/gc"), "poll_s": 0.2}
     with msggc(tmp_path, "worker", config, "--every", "2s"):
-        wait_until(lambda: len(posted_bodies(callback)) >= 1, timeout_s=20)
-        conn.execute("UPDATE messages SET processed_at = now() WHERE processed_at IS NULL")
-        wait_until(lambda: len(posted_bodies(callback)) >= 2, timeout_s=20)
+        _collects_new_garbage_again(conn, callback)
 
+
+def test_a_service_with_a_cron_schedule_collects_on_time_and_shows_when(conn, dsn, callback, tmp_path):
+    fill(conn, [True] * 5 + [False])
+    config = {"dsn": dsn, "callback_url": callback.url_for("/gc"), "poll_s": 0.2, "cron": "*/2 * * * * *"}
+    with msggc(tmp_path, "serve", config) as service:
+        health = httpx.get(service.url + "/health").json()
+        assert health["schedule"] == "cron '*/2 * * * * *' (UTC)"
+        next_at = datetime.fromisoformat(health["next_scheduled_gc"])
+        assert next_at.second % 2 == 0 and next_at.microsecond == 0
+        assert next_at - datetime.now(UTC) < timedelta(seconds=3)
+        _collects_new_garbage_again(conn, callback)
+
+
+def _collects_new_garbage_again(conn: psycopg.Connection, callback: Any) -> None:
+    """Scheduled GCs, with no request: the first finds the 5 garbage rows, a later one the row
+    processed since (GCs in between may find nothing)."""
+    wait_until(lambda: len(posted_bodies(callback)) >= 1, timeout_s=20)
+    conn.execute("UPDATE messages SET processed_at = now() WHERE processed_at IS NULL")
+    wait_until(lambda: _deleted(callback) == 6, timeout_s=20)
     assert surviving_ids(conn) == []
-    assert [gc_of(body) for body in posted_bodies(callback)][:2] == [
-        {"messages_deleted": 5, "status": "complete"}, {"messages_deleted": 1, "status": "complete"}]
+    gcs = [gc_of(body) for body in posted_bodies(callback)]
+    assert gcs[0] == {"messages_deleted": 5, "status": "complete"}
+    assert {gc["status"] for gc in gcs} == {"complete"}
+
+
+def _deleted(callback: Any) -> int:
+    return sum(gc_of(body)["messages_deleted"] for body in posted_bodies(callback))
