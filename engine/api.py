@@ -55,6 +55,7 @@ from engine.api_models import (
     SingleStatusAnswer,
 )
 from engine.body_limit import MAX_BODY_BYTES, BodyLimit
+from engine.errors import UsageError
 from engine.metrics import Metrics
 from engine.service import NodeResult
 from engine.settings import ServiceSettings
@@ -122,10 +123,12 @@ def create_app(settings: ServiceSettings) -> FastAPI:
     def start_gc(body: Annotated[GcRequest | None, Body()] = None) -> JSONResponse:
         """Queue a GC on every node, or join the one already running there. Repeated PUTs
         continue where the last run stopped. One completion webhook per node follows."""
-        if body and body.archive_to_file and not settings.archive_dir:
-            return _errors(422, [contract.error("archive_to_file: this service has no archive_dir configured",
-                                                code=contract.PARAMETER_NOT_VALID)])
-        results = service.request_gc(settings, body.overrides() if body else {})
+        overrides = body.overrides() if body else {}
+        try:
+            settings.check_options(overrides)
+        except UsageError as exc:
+            return _errors(422, [contract.error(str(exc), code=contract.PARAMETER_NOT_VALID)])
+        results = service.request_gc(settings, overrides)
         if worker is not None:
             worker.wake()
         return _per_node(results, lambda _started: contract.processing(), multi)

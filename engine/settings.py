@@ -85,6 +85,10 @@ class ServiceSettings:
         except TypeError as exc:
             raise UsageError(f"invalid GC options: {exc}") from None
 
+    def check_options(self, overrides: Mapping[str, Any]) -> None:
+        """A request's options mean the same on every node: refuse bad ones once, as the client's fault."""
+        self.options_for(self.nodes[0], overrides)
+
     def options_of_run(self, node: Node, record: Mapping[str, Any]) -> GcOptions:
         """Rebuild the options a run was queued with (``GcOptions.describe()`` of the API)."""
         return self.options_for(node, gc_values({k: v for k, v in record.items() if k in GC_KEYS}))

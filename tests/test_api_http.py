@@ -164,16 +164,22 @@ def test_a_put_can_archive_to_a_file_in_the_configured_directory(conn, dsn, http
     assert archived_ids(tmp_path / f"messages-run{run_id}.csv.gz") == list(range(1, 401, 2))
 
 
-def test_archive_to_file_without_an_archive_dir_is_a_parameter_error(dsn):
+@pytest.mark.parametrize(("with_archive_dir", "body", "mentions"), [
+    (False, {"archive_to_file": True}, "no archive_dir configured"),
+    (True, {"archive_to_file": True, "archive": True}, "not both"),
+])
+def test_options_that_cannot_apply_are_a_parameter_error(dsn, tmp_path, with_archive_dir, body, mentions):
     from engine import nodes
     from engine.config import GcOptions
     from engine.settings import ServiceSettings
-    from tests.api_support import GC_PATH, running_service
+    from tests.api_support import GC_PATH, running_service, runs_of
 
-    settings = ServiceSettings(nodes=tuple(nodes.single(dsn)), defaults=GcOptions(), run_worker=False)
+    settings = ServiceSettings(nodes=tuple(nodes.single(dsn)), defaults=GcOptions(), run_worker=False,
+                               archive_dir=str(tmp_path) if with_archive_dir else None)
     with running_service(settings) as url:
-        answer = httpx.put(url + GC_PATH, json={"archive_to_file": True})
+        answer = httpx.put(url + GC_PATH, json=body)
 
     assert answer.status_code == 422
     assert answer.json()["errors"][0]["code"] == 1009
-    assert "archive_dir" in answer.json()["errors"][0]["details"]
+    assert mentions in answer.json()["errors"][0]["details"]
+    assert runs_of(dsn) == []
