@@ -178,7 +178,7 @@ def load_settings(*, dsn: str | None = None, nodes_spec: str | None = None, conf
         connect_timeout_s=_positive(file.get("connect_timeout_s", 2.0), "connect_timeout_s"),
         run_worker=run_worker,
         archive_dir=_directory(file.get("archive_dir")),
-        schedule=_schedule(every, cron, file),
+        schedule=_schedule(every, cron, file, run_worker),
     )
 
 
@@ -202,16 +202,22 @@ def _callback(url: str | None) -> str | None:
     return check_url(url) if url else None
 
 
-def _schedule(every: timedelta | None, cron: str | None, file: Mapping[str, Any]) -> Trigger | None:
-    """The flags' trigger, else the file's: a flag replaces the file's schedule, whichever kind."""
+def _schedule(every: timedelta | None, cron: str | None, file: Mapping[str, Any],
+              run_worker: bool) -> Trigger | None:
+    """The flags' trigger, else the file's: a flag replaces the file's schedule, whichever kind.
+    The worker keeps the schedule: ``serve --no-worker`` leaves a file's schedule to ``msggc
+    worker`` (one config file serves both), and refuses schedule flags rather than ignore them."""
     if every is not None or cron is not None:
+        if not run_worker:
+            raise UsageError("--every/--cron need the worker: drop --no-worker, or give them to msggc worker")
         return trigger_of(every, cron)
-    every_value, cron_value = _as_duration(file.get("every")), file.get("cron")
-    if every_value is not None and not isinstance(every_value, timedelta):
-        raise UsageError(f"every must be a duration such as \"1h\" or seconds, not {every_value!r}")
-    if cron_value is not None and not isinstance(cron_value, str):
-        raise UsageError(f"cron must be a cron expression string, not {cron_value!r}")
-    return trigger_of(every_value, cron_value)
+    every, cron = _as_duration(file.get("every")), file.get("cron")
+    if every is not None and not isinstance(every, timedelta):
+        raise UsageError(f"every must be a duration such as \"1h\" or seconds, not {every!r}")
+    if cron is not None and not isinstance(cron, str):
+        raise UsageError(f"cron must be a cron expression string, not {cron!r}")
+    trigger = trigger_of(every, cron)  # checked even when left to the worker: a typo fails at start
+    return trigger if run_worker else None
 
 
 def _directory(path: Any) -> str | None:

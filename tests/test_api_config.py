@@ -106,6 +106,7 @@ def test_listening_beyond_loopback_needs_a_token(host, allowed):
     (["worker", "--config", "/nonexistent/msggc.toml"], "cannot read config file"),
     (["worker", "--dsn", URI_1, "--cron", "0 3 * *"], "invalid cron expression '0 3 * *'"),
     (["serve", "--dsn", URI_1, "--every", "1h", "--cron", "0 3 * * *"], "exclude each other"),
+    (["serve", "--dsn", URI_1, "--no-worker", "--cron", "0 3 * * *"], "need the worker"),
 ])
 def test_serve_and_worker_exit_2_with_one_line_on_bad_config(args, message):
     result = CliRunner().invoke(main, args, env={"MSGGC_DSN": None, "MSGGC_NODES": None, "MSGGC_CONFIG": None,
@@ -130,3 +131,4 @@ def test_a_schedule_comes_from_the_file_unless_a_flag_sets_one(tmp_path):
     config.write_text(f'dsn = "{URI_1}"\nevery = 3600\n')
     assert load_settings(config=str(config)).schedule == Every(timedelta(hours=1))
     assert load_settings(dsn=URI_1).schedule is None
+    assert load_settings(config=str(config), run_worker=False).schedule is None  # left to `msggc worker`
