@@ -103,7 +103,7 @@ class ArchiveFile:
     def turn(self) -> Iterator[ArchiveTurn]:
         """Enclose a batch transaction: the file stays locked from the append to the commit, so
         appends land in commit order and each checkpoint records the file's length."""
-        turn = ArchiveTurn(self)
+        turn = ArchiveTurn(self, self._lock)
         try:
             yield turn
         except BaseException:
@@ -113,7 +113,8 @@ class ArchiveFile:
             if turn.appended:
                 self._lock.release()
 
-    def _append(self, conn: Connection, member: bytes) -> int:
+    def append_locked(self, conn: Connection, member: bytes) -> int:
+        """Append and fsync one batch's member; the caller holds the lock (see :meth:`turn`)."""
         if self.stale:
             recorded = runs.archive_state(conn, self.run_id)
             self.size = recorded[1] if recorded else self.size
@@ -135,16 +136,17 @@ class ArchiveFile:
 class ArchiveTurn:
     """One batch's use of the file."""
 
-    def __init__(self, file: ArchiveFile) -> None:
+    def __init__(self, file: ArchiveFile, lock: threading.Lock) -> None:
         self.file = file
+        self.lock = lock
         self.appended = False
 
     def append(self, conn: Connection) -> int:
         """Drain the batch's rows into the file and fsync; returns the length to checkpoint."""
         member = drain(conn)
-        self.file._lock.acquire()
+        self.lock.acquire()
         self.appended = True
-        return self.file._append(conn, member)
+        return self.file.append_locked(conn, member)
 
 
 def _create(path: Path, header: bytes) -> int:
