@@ -35,8 +35,9 @@ class Schedule:
             if stop.wait(max(0.0, (due - datetime.now(UTC)).total_seconds())):
                 return
             self._request()
-            # Never fire twice for one due time, nor catch up on times missed while suspended.
-            due = self.trigger.next_after(max(due, datetime.now(UTC)))
+            due = self.trigger.next_after(due)  # from the due time, not the clock: no drift
+            if due < (now := datetime.now(UTC)):  # times missed while suspended are not caught up
+                due = self.trigger.next_after(now)
 
     def _request(self) -> None:
         for result in request_gc(self.settings, {}):
