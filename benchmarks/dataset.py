@@ -85,9 +85,10 @@ def _freeze_conditions(dsn: str) -> None:
 def build(server: Server, shape: str, rows: int, reuse: bool, fraction: float | None = None) -> Template:
     """Seed the template for (shape, rows, fraction), or reuse one an earlier run built identically.
 
-    ``fraction`` None is the shape's default garbage fraction (``engine.synth``).
+    ``fraction`` None is the shape's default garbage fraction (``engine.tools.synth``).
     """
-    from engine import migrate, synth
+    from engine import migrate
+    from engine.tools import synth
 
     name = template_name(shape, rows, fraction)
     key = {"version": TEMPLATE_VERSION, "rows": rows, "shape": shape, "fraction": fraction}

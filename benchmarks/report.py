@@ -516,7 +516,7 @@ METHOD = """\
 # Benchmarks
 
 msggc against the ways people delete old rows today, on synthetic `messages` tables seeded by
-`engine.synth` (`msggc seed`). Rerun: `make bench` (10M rows, about 40 min on 2 cores) or
+`engine.tools.synth` (`msggc seed`). Rerun: `make bench` (10M rows, about 40 min on 2 cores) or
 `make bench-small` (1M rows, under 3 min, written to `benchmarks/results/tmp/`). Options:
 `python -m benchmarks --help` (`--dsn` for another local server, `--rows`, `--shapes`,
 `--contenders`, `--repeats`). Raw results: `benchmarks/results/<date>-<shape>.json`.

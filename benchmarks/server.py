@@ -57,7 +57,7 @@ def require_loopback(dsn: str) -> None:
 
 def dsn_for_database(dsn: str, dbname: str) -> str:
     """The server's DSN naming another database (the embedded module's helper, key=value aware)."""
-    from engine.embedded import dsn_for_database as switch
+    from engine.tools.embedded import dsn_for_database as switch
 
     return switch(dsn, dbname)
 
@@ -87,7 +87,7 @@ class Server:
     def open(cls, dsn: str | None) -> Server:
         """The given DSN (checked to be local), or the embedded server started on demand."""
         if dsn is None:
-            from engine import embedded
+            from engine.tools import embedded
 
             dsn = embedded.ensure_running()
         require_loopback(dsn)

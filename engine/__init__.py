@@ -7,7 +7,7 @@ API are thin shells over it.
 from engine.collector import GcResult, Progress, collect
 from engine.config import GcOptions, TableSpec
 from engine.errors import MsggcError
-from engine.notify import LogNotifier, Notifier, WebhookNotifier
+from engine.service.notify import LogNotifier, Notifier, WebhookNotifier
 
 __all__ = ["GcOptions", "GcResult", "LogNotifier", "MsggcError", "Notifier", "Progress", "TableSpec",
            "WebhookNotifier", "collect"]

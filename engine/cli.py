@@ -16,7 +16,7 @@ from typing import Any, TypeVar
 
 import click
 
-from engine import embedded, migrate, runs
+from engine import migrate, runs
 from engine.collector import GcResult, Progress, collect
 from engine.config import (
     STRATEGIES,
@@ -25,11 +25,12 @@ from engine.config import (
     mask_dsn,
     parse_duration,
     parse_size,
-    resolve_dsn,
 )
 from engine.db import connection, user_fault
 from engine.errors import MsggcError, UsageError
-from engine.notify import LogNotifier, Notifier, WebhookNotifier
+from engine.service.notify import LogNotifier, Notifier, WebhookNotifier
+from engine.tools import embedded
+from engine.tools.embedded import resolve_dsn
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -109,7 +110,7 @@ def migrate_command(dsn: str | None) -> None:
 @friendly_errors
 def seed(dsn: str | None, table: str, rows: int, shape: str, garbage_fraction: float | None) -> None:
     """Fill the table with synthetic messages, generated server-side."""
-    from engine import synth
+    from engine.tools import synth
 
     dsn = resolve_dsn(dsn)
     with _phase_progress() as on_progress:
@@ -349,7 +350,7 @@ def purge_archive(dsn: str | None, table: str, older_than: timedelta) -> None:
 @friendly_errors
 def demo(dsn: str | None, rows: int) -> None:
     """Seed a demo database and collect it, with a webhook to a local receiver."""
-    from engine.demo import run_demo
+    from engine.tools.demo import run_demo
 
     with _phase_progress() as on_seed, _gc_progress(enabled=True) as on_progress:
         result = run_demo(rows, click.echo, on_seed, on_progress, dsn)
@@ -362,7 +363,7 @@ def demo(dsn: str | None, rows: int) -> None:
 @click.option("--count", type=click.IntRange(min=0), default=0, help="Exit after this many (0 = never).")
 def receive(port: int, count: int) -> None:
     """Print the webhook bodies POSTed to http://127.0.0.1:PORT/ (a stand-in callback server)."""
-    from engine.receiver import Receiver
+    from engine.tools.receiver import Receiver
 
     with Receiver(lambda body: click.echo(json.dumps(body, indent=4)), port=port) as receiver:
         click.echo(f"listening on {receiver.url}", err=True)
@@ -446,13 +447,13 @@ def _log_to_stderr() -> None:
 @friendly_errors
 def serve(host: str, port: int, token: str | None, no_worker: bool, **service: Any) -> None:
     """Serve the HTTP API (PUT /v1/services/message/gc) and run its worker."""
-    from engine.settings import load_settings, require_token_beyond_loopback
+    from engine.service.settings import load_settings, require_token_beyond_loopback
 
     settings = load_settings(token=token, run_worker=not no_worker, **service)
     require_token_beyond_loopback(host, settings.token)
     import uvicorn
 
-    from engine.api import create_app
+    from engine.service.api import create_app
 
     _log_to_stderr()
     uvicorn.run(create_app(settings), host=host, port=port, log_level="info")
@@ -463,8 +464,8 @@ def serve(host: str, port: int, token: str | None, no_worker: bool, **service: A
 @friendly_errors
 def worker(**service: Any) -> None:
     """Claim and execute queued GC runs and deliver their webhooks, without the HTTP API."""
-    from engine.settings import load_settings
-    from engine.worker import Worker
+    from engine.service.settings import load_settings
+    from engine.service.worker import Worker
 
     settings = load_settings(**service)
     _log_to_stderr()

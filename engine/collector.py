@@ -20,18 +20,19 @@ from typing import Any
 import psycopg
 from psycopg import errors as pg_errors
 
-from engine import archive_file, outbox, reclaim, runs
+from engine import archive_file, reclaim, runs
 from engine.archive import resolve as resolve_archive
 from engine.archive import table_columns
 from engine.archive_file import ArchiveFile
 from engine.config import GcOptions
-from engine.contract import completion
 from engine.db import Connection, connect, require_bookkeeping, require_target
 from engine.errors import DatabaseUnreachable, GcAlreadyRunning, MsggcError
 from engine.estimate import estimate
-from engine.notify import Notifier, encode
 from engine.planner import Plan, make_plan
 from engine.queries import SET_BATCH_SETTINGS, Archive, Statements
+from engine.service import outbox
+from engine.service.contract import completion
+from engine.service.notify import Notifier, encode
 from engine.strategies import STRATEGIES, BatchOutcome, Slice, Strategy
 from engine.throttle import Limits, Throttle
 

@@ -107,18 +107,17 @@ class GcOptions:
         return record
 
 
-def resolve_dsn(dsn: str | None) -> str:
-    """An explicit DSN, else ``$MSGGC_DSN``, else the embedded server (started on demand)."""
+def given_dsn(dsn: str | None) -> str | None:
+    """An explicit DSN, else ``$MSGGC_DSN``, checked for syntax; None when neither is set (the
+    CLI then falls back to the embedded server: the core never starts one)."""
     chosen = dsn or os.environ.get("MSGGC_DSN")
-    if chosen:
-        try:
-            conninfo.conninfo_to_dict(chosen)
-        except Exception as exc:
-            raise UsageError(f"invalid DSN {mask_dsn(chosen)!r}: {scrub_dsn(str(exc), chosen)}") from None
-        return chosen
-    from engine import embedded
-
-    return embedded.ensure_running()
+    if not chosen:
+        return None
+    try:
+        conninfo.conninfo_to_dict(chosen)
+    except Exception as exc:
+        raise UsageError(f"invalid DSN {mask_dsn(chosen)!r}: {scrub_dsn(str(exc), chosen)}") from None
+    return chosen
 
 
 def mask_dsn(dsn: str) -> str:

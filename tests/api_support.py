@@ -18,8 +18,8 @@ from typing import Any
 import psycopg
 import uvicorn
 
-from engine.api import create_app
-from engine.settings import ServiceSettings
+from engine.service.api import create_app
+from engine.service.settings import ServiceSettings
 from tests.data import run_rows
 from tests.polling import wait_until
 

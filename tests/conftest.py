@@ -26,7 +26,7 @@ def _server_dsn() -> str:
     explicit = os.environ.get("MSGGC_TEST_DSN")
     if explicit:
         return explicit
-    from engine import embedded
+    from engine.tools import embedded
 
     return embedded.ensure_running()
 
@@ -62,7 +62,7 @@ def server_dsn() -> str:
 @pytest.fixture
 def scratch_dsn() -> Iterator[str]:
     """A fresh, empty (unmigrated) database, dropped after the test."""
-    from engine.embedded import dsn_for_database
+    from engine.tools.embedded import dsn_for_database
 
     name = f"msggc_scratch_{uuid.uuid4().hex[:12]}"
     with psycopg.connect(SERVER_DSN, autocommit=True) as admin:
@@ -96,7 +96,7 @@ def make_dsn(postgresql_noproc: Any) -> Iterator[Callable[[], str]]:
     test: for tests that need several nodes."""
     from pytest_postgresql.janitor import DatabaseJanitor
 
-    from engine.embedded import dsn_for_database
+    from engine.tools.embedded import dsn_for_database
 
     janitors: list[DatabaseJanitor] = []
 

@@ -22,7 +22,7 @@ from pathlib import Path
 import psycopg
 from psycopg.conninfo import conninfo_to_dict
 
-from engine import embedded
+from engine.tools import embedded
 
 STANDBY_PORT = 54339
 """Names the standby's socket file; it lives in its own directory, so it cannot collide."""
@@ -40,7 +40,7 @@ class Replica:
 
 @contextlib.contextmanager
 def msggc_home(root: Path) -> Iterator[None]:
-    """engine.embedded reads MSGGC_HOME on every call: point it at the private home meanwhile."""
+    """engine.tools.embedded reads MSGGC_HOME on every call: point it at the private home meanwhile."""
     saved = os.environ.get("MSGGC_HOME")
     os.environ["MSGGC_HOME"] = str(root)
     try:

@@ -8,11 +8,11 @@ from datetime import timedelta
 import pytest
 from click.testing import CliRunner
 
-from engine import nodes
 from engine.cli import main
 from engine.errors import DatabaseUnreachable, UsageError
-from engine.settings import load_settings, require_token_beyond_loopback
-from engine.triggers import Cron, Every
+from engine.service import nodes
+from engine.service.settings import load_settings, require_token_beyond_loopback
+from engine.service.triggers import Cron, Every
 
 URI_1 = "postgresql://msggc@db1:5433/app"
 URI_2 = "postgresql://msggc@db2a:5432,db2b:5432/app?target_session_attrs=read-write"

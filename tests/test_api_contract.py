@@ -13,18 +13,18 @@ import httpx
 import psycopg
 import pytest
 
-from engine import nodes
-from engine.api_models import (
+from engine.config import GcOptions
+from engine.service import nodes
+from engine.service.api_models import (
     CompletionWebhook,
     ErrorAnswer,
     MultiStartAnswer,
     SingleStartAnswer,
     SingleStatusAnswer,
 )
-from engine.config import GcOptions
-from engine.contract import package_version
-from engine.notify import SIGNATURE_HEADER, sign
-from engine.settings import ServiceSettings
+from engine.service.contract import package_version
+from engine.service.notify import SIGNATURE_HEADER, sign
+from engine.service.settings import ServiceSettings
 from tests.api_support import (
     GC_PATH,
     assert_same_keys_in_order,

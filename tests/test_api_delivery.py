@@ -8,9 +8,9 @@ import httpx
 import psycopg
 from pytest_httpserver import HTTPServer
 
-from engine import nodes
 from engine.config import GcOptions
-from engine.settings import ServiceSettings
+from engine.service import nodes
+from engine.service.settings import ServiceSettings
 from tests.api_support import GC_PATH, free_port, gc_of, posted_bodies, running_service, runs_of, wait_until
 from tests.data import fill
 

@@ -21,8 +21,8 @@ import httpx
 import psycopg
 import pytest
 
-from engine.nodes import Node
-from engine.notify import SIGNATURE_HEADER, sign
+from engine.service.nodes import Node
+from engine.service.notify import SIGNATURE_HEADER, sign
 from tests.api_support import (
     GC_PATH,
     closed_port_dsn,

@@ -5,11 +5,11 @@ from __future__ import annotations
 import httpx
 import pytest
 
-from engine import nodes
-from engine.api_models import ErrorAnswer
 from engine.config import GcOptions
-from engine.contract import package_version
-from engine.settings import ServiceSettings
+from engine.service import nodes
+from engine.service.api_models import ErrorAnswer
+from engine.service.contract import package_version
+from engine.service.settings import ServiceSettings
 from tests.api_support import GC_PATH, running_service, wait_until
 from tests.data import fill
 
@@ -118,9 +118,9 @@ def test_metrics_report_runs_rows_batches_and_backlog(service, conn):
 
 def test_a_put_can_archive_throttle_and_vacuum_and_status_shows_the_results(conn, dsn, httpserver):
     """The beyond-the-seed options work through the API as through the CLI."""
-    from engine import nodes
     from engine.config import GcOptions
-    from engine.settings import ServiceSettings
+    from engine.service import nodes
+    from engine.service.settings import ServiceSettings
     from tests.api_support import GC_PATH, posted_bodies, running_service, wait_until
     from tests.data import fill, surviving_ids
 
@@ -143,9 +143,9 @@ def test_a_put_can_archive_throttle_and_vacuum_and_status_shows_the_results(conn
 
 
 def test_a_put_can_archive_to_a_file_in_the_configured_directory(conn, dsn, httpserver, tmp_path):
-    from engine import nodes
     from engine.config import GcOptions
-    from engine.settings import ServiceSettings
+    from engine.service import nodes
+    from engine.service.settings import ServiceSettings
     from tests.api_support import GC_PATH, posted_bodies, running_service, wait_until
     from tests.data import fill, surviving_ids
     from tests.test_archive_file import archived_ids
@@ -169,9 +169,9 @@ def test_a_put_can_archive_to_a_file_in_the_configured_directory(conn, dsn, http
     (True, {"archive_to_file": True, "archive": True}, "not both"),
 ])
 def test_options_that_cannot_apply_are_a_parameter_error(dsn, tmp_path, with_archive_dir, body, mentions):
-    from engine import nodes
     from engine.config import GcOptions
-    from engine.settings import ServiceSettings
+    from engine.service import nodes
+    from engine.service.settings import ServiceSettings
     from tests.api_support import GC_PATH, running_service, runs_of
 
     settings = ServiceSettings(nodes=tuple(nodes.single(dsn)), defaults=GcOptions(), run_worker=False,

@@ -7,10 +7,11 @@ from concurrent.futures import ThreadPoolExecutor
 import psycopg
 import pytest
 
-from engine import nodes, runs, service
+from engine import runs
 from engine.config import GcOptions
-from engine.settings import ServiceSettings
-from engine.worker import Worker
+from engine.service import nodes, requests
+from engine.service.settings import ServiceSettings
+from engine.service.worker import Worker
 from tests.api_support import gc_of, posted_bodies, runs_of, wait_until
 from tests.data import fill
 
@@ -41,7 +42,7 @@ def test_concurrent_puts_queue_one_run_and_the_others_join_it(dsn, conn):
     fill(conn, [True])
     settings = ServiceSettings(nodes=nodes.single(dsn), run_worker=False)
     with ThreadPoolExecutor(max_workers=8) as pool:
-        results = pool.map(lambda _: service.request_gc(settings, {}), range(8))
+        results = pool.map(lambda _: requests.request_gc(settings, {}), range(8))
         answers = [result[0].value for result in results]
     assert len({started.run_id for started in answers}) == 1
     assert sorted(started.joined for started in answers) == [False] + [True] * 7
@@ -51,7 +52,7 @@ def test_concurrent_puts_queue_one_run_and_the_others_join_it(dsn, conn):
 def test_two_workers_on_one_node_execute_a_queued_run_once(conn, dsn, callback):
     fill(conn, [True] * 40 + [False] * 10)
     settings = settings_for(dsn, callback)
-    service.request_gc(settings, {})
+    requests.request_gc(settings, {})
     workers = [Worker(settings), Worker(settings)]
     for worker in workers:
         worker.start()
@@ -69,7 +70,7 @@ def test_two_workers_on_one_node_execute_a_queued_run_once(conn, dsn, callback):
 
 def test_a_queued_run_that_cannot_start_ends_failed_with_a_1014_webhook(conn, dsn, callback):
     settings = settings_for(dsn, callback)
-    service.request_gc(settings, {})
+    requests.request_gc(settings, {})
     conn.execute("DROP TABLE messages")
     worker = Worker(settings)
     worker.start()

@@ -14,8 +14,8 @@ import psycopg
 import pytest
 from psycopg.conninfo import conninfo_to_dict
 
-from engine import embedded
 from engine.errors import EmbeddedServerError
+from engine.tools import embedded
 
 
 @pytest.fixture

@@ -5,8 +5,8 @@ from __future__ import annotations
 import psycopg
 import pytest
 
-from engine import synth
 from engine.errors import DatabaseUnreachable, SchemaMissing, TargetTableError, UsageError
+from engine.tools import synth
 
 
 def one(dsn: str, query: str) -> tuple:

@@ -248,13 +248,13 @@ class PrivateServer:
         self.home = home
 
     def start(self) -> str:
-        from engine import embedded
+        from engine.tools import embedded
 
         with msggc_home(self.home):
             return embedded.ensure_running()
 
     def stop(self, mode: Literal["fast", "immediate"] = "fast") -> bool:
-        from engine import embedded
+        from engine.tools import embedded
 
         with msggc_home(self.home):
             return embedded.stop(mode)

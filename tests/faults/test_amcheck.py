@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import pytest
 
-from engine import collect, synth
+from engine import collect
 from engine.config import GcOptions
+from engine.tools import synth
 from tests.faults.helpers import Conn, Ledger
 
 ROWS = 1_000_000

@@ -21,10 +21,10 @@ from schemathesis.specs.openapi.checks import (
     status_code_conformance,
 )
 
-from engine import nodes, worker
-from engine.body_limit import MAX_BODY_BYTES
 from engine.config import GcOptions
-from engine.settings import ServiceSettings
+from engine.service import nodes, worker
+from engine.service.body_limit import MAX_BODY_BYTES
+from engine.service.settings import ServiceSettings
 from tests.api_support import GC_PATH, running_service
 from tests.data import fill, run_rows
 from tests.faults.helpers import (

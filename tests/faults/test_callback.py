@@ -9,9 +9,10 @@ import time
 import psycopg
 import pytest
 
-from engine import collect, outbox
+from engine import collect
 from engine.config import GcOptions
-from engine.notify import WebhookNotifier
+from engine.service import outbox
+from engine.service.notify import WebhookNotifier
 from tests.data import fill
 from tests.faults.helpers import CallbackServer, Conn, Ledger, free_port, outbox_rows, wait_until
 
@@ -117,7 +118,7 @@ def test_every_attempt_of_a_notice_carries_the_same_delivery_id(conn: Conn, dsn:
     """Receivers can drop the duplicate that at-least-once delivery allows."""
     from werkzeug import Response
 
-    from engine.notify import DELIVERY_HEADER
+    from engine.service.notify import DELIVERY_HEADER
 
     fill(conn, [True] * 10)
     httpserver.expect_ordered_request("/gc", method="POST").respond_with_response(Response(status=500))

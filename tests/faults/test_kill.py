@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from engine import outbox
-from engine.notify import WebhookNotifier
+from engine.service import outbox
+from engine.service.notify import WebhookNotifier
 from tests.data import fill, live_ids, surviving_ids
 from tests.faults.helpers import (
     CallbackServer,

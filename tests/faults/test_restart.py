@@ -16,7 +16,7 @@ import pytest
 from psycopg import sql
 
 from engine import migrate
-from engine.embedded import dsn_for_database
+from engine.tools.embedded import dsn_for_database
 from tests.data import fill
 from tests.faults.helpers import (
     CallbackServer,

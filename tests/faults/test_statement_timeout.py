@@ -8,7 +8,7 @@ import pytest
 
 from engine import collect, collector
 from engine.config import GcOptions
-from engine.notify import WebhookNotifier
+from engine.service.notify import WebhookNotifier
 from tests.data import fill, surviving_ids
 from tests.faults.helpers import CallbackServer, Conn, Ledger, counted_deletions, notice
 

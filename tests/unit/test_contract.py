@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from engine.contract import completion, error_answer, processing, start_answer
+from engine.service.contract import completion, error_answer, processing, start_answer
 
 
 def test_single_instance_completion_matches_the_seed():

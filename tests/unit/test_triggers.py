@@ -7,7 +7,7 @@ from datetime import UTC, datetime, timedelta
 import pytest
 
 from engine.errors import UsageError
-from engine.triggers import Cron, Every, trigger_of
+from engine.service.triggers import Cron, Every, trigger_of
 
 NOON = datetime(2026, 11, 25, 12, 0, 0, tzinfo=UTC)
 

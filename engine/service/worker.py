@@ -29,16 +29,17 @@ from typing import Any
 
 import psycopg
 
-from engine import outbox, runs
+from engine import runs
 from engine.collector import GcResult, collect
-from engine.contract import completion
 from engine.db import Connection, connect
 from engine.errors import DatabaseUnreachable, GcAlreadyRunning, MsggcError
-from engine.metrics import Metrics
-from engine.nodes import Node
-from engine.notify import encode
-from engine.schedule import Schedule
-from engine.settings import ServiceSettings
+from engine.service import outbox
+from engine.service.contract import completion
+from engine.service.metrics import Metrics
+from engine.service.nodes import Node
+from engine.service.notify import encode
+from engine.service.schedule import Schedule
+from engine.service.settings import ServiceSettings
 
 log = logging.getLogger("msggc.worker")
 

@@ -11,7 +11,7 @@ from collections.abc import Callable
 
 from engine.db import Connection
 from engine.errors import MsggcError
-from engine.notify import Notifier
+from engine.service.notify import Notifier
 
 BACKOFF_BASE_S = 1.0
 BACKOFF_MAX_S = 300.0

@@ -30,12 +30,13 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
-from engine import nodes as nodes_config
-from engine.config import GcOptions, TableSpec, parse_duration, parse_size, resolve_dsn
+from engine.config import GcOptions, TableSpec, parse_duration, parse_size
 from engine.errors import UsageError
-from engine.nodes import Node
-from engine.notify import LogNotifier, Notifier, WebhookNotifier, check_url
-from engine.triggers import Trigger, trigger_of
+from engine.service import nodes as nodes_config
+from engine.service.nodes import Node
+from engine.service.notify import LogNotifier, Notifier, WebhookNotifier, check_url
+from engine.service.triggers import Trigger, trigger_of
+from engine.tools.embedded import resolve_dsn
 
 DEFAULT_MAX_SECONDS = 3600.0
 """A run stops after an hour unless told otherwise; the next PUT continues where it stopped,

@@ -1,6 +1,6 @@
 """Pydantic models of the HTTP API: the request body, and every answer for the OpenAPI schema.
 
-The answers themselves are built by :mod:`engine.contract` (the seed's bodies, key order kept);
+The answers themselves are built by :mod:`engine.service.contract` (the seed's bodies, key order kept);
 these models describe them, so ``/openapi.json`` documents exactly what the service sends.
 """
 

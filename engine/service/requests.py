@@ -17,8 +17,8 @@ import psycopg
 from engine import runs
 from engine.db import connect, require_bookkeeping, require_target
 from engine.errors import DatabaseUnreachable, MsggcError
-from engine.nodes import Node, unreachable_details
-from engine.settings import ServiceSettings
+from engine.service.nodes import Node, unreachable_details
+from engine.service.settings import ServiceSettings
 
 T = TypeVar("T")
 

@@ -25,6 +25,7 @@ from urllib.parse import quote, urlsplit, urlunsplit
 import platformdirs
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
+from engine.config import given_dsn
 from engine.errors import EmbeddedServerError, UsageError
 
 SOCKET_PORT = 54329
@@ -64,6 +65,11 @@ def url() -> str | None:
     """The DSN of the running embedded server, or None; never starts it."""
     found = _running_postmaster(data_dir())
     return _dsn(*found) if found else None
+
+
+def resolve_dsn(dsn: str | None) -> str:
+    """An explicit DSN, else ``$MSGGC_DSN``, else this server (started on demand)."""
+    return given_dsn(dsn) or ensure_running()
 
 
 def ensure_running() -> str:

@@ -13,7 +13,7 @@ from typing import Any
 
 from starlette.exceptions import HTTPException
 
-from engine import contract
+from engine.service import contract
 
 MAX_BODY_BYTES = 64 * 1024
 

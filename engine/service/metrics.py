@@ -14,12 +14,13 @@ from prometheus_client import CollectorRegistry, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from engine import outbox, runs
+from engine import runs
 from engine.collector import Progress
 from engine.db import connect
-from engine.nodes import Node
-from engine.service import on_every_node
-from engine.settings import ServiceSettings
+from engine.service import outbox
+from engine.service.nodes import Node
+from engine.service.requests import on_every_node
+from engine.service.settings import ServiceSettings
 
 BATCH_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 

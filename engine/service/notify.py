@@ -1,7 +1,7 @@
 """Notifiers: where a run's completion body goes.
 
 A notifier with a ``target`` is durable: the collector stores the body in ``gc_outbox`` in the
-run's last transaction and :mod:`engine.outbox` delivers it, so a callback server that is down
+run's last transaction and :mod:`engine.service.outbox` delivers it, so a callback server that is down
 loses nothing. A notifier without one (the log) is told directly after the run.
 """
 

@@ -1,4 +1,4 @@
-"""Periodic GC without an external cron: one loop waits for its trigger (:mod:`engine.triggers`),
+"""Periodic GC without an external cron: one loop waits for its trigger (:mod:`engine.service.triggers`),
 then requests a GC on every node as the API's PUT does (queue, or join a run in flight). The worker
 executes each request with the configured budget; the next request continues where a stopped run
 left off.
@@ -11,9 +11,9 @@ import threading
 from collections.abc import Callable
 from datetime import UTC, datetime
 
-from engine.service import request_gc
-from engine.settings import ServiceSettings
-from engine.triggers import Trigger
+from engine.service.requests import request_gc
+from engine.service.settings import ServiceSettings
+from engine.service.triggers import Trigger
 
 log = logging.getLogger("msggc.schedule")
 

@@ -1,8 +1,8 @@
 """The HTTP API: the seed's ``PUT /v1/services/message/gc`` contract, plus status, metrics, health.
 
 A thin shell: a PUT writes a queued ``gc_runs`` row on every node (or joins the active one) and
-answers at once; the worker (:mod:`engine.worker`) claims and executes the runs and delivers the
-completion webhooks. Answers are the seed's bodies built by :mod:`engine.contract`.
+answers at once; the worker (:mod:`engine.service.worker`) claims and executes the runs and delivers the
+completion webhooks. Answers are the seed's bodies built by :mod:`engine.service.contract`.
 
 HTTP status codes
 -----------------
@@ -42,8 +42,9 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match
 
-from engine import contract, service
-from engine.api_models import (
+from engine.errors import UsageError
+from engine.service import contract, requests
+from engine.service.api_models import (
     CompletionWebhook,
     ErrorAnswer,
     GcRequest,
@@ -54,12 +55,11 @@ from engine.api_models import (
     SingleStartAnswer,
     SingleStatusAnswer,
 )
-from engine.body_limit import MAX_BODY_BYTES, BodyLimit
-from engine.errors import UsageError
-from engine.metrics import Metrics
-from engine.service import NodeResult
-from engine.settings import ServiceSettings
-from engine.worker import Worker
+from engine.service.body_limit import MAX_BODY_BYTES, BodyLimit
+from engine.service.metrics import Metrics
+from engine.service.requests import NodeResult
+from engine.service.settings import ServiceSettings
+from engine.service.worker import Worker
 
 GC_PATH = "/v1/services/message/gc"
 
@@ -128,7 +128,7 @@ def create_app(settings: ServiceSettings) -> FastAPI:
             settings.check_options(overrides)
         except UsageError as exc:
             return _errors(422, [contract.error(str(exc), code=contract.PARAMETER_NOT_VALID)])
-        results = service.request_gc(settings, overrides)
+        results = requests.request_gc(settings, overrides)
         if worker is not None:
             worker.wake()
         return _per_node(results, lambda _started: contract.processing(), multi)
@@ -140,7 +140,7 @@ def create_app(settings: ServiceSettings) -> FastAPI:
                               "description": "No node could be read (1014 Internal error)."}, **guarded})
     def gc_status() -> JSONResponse:
         """Per node: status, rows deleted so far, rows/s, started/finished, last error."""
-        return _per_node(service.read_status(settings), _run_status, multi)
+        return _per_node(requests.read_status(settings), _run_status, multi)
 
     @app.get("/metrics", dependencies=auth, response_class=Response, summary="Prometheus metrics",
              responses={200: {"content": {CONTENT_TYPE_LATEST: {}},

@@ -12,11 +12,13 @@ from collections.abc import Callable
 import psycopg
 from psycopg import sql
 
-from engine import embedded, migrate, synth
+from engine import migrate
 from engine.collector import GcResult, Progress, collect
-from engine.config import GcOptions, resolve_dsn
-from engine.notify import WebhookNotifier
-from engine.receiver import Receiver
+from engine.config import GcOptions
+from engine.service.notify import WebhookNotifier
+from engine.tools import embedded, synth
+from engine.tools.embedded import resolve_dsn
+from engine.tools.receiver import Receiver
 
 DEMO_DATABASE = "msggc_demo"
 

@@ -1,0 +1,1 @@
+"""Tools beside the GC path: the embedded server, synthetic data, the demo and a webhook receiver."""
