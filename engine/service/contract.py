@@ -1,6 +1,6 @@
 """The bodies of the WhatsApp Business On-Premises ``/v1/services/message/gc`` contract.
 
-Shapes follow ``shared/seed/messages-gc-endpoint.txt`` key for key (and in its key order); the
+Shapes follow ``tests/fixtures/messages-gc-endpoint.txt`` key for key (and in its key order); the
 seed's failure example has trailing commas, ours is always valid JSON.
 """
 

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import json
+import re
+from pathlib import Path
 
+from engine.service import contract
 from engine.service.contract import completion, error_answer, processing, start_answer
 
 
@@ -34,3 +37,11 @@ def test_start_answer_and_error_answer_carry_meta():
     details = "Connection timed out. Please check if wacore is running: wacore:6252"
     error = error_answer(details)
     assert error["errors"] == [{"code": 1014, "title": "Internal error", "details": details}]
+
+
+def test_the_contract_docstring_cites_a_seed_file_that_exists_in_the_repo():
+    root = Path(__file__).resolve().parents[2]
+    cited = re.findall(r"``([\w/.-]+\.txt)``", contract.__doc__ or "")
+    assert cited, "the docstring names the seed file"
+    for path in cited:
+        assert (root / path).is_file(), path
