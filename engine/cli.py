@@ -115,7 +115,7 @@ def seed(dsn: str | None, table: str, rows: int, shape: str, garbage_fraction: f
     dsn = resolve_dsn(dsn)
     with _phase_progress() as on_progress:
         report = synth.seed(dsn, rows, shape, garbage_fraction,  # type: ignore[arg-type]
-                            table=TableSpec.parse(table).name, on_progress=on_progress)
+                            table=TableSpec.parse(table).qualified, on_progress=on_progress)
     indexes = ", ".join(f"{name} {seconds:.1f}s" for name, seconds in report.index_seconds.items())
     click.echo(
         f"seeded {report.rows:,} rows ({report.garbage_rows:,} garbage, {shape}) in"

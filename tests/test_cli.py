@@ -117,6 +117,18 @@ def test_status_lists_recent_runs_as_json(conn, dsn):
     assert [(r["status"], r["messages_deleted"]) for r in runs] == [("complete", 5)]
 
 
+def test_seed_of_a_schema_qualified_table_fills_it_and_keeps_the_schema_s_other_tables(conn, dsn):
+    conn.execute("CREATE SCHEMA app")
+    conn.execute("CREATE TABLE app.messages (LIKE public.messages INCLUDING ALL)")
+    conn.execute("CREATE TABLE app.contacts (id bigint PRIMARY KEY)")
+    conn.execute("INSERT INTO app.contacts VALUES (1), (2)")
+    proc = msggc("seed", "--dsn", dsn, "--table", "app.messages", "--rows", "100")
+    assert proc.returncode == 0, proc.stderr
+    assert conn.execute("SELECT count(*) FROM app.messages").fetchone()[0] == 100
+    assert conn.execute("SELECT count(*) FROM public.messages").fetchone()[0] == 0
+    assert conn.execute("SELECT count(*) FROM app.contacts").fetchone()[0] == 2
+
+
 def test_migrate_is_idempotent(dsn):
     proc = msggc("migrate", "--dsn", dsn)
     assert proc.returncode == 0
