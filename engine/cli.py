@@ -299,7 +299,11 @@ def status(dsn: str | None, limit: int, as_json: bool) -> None:
                       f"{row['throttle_pauses']} / {row['throttled_seconds']:.1f}s",
                       f"{row['started_at']:%Y-%m-%d %H:%M:%S}" if row["started_at"] else "",
                       row["error"] or "")
-    Console().print(table)
+    console = Console()
+    if not console.is_terminal:  # piped, rich would cut every line at 80 columns: scripts need it all
+        unbounded = console.options.update(max_width=sys.maxsize)
+        console.width = console.measure(table, options=unbounded).maximum
+    console.print(table)
 
 
 @main.command()

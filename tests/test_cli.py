@@ -129,6 +129,20 @@ def test_seed_of_a_schema_qualified_table_fills_it_and_keeps_the_schema_s_other_
     assert conn.execute("SELECT count(*) FROM app.contacts").fetchone()[0] == 2
 
 
+def test_status_piped_shows_every_column_and_the_whole_error(conn, dsn):
+    error = "cannot delete batch: " + " ".join(f"detail{i}" for i in range(40)) + " END-OF-ERROR"
+    conn.execute("INSERT INTO gc_runs (node, table_name, status, strategy, started_at, error)"
+                 " VALUES ('wacore1:9dfe77618dba', 'app.messages', 'failed', 'physical', now(), %s)",
+                 (error,))
+    proc = msggc("status", "--dsn", dsn)  # stdout is a pipe, not a terminal
+    assert proc.returncode == 0, proc.stderr
+    for header in ("run", "node", "table", "status", "strategy", "deleted", "batches", "throttled",
+                   "started", "error"):
+        assert header in proc.stdout
+    for value in ("wacore1:9dfe77618dba", "app.messages", "failed", "physical", error):
+        assert value in proc.stdout
+
+
 def test_migrate_is_idempotent(dsn):
     proc = msggc("migrate", "--dsn", dsn)
     assert proc.returncode == 0
