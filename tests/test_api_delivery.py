@@ -2,15 +2,22 @@
 
 from __future__ import annotations
 
+import logging
 import time
+import uuid
+from collections.abc import Iterator
 
 import httpx
 import psycopg
+import pytest
+from psycopg import sql
+from psycopg.conninfo import make_conninfo
 from pytest_httpserver import HTTPServer
 
 from engine.config import GcOptions
 from engine.service import nodes
 from engine.service.settings import ServiceSettings
+from engine.service.worker import Worker
 from tests.api_support import GC_PATH, free_port, gc_of, posted_bodies, running_service, runs_of, wait_until
 from tests.data import fill
 
@@ -67,3 +74,36 @@ def test_a_callback_server_answering_5xx_gets_the_webhook_again_until_it_takes_i
     assert [response.status_code for _, response in httpserver.log] == [503, 200]
     assert [gc_of(body) for body in posted_bodies(httpserver)] == [complete(3)]
     assert outbox_row(dsn)["attempts"] == 2
+
+
+@pytest.fixture
+def dsn_without_outbox_update(conn, dsn) -> Iterator[str]:
+    """A login role that may do everything but UPDATE gc_outbox: a lasting delivery fault."""
+    role = f"msggc_no_outbox_update_{uuid.uuid4().hex[:8]}"
+    conn.execute(sql.SQL("CREATE ROLE {} LOGIN").format(sql.Identifier(role)))
+    conn.execute(sql.SQL("GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA public TO {}")
+                 .format(sql.Identifier(role)))
+    conn.execute(sql.SQL("REVOKE UPDATE ON gc_outbox FROM {}").format(sql.Identifier(role)))
+    try:
+        yield make_conninfo(dsn, user=role)
+    finally:
+        conn.execute(sql.SQL("DROP OWNED BY {}").format(sql.Identifier(role)))
+        conn.execute(sql.SQL("DROP ROLE {}").format(sql.Identifier(role)))
+
+
+def test_a_lasting_delivery_fault_is_logged_once_naming_the_node_not_at_every_poll(
+        dsn_without_outbox_update, caplog):
+    settings = ServiceSettings(nodes=nodes.build_nodes({"wacore1": dsn_without_outbox_update}),
+                               multiconnect=True, poll_s=0.05)
+    caplog.set_level(logging.WARNING, logger="msggc.worker")
+    worker = Worker(settings)
+    worker.start()
+    try:
+        time.sleep(1.0)  # about 20 polls, each failing on the missing privilege
+    finally:
+        worker.close()
+
+    warnings = [record.getMessage() for record in caplog.records if record.levelno == logging.WARNING]
+    assert len(warnings) == 1, warnings
+    assert "wacore1" in warnings[0]
+    assert "gc_outbox" in warnings[0]

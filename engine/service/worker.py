@@ -45,6 +45,8 @@ log = logging.getLogger("msggc.worker")
 
 BUSY_TABLE_RETRY_S = 5.0
 """How long a run waits when another GC holds its table: each attempt plans (samples) the table."""
+DELIVERY_FAULT_LOG_EVERY_S = 60.0
+"""A lasting delivery fault is logged once a minute per distinct error, not at every poll."""
 
 
 class Worker:
@@ -57,6 +59,7 @@ class Worker:
         self._wake = {node.name: threading.Event() for node in settings.nodes}
         self._deliver_now = {node.name: threading.Event() for node in settings.nodes}
         self._down: dict[str, str] = {}
+        self._delivery_faults: dict[str, dict[str, float]] = {node.name: {} for node in settings.nodes}
         self._threads: list[threading.Thread] = []
         self.schedule = Schedule(settings, settings.schedule, self.wake) if settings.schedule else None
 
@@ -186,13 +189,28 @@ class Worker:
             try:
                 conn = self._connected(node, conn)
                 delivered, pending = outbox.deliver_due(conn, self.settings.webhook)
-            except (MsggcError, psycopg.Error):
+            except DatabaseUnreachable:
                 conn = _closed(conn)  # the node loop reports the node's state
+            except (MsggcError, psycopg.Error) as exc:
+                conn = _closed(conn)
+                self._delivery_fault(node, exc)
             else:
                 if delivered or pending:
                     log.info("node %s: %d webhook(s) delivered, %d to retry", node.label, delivered, pending)
             self._pause(self._deliver_now, node)
         _closed(conn)
+
+    def _delivery_fault(self, node: Node, problem: Exception) -> None:
+        """Log a delivery error once a minute per distinct message: a lasting fault (a missing
+        privilege, a broken outbox) must show, but not as a line at every poll."""
+        now, message = time.monotonic(), str(problem)
+        logged = {seen: at for seen, at in self._delivery_faults[node.name].items()
+                  if now - at < DELIVERY_FAULT_LOG_EVERY_S}
+        if message not in logged:
+            logged[message] = now
+            log.warning("node %s: webhook delivery failed, retrying every %gs: %s",
+                        node.label, self.settings.poll_s, message)
+        self._delivery_faults[node.name] = logged
 
 
 def _closed(conn: Connection | None) -> None:
