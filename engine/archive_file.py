@@ -79,14 +79,16 @@ class ArchiveFile:
         self._lock = threading.Lock()
 
     @classmethod
-    def open(cls, conn: Connection, target: Path, table: TableSpec, columns: tuple[str, ...],
+    def open(cls, conn: Connection, target: Path | str, table: TableSpec, columns: tuple[str, ...],
              run: runs.Run) -> ArchiveFile:
         """Continue the file of the run this one resumes (cut to its recorded length), or start a
         new file with a CSV header; an existing file that is not the run's own is never touched.
         ``target`` is the file, or a directory for one ``<table>-run<id>.csv.gz`` per run."""
-        path = target / f"{table.qualified}-run{run.id}.csv.gz" if target.is_dir() else target
         previous = runs.archive_state(conn, run.id) or (
             runs.archive_state(conn, run.resumed_from) if run.resumed_from else None)
+        check_target(target, Path(previous[0]) if previous else None)
+        target = Path(target)
+        path = target / f"{table.qualified}-run{run.id}.csv.gz" if target.is_dir() else target
         size = 0
         if previous is not None:
             earlier, recorded = Path(previous[0]), previous[1]
@@ -149,15 +151,45 @@ class ArchiveTurn:
         return self.file.append_locked(conn, member)
 
 
+def check_target(target: Path | str, resuming: Path | None = None) -> None:
+    """Refuse an ``--archive-to`` target the run could not write, before the run starts; the file
+    of the run being resumed (``resuming``) is the one existing file that may be continued."""
+    path = Path(target)
+    if str(target).endswith(("/", os.sep)) and not path.is_dir():
+        raise UsageError(f"archive directory {target} does not exist: create it first"
+                         " (a target ending in / names a directory)")
+    if path.is_dir():
+        _require_writable(path)
+        return
+    if resuming is not None and path.resolve() == resuming.resolve():
+        return
+    if os.path.lexists(path):
+        raise _exists(path)
+    if not path.parent.is_dir():
+        raise UsageError(f"cannot create archive file {path}: directory {path.parent} does not exist")
+    _require_writable(path.parent)
+
+
+def _require_writable(directory: Path) -> None:
+    if not os.access(directory, os.W_OK | os.X_OK):
+        raise UsageError(f"archive directory {directory} is not writable")
+
+
+def _exists(path: Path) -> UsageError:
+    return UsageError(f"archive file {path} already exists: choose a new path")
+
+
 def _create(path: Path, header: bytes) -> int:
-    """A new file holding the header, durable with its directory entry."""
+    """A new file holding the header, durable with its directory entry; only its owner may read
+    it (it holds message payloads), whatever the umask."""
     try:
-        with path.open("xb") as handle:
+        with os.fdopen(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "wb") as handle:
+            os.fchmod(handle.fileno(), 0o600)
             handle.write(header)
             handle.flush()
             os.fsync(handle.fileno())
     except FileExistsError:
-        raise UsageError(f"archive file {path} already exists: choose a new path") from None
+        raise _exists(path) from None
     except OSError as exc:
         raise UsageError(f"cannot create archive file {path}: {exc.strerror}") from None
     directory = os.open(path.parent.resolve(), os.O_RDONLY)

@@ -6,13 +6,16 @@ from __future__ import annotations
 import csv
 import gzip
 import io
+import os
+import stat
 from pathlib import Path
 
 import pytest
 
 from engine import collect
-from engine.archive_file import members, restore
+from engine.archive_file import check_target, members, restore
 from engine.config import GcOptions, TableSpec
+from engine.errors import UsageError
 from tests.data import fill, live_ids, run_rows, surviving_ids
 from tests.test_cli import assert_one_line_error, msggc
 
@@ -139,3 +142,60 @@ def test_restoring_a_file_that_is_not_an_archive_is_refused(conn, dsn, tmp_path)
     path = tmp_path / "notes.txt"
     path.write_text("hello")
     assert_one_line_error(msggc("restore", "--dsn", dsn, "--file", str(path)), "is not an msggc archive file")
+
+
+def test_archive_files_are_readable_by_their_owner_only(conn, dsn, tmp_path):
+    """They hold message payloads: 0600 whatever the umask."""
+    fill(conn, [True] * 50)
+    path = tmp_path / "gone.csv.gz"
+    previous = os.umask(0)
+    try:
+        collect(dsn, GcOptions(archive_to=str(path)))
+    finally:
+        os.umask(previous)
+
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+
+
+def test_a_target_ending_in_a_slash_names_a_directory_that_must_exist(conn, dsn, tmp_path):
+    fill(conn, [True] * 20)
+
+    proc = msggc("gc", "--dsn", dsn, "--archive-to", f"{tmp_path}/sub/")
+
+    assert_one_line_error(proc, "does not exist")
+    assert not (tmp_path / "sub").exists()
+    assert len(surviving_ids(conn)) == 20
+
+
+@pytest.mark.parametrize(("target", "fragment"), [
+    ("missing/", "archive directory"),
+    ("missing/gone.csv.gz", "does not exist"),
+    ("taken.csv.gz", "already exists"),
+])
+def test_check_target_refuses_a_target_that_cannot_be_written(tmp_path, target, fragment):
+    (tmp_path / "taken.csv.gz").write_bytes(b"someone else's data")
+
+    with pytest.raises(UsageError, match=fragment):
+        check_target(f"{tmp_path}/{target}")
+
+
+def test_check_target_refuses_a_directory_it_may_not_write_into(tmp_path):
+    locked = tmp_path / "locked"
+    locked.mkdir(mode=0o500)
+    if os.access(locked, os.W_OK):
+        pytest.skip("this user may write into any directory (root)")
+
+    with pytest.raises(UsageError, match="not writable"):
+        check_target(locked)
+    with pytest.raises(UsageError, match="not writable"):
+        check_target(locked / "gone.csv.gz")
+
+
+def test_check_target_accepts_a_new_file_a_directory_and_the_file_being_resumed(tmp_path):
+    resumed = tmp_path / "resumed.csv.gz"
+    resumed.write_bytes(b"")
+
+    check_target(tmp_path / "new.csv.gz")
+    check_target(f"{tmp_path}/")
+    check_target(tmp_path)
+    check_target(resumed, resuming=resumed)
