@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import Any
 
 import psycopg
 from psycopg import errors as pg_errors
@@ -19,7 +20,18 @@ from engine.errors import DatabaseUnreachable, PermissionMissing, SchemaMissing,
 CONNECT_TIMEOUT_S = 5
 APPLICATION_NAME = "msggc"
 
-Connection = psycopg.Connection[tuple]
+Row = tuple[Any, ...]
+Connection = psycopg.Connection[Row]
+Cursor = psycopg.Cursor[Row]
+
+
+def one_row(cursor: Cursor) -> Row:
+    """The row of a query that always returns exactly one (a function call, an aggregate,
+    ``EXISTS``, an ``INSERT ... RETURNING``): its absence is a bug, not a state of the data."""
+    row = cursor.fetchone()
+    if row is None:
+        raise RuntimeError("the query returned no row where one row is always expected")
+    return row
 
 
 def connect(dsn: str, *, autocommit: bool = True, timeout_s: float = CONNECT_TIMEOUT_S) -> Connection:
@@ -81,7 +93,7 @@ def require_target(conn: Connection, table: TableSpec) -> int:
             f"table {table.qualified} does not exist: run `msggc migrate` first"
             " (or pass --table for another table)"
         )
-    kind = conn.execute("SELECT relkind FROM pg_class WHERE oid = %s", (oid,)).fetchone()[0]
+    kind = one_row(conn.execute("SELECT relkind FROM pg_class WHERE oid = %s", (oid,)))[0]
     if kind == "p":  # its own heap is empty: a walk over it would find nothing and say complete
         raise TargetTableError(
             f"{table.qualified} is a partitioned table: collect each partition with --table PARTITION"
@@ -112,7 +124,7 @@ def require_target(conn: Connection, table: TableSpec) -> int:
     if not allowed or not allowed[0]:
         raise PermissionMissing(f"the database role may not DELETE from {table.qualified}")
     for name, privilege in BOOKKEEPING_PRIVILEGES:
-        if not conn.execute("SELECT has_table_privilege(%s, %s)", (name, privilege)).fetchone()[0]:
+        if not one_row(conn.execute("SELECT has_table_privilege(%s, %s)", (name, privilege)))[0]:
             raise PermissionMissing(f"the database role may not {privilege} {name}: it cannot record"
                                     " the run (grant SELECT, INSERT, UPDATE on gc_runs and gc_outbox)")
     return oid

@@ -19,7 +19,7 @@ from typing import Any
 from psycopg import errors as pg_errors
 
 from engine.archive_file import drain
-from engine.db import Connection
+from engine.db import Connection, one_row
 from engine.planner import Plan
 from engine.queries import SET_BATCH_SETTINGS, Statements
 from engine.strategies import Strategy
@@ -83,7 +83,7 @@ class Estimate:
 
 
 def _wal_insert_lsn(conn: Connection) -> int:
-    return conn.execute("SELECT (pg_current_wal_insert_lsn() - '0/0'::pg_lsn)::bigint").fetchone()[0]
+    return int(one_row(conn.execute("SELECT (pg_current_wal_insert_lsn() - '0/0'::pg_lsn)::bigint"))[0])
 
 
 def estimate(conn: Connection, plan: Plan, strategy: Strategy, statements: Statements,

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from datetime import datetime
 
 from engine.config import GcOptions, StrategyName, TableSpec
-from engine.db import Connection
+from engine.db import Connection, one_row
 from engine.errors import UsageError
 from engine.queries import Statements
 
@@ -58,14 +58,14 @@ class Plan:
 
 def read_facts(conn: Connection, table: TableSpec, oid: int, statements: Statements,
                cutoff: datetime | None) -> TableFacts:
-    blocks = conn.execute(
+    blocks = int(one_row(conn.execute(
         "SELECT pg_relation_size(%s::oid) / current_setting('block_size')::int", (oid,)
-    ).fetchone()[0]
+    ))[0])
     percent = min(100.0, 100.0 * SAMPLE_BLOCKS / max(blocks, 1))
-    sampled, garbage = conn.execute(
+    sampled, garbage = one_row(conn.execute(
         statements.sample_garbage, {"percent": percent, "cutoff": cutoff}
-    ).fetchone()
-    key_min, key_max = conn.execute(statements.key_bounds).fetchone()
+    ))
+    key_min, key_max = one_row(conn.execute(statements.key_bounds))
     return TableFacts(
         oid=oid,
         blocks=blocks,
@@ -131,14 +131,14 @@ def choose_strategy(facts: TableFacts, requested: StrategyName) -> tuple[Strateg
 
 
 def make_plan(conn: Connection, options: GcOptions, oid: int, statements: Statements) -> Plan:
-    cutoff = None
+    cutoff: datetime | None = None
     if options.older_than is not None:
         # a retention reaching before year 1 (e.g. 99999999w) keeps every row: clamp, not overflow
-        cutoff = conn.execute(
+        cutoff = one_row(conn.execute(
             "SELECT CASE WHEN %(keep)s::interval < now() - '0001-01-01 00:00+00'::timestamptz"
             " THEN now() - %(keep)s::interval ELSE '0001-01-01 00:00+00'::timestamptz END",
             {"keep": options.older_than},
-        ).fetchone()[0]
+        ))[0]
     facts = read_facts(conn, options.table, oid, statements, cutoff)
     strategy, reason = choose_strategy(facts, options.strategy)
     return Plan(strategy=strategy, reason=reason, facts=facts, cutoff=cutoff)

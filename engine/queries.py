@@ -110,8 +110,8 @@ class Statements:
         ``id IN (SELECT ... LIMIT n)`` may flip to a scan. Returns rows deleted, keys picked and
         the last key picked (the new position). With an archive, the deleted rows move there.
         """
-        archive = sql.SQL("")
-        returning = sql.SQL("1")
+        archive: sql.Composable = sql.SQL("")
+        returning: sql.Composable = sql.SQL("1")
         if self.archive is not None:
             columns = sql.SQL(", ").join(map(sql.Identifier, self.archive.columns))
             returning = columns

@@ -13,7 +13,7 @@ from typing import Any
 from psycopg import sql
 
 from engine.config import TableSpec
-from engine.db import Connection, table_ident
+from engine.db import Connection, one_row, table_ident
 
 
 def flush_stats(conn: Connection) -> None:
@@ -36,22 +36,22 @@ def health(conn: Connection, oid: int) -> dict[str, Any]:
     sessions did in the last second may still be missing.
     """
     flush_stats(conn)
-    row = conn.execute(
+    row = one_row(conn.execute(
         "SELECT pg_table_size(c.oid), pg_indexes_size(c.oid), s.n_live_tup, s.n_dead_tup,"
         " s.last_autovacuum, s.last_vacuum"
         " FROM pg_class c LEFT JOIN pg_stat_user_tables s ON s.relid = c.oid WHERE c.oid = %s",
         (oid,),
-    ).fetchone()
+    ))
     report: dict[str, Any] = {
         "table_bytes": row[0], "index_bytes": row[1], "live_tuples": row[2], "dead_tuples": row[3],
         "last_autovacuum": row[4].isoformat() if row[4] else None,
         "last_vacuum": row[5].isoformat() if row[5] else None,
     }
-    if conn.execute("SELECT EXISTS (SELECT 1 FROM pg_extension WHERE extname = 'pgstattuple')").fetchone()[0]:
-        approx = conn.execute(
+    if one_row(conn.execute("SELECT EXISTS (SELECT 1 FROM pg_extension WHERE extname = 'pgstattuple')"))[0]:
+        approx = one_row(conn.execute(
             "SELECT approx_free_percent, dead_tuple_percent FROM pgstattuple_approx(%s::oid::regclass)",
             (oid,),
-        ).fetchone()
+        ))
         report["free_percent"], report["dead_tuple_percent"] = approx
     return report
 

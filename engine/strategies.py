@@ -13,8 +13,10 @@ import math
 from dataclasses import dataclass
 from typing import Any, ClassVar, Protocol
 
+from psycopg import sql
+
 from engine.config import StrategyName
-from engine.db import Connection
+from engine.db import Connection, one_row
 from engine.planner import TableFacts
 from engine.queries import Statements
 
@@ -58,17 +60,17 @@ class Strategy(Protocol):
                   params: dict[str, Any], skip_locked: bool) -> BatchOutcome: ...
 
 
-def _delete_range(conn: Connection, st: Statements, range_: Any, params: dict[str, Any],
+def _delete_range(conn: Connection, st: Statements, range_: sql.Composable, params: dict[str, Any],
                   skip_locked: bool, by_ctid: bool) -> tuple[int, int]:
     """Delete the garbage of a range; with skip_locked, leave the rows the app has locked."""
     if not skip_locked:
         return conn.execute(st.delete_range(range_), params).rowcount, 0
     deleted = conn.execute(st.delete_range_skip_locked(range_, by_ctid), params).rowcount
-    skipped = conn.execute(st.count_garbage_in(range_), params).fetchone()[0]
+    skipped = int(one_row(conn.execute(st.count_garbage_in(range_), params))[0])
     return deleted, skipped
 
 
-def _probed_range(conn: Connection, st: Statements, bound: Any, part: Slice, size: int,
+def _probed_range(conn: Connection, st: Statements, bound: sql.Composed, part: Slice, size: int,
                   params: dict[str, Any], skip_locked: bool) -> BatchOutcome:
     """Delete the garbage up to the key ``size`` rows ahead, found by the index probe ``bound``."""
     probe = {**params, "lo": part.position, "end": part.end, "offset": size - 1}
@@ -136,7 +138,7 @@ class IndexStrategy:
         if skip_locked:  # after a lock timeout: the same range, leaving the rows the app has locked
             return _probed_range(conn, st, st.garbage_upper_bound, part, size, params, True)
         probe = {**params, "lo": part.position, "end": part.end, "size": size}
-        deleted, picked, last = conn.execute(st.delete_next_garbage, probe).fetchone()
+        deleted, picked, last = one_row(conn.execute(st.delete_next_garbage, probe))
         return BatchOutcome(deleted, 0, last if picked == size else part.end)
 
 

@@ -16,7 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
 
-from engine.db import Connection
+from engine.db import Connection, one_row
 
 POLL_S = 0.2
 MAX_PAUSE_S = 5.0
@@ -79,7 +79,7 @@ class Throttle:
         return dict(self._reasons)
 
     def _wal_lsn(self, conn: Connection) -> int:
-        return conn.execute("SELECT (pg_current_wal_lsn() - '0/0'::pg_lsn)::bigint").fetchone()[0]
+        return int(one_row(conn.execute("SELECT (pg_current_wal_lsn() - '0/0'::pg_lsn)::bigint"))[0])
 
     def _wal_excess_s(self, conn: Connection) -> float:
         """Seconds to wait until the WAL written so far fits the rate budget (a token bucket)."""
@@ -100,15 +100,15 @@ class Throttle:
     def _replica_lagging(self, conn: Connection) -> bool:
         if not self.limits.max_replica_lag:
             return False
-        lag = conn.execute(REPLICA_LAG_SQL).fetchone()[0]
+        lag = one_row(conn.execute(REPLICA_LAG_SQL))[0]
         return float(lag) > self.limits.max_replica_lag.total_seconds()
 
     def _vacuum_running(self, conn: Connection) -> bool:
         if not self.limits.pause_for_vacuum:
             return False
-        row = conn.execute(
+        row = one_row(conn.execute(
             "SELECT EXISTS (SELECT 1 FROM pg_stat_progress_vacuum WHERE relid = %s)", (self.table_oid,)
-        ).fetchone()
+        ))
         return bool(row[0])
 
     def start(self, conn: Connection) -> None:
