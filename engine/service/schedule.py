@@ -41,8 +41,8 @@ class Schedule:
 
     def _request(self) -> None:
         for result in request_gc(self.settings, {}):
-            if result.ok:
-                log.info("scheduled GC on node %r: run %s", result.node.label, result.value.run_id)
+            if (started := result.value) is not None:
+                log.info("scheduled GC on node %r: run %s", result.node.label, started.run_id)
             else:
                 log.warning("scheduled GC on node %r not started: %s", result.node.label, result.error)
         self.on_request()

@@ -14,8 +14,9 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 class Receiver:
     """Listens on 127.0.0.1 (port 0 = any free port) and hands each JSON body to ``on_body``."""
 
-    def __init__(self, on_body: Callable[[dict], None], port: int = 0) -> None:
-        self.bodies: list[dict] = []
+    def __init__(self, on_body: Callable[[object], None], port: int = 0) -> None:
+        self.bodies: list[object] = []
+        """Each body as parsed JSON, of whatever shape the sender posted."""
         self.received = threading.Condition()
         receiver = self
 
