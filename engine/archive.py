@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 from datetime import timedelta
+from typing import NamedTuple
 
 from psycopg import sql
 
@@ -15,6 +16,8 @@ from engine.queries import Archive
 
 BOOKKEEPING_COLUMNS = ("archived_at", "run_id")
 BATCH_ROWS = 5000
+RESTORING = "msggc_restoring"
+"""This session's temp list of the archived rows a restore walks."""
 
 
 def archive_table(table: TableSpec) -> TableSpec:
@@ -51,16 +54,45 @@ def _move_batches(conn: Connection, statement: sql.Composed, params: dict[str, o
             return moved
 
 
-def restore(conn: Connection, table: TableSpec, target_oid: int, run_id: int) -> int:
-    """Put a run's archived rows back into the table; returns how many."""
+class Restored(NamedTuple):
+    restored: int
+    conflicting: int
+    """Rows kept in the archive: a row now in the table holds their key or another unique value."""
+
+
+def restore(conn: Connection, table: TableSpec, target_oid: int, run_id: int) -> Restored:
+    """Put a run's archived rows back, one transaction per batch. A row that conflicts with one
+    now in the table stays archived, so a rerun once the conflict is gone restores the rest.
+    The batches walk a list of the run's rows made up front: the rows that stay would otherwise
+    be met again by every batch."""
     archive = resolve(conn, table, target_oid)
-    columns = sql.SQL(", ").join(map(sql.Identifier, archive.columns))
+    names = {"archive": table_ident(archive.table), "table": table_ident(table),
+             "restoring": sql.Identifier(RESTORING), "key": sql.Identifier(table.key),
+             "columns": sql.SQL(", ").join(map(sql.Identifier, archive.columns))}
+    conn.execute(sql.SQL("DROP TABLE IF EXISTS pg_temp.{restoring}").format(**names))
+    conn.execute(sql.SQL("CREATE TEMP TABLE {restoring} (seq bigint PRIMARY KEY, at tid NOT NULL)")
+                 .format(**names))
+    total = conn.execute(sql.SQL(
+        "INSERT INTO {restoring} SELECT row_number() OVER (ORDER BY ctid), ctid FROM {archive}"
+        " WHERE run_id = %(run)s").format(**names), {"run": run_id}).rowcount
     statement = sql.SQL(
-        "WITH back AS (DELETE FROM {archive} WHERE ctid = ANY(ARRAY("
-        "SELECT ctid FROM {archive} WHERE run_id = %(run)s LIMIT %(limit)s)) RETURNING {columns})"
-        " INSERT INTO {table} ({columns}) OVERRIDING SYSTEM VALUE SELECT {columns} FROM back"
-    ).format(archive=table_ident(archive.table), table=table_ident(table), columns=columns)
-    return _move_batches(conn, statement, {"run": run_id})
+        "WITH batch AS (SELECT ctid AS at, {columns} FROM {archive} WHERE ctid = ANY(ARRAY("
+        "SELECT at FROM {restoring} WHERE seq > %(after)s AND seq <= %(upto)s)) AND run_id = %(run)s"
+        " FOR UPDATE),"
+        " back AS (INSERT INTO {table} ({columns}) OVERRIDING SYSTEM VALUE SELECT {columns} FROM batch"
+        " ON CONFLICT DO NOTHING RETURNING {key})"
+        " DELETE FROM {archive} WHERE ctid = ANY(ARRAY("
+        "SELECT at FROM batch WHERE {key} IN (SELECT {key} FROM back)))"
+    ).format(**names)
+    restored = 0
+    for after in range(0, total, BATCH_ROWS):
+        with conn.transaction():
+            restored += conn.execute(
+                statement, {"run": run_id, "after": after, "upto": after + BATCH_ROWS}).rowcount
+    conn.execute(sql.SQL("DROP TABLE {restoring}").format(**names))
+    kept = conn.execute(sql.SQL("SELECT count(*) FROM {archive} WHERE run_id = %(run)s").format(**names),
+                        {"run": run_id}).fetchone()[0]
+    return Restored(restored, kept)
 
 
 def purge(conn: Connection, table: TableSpec, older_than: timedelta) -> int:

@@ -322,15 +322,20 @@ def restore(dsn: str | None, table: str, run_id: int | None, path: Path | None) 
     if (run_id is None) == (path is None):
         raise UsageError("give either --run ID or --file PATH")
     spec = TableSpec.parse(table)
+    conflicting = 0
     with connection(resolve_dsn(dsn)) as conn:
         oid = require_target(conn, spec)
         if path is not None:
             restored = archive_file.restore(conn, spec, oid, path)
             source = str(path)
         else:
-            restored = archive.restore(conn, spec, oid, run_id)
+            restored, conflicting = archive.restore(conn, spec, oid, run_id)
             source = f"run {run_id}"
-    click.echo(f"restored {restored:,} rows of {source} into {spec.qualified}")
+    line = f"restored {restored:,} rows of {source} into {spec.qualified}"
+    if conflicting:
+        raise MsggcError(f"{line}; {conflicting:,} rows kept in the archive: they conflict with rows"
+                         " now in the table (remove those and run again to restore them)")
+    click.echo(line)
 
 
 @main.command(name="purge-archive")
