@@ -270,7 +270,8 @@ def predict(dsn: str, spec: ContenderSpec) -> dict[str, Any]:
 
 def run_msggc(dsn: str, rec: Recorder, spec: ContenderSpec) -> Outcome:
     """``engine.collect`` as a caller embeds it; its timeline comes from ``on_progress``."""
-    from engine.collector import Progress, collect
+    from engine.collector import collect
+    from engine.result import Progress
 
     first = threading.Event()
 

@@ -16,7 +16,7 @@ Point = tuple[float, int]
 
 
 def percentile(values: Sequence[float], q: int) -> float | None:
-    """The q-th percentile, computed like ``engine.collector`` (inclusive method) so figures match."""
+    """The q-th percentile, computed like ``engine.result`` (inclusive method) so figures match."""
     if not values:
         return None
     if len(values) == 1:

@@ -1,13 +1,16 @@
 """msggc: batched, resumable garbage collection of processed messages on PostgreSQL.
 
-``collect(dsn, options, notifier)`` is the whole engine behind one call; the CLI and the HTTP
-API are thin shells over it.
+``collect(dsn, options, finisher)`` is the whole engine behind one call; the CLI and the HTTP
+API are thin shells over it. A webhook for each run's end comes from the service layer:
+``collect(dsn, options, NoticeFinisher(WebhookNotifier(url)))`` (``engine.service.notice``).
 """
 
-from engine.collector import GcResult, Progress, collect
+from engine.collector import collect
 from engine.config import GcOptions, TableSpec
 from engine.errors import MsggcError
-from engine.service.notify import LogNotifier, Notifier, WebhookNotifier
+from engine.finish import Finisher, Outcome
+from engine.result import GcResult, Progress
+from engine.status import RunStatus
 
-__all__ = ["GcOptions", "GcResult", "LogNotifier", "MsggcError", "Notifier", "Progress", "TableSpec",
-           "WebhookNotifier", "collect"]
+__all__ = ["Finisher", "GcOptions", "GcResult", "MsggcError", "Outcome", "Progress", "RunStatus", "TableSpec",
+           "collect"]

@@ -17,7 +17,7 @@ from typing import Any, TypeVar
 import click
 
 from engine import migrate, runs
-from engine.collector import GcResult, Progress, collect
+from engine.collector import collect
 from engine.config import (
     STRATEGIES,
     GcOptions,
@@ -28,7 +28,10 @@ from engine.config import (
 )
 from engine.db import connection, user_fault
 from engine.errors import MsggcError, UsageError
+from engine.result import GcResult, Progress
+from engine.service.notice import NoticeFinisher
 from engine.service.notify import LogNotifier, Notifier, WebhookNotifier
+from engine.status import RunStatus
 from engine.tools import embedded
 from engine.tools.embedded import resolve_dsn
 
@@ -173,13 +176,13 @@ def gc(dsn: str | None, table: str, webhook: str | None, webhook_secret: str | N
     notifier: Notifier = WebhookNotifier(webhook, secret=webhook_secret) if webhook else LogNotifier()
     stop = threading.Event()
     with _stop_on_signals(stop), _gc_progress(enabled=not as_json and not options.dry_run) as on_progress:
-        result = collect(dsn, options, notifier, stop=stop, on_progress=on_progress)
+        result = collect(dsn, options, NoticeFinisher(notifier), stop=stop, on_progress=on_progress)
     click.echo(json.dumps(result.as_json(), default=str) if as_json else summary(result))
     sys.exit(result.exit_code)
 
 
 def summary(result: GcResult) -> str:
-    if result.status == "dry-run":
+    if result.status is RunStatus.DRY_RUN:
         return (f"dry run: strategy {result.strategy} ({result.reason}); would delete"
                 f" ~{result.garbage_estimate:,} rows in ~{result.planned_batches:,} batches,"
                 f" predicted ~{result.predicted_seconds:,.1f}s and ~{_mib(result.predicted_wal_bytes or 0)}"
@@ -189,6 +192,8 @@ def summary(result: GcResult) -> str:
     if result.batch_ms_p50 is not None:
         line += f", batch p50 {result.batch_ms_p50:.0f} ms p99 {result.batch_ms_p99:.0f} ms"
     line += f") with strategy {result.strategy}, run {result.run_id}"
+    if result.resumed_from is not None:
+        line += f" ({result.reason})"
     if result.throttle_pauses:
         reasons = ", ".join(f"{k} x{v}" for k, v in result.throttle_reasons.items())
         line += f"; throttled {result.throttled_s:.1f}s ({reasons})"

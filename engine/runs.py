@@ -7,14 +7,16 @@ says exactly which part of the table has been collected and how many rows that r
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from pathlib import Path
+from typing import Any, cast
 
 from psycopg.types.json import Jsonb
 
+from engine.config import StrategyName
 from engine.db import Connection
+from engine.status import ACTIVE, RESUMABLE, RunStatus
 from engine.strategies import Slice
 
-RESUMABLE = ("queued", "running", "stopped", "failed")
 ADVISORY_LOCK_CLASS = 0x6D736763
 """First key of msggc's advisory locks ('msgc'); the second is the table's oid."""
 
@@ -22,7 +24,7 @@ ADVISORY_LOCK_CLASS = 0x6D736763
 @dataclass
 class Run:
     id: int
-    strategy: str
+    strategy: StrategyName
     slices: list[Slice]
     resumed_from: int | None
 
@@ -46,18 +48,25 @@ def _slices(cursor: dict[str, Any]) -> list[Slice]:
     return [Slice(s["position"], s["end"]) for s in cursor["slices"]]
 
 
-def latest_resumable(conn: Connection, table: str, node: str,
-                     exclude: int | None = None) -> tuple[int, str, list[Slice]] | None:
+def latest_resumable(conn: Connection, table: str, node: str, exclude: int | None = None) -> Run | None:
+    """The newest unfinished walk of this table and node: the next run continues it."""
     row = conn.execute(
-        "SELECT id, strategy, cursor FROM gc_runs"
+        "SELECT id, strategy, cursor, resumed_from FROM gc_runs"
         " WHERE table_name = %s AND node = %s AND status = ANY(%s) AND cursor IS NOT NULL"
         " AND id IS DISTINCT FROM %s ORDER BY id DESC LIMIT 1",
         (table, node, list(RESUMABLE), exclude),
     ).fetchone()
     if row is None:
         return None
-    run_id, strategy, cursor = row
-    return run_id, strategy, _slices(cursor)
+    run_id, strategy, cursor, resumed_from = row
+    return Run(run_id, cast(StrategyName, strategy), _slices(cursor), resumed_from)
+
+
+def resumable_archive_file(conn: Connection, table: str, node: str) -> Path | None:
+    """The archive file the next run of this table and node would continue, if any."""
+    previous = latest_resumable(conn, table, node)
+    state = archive_state(conn, previous.id) if previous else None
+    return Path(state[0]) if state else None
 
 
 QUEUED_MARK = "queued"
@@ -86,10 +95,10 @@ def walked_so_far(conn: Connection, run_id: int) -> Run | None:
         "UPDATE gc_runs SET status = 'running', heartbeat_at = now(), error = NULL WHERE id = %s",
         (run_id,),
     )
-    return Run(id=run_id, strategy=row[0], slices=_slices(row[1]), resumed_from=row[2])
+    return Run(id=run_id, strategy=cast(StrategyName, row[0]), slices=_slices(row[1]), resumed_from=row[2])
 
 
-def start(conn: Connection, table: str, node: str, strategy: str, slices: list[Slice],
+def start(conn: Connection, table: str, node: str, strategy: StrategyName, slices: list[Slice],
           options: dict[str, Any], resumed_from: int | None, run_id: int | None = None) -> Run:
     """Open a running row (or promote the queued ``run_id``); a resumed predecessor is marked
     superseded in the same transaction."""
@@ -157,7 +166,7 @@ def record_archive(conn: Connection, run_id: int, path: str, size: int) -> None:
                  (path, size, run_id))
 
 
-def finish(conn: Connection, run_id: int, status: str, error: str | None,
+def finish(conn: Connection, run_id: int, status: RunStatus, error: str | None,
            throttle_pauses: int = 0, throttled_s: float = 0.0) -> int:
     """Close the run; returns the rows it deleted, as committed batch by batch."""
     row = conn.execute(
@@ -186,7 +195,6 @@ def recent(conn: Connection, limit: int = 10) -> list[dict[str, Any]]:
 
 # -- the service's queue: enqueue or join, claim, status ------------------------------------
 
-ACTIVE = ("queued", "running")
 ENQUEUE_LOCK_CLASS = ADVISORY_LOCK_CLASS + 1
 """Transaction-level lock key serialising enqueuers of one table and node."""
 

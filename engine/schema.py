@@ -5,6 +5,8 @@ from __future__ import annotations
 import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql
 
+from engine.status import STORED
+
 NAMING_CONVENTION = {
     "ix": "ix_%(table_name)s_%(column_0_N_name)s",
     "uq": "uq_%(table_name)s_%(column_0_N_name)s",
@@ -15,7 +17,7 @@ NAMING_CONVENTION = {
 
 metadata = sa.MetaData(naming_convention=NAMING_CONVENTION)
 
-RUN_STATUSES = ("queued", "running", "stopped", "complete", "failed", "superseded")
+RUN_STATUSES = STORED
 """``stopped`` runs (budget or signal) and ``failed`` ones are resumed by the next run."""
 
 messages = sa.Table(
@@ -98,6 +100,9 @@ gc_outbox = sa.Table(
     sa.Column("target_url", sa.Text, nullable=False),
     # Text, not JSONB: the body is delivered byte for byte as it was written (key order kept).
     sa.Column("body", sa.Text, nullable=False),
+    # Signed by the process that queued the notice, with its secret: whoever delivers it later
+    # sends this header unchanged (NULL: the notice is unsigned).
+    sa.Column("signature", sa.Text, nullable=True),
     sa.Column("attempts", sa.Integer, nullable=False, server_default="0"),
     sa.Column(
         "next_attempt_at", sa.DateTime(timezone=True), nullable=False, server_default=sa.func.now()

@@ -148,6 +148,16 @@ def _key_slices(facts: TableFacts, workers: int) -> list[Slice]:
     return split(facts.key_min - 1, facts.key_max, workers)
 
 
+def extended(slices: list[Slice], strategy: StrategyName, facts: TableFacts) -> list[Slice]:
+    """A resumed walk also covers what the table gained past its recorded end: blocks appended
+    to the heap, keys above the highest it planned for."""
+    end = facts.blocks if strategy == "physical" else facts.key_max
+    last = max((part.end for part in slices), default=0)
+    if end is None or end <= last:
+        return slices
+    return [*slices, Slice(position=last, end=end)]
+
+
 STRATEGIES: dict[StrategyName, Strategy] = {
     s.name: s for s in (PhysicalStrategy(), KeyStrategy(), IndexStrategy())
 }

@@ -13,9 +13,9 @@ import psycopg
 import pytest
 
 from engine import collect
-from engine.collector import GcResult
 from engine.config import GcOptions
 from engine.migrate import upgrade
+from engine.result import GcResult
 from engine.throttle import REPLICA_LAG_SQL, WAL_BURST_S
 from tests import standby
 from tests.data import fill, live_ids, surviving_ids

@@ -15,8 +15,8 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 from engine import runs
-from engine.collector import Progress
 from engine.db import connect
+from engine.result import Progress
 from engine.service import outbox
 from engine.service.nodes import Node
 from engine.service.requests import on_every_node

@@ -1,8 +1,9 @@
 """Notifiers: where a run's completion body goes.
 
-A notifier with a ``target`` is durable: the collector stores the body in ``gc_outbox`` in the
-run's last transaction and :mod:`engine.service.outbox` delivers it, so a callback server that is down
-loses nothing. A notifier without one (the log) is told directly after the run.
+A notifier with a ``target`` is durable: :class:`engine.service.notice.NoticeFinisher` stores the
+body, signed, in ``gc_outbox`` in the run's last transaction and :mod:`engine.service.outbox`
+delivers it, so a callback server that is down loses nothing. A notifier without one (the log)
+is told directly after the run.
 """
 
 from __future__ import annotations
@@ -26,8 +27,11 @@ DELIVERY_HEADER = "X-Msggc-Delivery"
 class Notifier(Protocol):
     target: str | None
 
-    def send(self, body: bytes, delivery_id: str | None = None) -> None:
-        """Deliver the JSON body or raise :class:`DeliveryFailed`."""
+    def signature(self, body: bytes) -> str | None:
+        """This notifier's signature of ``body`` (None when it signs nothing)."""
+
+    def send(self, body: bytes, delivery_id: str | None = None, signature: str | None = None) -> None:
+        """Deliver the JSON body with the given signature, or raise :class:`DeliveryFailed`."""
 
 
 def encode(body: dict[str, Any]) -> bytes:
@@ -42,7 +46,10 @@ class LogNotifier:
     def __init__(self, stream: TextIO | None = None) -> None:
         self.stream = stream or sys.stderr
 
-    def send(self, body: bytes, delivery_id: str | None = None) -> None:
+    def signature(self, body: bytes) -> str | None:
+        return None
+
+    def send(self, body: bytes, delivery_id: str | None = None, signature: str | None = None) -> None:
         self.stream.write(json.dumps(json.loads(body)) + "\n")
         self.stream.flush()
 
@@ -83,12 +90,15 @@ class WebhookNotifier:
         self.secret = secret
         self.timeout_s = timeout_s
 
-    def send(self, body: bytes, delivery_id: str | None = None) -> None:
+    def signature(self, body: bytes) -> str | None:
+        return sign(body, self.secret) if self.secret else None
+
+    def send(self, body: bytes, delivery_id: str | None = None, signature: str | None = None) -> None:
         headers = {"Content-Type": "application/json"}
         if delivery_id:
             headers[DELIVERY_HEADER] = delivery_id
-        if self.secret:
-            headers[SIGNATURE_HEADER] = sign(body, self.secret)
+        if signature:
+            headers[SIGNATURE_HEADER] = signature
         try:
             answer = httpx.post(self.target, content=body, headers=headers,
                                 timeout=self.timeout_s, follow_redirects=False)

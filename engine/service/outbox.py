@@ -17,10 +17,12 @@ BACKOFF_BASE_S = 1.0
 BACKOFF_MAX_S = 300.0
 
 
-def enqueue(conn: Connection, run_id: int, target: str, body: bytes) -> int:
+def enqueue(conn: Connection, run_id: int, target: str, body: bytes, signature: str | None) -> int:
+    """Queue a notice with the signature of the process that queued it (see the column)."""
     row = conn.execute(
-        "INSERT INTO gc_outbox (run_id, target_url, body) VALUES (%s, %s, %s) RETURNING id",
-        (run_id, target, body.decode()),
+        "INSERT INTO gc_outbox (run_id, target_url, body, signature) VALUES (%s, %s, %s, %s)"
+        " RETURNING id",
+        (run_id, target, body.decode(), signature),
     ).fetchone()
     return row[0]
 
@@ -38,7 +40,7 @@ def deliver_due(conn: Connection, notifier_for: Callable[[str], Notifier],
     while True:
         with conn.transaction():
             row = conn.execute(
-                "SELECT id, target_url, body, attempts FROM gc_outbox"
+                "SELECT id, target_url, body, signature, attempts FROM gc_outbox"
                 " WHERE delivered_at IS NULL AND next_attempt_at <= now() AND id > %(after)s"
                 " AND (%(run)s::bigint IS NULL OR run_id = %(run)s)"
                 " AND (%(target)s::text IS NULL OR target_url = %(target)s)"
@@ -47,9 +49,9 @@ def deliver_due(conn: Connection, notifier_for: Callable[[str], Notifier],
             ).fetchone()
             if row is None:
                 return delivered, pending
-            after, url, body, attempts = row
+            after, url, body, signature, attempts = row
             try:
-                notifier_for(url).send(body.encode(), delivery_id=str(after))
+                notifier_for(url).send(body.encode(), delivery_id=str(after), signature=signature)
             except MsggcError as exc:  # DeliveryFailed, or a stored URL that is not valid
                 # backoff counted from the end of the attempt (clock_timestamp), not from the
                 # transaction's start: a slow server's timeout must not use the backoff up

@@ -30,16 +30,18 @@ from typing import Any
 import psycopg
 
 from engine import runs
-from engine.collector import GcResult, collect
+from engine.collector import collect
 from engine.db import Connection, connect
 from engine.errors import DatabaseUnreachable, GcAlreadyRunning, MsggcError
+from engine.finish import close
+from engine.result import GcResult
 from engine.service import outbox
-from engine.service.contract import completion
 from engine.service.metrics import Metrics
 from engine.service.nodes import Node
-from engine.service.notify import encode
+from engine.service.notice import NoticeFinisher
 from engine.service.schedule import Schedule
 from engine.service.settings import ServiceSettings
+from engine.status import RunStatus
 
 log = logging.getLogger("msggc.worker")
 
@@ -135,7 +137,7 @@ class Worker:
         log.info("node %s: run %s claimed", node.label, run_id)
         try:
             options = self.settings.options_of_run(node, record)
-            result = collect(node.dsn, options, self.settings.notifier(), run_id=run_id,
+            result = collect(node.dsn, options, self._finisher(), run_id=run_id,
                              on_progress=self.metrics.batch_observer(node))
         except GcAlreadyRunning as exc:
             log.info("node %s: run %s waits: %s", node.label, run_id, exc)
@@ -164,21 +166,16 @@ class Worker:
             log.warning("node %s: cannot hand back run %s: %s", node.label, run_id, exc)
 
     def _fail(self, node: Node, run_id: int, details: str) -> None:
-        """A run that could not even start: close it as failed and queue its failure webhook,
-        in one transaction, exactly as the collector does for a run that failed mid-way."""
+        """A run that could not even start: closed the one way every run is closed."""
         log.error("node %s: run %s failed: %s", node.label, run_id, details)
-        notifier = self.settings.notifier()
         try:
-            with self._connected(node, None) as conn, conn.transaction():
-                deleted = runs.finish(conn, run_id, "failed", details)
-                body = encode(completion(deleted, node=node.name or None, failure=details))
-                if notifier.target:
-                    outbox.enqueue(conn, run_id, notifier.target, body)
+            with self._connected(node, None) as conn:
+                close(conn, run_id, node.name, RunStatus.FAILED, details, self._finisher())
         except (MsggcError, psycopg.Error) as exc:
             log.warning("node %s: cannot record the failure of run %s: %s", node.label, run_id, exc)
-            return
-        if not notifier.target:
-            notifier.send(body)
+
+    def _finisher(self) -> NoticeFinisher:
+        return NoticeFinisher(self.settings.notifier())
 
     # -- webhooks ------------------------------------------------------------------------
 
@@ -221,5 +218,5 @@ def _closed(conn: Connection | None) -> None:
 def _log_result(node: Node, result: GcResult) -> None:
     log.info("node %s: run %s %s: %d rows deleted in %.1fs%s", node.label, result.run_id, result.status,
              result.messages_deleted, result.elapsed_s,
-             f" ({result.error or result.stop_reason})" if result.status != "complete" else "")
+             f" ({result.error or result.stop_reason})" if result.status is not RunStatus.COMPLETE else "")
 

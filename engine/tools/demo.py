@@ -13,8 +13,10 @@ import psycopg
 from psycopg import sql
 
 from engine import migrate
-from engine.collector import GcResult, Progress, collect
+from engine.collector import collect
 from engine.config import GcOptions
+from engine.result import GcResult, Progress
+from engine.service.notice import NoticeFinisher
 from engine.service.notify import WebhookNotifier
 from engine.tools import embedded, synth
 from engine.tools.embedded import resolve_dsn
@@ -44,6 +46,7 @@ def run_demo(rows: int, say: Callable[[str], None],
         f" in {report.total_seconds():.1f}s")
     with Receiver(lambda body: say("webhook received:\n" + json.dumps(body, indent=4))) as receiver:
         say(f"4/4 collecting, completion webhook -> {receiver.url}")
-        result = collect(target, GcOptions(), WebhookNotifier(receiver.url), on_progress=on_progress)
+        result = collect(target, GcOptions(), NoticeFinisher(WebhookNotifier(receiver.url)),
+                         on_progress=on_progress)
         receiver.wait_for(1, timeout_s=10)
     return result

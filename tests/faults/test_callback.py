@@ -12,6 +12,7 @@ import pytest
 from engine import collect
 from engine.config import GcOptions
 from engine.service import outbox
+from engine.service.notice import NoticeFinisher
 from engine.service.notify import WebhookNotifier
 from tests.data import fill
 from tests.faults.helpers import CallbackServer, Conn, Ledger, free_port, outbox_rows, wait_until
@@ -39,6 +40,10 @@ def notifier_for(url: str) -> WebhookNotifier:
     return WebhookNotifier(url, timeout_s=CLIENT_TIMEOUT_S)
 
 
+def finisher_for(url: str) -> NoticeFinisher:
+    return NoticeFinisher(notifier_for(url))
+
+
 def is_due(conn: Conn) -> bool:
     return conn.execute("SELECT bool_and(next_attempt_at <= now()) FROM gc_outbox").fetchone()[0]
 
@@ -54,7 +59,7 @@ def test_a_failing_callback_server_loses_nothing_and_gets_the_notice_once_it_rec
         server.mode = fault
     try:
         began = time.monotonic()
-        result = collect(dsn, GcOptions(), notifier_for(server.url))
+        result = collect(dsn, GcOptions(), finisher_for(server.url))
         took = time.monotonic() - began
 
         assert result.status == "complete" and result.messages_deleted == 200  # GC is unaffected
@@ -91,7 +96,7 @@ def test_two_deliverers_at_once_post_a_notice_once(conn: Conn, dsn: str, callbac
                                                    quick_backoff: float, ledger: Ledger) -> None:
     fill(conn, [True] * 10)
     callback.mode = "error"
-    collect(dsn, GcOptions(), notifier_for(callback.url))
+    collect(dsn, GcOptions(), finisher_for(callback.url))
     callback.mode = "ok"
     conn.execute("UPDATE gc_outbox SET next_attempt_at = now()")
     start = threading.Barrier(4)
@@ -123,7 +128,7 @@ def test_every_attempt_of_a_notice_carries_the_same_delivery_id(conn: Conn, dsn:
     fill(conn, [True] * 10)
     httpserver.expect_ordered_request("/gc", method="POST").respond_with_response(Response(status=500))
     httpserver.expect_ordered_request("/gc", method="POST").respond_with_data("ok")
-    result = collect(dsn, GcOptions(), notifier_for(httpserver.url_for("/gc")))
+    result = collect(dsn, GcOptions(), finisher_for(httpserver.url_for("/gc")))
 
     assert result.notification_error is None
     outbox_id = conn.execute("SELECT id FROM gc_outbox").fetchone()[0]

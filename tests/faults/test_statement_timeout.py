@@ -6,8 +6,9 @@ from __future__ import annotations
 
 import pytest
 
-from engine import collect, collector
+from engine import collect, sizer
 from engine.config import GcOptions
+from engine.service.notice import NoticeFinisher
 from engine.service.notify import WebhookNotifier
 from tests.data import fill, surviving_ids
 from tests.faults.helpers import CallbackServer, Conn, Ledger, counted_deletions, notice
@@ -19,13 +20,13 @@ STUCK_ID = 30
 def cancellations(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     """Counts the batches cancelled by statement_timeout (each one makes the sizer shrink)."""
     seen: list[int] = []
-    shrink = collector.BatchSizer.shrink
+    shrink = sizer.BatchSizer.shrink
 
-    def counting(self: collector.BatchSizer) -> bool:
+    def counting(self: sizer.BatchSizer) -> bool:
         seen.append(self.size)
         return shrink(self)
 
-    monkeypatch.setattr(collector.BatchSizer, "shrink", counting)
+    monkeypatch.setattr(sizer.BatchSizer, "shrink", counting)
     return seen
 
 
@@ -40,10 +41,10 @@ def test_a_row_that_outlasts_statement_timeout_fails_the_run_there_and_the_next_
     conn.execute("CREATE TRIGGER stuck BEFORE DELETE ON messages FOR EACH ROW EXECUTE FUNCTION stuck_row()")
 
     failed = collect(dsn, GcOptions(strategy="index", batch_size=16, statement_timeout_ms=100),
-                     WebhookNotifier(callback.url))
+                     NoticeFinisher(WebhookNotifier(callback.url)))
     kept_after_failure = surviving_ids(conn)
     conn.execute("DROP TRIGGER stuck ON messages")
-    resumed = collect(dsn, GcOptions(strategy="index"), WebhookNotifier(callback.url))
+    resumed = collect(dsn, GcOptions(strategy="index"), NoticeFinisher(WebhookNotifier(callback.url)))
     ledger.add(statement_timeouts=len(cancellations), rows_checked=50,
                garbage_left=len(surviving_ids(conn)), rows_counted_twice=counted_deletions(conn) - 50)
 

@@ -6,9 +6,9 @@ import dataclasses
 
 import pytest
 
-from engine.collector import BatchSizer
 from engine.errors import UsageError
 from engine.planner import TableFacts, choose_strategy
+from engine.sizer import BatchSizer
 from engine.strategies import PhysicalStrategy, split
 
 FACTS = TableFacts(oid=1, blocks=1000, rows_estimate=30000, garbage_fraction=0.8,
@@ -64,19 +64,28 @@ def test_physical_batch_size_converts_rows_to_blocks():
 
 
 def test_sizer_moves_toward_the_target_duration_within_a_factor_of_two():
-    sizer = BatchSizer(initial=1000, maximum=100_000, target_s=0.05, adaptive=True)
-    sizer.observe(0.01)
+    sizer = BatchSizer(initial=1000, maximum=100_000, target_s=0.05, target_rows=None)
+    sizer.observe(0.01, rows=1000)
     assert sizer.size == 2000
-    sizer.observe(0.05)
+    sizer.observe(0.05, rows=1000)
     assert sizer.size == 2000
-    sizer.observe(1.0)
+    sizer.observe(1.0, rows=1000)
     assert sizer.size == 1000
 
 
-def test_a_fixed_sizer_only_shrinks_after_a_timeout():
-    sizer = BatchSizer(initial=8, maximum=100, target_s=0.05, adaptive=False)
-    sizer.observe(0.001)
-    assert sizer.size == 8
+def test_a_fixed_batch_size_steers_units_toward_that_many_rows_whatever_the_time():
+    # 100 blocks held 5,000 garbage rows: for 1,000 rows a batch the next one walks fewer blocks
+    sizer = BatchSizer(initial=100, maximum=4096, target_s=0.05, target_rows=1000)
+    sizer.observe(0.001, rows=5000)
+    assert sizer.size == 50
+    sizer.observe(5.0, rows=1000)
+    assert sizer.size == 50
+    sizer.observe(0.001, rows=0)
+    assert sizer.size == 100
+
+
+def test_a_sizer_halves_after_a_timeout_down_to_one():
+    sizer = BatchSizer(initial=8, maximum=100, target_s=0.05, target_rows=8)
     assert sizer.shrink() and sizer.size == 4
     sizer.size = 1
     assert not sizer.shrink()

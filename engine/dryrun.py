@@ -1,0 +1,41 @@
+"""``--dry-run``: the plan, the garbage estimate, the batches, and a prediction; nothing deleted."""
+
+from __future__ import annotations
+
+from psycopg import errors as pg_errors
+
+from engine.config import GcOptions
+from engine.db import Connection
+from engine.errors import MsggcError
+from engine.estimate import estimate
+from engine.planner import Plan
+from engine.queries import Statements
+from engine.result import GcResult
+from engine.sizer import DEFAULT_BATCH_ROWS
+from engine.status import RunStatus
+from engine.strategies import STRATEGIES
+
+
+def dry_run(conn: Connection, plan: Plan, options: GcOptions, statements: Statements) -> GcResult:
+    """The prediction comes from real batches that are rolled back (see :mod:`engine.estimate`)."""
+    strategy = STRATEGIES[plan.strategy]
+    size = strategy.units_for_rows(options.batch_size or DEFAULT_BATCH_ROWS, plan.facts)
+    target_s = None if options.batch_size else options.target_batch_ms / 1000
+    try:
+        sample = estimate(conn, plan, strategy, statements, {"cutoff": plan.cutoff, "run_id": 0}, size,
+                          target_s, options.archive_to is not None)
+    except pg_errors.ForeignKeyViolation as exc:
+        raise MsggcError(
+            f"garbage rows of {options.table.qualified} are still referenced by a foreign key"
+            f" ({exc.diag.message_primary}): a GC cannot delete them while the reference exists"
+        ) from None
+    return GcResult(
+        status=RunStatus.DRY_RUN,
+        strategy=plan.strategy,
+        reason=plan.reason,
+        garbage_estimate=plan.facts.garbage_rows_estimate,
+        rows_estimate=plan.facts.rows_estimate,
+        planned_batches=sample.batches,
+        predicted_seconds=sample.predicted_seconds,
+        predicted_wal_bytes=sample.predicted_wal_bytes,
+    )

@@ -1,0 +1,73 @@
+"""What a run reports: its progress while it walks and its result at the end."""
+
+from __future__ import annotations
+
+import statistics
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from engine.config import StrategyName
+from engine.status import RunStatus
+
+EXIT_CODES = {RunStatus.COMPLETE: 0, RunStatus.DRY_RUN: 0, RunStatus.STOPPED: 3}
+"""The CLI's exit code per status; any other status (failed) exits 1."""
+
+
+@dataclass(frozen=True)
+class Progress:
+    run_id: int
+    deleted: int
+    batches: int
+    elapsed_s: float
+    garbage_estimate: int
+    batch_s: float
+    """Duration of the batch this report follows."""
+
+
+@dataclass
+class GcResult:
+    """What a run did; ``status`` is complete, stopped (resumable), failed or dry-run."""
+
+    status: RunStatus
+    strategy: StrategyName
+    reason: str
+    garbage_estimate: int
+    rows_estimate: int
+    run_id: int | None = None
+    resumed_from: int | None = None
+    stop_reason: str | None = None
+    error: str | None = None
+    messages_deleted: int = 0
+    rows_skipped_locked: int = 0
+    batches: int = 0
+    elapsed_s: float = 0.0
+    batch_ms_p50: float | None = None
+    batch_ms_p99: float | None = None
+    batch_ms_max: float | None = None
+    planned_batches: int | None = None
+    notification_error: str | None = None
+    throttle_pauses: int = 0
+    throttled_s: float = 0.0
+    throttle_reasons: dict[str, int] = field(default_factory=dict)
+    reclaim: dict[str, Any] | None = None
+    predicted_seconds: float | None = None
+    predicted_wal_bytes: int | None = None
+
+    @property
+    def rows_per_s(self) -> float:
+        return self.messages_deleted / self.elapsed_s if self.elapsed_s > 0 else 0.0
+
+    @property
+    def exit_code(self) -> int:
+        return EXIT_CODES.get(self.status, 1)
+
+    def as_json(self) -> dict[str, Any]:
+        return {**asdict(self), "rows_per_s": round(self.rows_per_s, 1)}
+
+
+def percentile(values: list[float], q: int) -> float | None:
+    if not values:
+        return None
+    if len(values) == 1:
+        return values[0]
+    return statistics.quantiles(values, n=100, method="inclusive")[q - 1]

@@ -1,0 +1,37 @@
+"""How big the next batch is, in the walk's units (heap blocks, keys or garbage rows)."""
+
+from __future__ import annotations
+
+DEFAULT_BATCH_ROWS = 2000
+MAX_STEP = 2.0
+"""The most a batch grows (or 1/MAX_STEP it shrinks) over the last: one odd batch never swings it."""
+
+
+class BatchSizer:
+    """Steers the size toward a target: a batch duration, or with a fixed ``--batch-size`` that
+    many rows. Rows, not units: a block or a key range holds as much garbage as the part of the
+    table it covers, which the planner's table-wide sample does not know (a resumed walk's
+    remaining part may be far denser than the table's average)."""
+
+    def __init__(self, initial: int, maximum: int, target_s: float, target_rows: int | None) -> None:
+        self.size = max(1, min(initial, maximum))
+        self.maximum = maximum
+        self.target_s = target_s
+        self.target_rows = target_rows
+
+    def observe(self, seconds: float, rows: int) -> None:
+        if self.target_rows is not None:
+            factor = self.target_rows / rows if rows else MAX_STEP
+        elif seconds > 0:
+            factor = self.target_s / seconds
+        else:
+            return
+        factor = min(MAX_STEP, max(1 / MAX_STEP, factor))
+        self.size = max(1, min(self.maximum, round(self.size * factor)))
+
+    def shrink(self) -> bool:
+        """Halve after a statement timeout; False when there is nothing left to halve."""
+        if self.size == 1:
+            return False
+        self.size = max(1, self.size // 2)
+        return True

@@ -1,0 +1,281 @@
+"""The walk: workers take slices and delete them batch by batch, each batch with its checkpoint.
+
+Each batch is one short transaction that deletes and advances the run's checkpoint together,
+under ``SET LOCAL lock_timeout/statement_timeout``. A crash at any instant therefore resumes
+exactly after the last committed batch and counts every deleted row once. Any error in any
+worker stops the whole walk and becomes its failure: a walk never ends quietly short.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from typing import Any
+
+import psycopg
+from psycopg import errors as pg_errors
+
+from engine import archive_file, runs
+from engine.archive_file import ArchiveFile
+from engine.config import GcOptions
+from engine.db import Connection, connect
+from engine.errors import DatabaseUnreachable, GcAlreadyRunning, MsggcError
+from engine.planner import Plan
+from engine.queries import SET_BATCH_SETTINGS, Statements
+from engine.result import Progress
+from engine.sizer import DEFAULT_BATCH_ROWS, BatchSizer
+from engine.strategies import BatchOutcome, Slice, Strategy
+from engine.throttle import Throttle
+
+LOCKED_TABLE_RETRIES = 5
+RECONNECT_WINDOW_S = 30.0
+
+log = logging.getLogger("msggc.walk")
+
+
+@dataclass
+class Walk:
+    """State shared by the workers of one run."""
+
+    options: GcOptions
+    plan: Plan
+    run: runs.Run
+    strategy: Strategy
+    statements: Statements
+    dsn: str
+    stop: threading.Event
+    on_progress: Callable[[Progress], None] | None
+    throttle: Throttle
+    archive_file: ArchiveFile | None = None
+    started: float = field(default_factory=time.monotonic)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    deleted: int = 0
+    skipped: int = 0
+    batches: int = 0
+    latencies_ms: list[float] = field(default_factory=list)
+    stop_reason: str | None = None
+    error: str | None = None
+    rewound: bool = False
+
+    @property
+    def walked_to_end(self) -> bool:
+        return all(part.done for part in self.run.slices)
+
+    def budget_reason(self) -> str | None:
+        if self.stop.is_set():
+            return self.stop_reason or "interrupted"
+        if self.options.max_rows is not None and self.deleted >= self.options.max_rows:
+            return f"max_rows={self.options.max_rows}"
+        elapsed = time.monotonic() - self.started
+        if self.options.max_seconds is not None and elapsed >= self.options.max_seconds:
+            return f"max_seconds={self.options.max_seconds:g}"
+        return None
+
+    def record(self, outcome: BatchOutcome, seconds: float) -> None:
+        with self.lock:
+            self.deleted += outcome.deleted
+            self.skipped += outcome.skipped_locked
+            self.batches += 1
+            self.latencies_ms.append(seconds * 1000)
+            progress = Progress(self.run.id, self.deleted, self.batches,
+                                time.monotonic() - self.started,
+                                self.plan.facts.garbage_rows_estimate, seconds)
+        if self.on_progress:
+            self.on_progress(progress)
+
+    def rewind(self, conn: Connection) -> None:
+        """After the server went away, believe only what it kept: with ``--async-commit`` a crash
+        loses the last batches that looked committed, so every slice goes back to its recorded
+        checkpoint (a finished slice is walked again) and the archive file to its recorded end."""
+        with self.lock:
+            for part, position in zip(self.run.slices, runs.positions(conn, self.run.id), strict=True):
+                part.position = position
+            self.rewound = True
+        if self.archive_file is not None:
+            self.archive_file.stale = True
+
+    def fail(self, message: str) -> None:
+        with self.lock:
+            self.error = self.error or message
+        self.stop.set()
+
+    def new_sizer(self) -> BatchSizer:
+        rows = self.options.batch_size or DEFAULT_BATCH_ROWS
+        return BatchSizer(self.strategy.units_for_rows(rows, self.plan.facts), self.strategy.max_units,
+                          self.options.target_batch_ms / 1000, self.options.batch_size)
+
+    def batch_size(self, sizer: BatchSizer) -> int:
+        """The sizer's choice, capped so a ``max_rows`` budget is not overshot by much."""
+        if self.options.max_rows is None:
+            return sizer.size
+        remaining = max(1, self.options.max_rows - self.deleted)
+        return min(sizer.size, self.strategy.units_for_rows(remaining, self.plan.facts))
+
+    def prepared(self, conn: Connection) -> Connection:
+        """A worker's connection, with its session temp table when rows go to a file."""
+        if self.archive_file is not None:
+            archive_file.prepare(conn, self.options.table)
+        return conn
+
+    @property
+    def params(self) -> dict[str, Any]:
+        return {"cutoff": self.plan.cutoff, "run_id": self.run.id}
+
+    @property
+    def settings(self) -> dict[str, str | None]:
+        return {"lock_timeout": f"{self.options.lock_timeout_ms}ms",
+                "statement_timeout": f"{self.options.statement_timeout_ms}ms",
+                "synchronous_commit": "off" if self.options.async_commit else None}
+
+
+def run_batch(conn: Connection, walk: Walk, index: int, part: Slice,
+              sizer: BatchSizer) -> BatchOutcome:
+    """One batch and its checkpoint in one transaction; retried smaller or skip-locked."""
+    skip_locked = False
+    locked_retries = 0
+    while True:
+        try:
+            file = walk.archive_file
+            with file.turn() if file else nullcontext() as turn, conn.transaction():
+                conn.execute(SET_BATCH_SETTINGS, walk.settings)
+                outcome = walk.strategy.run_batch(conn, walk.statements, part, walk.batch_size(sizer),
+                                                  walk.params, skip_locked)
+                runs.checkpoint(conn, walk.run.id, index, outcome.position, outcome.deleted,
+                                outcome.skipped_locked, turn.append(conn) if turn else None)
+            return outcome
+        except pg_errors.LockNotAvailable:
+            if skip_locked:
+                locked_retries += 1
+                if locked_retries > LOCKED_TABLE_RETRIES:
+                    raise MsggcError(
+                        f"{walk.options.table.qualified} stayed locked by another transaction"
+                    ) from None
+                time.sleep(0.1 * 2**locked_retries)
+            skip_locked = True
+        except pg_errors.QueryCanceled:
+            if not sizer.shrink():
+                raise MsggcError(
+                    "a batch of the smallest size still exceeds statement_timeout"
+                    f" ({walk.options.statement_timeout_ms} ms)"
+                ) from None
+
+
+@dataclass
+class Link:
+    """A worker's connection, replaced in place when the server comes back after a restart, so
+    whoever closes the run uses (and finally closes) the live one, table lock included."""
+
+    conn: Connection
+    holds_lock: bool
+
+
+def reconnect(walk: Walk, holds_lock: bool) -> Connection:
+    """Reconnect with backoff after the server went away; the lock holder takes its lock back."""
+    deadline = time.monotonic() + RECONNECT_WINDOW_S
+    delay = 0.5
+    while True:
+        try:
+            conn = connect(walk.dsn)
+        except DatabaseUnreachable:
+            if time.monotonic() + delay > deadline or walk.stop.is_set():
+                raise
+            time.sleep(delay)
+            delay = min(delay * 2, 5.0)
+            continue
+        if holds_lock and not runs.try_lock_table(conn, walk.plan.facts.oid):
+            conn.close()
+            raise GcAlreadyRunning("lost the table lock while reconnecting: another GC took over")
+        return walk.prepared(conn)
+
+
+def work(link: Link, walk: Walk, todo: queue.SimpleQueue[int]) -> None:
+    """A worker: takes slices from the queue and walks each to its end or to the budget."""
+    sizer = walk.new_sizer()
+    while True:
+        try:
+            index = todo.get_nowait()
+        except queue.Empty:
+            return
+        part = walk.run.slices[index]
+        while not part.done:
+            if (reason := walk.budget_reason()) is not None:
+                with walk.lock:
+                    walk.stop_reason = walk.stop_reason or reason
+                return
+            try:
+                walk.throttle.wait(link.conn, lambda: walk.budget_reason() is not None, walk.stop.wait)
+                began = time.monotonic()
+                outcome = run_batch(link.conn, walk, index, part, sizer)
+            except psycopg.OperationalError:
+                link.conn.close()
+                link.conn = reconnect(walk, link.holds_lock)
+                walk.rewind(link.conn)
+                continue
+            seconds = time.monotonic() - began
+            part.position = outcome.position
+            sizer.observe(seconds, outcome.deleted + outcome.skipped_locked)
+            walk.record(outcome, seconds)
+            if walk.options.sleep:
+                walk.stop.wait(walk.options.sleep)
+
+
+def guarded(walk: Walk, action: Callable[[], None]) -> None:
+    """Run a part of the walk; any error stops the whole walk and becomes the run's failure."""
+    try:
+        action()
+    except MsggcError as exc:
+        walk.fail(str(exc))
+    except psycopg.Error as exc:
+        walk.fail(f"database error: {exc}".strip())
+    except Exception as exc:
+        log.exception("run %s: a worker crashed", walk.run.id)
+        walk.fail(f"internal error: {type(exc).__name__}: {exc}".strip())
+
+
+def _helper(walk: Walk, todo: queue.SimpleQueue[int]) -> None:
+    link = Link(walk.prepared(connect(walk.dsn)), holds_lock=False)
+    try:
+        work(link, walk, todo)
+    finally:
+        link.conn.close()
+
+
+def walk_run(conn: Connection, walk: Walk) -> Connection:
+    """Run the workers until every slice is done or the run stops; a rewind after a server
+    restart may reopen slices that workers had already left, so they are walked again. Returns
+    the live connection of the lock holder (a reconnect may have replaced ``conn``)."""
+    while True:
+        walk.rewound = False
+        conn = _run_workers(conn, walk)
+        if not walk.rewound or walk.error or walk.stop_reason or walk.walked_to_end:
+            return conn
+
+
+def _run_workers(conn: Connection, walk: Walk) -> Connection:
+    """One pass of the workers; the calling connection (which holds the table lock) is worker 0."""
+    todo: queue.SimpleQueue[int] = queue.SimpleQueue()
+    for index, part in enumerate(walk.run.slices):
+        if not part.done:
+            todo.put(index)
+    helpers = [threading.Thread(target=guarded, args=(walk, lambda: _helper(walk, todo)), daemon=True)
+               for _ in range(min(walk.options.workers, len(walk.run.slices)) - 1)]
+    link = Link(conn, holds_lock=True)
+
+    def lead() -> None:
+        walk.throttle.start(link.conn)
+        for thread in helpers:
+            thread.start()
+        work(link, walk, todo)
+
+    try:
+        guarded(walk, lead)
+    finally:
+        for thread in helpers:
+            if thread.ident is not None:
+                thread.join()
+    return link.conn
