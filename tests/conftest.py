@@ -1,7 +1,10 @@
-"""Real PostgreSQL for every test: ``MSGGC_TEST_DSN`` when set, else the embedded server.
+"""Real PostgreSQL for the tests that need one: ``MSGGC_TEST_DSN`` when set, else the embedded server.
 
-pytest-postgresql's ``postgresql_noproc`` points at that server; its template database is
-migrated once per session, and each test gets a fresh copy of it (``dsn``).
+Importing this starts nothing: the server is reached (the embedded one started) by the session
+fixture ``server_dsn``, the first time a test needs a database, so tests/unit runs with none.
+A session that started the embedded server stops it at its end (:mod:`tests.sessions`).
+``postgresql_noproc`` (pytest-postgresql's process fixture) points at that server; its template
+database is migrated once per session, and each test gets a fresh copy of it (``dsn``).
 """
 
 from __future__ import annotations
@@ -18,21 +21,29 @@ import pytest
 from psycopg import sql
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 from pytest_postgresql import factories
+from pytest_postgresql.executors import NoopExecutor
+from pytest_postgresql.janitor import DatabaseJanitor
+
+from tests.sessions import SharedEmbeddedServer
 
 os.environ.setdefault("MSGGC_HOME", str(Path(tempfile.gettempdir()) / f"msggc-test-{os.getuid()}"))
 
-
-def _server_dsn() -> str:
-    explicit = os.environ.get("MSGGC_TEST_DSN")
-    if explicit:
-        return explicit
-    from engine.tools import embedded
-
-    return embedded.ensure_running()
+EMBEDDED = SharedEmbeddedServer()
 
 
-SERVER_DSN = _server_dsn()
-_SERVER = conninfo_to_dict(SERVER_DSN)
+def pytest_sessionstart(session: pytest.Session) -> None:
+    EMBEDDED.join()
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    EMBEDDED.leave()
+
+
+@pytest.fixture(scope="session")
+def server_dsn() -> str:
+    """The server's maintenance DSN (database postgres), for tests that create databases:
+    ``MSGGC_TEST_DSN``, else the embedded server, started now when it is not running."""
+    return os.environ.get("MSGGC_TEST_DSN") or EMBEDDED.dsn()
 
 
 def _migrate_template(**connect_kwargs: Any) -> None:
@@ -42,35 +53,41 @@ def _migrate_template(**connect_kwargs: Any) -> None:
     upgrade(make_conninfo(**{k: v for k, v in connect_kwargs.items() if k in keys and v}))
 
 
-postgresql_noproc = factories.postgresql_noproc(
-    host=str(_SERVER.get("host") or "127.0.0.1"),
-    port=_SERVER.get("port") or 5432,
-    user=str(_SERVER.get("user") or "postgres"),
-    password=_SERVER.get("password") or None,
-    dbname=f"msggc_tests_{os.getpid()}",  # unique: concurrent sessions never share a template
-    load=[_migrate_template],
-)
+@pytest.fixture(scope="session")
+def postgresql_noproc(server_dsn: str) -> Iterator[NoopExecutor]:
+    """pytest-postgresql's process fixture on that server, with the session's migrated template."""
+    server = conninfo_to_dict(server_dsn)
+    executor = NoopExecutor(
+        host=str(server.get("host") or "127.0.0.1"),
+        port=server.get("port") or 5432,
+        user=str(server.get("user") or "postgres"),
+        password=server.get("password") or None,
+        options="",
+        dbname=f"msggc_tests_{os.getpid()}",  # unique: concurrent sessions never share a template
+    )
+    template = DatabaseJanitor(user=executor.user, host=executor.host, port=executor.port,
+                               password=executor.password, dbname=executor.template_dbname,
+                               as_template=True)
+    with template:
+        template.load(_migrate_template)
+        yield executor
+
+
 postgresql = factories.postgresql("postgresql_noproc")
 
 
 @pytest.fixture
-def server_dsn() -> str:
-    """The server's maintenance DSN (database postgres), for tests that create databases."""
-    return SERVER_DSN
-
-
-@pytest.fixture
-def scratch_dsn() -> Iterator[str]:
+def scratch_dsn(server_dsn: str) -> Iterator[str]:
     """A fresh, empty (unmigrated) database, dropped after the test."""
     from engine.tools.embedded import dsn_for_database
 
     name = f"msggc_scratch_{uuid.uuid4().hex[:12]}"
-    with psycopg.connect(SERVER_DSN, autocommit=True) as admin:
+    with psycopg.connect(server_dsn, autocommit=True) as admin:
         admin.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
     try:
-        yield dsn_for_database(SERVER_DSN, name)
+        yield dsn_for_database(server_dsn, name)
     finally:
-        with psycopg.connect(SERVER_DSN, autocommit=True) as admin:
+        with psycopg.connect(server_dsn, autocommit=True) as admin:
             admin.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
 
 
@@ -91,11 +108,9 @@ def conn(dsn: str) -> Iterator[psycopg.Connection[Any]]:
 
 
 @pytest.fixture
-def make_dsn(postgresql_noproc: Any) -> Iterator[Callable[[], str]]:
+def make_dsn(postgresql_noproc: NoopExecutor, server_dsn: str) -> Iterator[Callable[[], str]]:
     """A factory of extra fresh, migrated databases (copies of the template), dropped after the
     test: for tests that need several nodes."""
-    from pytest_postgresql.janitor import DatabaseJanitor
-
     from engine.tools.embedded import dsn_for_database
 
     janitors: list[DatabaseJanitor] = []
@@ -107,7 +122,7 @@ def make_dsn(postgresql_noproc: Any) -> Iterator[Callable[[], str]]:
                                   dbname=name, template_dbname=postgresql_noproc.template_dbname)
         janitor.init()
         janitors.append(janitor)
-        return dsn_for_database(SERVER_DSN, name)
+        return dsn_for_database(server_dsn, name)
 
     yield make
     for janitor in janitors:
