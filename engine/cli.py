@@ -66,7 +66,7 @@ table_option = click.option(
 )
 
 
-class Parsed(click.ParamType):
+class Parsed(click.ParamType):  # type: ignore[type-arg]  # generic only since click 8.2
     """A flag value read by one of engine.config's parsers; its UsageError becomes click's."""
 
     def __init__(self, name: str, parse: Callable[[str], Any]) -> None:
@@ -333,7 +333,7 @@ def restore(dsn: str | None, table: str, run_id: int | None, path: Path | None) 
         if path is not None:
             restored = archive_file.restore(conn, spec, oid, path)
             source = str(path)
-        else:
+        elif run_id is not None:
             restored, conflicting = archive.restore(conn, spec, oid, run_id)
             source = f"run {run_id}"
     line = f"restored {restored:,} rows of {source} into {spec.qualified}"

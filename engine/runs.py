@@ -13,7 +13,7 @@ from typing import Any, cast
 from psycopg.types.json import Jsonb
 
 from engine.config import StrategyName
-from engine.db import Connection
+from engine.db import Connection, one_row
 from engine.status import ACTIVE, RESUMABLE, RunStatus
 from engine.strategies import Slice
 
@@ -32,7 +32,7 @@ class Run:
 def try_lock_table(conn: Connection, oid: int) -> bool:
     """Session-level: released by the server if this process dies, so a crash never wedges GC."""
     row = conn.execute("SELECT pg_try_advisory_lock(%s, %s::oid::int)", (ADVISORY_LOCK_CLASS, oid))
-    return bool(row.fetchone()[0])
+    return bool(one_row(row)[0])
 
 
 def lock_holder(conn: Connection, oid: int) -> int | None:
@@ -75,12 +75,12 @@ QUEUED_MARK = "queued"
 
 def enqueue(conn: Connection, table: str, node: str, options: dict[str, Any]) -> int:
     """A queued run, claimed later by a worker (the HTTP API's way to start a GC)."""
-    row = conn.execute(
+    row = one_row(conn.execute(
         "INSERT INTO gc_runs (node, table_name, status, options) VALUES (%s, %s, 'queued', %s)"
         " RETURNING id",
         (node, table, Jsonb({**options, QUEUED_MARK: True})),
-    ).fetchone()
-    return row[0]
+    ))
+    return int(row[0])
 
 
 def walked_so_far(conn: Connection, run_id: int) -> Run | None:
@@ -111,12 +111,12 @@ def start(conn: Connection, table: str, node: str, strategy: StrategyName, slice
             )
         values = (strategy, Jsonb(_cursor(slices)), resumed_from)
         if run_id is None:
-            run_id = conn.execute(
+            run_id = int(one_row(conn.execute(
                 "INSERT INTO gc_runs (node, table_name, status, strategy, cursor, resumed_from, options,"
                 " started_at, heartbeat_at) VALUES (%s, %s, 'running', %s, %s, %s, %s, now(), now())"
                 " RETURNING id",
                 (node, table, *values, Jsonb(options)),
-            ).fetchone()[0]
+            ))[0])
         else:
             conn.execute(
                 "UPDATE gc_runs SET status = 'running', strategy = %s, cursor = %s, resumed_from = %s,"
@@ -148,7 +148,7 @@ def checkpoint(conn: Connection, run_id: int, slice_index: int, position: int,
 
 def positions(conn: Connection, run_id: int) -> list[int]:
     """Where each slice of the run stands as of its last committed (and kept) checkpoint."""
-    row = conn.execute("SELECT cursor FROM gc_runs WHERE id = %s", (run_id,)).fetchone()
+    row = one_row(conn.execute("SELECT cursor FROM gc_runs WHERE id = %s", (run_id,)))
     return [part.position for part in _slices(row[0])]
 
 
@@ -169,13 +169,13 @@ def record_archive(conn: Connection, run_id: int, path: str, size: int) -> None:
 def finish(conn: Connection, run_id: int, status: RunStatus, error: str | None,
            throttle_pauses: int = 0, throttled_s: float = 0.0) -> int:
     """Close the run; returns the rows it deleted, as committed batch by batch."""
-    row = conn.execute(
+    row = one_row(conn.execute(
         "UPDATE gc_runs SET status = %s, error = %s, finished_at = now(), heartbeat_at = now(),"
         " throttle_pauses = throttle_pauses + %s, throttled_seconds = throttled_seconds + %s"
         " WHERE id = %s RETURNING messages_deleted",
         (status, error, throttle_pauses, throttled_s, run_id),
-    ).fetchone()
-    return row[0]
+    ))
+    return int(row[0])
 
 
 def record_reclaim(conn: Connection, run_id: int, space: dict[str, Any]) -> None:

@@ -25,7 +25,9 @@ DELIVERY_HEADER = "X-Msggc-Delivery"
 
 
 class Notifier(Protocol):
-    target: str | None
+    @property
+    def target(self) -> str | None:
+        """Where notices go (None: nowhere durable, e.g. a log): a target's notices are queued."""
 
     def signature(self, body: bytes) -> str | None:
         """This notifier's signature of ``body`` (None when it signs nothing)."""

@@ -9,7 +9,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 
-from engine.db import Connection
+from engine.db import Connection, one_row
 from engine.errors import MsggcError
 from engine.service.notify import Notifier
 
@@ -19,16 +19,16 @@ BACKOFF_MAX_S = 300.0
 
 def enqueue(conn: Connection, run_id: int, target: str, body: bytes, signature: str | None) -> int:
     """Queue a notice with the signature of the process that queued it (see the column)."""
-    row = conn.execute(
+    row = one_row(conn.execute(
         "INSERT INTO gc_outbox (run_id, target_url, body, signature) VALUES (%s, %s, %s, %s)"
         " RETURNING id",
         (run_id, target, body.decode(), signature),
-    ).fetchone()
-    return row[0]
+    ))
+    return int(row[0])
 
 
 def backoff_s(attempts: int) -> float:
-    return min(BACKOFF_MAX_S, BACKOFF_BASE_S * 2 ** max(attempts - 1, 0))
+    return min(BACKOFF_MAX_S, BACKOFF_BASE_S * 2.0 ** max(attempts - 1, 0))
 
 
 def deliver_due(conn: Connection, notifier_for: Callable[[str], Notifier],
@@ -99,9 +99,9 @@ def _deliver_with_retries(conn: Connection, notifier: Notifier, run_id: int, att
 
 def backlog(conn: Connection, node: str) -> int:
     """Notices of this node's runs not delivered yet (the metrics' outbox backlog)."""
-    row = conn.execute(
+    row = one_row(conn.execute(
         "SELECT count(*) FROM gc_outbox o JOIN gc_runs r ON r.id = o.run_id"
         " WHERE o.delivered_at IS NULL AND r.node = %s",
         (node,),
-    ).fetchone()
-    return row[0]
+    ))
+    return int(row[0])

@@ -126,7 +126,8 @@ class Worker:
                 self._node_state(node, None)
             except (MsggcError, psycopg.Error) as exc:
                 self._node_state(node, exc)
-                conn = _closed(conn)
+                _closed(conn)
+                conn = None
             if claimed is not None and self._execute(node, *claimed):
                 continue
             self._pause(self._wake, node)
@@ -187,9 +188,11 @@ class Worker:
                 conn = self._connected(node, conn)
                 delivered, pending = outbox.deliver_due(conn, self.settings.webhook)
             except DatabaseUnreachable:
-                conn = _closed(conn)  # the node loop reports the node's state
+                _closed(conn)  # the node loop reports the node's state
+                conn = None
             except (MsggcError, psycopg.Error) as exc:
-                conn = _closed(conn)
+                _closed(conn)
+                conn = None
                 self._delivery_fault(node, exc)
             else:
                 if delivered or pending:

@@ -309,7 +309,7 @@ def _recreate_indexes(
     return seconds
 
 
-def _create_statement(target: _Target, index: _SavedIndex) -> sql.Composable:
+def _create_statement(target: _Target, index: _SavedIndex) -> sql.SQL | sql.Composed:
     """ADD CONSTRAINT for constraint-backed indexes (keeps the constraint), else CREATE INDEX."""
     if index.constraint is not None and index.constraint_def is not None:
         return sql.SQL("ALTER TABLE {} ADD CONSTRAINT {} {}").format(
