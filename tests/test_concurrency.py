@@ -5,15 +5,18 @@ from __future__ import annotations
 
 import threading
 import time
+from typing import Any
 
 import psycopg
 import pytest
 
 from engine import collect
 from engine.config import GcOptions
+from engine.db import APPLICATION_NAME
 from engine.errors import GcAlreadyRunning
 from engine.runs import ADVISORY_LOCK_CLASS
 from tests.data import fill, live_ids, surviving_ids
+from tests.polling import wait_until
 
 
 @pytest.mark.parametrize("strategy", ["physical", "index", "key"])
@@ -34,6 +37,14 @@ def test_rows_locked_by_the_app_are_skipped_not_waited_on(conn, dsn, strategy):
     assert took < 3.0  # a few lock timeouts of 50 ms, never the app's transaction length
 
 
+def waits_on(conn: psycopg.Connection[Any], app_pid: int) -> bool:
+    """Whether a session of the GC (application_name msggc) waits on a lock the app holds."""
+    return conn.execute(
+        "SELECT count(*) > 0 FROM pg_stat_activity WHERE datname = current_database()"
+        " AND application_name = %s AND %s = ANY(pg_blocking_pids(pid))", (APPLICATION_NAME, app_pid)
+    ).fetchone()[0]
+
+
 @pytest.mark.parametrize("strategy", ["physical", "index", "key"])
 def test_a_row_unprocessed_concurrently_is_not_deleted(conn, dsn, strategy):
     garbage = [True] * 500
@@ -44,7 +55,8 @@ def test_a_row_unprocessed_concurrently_is_not_deleted(conn, dsn, strategy):
         gc = threading.Thread(target=lambda: outcome.update(result=collect(
             dsn, GcOptions(strategy=strategy, lock_timeout_ms=5000))))
         gc.start()
-        time.sleep(0.5)  # GC reaches row 250 and waits on the app's row lock
+        wait_until(lambda: waits_on(conn, app.info.backend_pid) or not gc.is_alive(), 15,
+                   "the GC to reach row 250 and wait on the app's row lock")
         app.commit()
         gc.join(30)
 
