@@ -19,6 +19,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from psycopg import errors as pg_errors
 from psycopg import sql
 
 from engine import runs
@@ -216,7 +217,8 @@ def _trim(path: Path, size: int) -> None:
 # -- restore ----------------------------------------------------------------------------------
 
 def members(path: Path) -> Iterator[bytes]:
-    """The file's gzip members, decompressed one at a time: the header, then one per batch."""
+    """The file's gzip members, decompressed one at a time: the header, then one per batch.
+    Raises OSError or zlib.error for a member that cannot be read, EOFError for one cut short."""
     with path.open("rb") as handle:
         data = handle.read(READ_CHUNK)
         while data:
@@ -229,18 +231,20 @@ def members(path: Path) -> Iterator[bytes]:
                     break
                 data = handle.read(READ_CHUNK)
                 if not data:
-                    raise MsggcError(f"archive file {path} ends in the middle of a batch")
+                    raise EOFError("it is cut short (the file ends inside it)")
             yield bytes(rows)
 
 
 def restore(conn: Connection, table: TableSpec, target_oid: int, path: Path) -> int:
     """Insert the file's rows back, one transaction per batch; rows already present are kept,
-    so running it again (after an interruption) restores the rest and duplicates nothing."""
+    so running it again (after an interruption, or on a good copy of a damaged file) restores
+    the rest and duplicates nothing. A batch that cannot be read or loaded stops the restore,
+    the batches before it restored."""
+    parts = members(path)
     try:
-        parts = members(path)
-        header = next(csv.reader([next(parts).decode()]))
-    except (OSError, StopIteration, zlib.error, UnicodeDecodeError) as exc:
-        raise UsageError(f"{path} is not an msggc archive file: {exc or 'empty'}") from None
+        header = _read_header(next(parts, b""))
+    except (OSError, EOFError, zlib.error, csv.Error, ValueError) as exc:
+        raise UsageError(f"{path} is not an msggc archive file: {exc}") from None
     columns = [c for c in header if c not in BOOKKEEPING_COLUMNS]
     missing = set(columns) - set(table_columns(conn, target_oid))
     if missing:
@@ -254,10 +258,34 @@ def restore(conn: Connection, table: TableSpec, target_oid: int, path: Path) -> 
         "INSERT INTO {table} ({names}) OVERRIDING SYSTEM VALUE SELECT {names} FROM {outgoing}"
         " ON CONFLICT DO NOTHING"
     ).format(table=table_ident(table), names=names, outgoing=table_ident(OUTGOING))
-    restored = 0
-    for rows in parts:
-        with conn.transaction():
-            with conn.cursor().copy(load) as copy:
-                copy.write(rows)
-            restored += conn.execute(insert).rowcount
+    restored = loaded = 0
+    try:
+        for rows in parts:
+            with conn.transaction():
+                with conn.cursor().copy(load) as copy:
+                    copy.write(rows)
+                restored += conn.execute(insert).rowcount
+            loaded += 1
+    except (OSError, EOFError, zlib.error) as exc:
+        raise _stopped(path, f"cannot read batch {loaded + 1}: {exc}", restored) from None
+    except (pg_errors.DataError, pg_errors.IntegrityError) as exc:
+        raise _stopped(path, f"batch {loaded + 1} does not load: {exc.diag.message_primary}",
+                       restored) from None
     return restored
+
+
+def _read_header(member: bytes) -> list[str]:
+    """The archived column names: the first member is one CSV line ending in the bookkeeping."""
+    lines = list(csv.reader(io.StringIO(member.decode())))
+    header = lines[0] if len(lines) == 1 else []
+    columns = header[:-len(BOOKKEEPING_COLUMNS)]
+    distinct = len(set(header) - {""}) == len(header)
+    if not columns or not distinct or tuple(header[len(columns):]) != BOOKKEEPING_COLUMNS:
+        raise ValueError("it does not start with a header line of column names ending in"
+                         f" {', '.join(BOOKKEEPING_COLUMNS)}")
+    return header
+
+
+def _stopped(path: Path, reason: str, restored: int) -> MsggcError:
+    return MsggcError(f"{path}: {reason}; the batches before it are restored ({restored:,} rows),"
+                      " a rerun on a good file restores the rest")

@@ -15,7 +15,7 @@ import pytest
 from engine import collect
 from engine.archive_file import check_target, members, restore
 from engine.config import GcOptions, TableSpec
-from engine.errors import UsageError
+from engine.errors import MsggcError, UsageError
 from tests.data import fill, live_ids, run_rows, surviving_ids
 from tests.test_cli import assert_one_line_error, msggc
 
@@ -199,3 +199,58 @@ def test_check_target_accepts_a_new_file_a_directory_and_the_file_being_resumed(
     check_target(f"{tmp_path}/")
     check_target(tmp_path)
     check_target(resumed, resuming=resumed)
+
+
+def write_members(path: Path, parts: list[bytes]) -> Path:
+    path.write_bytes(b"".join(gzip.compress(part) for part in parts))
+    return path
+
+
+def with_bad_timestamp(part: bytes) -> bytes:
+    rows = list(csv.reader(io.StringIO(part.decode())))
+    rows[0][6] = "not a time"  # created_at
+    text = io.StringIO()
+    csv.writer(text, lineterminator="\n").writerows(rows)
+    return text.getvalue().encode()
+
+
+def archive_of(conn, dsn, path: Path) -> list[bytes]:
+    """A good archive of 500 rows in several batches; returns its members, the header first."""
+    fill(conn, [i % 2 == 0 for i in range(1000)])
+    collect(dsn, GcOptions(batch_size=64, archive_to=str(path)))
+    return list(members(path))
+
+
+@pytest.mark.parametrize(("damage", "fragment", "code"), [
+    (lambda parts, raw: gzip.compress(b"a,b,c\n1,2,3\n"), "is not an msggc archive file", 2),
+    (lambda parts, raw: raw[:-10], "cannot read batch {last}", 1),
+    (lambda parts, raw: raw + b"not gzip at all", "cannot read batch {after_last}", 1),
+    (lambda parts, raw: b"".join(gzip.compress(p) for p in [*parts[:2], b"1,2,3\n"]), "batch 2", 1),
+    (lambda parts, raw: b"".join(gzip.compress(p) for p in [*parts[:3], with_bad_timestamp(parts[3])]),
+     "batch 3", 1),
+], ids=["foreign csv", "truncated", "trailing garbage", "wrong columns", "bad timestamp"])
+def test_restoring_a_damaged_or_foreign_file_is_a_one_line_error(conn, dsn, tmp_path, damage, fragment, code):
+    good = tmp_path / "gone.csv.gz"
+    parts = archive_of(conn, dsn, good)
+    bad = tmp_path / "bad.csv.gz"
+    bad.write_bytes(damage(parts, good.read_bytes()))
+
+    proc = msggc("restore", "--dsn", dsn, "--file", str(bad))
+
+    assert_one_line_error(proc, fragment.format(last=len(parts) - 1, after_last=len(parts)), code=code)
+    assert str(bad) in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_a_rerun_on_the_good_file_after_a_bad_one_restores_the_rest_once(conn, dsn, tmp_path):
+    good = tmp_path / "gone.csv.gz"
+    parts = archive_of(conn, dsn, good)
+    bad = write_members(tmp_path / "bad.csv.gz", [*parts[:3], with_bad_timestamp(parts[3]), *parts[4:]])
+
+    with pytest.raises(MsggcError, match="batch 3"):
+        restore(conn, TableSpec(), oid_of_messages(conn), bad)
+    restored_before = len(surviving_ids(conn)) - 500
+    assert restored_before == sum(part.count(b"\n") for part in parts[1:3])  # batches 1 and 2
+
+    assert restore(conn, TableSpec(), oid_of_messages(conn), good) == 500 - restored_before
+    assert surviving_ids(conn) == list(range(1, 1001))
