@@ -4,7 +4,9 @@ from __future__ import annotations
 
 DEFAULT_BATCH_ROWS = 2000
 MAX_STEP = 2.0
-"""The most a batch grows (or 1/MAX_STEP it shrinks) over the last: one odd batch never swings it."""
+"""The most a batch grows (or 1/MAX_STEP it shrinks) toward a duration: one odd batch never swings it."""
+ROWS_STEP = 4.0
+"""Toward a row count the step may be larger: rows per unit change only with the table's density."""
 
 
 class BatchSizer:
@@ -13,7 +15,10 @@ class BatchSizer:
     table it covers, which the planner's table-wide sample does not know (a resumed walk's
     remaining part may be far denser than the table's average)."""
 
-    def __init__(self, initial: int, maximum: int, target_s: float, target_rows: int | None) -> None:
+    def __init__(self, initial: int, maximum: int, target_s: float, target_rows: int | None,
+                 units_are_rows: bool = False) -> None:
+        if target_rows is not None and not units_are_rows:  # calibrate small rather than overshoot
+            initial = round(initial / ROWS_STEP)
         self.size = max(1, min(initial, maximum))
         self.maximum = maximum
         self.target_s = target_s
@@ -21,12 +26,14 @@ class BatchSizer:
 
     def observe(self, seconds: float, rows: int) -> None:
         if self.target_rows is not None:
-            factor = self.target_rows / rows if rows else MAX_STEP
+            step = ROWS_STEP
+            factor = self.target_rows / rows if rows else step
         elif seconds > 0:
+            step = MAX_STEP
             factor = self.target_s / seconds
         else:
             return
-        factor = min(MAX_STEP, max(1 / MAX_STEP, factor))
+        factor = min(step, max(1 / step, factor))
         self.size = max(1, min(self.maximum, round(self.size * factor)))
 
     def shrink(self) -> bool:

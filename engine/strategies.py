@@ -51,6 +51,8 @@ def split(start: int, end: int, parts: int) -> list[Slice]:
 class Strategy(Protocol):
     name: ClassVar[StrategyName]
     max_units: ClassVar[int]
+    units_are_rows: ClassVar[bool]
+    """A unit is one garbage row (the index walk), not a block or a key of the table."""
 
     def slices(self, facts: TableFacts, workers: int) -> list[Slice]: ...
 
@@ -85,6 +87,7 @@ class PhysicalStrategy:
     """Walk the heap in TID ranges: sequential I/O, no index lookups; best for dense garbage."""
 
     name: ClassVar[StrategyName] = "physical"
+    units_are_rows: ClassVar[bool] = False
     max_units: ClassVar[int] = 4096
     """32 MB of heap: the sizer steers by the last batch, but a batch costs ~10x more once the
     walk leaves cached blocks for cold ones; the cap bounds that jump (dense batches stay under)."""
@@ -108,6 +111,7 @@ class KeyStrategy:
     """Primary-key ranges whose upper bound an index-only probe finds (each_batch style)."""
 
     name: ClassVar[StrategyName] = "key"
+    units_are_rows: ClassVar[bool] = False
     max_units: ClassVar[int] = 2_000_000
 
     def slices(self, facts: TableFacts, workers: int) -> list[Slice]:
@@ -125,6 +129,7 @@ class IndexStrategy:
     """Keyset walk over the partial garbage index: touches only garbage; best when it is sparse."""
 
     name: ClassVar[StrategyName] = "index"
+    units_are_rows: ClassVar[bool] = True
     max_units: ClassVar[int] = 100_000
 
     def slices(self, facts: TableFacts, workers: int) -> list[Slice]:

@@ -107,7 +107,8 @@ class Walk:
     def new_sizer(self) -> BatchSizer:
         rows = self.options.batch_size or DEFAULT_BATCH_ROWS
         return BatchSizer(self.strategy.units_for_rows(rows, self.plan.facts), self.strategy.max_units,
-                          self.options.target_batch_ms / 1000, self.options.batch_size)
+                          self.options.target_batch_ms / 1000, self.options.batch_size,
+                          self.strategy.units_are_rows)
 
     def batch_size(self, sizer: BatchSizer) -> int:
         """The sizer's choice, capped so a ``max_rows`` budget is not overshot by much."""

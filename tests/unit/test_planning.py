@@ -74,18 +74,18 @@ def test_sizer_moves_toward_the_target_duration_within_a_factor_of_two():
 
 
 def test_a_fixed_batch_size_steers_units_toward_that_many_rows_whatever_the_time():
-    # 100 blocks held 5,000 garbage rows: for 1,000 rows a batch the next one walks fewer blocks
-    sizer = BatchSizer(initial=100, maximum=4096, target_s=0.05, target_rows=1000)
-    sizer.observe(0.001, rows=5000)
-    assert sizer.size == 50
+    sizer = BatchSizer(initial=400, maximum=4096, target_s=0.05, target_rows=1000)
+    assert sizer.size == 100  # a quarter of the table-wide estimate first
+    sizer.observe(0.001, rows=2500)  # 100 blocks held 2,500 garbage rows: walk 40 next
+    assert sizer.size == 40
     sizer.observe(5.0, rows=1000)
-    assert sizer.size == 50
+    assert sizer.size == 40
     sizer.observe(0.001, rows=0)
-    assert sizer.size == 100
+    assert sizer.size == 160
 
 
 def test_a_sizer_halves_after_a_timeout_down_to_one():
-    sizer = BatchSizer(initial=8, maximum=100, target_s=0.05, target_rows=8)
+    sizer = BatchSizer(initial=8, maximum=100, target_s=0.05, target_rows=None)
     assert sizer.shrink() and sizer.size == 4
     sizer.size = 1
     assert not sizer.shrink()
