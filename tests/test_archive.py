@@ -8,7 +8,8 @@ from engine import collect
 from engine.archive import Restored, purge, restore
 from engine.config import GcOptions, TableSpec
 from tests.data import fill, live_ids, surviving_ids
-from tests.test_cli import assert_one_line_error, msggc
+from tests.support import run_cli
+from tests.test_cli import assert_one_line_error
 
 
 def archived_ids(conn, run_id=None) -> list[int]:
@@ -87,13 +88,13 @@ def test_restore_command_reports_conflicts_on_one_line_and_exits_1(conn, dsn):
     run_id = collect(dsn, GcOptions(archive=True)).run_id
     reinsert_message_ids(conn, [10, 20])
 
-    proc = msggc("restore", "--dsn", dsn, "--run", str(run_id))
+    proc = run_cli("restore", "--dsn", dsn, "--run", str(run_id))
 
     assert_one_line_error(proc, "restored 298 rows", code=1)
     assert "2 rows kept in the archive" in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1
     conn.execute("DELETE FROM messages WHERE payload = 'resent'")
-    rerun = msggc("restore", "--dsn", dsn, "--run", str(run_id))
+    rerun = run_cli("restore", "--dsn", dsn, "--run", str(run_id))
     assert rerun.returncode == 0, rerun.stderr
     assert "restored 2 rows" in rerun.stdout
     assert surviving_ids(conn) == list(range(1, 301))
