@@ -37,8 +37,9 @@ class BatchSizer:
         self.size = max(1, min(self.maximum, round(self.size * factor)))
 
     def shrink(self) -> bool:
-        """Halve after a statement timeout; False when there is nothing left to halve."""
+        """Halve after a statement timeout, and never grow past that again (the next batch of the
+        old size would time out too); False when there is nothing left to halve."""
         if self.size == 1:
             return False
-        self.size = max(1, self.size // 2)
+        self.size = self.maximum = max(1, self.size // 2)
         return True

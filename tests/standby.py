@@ -14,7 +14,6 @@ import pwd
 import shutil
 import subprocess
 import tempfile
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +22,7 @@ import psycopg
 from psycopg.conninfo import conninfo_to_dict
 
 from engine.tools import embedded
+from tests.polling import wait_until
 
 STANDBY_PORT = 54339
 """Names the standby's socket file; it lives in its own directory, so it cannot collide."""
@@ -65,14 +65,14 @@ def _run(args: list[str], user: str | None, timeout: float = 60) -> None:
 
 
 def _wait_streaming(primary_dsn: str) -> None:
-    deadline = time.monotonic() + STREAMING_TIMEOUT_S
+    """Raises RuntimeError (as every failure to set the pair up does) when it never streams."""
+    streaming = "SELECT count(*) FROM pg_stat_replication WHERE state = 'streaming'"
     with psycopg.connect(primary_dsn, autocommit=True) as conn:
-        while time.monotonic() < deadline:
-            if conn.execute("SELECT count(*) FROM pg_stat_replication WHERE state = 'streaming'"
-                            ).fetchone()[0]:
-                return
-            time.sleep(0.1)
-    raise RuntimeError(f"the standby did not start streaming within {STREAMING_TIMEOUT_S:g}s")
+        try:
+            wait_until(lambda: conn.execute(streaming).fetchone()[0], STREAMING_TIMEOUT_S,
+                       "the standby to start streaming", interval_s=0.1)
+        except AssertionError as exc:
+            raise RuntimeError(str(exc)) from exc
 
 
 def start() -> Replica:

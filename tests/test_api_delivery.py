@@ -18,8 +18,9 @@ from engine.config import GcOptions
 from engine.service import nodes
 from engine.service.settings import ServiceSettings
 from engine.service.worker import Worker
-from tests.api_support import GC_PATH, free_port, gc_of, posted_bodies, running_service, runs_of, wait_until
+from tests.api_support import GC_PATH, free_port, gc_of, posted_bodies, running_service, runs_of
 from tests.data import fill
+from tests.polling import wait_until
 
 
 def outbox_row(dsn: str) -> dict | None:

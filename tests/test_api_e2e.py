@@ -7,9 +7,7 @@ a restart that resumes the run from its checkpoint, and the worker running in it
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -30,13 +28,13 @@ from tests.api_support import (
     gc_of,
     posted_bodies,
     runs_of,
-    wait_until,
 )
 from tests.data import fill, live_ids, surviving_ids
+from tests.polling import wait_until
+from tests.support import spawn_cli
 
 pytestmark = pytest.mark.slow
 
-REPO = Path(__file__).resolve().parent.parent
 TOKEN = "e2e-token"
 SECRET = "e2e-secret"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
@@ -45,30 +43,25 @@ AUTH = {"Authorization": f"Bearer {TOKEN}"}
 @dataclass
 class Process:
     url: str
-    popen: subprocess.Popen[bytes]
+    popen: subprocess.Popen[str]
     log: Path
 
     def output(self) -> str:
         return self.log.read_text(errors="replace")
 
 
-def _clean_env() -> dict[str, str]:
-    """No MSGGC_* setting leaks in from the developer's shell (the config file says it all)."""
-    return {k: v for k, v in os.environ.items() if not k.startswith("MSGGC_") or k == "MSGGC_HOME"}
-
-
 @contextmanager
-def msggc(tmp_path: Path, command: str, config: dict[str, Any], *args: str) -> Iterator[Process]:
-    """``msggc <command> --config <file> ...`` in a subprocess; for ``serve``, wait until healthy."""
+def cli_process(tmp_path: Path, command: str, config: dict[str, Any], *args: str) -> Iterator[Process]:
+    """``msggc <command> --config <file> ...`` in a subprocess (no MSGGC_* setting of the developer's
+    shell leaks in: the config file says it all); for ``serve``, wait until healthy."""
     config_file = tmp_path / "msggc.json"
     config_file.write_text(json.dumps(config))
     port = free_port()
     extra = ["--port", str(port), "--token", TOKEN] if command == "serve" else []
     log = tmp_path / f"{command}-{port}.log"
     with log.open("wb") as sink:
-        popen = subprocess.Popen([sys.executable, "-m", "engine.cli", command, "--config", str(config_file),
-                                  *extra, *args], stdout=sink, stderr=subprocess.STDOUT, env=_clean_env(),
-                                 cwd=REPO)
+        popen = spawn_cli(command, "--config", str(config_file), *extra, *args, stdout=sink,
+                          stderr=subprocess.STDOUT)
     process = Process(f"http://127.0.0.1:{port}", popen, log)
     try:
         if command == "serve":
@@ -107,7 +100,7 @@ def test_two_live_nodes_and_a_closed_port_get_a_mixed_answer_and_two_webhooks(
     dead = closed_port_dsn()
     config = {"nodes": {"wacore1": dsn, "wacore2": second, "wacore3": dead},
               "callback_url": callback.url_for("/gc"), "webhook_secret": SECRET, "poll_s": 0.2}
-    with msggc(tmp_path, "serve", config) as service:
+    with cli_process(tmp_path, "serve", config) as service:
         answer = httpx.put(service.url + GC_PATH, headers=AUTH)
         wait_until(lambda: len(posted_bodies(callback)) == 2, timeout_s=20)
         unauthorized = httpx.put(service.url + GC_PATH)
@@ -133,7 +126,7 @@ def test_a_service_killed_mid_run_resumes_it_after_restart_and_the_totals_are_ex
     fill(conn, garbage)
     config = {"dsn": dsn, "callback_url": callback.url_for("/gc"), "stale_after_s": 1, "poll_s": 0.2,
               "gc": {"strategy": "index", "batch_size": 100, "sleep": 0.1}}
-    with msggc(tmp_path, "serve", config) as service:
+    with cli_process(tmp_path, "serve", config) as service:
         assert httpx.put(service.url + GC_PATH, headers=AUTH).status_code == 200
         wait_until(lambda: runs_of(dsn) and runs_of(dsn)[0]["batches"] >= 8)
         service.popen.kill()
@@ -143,7 +136,7 @@ def test_a_service_killed_mid_run_resumes_it_after_restart_and_the_totals_are_ex
     assert killed["status"] == "running"
     assert 0 < killed["messages_deleted"] < sum(garbage)
     assert not posted_bodies(callback)
-    with msggc(tmp_path, "serve", config) as service:
+    with cli_process(tmp_path, "serve", config) as service:
         wait_until(lambda: posted_bodies(callback), timeout_s=30)
         status = httpx.get(service.url + GC_PATH, headers=AUTH).json()
 
@@ -158,11 +151,11 @@ def test_a_service_killed_mid_run_resumes_it_after_restart_and_the_totals_are_ex
 def test_an_api_without_worker_and_a_separate_worker_process_complete_a_gc(conn, dsn, callback, tmp_path):
     fill(conn, [True] * 7 + [False])
     config = {"dsn": dsn, "callback_url": callback.url_for("/gc"), "poll_s": 0.2}
-    with msggc(tmp_path, "serve", config, "--no-worker") as service:
+    with cli_process(tmp_path, "serve", config, "--no-worker") as service:
         assert httpx.put(service.url + GC_PATH, headers=AUTH).status_code == 200
         assert httpx.get(service.url + "/health").json()["worker"] == "disabled"
         assert runs_of(dsn)[0]["status"] == "queued"
-        with msggc(tmp_path, "worker", config):
+        with cli_process(tmp_path, "worker", config):
             wait_until(lambda: posted_bodies(callback), timeout_s=20)
 
     assert [gc_of(body) for body in posted_bodies(callback)] == [
@@ -172,14 +165,14 @@ def test_an_api_without_worker_and_a_separate_worker_process_complete_a_gc(conn,
 def test_a_worker_with_every_collects_new_garbage_periodically(conn, dsn, callback, tmp_path):
     fill(conn, [True] * 5 + [False])
     config = {"dsn": dsn, "callback_url": callback.url_for("/gc"), "poll_s": 0.2}
-    with msggc(tmp_path, "worker", config, "--every", "2s"):
+    with cli_process(tmp_path, "worker", config, "--every", "2s"):
         _collects_new_garbage_again(conn, callback)
 
 
 def test_a_service_with_a_cron_schedule_collects_on_time_and_shows_when(conn, dsn, callback, tmp_path):
     fill(conn, [True] * 5 + [False])
     config = {"dsn": dsn, "callback_url": callback.url_for("/gc"), "poll_s": 0.2, "cron": "*/2 * * * * *"}
-    with msggc(tmp_path, "serve", config) as service:
+    with cli_process(tmp_path, "serve", config) as service:
         health = httpx.get(service.url + "/health").json()
         assert health["schedule"] == "cron '*/2 * * * * *' (UTC)"
         next_at = datetime.fromisoformat(health["next_scheduled_gc"])

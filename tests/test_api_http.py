@@ -10,8 +10,9 @@ from engine.service import nodes
 from engine.service.api_models import ErrorAnswer
 from engine.service.contract import package_version
 from engine.service.settings import ServiceSettings
-from tests.api_support import GC_PATH, running_service, wait_until
+from tests.api_support import GC_PATH, running_service
 from tests.data import fill
+from tests.polling import wait_until
 
 TOKEN = "t0ken-for-tests"
 
@@ -121,7 +122,7 @@ def test_a_put_can_archive_throttle_and_vacuum_and_status_shows_the_results(conn
     from engine.config import GcOptions
     from engine.service import nodes
     from engine.service.settings import ServiceSettings
-    from tests.api_support import GC_PATH, posted_bodies, running_service, wait_until
+    from tests.api_support import GC_PATH, posted_bodies, running_service
     from tests.data import fill, surviving_ids
 
     httpserver.expect_request("/gc", method="POST").respond_with_data("ok")
@@ -146,7 +147,7 @@ def test_a_put_can_archive_to_a_file_in_the_configured_directory(conn, dsn, http
     from engine.config import GcOptions
     from engine.service import nodes
     from engine.service.settings import ServiceSettings
-    from tests.api_support import GC_PATH, posted_bodies, running_service, wait_until
+    from tests.api_support import GC_PATH, posted_bodies, running_service
     from tests.data import fill, surviving_ids
     from tests.test_archive_file import archived_ids
 

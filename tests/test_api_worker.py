@@ -12,8 +12,9 @@ from engine.config import GcOptions
 from engine.service import nodes, requests
 from engine.service.settings import ServiceSettings
 from engine.service.worker import Worker
-from tests.api_support import gc_of, posted_bodies, runs_of, wait_until
+from tests.api_support import gc_of, posted_bodies, runs_of
 from tests.data import fill
+from tests.polling import wait_until
 
 
 @pytest.fixture

@@ -17,7 +17,8 @@ from engine.archive_file import check_target, members, restore
 from engine.config import GcOptions, TableSpec
 from engine.errors import MsggcError, UsageError
 from tests.data import fill, live_ids, run_rows, surviving_ids
-from tests.test_cli import assert_one_line_error, msggc
+from tests.support import run_cli
+from tests.test_cli import assert_one_line_error
 
 
 def archived(path: Path) -> list[dict[str, str]]:
@@ -118,7 +119,7 @@ def test_an_existing_file_is_never_overwritten(conn, dsn, tmp_path):
     path = tmp_path / "precious.csv.gz"
     path.write_bytes(b"someone else's data")
 
-    proc = msggc("gc", "--dsn", dsn, "--archive-to", str(path))
+    proc = run_cli("gc", "--dsn", dsn, "--archive-to", str(path))
 
     assert_one_line_error(proc, "already exists")
     assert path.read_bytes() == b"someone else's data"
@@ -133,7 +134,7 @@ def test_an_existing_file_is_never_overwritten(conn, dsn, tmp_path):
 ])
 def test_bad_archive_flags_are_one_line_errors(conn, dsn, args, fragment):
     fill(conn, [True] * 20)
-    proc = msggc(*args, "--dsn", dsn)
+    proc = run_cli(*args, "--dsn", dsn)
     assert_one_line_error(proc, fragment)
     assert len(surviving_ids(conn)) == 20
 
@@ -141,7 +142,8 @@ def test_bad_archive_flags_are_one_line_errors(conn, dsn, args, fragment):
 def test_restoring_a_file_that_is_not_an_archive_is_refused(conn, dsn, tmp_path):
     path = tmp_path / "notes.txt"
     path.write_text("hello")
-    assert_one_line_error(msggc("restore", "--dsn", dsn, "--file", str(path)), "is not an msggc archive file")
+    assert_one_line_error(run_cli("restore", "--dsn", dsn, "--file", str(path)),
+                          "is not an msggc archive file")
 
 
 def test_archive_files_are_readable_by_their_owner_only(conn, dsn, tmp_path):
@@ -160,7 +162,7 @@ def test_archive_files_are_readable_by_their_owner_only(conn, dsn, tmp_path):
 def test_a_target_ending_in_a_slash_names_a_directory_that_must_exist(conn, dsn, tmp_path):
     fill(conn, [True] * 20)
 
-    proc = msggc("gc", "--dsn", dsn, "--archive-to", f"{tmp_path}/sub/")
+    proc = run_cli("gc", "--dsn", dsn, "--archive-to", f"{tmp_path}/sub/")
 
     assert_one_line_error(proc, "does not exist")
     assert not (tmp_path / "sub").exists()
@@ -235,7 +237,7 @@ def test_restoring_a_damaged_or_foreign_file_is_a_one_line_error(conn, dsn, tmp_
     bad = tmp_path / "bad.csv.gz"
     bad.write_bytes(damage(parts, good.read_bytes()))
 
-    proc = msggc("restore", "--dsn", dsn, "--file", str(bad))
+    proc = run_cli("restore", "--dsn", dsn, "--file", str(bad))
 
     assert_one_line_error(proc, fragment.format(last=len(parts) - 1, after_last=len(parts)), code=code)
     assert str(bad) in proc.stderr

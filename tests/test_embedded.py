@@ -96,7 +96,7 @@ def test_settings_survive_restart_without_being_appended_twice(msggc_home: Path)
 
 
 def test_concurrent_starts_share_one_server_and_print_nothing_else(msggc_home: Path) -> None:
-    code = "from engine import embedded; print(embedded.ensure_running())"
+    code = "from engine.tools import embedded; print(embedded.ensure_running())"
     procs = [
         subprocess.Popen(
             [sys.executable, "-c", code],

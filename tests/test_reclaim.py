@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 import psycopg
 import pytest
@@ -12,11 +10,7 @@ import pytest
 from engine import collect
 from engine.config import GcOptions
 from tests.data import fill, live_ids, surviving_ids
-
-
-def msggc(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "engine.cli", *args], capture_output=True, text=True,
-                          timeout=120)
+from tests.support import run_cli
 
 
 def fill_settled(conn: psycopg.Connection, garbage: list[bool]) -> None:
@@ -107,12 +101,12 @@ def test_pgstattuple_free_space_is_reported_when_installed(conn, dsn):
 def test_status_json_shows_throttling_and_reclaim_of_a_cli_run(conn, dsn):
     fill_settled(conn, [i % 2 == 0 for i in range(20_000)])
 
-    gc = msggc("gc", "--dsn", dsn, "--batch-size", "500", "--max-wal-rate", "256KB", "--vacuum", "--json",
-               "--max-seconds", "15")
+    gc = run_cli("gc", "--dsn", dsn, "--batch-size", "500", "--max-wal-rate", "256KB", "--vacuum", "--json",
+                 "--max-seconds", "15")
     # 3: stopped by --max-seconds, when other sessions of a shared server used up the WAL budget.
     assert gc.returncode in (0, 3), gc.stdout + gc.stderr
     result = json.loads(gc.stdout)
-    status = msggc("status", "--dsn", dsn, "--json")
+    status = run_cli("status", "--dsn", dsn, "--json")
     assert status.returncode == 0, status.stderr
     [run] = json.loads(status.stdout)
 

@@ -4,9 +4,6 @@ from __future__ import annotations
 
 import os
 import signal
-import subprocess
-import sys
-import time
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -15,6 +12,8 @@ from hypothesis import strategies as st
 from engine import collect
 from engine.config import GcOptions
 from tests.data import fill, live_ids, surviving_ids
+from tests.polling import wait_until
+from tests.support import spawn_cli
 
 
 def total_counted(conn) -> int:
@@ -76,35 +75,22 @@ def test_any_table_and_budget_delete_exactly_the_garbage_once(
     assert total_counted(conn) == sum(garbage)
 
 
-def _gc_process(dsn: str, *extra: str) -> subprocess.Popen[str]:
-    return subprocess.Popen(
-        [sys.executable, "-m", "engine.cli", "gc", "--dsn", dsn, "--json", *extra],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-    )
-
-
-def _wait_for_batches(conn, at_least: int, timeout_s: float = 20) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        row = conn.execute("SELECT coalesce(max(batches), 0) FROM gc_runs").fetchone()
-        if row[0] >= at_least:
-            return
-        time.sleep(0.02)
-    raise AssertionError("the GC subprocess did not make progress")
+def batches_so_far(conn) -> int:
+    return conn.execute("SELECT coalesce(max(batches), 0) FROM gc_runs").fetchone()[0]
 
 
 @pytest.mark.slow
 def test_sigkill_mid_run_then_resume_matches_an_uninterrupted_run(conn, dsn):
     garbage = [i % 5 != 0 for i in range(6000)]
     fill(conn, garbage)
-    process = _gc_process(dsn, "--batch-size", "40", "--sleep", "0.01")
-    _wait_for_batches(conn, 5)
+    process = spawn_cli("gc", "--dsn", dsn, "--json", "--batch-size", "40", "--sleep", "0.01")
+    wait_until(lambda: batches_so_far(conn) >= 5, 20, "the GC subprocess to commit 5 batches")
     process.send_signal(signal.SIGKILL)
     process.wait(10)
     killed_at = conn.execute("SELECT messages_deleted FROM gc_runs").fetchone()[0]
     assert 0 < killed_at < sum(garbage)
 
-    finisher = _gc_process(dsn)
+    finisher = spawn_cli("gc", "--dsn", dsn, "--json")
     _, err = finisher.communicate(timeout=60)
     assert finisher.returncode == 0, err
 
@@ -118,8 +104,8 @@ def test_sigkill_mid_run_then_resume_matches_an_uninterrupted_run(conn, dsn):
 def test_sigterm_finishes_the_batch_in_flight_and_checkpoints(conn, dsn):
     garbage = [True] * 5000
     fill(conn, garbage)
-    process = _gc_process(dsn, "--batch-size", "20", "--sleep", "0.02")
-    _wait_for_batches(conn, 3)
+    process = spawn_cli("gc", "--dsn", dsn, "--json", "--batch-size", "20", "--sleep", "0.02")
+    wait_until(lambda: batches_so_far(conn) >= 3, 20, "the GC subprocess to commit 3 batches")
     process.send_signal(signal.SIGTERM)
     out, _ = process.communicate(timeout=20)
     assert process.returncode == 3

@@ -5,7 +5,7 @@ from __future__ import annotations
 import subprocess
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from datetime import timedelta
 from typing import Any
 
@@ -19,6 +19,7 @@ from engine.result import GcResult
 from engine.throttle import REPLICA_LAG_SQL, WAL_BURST_S
 from tests import standby
 from tests.data import fill, live_ids, surviving_ids
+from tests.polling import wait_until
 
 MiB = 1024 * 1024
 
@@ -37,24 +38,17 @@ def run_batches(conn: psycopg.Connection[Any]) -> int | None:
     return row[0] if row else None
 
 
-def wait_for(condition: Callable[[], bool], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:g}s waiting for {what}")
-        time.sleep(0.05)
-
-
 def wait_until_stalled(conn: psycopg.Connection[Any], quiet_s: float, timeout: float) -> int:
     """Block until the latest run's batch count stopped moving for ``quiet_s``; returns it."""
-    deadline = time.monotonic() + timeout
     last, since = run_batches(conn), time.monotonic()
-    while time.monotonic() - since < quiet_s:
-        if time.monotonic() > deadline:
-            raise AssertionError(f"the run never stalled within {timeout:g}s (batches={last})")
-        time.sleep(0.05)
+
+    def stalled() -> bool:
+        nonlocal last, since
         if (now := run_batches(conn)) != last:
             last, since = now, time.monotonic()
+        return time.monotonic() - since >= quiet_s
+
+    wait_until(stalled, timeout, f"the run to stall for {quiet_s:g}s", interval_s=0.05)
     assert last is not None, "the run never started"
     return last
 
@@ -170,7 +164,7 @@ class SlowVacuum:
         self.error: BaseException | None = None
         self.thread = threading.Thread(target=self._run, args=(dsn,), daemon=True)
         self.thread.start()
-        wait_for(lambda: self.pid is not None, 10, "VACUUM to show in pg_stat_progress_vacuum")
+        wait_until(lambda: self.pid is not None, 10, "VACUUM to show in pg_stat_progress_vacuum")
 
     def _run(self, dsn: str) -> None:
         with psycopg.connect(dsn, autocommit=True) as vacuuming:
@@ -199,7 +193,7 @@ def test_run_waits_while_vacuum_works_on_the_table_and_completes_after_it_ends(c
     vacuum = SlowVacuum(dsn, conn)
 
     gc = Background(dsn, GcOptions(batch_size=500, pause_for_vacuum=True))
-    wait_for(lambda: run_batches(conn) is not None, 10, "the run to start")
+    wait_until(lambda: run_batches(conn) is not None, 10, "the run to start")
     time.sleep(2.0)
     assert gc.running
     assert run_batches(conn) == 0, "a batch ran while VACUUM was working on the table"
@@ -221,7 +215,7 @@ def test_wal_budget_banks_no_credit_while_the_run_waits_for_vacuum(conn, dsn):
     vacuum = SlowVacuum(dsn, conn)
     gc = Background(dsn, GcOptions(batch_size=500, pause_for_vacuum=True, max_wal_rate=budget,
                                    max_seconds=15))
-    wait_for(lambda: run_batches(conn) is not None, 10, "the run to start")
+    wait_until(lambda: run_batches(conn) is not None, 10, "the run to start")
     time.sleep(3.0)
 
     vacuum.cancel()
@@ -262,7 +256,7 @@ def test_replica_lag_holds_the_run_while_standby_replay_is_paused_and_resumes_on
         garbage = [i % 2 == 0 for i in range(20_000)]
         fill(primary, garbage)
         filled = wal_lsn(primary)
-        wait_for(lambda: replayed_lsn(replica_conn) >= filled, 10, "the standby to replay the fill")
+        wait_until(lambda: replayed_lsn(replica_conn) >= filled, 10, "the standby to replay the fill")
         replica_conn.execute("SELECT pg_wal_replay_pause()")
 
         # Small paced batches: the run writes WAL for seconds, so the standby falls behind mid-run.
@@ -278,7 +272,7 @@ def test_replica_lag_holds_the_run_while_standby_replay_is_paused_and_resumes_on
 
         resumed = time.monotonic()
         replica_conn.execute("SELECT pg_wal_replay_resume()")
-        wait_for(lambda: (run_batches(primary) or 0) > frozen, 30, "the run to go on after replay resumed")
+        wait_until(lambda: (run_batches(primary) or 0) > frozen, 30, "the run to go on after replay resumed")
         went_on_s = time.monotonic() - resumed
         result = gc.join(60)
 

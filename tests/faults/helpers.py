@@ -1,12 +1,9 @@
-"""Tools shared by the fault tests: real msggc processes, a switchable callback server on
+"""Tools shared by the fault tests: msggc's one-line errors, a switchable callback server on
 127.0.0.1, a private embedded PostgreSQL, a DELETE audit and the ledger of measured figures."""
 
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 import threading
 from collections import Counter
 from dataclasses import dataclass, field
@@ -25,38 +22,7 @@ from tests.standby import msggc_home
 
 Conn = psycopg.Connection[Any]
 
-# --- msggc as a real process --------------------------------------------------------------------
-
-_WITH_RECONNECT_WINDOW = (
-    "import sys, engine.collector as c; c.RECONNECT_WINDOW_S = float(sys.argv.pop(1));"
-    " from engine.cli import main; main(prog_name='msggc')"
-)
-
-
-def msggc_command(*args: str, reconnect_window_s: float | None = None) -> list[str]:
-    """``python -m engine.cli ARGS``; with a reconnect window, the same CLI with that one constant
-    shortened (so an outage longer than the window fits in a test)."""
-    if reconnect_window_s is None:
-        return [sys.executable, "-m", "engine.cli", *args]
-    return [sys.executable, "-c", _WITH_RECONNECT_WINDOW, str(reconnect_window_s), *args]
-
-
-def spawn_msggc(*args: str, reconnect_window_s: float | None = None) -> subprocess.Popen[str]:
-    return subprocess.Popen(msggc_command(*args, reconnect_window_s=reconnect_window_s),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env())
-
-
-def run_msggc(*args: str, timeout_s: float = 120, env: dict[str, str] | None = None,
-              ) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(msggc_command(*args), capture_output=True, text=True, timeout=timeout_s,
-                          env=_env(env))
-
-
-def _env(extra: dict[str, str] | None = None) -> dict[str, str]:
-    """The test's environment without an inherited MSGGC_DSN: every call names its database."""
-    env = {k: v for k, v in os.environ.items() if k != "MSGGC_DSN"}
-    return {**env, **(extra or {})}
-
+# --- msggc's answers ---------------------------------------------------------------------------
 
 CLICK_HINTS = ("Usage: ", "Try '")
 """click prints its usage and a help hint around a flag's error line; those are not errors."""

@@ -35,10 +35,10 @@ from tests.faults.helpers import (
     free_port,
     notice,
     one_line_error,
-    spawn_msggc,
     table_fate,
-    wait_until,
 )
+from tests.polling import wait_until
+from tests.support import spawn_cli
 
 TOKEN = "faults-token"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
@@ -170,7 +170,7 @@ def test_a_gc_from_the_cli_and_one_from_the_api_never_run_at_once(
         if first == "api":
             answer = httpx.put(url + GC_PATH, timeout=10)
             wait_until(lambda: batches_committed(conn) > 0, 30, "the API's run to start")
-        cli = spawn_msggc(*cli_args)
+        cli = spawn_cli(*cli_args)
         if first == "cli":
             wait_until(lambda: batches_committed(conn) > 0, 30, "the CLI's run to start")
         if first != "api":

@@ -15,7 +15,8 @@ from engine.service import outbox
 from engine.service.notice import NoticeFinisher
 from engine.service.notify import WebhookNotifier
 from tests.data import fill
-from tests.faults.helpers import CallbackServer, Conn, Ledger, free_port, outbox_rows, wait_until
+from tests.faults.helpers import CallbackServer, Conn, Ledger, free_port, outbox_rows
+from tests.polling import wait_until
 
 CLIENT_TIMEOUT_S = 0.3
 DELIVERY_ATTEMPTS = 3

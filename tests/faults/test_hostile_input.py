@@ -21,7 +21,8 @@ from psycopg.conninfo import conninfo_to_dict, make_conninfo
 from engine import cli, collect
 from engine.config import GcOptions, TableSpec
 from tests.data import fill, live_ids, surviving_ids
-from tests.faults.helpers import Conn, Ledger, content_digest, one_line_error, run_msggc
+from tests.faults.helpers import Conn, Ledger, content_digest, one_line_error
+from tests.support import run_cli
 
 HOSTILE_TABLE = 'messages"; DROP TABLE gc_runs; --'
 HOSTILE_SPEC = TableSpec(
@@ -50,9 +51,9 @@ def test_a_hostile_table_name_is_collected_as_a_name_and_nothing_else_is_touched
     fill(conn, [True] * 50)  # `messages` is all garbage: any leak of the statement would show
     before = relations(conn), content_digest(conn)
 
-    planned = run_msggc("gc", "--dsn", dsn, "--table", HOSTILE_TABLE, "--dry-run")
-    collected = run_msggc("gc", "--dsn", dsn, "--table", HOSTILE_TABLE, "--json")
-    status = run_msggc("status", "--dsn", dsn, "--json")
+    planned = run_cli("gc", "--dsn", dsn, "--table", HOSTILE_TABLE, "--dry-run")
+    collected = run_cli("gc", "--dsn", dsn, "--table", HOSTILE_TABLE, "--json")
+    status = run_cli("status", "--dsn", dsn, "--json")
     ledger.add(bad_inputs=1)
 
     assert planned.returncode == 0, planned.stderr
@@ -121,17 +122,17 @@ def test_a_dsn_password_never_appears_in_output_errors_or_the_database(
     runs: dict[str, subprocess.CompletedProcess[str]] = {}
     for form in ("keyword", "uri", "query"):
         secret_dsn, unreachable = with_password(dsn, form), with_password(dsn, form, port=1)
-        runs[f"gc {form}"] = run_msggc("gc", "--dsn", secret_dsn, "--json")
-        runs[f"migrate {form}"] = run_msggc("migrate", "--dsn", secret_dsn)
-        runs[f"unreachable {form}"] = run_msggc("gc", "--dsn", unreachable)
+        runs[f"gc {form}"] = run_cli("gc", "--dsn", secret_dsn, "--json")
+        runs[f"migrate {form}"] = run_cli("migrate", "--dsn", secret_dsn)
+        runs[f"unreachable {form}"] = run_cli("gc", "--dsn", unreachable)
     secret_dsn = with_password(dsn, "uri")
-    runs["dry-run"] = run_msggc("gc", "--dsn", secret_dsn, "--dry-run")
-    runs["status"] = run_msggc("status", "--dsn", secret_dsn, "--json")
-    runs["missing table"] = run_msggc("gc", "--dsn", secret_dsn, "--table", "nosuch")
-    runs["env"] = run_msggc("gc", env={"MSGGC_DSN": with_password(dsn, "keyword", port=1)})
-    runs["unparseable"] = run_msggc("gc", "--dsn", f"postgresql://u:{SECRET}@[::1/db")
-    runs["serve unparseable"] = run_msggc("serve", "--dsn", f"postgresql://u:{SECRET}@[::1/db")
-    runs["serve nodes"] = run_msggc("serve", "--nodes", f"a=postgresql://u:{SECRET}@[::1/db")
+    runs["dry-run"] = run_cli("gc", "--dsn", secret_dsn, "--dry-run")
+    runs["status"] = run_cli("status", "--dsn", secret_dsn, "--json")
+    runs["missing table"] = run_cli("gc", "--dsn", secret_dsn, "--table", "nosuch")
+    runs["env"] = run_cli("gc", env={"MSGGC_DSN": with_password(dsn, "keyword", port=1)})
+    runs["unparseable"] = run_cli("gc", "--dsn", f"postgresql://u:{SECRET}@[::1/db")
+    runs["serve unparseable"] = run_cli("serve", "--dsn", f"postgresql://u:{SECRET}@[::1/db")
+    runs["serve nodes"] = run_cli("serve", "--nodes", f"a=postgresql://u:{SECRET}@[::1/db")
     stored = conn.execute("SELECT coalesce(string_agg(r::text, ' '), '') FROM gc_runs r").fetchone()[0]
     ledger.add(bad_inputs=len(runs))
 
@@ -181,7 +182,7 @@ def test_a_role_without_the_privileges_gc_needs_gets_one_line_and_exit_2(
 ) -> None:
     fill(conn, [True] * 30)
     before = content_digest(conn)
-    proc = run_msggc("gc", "--dsn", role_dsn(*grants))
+    proc = run_cli("gc", "--dsn", role_dsn(*grants))
     ledger.add(bad_inputs=1)
     assert proc.returncode == 2
     assert fragment in one_line_error(proc.stderr)
@@ -193,7 +194,7 @@ def test_status_and_migrate_as_a_role_without_privileges_are_one_line_errors(
     conn: Conn, role_dsn: Any, ledger: Ledger
 ) -> None:
     weak = role_dsn()
-    procs = [run_msggc("status", "--dsn", weak), run_msggc("migrate", "--dsn", weak)]
+    procs = [run_cli("status", "--dsn", weak), run_cli("migrate", "--dsn", weak)]
     ledger.add(bad_inputs=len(procs))
     for proc in procs:
         assert proc.returncode == 2
@@ -221,7 +222,7 @@ def test_a_target_of_the_wrong_shape_gets_one_line_and_exit_2(
     fill(conn, [True] * 30)
     conn.execute(ddl)
     before = relations(conn), content_digest(conn)
-    proc = run_msggc("gc", "--dsn", dsn, "--table", "target")
+    proc = run_cli("gc", "--dsn", dsn, "--table", "target")
     ledger.add(bad_inputs=1)
     assert proc.returncode == 2
     assert fragment in one_line_error(proc.stderr)

@@ -26,13 +26,12 @@ from tests.faults.helpers import (
     install_delete_audit,
     notice,
     outbox_rows,
-    run_msggc,
     run_statuses,
-    spawn_msggc,
     table_fate,
     wait_for_gc_backends_gone,
-    wait_until,
 )
+from tests.polling import wait_until
+from tests.support import run_cli, spawn_cli
 from tests.test_archive_file import archived_ids
 
 KILLS = 20
@@ -70,13 +69,13 @@ def test_sigkill_at_20_random_moments_then_resume_leaves_the_table_of_an_uninter
 
     mid_walk = 0
     for _ in range(KILLS):
-        process = spawn_msggc(*gc, "--batch-size", "50", "--sleep", "0.01")
+        process = spawn_cli(*gc, "--batch-size", "50", "--sleep", "0.01")
         mid_walk += kill_at_a_random_moment(conn, process, rng)
         wait_for_gc_backends_gone(conn)
     killed_runs_deleted = counted_deletions(conn)
     assert 0 < killed_runs_deleted < sum(garbage), "the kills must land before the end of the walk"
 
-    final = run_msggc(*gc)
+    final = run_cli(*gc)
     assert final.returncode == 0, final.stderr
     result = json.loads(final.stdout)
 
@@ -107,7 +106,7 @@ def test_a_notice_whose_delivery_was_killed_is_delivered_by_the_next_run(
 ) -> None:
     fill(conn, [True] * 300)
     callback.mode = "slow"
-    process = spawn_msggc("gc", "--dsn", dsn, "--webhook", callback.url)
+    process = spawn_cli("gc", "--dsn", dsn, "--webhook", callback.url)
     wait_until(lambda: callback.attempts >= 1, 30, "the collector to POST its notice")
     process.kill()  # the run's last transaction committed; its POST is in flight
     process.communicate(timeout=10)
@@ -117,7 +116,7 @@ def test_a_notice_whose_delivery_was_killed_is_delivered_by_the_next_run(
     callback.mode = "ok"
     callback.release()
     wait_for_gc_backends_gone(conn)
-    proc = run_msggc("gc", "--dsn", dsn, "--webhook", callback.url)
+    proc = run_cli("gc", "--dsn", dsn, "--webhook", callback.url)
     assert proc.returncode == 0, proc.stderr
     delivered_by_the_next_run = [notice(body) for body in callback.accepted]
     again = outbox.deliver_due(conn, WebhookNotifier)
@@ -143,10 +142,10 @@ def test_sigkill_during_an_archive_to_file_run_leaves_each_deleted_row_in_the_fi
     gc = ("gc", "--dsn", dsn, "--archive-to", str(path), "--json")
 
     for _ in range(ARCHIVE_KILLS):
-        process = spawn_msggc(*gc, "--batch-size", "50", "--sleep", "0.01")
+        process = spawn_cli(*gc, "--batch-size", "50", "--sleep", "0.01")
         kill_at_a_random_moment(conn, process, rng)
         wait_for_gc_backends_gone(conn)
-    final = run_msggc(*gc)
+    final = run_cli(*gc)
     assert final.returncode == 0, final.stderr
 
     fate = table_fate(conn, garbage)

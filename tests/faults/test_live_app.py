@@ -16,14 +16,8 @@ import psycopg
 import pytest
 
 from tests.data import fill
-from tests.faults.helpers import (
-    Conn,
-    Ledger,
-    audited_deletions,
-    counted_deletions,
-    install_delete_audit,
-    spawn_msggc,
-)
+from tests.faults.helpers import Conn, Ledger, audited_deletions, counted_deletions, install_delete_audit
+from tests.support import spawn_cli
 
 ROWS = 30_000
 APP_THREADS = 2
@@ -153,8 +147,8 @@ def test_gc_beside_a_live_app_deletes_only_garbage_and_all_that_stayed_garbage(
     for app in apps:
         app.start()
     time.sleep(0.2)
-    gc = spawn_msggc("gc", "--dsn", dsn, "--json", "--strategy", strategy, "--workers", "2",
-                     "--batch-size", "200", "--sleep", "0.02", "--lock-timeout-ms", "20")
+    gc = spawn_cli("gc", "--dsn", dsn, "--json", "--strategy", strategy, "--workers", "2",
+                   "--batch-size", "200", "--sleep", "0.02", "--lock-timeout-ms", "20")
     out, err = gc.communicate(timeout=120)
     ops_during_gc = sum(app.transactions() for app in apps)
     apps[0].stop.set()

@@ -24,12 +24,11 @@ from tests.faults.helpers import (
     PrivateServer,
     batches_committed,
     notice,
-    run_msggc,
     run_statuses,
-    spawn_msggc,
     table_fate,
-    wait_until,
 )
+from tests.polling import wait_until
+from tests.support import run_cli, spawn_cli
 from tests.test_archive_file import archived_ids
 
 GARBAGE = [i % 4 != 0 for i in range(20_000)]
@@ -57,8 +56,8 @@ def private_dsn(private_server: PrivateServer) -> Iterator[str]:
 def start_slow_gc(dsn: str, webhook: str, *extra: str,
                   reconnect_window_s: float | None = None) -> subprocess.Popen[str]:
     """A collector paced so the outage lands mid-walk; returns once it has committed 5 batches."""
-    process = spawn_msggc("gc", "--dsn", dsn, "--webhook", webhook, *SLOW_GC, *extra,
-                          reconnect_window_s=reconnect_window_s)
+    process = spawn_cli("gc", "--dsn", dsn, "--webhook", webhook, *SLOW_GC, *extra,
+                        reconnect_window_s=reconnect_window_s)
     with psycopg.connect(dsn, autocommit=True) as watch:
         wait_until(lambda: batches_committed(watch) >= 5 or process.poll() is not None, 30,
                    "the collector's first batches")
@@ -114,7 +113,7 @@ def test_a_database_down_beyond_the_reconnect_window_fails_cleanly_and_the_next_
     assert first["status"] == "failed" and first["errors"][0]["code"] == 1014
     assert PASSWORD not in first["errors"][0]["details"]
 
-    second = run_msggc("gc", "--dsn", private_dsn, "--webhook", callback.url, "--json")
+    second = run_cli("gc", "--dsn", private_dsn, "--webhook", callback.url, "--json")
     assert second.returncode == 0, second.stderr
     resumed = json.loads(second.stdout)
     assert resumed["status"] == "complete"

@@ -14,7 +14,8 @@ import pytest
 from psycopg.pq import TransactionStatus
 
 from tests.data import fill, live_ids, surviving_ids
-from tests.faults.helpers import Conn, Ledger, run_msggc, spawn_msggc, table_fate
+from tests.faults.helpers import Conn, Ledger, table_fate
+from tests.support import run_cli, spawn_cli
 
 LOCK_TIMEOUT_MS = 50
 WORK_SLACK_MS = 250
@@ -31,8 +32,8 @@ def test_gc_waits_at_most_lock_timeout_on_rows_the_app_holds_and_skips_them(
     with psycopg.connect(dsn) as app:
         app.execute("SELECT id FROM messages WHERE id = ANY(%s) FOR UPDATE", (held,))
         began = time.monotonic()
-        proc = run_msggc("gc", "--dsn", dsn, "--json", "--strategy", strategy, "--batch-size", "500",
-                         "--lock-timeout-ms", str(LOCK_TIMEOUT_MS))
+        proc = run_cli("gc", "--dsn", dsn, "--json", "--strategy", strategy, "--batch-size", "500",
+                       "--lock-timeout-ms", str(LOCK_TIMEOUT_MS))
         gc_seconds = time.monotonic() - began
         still_holding = app.info.transaction_status == TransactionStatus.INTRANS
         app.rollback()
@@ -73,8 +74,8 @@ def test_the_app_waits_on_gc_for_at_most_the_batch_in_flight(
     fill(conn, [True] * GARBAGE_ROWS)
     rng = random.Random(strategy)
     latencies_ms: list[float] = []
-    gc = spawn_msggc("gc", "--dsn", dsn, "--json", "--strategy", strategy,
-                     "--target-batch-ms", str(TARGET_BATCH_MS))
+    gc = spawn_cli("gc", "--dsn", dsn, "--json", "--strategy", strategy,
+                   "--target-batch-ms", str(TARGET_BATCH_MS))
     deadline = time.monotonic() + 120
     with psycopg.connect(dsn, autocommit=True) as app:
         while gc.poll() is None and len(latencies_ms) < MAX_APP_UPDATES and time.monotonic() < deadline:
