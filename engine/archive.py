@@ -10,7 +10,7 @@ from typing import NamedTuple
 from psycopg import sql
 
 from engine.config import TableSpec
-from engine.db import Connection, regclass_of, table_ident
+from engine.db import Connection, one_row, regclass_of, table_ident
 from engine.errors import SchemaMissing, TargetTableError
 from engine.queries import Archive
 
@@ -90,8 +90,8 @@ def restore(conn: Connection, table: TableSpec, target_oid: int, run_id: int) ->
             restored += conn.execute(
                 statement, {"run": run_id, "after": after, "upto": after + BATCH_ROWS}).rowcount
     conn.execute(sql.SQL("DROP TABLE {restoring}").format(**names))
-    kept = conn.execute(sql.SQL("SELECT count(*) FROM {archive} WHERE run_id = %(run)s").format(**names),
-                        {"run": run_id}).fetchone()[0]
+    kept = one_row(conn.execute(sql.SQL("SELECT count(*) FROM {archive} WHERE run_id = %(run)s")
+                                .format(**names), {"run": run_id}))[0]
     return Restored(restored, kept)
 
 

@@ -5,13 +5,16 @@ status is its run's."""
 from __future__ import annotations
 
 import threading
+import time
 from pathlib import Path
 
+import psycopg
 import pytest
 
 from engine import collect, runs
 from engine.config import GcOptions
-from engine.errors import UsageError
+from engine.db import one_row
+from engine.errors import GcAlreadyRunning, UsageError
 from engine.finish import Outcome
 from engine.result import Progress
 from engine.service import outbox
@@ -20,6 +23,7 @@ from engine.service.notify import SIGNATURE_HEADER, WebhookNotifier, sign
 from engine.status import RunStatus
 from tests.data import fill, run_rows, surviving_ids
 from tests.faults.helpers import CallbackServer, notice
+from tests.polling import wait_until
 from tests.support import run_cli
 
 
@@ -132,3 +136,28 @@ def test_a_usage_error_in_options_raises_before_a_run_exists(conn, dsn, tmp_path
     with pytest.raises(UsageError):
         collect(dsn, GcOptions(archive_to=str(existing)))
     assert statuses(dsn) == []
+
+
+def scans_of_messages(conn) -> int:
+    conn.execute("SELECT pg_stat_clear_snapshot()")
+    return one_row(conn.execute(
+        "SELECT coalesce(seq_scan, 0) + coalesce(idx_scan, 0) FROM pg_stat_user_tables"
+        " WHERE relid = 'messages'::regclass"))[0]
+
+
+def test_a_gc_meeting_a_busy_table_waits_without_sampling_it(conn, dsn):
+    fill(conn, [True] * 1000)
+    oid = one_row(conn.execute("SELECT 'messages'::regclass::oid"))[0]
+    with psycopg.connect(dsn, autocommit=True) as other:
+        other.execute("SELECT pg_advisory_lock(%s, %s::oid::int)", (runs.ADVISORY_LOCK_CLASS, oid))
+        before = scans_of_messages(conn)
+        with pytest.raises(GcAlreadyRunning):
+            collect(dsn, GcOptions())
+        wait_until(lambda: not one_row(conn.execute(
+            "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'msggc'"
+            " AND datname = current_database()"))[0], what="the refused GC's backend to exit")
+        time.sleep(0.5)  # its statistics are flushed on exit
+        assert scans_of_messages(conn) == before
+        # the same measure sees a GC that plans: the sample and the key bounds scan the table
+        collect(dsn, GcOptions(dry_run=True))
+        wait_until(lambda: scans_of_messages(conn) > before, what="the planner's scans to be counted")
