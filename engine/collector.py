@@ -15,6 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import psycopg
+
 from engine import archive_file, reclaim, runs
 from engine.archive import resolve as resolve_archive
 from engine.archive import table_columns
@@ -124,8 +126,7 @@ def collect(
         conn, closed = _walk_and_close(conn, walk, target, finisher or SilentFinisher())
         result = _result(walk, closed, reason)
         if closed.recorded and not conn.closed:
-            result.reclaim = reclaim_space(conn, options, target.oid, before)
-            runs.record_reclaim(conn, run.id, result.reclaim)
+            result.reclaim = _reclaim_after(conn, options, target.oid, before, run.id)
         return result
     finally:
         conn.close()
@@ -180,6 +181,18 @@ def _result(walk: Walk, closed: Closed, reason: str) -> GcResult:
         throttled_s=walk.throttle.paused_s,
         throttle_reasons=walk.throttle.reasons,
     )
+
+
+def _reclaim_after(conn: Connection, options: GcOptions, oid: int, before: dict[str, Any],
+                   run_id: int) -> dict[str, Any]:
+    """The space report of a closed run: a failure here (a VACUUM cancelled, the server gone)
+    is reported with it and changes nothing of the run's outcome."""
+    try:
+        space = reclaim_space(conn, options, oid, before)
+        runs.record_reclaim(conn, run_id, space)
+    except psycopg.Error as exc:
+        return {"before": before, "error": str(exc).strip()}
+    return space
 
 
 def reclaim_space(conn: Connection, options: GcOptions, oid: int,
