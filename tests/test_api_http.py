@@ -10,7 +10,7 @@ from engine.service import nodes
 from engine.service.api_models import ErrorAnswer
 from engine.service.contract import package_version
 from engine.service.settings import ServiceSettings
-from tests.api_support import GC_PATH, running_service
+from tests.api_support import GC_PATH, running_service, runs_of
 from tests.data import fill
 from tests.polling import wait_until
 
@@ -184,3 +184,53 @@ def test_options_that_cannot_apply_are_a_parameter_error(dsn, tmp_path, with_arc
     assert answer.json()["errors"][0]["code"] == 1009
     assert mentions in answer.json()["errors"][0]["details"]
     assert runs_of(dsn) == []
+
+
+@pytest.fixture
+def tokenless_service(dsn):
+    """No token, as ``msggc serve`` allows on loopback; no worker, so a queued run stays queued."""
+    settings = ServiceSettings(nodes=nodes.single(dsn), run_worker=False)
+    with running_service(settings) as url:
+        yield url
+
+
+@pytest.mark.parametrize("host", ["evil.example", "evil.example:8080", "127.0.0.1.evil.example", ""])
+def test_without_a_token_a_foreign_host_header_gets_400_and_queues_no_gc(tokenless_service, dsn, host):
+    """DNS rebinding: a page of evil.example whose name now resolves to 127.0.0.1 sends its own Host."""
+    answer = httpx.put(tokenless_service + GC_PATH, headers={"Host": host})
+    assert answer.status_code == 400
+    assert error_of(answer)["code"] == 1025
+    assert runs_of(dsn) == []
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1", "127.0.0.1:{port}", "localhost:{port}", "LOCALHOST",
+                                  "[::1]:{port}", "::1"])
+def test_without_a_token_a_loopback_host_header_is_accepted(tokenless_service, dsn, host):
+    port = httpx.URL(tokenless_service).port
+    answer = httpx.put(tokenless_service + GC_PATH, headers={"Host": host.format(port=port)})
+    assert answer.status_code == 200
+    assert [run["status"] for run in runs_of(dsn)] == ["queued"]
+
+
+@pytest.mark.parametrize("origin", ["http://evil.example", "http://evil.example:{port}", "null",
+                                    "http://127.0.0.1.evil.example:{port}"])
+def test_without_a_token_a_cross_origin_request_gets_403_and_queues_no_gc(tokenless_service, dsn, origin):
+    port = httpx.URL(tokenless_service).port
+    answer = httpx.put(tokenless_service + GC_PATH, headers={"Origin": origin.format(port=port)})
+    assert answer.status_code == 403
+    assert error_of(answer)["code"] == 1005
+    assert runs_of(dsn) == []
+
+
+@pytest.mark.parametrize("origin", ["http://127.0.0.1:{port}", "http://localhost:3000", "http://[::1]"])
+def test_without_a_token_a_loopback_origin_is_accepted(tokenless_service, dsn, origin):
+    port = httpx.URL(tokenless_service).port
+    answer = httpx.put(tokenless_service + GC_PATH, headers={"Origin": origin.format(port=port)})
+    assert answer.status_code == 200
+    assert [run["status"] for run in runs_of(dsn)] == ["queued"]
+
+
+def test_with_a_token_any_host_and_origin_may_start_gc(service):
+    answer = httpx.put(service + GC_PATH, headers={"Authorization": f"Bearer {TOKEN}",
+                                                   "Host": "gc.example", "Origin": "https://ops.example"})
+    assert answer.status_code == 200

@@ -21,6 +21,9 @@ HTTP status codes
 Everywhere
     - **401** missing or wrong ``Authorization: Bearer <token>`` when a token is configured
       (1005 Access denied, ``WWW-Authenticate: Bearer``); ``/health`` and the docs are open.
+    - Without a token (loopback only), against DNS rebinding and cross-origin pages
+      (:mod:`engine.service.loopback_only`): **400** a ``Host`` that is not a loopback name
+      (1025 Invalid request); **403** an ``Origin`` that is not a loopback origin (1005).
     - **404** unknown path (1006 Resource not found); **405** wrong method (1025, ``Allow`` header);
       **500** unexpected error (1014). Every error body is ``{"meta":...,"errors":[...]}``.
 ``GET /health``: **200** while the worker threads live (or run elsewhere), **503** if one died.
@@ -56,6 +59,7 @@ from engine.service.api_models import (
     SingleStatusAnswer,
 )
 from engine.service.body_limit import MAX_BODY_BYTES, BodyLimit
+from engine.service.loopback_only import LoopbackOnly
 from engine.service.metrics import Metrics
 from engine.service.requests import NodeResult
 from engine.service.settings import ServiceSettings
@@ -109,6 +113,8 @@ def create_app(settings: ServiceSettings) -> FastAPI:
                   responses=COMMON_RESPONSES)
     _install_error_handlers(app)
     app.add_middleware(BodyLimit)
+    if not settings.token:
+        app.add_middleware(LoopbackOnly)  # outermost: a foreign request is refused before its body is read
     auth = [Depends(_bearer_check(settings.token))] if settings.token else []
     guarded = UNAUTHORIZED if settings.token else {}
     multi = settings.multiconnect
