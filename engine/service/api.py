@@ -52,11 +52,12 @@ from engine.service.api_models import (
     ErrorAnswer,
     GcRequest,
     Health,
+    LatestRun,
     MultiStartAnswer,
     MultiStatusAnswer,
-    RunStatus,
     SingleStartAnswer,
     SingleStatusAnswer,
+    WorkerState,
 )
 from engine.service.body_limit import MAX_BODY_BYTES, BodyLimit
 from engine.service.loopback_only import LoopbackOnly
@@ -157,7 +158,7 @@ def create_app(settings: ServiceSettings) -> FastAPI:
     @app.get("/health", response_model=Health, summary="Liveness",
              responses={503: {"model": Health, "description": "A worker thread died."}})
     def health() -> JSONResponse:
-        state = "disabled" if worker is None else "running" if worker.alive else "stopped"
+        state: WorkerState = "disabled" if worker is None else "running" if worker.alive else "stopped"
         schedule = worker.schedule if worker is not None else None
         body = Health(status="ok" if state != "stopped" else "unhealthy",
                       version=contract.package_version(), worker=state,
@@ -189,7 +190,7 @@ def _per_node(results: list[NodeResult[Any]], render: Callable[[Any], dict[str, 
 
 
 def _run_status(row: dict[str, Any] | None) -> dict[str, Any]:
-    return (RunStatus.model_validate(row) if row else RunStatus(status="idle")).model_dump(mode="json")
+    return (LatestRun.model_validate(row) if row else LatestRun(status="idle")).model_dump(mode="json")
 
 
 BEARER = HTTPBearer(auto_error=False, description="Authorization: Bearer <token>")

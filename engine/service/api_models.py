@@ -132,10 +132,15 @@ class MultiStartAnswer(AnswerOf[dict[str, Processing | NodeFailure]]):
     """Multiconnect: one key per configured node."""
 
 
-class RunStatus(BaseModel):
+StoredStatus = Literal["queued", "running", "stopped", "complete", "failed", "superseded"]
+"""engine.status.RunStatus's stored values (a unit test keeps them equal): OpenAPI lists them."""
+WorkerState = Literal["running", "stopped", "disabled"]
+
+
+class LatestRun(BaseModel):
     """The newest run of a node (beyond the seed)."""
 
-    status: Literal["idle", "queued", "running", "stopped", "complete", "failed", "superseded"]
+    status: Literal["idle"] | StoredStatus
     run_id: int | None = None
     messages_deleted: int = 0
     rows_per_s: float | None = None
@@ -147,14 +152,14 @@ class RunStatus(BaseModel):
     error: str | None = None
     throttle_pauses: int = 0
     throttled_seconds: float = 0.0
-    reclaim: dict[str, Any] | None = Field(None, description="Sizes and dead tuples before and after.")
+    reclaim: dict[str, Any] | None = Field(default=None, description="Sizes and dead tuples before, after.")
 
 
-class SingleStatusAnswer(AnswerOf[RunStatus]):
+class SingleStatusAnswer(AnswerOf[LatestRun]):
     """Single instance: the newest run (status ``idle`` before the first)."""
 
 
-class MultiStatusAnswer(AnswerOf[dict[str, RunStatus | NodeFailure]]):
+class MultiStatusAnswer(AnswerOf[dict[str, LatestRun | NodeFailure]]):
     """Multiconnect: the newest run of every node."""
 
 
@@ -181,6 +186,6 @@ class CompletionWebhook(BaseModel):
 class Health(BaseModel):
     status: Literal["ok", "unhealthy"]
     version: str
-    worker: Literal["running", "stopped", "disabled"]
+    worker: WorkerState
     schedule: str | None = Field(default=None, description="The worker's own GC requests, e.g. every 1:00:00")
     next_scheduled_gc: datetime | None = Field(default=None, description="When the worker next requests a GC")

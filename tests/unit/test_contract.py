@@ -45,3 +45,12 @@ def test_the_contract_docstring_cites_a_seed_file_that_exists_in_the_repo():
     assert cited, "the docstring names the seed file"
     for path in cited:
         assert (root / path).is_file(), path
+
+
+def test_the_api_lists_exactly_the_statuses_a_run_can_have_in_gc_runs():
+    from typing import get_args
+
+    from engine.service.api_models import StoredStatus
+    from engine.status import STORED
+
+    assert set(get_args(StoredStatus)) == set(STORED)
