@@ -1,0 +1,63 @@
+"""``--where`` against a real server: check_volatility asks pg_proc about the functions a filter
+calls, and the sql of an accepted filter runs as a WHERE clause on ``messages``."""
+
+from __future__ import annotations
+
+import pytest
+
+from engine.errors import UsageError
+from engine.predicate import check_volatility, parse_filter
+
+
+@pytest.fixture
+def columns(conn):
+    rows = conn.execute("SELECT column_name FROM information_schema.columns"
+                        " WHERE table_schema = 'public' AND table_name = 'messages'").fetchall()
+    return [row[0] for row in rows]
+
+
+@pytest.mark.parametrize(("text", "message"), [
+    ("random() < 0.5", "--where: volatile functions are not allowed: random()"),
+    ("pg_sleep(1) IS NULL", "volatile functions are not allowed"),
+    ("set_config('a.b', 'c', false) = 'c'", "volatile functions are not allowed"),
+    ("clock_timestamp() > processed_at", "volatile functions are not allowed"),
+    ("nextval('x') > id", "volatile functions are not allowed"),
+    ("pg_catalog.random() < 0.5", "volatile functions are not allowed: pg_catalog.random()"),
+    ("no_such_function(id) = 1", "--where: unknown function: no_such_function()"),
+    ("public.lower(chat_id) = 'x'", "--where: unknown function: public.lower()"),
+])
+def test_volatile_or_unknown_functions_are_refused(conn, columns, text, message):
+    flt = parse_filter(text, columns)
+    with pytest.raises(UsageError) as info:
+        check_volatility(conn, flt)
+    assert message in str(info.value)
+
+
+def test_an_aggregate_the_parser_does_not_know_is_refused_by_its_kind(conn, columns):
+    conn.execute("CREATE AGGREGATE my_total (bigint) (SFUNC = int8pl, STYPE = bigint)")
+    with pytest.raises(UsageError, match="aggregates, window functions and procedures are not allowed"):
+        check_volatility(conn, parse_filter("my_total(id) > 1", columns))
+
+
+def test_a_volatile_lookalike_in_the_search_path_is_refused(conn, columns):
+    conn.execute("CREATE FUNCTION public.lower(text) RETURNS text VOLATILE LANGUAGE sql AS 'SELECT $1'")
+    with pytest.raises(UsageError, match=r"volatile functions are not allowed: lower\(\)"):
+        check_volatility(conn, parse_filter("lower(chat_id) = 'x'", columns))
+    check_volatility(conn, parse_filter("pg_catalog.lower(chat_id) = 'x'", columns))
+
+
+@pytest.mark.parametrize("text", [
+    "now() > processed_at",
+    "lower(chat_id) = 'x'",
+    "processed_at < now() - interval '30 days' AND direction IN (1, 2)",
+    "coalesce(status, 0) = 2 AND chat_id NOT LIKE 'vip%'",
+    "processed_at AT TIME ZONE 'UTC' < CURRENT_TIMESTAMP AND extract(epoch FROM created_at) > 0",
+    "greatest(created_at, processed_at) < CURRENT_DATE OR processed_at IS NULL",
+])
+def test_accepted_filters_run_as_a_where_clause(conn, columns, text):
+    conn.execute("INSERT INTO messages (message_id, chat_id, direction, status, payload, processed_at)"
+                 " VALUES ('m1', 'x', 1, 2, 'p', now() - interval '40 days')")
+    flt = parse_filter(text, columns)
+    check_volatility(conn, flt)
+    row = conn.execute(f"SELECT count(*) FROM messages WHERE {flt.sql}").fetchone()
+    assert row is not None and row[0] in (0, 1)
