@@ -60,15 +60,22 @@ class Restored(NamedTuple):
     """Rows kept in the archive: a row now in the table holds their key or another unique value."""
 
 
-def restore(conn: Connection, table: TableSpec, target_oid: int, run_id: int) -> Restored:
+def restore(conn: Connection, table: TableSpec, target_oid: int, run_id: int,
+            key: tuple[str, ...]) -> Restored:
     """Put a run's archived rows back, one transaction per batch. A row that conflicts with one
-    now in the table stays archived, so a rerun once the conflict is gone restores the rest.
+    now in the table (same ``key``) stays archived, so a rerun once the conflict is gone restores
+    the rest; a table without a key takes every row back or, on any conflict, none of the batch.
     The batches walk a list of the run's rows made up front: the rows that stay would otherwise
     be met again by every batch."""
     archive = resolve(conn, table, target_oid)
+    keys = sql.SQL(", ").join(map(sql.Identifier, key))
     names = {"archive": table_ident(archive.table), "table": table_ident(table),
-             "restoring": sql.Identifier(RESTORING), "key": sql.Identifier(table.key),
-             "columns": sql.SQL(", ").join(map(sql.Identifier, archive.columns))}
+             "restoring": sql.Identifier(RESTORING),
+             "columns": sql.SQL(", ").join(map(sql.Identifier, archive.columns)),
+             "on_conflict": sql.SQL(""), "went_back": sql.SQL("")}
+    if key:
+        names["on_conflict"] = sql.SQL(" ON CONFLICT DO NOTHING RETURNING {}").format(keys)
+        names["went_back"] = sql.SQL(" WHERE ROW({k}) IN (SELECT {k} FROM back)").format(k=keys)
     conn.execute(sql.SQL("DROP TABLE IF EXISTS pg_temp.{restoring}").format(**names))
     conn.execute(sql.SQL("CREATE TEMP TABLE {restoring} (seq bigint PRIMARY KEY, at tid NOT NULL)")
                  .format(**names))
@@ -80,9 +87,8 @@ def restore(conn: Connection, table: TableSpec, target_oid: int, run_id: int) ->
         "SELECT at FROM {restoring} WHERE seq > %(after)s AND seq <= %(upto)s)) AND run_id = %(run)s"
         " FOR UPDATE),"
         " back AS (INSERT INTO {table} ({columns}) OVERRIDING SYSTEM VALUE SELECT {columns} FROM batch"
-        " ON CONFLICT DO NOTHING RETURNING {key})"
-        " DELETE FROM {archive} WHERE ctid = ANY(ARRAY("
-        "SELECT at FROM batch WHERE {key} IN (SELECT {key} FROM back)))"
+        "{on_conflict})"
+        " DELETE FROM {archive} WHERE ctid = ANY(ARRAY(SELECT at FROM batch{went_back}))"
     ).format(**names)
     restored = 0
     for after in range(0, total, BATCH_ROWS):

@@ -64,6 +64,8 @@ dsn_option = click.option(
 table_option = click.option(
     "--table", "table", default="messages", show_default=True, help="Table to collect (or SCHEMA.TABLE)."
 )
+key_option = click.option("--key", default=None, metavar="COLUMN[,COLUMN]",
+                          help="The table's key columns (default: its primary key).")
 
 
 class Parsed(click.ParamType):  # type: ignore[type-arg]  # generic only since click 8.2
@@ -130,6 +132,12 @@ def seed(dsn: str | None, table: str, rows: int, shape: str, garbage_fraction: f
 @main.command()
 @dsn_option
 @table_option
+@key_option
+@click.option("--processed-column", metavar="COLUMN", default=None,
+              help="A row is garbage once this column IS NOT NULL (default: processed_at).")
+@click.option("--where", "where", metavar="EXPR", default=None,
+              help="SQL filter garbage must also pass, e.g. \"status = 'read'\" (alone on a table"
+                   " with no processed column). One boolean expression over the table's columns.")
 @click.option("--strategy", type=click.Choice(STRATEGIES), default="auto", show_default=True)
 @click.option("--batch-size", type=click.IntRange(min=1), default=None,
               help="Fixed rows per batch (default: adapt toward --target-batch-ms).")
@@ -164,14 +172,14 @@ def seed(dsn: str | None, table: str, rows: int, shape: str, garbage_fraction: f
 @click.option("--dry-run", is_flag=True, help="Plan and estimate only; delete nothing.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 @friendly_errors
-def gc(dsn: str | None, table: str, webhook: str | None, webhook_secret: str | None,
-       as_json: bool, **settings: Any) -> None:
+def gc(dsn: str | None, table: str, key: str | None, processed_column: str | None, where: str | None,
+       webhook: str | None, webhook_secret: str | None, as_json: bool, **settings: Any) -> None:
     """Delete processed messages in bounded, resumable batches.
 
     Exit codes: 0 complete, 1 failed, 2 usage error, 3 stopped on a budget or signal
     (the next run resumes), 4 another GC is running on the table.
     """
-    options = GcOptions(table=TableSpec.parse(table), **settings)
+    options = GcOptions(table=TableSpec.parse(table, key, processed_column, where), **settings)
     dsn = resolve_dsn(dsn)
     notifier: Notifier = WebhookNotifier(webhook, secret=webhook_secret) if webhook else LogNotifier()
     stop = threading.Event()
@@ -314,27 +322,28 @@ def status(dsn: str | None, limit: int, as_json: bool) -> None:
 @main.command()
 @dsn_option
 @table_option
+@key_option
 @click.option("--run", "run_id", type=click.IntRange(min=1), default=None,
               help="Run whose rows to restore from TABLE_archive (gc --archive).")
 @click.option("--file", "path", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Archive file to restore (gc --archive-to); rows already present are kept.")
 @friendly_errors
-def restore(dsn: str | None, table: str, run_id: int | None, path: Path | None) -> None:
+def restore(dsn: str | None, table: str, key: str | None, run_id: int | None, path: Path | None) -> None:
     """Put archived rows back into the table: a run's rows from the archive table, or a file's."""
     from engine import archive, archive_file
-    from engine.db import require_target
+    from engine.target import locate
 
     if (run_id is None) == (path is None):
         raise UsageError("give either --run ID or --file PATH")
-    spec = TableSpec.parse(table)
+    spec = TableSpec.parse(table, key)
     conflicting = 0
     with connection(resolve_dsn(dsn)) as conn:
-        oid = require_target(conn, spec)
+        oid, key_columns = locate(conn, spec)
         if path is not None:
             restored = archive_file.restore(conn, spec, oid, path)
             source = str(path)
         elif run_id is not None:
-            restored, conflicting = archive.restore(conn, spec, oid, run_id)
+            restored, conflicting = archive.restore(conn, spec, oid, run_id, key_columns)
             source = f"run {run_id}"
     line = f"restored {restored:,} rows of {source} into {spec.qualified}"
     if conflicting:

@@ -19,10 +19,9 @@ import psycopg
 
 from engine import archive_file, reclaim, runs
 from engine.archive import resolve as resolve_archive
-from engine.archive import table_columns
 from engine.archive_file import ArchiveFile
 from engine.config import GcOptions
-from engine.db import Connection, connect, require_bookkeeping, require_target
+from engine.db import Connection, connect, require_bookkeeping
 from engine.dryrun import dry_run
 from engine.errors import GcAlreadyRunning
 from engine.finish import Closed, Finisher, SilentFinisher, close, decide
@@ -30,34 +29,40 @@ from engine.planner import Plan, make_plan
 from engine.queries import Archive, Statements
 from engine.result import GcResult, Progress, percentile
 from engine.status import RunStatus
-from engine.strategies import STRATEGIES, extended
+from engine.strategies import extended, strategy_for
+from engine.target import Target
+from engine.target import resolve as resolve_target
 from engine.throttle import Limits, Throttle
 from engine.walk import Walk, guarded, walk_run
 
 
 @dataclass(frozen=True)
-class Target:
-    """The checked target of a run: the table's oid, its statements, where deleted rows go."""
+class Checked:
+    """What a run may rely on once checked: the table, its statements, where deleted rows go."""
 
-    oid: int
+    target: Target
     statements: Statements
     archive: Archive | None
 
+    @property
+    def oid(self) -> int:
+        return self.target.oid
 
-def check(conn: Connection, options: GcOptions) -> Target:
+
+def check(conn: Connection, options: GcOptions) -> Checked:
     """Everything that can be refused before a run exists: schema, table, archive, file target."""
     require_bookkeeping(conn)
-    oid = require_target(conn, options.table)
+    target = resolve_target(conn, options.table, with_retention=options.older_than is not None)
     archive = None
     if options.archive:
-        archive = resolve_archive(conn, options.table, oid)
+        archive = resolve_archive(conn, options.table, target.oid)
     elif options.archive_to:
         resuming = runs.resumable_archive_file(conn, options.table.qualified, options.node)
         archive_file.check_target(options.archive_to, resuming)
         archive_file.prepare(conn, options.table)
-        archive = archive_file.outgoing_archive(tuple(table_columns(conn, oid)))
-    statements = Statements.for_table(options.table, options.older_than is not None, archive)
-    return Target(oid, statements, archive)
+        archive = archive_file.outgoing_archive(tuple(target.columns))
+    statements = Statements.for_target(target, options.older_than is not None, archive)
+    return Checked(target, statements, archive)
 
 
 def lock_table(conn: Connection, options: GcOptions, oid: int) -> None:
@@ -88,7 +93,7 @@ def resume_or_start(conn: Connection, options: GcOptions, plan: Plan,
         run = runs.start(conn, table, options.node, previous.strategy, slices, options.describe(),
                          resumed_from=previous.id, run_id=run_id)
         return run, f"resumes run {previous.id}'s {previous.strategy} walk from its checkpoint"
-    slices = STRATEGIES[plan.strategy].slices(plan.facts, options.workers)
+    slices = strategy_for(plan.strategy, plan.facts.integer_key).slices(plan.facts, options.workers)
     run = runs.start(conn, table, options.node, plan.strategy, slices, options.describe(),
                      resumed_from=previous.id if previous else None, run_id=run_id)
     return run, plan.reason
@@ -114,13 +119,14 @@ def collect(
     try:
         target = check(conn, options)
         if options.dry_run:
-            plan = make_plan(conn, options, target.oid, target.statements)
+            plan = make_plan(conn, options, target.target, target.statements)
             return dry_run(conn, plan, options, target.statements)
         lock_table(conn, options, target.oid)
-        plan = make_plan(conn, options, target.oid, target.statements)
+        plan = make_plan(conn, options, target.target, target.statements)
         before = reclaim.health(conn, target.oid)
         run, reason = resume_or_start(conn, options, plan, run_id)
-        walk = Walk(options=options, plan=plan, run=run, strategy=STRATEGIES[run.strategy],
+        strategy = strategy_for(run.strategy, plan.facts.integer_key)
+        walk = Walk(options=options, plan=plan, run=run, strategy=strategy,
                     statements=target.statements, dsn=dsn, stop=stop or threading.Event(),
                     on_progress=on_progress, throttle=Throttle(_limits(options), target.oid))
         conn, closed = _walk_and_close(conn, walk, target, finisher or SilentFinisher())
@@ -136,7 +142,7 @@ def _limits(options: GcOptions) -> Limits:
     return Limits(options.max_wal_rate, options.max_replica_lag, options.pause_for_vacuum)
 
 
-def _walk_and_close(conn: Connection, walk: Walk, target: Target,
+def _walk_and_close(conn: Connection, walk: Walk, target: Checked,
                     finisher: Finisher) -> tuple[Connection, Closed]:
     """From here on the run exists: any error closes it as failed, never leaves it running."""
     if walk.options.archive_to and target.archive:

@@ -19,23 +19,38 @@ STRATEGIES: tuple[StrategyName, ...] = ("auto", "physical", "index", "key")
 
 @dataclass(frozen=True)
 class TableSpec:
-    """The table to collect and the columns that define garbage.
+    """The table to collect and what makes a row of it garbage, as the operator names them.
 
-    Names are identifiers, never SQL: they only reach the database through ``psycopg.sql``.
+    Names are identifiers, never SQL: they only reach the database through ``psycopg.sql``; the
+    ``where`` filter is SQL, accepted only once :mod:`engine.predicate` has parsed and checked it.
     """
 
     name: str = "messages"
     schema: str | None = None
-    key: str = "id"
-    processed_at: str = "processed_at"
+    key: tuple[str, ...] = ()
+    """The key columns the keyset walks order by; empty: the table's primary key (or none)."""
+    processed_column: str | None = None
+    """Garbage once it IS NOT NULL; None: ``processed_at`` when the table has one."""
+    where: str | None = None
+    """An operator's filter added to the processed column's test (or garbage's only definition)."""
 
     @classmethod
-    def parse(cls, qualified: str) -> TableSpec:
-        """``messages`` or ``app.messages`` (a dot separates the schema, as in SQL)."""
+    def parse(cls, qualified: str, key: str | None = None, processed_column: str | None = None,
+              where: str | None = None) -> TableSpec:
+        """``messages`` or ``app.messages`` (a dot separates the schema, as in SQL); ``key`` is
+        ``COLUMN[,COLUMN]``."""
         schema, dot, name = qualified.rpartition(".")
         if not name or (dot and not schema):
             raise UsageError(f"invalid table name {qualified!r}: expected NAME or SCHEMA.NAME")
-        return cls(name=name, schema=schema or None)
+        columns = tuple(part.strip() for part in key.split(",")) if key else ()
+        if any(not column for column in columns):
+            raise UsageError(f"invalid --key {key!r}: expected COLUMN or COLUMN,COLUMN")
+        return cls(name=name, schema=schema or None, key=columns,
+                   processed_column=processed_column or None, where=where or None)
+
+    def describe(self) -> dict[str, Any]:
+        return {"key": list(self.key) or None, "processed_column": self.processed_column,
+                "where": self.where}
 
     @property
     def qualified(self) -> str:
@@ -101,6 +116,7 @@ class GcOptions:
         """A JSON-able record of the options, stored with the run."""
         record = asdict(self)
         record["table"] = self.table.qualified
+        record["target"] = self.table.describe()
         for name in ("older_than", "max_replica_lag"):
             value = getattr(self, name)
             record[name] = value.total_seconds() if value else None

@@ -15,7 +15,7 @@ from psycopg import errors as pg_errors
 from psycopg import sql
 
 from engine.config import TableSpec, mask_dsn, scrub_dsn
-from engine.errors import DatabaseUnreachable, PermissionMissing, SchemaMissing, TargetTableError
+from engine.errors import DatabaseUnreachable, SchemaMissing
 
 CONNECT_TIMEOUT_S = 5
 APPLICATION_NAME = "msggc"
@@ -76,58 +76,6 @@ def require_bookkeeping(conn: Connection) -> None:
     ).fetchone()
     if not row or not row[0]:
         raise SchemaMissing("msggc tables are missing in this database: run `msggc migrate` first")
-
-
-RELATION_KINDS = {"v": "a view", "m": "a materialized view", "f": "a foreign table", "S": "a sequence",
-                  "i": "an index", "I": "a partitioned index", "c": "a composite type", "t": "a TOAST table"}
-BOOKKEEPING_PRIVILEGES = (("gc_runs", "SELECT"), ("gc_runs", "INSERT"), ("gc_runs", "UPDATE"),
-                          ("gc_outbox", "SELECT"), ("gc_outbox", "INSERT"), ("gc_outbox", "UPDATE"))
-
-
-def require_target(conn: Connection, table: TableSpec) -> int:
-    """The target must be an existing plain table with its key and processed-at columns, the
-    role must be allowed to DELETE from it and to record the run in msggc's own tables."""
-    oid = regclass_of(conn, table)
-    if oid is None:
-        raise TargetTableError(
-            f"table {table.qualified} does not exist: run `msggc migrate` first"
-            " (or pass --table for another table)"
-        )
-    kind = one_row(conn.execute("SELECT relkind FROM pg_class WHERE oid = %s", (oid,)))[0]
-    if kind == "p":  # its own heap is empty: a walk over it would find nothing and say complete
-        raise TargetTableError(
-            f"{table.qualified} is a partitioned table: collect each partition with --table PARTITION"
-        )
-    if kind != "r":
-        raise TargetTableError(f"{table.qualified} is {RELATION_KINDS.get(kind, 'not a table')}, not a table")
-    columns = {
-        name: type_
-        for name, type_ in conn.execute(
-            "SELECT attname, format_type(atttypid, atttypmod) FROM pg_attribute"
-            " WHERE attrelid = %s AND attnum > 0 AND NOT attisdropped",
-            (oid,),
-        )
-    }
-    for column in (table.key, table.processed_at):
-        if column not in columns:
-            raise TargetTableError(f"table {table.qualified} has no column {column!r}")
-    if columns[table.key] not in ("bigint", "integer", "smallint"):
-        raise TargetTableError(
-            f"column {table.qualified}.{table.key} must be an integer key, not {columns[table.key]}"
-        )
-    if not columns[table.processed_at].startswith("timestamp"):
-        raise TargetTableError(
-            f"column {table.qualified}.{table.processed_at} must be a timestamp,"
-            f" not {columns[table.processed_at]}"
-        )
-    allowed = conn.execute("SELECT has_table_privilege(%s::oid, 'DELETE')", (oid,)).fetchone()
-    if not allowed or not allowed[0]:
-        raise PermissionMissing(f"the database role may not DELETE from {table.qualified}")
-    for name, privilege in BOOKKEEPING_PRIVILEGES:
-        if not one_row(conn.execute("SELECT has_table_privilege(%s, %s)", (name, privilege)))[0]:
-            raise PermissionMissing(f"the database role may not {privilege} {name}: it cannot record"
-                                    " the run (grant SELECT, INSERT, UPDATE on gc_runs and gc_outbox)")
-    return oid
 
 
 def is_user_fault(exc: BaseException) -> bool:

@@ -13,12 +13,12 @@ from engine.queries import Statements
 from engine.result import GcResult
 from engine.sizer import DEFAULT_BATCH_ROWS
 from engine.status import RunStatus
-from engine.strategies import STRATEGIES
+from engine.strategies import strategy_for
 
 
 def dry_run(conn: Connection, plan: Plan, options: GcOptions, statements: Statements) -> GcResult:
     """The prediction comes from real batches that are rolled back (see :mod:`engine.estimate`)."""
-    strategy = STRATEGIES[plan.strategy]
+    strategy = strategy_for(plan.strategy, plan.facts.integer_key)
     size = strategy.units_for_rows(options.batch_size or DEFAULT_BATCH_ROWS, plan.facts)
     target_s = None if options.batch_size else options.target_batch_ms / 1000
     try:

@@ -106,7 +106,7 @@ def estimate(conn: Connection, plan: Plan, strategy: Strategy, statements: State
             except pg_errors.LockNotAvailable:
                 continue
             seconds = time.monotonic() - began
-            walked = outcome.deleted if strategy.name == "index" else outcome.position - part.position
+            walked = outcome.deleted if strategy.units_are_rows else part.distance_to(outcome.position)
             samples.append(Sample(walked, seconds, _wal_insert_lsn(conn) - lsn))
             if target_s is not None:
                 growth = min(GROWTH, target_s / seconds) if seconds > 0 else GROWTH
@@ -117,6 +117,6 @@ def estimate(conn: Connection, plan: Plan, strategy: Strategy, statements: State
 
 def _total_units(plan: Plan, strategy: Strategy, parts: list[Any]) -> int:
     """The index walk advances by garbage rows; the others by blocks or keys of the table."""
-    if strategy.name == "index":
+    if strategy.units_are_rows:
         return plan.facts.garbage_rows_estimate
-    return sum(part.end - part.position for part in parts)
+    return sum(part.distance_to(part.end) for part in parts)

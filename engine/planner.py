@@ -9,10 +9,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import datetime
 
-from engine.config import GcOptions, StrategyName, TableSpec
+from engine.config import GcOptions, StrategyName
 from engine.db import Connection, one_row
 from engine.errors import UsageError
 from engine.queries import Statements
+from engine.target import Target
 
 DENSE_GARBAGE_FRACTION = 0.05
 """At or above this share of garbage rows, most heap blocks hold garbage: reading the heap in
@@ -38,6 +39,8 @@ class TableFacts:
     key_min: int | None
     key_max: int | None
     server_version: int
+    key: tuple[str, ...] = ()
+    integer_key: bool = False
 
     @property
     def garbage_rows_estimate(self) -> int:
@@ -56,8 +59,9 @@ class Plan:
     cutoff: datetime | None
 
 
-def read_facts(conn: Connection, table: TableSpec, oid: int, statements: Statements,
+def read_facts(conn: Connection, target: Target, statements: Statements,
                cutoff: datetime | None) -> TableFacts:
+    oid = target.oid
     blocks = int(one_row(conn.execute(
         "SELECT pg_relation_size(%s::oid) / current_setting('block_size')::int", (oid,)
     ))[0])
@@ -65,72 +69,97 @@ def read_facts(conn: Connection, table: TableSpec, oid: int, statements: Stateme
     sampled, garbage = one_row(conn.execute(
         statements.sample_garbage, {"percent": percent, "cutoff": cutoff}
     ))
-    key_min, key_max = one_row(conn.execute(statements.key_bounds))
+    key_min, key_max = one_row(conn.execute(statements.key_bounds)) if target.integer_key else (None, None)
     return TableFacts(
         oid=oid,
         blocks=blocks,
         rows_estimate=round(sampled * 100.0 / percent),
         garbage_fraction=garbage / sampled if sampled else 0.0,
-        garbage_index=_garbage_index(conn, table, oid),
-        key_indexed=_key_indexed(conn, table, oid),
+        garbage_index=_garbage_index(conn, target),
+        key_indexed=_key_indexed(conn, target),
         key_min=key_min,
         key_max=key_max,
         server_version=conn.info.server_version,
+        key=target.key,
+        integer_key=target.integer_key,
     )
 
 
-KEY_ATTNUM = "(SELECT attnum FROM pg_attribute WHERE attrelid = i.indrelid AND attname = %(key)s)"
+LEADING_KEY = (
+    "(SELECT array_agg(a.attnum ORDER BY k.n) FROM unnest(%(key)s::text[]) WITH ORDINALITY AS k(name, n)"
+    " JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attname = k.name)"
+    " = (i.indkey::int2[])[0:cardinality(%(key)s::text[]) - 1]"
+)
+"""The index's leading columns are the key's, in order."""
 
 
-def _garbage_index(conn: Connection, table: TableSpec, oid: int) -> str | None:
-    """A valid partial btree index led by the key whose predicate is the garbage predicate."""
+def _garbage_index(conn: Connection, target: Target) -> str | None:
+    """A valid partial btree index led by the key whose predicate is the processed test."""
+    if not target.key or target.processed is None:
+        return None
     row = conn.execute(
         "SELECT i.indexrelid::regclass::text FROM pg_index i"
-        " WHERE i.indrelid = %(oid)s AND i.indisvalid AND i.indpred IS NOT NULL"
-        " AND i.indkey[0] = " + KEY_ATTNUM +
+        " WHERE i.indrelid = %(oid)s AND i.indisvalid AND i.indpred IS NOT NULL AND " + LEADING_KEY +
         " AND pg_get_expr(i.indpred, i.indrelid) = format('(%%I IS NOT NULL)', %(processed)s::text)"
         " ORDER BY pg_relation_size(i.indexrelid) LIMIT 1",
-        {"oid": oid, "key": table.key, "processed": table.processed_at},
+        {"oid": target.oid, "key": list(target.key), "processed": target.processed},
     ).fetchone()
-    return row[0] if row else None
+    return str(row[0]) if row else None
 
 
-def _key_indexed(conn: Connection, table: TableSpec, oid: int) -> bool:
-    row = conn.execute(
-        "SELECT EXISTS (SELECT 1 FROM pg_index i WHERE i.indrelid = %(oid)s AND i.indisvalid"
-        " AND i.indpred IS NULL AND i.indkey[0] = " + KEY_ATTNUM + ")",
-        {"oid": oid, "key": table.key},
-    ).fetchone()
-    return bool(row and row[0])
+def _key_indexed(conn: Connection, target: Target) -> bool:
+    """A valid btree index led by the key: what walks in key order need."""
+    if not target.key:
+        return False
+    row = one_row(conn.execute(
+        "SELECT EXISTS (SELECT 1 FROM pg_index i JOIN pg_class c ON c.oid = i.indexrelid"
+        " JOIN pg_am am ON am.oid = c.relam WHERE am.amname = 'btree' AND i.indrelid = %(oid)s"
+        " AND i.indisvalid AND i.indpred IS NULL AND " + LEADING_KEY + ")",
+        {"oid": target.oid, "key": list(target.key)},
+    ))
+    return bool(row[0])
 
 
 def choose_strategy(facts: TableFacts, requested: StrategyName) -> tuple[StrategyName, str]:
     """The strategy and a one-line reason. A forced strategy is checked, never silently swapped."""
     physical_ok = facts.server_version >= TID_RANGE_SCAN_VERSION
     density = f"estimated garbage {facts.garbage_fraction:.1%} of ~{facts.rows_estimate:,} rows"
-    if requested == "physical" and not physical_ok:
-        raise UsageError("strategy physical needs PostgreSQL 14 or later (TID range scans)")
-    if requested == "index" and not facts.garbage_index:
-        raise UsageError(
-            "strategy index needs a partial index on the key WHERE processed_at IS NOT NULL"
-            " (run `msggc migrate`, or choose --strategy physical)"
-        )
-    if requested == "key" and not facts.key_indexed:
-        raise UsageError("strategy key needs a btree index led by the key column")
     if requested != "auto":
+        if (refusal := _refusal(facts, requested, physical_ok)) is not None:
+            raise UsageError(f"strategy {requested} cannot walk this table: {refusal}")
         return requested, f"forced by --strategy; {density}"
     if physical_ok and facts.garbage_fraction >= DENSE_GARBAGE_FRACTION:
         return "physical", f"{density}: dense, one sequential pass over the heap by TID ranges"
     if facts.garbage_index:
         return "index", f"{density}: sparse, keyset walk over {facts.garbage_index}"
     if physical_ok:
-        return "physical", f"{density}: no partial garbage index, sequential TID-range walk"
-    if facts.key_indexed:
+        return "physical", f"{density}: no partial garbage index led by the key, sequential TID-range walk"
+    if facts.key_indexed and facts.integer_key:
         return "key", f"{density}: key ranges probed on the primary key (no TID range scans)"
+    if facts.key_indexed:
+        return "index", f"{density}: keyset walk in key order (no TID range scans)"
     raise UsageError("the table has no index on its key and the server has no TID range scans")
 
 
-def make_plan(conn: Connection, options: GcOptions, oid: int, statements: Statements) -> Plan:
+def _refusal(facts: TableFacts, requested: StrategyName, physical_ok: bool) -> str | None:
+    """Why a forced strategy cannot work on this table, or None."""
+    no_key = "the table has no primary key (name its key columns with --key)"
+    if requested == "physical":
+        return None if physical_ok else "it needs PostgreSQL 14 or later (TID range scans)"
+    if not facts.key:
+        return no_key
+    if requested == "index" and not (facts.garbage_index or facts.key_indexed):
+        return (f"it needs a btree index led by the key ({', '.join(facts.key)}); best a partial one"
+                " WHERE <processed column> IS NOT NULL, or choose --strategy physical")
+    if requested == "key" and not facts.integer_key:
+        return (f"it cuts ranges of one integer key; the key ({', '.join(facts.key)}) is not one:"
+                " choose --strategy index or physical")
+    if requested == "key" and not facts.key_indexed:
+        return "it needs a btree index led by the key column"
+    return None
+
+
+def make_plan(conn: Connection, options: GcOptions, target: Target, statements: Statements) -> Plan:
     cutoff: datetime | None = None
     if options.older_than is not None:
         # a retention reaching before year 1 (e.g. 99999999w) keeps every row: clamp, not overflow
@@ -139,6 +168,6 @@ def make_plan(conn: Connection, options: GcOptions, oid: int, statements: Statem
             " THEN now() - %(keep)s::interval ELSE '0001-01-01 00:00+00'::timestamptz END",
             {"keep": options.older_than},
         ))[0]
-    facts = read_facts(conn, options.table, oid, statements, cutoff)
+    facts = read_facts(conn, target, statements, cutoff)
     strategy, reason = choose_strategy(facts, options.strategy)
     return Plan(strategy=strategy, reason=reason, facts=facts, cutoff=cutoff)

@@ -13,6 +13,7 @@ from psycopg import sql
 
 from engine.config import TableSpec
 from engine.db import table_ident
+from engine.target import Target
 
 SET_BATCH_SETTINGS = sql.SQL(
     "SELECT set_config('lock_timeout', %(lock_timeout)s, true),"
@@ -24,12 +25,18 @@ SET_BATCH_SETTINGS = sql.SQL(
 statement_timeout, and with ``--async-commit`` does not wait for its WAL flush."""
 
 
-def garbage_predicate(table: TableSpec, with_cutoff: bool) -> sql.Composable:
-    """``processed_at IS NOT NULL`` and, with a retention, ``processed_at < %(cutoff)s``."""
-    column = sql.Identifier(table.processed_at)
-    if with_cutoff:
-        return sql.SQL("{c} IS NOT NULL AND {c} < %(cutoff)s").format(c=column)
-    return sql.SQL("{c} IS NOT NULL").format(c=column)
+def garbage_predicate(target: Target, with_cutoff: bool) -> sql.Composable:
+    """The processed column IS NOT NULL (older than the cutoff with a retention), and the
+    operator's ``--where`` filter, re-rendered from its validated parse tree."""
+    parts: list[sql.Composable] = []
+    if target.processed is not None:
+        column = sql.Identifier(target.processed)
+        parts.append(sql.SQL("{c} IS NOT NULL").format(c=column))
+        if with_cutoff:
+            parts.append(sql.SQL("{c} < %(cutoff)s").format(c=column))
+    if target.filter is not None:
+        parts.append(sql.SQL(target.filter.sql))  # validated, then re-rendered from its parse tree
+    return sql.SQL(" AND ").join(parts)
 
 
 @dataclass(frozen=True)
@@ -44,13 +51,17 @@ class Archive:
 class Statements:
     """The statements of one run; composed once so psycopg can prepare them."""
 
-    table: TableSpec
+    target: Target
     garbage: sql.Composable
     archive: Archive | None = None
 
     @classmethod
-    def for_table(cls, table: TableSpec, with_cutoff: bool, archive: Archive | None = None) -> Statements:
-        return cls(table=table, garbage=garbage_predicate(table, with_cutoff), archive=archive)
+    def for_target(cls, target: Target, with_cutoff: bool, archive: Archive | None = None) -> Statements:
+        return cls(target=target, garbage=garbage_predicate(target, with_cutoff), archive=archive)
+
+    @property
+    def table(self) -> TableSpec:
+        return self.target.spec
 
     def _moving(self, delete: sql.Composed) -> sql.Composed:
         """With an archive, the DELETE's rows are inserted there in the same statement."""
@@ -66,7 +77,7 @@ class Statements:
     def _format(self, template: str, **extra: sql.Composable) -> sql.Composed:
         return sql.SQL(template).format(
             t=table_ident(self.table),
-            k=sql.Identifier(self.table.key),
+            k=sql.Identifier(self.target.key[0]) if self.target.key else sql.SQL("ctid"),
             garbage=self.garbage,
             **extra,
         )
@@ -89,7 +100,7 @@ class Statements:
 
     def delete_range_skip_locked(self, range_: sql.Composable, by_ctid: bool) -> sql.Composed:
         """The slow path after a lock timeout: lock what is free, leave what the app holds."""
-        column = sql.SQL("ctid") if by_ctid else sql.Identifier(self.table.key)
+        column = sql.SQL("ctid") if by_ctid else sql.Identifier(self.target.key[0])
         return self._moving(self._format(
             "DELETE FROM {t} WHERE {col} = ANY(ARRAY("
             "SELECT {col} FROM {t} WHERE {range} AND {garbage} FOR UPDATE SKIP LOCKED"
@@ -110,6 +121,26 @@ class Statements:
         ``id IN (SELECT ... LIMIT n)`` may flip to a scan. Returns rows deleted, keys picked and
         the last key picked (the new position). With an archive, the deleted rows move there.
         """
+        return self._pick_and_delete(
+            self._format("SELECT {k} FROM {t} WHERE {garbage} AND {k} > %(lo)s AND {k} <= %(end)s"
+                         " ORDER BY {k} LIMIT %(size)s"),
+            self._format("{k} = ANY(ARRAY(SELECT {k} FROM picked))"),
+            self._format("max({k}) FROM picked"),
+        )
+
+    def delete_next_by_key(self, has_after: bool) -> sql.Composed:
+        """The same for any ordered key: the next garbage rows after ``after`` in key order,
+        deleted by ctid (and re-checked); the last key comes back as text values."""
+        return self._pick_and_delete(
+            self._format("SELECT ctid AS tid, {keys} FROM {t} WHERE {garbage}{after}"
+                         " ORDER BY {keys} LIMIT %(size)s", keys=self._keys, after=self._after(has_after)),
+            sql.SQL("ctid = ANY(ARRAY(SELECT tid FROM picked))"),
+            sql.SQL("{texts} FROM picked ORDER BY {desc} LIMIT 1").format(texts=self._key_texts,
+                                                                          desc=self._keys_desc),
+        )
+
+    def _pick_and_delete(self, picked: sql.Composable, match: sql.Composable,
+                         last: sql.Composable) -> sql.Composed:
         archive: sql.Composable = sql.SQL("")
         returning: sql.Composable = sql.SQL("1")
         if self.archive is not None:
@@ -120,16 +151,56 @@ class Statements:
                 " SELECT {columns}, now(), %(run_id)s FROM gone)"
             ).format(archive=table_ident(self.archive.table), columns=columns)
         return self._format(
-            "WITH picked AS MATERIALIZED ("
-            "SELECT {k} FROM {t} WHERE {garbage} AND {k} > %(lo)s AND {k} <= %(end)s"
-            " ORDER BY {k} LIMIT %(size)s),"
-            " gone AS (DELETE FROM {t} WHERE {k} = ANY(ARRAY(SELECT {k} FROM picked))"
-            " AND {garbage} RETURNING {returning}){archive}"
-            " SELECT (SELECT count(*) FROM gone), (SELECT count(*) FROM picked),"
-            " (SELECT max({k}) FROM picked)",
-            returning=returning,
-            archive=archive,
+            "WITH picked AS MATERIALIZED ({picked}),"
+            " gone AS (DELETE FROM {t} WHERE {match} AND {garbage} RETURNING {returning}){archive}"
+            " SELECT (SELECT count(*) FROM gone), (SELECT count(*) FROM picked), (SELECT {last})",
+            picked=picked, match=match, last=last, returning=returning, archive=archive,
         )
+
+    # -- ordered keys: positions are the key's values as text, compared as a row -------------
+
+    @staticmethod
+    def key_values(prefix: str, values: list[str] | None) -> dict[str, str]:
+        """The parameters of a key position (none before the first)."""
+        return {f"{prefix}_{i}": value for i, value in enumerate(values or ())}
+
+    @property
+    def _keys(self) -> sql.Composable:
+        return sql.SQL(", ").join(map(sql.Identifier, self.target.key))
+
+    @property
+    def _keys_desc(self) -> sql.Composable:
+        return sql.SQL(", ").join(sql.SQL("{} DESC").format(sql.Identifier(k)) for k in self.target.key)
+
+    @property
+    def _key_texts(self) -> sql.Composable:
+        return sql.SQL("ARRAY[{}]").format(
+            sql.SQL(", ").join(sql.SQL("{}::text").format(sql.Identifier(k)) for k in self.target.key))
+
+    def _key_row(self, prefix: str) -> sql.Composable:
+        """``ROW(%(prefix_0)s, ...)``: text parameters the server reads as the key's types."""
+        return sql.SQL("ROW({})").format(sql.SQL(", ").join(
+            sql.Placeholder(f"{prefix}_{i}") for i in range(len(self.target.key))))
+
+    def _after(self, has_after: bool) -> sql.Composable:
+        if not has_after:
+            return sql.SQL("")
+        return sql.SQL(" AND ROW({keys}) > {after}").format(keys=self._keys, after=self._key_row("after"))
+
+    def ordered_range(self, has_after: bool, has_hi: bool) -> sql.Composable:
+        """Keys after ``after`` up to ``hi`` included (open on a missing side)."""
+        bounds: list[sql.Composable] = [sql.SQL("TRUE")]
+        if has_after:
+            bounds.append(sql.SQL("ROW({}) > {}").format(self._keys, self._key_row("after")))
+        if has_hi:
+            bounds.append(sql.SQL("ROW({}) <= {}").format(self._keys, self._key_row("hi")))
+        return sql.SQL(" AND ").join(bounds)
+
+    def ordered_garbage_bound(self, has_after: bool) -> sql.Composed:
+        """The key of the garbage row ``offset + 1`` ahead, in key order."""
+        return self._format("SELECT {texts} FROM {t} WHERE {garbage}{after} ORDER BY {keys}"
+                            " OFFSET %(offset)s LIMIT 1", texts=self._key_texts, keys=self._keys,
+                            after=self._after(has_after))
 
     # -- probes ----------------------------------------------------------------------------
 

@@ -45,7 +45,7 @@ def lock_holder(conn: Connection, oid: int) -> int | None:
 
 
 def _slices(cursor: dict[str, Any]) -> list[Slice]:
-    return [Slice(s["position"], s["end"]) for s in cursor["slices"]]
+    return [Slice.of_json(part) for part in cursor["slices"]]
 
 
 def latest_resumable(conn: Connection, table: str, node: str, exclude: int | None = None) -> Run | None:
@@ -130,26 +130,26 @@ def _cursor(slices: list[Slice]) -> dict[str, Any]:
     return {"slices": [s.as_json() for s in slices]}
 
 
-def checkpoint(conn: Connection, run_id: int, slice_index: int, position: int,
+def checkpoint(conn: Connection, run_id: int, slice_index: int, part: Slice,
                deleted: int, skipped_locked: int, archive_bytes: int | None = None) -> None:
     """Called inside the batch's transaction: the delete and its record commit together."""
     conn.execute(
         "UPDATE gc_runs SET"
-        " cursor = jsonb_set(cursor, ARRAY['slices', %(i)s::text, 'position'], to_jsonb(%(pos)s::bigint)),"
+        " cursor = jsonb_set(cursor, ARRAY['slices', %(i)s::text], %(part)s),"
         " messages_deleted = messages_deleted + %(deleted)s,"
         " rows_skipped_locked = rows_skipped_locked + %(skipped)s,"
         " archive_bytes = coalesce(%(archived)s, archive_bytes),"
         " batches = batches + 1, heartbeat_at = now()"
         " WHERE id = %(run)s",
-        {"i": slice_index, "pos": position, "deleted": deleted, "skipped": skipped_locked,
+        {"i": slice_index, "part": Jsonb(part.as_json()), "deleted": deleted, "skipped": skipped_locked,
          "archived": archive_bytes, "run": run_id},
     )
 
 
-def positions(conn: Connection, run_id: int) -> list[int]:
+def recorded_slices(conn: Connection, run_id: int) -> list[Slice]:
     """Where each slice of the run stands as of its last committed (and kept) checkpoint."""
     row = one_row(conn.execute("SELECT cursor FROM gc_runs WHERE id = %s", (run_id,)))
-    return [part.position for part in _slices(row[0])]
+    return _slices(row[0])
 
 
 def archive_state(conn: Connection, run_id: int) -> tuple[str, int] | None:

@@ -1,9 +1,12 @@
-"""The three walks. Each turns a slice position and a batch size into one bounded DELETE.
+"""The walks. Each turns a slice position and a batch size into one bounded DELETE.
 
 A slice is a part of the table walked in one direction; ``position`` only moves forward and is
 checkpointed with each batch, so a resumed run starts exactly after the last committed batch.
-- physical: position = next heap block to visit, end = first block past the walk.
-- index/key: position = last key visited (exclusive), end = last key of the walk (inclusive).
+- physical: position = next heap block to visit, end = first block past the walk; needs no key.
+- index/key on one integer key: position = last key visited (exclusive), end = last key of the
+  walk (inclusive); the key walk does arithmetic on it, so it needs one.
+- index on any other btree key (uuid, text, timestamp, composite): position = the last key
+  visited as text values (None before the first), one slice walked to the key's end.
 """
 
 from __future__ import annotations
@@ -20,25 +23,54 @@ from engine.db import Connection, one_row
 from engine.planner import TableFacts
 from engine.queries import Statements
 
+Position = int | list[str] | None
+"""A block number or an integer key; or an ordered key's values as text (None: before the first)."""
+
 
 @dataclass
 class Slice:
-    position: int
-    end: int
+    position: Position
+    end: int | None
+    """None: an ordered-key walk, which goes on to the key's end."""
+    finished: bool = False
 
     @property
     def done(self) -> bool:
-        return self.position >= self.end
+        if self.finished:
+            return True
+        return isinstance(self.position, int) and self.end is not None and self.position >= self.end
 
-    def as_json(self) -> dict[str, int]:
-        return {"position": self.position, "end": self.end}
+    @property
+    def number(self) -> int:
+        """The position of a block or integer-key walk."""
+        if not isinstance(self.position, int):
+            raise TypeError(f"slice position {self.position!r} is not a block or an integer key")
+        return self.position
+
+    @property
+    def bound(self) -> int:
+        if self.end is None:
+            raise TypeError("an ordered-key slice has no numeric end")
+        return self.end
+
+    def distance_to(self, position: Position) -> int:
+        """Blocks or integer keys from here to ``position`` (the estimate's unit count)."""
+        return position - self.number if isinstance(position, int) else 0
+
+    def as_json(self) -> dict[str, Any]:
+        return {"position": self.position, "end": self.end, "finished": self.finished}
+
+    @classmethod
+    def of_json(cls, data: dict[str, Any]) -> Slice:
+        return cls(data["position"], data["end"], bool(data.get("finished", False)))
 
 
 @dataclass(frozen=True)
 class BatchOutcome:
     deleted: int
     skipped_locked: int
-    position: int
+    position: Position
+    finished: bool = False
 
 
 def split(start: int, end: int, parts: int) -> list[Slice]:
@@ -75,10 +107,10 @@ def _delete_range(conn: Connection, st: Statements, range_: sql.Composable, para
 def _probed_range(conn: Connection, st: Statements, bound: sql.Composed, part: Slice, size: int,
                   params: dict[str, Any], skip_locked: bool) -> BatchOutcome:
     """Delete the garbage up to the key ``size`` rows ahead, found by the index probe ``bound``."""
-    probe = {**params, "lo": part.position, "end": part.end, "offset": size - 1}
+    probe = {**params, "lo": part.number, "end": part.bound, "offset": size - 1}
     row = conn.execute(bound, probe).fetchone()
-    hi = row[0] if row else part.end
-    params = {**params, "lo": part.position, "hi": hi}
+    hi = row[0] if row else part.bound
+    params = {**params, "lo": part.number, "hi": hi}
     deleted, skipped = _delete_range(conn, st, st.key_range, params, skip_locked, False)
     return BatchOutcome(deleted, skipped, hi)
 
@@ -101,8 +133,8 @@ class PhysicalStrategy:
 
     def run_batch(self, conn: Connection, st: Statements, part: Slice, size: int,
                   params: dict[str, Any], skip_locked: bool) -> BatchOutcome:
-        hi = min(part.position + size, part.end)
-        params = {**params, "lo_tid": f"({part.position},0)", "hi_tid": f"({hi},0)"}
+        hi = min(part.number + size, part.bound)
+        params = {**params, "lo_tid": f"({part.number},0)", "hi_tid": f"({hi},0)"}
         deleted, skipped = _delete_range(conn, st, st.block_range, params, skip_locked, True)
         return BatchOutcome(deleted, skipped, hi)
 
@@ -142,9 +174,48 @@ class IndexStrategy:
                   params: dict[str, Any], skip_locked: bool) -> BatchOutcome:
         if skip_locked:  # after a lock timeout: the same range, leaving the rows the app has locked
             return _probed_range(conn, st, st.garbage_upper_bound, part, size, params, True)
-        probe = {**params, "lo": part.position, "end": part.end, "size": size}
+        probe = {**params, "lo": part.number, "end": part.bound, "size": size}
         deleted, picked, last = one_row(conn.execute(st.delete_next_garbage, probe))
-        return BatchOutcome(deleted, 0, last if picked == size else part.end)
+        return BatchOutcome(deleted, 0, last if picked == size else part.bound)
+
+
+class OrderedKeyStrategy:
+    """The index walk over any btree-ordered key: keyset pagination in key order, rows deleted by
+    their ctid (a row that moved since it was picked is re-checked and left for the next run)."""
+
+    name: ClassVar[StrategyName] = "index"
+    units_are_rows: ClassVar[bool] = True
+    max_units: ClassVar[int] = 100_000
+
+    def slices(self, facts: TableFacts, workers: int) -> list[Slice]:
+        return [Slice(position=None, end=None)]
+
+    def units_for_rows(self, rows: int, facts: TableFacts) -> int:
+        return max(1, min(self.max_units, rows))
+
+    def run_batch(self, conn: Connection, st: Statements, part: Slice, size: int,
+                  params: dict[str, Any], skip_locked: bool) -> BatchOutcome:
+        after = part.position if isinstance(part.position, list) else None
+        params = {**params, **st.key_values("after", after)}
+        if not skip_locked:
+            deleted, picked, last = one_row(conn.execute(st.delete_next_by_key(after is not None),
+                                                         {**params, "size": size}))
+            return BatchOutcome(deleted, 0, last if picked else after, finished=picked < size)
+        # after a lock timeout: up to the garbage key ``size`` ahead, leaving the rows the app holds
+        probe = {**params, "offset": size - 1}
+        row = conn.execute(st.ordered_garbage_bound(after is not None), probe).fetchone()
+        hi = row[0] if row else None
+        range_ = st.ordered_range(after is not None, hi is not None)
+        deleted, skipped = _delete_range(conn, st, range_, {**params, **st.key_values("hi", hi)}, True, True)
+        return BatchOutcome(deleted, skipped, hi if hi is not None else after, finished=hi is None)
+
+
+def strategy_for(name: StrategyName, integer_key: bool) -> Strategy:
+    """The walk of that name for this table: the index walk of a table whose key is not one
+    integer orders by the key's values instead of cutting integer ranges."""
+    if name == "index" and not integer_key:
+        return OrderedKeyStrategy()
+    return STRATEGIES[name]
 
 
 def _key_slices(facts: TableFacts, workers: int) -> list[Slice]:
@@ -157,8 +228,11 @@ def extended(slices: list[Slice], strategy: StrategyName, facts: TableFacts) -> 
     """A resumed walk also covers what the table gained past its recorded end: blocks appended
     to the heap, keys above the highest it planned for."""
     end = facts.blocks if strategy == "physical" else facts.key_max
-    last = max((part.end for part in slices), default=0)
-    if end is None or end <= last:
+    ends = [part.end for part in slices]
+    if end is None or None in ends:  # an ordered-key walk already goes to the key's end
+        return slices
+    last = max((e for e in ends if e is not None), default=0)
+    if end <= last:
         return slices
     return [*slices, Slice(position=last, end=end)]
 

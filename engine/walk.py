@@ -93,8 +93,8 @@ class Walk:
         loses the last batches that looked committed, so every slice goes back to its recorded
         checkpoint (a finished slice is walked again) and the archive file to its recorded end."""
         with self.lock:
-            for part, position in zip(self.run.slices, runs.positions(conn, self.run.id), strict=True):
-                part.position = position
+            for part, kept in zip(self.run.slices, runs.recorded_slices(conn, self.run.id), strict=True):
+                part.position, part.finished = kept.position, kept.finished
             self.rewound = True
         if self.archive_file is not None:
             self.archive_file.stale = True
@@ -146,7 +146,8 @@ def run_batch(conn: Connection, walk: Walk, index: int, part: Slice,
                 conn.execute(SET_BATCH_SETTINGS, walk.settings)
                 outcome = walk.strategy.run_batch(conn, walk.statements, part, walk.batch_size(sizer),
                                                   walk.params, skip_locked)
-                runs.checkpoint(conn, walk.run.id, index, outcome.position, outcome.deleted,
+                reached = Slice(outcome.position, part.end, outcome.finished)
+                runs.checkpoint(conn, walk.run.id, index, reached, outcome.deleted,
                                 outcome.skipped_locked, turn.append(conn) if turn else None)
             return outcome
         except pg_errors.LockNotAvailable:
@@ -218,7 +219,7 @@ def work(link: Link, walk: Walk, todo: queue.SimpleQueue[int]) -> None:
                 walk.rewind(link.conn)
                 continue
             seconds = time.monotonic() - began
-            part.position = outcome.position
+            part.position, part.finished = outcome.position, outcome.finished
             sizer.observe(seconds, outcome.deleted + outcome.skipped_locked)
             walk.record(outcome, seconds)
             if walk.options.sleep:

@@ -40,7 +40,7 @@ def test_restore_puts_a_runs_rows_back(conn, dsn):
     result = collect(dsn, GcOptions(archive=True))
     oid = conn.execute("SELECT 'messages'::regclass::oid").fetchone()[0]
 
-    assert restore(conn, TableSpec(), oid, result.run_id) == Restored(restored=200, conflicting=0)
+    assert restore(conn, TableSpec(), oid, result.run_id, ("id",)) == Restored(restored=200, conflicting=0)
 
     assert surviving_ids(conn) == list(range(1, 401))
     assert archived_ids(conn) == []
@@ -71,13 +71,13 @@ def test_restore_keeps_conflicting_rows_archived_and_a_rerun_finishes_the_rest(c
     reinsert_message_ids(conn, conflicting)
     oid = conn.execute("SELECT 'messages'::regclass::oid").fetchone()[0]
 
-    first = restore(conn, TableSpec(), oid, result.run_id)
+    first = restore(conn, TableSpec(), oid, result.run_id, ("id",))
 
     assert first == Restored(restored=12_000 - len(conflicting), conflicting=len(conflicting))
     assert archived_ids(conn, result.run_id) == conflicting
     conn.execute("DELETE FROM messages WHERE payload = 'resent'")
 
-    assert restore(conn, TableSpec(), oid, result.run_id) == Restored(restored=len(conflicting),
+    assert restore(conn, TableSpec(), oid, result.run_id, ("id",)) == Restored(restored=len(conflicting),
                                                                       conflicting=0)
     assert surviving_ids(conn) == list(range(1, 12_001))
     assert archived_ids(conn) == []

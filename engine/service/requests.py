@@ -15,10 +15,11 @@ from typing import Any, Generic, TypeVar
 import psycopg
 
 from engine import runs
-from engine.db import connect, require_bookkeeping, require_target
+from engine.db import connect, require_bookkeeping
 from engine.errors import DatabaseUnreachable, MsggcError
 from engine.service.nodes import Node, unreachable_details
 from engine.service.settings import ServiceSettings
+from engine.target import resolve as resolve_target
 
 T = TypeVar("T")
 
@@ -68,7 +69,7 @@ def request_gc(settings: ServiceSettings, overrides: Mapping[str, Any]) -> list[
         options = settings.options_for(node, overrides)
         with connect(node.dsn, timeout_s=settings.connect_timeout_s) as conn:
             require_bookkeeping(conn)
-            require_target(conn, options.table)
+            resolve_target(conn, options.table, with_retention=options.older_than is not None)
             run_id, joined = runs.enqueue_or_join(conn, settings.table, node.name, options.describe())
         return Started(run_id, joined)
 

@@ -10,6 +10,10 @@ Sources, strongest first: a command-line flag (or its environment variable), the
     stale_after_s = 60                            # a running run without heartbeat this long is resumed
     archive_dir = "/var/lib/msggc/archive"        # where PUT {"archive_to_file": true} writes (optional)
     cron = "0 3 * * *"                            # request a GC at these times, UTC (or every = "1h")
+    table = "app.inbox"                           # the table to collect (default messages)
+    key = "tenant_id,id"                          # its key columns (default: its primary key)
+    processed_column = "handled_at"               # garbage once NOT NULL (default processed_at)
+    where = "status = 'read'"                     # a filter the garbage must also pass (SQL)
     [nodes]                                       # multiconnect; omit for a single instance
     wacore1 = "postgresql://msggc@db1/app"
     [gc]                                          # default options of every run
@@ -46,8 +50,8 @@ GC_KEYS = tuple(f.name for f in dataclasses.fields(GcOptions) if f.name not in (
 """Options a config file may default and a queued run carries (table and node come from the service)."""
 DURATION_KEYS = ("older_than", "max_replica_lag")
 SIZE_KEYS = ("max_wal_rate",)
-FILE_KEYS = ("nodes", "dsn", "table", "callback_url", "webhook_secret", "token", "stale_after_s",
-             "poll_s", "connect_timeout_s", "archive_dir", "every", "cron", "gc")
+FILE_KEYS = ("nodes", "dsn", "table", "key", "processed_column", "where", "callback_url", "webhook_secret",
+             "token", "stale_after_s", "poll_s", "connect_timeout_s", "archive_dir", "every", "cron", "gc")
 
 
 @dataclass(frozen=True)
@@ -163,7 +167,8 @@ def load_settings(*, dsn: str | None = None, nodes_spec: str | None = None, conf
         raise UsageError("config key 'gc' must be a table of GC options")
     try:
         options = GcOptions(**{"max_seconds": DEFAULT_MAX_SECONDS, **gc_values(gc),
-                               "table": TableSpec.parse(pick(table, "table", "messages"))})
+                               "table": TableSpec.parse(pick(table, "table", "messages"), file.get("key"),
+                                                        file.get("processed_column"), file.get("where"))})
     except TypeError as exc:
         raise UsageError(f"invalid [gc] options: {exc}") from None
     node_set, multiconnect = _nodes(pick(dsn, "dsn"), nodes_spec, file.get("nodes"))

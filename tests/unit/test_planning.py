@@ -13,7 +13,7 @@ from engine.strategies import PhysicalStrategy, split
 
 FACTS = TableFacts(oid=1, blocks=1000, rows_estimate=30000, garbage_fraction=0.8,
                    garbage_index="ix_messages_garbage", key_indexed=True, key_min=1,
-                   key_max=30000, server_version=150000)
+                   key_max=30000, server_version=150000, key=("id",), integer_key=True)
 
 
 def facts(**changes: object) -> TableFacts:
@@ -42,7 +42,7 @@ def test_old_servers_without_tid_range_scans_fall_back_to_key_ranges():
 @pytest.mark.parametrize(
     ("requested", "changes", "message"),
     [
-        ("index", {"garbage_index": None}, "needs a partial index"),
+        ("index", {"garbage_index": None, "key_indexed": False}, "needs a btree index led by the key"),
         ("physical", {"server_version": 130000}, "PostgreSQL 14"),
         ("key", {"key_indexed": False}, "btree index led by the key"),
     ],
@@ -50,6 +50,32 @@ def test_old_servers_without_tid_range_scans_fall_back_to_key_ranges():
 def test_a_forced_strategy_the_table_cannot_serve_is_refused(requested, changes, message):
     with pytest.raises(UsageError, match=message):
         choose_strategy(facts(**changes), requested)
+
+
+UUID_KEY = {"key": ("id",), "integer_key": False, "key_min": None, "key_max": None}
+
+
+def test_a_uuid_key_walks_the_heap_when_dense_and_its_partial_index_when_sparse():
+    assert choose_strategy(facts(**UUID_KEY), "auto")[0] == "physical"
+    assert choose_strategy(facts(**UUID_KEY, garbage_fraction=0.01), "auto")[0] == "index"
+    assert choose_strategy(facts(**UUID_KEY, garbage_fraction=0.01, garbage_index=None), "auto")[0] == "physical"
+
+
+def test_key_ranges_need_one_integer_key_and_say_so():
+    with pytest.raises(UsageError, match=r"strategy key cannot walk this table: it cuts ranges of one"
+                                         r" integer key; the key \(id\) is not one"):
+        choose_strategy(facts(**UUID_KEY), "key")
+    with pytest.raises(UsageError, match="key .tenant, id. is not one"):
+        choose_strategy(facts(key=("tenant", "id"), integer_key=False), "key")
+
+
+def test_a_table_without_a_key_walks_the_heap_and_refuses_keyed_walks():
+    keyless = facts(key=(), integer_key=False, key_indexed=False, garbage_index=None, garbage_fraction=0.01)
+    assert choose_strategy(keyless, "auto")[0] == "physical"
+    assert choose_strategy(keyless, "physical")[0] == "physical"
+    for walk in ("index", "key"):
+        with pytest.raises(UsageError, match="the table has no primary key"):
+            choose_strategy(keyless, walk)
 
 
 def test_split_covers_the_range_with_disjoint_slices():

@@ -1,0 +1,139 @@
+"""The table a run collects, as the database describes it: its key, its garbage, its privileges.
+
+An operator names a table, optionally its key columns, its processed column and a ``--where``
+filter (:class:`engine.config.TableSpec`); this module checks all of it against the catalog once,
+before any run exists, and answers what the walks may rely on: which key (the primary key by
+default; none at all is fine for the physical walk), whether it is a single integer (the key-range
+walk needs one), and the one garbage predicate every DELETE repeats.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection
+from dataclasses import dataclass
+
+from engine.config import TableSpec
+from engine.db import Connection, one_row, regclass_of
+from engine.errors import PermissionMissing, TargetTableError, UsageError
+from engine.predicate import Filter, check_volatility, parse_filter
+
+DEFAULT_PROCESSED_COLUMN = "processed_at"
+INTEGER_TYPES = ("bigint", "integer", "smallint")
+TIME_TYPES = ("timestamp with time zone", "timestamp without time zone", "date")
+RELATION_KINDS = {"v": "a view", "m": "a materialized view", "f": "a foreign table", "S": "a sequence",
+                  "i": "an index", "I": "a partitioned index", "c": "a composite type", "t": "a TOAST table"}
+BOOKKEEPING_PRIVILEGES = (("gc_runs", "SELECT"), ("gc_runs", "INSERT"), ("gc_runs", "UPDATE"),
+                          ("gc_outbox", "SELECT"), ("gc_outbox", "INSERT"), ("gc_outbox", "UPDATE"))
+
+
+@dataclass(frozen=True)
+class Target:
+    spec: TableSpec
+    oid: int
+    columns: dict[str, str]
+    """Every column and its type (``format_type``), in table order."""
+    key: tuple[str, ...]
+    """The key the keyset walks order by; empty when the table has none (physical walk only)."""
+    processed: str | None
+    """The processed column: garbage once it IS NOT NULL; None when ``--where`` alone says."""
+    filter: Filter | None
+
+    @property
+    def integer_key(self) -> bool:
+        """A single integer key column: what the key-range walk needs (it does arithmetic on it)."""
+        return len(self.key) == 1 and self.columns[self.key[0]] in INTEGER_TYPES
+
+    @property
+    def qualified(self) -> str:
+        return self.spec.qualified
+
+    def describe(self) -> str:
+        """The garbage predicate in force, as the run record and ``msggc status`` show it."""
+        parts = [f"{self.processed} IS NOT NULL"] if self.processed else []
+        if self.filter is not None:
+            parts.append(f"({self.filter.text})")
+        return " AND ".join(parts)
+
+
+def resolve(conn: Connection, spec: TableSpec, *, with_retention: bool = False) -> Target:
+    """The checked target, or a :class:`UsageError` that says what to change."""
+    oid = _require_table(conn, spec)
+    columns: dict[str, str] = dict(conn.execute(
+        "SELECT attname, format_type(atttypid, atttypmod) FROM pg_attribute"
+        " WHERE attrelid = %s AND attnum > 0 AND NOT attisdropped ORDER BY attnum", (oid,)).fetchall())
+    flt = parse_filter(spec.where, columns) if spec.where else None
+    if flt is not None:
+        check_volatility(conn, flt)
+    target = Target(spec, oid, columns, _key(conn, spec, oid, columns), _processed(spec, columns, flt), flt)
+    if with_retention and (target.processed is None or columns[target.processed] not in TIME_TYPES):
+        raise UsageError(
+            f"--older-than needs a date/time processed column; {spec.qualified}."
+            f"{target.processed or '(none)'} is {columns.get(target.processed or '', 'absent')}:"
+            " name one with --processed-column, or write the age into --where")
+    _require_privileges(conn, spec, oid)
+    return target
+
+
+def locate(conn: Connection, spec: TableSpec) -> tuple[int, tuple[str, ...]]:
+    """The table's oid and key, for what only moves its rows back (restore)."""
+    oid = _require_table(conn, spec)
+    columns = [name for (name,) in conn.execute(
+        "SELECT attname FROM pg_attribute WHERE attrelid = %s AND attnum > 0 AND NOT attisdropped", (oid,))]
+    return oid, _key(conn, spec, oid, columns)
+
+
+def _require_table(conn: Connection, spec: TableSpec) -> int:
+    oid = regclass_of(conn, spec)
+    if oid is None:
+        hint = "run `msggc migrate` first" if spec.name == "messages" else "check --table (SCHEMA.NAME)"
+        raise TargetTableError(f"table {spec.qualified} does not exist: {hint}")
+    kind = one_row(conn.execute("SELECT relkind FROM pg_class WHERE oid = %s", (oid,)))[0]
+    if kind == "p":  # its own heap is empty: a walk over it would find nothing and say complete
+        raise TargetTableError(
+            f"{spec.qualified} is a partitioned table: collect each partition with --table PARTITION")
+    if kind != "r":
+        raise TargetTableError(f"{spec.qualified} is {RELATION_KINDS.get(kind, 'not a table')}, not a table")
+    return int(oid)
+
+
+def _key(conn: Connection, spec: TableSpec, oid: int, columns: Collection[str]) -> tuple[str, ...]:
+    """The named key columns, else the primary key's, else none."""
+    if spec.key:
+        unknown = [name for name in spec.key if name not in columns]
+        if unknown:
+            raise TargetTableError(f"--key: table {spec.qualified} has no column {unknown[0]!r}")
+        return spec.key
+    return primary_key(conn, oid)
+
+
+def primary_key(conn: Connection, oid: int) -> tuple[str, ...]:
+    return tuple(name for (name,) in conn.execute(
+        "SELECT a.attname FROM pg_index i CROSS JOIN LATERAL unnest(i.indkey) WITH ORDINALITY AS k(attnum, n)"
+        " JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = k.attnum"
+        " WHERE i.indrelid = %s AND i.indisprimary ORDER BY k.n", (oid,)))
+
+
+def _processed(spec: TableSpec, columns: dict[str, str], flt: Filter | None) -> str | None:
+    """The named processed column; else ``processed_at`` if the table has one; else none, which
+    only ``--where`` may make up for (garbage must be defined by something)."""
+    name = spec.processed_column
+    if name is not None:
+        if name not in columns:
+            raise TargetTableError(f"--processed-column: table {spec.qualified} has no column {name!r}")
+        return name
+    if DEFAULT_PROCESSED_COLUMN in columns:
+        return DEFAULT_PROCESSED_COLUMN
+    if flt is not None:
+        return None
+    raise TargetTableError(
+        f"table {spec.qualified} has no column {DEFAULT_PROCESSED_COLUMN!r}: name the column that marks"
+        " a message processed with --processed-column, or define garbage with --where")
+
+
+def _require_privileges(conn: Connection, spec: TableSpec, oid: int) -> None:
+    if not one_row(conn.execute("SELECT has_table_privilege(%s::oid, 'DELETE')", (oid,)))[0]:
+        raise PermissionMissing(f"the database role may not DELETE from {spec.qualified}")
+    for name, privilege in BOOKKEEPING_PRIVILEGES:
+        if not one_row(conn.execute("SELECT has_table_privilege(%s, %s)", (name, privilege)))[0]:
+            raise PermissionMissing(f"the database role may not {privilege} {name}: it cannot record"
+                                    " the run (grant SELECT, INSERT, UPDATE on gc_runs and gc_outbox)")
