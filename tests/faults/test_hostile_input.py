@@ -212,7 +212,7 @@ def test_status_and_migrate_as_a_role_without_privileges_are_one_line_errors(
          "--older-than needs a date/time processed column"),
         ("CREATE TABLE target (msg_id bigint PRIMARY KEY, done_at timestamptz)", [],
          "has no column 'processed_at': name the column that marks"),
-        ("CREATE TABLE target (done_at timestamptz)", ["--processed-column", "done_at", "--strategy", "index"],
+        ("CREATE TABLE target (done_at timestamptz)", ["--processed-column=done_at", "--strategy=index"],
          "the table has no primary key (name its key columns with --key)"),
         ("CREATE TABLE target (id bigint PRIMARY KEY, processed_at timestamptz)", ["--key", "msg_id"],
          "--key: table target has no column 'msg_id'"),
