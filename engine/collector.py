@@ -54,14 +54,19 @@ def check(conn: Connection, options: GcOptions) -> Checked:
     require_bookkeeping(conn)
     target = resolve_target(conn, options.table, with_retention=options.older_than is not None)
     archive = None
+    child_archives: dict[str, Archive] = {}
     if options.archive:
         archive = resolve_archive(conn, options.table, target.oid)
+        child_archives = {ref.name: resolve_archive(conn, ref.child, ref.child_oid)
+                          for ref in target.references
+                          if ref.removes_children or (ref.blocks and options.delete_dependents)}
     elif options.archive_to:
         resuming = runs.resumable_archive_file(conn, options.table.qualified, options.node)
         archive_file.check_target(options.archive_to, resuming)
         archive_file.prepare(conn, options.table)
         archive = archive_file.outgoing_archive(tuple(target.columns))
-    statements = Statements.for_target(target, options.older_than is not None, archive)
+    statements = Statements.for_target(target, options.older_than is not None, archive,
+                                       options.delete_dependents, child_archives)
     return Checked(target, statements, archive)
 
 
@@ -75,8 +80,8 @@ def lock_table(conn: Connection, options: GcOptions, oid: int) -> None:
         )
 
 
-def resume_or_start(conn: Connection, options: GcOptions, plan: Plan,
-                    run_id: int | None) -> tuple[runs.Run, str]:
+def resume_or_start(conn: Connection, options: GcOptions, plan: Plan, run_id: int | None,
+                    garbage: str) -> tuple[runs.Run, str]:
     """Continue the latest unfinished run of this table and node with its own recorded walk
     (extended to what the table gained past its end), or start the planned walk; returns the
     run and why it walks the way it does.
@@ -91,11 +96,11 @@ def resume_or_start(conn: Connection, options: GcOptions, plan: Plan,
     if previous is not None and options.strategy in ("auto", previous.strategy):
         slices = extended(previous.slices, previous.strategy, plan.facts)
         run = runs.start(conn, table, options.node, previous.strategy, slices, options.describe(),
-                         resumed_from=previous.id, run_id=run_id)
+                         resumed_from=previous.id, run_id=run_id, garbage=garbage)
         return run, f"resumes run {previous.id}'s {previous.strategy} walk from its checkpoint"
     slices = strategy_for(plan.strategy, plan.facts.integer_key).slices(plan.facts, options.workers)
     run = runs.start(conn, table, options.node, plan.strategy, slices, options.describe(),
-                     resumed_from=previous.id if previous else None, run_id=run_id)
+                     resumed_from=previous.id if previous else None, run_id=run_id, garbage=garbage)
     return run, plan.reason
 
 
@@ -124,7 +129,7 @@ def collect(
         lock_table(conn, options, target.oid)
         plan = make_plan(conn, options, target.target, target.statements)
         before = reclaim.health(conn, target.oid)
-        run, reason = resume_or_start(conn, options, plan, run_id)
+        run, reason = resume_or_start(conn, options, plan, run_id, target.target.describe())
         strategy = strategy_for(run.strategy, plan.facts.integer_key)
         walk = Walk(options=options, plan=plan, run=run, strategy=strategy,
                     statements=target.statements, dsn=dsn, stop=stop or threading.Event(),
@@ -186,7 +191,18 @@ def _result(walk: Walk, closed: Closed, reason: str) -> GcResult:
         throttle_pauses=walk.throttle.pauses,
         throttled_s=walk.throttle.paused_s,
         throttle_reasons=walk.throttle.reasons,
+        garbage=walk.statements.target.describe(),
+        **_foreign_keys(walk),
     )
+
+
+def _foreign_keys(walk: Walk) -> dict[str, Any]:
+    """Every foreign key onto the table with what the run did about it, and the rows kept."""
+    delete_dependents = walk.options.delete_dependents
+    reports = {ref.name: ref.report(walk.foreign_keys[ref.name], delete_dependents)
+               for ref in walk.statements.target.references}
+    kept = {name: int(report["rows"]) for name, report in reports.items() if report["effect"] == "kept"}
+    return {"foreign_keys": reports, "kept_referenced": kept}
 
 
 def _reclaim_after(conn: Connection, options: GcOptions, oid: int, before: dict[str, Any],

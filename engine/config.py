@@ -76,6 +76,9 @@ class GcOptions:
     dry_run: bool = False
     node: str = ""
     archive: bool = False
+    delete_dependents: bool = False
+    """Delete (and with ``archive`` archive) the child rows of NO ACTION/RESTRICT foreign keys that
+    hold a garbage row, in the batch's transaction, instead of keeping the row."""
     """Move deleted rows to ``<table>_archive`` in the same statement (``msggc restore`` undoes)."""
     archive_to: str | None = None
     """Stream deleted rows with COPY into this new gzip CSV file (``msggc restore --file`` undoes)."""

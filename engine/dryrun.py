@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from psycopg import errors as pg_errors
 
 from engine.config import GcOptions
-from engine.db import Connection
+from engine.db import Connection, one_row
 from engine.errors import MsggcError
 from engine.estimate import estimate
 from engine.planner import Plan
@@ -14,6 +16,20 @@ from engine.result import GcResult
 from engine.sizer import DEFAULT_BATCH_ROWS
 from engine.status import RunStatus
 from engine.strategies import strategy_for
+
+
+def _foreign_keys(conn: Connection, plan: Plan, options: GcOptions,
+                  statements: Statements) -> dict[str, dict[str, Any]]:
+    """Each foreign key onto the table, what a run would do about it, and how many rows (from
+    the planner's block sample, scaled to the table)."""
+    percent = plan.facts.sample_percent
+    reports: dict[str, dict[str, Any]] = {}
+    for ref in statements.target.references:
+        sampled = one_row(conn.execute(statements.sample_foreign_key(ref),
+                                       {"percent": percent, "cutoff": plan.cutoff}))[0]
+        reports[ref.name] = {**ref.report(round(sampled * 100 / percent), options.delete_dependents),
+                             "estimated": True}
+    return reports
 
 
 def dry_run(conn: Connection, plan: Plan, options: GcOptions, statements: Statements) -> GcResult:
@@ -31,6 +47,8 @@ def dry_run(conn: Connection, plan: Plan, options: GcOptions, statements: Statem
         ) from None
     return GcResult(
         status=RunStatus.DRY_RUN,
+        garbage=statements.target.describe(),
+        foreign_keys=_foreign_keys(conn, plan, options, statements),
         strategy=plan.strategy,
         reason=plan.reason,
         garbage_estimate=plan.facts.garbage_rows_estimate,

@@ -26,6 +26,11 @@ TID_RANGE_SCAN_VERSION = 140000
 """PostgreSQL 14 added TID range scans; before it a ctid range is a sequential scan."""
 
 
+def sample_percent(blocks: int) -> float:
+    """The share of blocks the planner's sample reads (all of a small table)."""
+    return min(100.0, 100.0 * SAMPLE_BLOCKS / max(blocks, 1))
+
+
 @dataclass(frozen=True)
 class TableFacts:
     """What the planner learned about the table, reported by ``--dry-run`` too."""
@@ -47,6 +52,10 @@ class TableFacts:
         return round(self.rows_estimate * self.garbage_fraction)
 
     @property
+    def sample_percent(self) -> float:
+        return sample_percent(self.blocks)
+
+    @property
     def rows_per_block(self) -> float:
         return self.rows_estimate / self.blocks if self.blocks else 1.0
 
@@ -65,7 +74,7 @@ def read_facts(conn: Connection, target: Target, statements: Statements,
     blocks = int(one_row(conn.execute(
         "SELECT pg_relation_size(%s::oid) / current_setting('block_size')::int", (oid,)
     ))[0])
-    percent = min(100.0, 100.0 * SAMPLE_BLOCKS / max(blocks, 1))
+    percent = sample_percent(blocks)
     sampled, garbage = one_row(conn.execute(
         statements.sample_garbage, {"percent": percent, "cutoff": cutoff}
     ))

@@ -7,12 +7,13 @@ row lock and survives.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from psycopg import sql
 
 from engine.config import TableSpec
 from engine.db import table_ident
+from engine.references import Reference
 from engine.target import Target
 
 SET_BATCH_SETTINGS = sql.SQL(
@@ -35,8 +36,25 @@ def garbage_predicate(target: Target, with_cutoff: bool) -> sql.Composable:
         if with_cutoff:
             parts.append(sql.SQL("{c} < %(cutoff)s").format(c=column))
     if target.filter is not None:
-        parts.append(sql.SQL(target.filter.sql))  # validated, then re-rendered from its parse tree
+        # validated, then re-rendered from its parse tree; it holds no placeholder (they are
+        # refused), so a '%' in it (LIKE 'vip%') is the operator's text, escaped for psycopg
+        parts.append(sql.SQL(target.filter.sql.replace("%", "%%")))
     return sql.SQL(" AND ").join(parts)
+
+
+def _referenced(target: Target, ref: Reference) -> sql.Composed:
+    """``EXISTS`` a child row of ``ref`` pointing at the outer row of the target."""
+    parent_table = _qualified(target)
+    pairs = sql.SQL(" AND ").join(
+        sql.SQL("{} = {}").format(sql.Identifier("msggc_child", child), sql.Identifier(*parent_table, parent))
+        for child, parent in zip(ref.child_columns, ref.parent_columns, strict=True))
+    return sql.SQL("EXISTS (SELECT 1 FROM {child} AS msggc_child WHERE {pairs})").format(
+        child=table_ident(ref.child), pairs=pairs)
+
+
+def _qualified(target: Target) -> tuple[str, ...]:
+    spec = target.spec
+    return (spec.schema, spec.name) if spec.schema else (spec.name,)
 
 
 @dataclass(frozen=True)
@@ -53,11 +71,88 @@ class Statements:
 
     target: Target
     garbage: sql.Composable
+    """What makes a row garbage (counted, sampled)."""
+    deletable: sql.Composable
+    """Garbage that may go: no blocking foreign key holds it (every DELETE re-checks this)."""
     archive: Archive | None = None
+    delete_dependents: bool = False
+    child_archives: dict[str, Archive] = field(default_factory=dict)
+    """Per constraint, where ``--archive`` keeps the child rows a delete removes with the parent."""
 
     @classmethod
-    def for_target(cls, target: Target, with_cutoff: bool, archive: Archive | None = None) -> Statements:
-        return cls(target=target, garbage=garbage_predicate(target, with_cutoff), archive=archive)
+    def for_target(cls, target: Target, with_cutoff: bool, archive: Archive | None = None,
+                   delete_dependents: bool = False,
+                   child_archives: dict[str, Archive] | None = None) -> Statements:
+        garbage = garbage_predicate(target, with_cutoff)
+        holding = [] if delete_dependents else [ref for ref in target.references if ref.blocks]
+        deletable = sql.SQL(" AND ").join(
+            [garbage, *(sql.SQL("NOT {}").format(_referenced(target, ref)) for ref in holding)])
+        return cls(target=target, garbage=garbage, deletable=deletable, archive=archive,
+                   delete_dependents=delete_dependents, child_archives=child_archives or {})
+
+    @property
+    def kept_by(self) -> tuple[Reference, ...]:
+        """The foreign keys whose referenced garbage rows stay (and are counted)."""
+        return () if self.delete_dependents else tuple(r for r in self.target.references if r.blocks)
+
+    @property
+    def changes_children(self) -> tuple[Reference, ...]:
+        """The foreign keys whose child rows a batch deletes or changes (counted before it)."""
+        return tuple(r for r in self.target.references if not r.blocks or self.delete_dependents)
+
+    @property
+    def has_dependents(self) -> bool:
+        return bool(self.target.references)
+
+    # -- child rows of a range's deletable garbage ------------------------------------------
+
+    def _children_of(self, ref: Reference, range_: sql.Composable,
+                     predicate: sql.Composable) -> sql.Composed:
+        """The child rows of ``ref`` whose parent in ``range_`` passes ``predicate``."""
+        template = "ROW({child_cols}) IN (SELECT {parent_cols} FROM {t} WHERE {range} AND {pred})"
+        return sql.SQL(template).format(
+            child_cols=sql.SQL(", ").join(sql.Identifier("msggc_child", c) for c in ref.child_columns),
+            parent_cols=sql.SQL(", ").join(map(sql.Identifier, ref.parent_columns)),
+            t=table_ident(self.table), range=range_, pred=predicate)
+
+    def count_children(self, ref: Reference, range_: sql.Composable) -> sql.Composed:
+        return sql.SQL("SELECT count(*) FROM {child} AS msggc_child WHERE {match}").format(
+            child=table_ident(ref.child), match=self._children_of(ref, range_, self.deletable))
+
+    def delete_children(self, ref: Reference, range_: sql.Composable) -> sql.Composed:
+        """``--delete-dependents``: the child rows that hold the range's garbage go first."""
+        return sql.SQL("DELETE FROM {child} AS msggc_child WHERE {match}").format(
+            child=table_ident(ref.child), match=self._children_of(ref, range_, self.garbage))
+
+    def archive_children(self, ref: Reference, range_: sql.Composable, archive: Archive) -> sql.Composed:
+        """The child rows about to go with their parents, copied to the child's archive."""
+        columns = sql.SQL(", ").join(map(sql.Identifier, archive.columns))
+        return sql.SQL(
+            "INSERT INTO {archive} ({columns}, archived_at, run_id)"
+            " SELECT {columns}, now(), %(run_id)s FROM {child} AS msggc_child WHERE {match}"
+        ).format(archive=table_ident(archive.table), columns=columns, child=table_ident(ref.child),
+                 match=self._children_of(ref, range_, self.deletable if not ref.blocks else self.garbage))
+
+    def sample_foreign_key(self, ref: Reference) -> sql.Composed:
+        """In a block sample of the table: the garbage rows ``ref`` holds, or the child rows a
+        delete of the sample's deletable garbage would change (``--dry-run``'s estimate)."""
+        sample = self._format("{t} TABLESAMPLE SYSTEM (%(percent)s) REPEATABLE (7)")
+        if ref.blocks and not self.delete_dependents:
+            return sql.SQL("SELECT count(*) FROM {sample} WHERE {garbage} AND {held}").format(
+                sample=sample, garbage=self.garbage, held=_referenced(self.target, ref))
+        parents = sql.SQL("SELECT {cols} FROM {sample} WHERE {pred}").format(
+            cols=sql.SQL(", ").join(map(sql.Identifier, ref.parent_columns)), sample=sample,
+            pred=self.garbage if ref.blocks else self.deletable)
+        return sql.SQL("SELECT count(*) FROM {child} AS msggc_child WHERE ROW({cols}) IN ({parents})").format(
+            child=table_ident(ref.child), parents=parents,
+            cols=sql.SQL(", ").join(sql.Identifier("msggc_child", c) for c in ref.child_columns))
+
+    def count_kept(self, range_: sql.Composable) -> sql.Composed:
+        """Per holding foreign key, the range's garbage rows left because a child references them."""
+        counts = sql.SQL(", ").join(sql.SQL("count(*) FILTER (WHERE {})").format(
+            _referenced(self.target, ref)) for ref in self.kept_by)
+        return self._format("SELECT {counts} FROM {t} WHERE {range} AND {garbage}", counts=counts,
+                            range=range_)
 
     @property
     def table(self) -> TableSpec:
@@ -79,6 +174,7 @@ class Statements:
             t=table_ident(self.table),
             k=sql.Identifier(self.target.key[0]) if self.target.key else sql.SQL("ctid"),
             garbage=self.garbage,
+            deletable=self.deletable,
             **extra,
         )
 
@@ -96,22 +192,22 @@ class Statements:
 
     def delete_range(self, range_: sql.Composable) -> sql.Composed:
         """The fast path: one DELETE over the range, waiting at most lock_timeout on a lock."""
-        return self._moving(self._format("DELETE FROM {t} WHERE {range} AND {garbage}", range=range_))
+        return self._moving(self._format("DELETE FROM {t} WHERE {range} AND {deletable}", range=range_))
 
     def delete_range_skip_locked(self, range_: sql.Composable, by_ctid: bool) -> sql.Composed:
         """The slow path after a lock timeout: lock what is free, leave what the app holds."""
         column = sql.SQL("ctid") if by_ctid else sql.Identifier(self.target.key[0])
         return self._moving(self._format(
             "DELETE FROM {t} WHERE {col} = ANY(ARRAY("
-            "SELECT {col} FROM {t} WHERE {range} AND {garbage} FOR UPDATE SKIP LOCKED"
-            ")) AND {garbage}",
+            "SELECT {col} FROM {t} WHERE {range} AND {deletable} FOR UPDATE SKIP LOCKED"
+            ")) AND {deletable}",
             col=column,
             range=range_,
         ))
 
     def count_garbage_in(self, range_: sql.Composable) -> sql.Composed:
         """Garbage still present in a range after a skip-locked delete: the rows skipped."""
-        return self._format("SELECT count(*) FROM {t} WHERE {range} AND {garbage}", range=range_)
+        return self._format("SELECT count(*) FROM {t} WHERE {range} AND {deletable}", range=range_)
 
     @property
     def delete_next_garbage(self) -> sql.Composed:
@@ -122,7 +218,7 @@ class Statements:
         the last key picked (the new position). With an archive, the deleted rows move there.
         """
         return self._pick_and_delete(
-            self._format("SELECT {k} FROM {t} WHERE {garbage} AND {k} > %(lo)s AND {k} <= %(end)s"
+            self._format("SELECT {k} FROM {t} WHERE {deletable} AND {k} > %(lo)s AND {k} <= %(end)s"
                          " ORDER BY {k} LIMIT %(size)s"),
             self._format("{k} = ANY(ARRAY(SELECT {k} FROM picked))"),
             self._format("max({k}) FROM picked"),
@@ -132,7 +228,7 @@ class Statements:
         """The same for any ordered key: the next garbage rows after ``after`` in key order,
         deleted by ctid (and re-checked); the last key comes back as text values."""
         return self._pick_and_delete(
-            self._format("SELECT ctid AS tid, {keys} FROM {t} WHERE {garbage}{after}"
+            self._format("SELECT ctid AS tid, {keys} FROM {t} WHERE {deletable}{after}"
                          " ORDER BY {keys} LIMIT %(size)s", keys=self._keys, after=self._after(has_after)),
             sql.SQL("ctid = ANY(ARRAY(SELECT tid FROM picked))"),
             sql.SQL("{texts} FROM picked ORDER BY {desc} LIMIT 1").format(texts=self._key_texts,
@@ -152,7 +248,7 @@ class Statements:
             ).format(archive=table_ident(self.archive.table), columns=columns)
         return self._format(
             "WITH picked AS MATERIALIZED ({picked}),"
-            " gone AS (DELETE FROM {t} WHERE {match} AND {garbage} RETURNING {returning}){archive}"
+            " gone AS (DELETE FROM {t} WHERE {match} AND {deletable} RETURNING {returning}){archive}"
             " SELECT (SELECT count(*) FROM gone), (SELECT count(*) FROM picked), (SELECT {last})",
             picked=picked, match=match, last=last, returning=returning, archive=archive,
         )

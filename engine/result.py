@@ -50,6 +50,12 @@ class GcResult:
     throttled_s: float = 0.0
     throttle_reasons: dict[str, int] = field(default_factory=dict)
     reclaim: dict[str, Any] | None = None
+    garbage: str | None = None
+    """The garbage predicate in force (processed column and ``--where``)."""
+    foreign_keys: dict[str, dict[str, Any]] = field(default_factory=dict)
+    """Per foreign key onto the table: its child, action, and the rows it kept or changed."""
+    kept_referenced: dict[str, int] = field(default_factory=dict)
+    """Per NO ACTION/RESTRICT foreign key: garbage rows left because a child row references them."""
     predicted_seconds: float | None = None
     predicted_wal_bytes: int | None = None
 

@@ -99,7 +99,8 @@ def walked_so_far(conn: Connection, run_id: int) -> Run | None:
 
 
 def start(conn: Connection, table: str, node: str, strategy: StrategyName, slices: list[Slice],
-          options: dict[str, Any], resumed_from: int | None, run_id: int | None = None) -> Run:
+          options: dict[str, Any], resumed_from: int | None, run_id: int | None = None,
+          garbage: str | None = None) -> Run:
     """Open a running row (or promote the queued ``run_id``); a resumed predecessor is marked
     superseded in the same transaction."""
     with conn.transaction():
@@ -109,18 +110,18 @@ def start(conn: Connection, table: str, node: str, strategy: StrategyName, slice
                 " WHERE id = %s",
                 (resumed_from,),
             )
-        values = (strategy, Jsonb(_cursor(slices)), resumed_from)
+        values = (strategy, Jsonb(_cursor(slices)), resumed_from, garbage)
         if run_id is None:
             run_id = int(one_row(conn.execute(
-                "INSERT INTO gc_runs (node, table_name, status, strategy, cursor, resumed_from, options,"
-                " started_at, heartbeat_at) VALUES (%s, %s, 'running', %s, %s, %s, %s, now(), now())"
-                " RETURNING id",
+                "INSERT INTO gc_runs (node, table_name, status, strategy, cursor, resumed_from, garbage,"
+                " options, started_at, heartbeat_at)"
+                " VALUES (%s, %s, 'running', %s, %s, %s, %s, %s, now(), now()) RETURNING id",
                 (node, table, *values, Jsonb(options)),
             ))[0])
         else:
             conn.execute(
                 "UPDATE gc_runs SET status = 'running', strategy = %s, cursor = %s, resumed_from = %s,"
-                " started_at = now(), heartbeat_at = now() WHERE id = %s",
+                " garbage = %s, started_at = now(), heartbeat_at = now() WHERE id = %s",
                 (*values, run_id),
             )
     return Run(id=run_id, strategy=strategy, slices=slices, resumed_from=resumed_from)
@@ -130,19 +131,23 @@ def _cursor(slices: list[Slice]) -> dict[str, Any]:
     return {"slices": [s.as_json() for s in slices]}
 
 
-def checkpoint(conn: Connection, run_id: int, slice_index: int, part: Slice,
-               deleted: int, skipped_locked: int, archive_bytes: int | None = None) -> None:
-    """Called inside the batch's transaction: the delete and its record commit together."""
+def checkpoint(conn: Connection, run_id: int, slice_index: int, part: Slice, deleted: int,
+               skipped_locked: int, archive_bytes: int | None = None,
+               foreign_keys: dict[str, int] | None = None) -> None:
+    """Called inside the batch's transaction: the delete and its record commit together.
+    ``foreign_keys`` holds the run's totals so far, this batch's included."""
     conn.execute(
         "UPDATE gc_runs SET"
         " cursor = jsonb_set(cursor, ARRAY['slices', %(i)s::text], %(part)s),"
         " messages_deleted = messages_deleted + %(deleted)s,"
         " rows_skipped_locked = rows_skipped_locked + %(skipped)s,"
         " archive_bytes = coalesce(%(archived)s, archive_bytes),"
+        " foreign_keys = coalesce(%(foreign_keys)s, foreign_keys),"
         " batches = batches + 1, heartbeat_at = now()"
         " WHERE id = %(run)s",
         {"i": slice_index, "part": Jsonb(part.as_json()), "deleted": deleted, "skipped": skipped_locked,
-         "archived": archive_bytes, "run": run_id},
+         "archived": archive_bytes, "foreign_keys": Jsonb(foreign_keys) if foreign_keys else None,
+         "run": run_id},
     )
 
 
@@ -185,7 +190,8 @@ def record_reclaim(conn: Connection, run_id: int, space: dict[str, Any]) -> None
 def recent(conn: Connection, limit: int = 10) -> list[dict[str, Any]]:
     cur = conn.execute(
         "SELECT id, node, table_name, status, strategy, messages_deleted, rows_skipped_locked,"
-        " batches, throttle_pauses, throttled_seconds, reclaim, started_at, finished_at, error"
+        " batches, throttle_pauses, throttled_seconds, reclaim, garbage, foreign_keys, started_at,"
+        " finished_at, error"
         " FROM gc_runs ORDER BY id DESC LIMIT %s",
         (limit,),
     )
@@ -251,7 +257,8 @@ def latest(conn: Connection, table: str, node: str) -> dict[str, Any] | None:
     """The newest run of this table and node with its speed, for the API's status answer."""
     cur = conn.execute(
         "SELECT id AS run_id, status, messages_deleted, batches, requested_at, started_at,"
-        " finished_at, heartbeat_at, error, throttle_pauses, throttled_seconds, reclaim,"
+        " finished_at, heartbeat_at, error, throttle_pauses, throttled_seconds, reclaim, garbage,"
+        " foreign_keys,"
         " round((messages_deleted / greatest(extract(epoch FROM"
         "   coalesce(finished_at, heartbeat_at) - started_at), 0.001))::numeric, 1)::float8 AS rows_per_s"
         " FROM gc_runs WHERE table_name = %s AND node = %s ORDER BY id DESC LIMIT 1",

@@ -80,6 +80,10 @@ gc_runs = sa.Table(
     # --archive-to: the file and its length as of the last committed batch (a longer file is cut back).
     sa.Column("archive_file", sa.Text, nullable=True),
     sa.Column("archive_bytes", sa.BigInteger, nullable=True),
+    # Per foreign key onto the table: garbage rows it kept, or child rows deleted or changed.
+    sa.Column("foreign_keys", postgresql.JSONB, nullable=True),
+    # The garbage predicate in force (processed column and --where), as the operator reads it.
+    sa.Column("garbage", sa.Text, nullable=True),
     sa.Column("requested_at", sa.DateTime(timezone=True), nullable=False, server_default=sa.func.now()),
     sa.Column("started_at", sa.DateTime(timezone=True), nullable=True),
     sa.Column("heartbeat_at", sa.DateTime(timezone=True), nullable=True),

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import itertools
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, ClassVar, Protocol
 
 from psycopg import sql
@@ -71,6 +71,8 @@ class BatchOutcome:
     skipped_locked: int
     position: Position
     finished: bool = False
+    references: dict[str, int] = field(default_factory=dict)
+    """Per foreign key onto the table: garbage rows kept, or child rows deleted or changed."""
 
 
 def split(start: int, end: int, parts: int) -> list[Slice]:
@@ -94,14 +96,41 @@ class Strategy(Protocol):
                   params: dict[str, Any], skip_locked: bool) -> BatchOutcome: ...
 
 
+@dataclass(frozen=True)
+class RangeOutcome:
+    deleted: int
+    skipped: int
+    references: dict[str, int]
+
+
 def _delete_range(conn: Connection, st: Statements, range_: sql.Composable, params: dict[str, Any],
-                  skip_locked: bool, by_ctid: bool) -> tuple[int, int]:
-    """Delete the garbage of a range; with skip_locked, leave the rows the app has locked."""
+                  skip_locked: bool, by_ctid: bool) -> RangeOutcome:
+    """Delete the garbage of a range; with skip_locked, leave the rows the app has locked. The
+    child rows that go or change with it are counted first (and archived, or deleted first with
+    ``--delete-dependents``); the garbage rows a foreign key holds are counted after."""
+    references = _before_delete(conn, st, range_, params)
     if not skip_locked:
-        return conn.execute(st.delete_range(range_), params).rowcount, 0
-    deleted = conn.execute(st.delete_range_skip_locked(range_, by_ctid), params).rowcount
-    skipped = int(one_row(conn.execute(st.count_garbage_in(range_), params))[0])
-    return deleted, skipped
+        deleted, skipped = conn.execute(st.delete_range(range_), params).rowcount, 0
+    else:
+        deleted = conn.execute(st.delete_range_skip_locked(range_, by_ctid), params).rowcount
+        skipped = int(one_row(conn.execute(st.count_garbage_in(range_), params))[0])
+    if st.kept_by:
+        kept = one_row(conn.execute(st.count_kept(range_), params))
+        references.update((ref.name, int(n)) for ref, n in zip(st.kept_by, kept, strict=True))
+    return RangeOutcome(deleted, skipped, references)
+
+
+def _before_delete(conn: Connection, st: Statements, range_: sql.Composable,
+                   params: dict[str, Any]) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for ref in st.changes_children:
+        if (archive := st.child_archives.get(ref.name)) is not None:
+            conn.execute(st.archive_children(ref, range_, archive), params)
+        if ref.blocks:  # --delete-dependents: the children that hold the rows go first
+            counts[ref.name] = conn.execute(st.delete_children(ref, range_), params).rowcount
+        else:
+            counts[ref.name] = int(one_row(conn.execute(st.count_children(ref, range_), params))[0])
+    return counts
 
 
 def _probed_range(conn: Connection, st: Statements, bound: sql.Composed, part: Slice, size: int,
@@ -111,8 +140,8 @@ def _probed_range(conn: Connection, st: Statements, bound: sql.Composed, part: S
     row = conn.execute(bound, probe).fetchone()
     hi = row[0] if row else part.bound
     params = {**params, "lo": part.number, "hi": hi}
-    deleted, skipped = _delete_range(conn, st, st.key_range, params, skip_locked, False)
-    return BatchOutcome(deleted, skipped, hi)
+    done = _delete_range(conn, st, st.key_range, params, skip_locked, False)
+    return BatchOutcome(done.deleted, done.skipped, hi, references=done.references)
 
 
 class PhysicalStrategy:
@@ -135,8 +164,8 @@ class PhysicalStrategy:
                   params: dict[str, Any], skip_locked: bool) -> BatchOutcome:
         hi = min(part.number + size, part.bound)
         params = {**params, "lo_tid": f"({part.number},0)", "hi_tid": f"({hi},0)"}
-        deleted, skipped = _delete_range(conn, st, st.block_range, params, skip_locked, True)
-        return BatchOutcome(deleted, skipped, hi)
+        done = _delete_range(conn, st, st.block_range, params, skip_locked, True)
+        return BatchOutcome(done.deleted, done.skipped, hi, references=done.references)
 
 
 class KeyStrategy:
@@ -172,8 +201,8 @@ class IndexStrategy:
 
     def run_batch(self, conn: Connection, st: Statements, part: Slice, size: int,
                   params: dict[str, Any], skip_locked: bool) -> BatchOutcome:
-        if skip_locked:  # after a lock timeout: the same range, leaving the rows the app has locked
-            return _probed_range(conn, st, st.garbage_upper_bound, part, size, params, True)
+        if skip_locked or st.has_dependents:  # a range known before the delete: see _delete_range
+            return _probed_range(conn, st, st.garbage_upper_bound, part, size, params, skip_locked)
         probe = {**params, "lo": part.number, "end": part.bound, "size": size}
         deleted, picked, last = one_row(conn.execute(st.delete_next_garbage, probe))
         return BatchOutcome(deleted, 0, last if picked == size else part.bound)
@@ -197,17 +226,18 @@ class OrderedKeyStrategy:
                   params: dict[str, Any], skip_locked: bool) -> BatchOutcome:
         after = part.position if isinstance(part.position, list) else None
         params = {**params, **st.key_values("after", after)}
-        if not skip_locked:
+        if not (skip_locked or st.has_dependents):
             deleted, picked, last = one_row(conn.execute(st.delete_next_by_key(after is not None),
                                                          {**params, "size": size}))
             return BatchOutcome(deleted, 0, last if picked else after, finished=picked < size)
-        # after a lock timeout: up to the garbage key ``size`` ahead, leaving the rows the app holds
+        # a range known before the delete (see _delete_range): up to the garbage key ``size`` ahead
         probe = {**params, "offset": size - 1}
         row = conn.execute(st.ordered_garbage_bound(after is not None), probe).fetchone()
         hi = row[0] if row else None
         range_ = st.ordered_range(after is not None, hi is not None)
-        deleted, skipped = _delete_range(conn, st, range_, {**params, **st.key_values("hi", hi)}, True, True)
-        return BatchOutcome(deleted, skipped, hi if hi is not None else after, finished=hi is None)
+        done = _delete_range(conn, st, range_, {**params, **st.key_values("hi", hi)}, skip_locked, True)
+        return BatchOutcome(done.deleted, done.skipped, hi if hi is not None else after, finished=hi is None,
+                            references=done.references)
 
 
 def strategy_for(name: StrategyName, integer_key: bool) -> Strategy:

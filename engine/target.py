@@ -16,6 +16,7 @@ from engine.config import TableSpec
 from engine.db import Connection, one_row, regclass_of
 from engine.errors import PermissionMissing, TargetTableError, UsageError
 from engine.predicate import Filter, check_volatility, parse_filter
+from engine.references import Reference, referencing
 
 DEFAULT_PROCESSED_COLUMN = "processed_at"
 INTEGER_TYPES = ("bigint", "integer", "smallint")
@@ -37,6 +38,8 @@ class Target:
     processed: str | None
     """The processed column: garbage once it IS NOT NULL; None when ``--where`` alone says."""
     filter: Filter | None
+    references: tuple[Reference, ...] = ()
+    """Foreign keys of other tables (or this one) onto it."""
 
     @property
     def integer_key(self) -> bool:
@@ -64,7 +67,8 @@ def resolve(conn: Connection, spec: TableSpec, *, with_retention: bool = False) 
     flt = parse_filter(spec.where, columns) if spec.where else None
     if flt is not None:
         check_volatility(conn, flt)
-    target = Target(spec, oid, columns, _key(conn, spec, oid, columns), _processed(spec, columns, flt), flt)
+    target = Target(spec, oid, columns, _key(conn, spec, oid, columns), _processed(spec, columns, flt), flt,
+                    referencing(conn, oid))
     if with_retention and (target.processed is None or columns[target.processed] not in TIME_TYPES):
         raise UsageError(
             f"--older-than needs a date/time processed column; {spec.qualified}."

@@ -12,6 +12,7 @@ import logging
 import queue
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -58,6 +59,8 @@ class Walk:
     skipped: int = 0
     batches: int = 0
     latencies_ms: list[float] = field(default_factory=list)
+    foreign_keys: Counter[str] = field(default_factory=Counter)
+    """Per foreign key onto the table: garbage rows kept, or child rows deleted or changed."""
     stop_reason: str | None = None
     error: str | None = None
     rewound: bool = False
@@ -80,6 +83,7 @@ class Walk:
         with self.lock:
             self.deleted += outcome.deleted
             self.skipped += outcome.skipped_locked
+            self.foreign_keys.update(outcome.references)
             self.batches += 1
             self.latencies_ms.append(seconds * 1000)
             progress = Progress(self.run.id, self.deleted, self.batches,
@@ -98,6 +102,11 @@ class Walk:
             self.rewound = True
         if self.archive_file is not None:
             self.archive_file.stale = True
+
+    def totals_with(self, references: dict[str, int]) -> dict[str, int]:
+        """The run's foreign-key counts with a batch's not yet recorded (for its checkpoint)."""
+        with self.lock:
+            return dict(self.foreign_keys + Counter(references)) if references or self.foreign_keys else {}
 
     def fail(self, message: str) -> None:
         with self.lock:
@@ -147,8 +156,8 @@ def run_batch(conn: Connection, walk: Walk, index: int, part: Slice,
                 outcome = walk.strategy.run_batch(conn, walk.statements, part, walk.batch_size(sizer),
                                                   walk.params, skip_locked)
                 reached = Slice(outcome.position, part.end, outcome.finished)
-                runs.checkpoint(conn, walk.run.id, index, reached, outcome.deleted,
-                                outcome.skipped_locked, turn.append(conn) if turn else None)
+                runs.checkpoint(conn, walk.run.id, index, reached, outcome.deleted, outcome.skipped_locked,
+                                turn.append(conn) if turn else None, walk.totals_with(outcome.references))
             return outcome
         except pg_errors.LockNotAvailable:
             if skip_locked:

@@ -153,6 +153,10 @@ class LatestRun(BaseModel):
     throttle_pauses: int = 0
     throttled_seconds: float = 0.0
     reclaim: dict[str, Any] | None = Field(default=None, description="Sizes and dead tuples before, after.")
+    garbage: str | None = Field(default=None, description="The garbage predicate in force.")
+    foreign_keys: dict[str, int] | None = Field(
+        default=None, description="Per foreign key onto the table: garbage rows it kept (NO ACTION,"
+        " RESTRICT) or child rows deleted or changed (--delete-dependents, CASCADE, SET NULL/DEFAULT).")
 
 
 class SingleStatusAnswer(AnswerOf[LatestRun]):
