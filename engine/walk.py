@@ -168,6 +168,12 @@ def run_batch(conn: Connection, walk: Walk, index: int, part: Slice,
                     ) from None
                 time.sleep(0.1 * 2**locked_retries)
             skip_locked = True
+        except pg_errors.ForeignKeyViolation:
+            # a child row arrived between the batch's NOT EXISTS test and its end: the next
+            # attempt's statement sees it and keeps the parent
+            locked_retries += 1
+            if locked_retries > LOCKED_TABLE_RETRIES:
+                raise
         except pg_errors.QueryCanceled:
             if not sizer.shrink():
                 raise MsggcError(
