@@ -96,13 +96,24 @@ def main() -> None:
 
 @main.command(name="migrate")
 @dsn_option
+@click.option("--archive-for", "archive_for", metavar="SCHEMA.TABLE", multiple=True,
+              help="Also create TABLE_archive, where `gc --table TABLE --archive` moves rows (repeatable).")
 @friendly_errors
-def migrate_command(dsn: str | None) -> None:
-    """Create or upgrade msggc's schema (idempotent)."""
+def migrate_command(dsn: str | None, archive_for: tuple[str, ...]) -> None:
+    """Create or upgrade msggc's schema (idempotent), and the archive tables asked for."""
+    tables = [TableSpec.parse(name) for name in archive_for]
     dsn = resolve_dsn(dsn)
     before, after = migrate.upgrade(dsn)
     state = "already at" if before == after else f"upgraded from {before or 'empty'} to"
     click.echo(f"schema {state} revision {after} on {mask_dsn(dsn)}")
+    if tables:
+        from engine.archive import create_archive
+
+        with connection(dsn) as conn:
+            for table in tables:
+                made = create_archive(conn, table)
+                state = "created" if made.created else "already exists"
+                click.echo(f"archive table {made.table.qualified} {state} for {table.qualified}")
 
 
 @main.command()
@@ -162,6 +173,9 @@ def seed(dsn: str | None, table: str, rows: int, shape: str, garbage_fraction: f
               help="Pause while a standby's replay lag exceeds this (e.g. 10s).")
 @click.option("--pause-for-vacuum", is_flag=True, help="Pause while (auto)vacuum works on the table.")
 @click.option("--vacuum", is_flag=True, help="VACUUM (ANALYZE) the table after the run; report sizes.")
+@click.option("--delete-dependents", is_flag=True,
+              help="Delete the child rows of NO ACTION/RESTRICT foreign keys that hold a garbage row"
+                   " first, in the same batch (archived too with --archive); default: keep the row.")
 @click.option("--archive", is_flag=True,
               help="Move deleted rows to TABLE_archive in the same statement (see `msggc restore`).")
 @click.option("--archive-to", metavar="PATH", default=None,
@@ -194,7 +208,7 @@ def summary(result: GcResult) -> str:
         return (f"dry run: strategy {result.strategy} ({result.reason}); would delete"
                 f" ~{result.garbage_estimate:,} rows in ~{result.planned_batches:,} batches,"
                 f" predicted ~{result.predicted_seconds:,.1f}s and ~{_mib(result.predicted_wal_bytes or 0)}"
-                " of WAL (from rolled-back sample batches)")
+                " of WAL (from rolled-back sample batches)" + _foreign_key_lines(result, "~"))
     line = (f"{result.status}: deleted {result.messages_deleted:,} rows in {result.elapsed_s:.1f}s"
             f" ({result.rows_per_s:,.0f} rows/s, {result.batches:,} batches")
     if result.batch_ms_p50 is not None:
@@ -209,6 +223,7 @@ def summary(result: GcResult) -> str:
         line += "; " + _reclaim_line(result.reclaim)
     if result.rows_skipped_locked:
         line += f"; {result.rows_skipped_locked:,} locked rows left for the next run"
+    line += _foreign_key_lines(result)
     if result.stop_reason:
         line += f"; stopped on {result.stop_reason}: run again to resume"
     if result.error:
@@ -216,6 +231,11 @@ def summary(result: GcResult) -> str:
     if result.notification_error:
         line += f"; webhook not delivered yet ({result.notification_error}), kept in the outbox"
     return line
+
+
+def _foreign_key_lines(result: GcResult, about: str = "") -> str:
+    return "".join(f"; {name} ({fk['child']}, ON DELETE {fk['action'].upper()}): {about}{fk['rows']:,} rows"
+                   f" {fk['effect']}" for name, fk in result.foreign_keys.items())
 
 
 def _mib(size: int) -> str:
