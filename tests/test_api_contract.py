@@ -24,7 +24,7 @@ from engine.service.api_models import (
 )
 from engine.service.contract import package_version
 from engine.service.notify import SIGNATURE_HEADER, sign
-from engine.service.settings import ServiceSettings
+from engine.service.settings import ServiceSettings, load_settings
 from tests.api_support import (
     GC_PATH,
     assert_same_keys_in_order,
@@ -179,3 +179,37 @@ def test_a_put_while_a_gc_runs_joins_it_instead_of_starting_a_second(conn, dsn, 
     assert (reported.status, reported.messages_deleted, reported.batches) == ("complete", 20, 5)
     assert reported.rows_per_s and reported.rows_per_s > 0
 
+
+
+def test_a_config_naming_other_tables_and_columns_per_node_answers_and_notifies_like_the_seed(
+        conn, dsn, make_dsn, callback, tmp_path):
+    second = make_dsn()
+    conn.execute("CREATE SCHEMA app")
+    conn.execute("CREATE TABLE app.inbox (id uuid PRIMARY KEY DEFAULT gen_random_uuid(),"
+                 " handled_at timestamptz, body text)")
+    conn.execute("INSERT INTO app.inbox (handled_at, body) SELECT CASE WHEN g <= 11 THEN now() END, 'b'"
+                 " FROM generate_series(1, 14) g")
+    with psycopg.connect(second, autocommit=True) as other:
+        other.execute("CREATE TABLE chat_log (id bigint PRIMARY KEY, status text NOT NULL)")
+        other.execute("INSERT INTO chat_log SELECT g, CASE WHEN g <= 5 THEN 'read' ELSE 'new' END"
+                      " FROM generate_series(1, 6) g")
+    config = tmp_path / "msggc.toml"
+    config.write_text(
+        'table = "app.inbox"\nprocessed_column = "handled_at"\n'
+        f'callback_url = "{callback.url_for("/gc")}"\nwebhook_secret = "{SECRET}"\npoll_s = 0.2\n'
+        f'[nodes]\n"wacore2:9dfe77618dba" = "{dsn}"\n'
+        f'[nodes."wacore3:a9dcc716fd6e"]\ndsn = "{second}"\ntable = "chat_log"\n'
+        'where = "status = \'read\'"\n')
+    settings = load_settings(config=str(config))
+    with running_service(settings) as url:
+        answer = httpx.put(url + GC_PATH)
+        wait_until(lambda: len(posted_bodies(callback)) == 2)
+
+    assert answer.status_code == 200
+    assert answer.json() == with_our_version(SEED["multi_answer"])
+    by_node = {gc_of(body)["node"]: body for body in posted_bodies(callback)}
+    for example in (SEED["multi_webhook_first"], SEED["multi_webhook_second"]):
+        assert by_node[gc_of(example)["node"]] == example
+    assert conn.execute("SELECT count(*) FROM app.inbox").fetchone()[0] == 3
+    with psycopg.connect(second) as other:
+        assert other.execute("SELECT array_agg(id ORDER BY id) FROM chat_log").fetchone()[0] == [6]

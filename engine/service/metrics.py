@@ -55,7 +55,8 @@ class DatabaseCollector(Collector):
         """One node's run totals and backlog; ``on_every_node`` asks all nodes at once, so an
         unreachable node costs the scrape one connect timeout, not one per node."""
         with connect(node.dsn, timeout_s=self.settings.connect_timeout_s) as conn:
-            return runs.totals(conn, self.settings.table, node.name), outbox.backlog(conn, node.name)
+            table = self.settings.table_name(node)
+            return runs.totals(conn, table, node.name), outbox.backlog(conn, node.name)
 
 
 class Metrics:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from psycopg import conninfo
 
@@ -25,12 +25,18 @@ _ENTRY_SPLIT = re.compile(rf",\s*(?={NODE_NAME}=)")
 """Entries split on a comma followed by ``name=``, so a multi-host URI's commas stay inside it."""
 
 
+TARGET_KEYS = ("table", "key", "processed_column", "where")
+"""What a node's entry in the config file may say of its own table, where it differs."""
+
+
 @dataclass(frozen=True)
 class Node:
     """A database the service collects; ``name`` is empty for the single instance."""
 
     name: str
     dsn: str
+    target: Mapping[str, str] = field(default_factory=dict)
+    """The node's own table settings (``TARGET_KEYS``), where they differ from the service's."""
 
     @property
     def label(self) -> str:
@@ -64,13 +70,27 @@ def build_nodes(mapping: Mapping[str, object]) -> tuple[Node, ...]:
     if not mapping:
         raise UsageError("the nodes configuration is empty")
     nodes = []
-    for name, dsn in mapping.items():
+    for name, entry in mapping.items():
         if not re.fullmatch(NODE_NAME, name):
             raise UsageError(f"invalid node name {name!r}: use letters, digits and _ . : -")
-        if not isinstance(dsn, str):
-            raise UsageError(f"node {name!r}: the DSN must be a string")
-        nodes.append(Node(name=name, dsn=_checked_dsn(dsn, name)))
+        dsn, target = _entry(name, entry)
+        nodes.append(Node(name=name, dsn=_checked_dsn(dsn, name), target=target))
     return tuple(nodes)
+
+
+def _entry(name: str, entry: object) -> tuple[str, dict[str, str]]:
+    """``name = "DSN"``, or a table ``{dsn = "...", table = "...", key = ..., ...}``."""
+    if isinstance(entry, str):
+        return entry, {}
+    if not isinstance(entry, Mapping) or not isinstance(entry.get("dsn"), str):
+        raise UsageError(f"node {name!r}: expected a DSN string, or a table with a dsn string")
+    unknown = sorted(set(entry) - {"dsn", *TARGET_KEYS})
+    if unknown:
+        raise UsageError(f"node {name!r}: unknown key(s) {', '.join(unknown)};"
+                         f" known: dsn, {', '.join(TARGET_KEYS)}")
+    if not all(isinstance(entry[key], str) for key in TARGET_KEYS if key in entry):
+        raise UsageError(f"node {name!r}: {', '.join(TARGET_KEYS)} must be strings")
+    return entry["dsn"], {key: entry[key] for key in TARGET_KEYS if key in entry}
 
 
 def single(dsn: str) -> tuple[Node, ...]:

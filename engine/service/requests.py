@@ -70,7 +70,8 @@ def request_gc(settings: ServiceSettings, overrides: Mapping[str, Any]) -> list[
         with connect(node.dsn, timeout_s=settings.connect_timeout_s) as conn:
             require_bookkeeping(conn)
             resolve_target(conn, options.table, with_retention=options.older_than is not None)
-            run_id, joined = runs.enqueue_or_join(conn, settings.table, node.name, options.describe())
+            table = options.table.qualified
+            run_id, joined = runs.enqueue_or_join(conn, table, node.name, options.describe())
         return Started(run_id, joined)
 
     return on_every_node(settings, start)
@@ -82,6 +83,6 @@ def read_status(settings: ServiceSettings) -> list[NodeResult[dict[str, Any] | N
     def status(node: Node) -> dict[str, Any] | None:
         with connect(node.dsn, timeout_s=settings.connect_timeout_s) as conn:
             require_bookkeeping(conn)
-            return runs.latest(conn, settings.table, node.name)
+            return runs.latest(conn, settings.table_name(node), node.name)
 
     return on_every_node(settings, status)

@@ -73,9 +73,21 @@ class ServiceSettings:
     schedule: Trigger | None = None
     """When ``serve`` and ``worker`` request a GC by themselves, if ever."""
 
-    @property
-    def table(self) -> str:
-        return self.defaults.table.qualified
+    def table_of(self, node: Node) -> TableSpec:
+        """The node's own table when its entry in the config file names one (described by that
+        entry alone); else the service's, with what the entry says differently."""
+        own, base = node.target, self.defaults.table
+        described = own.get("key"), own.get("processed_column"), own.get("where")
+        if "table" in own:
+            return TableSpec.parse(own["table"], *described)
+        changed = TableSpec.parse(base.qualified, *described)
+        return dataclasses.replace(base, key=changed.key or base.key,
+                                   processed_column=changed.processed_column or base.processed_column,
+                                   where=changed.where or base.where)
+
+    def table_name(self, node: Node) -> str:
+        """How the node's runs name their table in ``gc_runs`` (the queue's key, with the node)."""
+        return self.table_of(node).qualified
 
     def options_for(self, node: Node, overrides: Mapping[str, Any]) -> GcOptions:
         """The configured defaults with a request's overrides, for one node."""
@@ -86,7 +98,7 @@ class ServiceSettings:
                 raise UsageError("archive_to_file: this service has no archive_dir configured")
             overrides["archive_to"] = self.archive_dir if wanted else None
         try:
-            return dataclasses.replace(self.defaults, node=node.name, **overrides)
+            return dataclasses.replace(self.defaults, node=node.name, table=self.table_of(node), **overrides)
         except TypeError as exc:
             raise UsageError(f"invalid GC options: {exc}") from None
 

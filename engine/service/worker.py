@@ -122,7 +122,8 @@ class Worker:
             claimed = None
             try:
                 conn = self._connected(node, conn)
-                claimed = runs.claim(conn, self.settings.table, node.name, self.settings.stale_after_s)
+                table = self.settings.table_name(node)
+                claimed = runs.claim(conn, table, node.name, self.settings.stale_after_s)
                 self._node_state(node, None)
             except (MsggcError, psycopg.Error) as exc:
                 self._node_state(node, exc)
