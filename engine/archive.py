@@ -15,7 +15,8 @@ from engine.config import TableSpec
 from engine.db import Connection, one_row, regclass_of, table_ident
 from engine.errors import SchemaMissing, TargetTableError
 from engine.queries import Archive
-from engine.target import RELATION_KINDS
+from engine.references import referencing
+from engine.target import RELATION_KINDS, primary_key
 
 BOOKKEEPING_COLUMNS = ("archived_at", "run_id")
 ARCHIVE_SUFFIX = "_archive"
@@ -206,6 +207,24 @@ def restore(conn: Connection, table: TableSpec, target_oid: int, run_id: int,
     kept = one_row(conn.execute(sql.SQL("SELECT count(*) FROM {archive} WHERE run_id = %(run)s")
                                 .format(**names), {"run": run_id}))[0]
     return Restored(restored, kept)
+
+
+def restore_with_children(conn: Connection, table: TableSpec, target_oid: int, run_id: int,
+                          key: tuple[str, ...]) -> dict[str, Restored]:
+    """A run's rows back: the parents first, then the child rows the run archived as they went
+    with them (cascade, ``--delete-dependents``), so every foreign key holds as each lands.
+    Per table restored, qualified name first."""
+    restored = {table.qualified: restore(conn, table, target_oid, run_id, key)}
+    for ref in referencing(conn, target_oid):
+        archive = archive_table(ref.child)
+        if ref.child.qualified in restored or regclass_of(conn, archive) is None:
+            continue
+        if not one_row(conn.execute(sql.SQL("SELECT EXISTS (SELECT 1 FROM {} WHERE run_id = %s)")
+                                    .format(table_ident(archive)), (run_id,)))[0]:
+            continue
+        restored[ref.child.qualified] = restore(conn, ref.child, ref.child_oid, run_id,
+                                                primary_key(conn, ref.child_oid))
+    return restored
 
 
 def purge(conn: Connection, table: TableSpec, older_than: timedelta) -> int:

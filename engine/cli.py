@@ -356,16 +356,17 @@ def restore(dsn: str | None, table: str, key: str | None, run_id: int | None, pa
     if (run_id is None) == (path is None):
         raise UsageError("give either --run ID or --file PATH")
     spec = TableSpec.parse(table, key)
-    conflicting = 0
     with connection(resolve_dsn(dsn)) as conn:
         oid, key_columns = locate(conn, spec)
         if path is not None:
-            restored = archive_file.restore(conn, spec, oid, path)
+            tables = {spec.qualified: archive.Restored(archive_file.restore(conn, spec, oid, path), 0)}
             source = str(path)
         elif run_id is not None:
-            restored, conflicting = archive.restore(conn, spec, oid, run_id, key_columns)
+            tables = archive.restore_with_children(conn, spec, oid, run_id, key_columns)
             source = f"run {run_id}"
-    line = f"restored {restored:,} rows of {source} into {spec.qualified}"
+    line = "; ".join(f"restored {done.restored:,} rows of {source} into {name}"
+                     for name, done in tables.items())
+    conflicting = sum(done.conflicting for done in tables.values())
     if conflicting:
         raise MsggcError(f"{line}; {conflicting:,} rows kept in the archive: they conflict with rows"
                          " now in the table (remove those and run again to restore them)")

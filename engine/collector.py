@@ -93,14 +93,16 @@ def resume_or_start(conn: Connection, options: GcOptions, plan: Plan, run_id: in
         return in_place, f"continues its own {in_place.strategy} walk from its checkpoint"
     table = options.table.qualified
     previous = runs.latest_resumable(conn, table, options.node, exclude=run_id)
-    if previous is not None and options.strategy in ("auto", previous.strategy):
+    key = plan.facts.key
+    resumable = previous is not None and previous.continues_with(key)
+    if previous is not None and resumable and options.strategy in ("auto", previous.strategy):
         slices = extended(previous.slices, previous.strategy, plan.facts)
         run = runs.start(conn, table, options.node, previous.strategy, slices, options.describe(),
-                         resumed_from=previous.id, run_id=run_id, garbage=garbage)
+                         resumed_from=previous.id, run_id=run_id, garbage=garbage, key=key)
         return run, f"resumes run {previous.id}'s {previous.strategy} walk from its checkpoint"
     slices = strategy_for(plan.strategy, plan.facts.integer_key).slices(plan.facts, options.workers)
     run = runs.start(conn, table, options.node, plan.strategy, slices, options.describe(),
-                     resumed_from=previous.id if previous else None, run_id=run_id, garbage=garbage)
+                     resumed_from=previous.id if previous else None, run_id=run_id, garbage=garbage, key=key)
     return run, plan.reason
 
 

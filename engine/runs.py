@@ -27,6 +27,12 @@ class Run:
     strategy: StrategyName
     slices: list[Slice]
     resumed_from: int | None
+    key: tuple[str, ...] | None = None
+    """The key its keyset positions are values of (None: recorded before runs recorded it)."""
+
+    def continues_with(self, key: tuple[str, ...]) -> bool:
+        """Its positions mean something for a walk on ``key``: block numbers always do."""
+        return self.strategy == "physical" or self.key is None or self.key == key
 
 
 def try_lock_table(conn: Connection, oid: int) -> bool:
@@ -59,7 +65,7 @@ def latest_resumable(conn: Connection, table: str, node: str, exclude: int | Non
     if row is None:
         return None
     run_id, strategy, cursor, resumed_from = row
-    return Run(run_id, cast(StrategyName, strategy), _slices(cursor), resumed_from)
+    return Run(run_id, cast(StrategyName, strategy), _slices(cursor), resumed_from, _key(cursor))
 
 
 def resumable_archive_file(conn: Connection, table: str, node: str) -> Path | None:
@@ -95,12 +101,13 @@ def walked_so_far(conn: Connection, run_id: int) -> Run | None:
         "UPDATE gc_runs SET status = 'running', heartbeat_at = now(), error = NULL WHERE id = %s",
         (run_id,),
     )
-    return Run(id=run_id, strategy=cast(StrategyName, row[0]), slices=_slices(row[1]), resumed_from=row[2])
+    return Run(id=run_id, strategy=cast(StrategyName, row[0]), slices=_slices(row[1]), resumed_from=row[2],
+               key=_key(row[1]))
 
 
 def start(conn: Connection, table: str, node: str, strategy: StrategyName, slices: list[Slice],
           options: dict[str, Any], resumed_from: int | None, run_id: int | None = None,
-          garbage: str | None = None) -> Run:
+          garbage: str | None = None, key: tuple[str, ...] = ()) -> Run:
     """Open a running row (or promote the queued ``run_id``); a resumed predecessor is marked
     superseded in the same transaction."""
     with conn.transaction():
@@ -110,7 +117,7 @@ def start(conn: Connection, table: str, node: str, strategy: StrategyName, slice
                 " WHERE id = %s",
                 (resumed_from,),
             )
-        values = (strategy, Jsonb(_cursor(slices)), resumed_from, garbage)
+        values = (strategy, Jsonb(_cursor(slices, key)), resumed_from, garbage)
         if run_id is None:
             run_id = int(one_row(conn.execute(
                 "INSERT INTO gc_runs (node, table_name, status, strategy, cursor, resumed_from, garbage,"
@@ -124,11 +131,15 @@ def start(conn: Connection, table: str, node: str, strategy: StrategyName, slice
                 " garbage = %s, started_at = now(), heartbeat_at = now() WHERE id = %s",
                 (*values, run_id),
             )
-    return Run(id=run_id, strategy=strategy, slices=slices, resumed_from=resumed_from)
+    return Run(id=run_id, strategy=strategy, slices=slices, resumed_from=resumed_from, key=key)
 
 
-def _cursor(slices: list[Slice]) -> dict[str, Any]:
-    return {"slices": [s.as_json() for s in slices]}
+def _cursor(slices: list[Slice], key: tuple[str, ...]) -> dict[str, Any]:
+    return {"slices": [s.as_json() for s in slices], "key": list(key)}
+
+
+def _key(cursor: dict[str, Any]) -> tuple[str, ...] | None:
+    return tuple(cursor["key"]) if "key" in cursor else None
 
 
 def checkpoint(conn: Connection, run_id: int, slice_index: int, part: Slice, deleted: int,

@@ -106,8 +106,22 @@ def _key(conn: Connection, spec: TableSpec, oid: int, columns: Collection[str]) 
         unknown = [name for name in spec.key if name not in columns]
         if unknown:
             raise TargetTableError(f"--key: table {spec.qualified} has no column {unknown[0]!r}")
+        if not _unique(conn, oid, spec.key):
+            raise TargetTableError(
+                f"--key: ({', '.join(spec.key)}) is not unique in {spec.qualified}: a keyset walk would"
+                " skip rows sharing a value; name the columns of its primary key or of a unique index")
         return spec.key
     return primary_key(conn, oid)
+
+
+def _unique(conn: Connection, oid: int, key: tuple[str, ...]) -> bool:
+    """A valid unique index (or the primary key) on some of these columns: no two rows share them."""
+    return bool(one_row(conn.execute(
+        "SELECT EXISTS (SELECT 1 FROM pg_index i WHERE i.indrelid = %(oid)s AND i.indisunique"
+        " AND i.indisvalid AND i.indpred IS NULL AND i.indexprs IS NULL"
+        " AND (SELECT array_agg(a.attname::text) FROM pg_attribute a"
+        "      WHERE a.attrelid = i.indrelid AND a.attnum = ANY(i.indkey)) <@ %(key)s::text[])",
+        {"oid": oid, "key": list(key)}))[0])
 
 
 def primary_key(conn: Connection, oid: int) -> tuple[str, ...]:

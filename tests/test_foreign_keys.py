@@ -133,3 +133,24 @@ def test_status_and_json_show_the_predicate_and_the_rows_kept(conn, dsn):
     (run,) = json.loads(status.stdout)
     assert run["garbage"] == "handled_at IS NOT NULL AND (n > 1)"
     assert run["foreign_keys"] == {"replies_inbox_id_fkey": len(HELD)}
+
+
+def test_archived_cascades_come_back_parents_first_then_children_exactly(conn, dsn):
+    make_inbox(conn)
+    add_child(conn, "attachments", "CASCADE", HELD + LIVE_REFERENCED)
+    conn.execute("INSERT INTO attachments (inbox_id) SELECT inbox_id FROM attachments")
+    inbox, children = inbox_digest(conn), content_digest(conn, None, "attachments")
+    for table in ("app.inbox", "attachments"):
+        assert run_cli("migrate", "--dsn", dsn, "--archive-for", table).returncode == 0
+
+    result = collect(dsn, GcOptions(table=INBOX, archive=True, batch_size=100))
+    assert result.status is RunStatus.COMPLETE and garbage_ns(conn) == []
+    assert result.foreign_keys["attachments_inbox_id_fkey"]["rows"] == 2 * len(HELD)
+    archived = conn.execute("SELECT count(*) FROM attachments_archive WHERE run_id = %s", (result.run_id,))
+    assert archived.fetchone()[0] == 2 * len(HELD)
+
+    back = run_cli("restore", "--dsn", dsn, "--table", "app.inbox", "--run", str(result.run_id))
+    assert back.returncode == 0, back.stderr
+    assert back.stdout.strip() == (f"restored 800 rows of run {result.run_id} into app.inbox;"
+                                   f" restored {2 * len(HELD)} rows of run {result.run_id} into public.attachments")
+    assert inbox_digest(conn) == inbox and content_digest(conn, None, "attachments") == children
