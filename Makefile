@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup test lint demo bench bench-small clean
+.PHONY: setup test lint demo bench bench-small bench-real clean
 
 setup: $(STAMP)
 
@@ -32,6 +32,10 @@ bench: setup  ## 10M rows x dense/sparse/aged, 3 rounds, scale curve, planner cr
 bench-small: setup  ## 1M rows, every shape and contender, one round (< 3 min), under benchmarks/results/tmp
 	$(BIN)/python -m benchmarks --rows 1000000 --shapes dense,sparse,aged \
 	    --out benchmarks/results/tmp --markdown benchmarks/results/tmp/BENCHMARKS.md
+
+bench-real: setup  ## an application's own tables (uuid key, cascading child), 10M rows, single vs msggc auto
+	$(BIN)/python -m benchmarks --rows 10000000 --shapes uuid-dense,uuid-sparse,cascade --repeats 1 \
+	    --contenders single,msggc_auto --out benchmarks/results/tmp --markdown benchmarks/results/tmp/BENCHMARKS.md
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache .hypothesis

@@ -1,4 +1,5 @@
-"""One contender in its own process: ``python -m benchmarks.child --contender NAME --dsn DSN --out F``.
+"""One contender in its own process: ``python -m benchmarks.child --contender NAME --dsn DSN --out F``
+(``--table SCHEMA.TABLE`` on a real-table shape).
 
 Why a process of its own: the peak RSS it reports (``VmHWM``) is then the contender's alone,
 and a contender that misbehaves can be killed without taking the runner down.
@@ -24,6 +25,7 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.child")
     parser.add_argument("--contender", required=True)
     parser.add_argument("--dsn", required=True)
+    parser.add_argument("--table", default="messages", help="the table to collect (SCHEMA.TABLE)")
     parser.add_argument("--out", required=True, type=Path)
     parser.add_argument("--budget", type=float, default=None, help="seconds (naive only)")
     return parser.parse_args(argv)
@@ -71,16 +73,17 @@ def main(argv: list[str] | None = None) -> int:
 
         for name in spec.prototypes:
             apply(name)
-    prediction = predict(args.dsn, spec) if spec.kind == "msggc" else None
+    prediction = predict(args.dsn, spec, args.table) if spec.kind == "msggc" else None
     rec = Recorder()
     began = time.time()
-    outcome = run(spec, args.dsn, rec, args.budget)
+    outcome = run(spec, args.dsn, rec, args.budget, args.table)
     elapsed = rec.now()
     points = rec.ordered_points()
     split = tenths(points)
     document = {
         "name": spec.name,
         "kind": spec.kind,
+        "table": args.table,
         "strategy": outcome.strategy or spec.kind,
         "workers": spec.workers,
         "deleted": outcome.deleted,

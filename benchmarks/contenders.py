@@ -19,7 +19,9 @@ from pathlib import Path
 from typing import Any, Literal
 
 import psycopg
+from psycopg import sql
 
+from benchmarks.dataset import Layout, ident
 from benchmarks.metrics import Point
 
 Kind = Literal["single", "naive", "each_batch", "msggc"]
@@ -27,20 +29,26 @@ Kind = Literal["single", "naive", "each_batch", "msggc"]
 NAIVE_BATCH = 5000
 EACH_BATCH_OF = 5000
 
-SINGLE_SQL = "DELETE FROM messages WHERE processed_at IS NOT NULL"
+# {t}: the shape's table (``messages`` unless a real-table shape names another), see on_table
+SINGLE_SQL = "DELETE FROM {t} WHERE processed_at IS NOT NULL"
 NAIVE_SQL = (
-    "DELETE FROM messages WHERE id IN"
-    " (SELECT id FROM messages WHERE processed_at IS NOT NULL LIMIT %(n)s)"
+    "DELETE FROM {t} WHERE id IN"
+    " (SELECT id FROM {t} WHERE processed_at IS NOT NULL LIMIT %(n)s)"
 )
-EACH_BATCH_FIRST = "SELECT id FROM messages WHERE processed_at IS NOT NULL ORDER BY id LIMIT 1"
+EACH_BATCH_FIRST = "SELECT id FROM {t} WHERE processed_at IS NOT NULL ORDER BY id LIMIT 1"
 EACH_BATCH_NEXT = (
-    "SELECT id FROM messages WHERE processed_at IS NOT NULL AND id >= %(lower)s"
+    "SELECT id FROM {t} WHERE processed_at IS NOT NULL AND id >= %(lower)s"
     " ORDER BY id OFFSET %(of)s LIMIT 1"
 )
 EACH_BATCH_DELETE = (
-    "DELETE FROM messages WHERE processed_at IS NOT NULL AND id >= %(lower)s AND id < %(upper)s"
+    "DELETE FROM {t} WHERE processed_at IS NOT NULL AND id >= %(lower)s AND id < %(upper)s"
 )
-EACH_BATCH_DELETE_TAIL = "DELETE FROM messages WHERE processed_at IS NOT NULL AND id >= %(lower)s"
+EACH_BATCH_DELETE_TAIL = "DELETE FROM {t} WHERE processed_at IS NOT NULL AND id >= %(lower)s"
+
+
+def on_table(template: str, table: str) -> sql.Composed:
+    """A baseline's literal SQL on the shape's table."""
+    return sql.SQL(template).format(t=ident(table))  # type: ignore[arg-type]
 
 MSGGC_NAME = re.compile(
     r"msggc_(auto|physical|index|key)((?:_(?:w\d+|t\d+|s\d+|r\d+|a\d|f\d|c\d))*)((?:\+[a-z]+)*)")
@@ -87,6 +95,13 @@ class ContenderSpec:
     @property
     def pgoptions(self) -> str | None:
         return "-c wal_compression=on" if self.walcomp else None
+
+
+def inapplicable(spec: ContenderSpec, layout: Layout) -> str | None:
+    """Why a contender cannot run on a shape's table (msggc would refuse it up front), or None."""
+    if spec.kind == "msggc" and spec.strategy == "key" and not layout.integer_key:
+        return "the key-range walk needs one integer key; the key is a uuid"
+    return None
 
 
 def parse_contender(name: str) -> ContenderSpec:
@@ -174,24 +189,25 @@ def connect(dsn: str, name: str) -> psycopg.Connection[Any]:
     return conn
 
 
-def run_single(dsn: str, rec: Recorder) -> Outcome:
+def run_single(dsn: str, rec: Recorder, table: str) -> Outcome:
     """One unbounded DELETE: the throughput reference, and one transaction for the whole table."""
     with connect(dsn, "single") as conn:
         rec.walk_started()
         began = time.monotonic()
-        deleted = conn.execute(SINGLE_SQL).rowcount
+        deleted = conn.execute(on_table(SINGLE_SQL, table)).rowcount
         seconds = time.monotonic() - began
         rec.committed(deleted, seconds, seconds)
     return Outcome(deleted=deleted, note="one statement, one transaction")
 
 
-def run_naive(dsn: str, rec: Recorder, budget_s: float | None) -> Outcome:
+def run_naive(dsn: str, rec: Recorder, budget_s: float | None, table: str) -> Outcome:
     """``DELETE ... WHERE id IN (SELECT id ... LIMIT n)`` until nothing is left or time is up.
 
     Each batch rescans from the start of the table (or index) past the dead rows of the
     previous batches: the reason it slows down as it goes.
     """
     total = 0
+    naive = on_table(NAIVE_SQL, table)
     with connect(dsn, "naive") as conn:
         rec.walk_started()
         while True:
@@ -199,7 +215,7 @@ def run_naive(dsn: str, rec: Recorder, budget_s: float | None) -> Outcome:
                 return Outcome(deleted=total, partial=True,
                                note=f"stopped by its {budget_s:g}s time budget")
             began = time.monotonic()
-            deleted = conn.execute(NAIVE_SQL, {"n": NAIVE_BATCH}).rowcount
+            deleted = conn.execute(naive, {"n": NAIVE_BATCH}).rowcount
             seconds = time.monotonic() - began
             if deleted == 0:
                 return Outcome(deleted=total, note=f"LIMIT {NAIVE_BATCH} loop")
@@ -207,26 +223,28 @@ def run_naive(dsn: str, rec: Recorder, budget_s: float | None) -> Outcome:
             rec.committed(total, seconds, seconds)
 
 
-def run_each_batch(dsn: str, rec: Recorder) -> Outcome:
+def run_each_batch(dsn: str, rec: Recorder, table: str) -> Outcome:
     """GitLab's ``Model.where(garbage).each_batch(of: n) { |b| b.delete_all }``, statement for statement.
 
     The bound probe ``id >= lower ORDER BY id OFFSET n LIMIT 1`` is an index-only scan; the
     DELETE then covers the half-open key range. Probe and DELETE are separate transactions.
     """
     total = 0
+    first, probe, delete, tail = (on_table(template, table) for template in (
+        EACH_BATCH_FIRST, EACH_BATCH_NEXT, EACH_BATCH_DELETE, EACH_BATCH_DELETE_TAIL))
     with connect(dsn, "each_batch") as conn:
         rec.walk_started()
-        row = conn.execute(EACH_BATCH_FIRST).fetchone()
+        row = conn.execute(first).fetchone()
         lower = row[0] if row else None
         while lower is not None:
             began = time.monotonic()
-            row = conn.execute(EACH_BATCH_NEXT, {"lower": lower, "of": EACH_BATCH_OF}).fetchone()
+            row = conn.execute(probe, {"lower": lower, "of": EACH_BATCH_OF}).fetchone()
             upper = row[0] if row else None
             probed = time.monotonic()
             if upper is None:
-                deleted = conn.execute(EACH_BATCH_DELETE_TAIL, {"lower": lower}).rowcount
+                deleted = conn.execute(tail, {"lower": lower}).rowcount
             else:
-                deleted = conn.execute(EACH_BATCH_DELETE, {"lower": lower, "upper": upper}).rowcount
+                deleted = conn.execute(delete, {"lower": lower, "upper": upper}).rowcount
             done = time.monotonic()
             total += deleted
             rec.committed(total, done - began, max(done - probed, probed - began))
@@ -234,10 +252,13 @@ def run_each_batch(dsn: str, rec: Recorder) -> Outcome:
     return Outcome(deleted=total, note=f"each_batch(of: {EACH_BATCH_OF}) scoped to garbage")
 
 
-def msggc_options(spec: ContenderSpec, dry_run: bool = False, archive_dir: str | None = None) -> Any:
-    from engine.config import GcOptions
+def msggc_options(spec: ContenderSpec, dry_run: bool = False, archive_dir: str | None = None,
+                  table: str = "messages") -> Any:
+    """What ``msggc gc --table TABLE ...`` would run with for this contender."""
+    from engine.config import GcOptions, TableSpec
 
     return GcOptions(
+        table=TableSpec.parse(table),
         strategy=spec.strategy or "auto",  # type: ignore[arg-type]
         workers=spec.workers,
         target_batch_ms=spec.target_batch_ms or GcOptions.target_batch_ms,
@@ -250,7 +271,7 @@ def msggc_options(spec: ContenderSpec, dry_run: bool = False, archive_dir: str |
     )
 
 
-def predict(dsn: str, spec: ContenderSpec) -> dict[str, Any]:
+def predict(dsn: str, spec: ContenderSpec, table: str = "messages") -> dict[str, Any]:
     """``--dry-run``'s prediction, made before the timed run. Its sample batches roll back; the
     full-page images they wrote are then not written again by the run, so the contender's WAL
     (samples included) stays what the run alone would have written, within their few delete
@@ -262,13 +283,14 @@ def predict(dsn: str, spec: ContenderSpec) -> dict[str, Any]:
     lsn = "SELECT (pg_current_wal_insert_lsn() - '0/0'::pg_lsn)::bigint"
     with psycopg.connect(dsn, autocommit=True) as conn:
         before = conn.execute(lsn).fetchone()[0]
-        result = collect(dsn, msggc_options(spec, dry_run=True, archive_dir=tempfile.gettempdir()))
+        options = msggc_options(spec, dry_run=True, archive_dir=tempfile.gettempdir(), table=table)
+        result = collect(dsn, options)
         sample_wal = conn.execute(lsn).fetchone()[0] - before
     return {"seconds": result.predicted_seconds, "wal_bytes": result.predicted_wal_bytes,
             "garbage_estimate": result.garbage_estimate, "sample_wal_bytes": sample_wal}
 
 
-def run_msggc(dsn: str, rec: Recorder, spec: ContenderSpec) -> Outcome:
+def run_msggc(dsn: str, rec: Recorder, spec: ContenderSpec, table: str) -> Outcome:
     """``engine.collect`` as a caller embeds it; its timeline comes from ``on_progress``."""
     from engine.collector import collect
     from engine.result import Progress
@@ -282,7 +304,8 @@ def run_msggc(dsn: str, rec: Recorder, spec: ContenderSpec) -> Outcome:
         rec.committed(progress.deleted)
 
     with tempfile.TemporaryDirectory(prefix="msggc-bench-") as archive_dir:
-        result = collect(dsn, msggc_options(spec, archive_dir=archive_dir), on_progress=on_progress)
+        options = msggc_options(spec, archive_dir=archive_dir, table=table)
+        result = collect(dsn, options, on_progress=on_progress)
         archived = sum(f.stat().st_size for f in Path(archive_dir).iterdir())
     if result.status != "complete":
         raise RuntimeError(f"msggc ended {result.status}: {result.error or result.stop_reason}")
@@ -292,12 +315,13 @@ def run_msggc(dsn: str, rec: Recorder, spec: ContenderSpec) -> Outcome:
                    note=result.reason, engine=engine)
 
 
-def run(spec: ContenderSpec, dsn: str, rec: Recorder, budget_s: float | None) -> Outcome:
+def run(spec: ContenderSpec, dsn: str, rec: Recorder, budget_s: float | None,
+        table: str = "messages") -> Outcome:
     """Dispatch by kind."""
     if spec.kind == "single":
-        return run_single(dsn, rec)
+        return run_single(dsn, rec, table)
     if spec.kind == "naive":
-        return run_naive(dsn, rec, budget_s)
+        return run_naive(dsn, rec, budget_s, table)
     if spec.kind == "each_batch":
-        return run_each_batch(dsn, rec)
-    return run_msggc(dsn, rec, spec)
+        return run_each_batch(dsn, rec, table)
+    return run_msggc(dsn, rec, spec, table)

@@ -2,22 +2,84 @@
 
 Why a template: seeding costs far more than a file copy, and a byte-for-byte copy gives every
 contender the same heap layout, hint bits, visibility map and planner statistics.
+
+The shapes dense, sparse and aged fill msggc's own ``messages``; the real-table shapes fill an
+application's tables in schema ``app`` (:data:`LAYOUTS`): ``uuid-dense`` and ``uuid-sparse`` a
+table keyed by random UUIDs (``gen_random_uuid()``, as applications make them), ``cascade`` a
+messages-like table with a child table whose rows PostgreSQL deletes with their parent.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import sys
 import time
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import Any, Literal
 
 import psycopg
+from psycopg import sql
 
 from benchmarks.server import BenchmarkError, Server
 
 TEMPLATE_VERSION = 1
 """Bump when the way templates are built changes: a reused template must match the code."""
+
+
+@dataclass(frozen=True)
+class Layout:
+    """The table a shape's garbage lives in, and how it is seeded."""
+
+    table: str = "messages"
+    """The collected table, as every contender names it (msggc: ``--table``)."""
+    seeding: Literal["synth", "uuid", "cascade"] = "synth"
+    garbage: Literal["dense", "sparse", "aged"] = "dense"
+    """Where the garbage sits (``engine.tools.synth``): spread evenly, or the oldest rows."""
+    fraction: float | None = None
+    """The share of garbage rows; None: synth's default for ``garbage``."""
+    integer_key: bool = True
+    garbage_index: bool = True
+    """A partial index ``(id) WHERE processed_at IS NOT NULL``."""
+    children: tuple[str, ...] = ()
+    """Tables holding one row per row of ``table``, deleted with it (ON DELETE CASCADE)."""
+    description: str = ""
+
+
+UUID_TABLE = "app.msgs_uuid"
+CASCADE_TABLE = "app.msgs_cascade"
+REPLIES = "app.replies"
+LAYOUTS: dict[str, Layout] = {
+    "dense": Layout(garbage="dense"),
+    "sparse": Layout(garbage="sparse"),
+    "aged": Layout(garbage="aged"),
+    "uuid-dense": Layout(
+        table=UUID_TABLE, seeding="uuid", garbage="dense", fraction=0.8, integer_key=False,
+        garbage_index=False,
+        description=f"`{UUID_TABLE}`: messages' columns, `id uuid` primary key from `gen_random_uuid()`"
+                    " (key order unrelated to heap order), unique `message_id`, no partial index"),
+    "uuid-sparse": Layout(
+        table=UUID_TABLE, seeding="uuid", garbage="sparse", fraction=0.01, integer_key=False,
+        description=f"`{UUID_TABLE}`: messages' columns, `id uuid` primary key from `gen_random_uuid()`,"
+                    " unique `message_id`, partial index `(id) WHERE processed_at IS NOT NULL`"),
+    "cascade": Layout(
+        table=CASCADE_TABLE, seeding="cascade", garbage="dense", children=(REPLIES,),
+        description=f"`{CASCADE_TABLE}` (like `messages`: bigint identity key, partial garbage index) and"
+                    f" `{REPLIES}(id bigint PRIMARY KEY, message_id bigint REFERENCES {CASCADE_TABLE}(id)"
+                    " ON DELETE CASCADE, body text)`, one reply per message, indexed on `message_id`"),
+}
+
+
+def layout(shape: str) -> Layout:
+    try:
+        return LAYOUTS[shape]
+    except KeyError:
+        raise BenchmarkError(f"unknown shape {shape!r}: choose among {', '.join(LAYOUTS)}") from None
+
+
+def ident(table: str) -> sql.Identifier:
+    """``schema.table`` or ``table`` as an identifier."""
+    return sql.Identifier(*table.split(".", 1))
 
 
 @dataclass(frozen=True)
@@ -32,11 +94,19 @@ class Template:
     seed: dict[str, Any]
     reused: bool
 
+    @property
+    def layout(self) -> Layout:
+        return layout(self.shape)
+
+    @property
+    def table(self) -> str:
+        return self.layout.table
+
 
 def template_name(shape: str, rows: int, fraction: float | None = None) -> str:
     """One name per dataset; a non-default garbage fraction is part of it (in 1/10000)."""
     suffix = "" if fraction is None else f"_f{round(fraction * 10000)}"
-    return f"msggc_bench_tpl_{shape}_{rows}{suffix}"
+    return f"msggc_bench_tpl_{shape.replace('-', '_')}_{rows}{suffix}"
 
 
 def _progress(label: str) -> Any:
@@ -65,12 +135,13 @@ def _reusable(server: Server, name: str, key: dict[str, Any]) -> dict[str, Any] 
     return meta
 
 
-def _count_garbage(dsn: str) -> int:
+def _count_garbage(dsn: str, table: str) -> int:
     with psycopg.connect(dsn) as conn:
-        return conn.execute("SELECT count(*) FROM messages WHERE processed_at IS NOT NULL").fetchone()[0]
+        return conn.execute(sql.SQL("SELECT count(*) FROM {} WHERE processed_at IS NOT NULL")
+                            .format(ident(table))).fetchone()[0]
 
 
-def _freeze_conditions(dsn: str) -> None:
+def _freeze_conditions(dsn: str, tables: tuple[str, ...]) -> None:
     """No autovacuum on the copies: it would start mid-run for batched contenders only.
 
     A batched GC commits as it goes, so autovacuum may wake up in the middle of its run and
@@ -78,8 +149,9 @@ def _freeze_conditions(dsn: str) -> None:
     conditions equal; VACUUM after GC is the same cost whoever deleted the rows.
     """
     with psycopg.connect(dsn, autocommit=True) as conn:
-        conn.execute("ALTER TABLE messages SET (autovacuum_enabled = off,"
-                     " toast.autovacuum_enabled = off)")
+        for table in tables:
+            conn.execute(sql.SQL("ALTER TABLE {} SET (autovacuum_enabled = off,"
+                                 " toast.autovacuum_enabled = off)").format(ident(table)))
 
 
 def build(server: Server, shape: str, rows: int, reuse: bool, fraction: float | None = None) -> Template:
@@ -88,8 +160,8 @@ def build(server: Server, shape: str, rows: int, reuse: bool, fraction: float | 
     ``fraction`` None is the shape's default garbage fraction (``engine.tools.synth``).
     """
     from engine import migrate
-    from engine.tools import synth
 
+    shape_layout = layout(shape)
     name = template_name(shape, rows, fraction)
     key = {"version": TEMPLATE_VERSION, "rows": rows, "shape": shape, "fraction": fraction}
     if reuse and (meta := _reusable(server, name, key)) is not None:
@@ -101,17 +173,18 @@ def build(server: Server, shape: str, rows: int, reuse: bool, fraction: float | 
     began = time.monotonic()
     migrate.upgrade(dsn)
     migrated = time.monotonic()
-    report = synth.seed(dsn, rows, shape, fraction, on_progress=_progress(shape))  # type: ignore[arg-type]
+    report = SEEDERS[shape_layout.seeding](dsn, shape_layout, rows, fraction, _progress(shape))
     seeded = time.monotonic()
-    expected = _count_garbage(dsn)
+    expected = _count_garbage(dsn, shape_layout.table)
     if expected != report.garbage_rows:
         raise BenchmarkError(f"seed of {name} reported {report.garbage_rows} garbage rows, found {expected}")
-    _freeze_conditions(dsn)
+    _make_archives(dsn, shape_layout)
+    _freeze_conditions(dsn, (shape_layout.table, *shape_layout.children))
     seed = {
         **asdict(report),
         "migrate_s": migrated - began,
         "seed_wall_s": seeded - migrated,
-        **_sizes(dsn),
+        **_sizes(dsn, shape_layout),
     }
     server.set_comment(name, json.dumps({**key, "expected_garbage": expected, "seed": seed}))
     server.checkpoint()
@@ -119,31 +192,207 @@ def build(server: Server, shape: str, rows: int, reuse: bool, fraction: float | 
     return Template(name, shape, rows, fraction, expected, seed, reused=False)
 
 
-def _sizes(dsn: str) -> dict[str, Any]:
-    """Heap and index sizes of messages: what a contender has to walk."""
+def _sizes(dsn: str, shape_layout: Layout) -> dict[str, Any]:
+    """Heap and index sizes of the table (and its child tables): what a contender has to walk."""
+    regclass = "SELECT to_regclass(%s)"
     with psycopg.connect(dsn) as conn:
-        heap, total = conn.execute(
-            "SELECT pg_relation_size('messages'), pg_total_relation_size('messages')"
-        ).fetchone()
-    return {"heap_bytes": heap, "total_bytes": total}
+        oid = conn.execute(regclass, (ident(shape_layout.table).as_string(conn),)).fetchone()[0]
+        heap, total = conn.execute("SELECT pg_relation_size(%s), pg_total_relation_size(%s)",
+                                   (oid, oid)).fetchone()
+        sizes = {"heap_bytes": heap, "total_bytes": total}
+        for child in shape_layout.children:
+            child_oid = conn.execute(regclass, (ident(child).as_string(conn),)).fetchone()[0]
+            sizes.setdefault("children_total_bytes", 0)
+            sizes["children_total_bytes"] += conn.execute("SELECT pg_total_relation_size(%s)",
+                                                          (child_oid,)).fetchone()[0]
+    return sizes
 
 
-def conditions(dsn: str) -> dict[str, Any]:
+# --- seeding the real-table shapes -----------------------------------------------------------------
+
+Progress = Any
+"""``engine.tools.synth``'s progress callback: (phase, fraction)."""
+MAINTENANCE_WORK_MEM = "1GB"
+CHUNK_ROWS = 1_000_000
+
+UUID_CREATE = """
+CREATE TABLE {t} (
+    id uuid NOT NULL DEFAULT gen_random_uuid(),
+    message_id text NOT NULL,
+    chat_id text NOT NULL,
+    direction smallint NOT NULL,
+    status smallint NOT NULL,
+    payload text NOT NULL,
+    created_at timestamptz NOT NULL DEFAULT now(),
+    processed_at timestamptz
+)"""
+UUID_INSERT = """
+INSERT INTO {t} (id, message_id, chat_id, direction, status, payload, created_at, processed_at)
+SELECT gen_random_uuid(), 'wamid.' || s.k, (15550000000 + mod(s.k, 9973))::text, mod(s.k, 2)::smallint,
+       CASE WHEN s.garbage THEN 3 ELSE mod(s.k, 3) END::smallint,
+       %(filler)s::text || s.k || '}}', s.created_at,
+       CASE WHEN s.garbage
+            THEN least(s.created_at + (1 + mod(s.k, 600)) * interval '1 second', %(now)s) END
+FROM (SELECT g.k, %(t0)s + (g.k * %(step_us)s) * interval '1 microsecond' AS created_at,
+             {garbage} AS garbage
+      FROM (SELECT generate_series(%(low)s::bigint, %(high)s::bigint) AS k) AS g) AS s
+"""
+EVEN_SPREAD = ("(g.k + 1) * %(garbage)s::bigint / %(rows)s::bigint"
+               " > g.k * %(garbage)s::bigint / %(rows)s::bigint")
+GARBAGE = {"dense": EVEN_SPREAD, "sparse": EVEN_SPREAD, "aged": "g.k < %(garbage)s::bigint"}
+"""As ``engine.tools.synth``: exactly G garbage rows, evenly spaced (dense, sparse) or the oldest."""
+REPLY_INSERT = ("INSERT INTO {child} SELECT id, id, 'Re: ' || message_id || ', noted, thanks.'"
+                " FROM {t} ORDER BY id")
+REPLY_FOREIGN_KEY = ("ALTER TABLE {child} ADD CONSTRAINT {name} FOREIGN KEY (message_id)"
+                     " REFERENCES {t} (id) ON DELETE CASCADE")
+
+
+class Bulk:
+    """An autocommit session with bulk-load settings that times its statements by label."""
+
+    def __init__(self, dsn: str) -> None:
+        self.conn = psycopg.connect(dsn, autocommit=True)
+        self.conn.execute("SET synchronous_commit = off")
+        self.conn.execute("SET statement_timeout = 0")
+        self.conn.execute(sql.SQL("SET maintenance_work_mem = {}").format(sql.Literal(MAINTENANCE_WORK_MEM)))
+        self.seconds: dict[str, float] = {}
+
+    def run(self, label: str, template: str, params: dict[str, Any] | None = None, **names: Any) -> None:
+        began = time.monotonic()
+        self.conn.execute(sql.SQL(template).format(**names), params)
+        self.seconds[label] = self.seconds.get(label, 0.0) + time.monotonic() - began
+
+    def indexes(self) -> dict[str, float]:
+        return {label: s for label, s in self.seconds.items() if label not in ("insert", "vacuum")}
+
+    def close(self) -> None:
+        self.conn.close()
+
+
+def _schema_of(table: str) -> sql.Identifier:
+    return sql.Identifier(table.split(".", 1)[0] if "." in table else "public")
+
+
+def _seed_synth(dsn: str, shape_layout: Layout, rows: int, fraction: float | None,
+                progress: Progress) -> Any:
+    from engine.tools import synth
+
+    return synth.seed(dsn, rows, shape_layout.garbage, fraction, table=shape_layout.table,
+                      on_progress=progress)
+
+
+def _seed_uuid(dsn: str, shape_layout: Layout, rows: int, fraction: float | None,
+               progress: Progress) -> Any:
+    """A table keyed by random UUIDs: rows inserted in creation order, their keys in no order;
+    the indexes built once the rows are in, then VACUUM ANALYZE (as synth does)."""
+    from engine.tools import synth
+
+    share = shape_layout.fraction if fraction is None else fraction
+    garbage = math.floor(rows * (share or 0.0) + 0.5)
+    name = shape_layout.table.rsplit(".", 1)[-1]
+    t = ident(shape_layout.table)
+    bulk = Bulk(dsn)
+    try:
+        bulk.run("schema", "CREATE SCHEMA IF NOT EXISTS {s}", s=_schema_of(shape_layout.table))
+        bulk.run("schema", UUID_CREATE, t=t)
+        now = bulk.conn.execute("SELECT now()").fetchone()[0]  # type: ignore[index]
+        params = {"filler": synth.PAYLOAD_FILLER, "now": now, "t0": now - synth.TIME_SPAN,
+                  "step_us": int(synth.TIME_SPAN.total_seconds() * 1e6) // (rows + 1),
+                  "rows": rows, "garbage": garbage}
+        for low in range(0, rows, CHUNK_ROWS):
+            high = min(rows, low + CHUNK_ROWS)
+            bulk.run("insert", UUID_INSERT, {**params, "low": low, "high": high - 1}, t=t,
+                     garbage=sql.SQL(GARBAGE[shape_layout.garbage]))
+            progress("insert", high / rows)
+        bulk.run(f"{name}_pkey", "ALTER TABLE {t} ADD CONSTRAINT {c} PRIMARY KEY (id)", t=t,
+                 c=sql.Identifier(f"{name}_pkey"))
+        bulk.run(f"{name}_message_id_key", "ALTER TABLE {t} ADD CONSTRAINT {c} UNIQUE (message_id)", t=t,
+                 c=sql.Identifier(f"{name}_message_id_key"))
+        if shape_layout.garbage_index:
+            bulk.run(f"{name}_garbage", "CREATE INDEX {c} ON {t} (id) WHERE processed_at IS NOT NULL", t=t,
+                     c=sql.Identifier(f"{name}_garbage"))
+        bulk.run("vacuum", "VACUUM (ANALYZE) {t}", t=t)
+    finally:
+        bulk.close()
+    return synth.SeedReport(rows=rows, garbage_rows=garbage, shape=shape_layout.garbage,
+                            insert_seconds=bulk.seconds["insert"], index_seconds=bulk.indexes(),
+                            vacuum_analyze_seconds=bulk.seconds["vacuum"])
+
+
+def _seed_cascade(dsn: str, shape_layout: Layout, rows: int, fraction: float | None,
+                  progress: Progress) -> Any:
+    """``messages``' twin (``LIKE ... INCLUDING ALL``) seeded by synth, then one reply per message
+    in each child table, whose foreign key is added last: validated in one pass, not per row."""
+    from engine.tools import synth
+
+    t = ident(shape_layout.table)
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute(sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(_schema_of(shape_layout.table)))
+        conn.execute(sql.SQL("CREATE TABLE {} (LIKE public.messages INCLUDING ALL)").format(t))
+    parent = _seed_synth(dsn, shape_layout, rows, fraction, progress)
+    bulk = Bulk(dsn)
+    try:
+        for table in shape_layout.children:
+            name, child = table.rsplit(".", 1)[-1], ident(table)
+            bulk.run("schema", "CREATE TABLE {child} (id bigint NOT NULL, message_id bigint, body text)",
+                     child=child)
+            bulk.run("insert", REPLY_INSERT, child=child, t=t)
+            progress(f"insert {name}", 1.0)
+            bulk.run(f"{name}_pkey", "ALTER TABLE {child} ADD CONSTRAINT {c} PRIMARY KEY (id)", child=child,
+                     c=sql.Identifier(f"{name}_pkey"))
+            bulk.run(f"{name}_message_id_idx", "CREATE INDEX {c} ON {child} (message_id)", child=child,
+                     c=sql.Identifier(f"{name}_message_id_idx"))
+            bulk.run(f"{name}_message_id_fkey", REPLY_FOREIGN_KEY, child=child, t=t,
+                     name=sql.Identifier(f"{name}_message_id_fkey"))
+            bulk.run("vacuum", "VACUUM (ANALYZE) {child}", child=child)
+    finally:
+        bulk.close()
+    bulk.seconds.pop("schema", None)
+    return synth.SeedReport(
+        rows=parent.rows, garbage_rows=parent.garbage_rows, shape=parent.shape,
+        insert_seconds=parent.insert_seconds + bulk.seconds.get("insert", 0.0),
+        index_seconds={**parent.index_seconds, **bulk.indexes()},
+        vacuum_analyze_seconds=parent.vacuum_analyze_seconds + bulk.seconds.get("vacuum", 0.0))
+
+
+SEEDERS = {"synth": _seed_synth, "uuid": _seed_uuid, "cascade": _seed_cascade}
+
+
+def _make_archives(dsn: str, shape_layout: Layout) -> None:
+    """``<table>_archive`` (and its children's) for ``--archive`` contenders, as an operator
+    makes them: ``msggc migrate --archive-for`` (msggc's migration already made messages')."""
+    from engine.archive import create_archive
+    from engine.config import TableSpec
+
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        for table in (shape_layout.table, *shape_layout.children):
+            create_archive(conn, TableSpec.parse(table))
+
+
+def conditions(dsn: str, table: str = "messages") -> dict[str, Any]:
     """What a fresh copy looks like before a contender: must be the same for every contender."""
     with psycopg.connect(dsn) as conn:
-        pages, visible, tuples = conn.execute(
-            "SELECT relpages, relallvisible, reltuples FROM pg_class WHERE oid = 'messages'::regclass"
+        oid = conn.execute("SELECT to_regclass(%s)::oid", (ident(table).as_string(conn),)).fetchone()[0]
+        pages, visible, tuples, options, schema, name = conn.execute(
+            "SELECT relpages, relallvisible, reltuples, reloptions,"
+            " (SELECT nspname FROM pg_namespace WHERE oid = relnamespace),"
+            " relname FROM pg_class WHERE oid = %s", (oid,)
         ).fetchone()
         stats = conn.execute(
-            "SELECT count(*) FROM pg_stats WHERE schemaname = 'public' AND tablename = 'messages'"
-        ).fetchone()[0]
-        options = conn.execute(
-            "SELECT reloptions FROM pg_class WHERE oid = 'messages'::regclass"
+            "SELECT count(*) FROM pg_stats WHERE schemaname = %s AND tablename = %s", (schema, name)
         ).fetchone()[0]
     return {"relpages": pages, "relallvisible": visible, "reltuples": tuples,
             "pg_stats_columns": stats, "reloptions": options}
 
 
-def remaining_garbage(dsn: str) -> int:
+def remaining_garbage(dsn: str, table: str = "messages") -> int:
     """Garbage left after a contender: with the rows it deleted, must add up to the expected."""
-    return _count_garbage(dsn)
+    return _count_garbage(dsn, table)
+
+
+def remaining_children(dsn: str, shape_layout: Layout) -> dict[str, int]:
+    """Rows left in each child table: one per seeded parent row not deleted (the load adds
+    parents only), so seeded rows - deleted once PostgreSQL cascaded the deletes."""
+    with psycopg.connect(dsn) as conn:
+        return {child: conn.execute(sql.SQL("SELECT count(*) FROM {}").format(ident(child))).fetchone()[0]
+                for child in shape_layout.children}

@@ -33,7 +33,9 @@ from pathlib import Path
 from typing import Any
 
 import psycopg
+from psycopg import sql
 
+from benchmarks.dataset import ident
 from benchmarks.metrics import LatencySummary
 
 STATEMENT_TIMEOUT = "10s"
@@ -43,13 +45,14 @@ WARMUP_OPS = 40
 """Unmeasured operations before ``ready``: statements prepared, pages and catalog caches warm, so
 the first measured operations are not the connection's cold start."""
 
+# {t}: the shape's table, ``messages`` unless a real-table shape names another (``--table``)
 INSERT = (
-    "INSERT INTO messages (message_id, chat_id, direction, status, payload)"
+    "INSERT INTO {t} (message_id, chat_id, direction, status, payload)"
     " VALUES (%(mid)s, %(chat)s, 1, 0, %(payload)s) RETURNING id"
 )
-READ = "SELECT id, status, payload FROM messages WHERE message_id = %(mid)s"
-DELIVERED = "UPDATE messages SET status = 2 WHERE id = %(id)s AND processed_at IS NULL"
-STATUS = "UPDATE messages SET status = (status + 1) %% 3 WHERE id = %(id)s AND processed_at IS NULL"
+READ = "SELECT id, status, payload FROM {t} WHERE message_id = %(mid)s"
+DELIVERED = "UPDATE {t} SET status = 2 WHERE id = %(id)s AND processed_at IS NULL"
+STATUS = "UPDATE {t} SET status = (status + 1) %% 3 WHERE id = %(id)s AND processed_at IS NULL"
 KINDS = ("insert", "read", "update_own", "update_live")
 PAYLOAD = '{"type":"text","text":{"body":"Hello from the load generator, this is a reply."},"n":'
 
@@ -63,16 +66,18 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--connections", type=int, default=4,
                         help="the application's pool: one thread and connection each")
     parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--table", default="messages", help="the table the application works on")
     return parser.parse_args(argv)
 
 
-def _live_sample(conn: psycopg.Connection[Any]) -> list[tuple[int, str]]:
+def _live_sample(conn: psycopg.Connection[Any], table: str) -> list[tuple[Any, str]]:
     """Live (unprocessed) seeded messages to read and update, from a block sample."""
-    pages = conn.execute("SELECT relpages FROM pg_class WHERE oid = 'messages'::regclass").fetchone()
+    pages = conn.execute("SELECT relpages FROM pg_class WHERE oid = to_regclass(%s)",
+                         (ident(table).as_string(conn),)).fetchone()
     percent = min(100.0, 100.0 * SAMPLE_PAGES / max(1, pages[0] if pages else 1))
     rows = conn.execute(
-        "SELECT id, message_id FROM messages TABLESAMPLE SYSTEM (%s) REPEATABLE (11)"
-        " WHERE processed_at IS NULL LIMIT 5000",
+        sql.SQL("SELECT id, message_id FROM {} TABLESAMPLE SYSTEM (%s) REPEATABLE (11)"
+                " WHERE processed_at IS NULL LIMIT 5000").format(ident(table)),
         (percent,),
     ).fetchall()
     if not rows:
@@ -83,11 +88,15 @@ def _live_sample(conn: psycopg.Connection[Any]) -> list[tuple[int, str]]:
 class Load:
     """The operation mix and its bookkeeping (latencies per kind, own recent ids)."""
 
-    def __init__(self, conn: psycopg.Connection[Any], live: list[tuple[int, str]], seed: int) -> None:
+    def __init__(self, conn: psycopg.Connection[Any], live: list[tuple[Any, str]], seed: int,
+                 table: str = "messages") -> None:
         self.conn = conn
         self.live = live
         self.random = random.Random(seed)
-        self.own: collections.deque[int] = collections.deque(maxlen=OWN_RECENT)
+        self.own: collections.deque[Any] = collections.deque(maxlen=OWN_RECENT)
+        self.sql = {name: sql.SQL(template).format(t=ident(table))  # type: ignore[arg-type]
+                    for name, template in (("insert", INSERT), ("read", READ), ("delivered", DELIVERED),
+                                           ("status", STATUS))}
         self.tag = f"bench.{os.getpid()}.{time.time_ns()}.{seed}"
         self.count = 0
 
@@ -97,15 +106,15 @@ class Load:
         if kind == "insert":
             params = {"mid": f"{self.tag}.{self.count}", "chat": f"1555{self.count % 9973}",
                       "payload": f"{PAYLOAD}{self.count}}}"}
-            row = self.conn.execute(INSERT, params).fetchone()
+            row = self.conn.execute(self.sql["insert"], params).fetchone()
             if row:
                 self.own.append(row[0])
         elif kind == "read":
-            self.conn.execute(READ, {"mid": self.random.choice(self.live)[1]}).fetchall()
+            self.conn.execute(self.sql["read"], {"mid": self.random.choice(self.live)[1]}).fetchall()
         elif kind == "update_own" and self.own:
-            self.conn.execute(DELIVERED, {"id": self.random.choice(self.own)})
+            self.conn.execute(self.sql["delivered"], {"id": self.random.choice(self.own)})
         else:
-            self.conn.execute(STATUS, {"id": self.random.choice(self.live)[0]})
+            self.conn.execute(self.sql["status"], {"id": self.random.choice(self.live)[0]})
 
 
 @dataclass
@@ -154,11 +163,11 @@ def _summary(tallies: list[Tally], rate: float, elapsed: float) -> dict[str, Any
     }
 
 
-def _open(dsn: str, seed: int, live: list[tuple[int, str]] | None) -> Load:
+def _open(dsn: str, seed: int, live: list[tuple[Any, str]] | None, table: str) -> Load:
     """A warmed-up connection of the pool (statements prepared, caches filled)."""
     conn = psycopg.connect(dsn, autocommit=True, application_name="bench-load")
     conn.execute(f"SET statement_timeout = '{STATEMENT_TIMEOUT}'")
-    load = Load(conn, live if live is not None else _live_sample(conn), seed)
+    load = Load(conn, live if live is not None else _live_sample(conn, table), seed, table)
     for i in range(WARMUP_OPS):
         load.operate(KINDS[i % len(KINDS)])
     return load
@@ -169,8 +178,9 @@ def main(argv: list[str] | None = None) -> int:
     stop = threading.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: stop.set())
-    first = _open(args.dsn, args.seed, None)
-    loads = [first] + [_open(args.dsn, args.seed + n, first.live) for n in range(1, args.connections)]
+    first = _open(args.dsn, args.seed, None, args.table)
+    loads = [first] + [_open(args.dsn, args.seed + n, first.live, args.table)
+                       for n in range(1, args.connections)]
     tallies = [Tally() for _ in loads]
     limit = int(args.rate * args.max_seconds / len(loads))
     started = time.monotonic() + 0.01

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks import dataset, report
-from benchmarks.contenders import DEFAULT_CONTENDERS, ContenderSpec, parse_contender
+from benchmarks.contenders import DEFAULT_CONTENDERS, ContenderSpec, inapplicable, parse_contender
 from benchmarks.metrics import ratio
 from benchmarks.server import (
     BenchmarkError,
@@ -91,7 +91,9 @@ def parse_args(argv: list[str] | None) -> tuple[Settings, str | None]:
     parser.add_argument("--dsn", default=os.environ.get("MSGGC_BENCH_DSN"),
                         help="server to run on (loopback only); default: the embedded server")
     parser.add_argument("--rows", type=lambda s: int(float(s)), default=10_000_000)
-    parser.add_argument("--shapes", type=_csv, default=("dense", "sparse", "aged"))
+    parser.add_argument("--shapes", type=_csv, default=("dense", "sparse", "aged"),
+                        help="among " + ", ".join(dataset.LAYOUTS) + " (uuid-*, cascade: an"
+                             " application's tables in schema app, see benchmarks/dataset.py)")
     parser.add_argument("--contenders", type=_csv, default=DEFAULT_CONTENDERS)
     parser.add_argument("--naive-budget", type=float, default=None,
                         help="seconds the naive loop may run (default scales with --rows)")
@@ -121,6 +123,8 @@ def parse_args(argv: list[str] | None) -> tuple[Settings, str | None]:
     args = parser.parse_args(argv)
     for name in (*args.contenders, *args.crossover_contenders):
         parse_contender(name)
+    if unknown := [shape for shape in args.shapes if shape not in dataset.LAYOUTS]:
+        parser.error(f"unknown shape {unknown[0]!r}: choose among {', '.join(dataset.LAYOUTS)}")
     scale_factor = args.rows / 10_000_000
     settings = Settings(
         rows=args.rows,
@@ -162,11 +166,11 @@ def _child_env() -> dict[str, str]:
 class LoadProcess:
     """The application load in its own process; started before a contender, stopped after."""
 
-    def __init__(self, dsn: str, settings: Settings, workdir: Path, tag: str) -> None:
+    def __init__(self, dsn: str, settings: Settings, workdir: Path, tag: str, table: str) -> None:
         self.out = workdir / f"load-{tag}.json"
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "benchmarks.load", "--dsn", dsn, "--rate", str(settings.load_rate),
-             "--max-seconds", str(settings.load_max_s), "--out", str(self.out)],
+             "--max-seconds", str(settings.load_max_s), "--out", str(self.out), "--table", table],
             cwd=ROOT, env=_child_env(), stdout=subprocess.PIPE, text=True,
         )
         self._wait_ready()
@@ -198,11 +202,11 @@ class LoadProcess:
             self.proc.wait()
 
 
-def run_child(entry: Entry, dsn: str, settings: Settings, workdir: Path) -> dict[str, Any]:
-    """One contender in a child process; its JSON document."""
+def run_child(entry: Entry, dsn: str, settings: Settings, workdir: Path, table: str) -> dict[str, Any]:
+    """One contender in a child process, on the shape's table; its JSON document."""
     out = workdir / f"{entry.label}.json"
     command = [sys.executable, "-m", "benchmarks.child", "--contender", entry.spec.name,
-               "--dsn", dsn, "--out", str(out)]
+               "--dsn", dsn, "--out", str(out), "--table", table]
     if entry.spec.bounded_by_time:
         command += ["--budget", str(settings.naive_budget_s)]
     try:
@@ -225,7 +229,7 @@ def fresh_copy(server: Server, template: dataset.Template) -> tuple[str, float, 
     copy_s = server.create_database(COPY_NAME, template=template.name)
     dsn = server.database(COPY_NAME)
     server.checkpoint()
-    return dsn, copy_s, dataset.conditions(dsn)
+    return dsn, copy_s, dataset.conditions(dsn, template.table)
 
 
 def baseline_load(server: Server, template: dataset.Template, settings: Settings,
@@ -236,7 +240,7 @@ def baseline_load(server: Server, template: dataset.Template, settings: Settings
     print(f"baseline: load alone for {settings.baseline_s:g}s", file=sys.stderr)
     dsn, _, _ = fresh_copy(server, template)
     before = server.wal_snapshot()
-    load = LoadProcess(dsn, settings, workdir, "baseline")
+    load = LoadProcess(dsn, settings, workdir, "baseline", template.table)
     try:
         time.sleep(settings.baseline_s)
         summary = load.stop()
@@ -250,8 +254,10 @@ def baseline_load(server: Server, template: dataset.Template, settings: Settings
     return summary
 
 
-def verify(label: str, document: dict[str, Any], expected: int, remaining: int) -> None:
-    """The count must be exact: a contender that deletes too much or too little is a bug."""
+def verify(label: str, document: dict[str, Any], expected: int, remaining: int,
+           children: dict[str, int] | None = None, seeded_rows: int = 0) -> None:
+    """The count must be exact: a contender that deletes too much or too little is a bug. Each
+    child table (one row per seeded parent, ON DELETE CASCADE) must have lost as many rows."""
     deleted = document["deleted"]
     if deleted + remaining != expected:
         raise BenchmarkError(
@@ -259,6 +265,10 @@ def verify(label: str, document: dict[str, Any], expected: int, remaining: int) 
         )
     if not document["partial"] and remaining != 0:
         raise BenchmarkError(f"{label}: reported complete but {remaining:,} garbage rows remain")
+    for child, left in (children or {}).items():
+        if left != seeded_rows - deleted:
+            raise BenchmarkError(f"{label}: {child} holds {left:,} rows, expected {seeded_rows - deleted:,}"
+                                 f" ({seeded_rows:,} seeded, {deleted:,} parents deleted)")
 
 
 def measure(server: Server, template: dataset.Template, entry: Entry, settings: Settings,
@@ -267,12 +277,13 @@ def measure(server: Server, template: dataset.Template, entry: Entry, settings: 
     print(f"contender {entry.label} on {template.shape} {template.rows:,}", file=sys.stderr)
     dsn, copy_s, conditions = fresh_copy(server, template)
     before = server.wal_snapshot()
-    load = LoadProcess(dsn, settings, workdir, entry.label) if settings.load_rate > 0 else None
+    load = (LoadProcess(dsn, settings, workdir, entry.label, template.table) if settings.load_rate > 0
+            else None)
     sampler = WaitSampler(server, COPY_NAME)
     sampler.start()
     cpu_before, loadavg = cpu_times(), os.getloadavg()[0]
     try:
-        document = run_child(entry, dsn, settings, workdir)
+        document = run_child(entry, dsn, settings, workdir, template.table)
         host_busy = busy_share(cpu_before, cpu_times())
         load_summary = load.stop() if load else None
     finally:
@@ -281,14 +292,16 @@ def measure(server: Server, template: dataset.Template, entry: Entry, settings: 
             load.kill()
     time.sleep(0.5)  # backends flush their WAL statistics as they exit
     after = server.wal_snapshot()
-    remaining = dataset.remaining_garbage(dsn)
-    verify(entry.label, document, template.expected_garbage, remaining)
+    remaining = dataset.remaining_garbage(dsn, template.table)
+    children = dataset.remaining_children(dsn, template.layout)
+    verify(entry.label, document, template.expected_garbage, remaining, children, template.rows)
     server.drop_database(COPY_NAME)
     wal = server.wal_bytes(before, after)
     load_wal = (load_summary["ops"] * baseline["wal_bytes_per_op"]) if load_summary and baseline else 0.0
     document.update(
         expected=template.expected_garbage,
         remaining=remaining,
+        children_remaining=children or None,
         copy_s=copy_s,
         conditions=conditions,
         wal_bytes=wal,
@@ -407,6 +420,11 @@ def run_shape(server: Server, shape: str, rows: int, names: tuple[str, ...], set
     noisy minute on a shared machine spreads over all of them instead of hitting one; the load
     alone is measured in every round, as the reference of that round's contenders.
     """
+    layout = dataset.layout(shape)
+    skipped = {name: reason for name in names if (reason := inapplicable(parse_contender(name), layout))}
+    for name, reason in skipped.items():
+        print(f"skipping {name} on {shape}: {reason}", file=sys.stderr)
+    names = tuple(name for name in names if name not in skipped)
     template = dataset.build(server, shape, rows, settings.reuse_templates, fraction)
     runs: dict[str, list[dict[str, Any]]] = {name: [] for name in names}
     baselines: list[dict[str, Any] | None] = []
@@ -426,6 +444,10 @@ def run_shape(server: Server, shape: str, rows: int, names: tuple[str, ...], set
     typical = sorted(measured, key=lambda b: _p99(b) or 0.0)[(len(measured) - 1) // 2] if measured else None
     return {
         "shape": shape,
+        "table": layout.table,
+        "children": list(layout.children),
+        "layout": layout.description or None,
+        "skipped": skipped,
         "rows": rows,
         "fraction": fraction,
         "expected_garbage": template.expected_garbage,
