@@ -33,7 +33,7 @@ from engine.strategies import extended, strategy_for
 from engine.target import Target
 from engine.target import resolve as resolve_target
 from engine.throttle import Limits, Throttle
-from engine.walk import Walk, guarded, walk_run
+from engine.walk import Walk, guarded, reconnect, walk_run
 
 
 @dataclass(frozen=True)
@@ -140,6 +140,7 @@ def collect(
         result = _result(walk, closed, reason)
         if closed.recorded and not conn.closed:
             result.reclaim = _reclaim_after(conn, options, target.oid, before, run.id)
+            runs.unlock_table(conn, target.oid)
         return result
     finally:
         conn.close()
@@ -162,11 +163,20 @@ def _walk_and_close(conn: Connection, walk: Walk, target: Checked,
         guarded(walk, open_file)
     if walk.error is None:
         conn = walk_run(conn, walk)
-    status, failure = decide(walk.walked_to_end, walk.error, walk.stop_reason)
-    closed = close(conn, walk.run.id, walk.options.node, status, failure, finisher,
-                   deleted_so_far=walk.deleted, throttle_pauses=walk.throttle.pauses,
-                   throttled_s=walk.throttle.paused_s)
-    return conn, closed
+
+    def reconnected() -> Connection:
+        """The lock holder's connection again, and the walk as the server kept it."""
+        fresh = reconnect(walk, holds_lock=True)
+        walk.rewind(fresh)
+        return fresh
+
+    closed = close(conn, walk.run.id, walk.options.node,
+                   lambda: decide(walk.walked_to_end, walk.error, walk.stop_reason), finisher,
+                   reconnect=reconnected, deleted_so_far=walk.deleted,
+                   throttle_pauses=walk.throttle.pauses, throttled_s=walk.throttle.paused_s)
+    if closed.conn is not conn:
+        conn.close()
+    return closed.conn, closed
 
 
 def _result(walk: Walk, closed: Closed, reason: str) -> GcResult:

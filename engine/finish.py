@@ -8,6 +8,7 @@ through :func:`close`. What the outside world hears of it (a webhook, a log line
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -15,6 +16,7 @@ import psycopg
 
 from engine import runs
 from engine.db import Connection
+from engine.errors import MsggcError
 from engine.status import RunStatus
 
 
@@ -73,20 +75,42 @@ class Closed:
     recorded: bool
     """False when the database went away: the run stays resumable at its last checkpoint."""
     notification_error: str | None
+    conn: Connection
+    """The connection the run was closed on (a fresh one when the first had gone away)."""
 
 
-def close(conn: Connection, run_id: int, node: str, status: RunStatus, failure: str | None,
-          finisher: Finisher, *, deleted_so_far: int = 0, throttle_pauses: int = 0,
-          throttled_s: float = 0.0) -> Closed:
-    """Close the run and record its notice in one transaction, then deliver the notice."""
+Decision = Callable[[], tuple[RunStatus, str | None]]
+"""The run's final status and failure, asked again after a reconnect (the server may have lost
+batches that looked committed)."""
+
+
+def close(conn: Connection, run_id: int, node: str, decision: Decision, finisher: Finisher, *,
+          reconnect: Callable[[], Connection] | None = None, deleted_so_far: int = 0,
+          throttle_pauses: int = 0, throttled_s: float = 0.0) -> Closed:
+    """Close the run and record its notice in one transaction, then deliver the notice. If the
+    connection went away (killed, failover), close it on a new one when ``reconnect`` gives one;
+    only when the database stays gone is the run left resumable and its notice sent directly."""
+    counts = (throttle_pauses, throttled_s)
     try:
-        with conn.transaction():
-            deleted = runs.finish(conn, run_id, status, failure, throttle_pauses, throttled_s)
-            outcome = Outcome(run_id, node, status, deleted, failure)
-            finisher.record(conn, outcome)
+        return _closed_on(conn, run_id, node, decision, finisher, counts)
     except psycopg.OperationalError as exc:
         lost = f"database connection lost: {exc}".strip()
-        outcome = Outcome(run_id, node, RunStatus.FAILED, deleted_so_far,
-                          f"{failure}; {lost}" if failure else lost)
-        return Closed(outcome, False, finisher.deliver(None, outcome))
-    return Closed(outcome, True, finisher.deliver(conn, outcome))
+    if reconnect is not None:
+        try:
+            return _closed_on(reconnect(), run_id, node, decision, finisher, counts)
+        except (psycopg.OperationalError, MsggcError) as exc:
+            lost = f"database connection lost: {exc}".strip()
+    failure = decision()[1]
+    outcome = Outcome(run_id, node, RunStatus.FAILED, deleted_so_far,
+                      f"{failure}; {lost}" if failure else lost)
+    return Closed(outcome, False, finisher.deliver(None, outcome), conn)
+
+
+def _closed_on(conn: Connection, run_id: int, node: str, decision: Decision, finisher: Finisher,
+               counts: tuple[int, float]) -> Closed:
+    status, failure = decision()
+    with conn.transaction():
+        deleted = runs.finish(conn, run_id, status, failure, *counts)
+        outcome = Outcome(run_id, node, status, deleted, failure)
+        finisher.record(conn, outcome)
+    return Closed(outcome, True, finisher.deliver(conn, outcome), conn)

@@ -41,6 +41,12 @@ def try_lock_table(conn: Connection, oid: int) -> bool:
     return bool(one_row(row)[0])
 
 
+def unlock_table(conn: Connection, oid: int) -> None:
+    """Release it now: the server releases a closing session's locks only as its backend exits,
+    after the client has moved on, and a GC started right after would find the table busy."""
+    conn.execute("SELECT pg_advisory_unlock(%s, %s::oid::int)", (ADVISORY_LOCK_CLASS, oid))
+
+
 def lock_holder(conn: Connection, oid: int) -> int | None:
     row = conn.execute(
         "SELECT pid FROM pg_locks WHERE locktype = 'advisory' AND granted"

@@ -192,22 +192,30 @@ class Link:
 
 
 def reconnect(walk: Walk, holds_lock: bool) -> Connection:
-    """Reconnect with backoff after the server went away; the lock holder takes its lock back."""
+    """A worker's connection, made again with backoff after the server went away (or made the
+    first time for a helper: a connection lost before its first batch is no different); the
+    lock holder takes its lock back."""
     deadline = time.monotonic() + RECONNECT_WINDOW_S
     delay = 0.5
     while True:
         try:
-            conn = connect(walk.dsn)
-        except DatabaseUnreachable:
+            return _ready(walk, connect(walk.dsn), holds_lock)
+        except (DatabaseUnreachable, psycopg.OperationalError):
             if time.monotonic() + delay > deadline or walk.stop.is_set():
                 raise
             time.sleep(delay)
             delay = min(delay * 2, 5.0)
-            continue
+
+
+def _ready(walk: Walk, conn: Connection, holds_lock: bool) -> Connection:
+    """The table lock taken back (the lock holder) and the session prepared, or closed."""
+    try:
         if holds_lock and not runs.try_lock_table(conn, walk.plan.facts.oid):
-            conn.close()
             raise GcAlreadyRunning("lost the table lock while reconnecting: another GC took over")
         return walk.prepared(conn)
+    except BaseException:
+        conn.close()
+        raise
 
 
 def work(link: Link, walk: Walk, todo: queue.SimpleQueue[int]) -> None:
@@ -255,7 +263,7 @@ def guarded(walk: Walk, action: Callable[[], None]) -> None:
 
 
 def _helper(walk: Walk, todo: queue.SimpleQueue[int]) -> None:
-    link = Link(walk.prepared(connect(walk.dsn)), holds_lock=False)
+    link = Link(reconnect(walk, holds_lock=False), holds_lock=False)
     try:
         work(link, walk, todo)
     finally:

@@ -37,7 +37,7 @@ from hypothesis import HealthCheck, event, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
-from engine import GcOptions, GcResult, MsggcError, Progress, RunStatus, collect, runs
+from engine import GcOptions, GcResult, MsggcError, Progress, RunStatus, collect
 from engine.service.notice import NoticeFinisher
 from engine.service.notify import WebhookNotifier
 from tests.data import fill, live_ids, surviving_ids
@@ -47,7 +47,6 @@ from tests.faults.helpers import (
     audited_deletions,
     install_delete_audit,
     notice,
-    wait_for_gc_backends_gone,
 )
 
 Conn = psycopg.Connection[Any]
@@ -77,12 +76,7 @@ class ChainStart:
 class Injector:
     """``on_progress``: after ``after`` committed batches, inject one fault from the worker thread.
 
-    ``kill`` terminates the collector's connections. A lone worker's (the lead's) is killed only
-    when another batch will follow (no budget reached, a slice unfinished): a lead connection
-    killed after its last batch is the engine bug of
-    ``test_a_connection_killed_after_the_last_batch_still_closes_the_run``. With several
-    workers only the helpers' connections are killed, and never in a run with ``archive_to``
-    (``test_a_helper_killed_before_its_first_batch_reconnects``).
+    ``kill`` terminates every connection of the collector, at any batch, the last included.
     """
 
     def __init__(self, kind: str, after: int, dsn: str, options: GcOptions,
@@ -101,8 +95,6 @@ class Injector:
             self.batches += 1
             if self.kind == "none" or self.fired or self.batches < self.after:
                 return
-            if self.kind == "kill" and self.options.workers == 1 and not self._more_to_come(progress):
-                return
             self.fired = True
         if self.kind == "raise":
             raise RuntimeError("injected worker failure")
@@ -111,17 +103,7 @@ class Injector:
             self.archive.unlink()
         elif self.kind == "kill":
             with psycopg.connect(self.dsn, autocommit=True) as admin:
-                admin.execute(KILL_COLLECTOR if self.options.workers == 1 else KILL_HELPERS)
-
-    def _more_to_come(self, progress: Progress) -> bool:
-        """Whether the lone worker will run another batch: no budget reached, a slice not done
-        as of the checkpoint just committed."""
-        if self.options.max_rows is not None and progress.deleted >= self.options.max_rows:
-            return False
-        with psycopg.connect(self.dsn, autocommit=True) as admin:
-            run = runs.latest_resumable(admin, self.options.table.qualified, self.options.node)
-        assert run is not None and run.id == progress.run_id, (run, progress)
-        return any(not part.done for part in run.slices)
+                admin.execute(KILL_COLLECTOR)
 
 
 class GcPromise(RuleBasedStateMachine):
@@ -208,9 +190,6 @@ class GcPromise(RuleBasedStateMachine):
         start = ChainStart(frozenset(i for i, g in self.garbage.items() if g), self.step)
         live_before = {i for i, g in self.garbage.items() if not g}
         finisher = NoticeFinisher(WebhookNotifier(self.callback.url))
-        # The previous run's backend may still be exiting (holding the table lock) right after
-        # collect() returned: wait, or this run may meet GcAlreadyRunning (see the report).
-        wait_for_gc_backends_gone(self.conn)
         result = collect(self.dsn, options, finisher, on_progress=injector)
         self.step += 1
         assert result.run_id is not None, result
@@ -271,8 +250,6 @@ class GcPromise(RuleBasedStateMachine):
     )
     def run(self, strategy: str, batch_size: int, max_rows: int | None, workers: int, fault: str,
             after: int, archive: bool) -> None:
-        if fault == "kill" and workers > 1:
-            archive = False  # the engine bug of test_a_helper_killed_before_its_first_batch_reconnects
         archive_to = self._archive_path() if archive or fault == "archive" else None
         options = GcOptions(strategy=strategy, batch_size=batch_size, max_rows=max_rows,  # type: ignore[arg-type]
                             workers=workers, archive_to=str(archive_to) if archive_to else None)
@@ -375,8 +352,6 @@ TestGcPromise.settings = settings(
 )
 
 
-@pytest.mark.xfail(strict=True, reason="engine bug: the closing transaction uses the lead's connection"
-                   " as it is; killed after the last batch, the run stays 'running' and is reported failed")
 def test_a_connection_killed_after_the_last_batch_still_closes_the_run(conn: Conn, dsn: str) -> None:
     """The walk reached its end, then the collector's connection was killed (pg_terminate_backend,
     a failover, a pooler restart): the run must still be closed, not left ``running``."""
@@ -397,8 +372,6 @@ def test_a_connection_killed_after_the_last_batch_still_closes_the_run(conn: Con
     assert status == result.status == RunStatus.COMPLETE, (status, result.error)
 
 
-@pytest.mark.xfail(strict=True, reason="engine bug: a helper prepares its archive temp table outside"
-                   " the reconnect loop; killed between its connect and that statement, it fails the run")
 def test_a_helper_killed_before_its_first_batch_reconnects(conn: Conn, dsn: str, tmp_path: Path,
                                                            monkeypatch: pytest.MonkeyPatch) -> None:
     """A helper worker's connection dropped right after it was opened (here: new connections take

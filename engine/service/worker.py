@@ -172,7 +172,7 @@ class Worker:
         log.error("node %s: run %s failed: %s", node.label, run_id, details)
         try:
             with self._connected(node, None) as conn:
-                close(conn, run_id, node.name, RunStatus.FAILED, details, self._finisher())
+                close(conn, run_id, node.name, lambda: (RunStatus.FAILED, details), self._finisher())
         except (MsggcError, psycopg.Error) as exc:
             log.warning("node %s: cannot record the failure of run %s: %s", node.label, run_id, exc)
 
