@@ -154,3 +154,20 @@ def test_archived_cascades_come_back_parents_first_then_children_exactly(conn, d
     assert back.stdout.strip() == (f"restored 800 rows of run {result.run_id} into app.inbox;"
                                    f" restored {2 * len(HELD)} rows of run {result.run_id} into public.attachments")
     assert inbox_digest(conn) == inbox and content_digest(conn, None, "attachments") == children
+
+
+def test_dependents_deleted_on_request_are_archived_and_restored_with_their_parents(conn, dsn):
+    make_inbox(conn)
+    add_child(conn, "replies", "RESTRICT", HELD + LIVE_REFERENCED)
+    inbox, children = inbox_digest(conn), content_digest(conn, None, "replies")
+    for table in ("app.inbox", "replies"):
+        assert run_cli("migrate", "--dsn", dsn, "--archive-for", table).returncode == 0
+
+    result = collect(dsn, GcOptions(table=INBOX, archive=True, delete_dependents=True, batch_size=100))
+    assert result.status is RunStatus.COMPLETE and garbage_ns(conn) == []
+    assert result.foreign_keys["replies_inbox_id_fkey"] == {
+        "child": "public.replies", "action": "restrict", "effect": "deleted", "rows": len(HELD)}
+
+    back = run_cli("restore", "--dsn", dsn, "--table", "app.inbox", "--run", str(result.run_id))
+    assert back.returncode == 0, back.stderr
+    assert inbox_digest(conn) == inbox and content_digest(conn, None, "replies") == children
