@@ -13,9 +13,7 @@ Nothing here starts a server: :meth:`SharedEmbeddedServer.dsn` does, and only wh
 
 from __future__ import annotations
 
-import contextlib
 import fcntl
-from collections.abc import Iterator
 from pathlib import Path
 from typing import IO
 
@@ -34,16 +32,6 @@ def postmaster_pid() -> int | None:
         return int((embedded.data_dir() / "postmaster.pid").read_text().split("\n", 1)[0])
     except (OSError, ValueError):
         return None
-
-
-@contextlib.contextmanager
-def _exclusive(path: Path) -> Iterator[None]:
-    with path.open("a") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 class SharedEmbeddedServer:
@@ -75,7 +63,7 @@ class SharedEmbeddedServer:
         if pid is not None and not self._ran_before:
             marker.write_text(f"{pid}\n")
         try:
-            with _exclusive(self._home / FINISH_LOCK):
+            with embedded.exclusive(self._home / FINISH_LOCK):
                 fcntl.flock(self._sessions, fcntl.LOCK_UN)
                 try:
                     fcntl.flock(self._sessions, fcntl.LOCK_EX | fcntl.LOCK_NB)

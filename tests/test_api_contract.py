@@ -111,7 +111,12 @@ def test_multiconnect_with_the_seeds_node_names_answers_and_notifies_exactly_lik
     with psycopg.connect(second, autocommit=True) as other:
         fill(other, [True] * 5 + [False])
     node_list = nodes.build_nodes({"wacore2:9dfe77618dba": dsn, "wacore3:a9dcc716fd6e": second})
-    with running_service(settings_for(node_list, callback)) as url:
+    assert_the_seeds_multiconnect_exchange(settings_for(node_list, callback), callback)
+
+
+def assert_the_seeds_multiconnect_exchange(settings: ServiceSettings, callback) -> None:
+    """A PUT answers the seed's multiconnect body and each node posts the seed's webhook."""
+    with running_service(settings) as url:
         answer = httpx.put(url + GC_PATH)
         wait_until(lambda: len(posted_bodies(callback)) == 2)
 
@@ -200,16 +205,7 @@ def test_a_config_naming_other_tables_and_columns_per_node_answers_and_notifies_
         f'[nodes]\n"wacore2:9dfe77618dba" = "{dsn}"\n'
         f'[nodes."wacore3:a9dcc716fd6e"]\ndsn = "{second}"\ntable = "chat_log"\n'
         'where = "status = \'read\'"\n')
-    settings = load_settings(config=str(config))
-    with running_service(settings) as url:
-        answer = httpx.put(url + GC_PATH)
-        wait_until(lambda: len(posted_bodies(callback)) == 2)
-
-    assert answer.status_code == 200
-    assert answer.json() == with_our_version(SEED["multi_answer"])
-    by_node = {gc_of(body)["node"]: body for body in posted_bodies(callback)}
-    for example in (SEED["multi_webhook_first"], SEED["multi_webhook_second"]):
-        assert by_node[gc_of(example)["node"]] == example
+    assert_the_seeds_multiconnect_exchange(load_settings(config=str(config)), callback)
     assert conn.execute("SELECT count(*) FROM app.inbox").fetchone()[0] == 3
     with psycopg.connect(second) as other:
         assert other.execute("SELECT array_agg(id ORDER BY id) FROM chat_log").fetchone()[0] == [6]

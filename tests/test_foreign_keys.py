@@ -151,8 +151,9 @@ def test_archived_cascades_come_back_parents_first_then_children_exactly(conn, d
 
     back = run_cli("restore", "--dsn", dsn, "--table", "app.inbox", "--run", str(result.run_id))
     assert back.returncode == 0, back.stderr
-    assert back.stdout.strip() == (f"restored 800 rows of run {result.run_id} into app.inbox;"
-                                   f" restored {2 * len(HELD)} rows of run {result.run_id} into public.attachments")
+    run = f"of run {result.run_id}"
+    assert back.stdout.strip() == (f"restored 800 rows {run} into app.inbox;"
+                                   f" restored {2 * len(HELD)} rows {run} into public.attachments")
     assert inbox_digest(conn) == inbox and content_digest(conn, None, "attachments") == children
 
 

@@ -187,10 +187,14 @@ def _is_postgres(pid: int) -> bool:
         return False
 
 
-@contextlib.contextmanager
-def _home_lock() -> Iterator[None]:
+def _home_lock() -> contextlib.AbstractContextManager[None]:
     """Serialise start and stop between msggc processes sharing one home()."""
-    path = home() / _LOCK_FILE
+    return exclusive(home() / _LOCK_FILE)
+
+
+@contextlib.contextmanager
+def exclusive(path: Path) -> Iterator[None]:
+    """An exclusive lock on ``path`` (created if missing) between processes, for the block."""
     with path.open("a") as handle:
         fcntl.flock(handle, fcntl.LOCK_EX)
         try:
