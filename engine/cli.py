@@ -324,11 +324,13 @@ def status(dsn: str | None, limit: int, as_json: bool) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    table = Table("run", "node", "table", "status", "strategy", "deleted", "batches", "throttled",
-                  "started", "error")
+    table = Table("run", "node", "table", "garbage", "status", "strategy", "deleted", "batches",
+                  "foreign keys", "throttled", "started", "error")
     for row in rows:
-        table.add_row(str(row["id"]), row["node"], row["table_name"], row["status"], row["strategy"] or "",
-                      f"{row['messages_deleted']:,}", str(row["batches"]),
+        foreign_keys = ", ".join(f"{name} {n:,}" for name, n in (row["foreign_keys"] or {}).items())
+        table.add_row(str(row["id"]), row["node"], row["table_name"], row["garbage"] or "", row["status"],
+                      row["strategy"] or "", f"{row['messages_deleted']:,}", str(row["batches"]),
+                      foreign_keys,
                       f"{row['throttle_pauses']} / {row['throttled_seconds']:.1f}s",
                       f"{row['started_at']:%Y-%m-%d %H:%M:%S}" if row["started_at"] else "",
                       row["error"] or "")

@@ -172,3 +172,13 @@ def test_dependents_deleted_on_request_are_archived_and_restored_with_their_pare
     back = run_cli("restore", "--dsn", dsn, "--table", "app.inbox", "--run", str(result.run_id))
     assert back.returncode == 0, back.stderr
     assert inbox_digest(conn) == inbox and content_digest(conn, None, "replies") == children
+
+
+def test_status_shows_the_predicate_and_the_foreign_key_counts_of_each_run(conn, dsn):
+    make_inbox(conn)
+    add_child(conn, "replies", "NO ACTION", HELD)
+    assert run_cli("gc", "--dsn", dsn, "--table", "app.inbox", "--processed-column=handled_at",
+                   "--where", "n > 1").returncode == 0
+    shown = run_cli("status", "--dsn", dsn)
+    assert "handled_at IS NOT NULL AND (n > 1)" in shown.stdout
+    assert f"replies_inbox_id_fkey {len(HELD)}" in shown.stdout
