@@ -12,8 +12,11 @@ from __future__ import annotations
 from collections.abc import Collection
 from dataclasses import dataclass
 
+import psycopg
+from psycopg import sql
+
 from engine.config import TableSpec
-from engine.db import Connection, one_row, regclass_of
+from engine.db import Connection, one_row, regclass_of, table_ident
 from engine.errors import PermissionMissing, TargetTableError, UsageError
 from engine.predicate import Filter, check_volatility, parse_filter
 from engine.references import Reference, referencing
@@ -67,6 +70,7 @@ def resolve(conn: Connection, spec: TableSpec, *, with_retention: bool = False) 
     flt = parse_filter(spec.where, columns) if spec.where else None
     if flt is not None:
         check_volatility(conn, flt)
+        _check_on_server(conn, spec, flt)
     target = Target(spec, oid, columns, _key(conn, spec, oid, columns), _processed(spec, columns, flt), flt,
                     referencing(conn, oid))
     if with_retention and (target.processed is None or columns[target.processed] not in TIME_TYPES):
@@ -76,6 +80,18 @@ def resolve(conn: Connection, spec: TableSpec, *, with_retention: bool = False) 
             " name one with --processed-column, or write the age into --where")
     _require_privileges(conn, spec, oid)
     return target
+
+
+def _check_on_server(conn: Connection, spec: TableSpec, flt: Filter) -> None:
+    """The server plans it once (nothing runs): a filter that is not boolean, compares a text
+    with a number or calls a function with the wrong arguments is refused here, in one line."""
+    statement = sql.SQL("EXPLAIN SELECT FROM {} WHERE {}").format(
+        table_ident(spec), sql.SQL(flt.sql.replace("%", "%%")))  # validated: no placeholder in it
+    try:
+        with conn.transaction():
+            conn.execute(statement)
+    except (psycopg.DataError, psycopg.ProgrammingError) as exc:
+        raise UsageError(f"--where: {exc.diag.message_primary}: {flt.text}") from None
 
 
 def locate(conn: Connection, spec: TableSpec) -> tuple[int, tuple[str, ...]]:

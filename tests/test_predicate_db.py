@@ -3,6 +3,8 @@ calls, and the sql of an accepted filter runs as a WHERE clause on ``messages``.
 
 from __future__ import annotations
 
+import re
+
 import pytest
 
 from engine.errors import UsageError
@@ -61,3 +63,17 @@ def test_accepted_filters_run_as_a_where_clause(conn, columns, text):
     check_volatility(conn, flt)
     row = conn.execute(f"SELECT count(*) FROM messages WHERE {flt.sql}").fetchone()
     assert row is not None and row[0] in (0, 1)
+
+
+@pytest.mark.parametrize(("text", "message"), [
+    ("status", "argument of WHERE must be type boolean, not type smallint"),
+    ("chat_id = 1", "operator does not exist: text = integer"),
+    ("lower(chat_id, 3) = 'x'", "function lower(text, integer) does not exist"),
+])
+def test_a_filter_the_server_cannot_plan_is_refused_before_any_run(conn, dsn, text, message):
+    from engine.config import TableSpec
+    from engine.target import resolve
+
+    with pytest.raises(UsageError, match=re.escape(f"--where: {message}: {text}")):
+        resolve(conn, TableSpec(where=text))
+    assert conn.execute("SELECT count(*) FROM gc_runs").fetchone()[0] == 0
