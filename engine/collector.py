@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,7 +21,7 @@ import psycopg
 from engine import archive_file, reclaim, runs
 from engine.archive import resolve as resolve_archive
 from engine.archive_file import ArchiveFile
-from engine.config import GcOptions
+from engine.config import GcOptions, StrategyName
 from engine.db import Connection, connect, require_bookkeeping
 from engine.dryrun import dry_run
 from engine.errors import GcAlreadyRunning
@@ -29,20 +30,22 @@ from engine.planner import Plan, make_plan
 from engine.queries import Archive, Statements
 from engine.result import GcResult, Progress, percentile
 from engine.status import RunStatus
-from engine.strategies import extended, strategy_for
+from engine.strategies import Slice, extended, strategy_for
 from engine.target import Target
 from engine.target import resolve as resolve_target
 from engine.throttle import Limits, Throttle
-from engine.walk import Walk, guarded, reconnect, walk_run
+from engine.walk import Leg, Walk, guarded, reconnect, walk_run
 
 
 @dataclass(frozen=True)
 class Checked:
-    """What a run may rely on once checked: the table, its statements, where deleted rows go."""
+    """What a run may rely on once checked: the table, where deleted rows go, and the tables it
+    deletes from: the table itself, or each leaf partition of a partitioned one."""
 
     target: Target
-    statements: Statements
     archive: Archive | None
+    legs: dict[str | None, tuple[Target, Statements]]
+    """By leaf name; None: the (plain) table itself."""
 
     @property
     def oid(self) -> int:
@@ -54,20 +57,25 @@ def check(conn: Connection, options: GcOptions) -> Checked:
     require_bookkeeping(conn)
     target = resolve_target(conn, options.table, with_retention=options.older_than is not None)
     archive = None
-    child_archives: dict[str, Archive] = {}
     if options.archive:
         archive = resolve_archive(conn, options.table, target.oid)
-        child_archives = {ref.name: resolve_archive(conn, ref.child, ref.child_oid)
-                          for ref in target.references
-                          if ref.removes_children or (ref.blocks and options.delete_dependents)}
     elif options.archive_to:
         resuming = runs.resumable_archive_file(conn, options.table.qualified, options.node)
         archive_file.check_target(options.archive_to, resuming)
         archive_file.prepare(conn, options.table)
         archive = archive_file.outgoing_archive(tuple(target.columns))
-    statements = Statements.for_target(target, options.older_than is not None, archive,
-                                       options.delete_dependents, child_archives)
-    return Checked(target, statements, archive)
+
+    def statements(table: Target) -> Statements:
+        child_archives = {ref.name: resolve_archive(conn, ref.child, ref.child_oid)
+                          for ref in table.references if options.archive
+                          and (ref.removes_children or (ref.blocks and options.delete_dependents))}
+        return Statements.for_target(table, options.older_than is not None, archive,
+                                     options.delete_dependents, child_archives)
+
+    tables: dict[str | None, Target] = {leaf.qualified: leaf for leaf in target.leaves}
+    if not target.leaves:
+        tables[None] = target
+    return Checked(target, archive, {name: (table, statements(table)) for name, table in tables.items()})
 
 
 def lock_table(conn: Connection, options: GcOptions, oid: int) -> None:
@@ -80,8 +88,8 @@ def lock_table(conn: Connection, options: GcOptions, oid: int) -> None:
         )
 
 
-def resume_or_start(conn: Connection, options: GcOptions, plan: Plan, run_id: int | None,
-                    garbage: str) -> tuple[runs.Run, str]:
+def resume_or_start(conn: Connection, options: GcOptions, plans: dict[str | None, Plan],
+                    run_id: int | None, garbage: str) -> tuple[runs.Run, str]:
     """Continue the latest unfinished run of this table and node with its own recorded walk
     (extended to what the table gained past its end), or start the planned walk; returns the
     run and why it walks the way it does.
@@ -93,17 +101,64 @@ def resume_or_start(conn: Connection, options: GcOptions, plan: Plan, run_id: in
         return in_place, f"continues its own {in_place.strategy} walk from its checkpoint"
     table = options.table.qualified
     previous = runs.latest_resumable(conn, table, options.node, exclude=run_id)
-    key = plan.facts.key
+    plan = plans.get(None)
+    key = plan.facts.key if plan else ()
     resumable = previous is not None and previous.continues_with(key)
     if previous is not None and resumable and options.strategy in ("auto", previous.strategy):
-        slices = extended(previous.slices, previous.strategy, plan.facts)
+        slices = (extended(previous.slices, previous.strategy, plan.facts) if plan
+                  else _with_new_leaves(previous.slices, plans, options.workers))
         run = runs.start(conn, table, options.node, previous.strategy, slices, options.describe(),
                          resumed_from=previous.id, run_id=run_id, garbage=garbage, key=key)
         return run, f"resumes run {previous.id}'s {previous.strategy} walk from its checkpoint"
-    slices = strategy_for(plan.strategy, plan.facts.integer_key).slices(plan.facts, options.workers)
-    run = runs.start(conn, table, options.node, plan.strategy, slices, options.describe(),
-                     resumed_from=previous.id if previous else None, run_id=run_id, garbage=garbage, key=key)
-    return run, plan.reason
+    strategy = plan.strategy if plan else _commonest(plans)
+    run = runs.start(conn, table, options.node, strategy, _planned_slices(plans, options.workers),
+                     options.describe(), resumed_from=previous.id if previous else None, run_id=run_id,
+                     garbage=garbage, key=key)
+    return run, plan.reason if plan else _partitioned_reason(plans)
+
+
+def _planned_slices(plans: dict[str | None, Plan], workers: int) -> list[Slice]:
+    """Every leg's slices; the workers spread over a partitioned table's leaves, and split a leaf
+    only when there are fewer leaves than workers."""
+    per_leg = max(1, workers // max(1, len(plans)))
+    slices = []
+    for leaf, plan in plans.items():
+        for part in strategy_for(plan.strategy, plan.facts.integer_key).slices(plan.facts, per_leg):
+            if leaf is not None:
+                part.leaf, part.strategy = leaf, plan.strategy
+            slices.append(part)
+    return slices
+
+
+def _with_new_leaves(slices: list[Slice], plans: dict[str | None, Plan], workers: int) -> list[Slice]:
+    """A resumed partitioned walk: its slices, finished where their leaf is gone, and the planned
+    walk of every leaf created since."""
+    for part in slices:
+        part.finished = part.finished or part.leaf not in plans
+    walked = {part.leaf for part in slices}
+    return [*slices, *_planned_slices({leaf: plan for leaf, plan in plans.items() if leaf not in walked},
+                                      workers)]
+
+
+def _commonest(plans: dict[str | None, Plan]) -> StrategyName:
+    return Counter(plan.strategy for plan in plans.values()).most_common(1)[0][0] if plans else "physical"
+
+
+def _partitioned_reason(plans: dict[str | None, Plan]) -> str:
+    walks = Counter(plan.strategy for plan in plans.values())
+    return (f"partitioned: {len(plans)} leaves walked one by one ("
+            + ", ".join(f"{strategy} {n}" for strategy, n in walks.most_common()) + ")")
+
+
+def legs_of(run: runs.Run, checked: Checked, plans: dict[str | None, Plan]) -> dict[str | None, Leg]:
+    """Each leaf walked the way its slices recorded (the run's own way for a plain table)."""
+    recorded = {part.leaf: part.strategy or run.strategy for part in run.slices}
+    legs = {}
+    for leaf, (_table, statements) in checked.legs.items():
+        plan = plans[leaf]
+        strategy = strategy_for(recorded.get(leaf, run.strategy), plan.facts.integer_key)
+        legs[leaf] = Leg(plan, strategy, statements)
+    return legs
 
 
 def collect(
@@ -126,24 +181,28 @@ def collect(
     try:
         target = check(conn, options)
         if options.dry_run:
-            plan = make_plan(conn, options, target.target, target.statements)
-            return dry_run(conn, plan, options, target.statements)
+            legs = {leaf: statements for leaf, (_table, statements) in target.legs.items()}
+            return dry_run(conn, _plans(conn, options, target), legs, options, target.target)
         lock_table(conn, options, target.oid)
-        plan = make_plan(conn, options, target.target, target.statements)
+        plans = _plans(conn, options, target)
         before = reclaim.health(conn, target.oid)
-        run, reason = resume_or_start(conn, options, plan, run_id, target.target.describe())
-        strategy = strategy_for(run.strategy, plan.facts.integer_key)
-        walk = Walk(options=options, plan=plan, run=run, strategy=strategy,
-                    statements=target.statements, dsn=dsn, stop=stop or threading.Event(),
-                    on_progress=on_progress, throttle=Throttle(_limits(options), target.oid))
+        run, reason = resume_or_start(conn, options, plans, run_id, target.target.describe())
+        walk = Walk(options=options, run=run, legs=legs_of(run, target, plans), oid=target.oid,
+                    dsn=dsn, stop=stop or threading.Event(), on_progress=on_progress,
+                    throttle=Throttle(_limits(options), target.oid))
         conn, closed = _walk_and_close(conn, walk, target, finisher or SilentFinisher())
-        result = _result(walk, closed, reason)
+        result = _result(walk, closed, reason, target.target)
         if closed.recorded and not conn.closed:
             result.reclaim = _reclaim_after(conn, options, target.oid, before, run.id)
             runs.unlock_table(conn, target.oid)
         return result
     finally:
         conn.close()
+
+
+def _plans(conn: Connection, options: GcOptions, checked: Checked) -> dict[str | None, Plan]:
+    return {leaf: make_plan(conn, options, table, statements)
+            for leaf, (table, statements) in checked.legs.items()}
 
 
 def _limits(options: GcOptions) -> Limits:
@@ -179,15 +238,15 @@ def _walk_and_close(conn: Connection, walk: Walk, target: Checked,
     return closed.conn, closed
 
 
-def _result(walk: Walk, closed: Closed, reason: str) -> GcResult:
+def _result(walk: Walk, closed: Closed, reason: str, target: Target) -> GcResult:
     outcome = closed.outcome
     latencies = sorted(walk.latencies_ms)
     return GcResult(
         status=outcome.status,
-        strategy=walk.strategy.name,
+        strategy=walk.run.strategy,
         reason=reason,
-        garbage_estimate=walk.plan.facts.garbage_rows_estimate,
-        rows_estimate=walk.plan.facts.rows_estimate,
+        garbage_estimate=walk.garbage_estimate,
+        rows_estimate=sum(leg.plan.facts.rows_estimate for leg in walk.legs.values()),
         run_id=walk.run.id,
         resumed_from=walk.run.resumed_from,
         stop_reason=walk.stop_reason if outcome.status is RunStatus.STOPPED else None,
@@ -203,16 +262,18 @@ def _result(walk: Walk, closed: Closed, reason: str) -> GcResult:
         throttle_pauses=walk.throttle.pauses,
         throttled_s=walk.throttle.paused_s,
         throttle_reasons=walk.throttle.reasons,
-        garbage=walk.statements.target.describe(),
-        **_foreign_keys(walk),
+        garbage=target.describe(),
+        partitions={leaf: {"strategy": walk.leg(part).strategy.name, "deleted": walk.by_leaf[leaf]}
+                    for part in walk.run.slices if (leaf := part.leaf) is not None},
+        **_foreign_keys(walk, target),
     )
 
 
-def _foreign_keys(walk: Walk) -> dict[str, Any]:
+def _foreign_keys(walk: Walk, target: Target) -> dict[str, Any]:
     """Every foreign key onto the table with what the run did about it, and the rows kept."""
     delete_dependents = walk.options.delete_dependents
     reports = {ref.name: ref.report(walk.foreign_keys[ref.name], delete_dependents)
-               for ref in walk.statements.target.references}
+               for ref in target.references}
     kept = {name: int(report["rows"]) for name, report in reports.items() if report["effect"] == "kept"}
     return {"foreign_keys": reports, "kept_referenced": kept}
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections import Counter
 from typing import Any
 
 from psycopg import errors as pg_errors
@@ -9,13 +10,14 @@ from psycopg import errors as pg_errors
 from engine.config import GcOptions
 from engine.db import Connection, one_row
 from engine.errors import MsggcError
-from engine.estimate import estimate
+from engine.estimate import Estimate, estimate
 from engine.planner import Plan
 from engine.queries import Statements
 from engine.result import GcResult
 from engine.sizer import DEFAULT_BATCH_ROWS
 from engine.status import RunStatus
 from engine.strategies import strategy_for
+from engine.target import Target
 
 
 def _foreign_keys(conn: Connection, plan: Plan, options: GcOptions,
@@ -32,28 +34,39 @@ def _foreign_keys(conn: Connection, plan: Plan, options: GcOptions,
     return reports
 
 
-def dry_run(conn: Connection, plan: Plan, options: GcOptions, statements: Statements) -> GcResult:
-    """The prediction comes from real batches that are rolled back (see :mod:`engine.estimate`)."""
+def dry_run(conn: Connection, plans: dict[str | None, Plan], legs: dict[str | None, Statements],
+            options: GcOptions, target: Target) -> GcResult:
+    """The plan of each table the run would delete from (the table, or each leaf partition), and
+    a prediction from real batches that are rolled back (see :mod:`engine.estimate`)."""
+    samples = {leaf: _sample(conn, plan, options, legs[leaf]) for leaf, plan in plans.items()}
+    walks = Counter(plan.strategy for plan in plans.values())
+    only = plans.get(None)
+    return GcResult(
+        status=RunStatus.DRY_RUN,
+        garbage=target.describe(),
+        foreign_keys=_foreign_keys(conn, only, options, legs[None]) if only else {},
+        strategy=only.strategy if only else walks.most_common(1)[0][0] if walks else "physical",
+        reason=only.reason if only else f"partitioned: {len(plans)} leaves walked one by one",
+        garbage_estimate=sum(plan.facts.garbage_rows_estimate for plan in plans.values()),
+        rows_estimate=sum(plan.facts.rows_estimate for plan in plans.values()),
+        planned_batches=sum(sample.batches for sample in samples.values()),
+        predicted_seconds=sum(sample.predicted_seconds for sample in samples.values()),
+        predicted_wal_bytes=sum(sample.predicted_wal_bytes for sample in samples.values()),
+        partitions={leaf: {"strategy": plan.strategy, "reason": plan.reason,
+                           "garbage_estimate": plan.facts.garbage_rows_estimate}
+                    for leaf, plan in plans.items() if leaf is not None},
+    )
+
+
+def _sample(conn: Connection, plan: Plan, options: GcOptions, statements: Statements) -> Estimate:
     strategy = strategy_for(plan.strategy, plan.facts.integer_key)
     size = strategy.units_for_rows(options.batch_size or DEFAULT_BATCH_ROWS, plan.facts)
     target_s = None if options.batch_size else options.target_batch_ms / 1000
     try:
-        sample = estimate(conn, plan, strategy, statements, {"cutoff": plan.cutoff, "run_id": 0}, size,
-                          target_s, options.archive_to is not None)
+        return estimate(conn, plan, strategy, statements, {"cutoff": plan.cutoff, "run_id": 0}, size,
+                        target_s, options.archive_to is not None)
     except pg_errors.ForeignKeyViolation as exc:
         raise MsggcError(
-            f"garbage rows of {options.table.qualified} are still referenced by a foreign key"
+            f"garbage rows of {statements.table.qualified} are still referenced by a foreign key"
             f" ({exc.diag.message_primary}): a GC cannot delete them while the reference exists"
         ) from None
-    return GcResult(
-        status=RunStatus.DRY_RUN,
-        garbage=statements.target.describe(),
-        foreign_keys=_foreign_keys(conn, plan, options, statements),
-        strategy=plan.strategy,
-        reason=plan.reason,
-        garbage_estimate=plan.facts.garbage_rows_estimate,
-        rows_estimate=plan.facts.rows_estimate,
-        planned_batches=sample.batches,
-        predicted_seconds=sample.predicted_seconds,
-        predicted_wal_bytes=sample.predicted_wal_bytes,
-    )

@@ -55,10 +55,18 @@ class Reference:
                 f" ON DELETE {self.action.upper()}")
 
 
+ROOT_NAME = (
+    "(WITH RECURSIVE up(parent, name) AS (SELECT c.conparentid, c.conname::text UNION ALL"
+    " SELECT p.conparentid, p.conname::text FROM up JOIN pg_constraint p ON p.oid = up.parent)"
+    " SELECT name FROM up WHERE parent = 0)"
+)
+"""A foreign key onto a partitioned table is cloned onto each leaf: named by the one declared."""
+
+
 def referencing(conn: Connection, oid: int) -> tuple[Reference, ...]:
     """Every foreign key onto the table, from any schema (and the table itself), by name."""
     rows = conn.execute(
-        "SELECT c.conname, n.nspname, cl.relname, c.conrelid::int8, c.confdeltype::text,"
+        "SELECT " + ROOT_NAME + ", n.nspname, cl.relname, c.conrelid::int8, c.confdeltype::text,"
         " ARRAY(SELECT a.attname::text FROM unnest(c.conkey) WITH ORDINALITY AS k(attnum, i)"
         "       JOIN pg_attribute a ON a.attrelid = c.conrelid AND a.attnum = k.attnum ORDER BY k.i),"
         " ARRAY(SELECT a.attname::text FROM unnest(c.confkey) WITH ORDINALITY AS k(attnum, i)"

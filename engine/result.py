@@ -54,6 +54,8 @@ class GcResult:
     """The garbage predicate in force (processed column and ``--where``)."""
     foreign_keys: dict[str, dict[str, Any]] = field(default_factory=dict)
     """Per foreign key onto the table: its child, action, and the rows it kept or changed."""
+    partitions: dict[str, dict[str, Any]] = field(default_factory=dict)
+    """A partitioned table's leaves: how each was walked (or planned) and its rows deleted."""
     kept_referenced: dict[str, int] = field(default_factory=dict)
     """Per NO ACTION/RESTRICT foreign key: garbage rows left because a child row references them."""
     predicted_seconds: float | None = None

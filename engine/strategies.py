@@ -33,6 +33,10 @@ class Slice:
     end: int | None
     """None: an ordered-key walk, which goes on to the key's end."""
     finished: bool = False
+    leaf: str | None = None
+    """The leaf partition it walks (qualified), for a partitioned table; None: the table itself."""
+    strategy: StrategyName | None = None
+    """The leaf's walk (a partitioned table walks each leaf the way that fits it)."""
 
     @property
     def done(self) -> bool:
@@ -58,11 +62,13 @@ class Slice:
         return position - self.number if isinstance(position, int) else 0
 
     def as_json(self) -> dict[str, Any]:
-        return {"position": self.position, "end": self.end, "finished": self.finished}
+        record = {"position": self.position, "end": self.end, "finished": self.finished}
+        return record if self.leaf is None else {**record, "leaf": self.leaf, "strategy": self.strategy}
 
     @classmethod
     def of_json(cls, data: dict[str, Any]) -> Slice:
-        return cls(data["position"], data["end"], bool(data.get("finished", False)))
+        return cls(data["position"], data["end"], bool(data.get("finished", False)), data.get("leaf"),
+                   data.get("strategy"))
 
 
 @dataclass(frozen=True)

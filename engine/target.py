@@ -9,6 +9,7 @@ walk needs one), and the one garbage predicate every DELETE repeats.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Collection
 from dataclasses import dataclass
 
@@ -43,6 +44,8 @@ class Target:
     filter: Filter | None
     references: tuple[Reference, ...] = ()
     """Foreign keys of other tables (or this one) onto it."""
+    leaves: tuple[Target, ...] = ()
+    """A partitioned table's leaf partitions, each a target of its own (a ctid is per leaf)."""
 
     @property
     def integer_key(self) -> bool:
@@ -63,7 +66,7 @@ class Target:
 
 def resolve(conn: Connection, spec: TableSpec, *, with_retention: bool = False) -> Target:
     """The checked target, or a :class:`UsageError` that says what to change."""
-    oid = _require_table(conn, spec)
+    oid, partitioned = _require_table(conn, spec)
     columns: dict[str, str] = dict(conn.execute(
         "SELECT attname, format_type(atttypid, atttypmod) FROM pg_attribute"
         " WHERE attrelid = %s AND attnum > 0 AND NOT attisdropped ORDER BY attnum", (oid,)).fetchall())
@@ -71,8 +74,10 @@ def resolve(conn: Connection, spec: TableSpec, *, with_retention: bool = False) 
     if flt is not None:
         check_volatility(conn, flt)
         _check_on_server(conn, spec, flt)
+    leaves = tuple(resolve(conn, leaf, with_retention=with_retention) for leaf in _leaves(conn, oid, spec)
+                   ) if partitioned else ()
     target = Target(spec, oid, columns, _key(conn, spec, oid, columns), _processed(spec, columns, flt), flt,
-                    referencing(conn, oid))
+                    referencing(conn, oid), leaves)
     if with_retention and (target.processed is None or columns[target.processed] not in TIME_TYPES):
         raise UsageError(
             f"--older-than needs a date/time processed column; {spec.qualified}."
@@ -96,24 +101,31 @@ def _check_on_server(conn: Connection, spec: TableSpec, flt: Filter) -> None:
 
 def locate(conn: Connection, spec: TableSpec) -> tuple[int, tuple[str, ...]]:
     """The table's oid and key, for what only moves its rows back (restore)."""
-    oid = _require_table(conn, spec)
+    oid, _ = _require_table(conn, spec)
     columns = [name for (name,) in conn.execute(
         "SELECT attname FROM pg_attribute WHERE attrelid = %s AND attnum > 0 AND NOT attisdropped", (oid,))]
     return oid, _key(conn, spec, oid, columns)
 
 
-def _require_table(conn: Connection, spec: TableSpec) -> int:
+def _require_table(conn: Connection, spec: TableSpec) -> tuple[int, bool]:
+    """The table's oid, and whether it is partitioned (then its leaves are walked, one by one)."""
     oid = regclass_of(conn, spec)
     if oid is None:
         hint = "run `msggc migrate` first" if spec.name == "messages" else "check --table (SCHEMA.NAME)"
         raise TargetTableError(f"table {spec.qualified} does not exist: {hint}")
     kind = one_row(conn.execute("SELECT relkind FROM pg_class WHERE oid = %s", (oid,)))[0]
-    if kind == "p":  # its own heap is empty: a walk over it would find nothing and say complete
-        raise TargetTableError(
-            f"{spec.qualified} is a partitioned table: collect each partition with --table PARTITION")
-    if kind != "r":
+    if kind not in ("r", "p"):
         raise TargetTableError(f"{spec.qualified} is {RELATION_KINDS.get(kind, 'not a table')}, not a table")
-    return int(oid)
+    return int(oid), kind == "p"
+
+
+def _leaves(conn: Connection, oid: int, spec: TableSpec) -> list[TableSpec]:
+    """Every leaf partition under the table (sub-partitions included), each described like it."""
+    rows = conn.execute(
+        "SELECT n.nspname, c.relname FROM pg_partition_tree(%s::regclass) t"
+        " JOIN pg_class c ON c.oid = t.relid JOIN pg_namespace n ON n.oid = c.relnamespace"
+        " WHERE t.isleaf ORDER BY n.nspname, c.relname", (oid,)).fetchall()
+    return [dataclasses.replace(spec, schema=schema, name=name) for schema, name in rows]
 
 
 def _key(conn: Connection, spec: TableSpec, oid: int, columns: Collection[str]) -> tuple[str, ...]:

@@ -39,15 +39,26 @@ RECONNECT_WINDOW_S = 30.0
 log = logging.getLogger("msggc.walk")
 
 
+@dataclass(frozen=True)
+class Leg:
+    """A table the walk deletes from: the target itself, or one leaf partition of it, each with
+    its own plan, walk and statements."""
+
+    plan: Plan
+    strategy: Strategy
+    statements: Statements
+
+
 @dataclass
 class Walk:
     """State shared by the workers of one run."""
 
     options: GcOptions
-    plan: Plan
     run: runs.Run
-    strategy: Strategy
-    statements: Statements
+    legs: dict[str | None, Leg]
+    """By leaf name (None: a plain table); every slice names its leg."""
+    oid: int
+    """The target's: its advisory lock is the run's."""
     dsn: str
     stop: threading.Event
     on_progress: Callable[[Progress], None] | None
@@ -61,6 +72,8 @@ class Walk:
     latencies_ms: list[float] = field(default_factory=list)
     foreign_keys: Counter[str] = field(default_factory=Counter)
     """Per foreign key onto the table: garbage rows kept, or child rows deleted or changed."""
+    by_leaf: Counter[str] = field(default_factory=Counter)
+    """Rows deleted per leaf partition."""
     stop_reason: str | None = None
     error: str | None = None
     rewound: bool = False
@@ -68,6 +81,13 @@ class Walk:
     @property
     def walked_to_end(self) -> bool:
         return all(part.done for part in self.run.slices)
+
+    @property
+    def garbage_estimate(self) -> int:
+        return sum(leg.plan.facts.garbage_rows_estimate for leg in self.legs.values())
+
+    def leg(self, part: Slice) -> Leg:
+        return self.legs[part.leaf]
 
     def budget_reason(self) -> str | None:
         if self.stop.is_set():
@@ -79,16 +99,17 @@ class Walk:
             return f"max_seconds={self.options.max_seconds:g}"
         return None
 
-    def record(self, outcome: BatchOutcome, seconds: float) -> None:
+    def record(self, part: Slice, outcome: BatchOutcome, seconds: float) -> None:
         with self.lock:
             self.deleted += outcome.deleted
+            if part.leaf is not None:
+                self.by_leaf[part.leaf] += outcome.deleted
             self.skipped += outcome.skipped_locked
             self.foreign_keys.update(outcome.references)
             self.batches += 1
             self.latencies_ms.append(seconds * 1000)
             progress = Progress(self.run.id, self.deleted, self.batches,
-                                time.monotonic() - self.started,
-                                self.plan.facts.garbage_rows_estimate, seconds)
+                                time.monotonic() - self.started, self.garbage_estimate, seconds)
         if self.on_progress:
             self.on_progress(progress)
 
@@ -113,18 +134,19 @@ class Walk:
             self.error = self.error or message
         self.stop.set()
 
-    def new_sizer(self) -> BatchSizer:
+    def new_sizer(self, leg: Leg) -> BatchSizer:
         rows = self.options.batch_size or DEFAULT_BATCH_ROWS
-        return BatchSizer(self.strategy.units_for_rows(rows, self.plan.facts), self.strategy.max_units,
+        strategy = leg.strategy
+        return BatchSizer(strategy.units_for_rows(rows, leg.plan.facts), strategy.max_units,
                           self.options.target_batch_ms / 1000, self.options.batch_size,
-                          self.strategy.units_are_rows)
+                          strategy.units_are_rows)
 
-    def batch_size(self, sizer: BatchSizer) -> int:
+    def batch_size(self, leg: Leg, sizer: BatchSizer) -> int:
         """The sizer's choice, capped so a ``max_rows`` budget is not overshot by much."""
         if self.options.max_rows is None:
             return sizer.size
         remaining = max(1, self.options.max_rows - self.deleted)
-        return min(sizer.size, self.strategy.units_for_rows(remaining, self.plan.facts))
+        return min(sizer.size, leg.strategy.units_for_rows(remaining, leg.plan.facts))
 
     def prepared(self, conn: Connection) -> Connection:
         """A worker's connection, with its session temp table when rows go to a file."""
@@ -134,7 +156,7 @@ class Walk:
 
     @property
     def params(self) -> dict[str, Any]:
-        return {"cutoff": self.plan.cutoff, "run_id": self.run.id}
+        return {"cutoff": next(iter(self.legs.values())).plan.cutoff, "run_id": self.run.id}
 
     @property
     def settings(self) -> dict[str, str | None]:
@@ -153,9 +175,10 @@ def run_batch(conn: Connection, walk: Walk, index: int, part: Slice,
             file = walk.archive_file
             with file.turn() if file else nullcontext() as turn, conn.transaction():
                 conn.execute(SET_BATCH_SETTINGS, walk.settings)
-                outcome = walk.strategy.run_batch(conn, walk.statements, part, walk.batch_size(sizer),
-                                                  walk.params, skip_locked)
-                reached = Slice(outcome.position, part.end, outcome.finished)
+                leg = walk.leg(part)
+                outcome = leg.strategy.run_batch(conn, leg.statements, part, walk.batch_size(leg, sizer),
+                                                 walk.params, skip_locked)
+                reached = Slice(outcome.position, part.end, outcome.finished, part.leaf, part.strategy)
                 runs.checkpoint(conn, walk.run.id, index, reached, outcome.deleted, outcome.skipped_locked,
                                 turn.append(conn) if turn else None, walk.totals_with(outcome.references))
             return outcome
@@ -210,7 +233,7 @@ def reconnect(walk: Walk, holds_lock: bool) -> Connection:
 def _ready(walk: Walk, conn: Connection, holds_lock: bool) -> Connection:
     """The table lock taken back (the lock holder) and the session prepared, or closed."""
     try:
-        if holds_lock and not runs.try_lock_table(conn, walk.plan.facts.oid):
+        if holds_lock and not runs.try_lock_table(conn, walk.oid):
             raise GcAlreadyRunning("lost the table lock while reconnecting: another GC took over")
         return walk.prepared(conn)
     except BaseException:
@@ -220,13 +243,16 @@ def _ready(walk: Walk, conn: Connection, holds_lock: bool) -> Connection:
 
 def work(link: Link, walk: Walk, todo: queue.SimpleQueue[int]) -> None:
     """A worker: takes slices from the queue and walks each to its end or to the budget."""
-    sizer = walk.new_sizer()
+    sizers: dict[str | None, BatchSizer] = {}
     while True:
         try:
             index = todo.get_nowait()
         except queue.Empty:
             return
         part = walk.run.slices[index]
+        if part.leaf not in sizers:
+            sizers[part.leaf] = walk.new_sizer(walk.leg(part))
+        sizer = sizers[part.leaf]
         while not part.done:
             if (reason := walk.budget_reason()) is not None:
                 with walk.lock:
@@ -244,7 +270,7 @@ def work(link: Link, walk: Walk, todo: queue.SimpleQueue[int]) -> None:
             seconds = time.monotonic() - began
             part.position, part.finished = outcome.position, outcome.finished
             sizer.observe(seconds, outcome.deleted + outcome.skipped_locked)
-            walk.record(outcome, seconds)
+            walk.record(part, outcome, seconds)
             if walk.options.sleep:
                 walk.stop.wait(walk.options.sleep)
 

@@ -218,13 +218,10 @@ def test_status_and_migrate_as_a_role_without_privileges_are_one_line_errors(
          "--key: table target has no column 'msg_id'"),
         ("CREATE VIEW target AS SELECT * FROM messages", [], "target is a view, not a table"),
         ("CREATE MATERIALIZED VIEW target AS SELECT * FROM messages", [], "is a materialized view"),
-        ("CREATE TABLE target (id bigint, processed_at timestamptz) PARTITION BY RANGE (id);"
-         " CREATE TABLE target_1 PARTITION OF target FOR VALUES FROM (0) TO (1000)", [],
-         "is a partitioned table: collect each partition"),
         ("CREATE SEQUENCE target", [], "target is a sequence, not a table"),
     ],
     ids=["key-walk-on-uuid", "retention-on-text", "no-processed-column", "keyless-index-walk", "unknown-key",
-         "view", "materialized-view", "partitioned", "sequence"],
+         "view", "materialized-view", "sequence"],
 )
 def test_a_target_of_the_wrong_shape_gets_one_line_and_exit_2(
     conn: Conn, dsn: str, ddl: str, args: list[str], fragment: str, ledger: Ledger
