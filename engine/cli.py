@@ -16,7 +16,7 @@ from typing import Any, TypeVar
 
 import click
 
-from engine import migrate, runs
+from engine import runs
 from engine.collector import collect
 from engine.config import (
     STRATEGIES,
@@ -103,6 +103,8 @@ def migrate_command(dsn: str | None, archive_for: tuple[str, ...]) -> None:
     """Create or upgrade msggc's schema (idempotent), and the archive tables asked for."""
     tables = [TableSpec.parse(name) for name in archive_for]
     dsn = resolve_dsn(dsn)
+    from engine import migrate  # Alembic and SQLAlchemy: only this command needs them
+
     before, after = migrate.upgrade(dsn)
     state = "already at" if before == after else f"upgraded from {before or 'empty'} to"
     click.echo(f"schema {state} revision {after} on {mask_dsn(dsn)}")
