@@ -175,6 +175,9 @@ def seed(dsn: str | None, table: str, rows: int, shape: str, garbage_fraction: f
               help="Pause while a standby's replay lag exceeds this (e.g. 10s).")
 @click.option("--pause-for-vacuum", is_flag=True, help="Pause while (auto)vacuum works on the table.")
 @click.option("--vacuum", is_flag=True, help="VACUUM (ANALYZE) the table after the run; report sizes.")
+@click.option("--no-drop", is_flag=True,
+              help="Partitioned table: delete a wholly-garbage leaf row by row instead of detaching"
+                   " and dropping it.")
 @click.option("--delete-dependents", is_flag=True,
               help="Delete the child rows of NO ACTION/RESTRICT foreign keys that hold a garbage row"
                    " first, in the same batch (archived too with --archive); default: keep the row.")

@@ -8,6 +8,7 @@ no trace; from the moment the row exists, every way out of the run goes through
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 import time
 from collections import Counter
@@ -18,13 +19,13 @@ from typing import Any
 
 import psycopg
 
-from engine import archive_file, reclaim, runs
+from engine import archive_file, partitions, reclaim, runs
 from engine.archive import resolve as resolve_archive
 from engine.archive_file import ArchiveFile
-from engine.config import GcOptions, StrategyName
-from engine.db import Connection, connect, require_bookkeeping
+from engine.config import GcOptions, StrategyName, TableSpec
+from engine.db import Connection, connect, regclass_of, require_bookkeeping
 from engine.dryrun import dry_run
-from engine.errors import GcAlreadyRunning
+from engine.errors import GcAlreadyRunning, MsggcError
 from engine.finish import Closed, Finisher, SilentFinisher, close, decide
 from engine.planner import Plan, make_plan
 from engine.queries import Archive, Statements
@@ -220,6 +221,8 @@ def _walk_and_close(conn: Connection, walk: Walk, target: Checked,
                                                  walk.options.table, archive.columns, walk.run)
 
         guarded(walk, open_file)
+    if walk.error is None and any(leaf is not None for leaf in walk.legs):
+        guarded(walk, lambda: _drop_wholly_garbage(conn, walk, target))
     if walk.error is None:
         conn = walk_run(conn, walk)
 
@@ -236,6 +239,46 @@ def _walk_and_close(conn: Connection, walk: Walk, target: Checked,
     if closed.conn is not conn:
         conn.close()
     return closed.conn, closed
+
+
+def _drop_wholly_garbage(conn: Connection, walk: Walk, checked: Checked) -> None:
+    """Leaves wholly garbage go by DETACH and DROP instead of row by row (:mod:`engine.partitions`),
+    unless the operator said ``--no-drop``, rows must be archived, or a foreign key points at the
+    table; a leaf a killed run left detached is finished first."""
+    options = walk.options
+    if options.no_drop or options.archive or options.archive_to or checked.target.references:
+        return
+    for run_id in (walk.run.id, walk.run.resumed_from):
+        if run_id is not None and (pending := runs.detaching(conn, run_id)) is not None:
+            _finish_interrupted_drop(conn, walk, pending)
+            runs.mark_detaching(conn, run_id, None)
+    for leaf, leg in walk.legs.items():
+        if leaf is None or all(part.done for part in walk.run.slices if part.leaf == leaf):
+            continue
+        candidate = partitions.droppable(conn, leg.statements.target.oid)
+        if candidate is None or not partitions.wholly_garbage(conn, leg.statements, walk.params):
+            continue
+        dropped = partitions.drop(conn, candidate, leg.statements, walk.params, walk.run.id,
+                                  options.lock_timeout_ms)
+        if dropped is not None:
+            walk.record_drop(leaf, dropped)
+
+
+def _finish_interrupted_drop(conn: Connection, walk: Walk, pending: dict[str, str]) -> None:
+    """The leaf a killed run detached (or began to): dropped if still wholly garbage, else
+    attached again, and this run fails so that the next one walks it with the others."""
+    leaf = partitions.Leaf(TableSpec.parse(pending["leaf"]), TableSpec.parse(pending["parent"]),
+                           pending["bound"], parent_has_default=False)
+    partitions.finalize_pending(conn, leaf)
+    if partitions.is_attached(conn, leaf) or regclass_of(conn, leaf.table) is None:
+        return
+    spec = dataclasses.replace(walk.options.table, schema=leaf.table.schema, name=leaf.table.name)
+    statements = Statements.for_target(resolve_target(conn, spec), walk.options.older_than is not None)
+    dropped = partitions.finish_detached(conn, leaf, statements, walk.params, walk.run.id)
+    if dropped is None:
+        raise MsggcError(f"{leaf.table.qualified}, detached by an interrupted run, holds rows that are"
+                         " not garbage: it is attached again; run again to walk it row by row")
+    walk.record_drop(pending["leaf"], dropped)
 
 
 def _result(walk: Walk, closed: Closed, reason: str, target: Target) -> GcResult:
@@ -263,7 +306,8 @@ def _result(walk: Walk, closed: Closed, reason: str, target: Target) -> GcResult
         throttled_s=walk.throttle.paused_s,
         throttle_reasons=walk.throttle.reasons,
         garbage=target.describe(),
-        partitions={leaf: {"strategy": walk.leg(part).strategy.name, "deleted": walk.by_leaf[leaf]}
+        partitions={leaf: {"strategy": part.strategy, "deleted": walk.by_leaf[leaf],
+                           "dropped": leaf in walk.dropped}
                     for part in walk.run.slices if (leaf := part.leaf) is not None},
         **_foreign_keys(walk, target),
     )

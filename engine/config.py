@@ -76,6 +76,8 @@ class GcOptions:
     dry_run: bool = False
     node: str = ""
     archive: bool = False
+    no_drop: bool = False
+    """Walk a partitioned table's wholly-garbage leaves row by row instead of dropping them."""
     delete_dependents: bool = False
     """Delete (and with ``archive`` archive) the child rows of NO ACTION/RESTRICT foreign keys that
     hold a garbage row, in the batch's transaction, instead of keeping the row."""

@@ -7,6 +7,7 @@ from typing import Any
 
 from psycopg import errors as pg_errors
 
+from engine import partitions
 from engine.config import GcOptions
 from engine.db import Connection, one_row
 from engine.errors import MsggcError
@@ -53,9 +54,26 @@ def dry_run(conn: Connection, plans: dict[str | None, Plan], legs: dict[str | No
         predicted_seconds=sum(sample.predicted_seconds for sample in samples.values()),
         predicted_wal_bytes=sum(sample.predicted_wal_bytes for sample in samples.values()),
         partitions={leaf: {"strategy": plan.strategy, "reason": plan.reason,
-                           "garbage_estimate": plan.facts.garbage_rows_estimate}
+                           "garbage_estimate": plan.facts.garbage_rows_estimate,
+                           **_drop_verdict(conn, plan, legs[leaf], options, target)}
                     for leaf, plan in plans.items() if leaf is not None},
     )
+
+
+def _drop_verdict(conn: Connection, plan: Plan, statements: Statements, options: GcOptions,
+                  target: Target) -> dict[str, Any]:
+    """Whether a run would drop the leaf whole, and why (or why not)."""
+    archived = options.archive or options.archive_to
+    why = ("--no-drop" if options.no_drop else "its rows are archived" if archived
+           else "a foreign key points at the table" if target.references
+           else "not a range leaf that a later leaf with rows follows"
+           if partitions.droppable(conn, statements.target.oid) is None
+           else "not all its rows are garbage"
+           if not partitions.wholly_garbage(conn, statements, {"cutoff": plan.cutoff, "run_id": 0})
+           else None)
+    if why is not None:
+        return {"drop": False, "why": f"walked row by row: {why}"}
+    return {"drop": True, "why": "every row is garbage: detached and dropped whole"}
 
 
 def _sample(conn: Connection, plan: Plan, options: GcOptions, statements: Statements) -> Estimate:

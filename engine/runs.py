@@ -168,6 +168,35 @@ def checkpoint(conn: Connection, run_id: int, slice_index: int, part: Slice, del
     )
 
 
+def mark_detaching(conn: Connection, run_id: int, leaf: str | None, parent: str | None = None,
+                   bound: str | None = None) -> None:
+    """Before a leaf is detached to be dropped (None: no longer): a run killed meanwhile is
+    finished by the next one, which finds the leaf here."""
+    detaching = {"leaf": leaf, "parent": parent, "bound": bound} if leaf else None
+    conn.execute("UPDATE gc_runs SET cursor = jsonb_set(cursor, '{detaching}', %s) WHERE id = %s",
+                 (Jsonb(detaching), run_id))
+
+
+def detaching(conn: Connection, run_id: int) -> dict[str, str] | None:
+    row = one_row(conn.execute("SELECT cursor -> 'detaching' FROM gc_runs WHERE id = %s", (run_id,)))
+    return row[0] or None
+
+
+def record_drop(conn: Connection, run_id: int, leaf: str, rows: int) -> None:
+    """In the drop's transaction: its rows count as deleted, the leaf's slices are done."""
+    conn.execute(
+        "UPDATE gc_runs SET messages_deleted = messages_deleted + %(rows)s, batches = batches + 1,"
+        " heartbeat_at = now(), cursor = jsonb_set(jsonb_set(cursor, '{detaching}', 'null'),"
+        " '{slices}', (SELECT jsonb_agg(CASE WHEN s ->> 'leaf' = %(leaf)s"
+        "   THEN jsonb_set(s, '{finished}', 'true') ELSE s END ORDER BY n)"
+        "   FROM jsonb_array_elements(cursor -> 'slices') WITH ORDINALITY AS e(s, n)))"
+        " || jsonb_build_object('dropped',"
+        "   coalesce(cursor -> 'dropped', '{}') || jsonb_build_object(%(leaf)s::text, %(rows)s))"
+        " WHERE id = %(run)s",
+        {"rows": rows, "leaf": leaf, "run": run_id},
+    )
+
+
 def recorded_slices(conn: Connection, run_id: int) -> list[Slice]:
     """Where each slice of the run stands as of its last committed (and kept) checkpoint."""
     row = one_row(conn.execute("SELECT cursor FROM gc_runs WHERE id = %s", (run_id,)))

@@ -74,6 +74,8 @@ class Walk:
     """Per foreign key onto the table: garbage rows kept, or child rows deleted or changed."""
     by_leaf: Counter[str] = field(default_factory=Counter)
     """Rows deleted per leaf partition."""
+    dropped: set[str] = field(default_factory=set)
+    """Leaves dropped whole (their rows all garbage)."""
     stop_reason: str | None = None
     error: str | None = None
     rewound: bool = False
@@ -112,6 +114,16 @@ class Walk:
                                 time.monotonic() - self.started, self.garbage_estimate, seconds)
         if self.on_progress:
             self.on_progress(progress)
+
+    def record_drop(self, leaf: str, rows: int) -> None:
+        """A leaf dropped whole: its rows count as deleted, its slices are done."""
+        with self.lock:
+            self.deleted += rows
+            self.by_leaf[leaf] += rows
+            self.dropped.add(leaf)
+            for part in self.run.slices:
+                if part.leaf == leaf:
+                    part.finished = True
 
     def rewind(self, conn: Connection) -> None:
         """After the server went away, believe only what it kept: with ``--async-commit`` a crash

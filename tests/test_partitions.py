@@ -4,12 +4,16 @@ the walk that fits it, checkpointed and resumed per leaf, workers spread over th
 from __future__ import annotations
 
 import json
+import threading
+from typing import Any
 
+import psycopg
 import pytest
 
-from engine import collect
+from engine import collect, runs
 from engine.config import GcOptions, TableSpec
 from engine.status import RunStatus
+from tests.polling import wait_until
 from tests.support import run_cli
 
 LAYOUTS = {
@@ -123,3 +127,98 @@ def test_dry_run_plans_each_leaf_and_says_how(conn, dsn):
     assert result["reason"] == "partitioned: 3 leaves walked one by one"
     assert set(result["partitions"]) == {"public.inbox_p0", "public.inbox_p1", "public.inbox_p2"}
     assert all(part["strategy"] in ("physical", "index") for part in result["partitions"].values())
+
+
+def make_daily(conn, days: int = 6, rows_per_day: int = 200, garbage_days: int = 3) -> None:
+    """``inbox`` by day: the oldest ``garbage_days`` wholly processed, the others a fifth."""
+    conn.execute("CREATE TABLE inbox (id bigint NOT NULL, day int NOT NULL, processed_at timestamptz,"
+                 " body text, PRIMARY KEY (id, day)) PARTITION BY RANGE (day)")
+    for day in range(days):
+        conn.execute(f"CREATE TABLE inbox_d{day} PARTITION OF inbox FOR VALUES FROM ({day}) TO ({day + 1})")
+    conn.execute("INSERT INTO inbox SELECT g, g %% %(days)s,"
+                 " CASE WHEN g %% %(days)s < %(old)s OR g %% 5 = 0 THEN now() END, 'b'"
+                 " FROM generate_series(1, %(rows)s) g",
+                 {"days": days, "old": garbage_days, "rows": days * rows_per_day})
+    conn.execute("ANALYZE inbox")
+
+
+def leaves(conn) -> list[str]:
+    return [name for (name,) in conn.execute(
+        "SELECT c.relname FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid"
+        " WHERE i.inhparent = 'inbox'::regclass ORDER BY 1")]
+
+
+def test_wholly_garbage_leaves_are_dropped_and_counted_the_rest_walked(conn, dsn):
+    make_daily(conn)
+    kept = expected_survivors(conn)
+    result = collect(dsn, GcOptions(table=TableSpec(name="inbox")))
+    assert result.status is RunStatus.COMPLETE
+    assert leaves(conn) == ["inbox_d3", "inbox_d4", "inbox_d5"]
+    dropped = {leaf for leaf, part in result.partitions.items() if part["dropped"]}
+    assert dropped == {"public.inbox_d0", "public.inbox_d1", "public.inbox_d2"}
+    assert all(result.partitions[leaf]["deleted"] == 200 for leaf in dropped)
+    assert result.messages_deleted == 3 * 200 + 3 * 40
+    assert survivors(conn) == kept
+
+
+def test_no_drop_walks_every_leaf_row_by_row_to_the_same_rows(conn, dsn):
+    make_daily(conn)
+    kept = expected_survivors(conn)
+    result = collect(dsn, GcOptions(table=TableSpec(name="inbox"), no_drop=True))
+    assert result.status is RunStatus.COMPLETE and not any(p["dropped"] for p in result.partitions.values())
+    assert len(leaves(conn)) == 6 and result.messages_deleted == 3 * 200 + 3 * 40
+    assert survivors(conn) == kept
+
+
+def test_a_leaf_with_one_live_row_and_the_newest_leaf_are_never_dropped(conn, dsn):
+    make_daily(conn, garbage_days=6)
+    conn.execute("UPDATE inbox SET processed_at = NULL WHERE id = (SELECT min(id) FROM inbox_d1)")
+    kept = expected_survivors(conn)
+    result = collect(dsn, GcOptions(table=TableSpec(name="inbox")))
+    # d1 keeps a live row; d5, the newest, still receives the application's rows
+    assert leaves(conn) == ["inbox_d1", "inbox_d5"]
+    assert survivors(conn) == kept and result.status is RunStatus.COMPLETE
+
+
+def test_a_row_inserted_while_the_leaf_is_detached_keeps_it_attached_and_is_not_lost(conn, dsn):
+    make_daily(conn)
+    app = psycopg.connect(dsn)  # the application: an unprocessed row, not yet committed
+    app.execute("INSERT INTO inbox VALUES (999999, 0, NULL, 'late')")
+    done: list[Any] = []
+    gc = threading.Thread(target=lambda: done.append(collect(dsn, GcOptions(table=TableSpec(name="inbox")))))
+    gc.start()
+    wait_until(lambda: conn.execute("SELECT 1 FROM pg_stat_activity WHERE application_name = 'msggc'"
+                                    " AND query LIKE '%DETACH PARTITION%'").fetchone(), what="the detach")
+    app.commit()
+    app.close()
+    gc.join(60)
+    assert done and done[0].status is RunStatus.COMPLETE
+    assert conn.execute("SELECT body FROM inbox WHERE id = 999999").fetchone() == ("late",)
+    assert "inbox_d0" in leaves(conn)
+    assert conn.execute("SELECT count(*) FROM inbox WHERE processed_at IS NOT NULL").fetchone()[0] == 0
+
+
+def test_a_leaf_left_detached_by_a_killed_run_is_dropped_by_the_next(conn, dsn):
+    make_daily(conn)
+    first = collect(dsn, GcOptions(table=TableSpec(name="inbox"), no_drop=True, max_rows=10, batch_size=10))
+    assert first.status is RunStatus.STOPPED
+    # what the killed run had done: recorded the leaf, detached it, died before the drop
+    runs.mark_detaching(conn, first.run_id, "public.inbox_d2", "public.inbox", "FOR VALUES FROM (2) TO (3)")
+    conn.execute("ALTER TABLE inbox DETACH PARTITION inbox_d2")
+    second = collect(dsn, GcOptions(table=TableSpec(name="inbox")))
+    assert second.status is RunStatus.COMPLETE and second.resumed_from == first.run_id
+    assert conn.execute("SELECT to_regclass('inbox_d2')").fetchone()[0] is None
+    assert conn.execute("SELECT count(*) FROM inbox WHERE processed_at IS NOT NULL").fetchone()[0] == 0
+    total = conn.execute("SELECT sum(messages_deleted) FROM gc_runs").fetchone()[0]
+    assert total == 3 * 200 + 3 * 40
+
+
+def test_dry_run_says_which_leaves_would_be_dropped_and_why(conn, dsn):
+    make_daily(conn)
+    done = run_cli("gc", "--dsn", dsn, "--table", "inbox", "--dry-run", "--json")
+    assert done.returncode == 0, done.stderr
+    planned = json.loads(done.stdout)["partitions"]
+    verdicts = {leaf: (part["drop"], part["why"]) for leaf, part in planned.items()}
+    assert verdicts["public.inbox_d0"] == (True, "every row is garbage: detached and dropped whole")
+    assert verdicts["public.inbox_d4"] == (False, "walked row by row: not all its rows are garbage")
+    assert len(leaves(conn)) == 6

@@ -1,0 +1,155 @@
+"""Dropping a leaf partition that is wholly garbage instead of deleting its rows one by one.
+
+A drop writes a catalog change where a delete writes every row to WAL and leaves it to VACUUM.
+It must never lose a row, nor hold the application up for long:
+- only a RANGE leaf (not the default one, never a LIST or HASH leaf: their values have nowhere
+  else to go) that has rows, all of them garbage, with a later leaf already holding rows (the
+  application writes there now), and no foreign key onto the table;
+- it is detached with ``DETACH PARTITION ... CONCURRENTLY`` where the server allows it
+  (PostgreSQL 14+, no default partition), else in a short transaction; under ``lock_timeout``,
+  retried with backoff, and walked row by row when it cannot be detached;
+- once detached no row can arrive: it is locked and checked again; a row that is not garbage
+  (inserted or un-processed meanwhile) sends it back (re-attached with its bounds) to be walked
+  row by row; else it is dropped, its rows counted as deleted, in the same transaction as the
+  run's record of them;
+- the run records the leaf before detaching it, so a run killed between the detach and the drop
+  is finished by the next one (a pending detach is finalized first).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import psycopg
+from psycopg import errors as pg_errors
+from psycopg import sql
+
+from engine import runs
+from engine.config import TableSpec
+from engine.db import Connection, one_row, table_ident
+from engine.queries import Statements
+
+DETACH_ATTEMPTS = 5
+DETACH_BACKOFF_S = 0.2
+CONCURRENT_DETACH_VERSION = 140000
+
+
+@dataclass(frozen=True)
+class Leaf:
+    """A leaf partition as its parent declares it: what re-attaching it needs."""
+
+    table: TableSpec
+    parent: TableSpec
+    bound: str
+    """``FOR VALUES ...`` as ``pg_get_expr`` prints it."""
+    parent_has_default: bool
+
+
+def droppable(conn: Connection, oid: int) -> Leaf | None:
+    """The leaf, when it is a range leaf (on one column) of which a later leaf already holds
+    rows: the application writes there, not here; else None."""
+    row = conn.execute(
+        "SELECT n.nspname, c.relname, pn.nspname, p.relname, pg_get_expr(c.relpartbound, c.oid),"
+        " pt.partstrat::text, pt.partnatts, a.attname,"
+        " EXISTS (SELECT 1 FROM pg_inherits i2 JOIN pg_class s ON s.oid = i2.inhrelid"
+        "         WHERE i2.inhparent = p.oid AND pg_get_expr(s.relpartbound, s.oid) = 'DEFAULT')"
+        " FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace"
+        " JOIN pg_inherits i ON i.inhrelid = c.oid JOIN pg_class p ON p.oid = i.inhparent"
+        " JOIN pg_namespace pn ON pn.oid = p.relnamespace"
+        " JOIN pg_partitioned_table pt ON pt.partrelid = p.oid"
+        " LEFT JOIN pg_attribute a ON a.attrelid = p.oid AND a.attnum = pt.partattrs[0]"
+        " WHERE c.oid = %s",
+        (oid,),
+    ).fetchone()
+    if row is None:
+        return None
+    schema, name, parent_schema, parent, bound, strategy, columns, key, has_default = row
+    if strategy != "r" or bound == "DEFAULT" or columns != 1 or key is None:
+        return None
+    leaf = Leaf(TableSpec(name=name, schema=schema), TableSpec(name=parent, schema=parent_schema), bound,
+                bool(has_default))
+    later = one_row(conn.execute(sql.SQL(
+        "SELECT EXISTS (SELECT 1 FROM {parent} WHERE {key} > (SELECT max({key}) FROM {leaf}))"
+    ).format(parent=table_ident(leaf.parent), leaf=table_ident(leaf.table), key=sql.Identifier(key))))[0]
+    return leaf if later else None
+
+
+def wholly_garbage(conn: Connection, statements: Statements, params: dict[str, object]) -> bool:
+    """Rows, and none that is not garbage (a NULL test counts as not garbage)."""
+    return bool(one_row(conn.execute(sql.SQL(
+        "SELECT EXISTS (SELECT 1 FROM {t}) AND NOT EXISTS (SELECT 1 FROM {t} WHERE ({garbage}) IS NOT TRUE)"
+    ).format(t=table_ident(statements.table), garbage=statements.garbage), params))[0])
+
+
+def drop(conn: Connection, leaf: Leaf, statements: Statements, params: dict[str, object], run_id: int,
+         lock_timeout_ms: int) -> int | None:
+    """Detach, check again and drop the leaf; its rows, or None when it is walked instead."""
+    runs.mark_detaching(conn, run_id, leaf.table.qualified, leaf.parent.qualified, leaf.bound)
+    if not _detach(conn, leaf, lock_timeout_ms):
+        runs.mark_detaching(conn, run_id, None)
+        return None
+    return finish_detached(conn, leaf, statements, params, run_id)
+
+
+def finish_detached(conn: Connection, leaf: Leaf, statements: Statements, params: dict[str, object],
+                    run_id: int) -> int | None:
+    """The detached leaf dropped when it is still wholly garbage (its rows returned), or
+    attached again to be walked row by row (None)."""
+    with conn.transaction():
+        conn.execute(sql.SQL("LOCK TABLE {} IN ACCESS EXCLUSIVE MODE").format(table_ident(leaf.table)))
+        live, rows = one_row(conn.execute(sql.SQL(
+            "SELECT count(*) FILTER (WHERE ({garbage}) IS NOT TRUE), count(*) FROM {t}"
+        ).format(t=table_ident(leaf.table), garbage=statements.garbage), params))
+        if live == 0:
+            conn.execute(sql.SQL("DROP TABLE {}").format(table_ident(leaf.table)))
+            runs.record_drop(conn, run_id, leaf.table.qualified, rows)
+            return int(rows)
+    conn.execute(sql.SQL("ALTER TABLE {} ATTACH PARTITION {} {}").format(
+        table_ident(leaf.parent), table_ident(leaf.table), sql.SQL(leaf.bound)))  # bound from the catalog
+    runs.mark_detaching(conn, run_id, None)
+    return None
+
+
+def _detach(conn: Connection, leaf: Leaf, lock_timeout_ms: int) -> bool:
+    """Detached within a few attempts of ``lock_timeout`` each, or given up (False)."""
+    concurrently = conn.info.server_version >= CONCURRENT_DETACH_VERSION and not leaf.parent_has_default
+    statement = sql.SQL("ALTER TABLE {} DETACH PARTITION {}{}").format(
+        table_ident(leaf.parent), table_ident(leaf.table), sql.SQL(" CONCURRENTLY" if concurrently else ""))
+    for attempt in range(DETACH_ATTEMPTS):
+        try:
+            conn.execute("SELECT set_config('lock_timeout', %s, false)", (f"{lock_timeout_ms}ms",))
+            if concurrently:
+                conn.execute(statement)
+            else:
+                with conn.transaction():
+                    conn.execute(statement)
+            return True
+        except pg_errors.LockNotAvailable:
+            if concurrently:
+                finalize_pending(conn, leaf)  # an interrupted concurrent detach leaves it pending
+            time.sleep(DETACH_BACKOFF_S * 2**attempt)
+        finally:
+            conn.execute("RESET lock_timeout")
+    return False
+
+
+def finalize_pending(conn: Connection, leaf: Leaf) -> bool:
+    """Complete a concurrent detach that was interrupted (it stays pending until finalized)."""
+    pending = conn.execute(
+        "SELECT 1 FROM pg_inherits WHERE inhrelid = to_regclass(%s) AND inhdetachpending",
+        (table_ident(leaf.table).as_string(conn),)).fetchone()
+    if pending is None:
+        return False
+    try:
+        conn.execute(sql.SQL("ALTER TABLE {} DETACH PARTITION {} FINALIZE").format(
+            table_ident(leaf.parent), table_ident(leaf.table)))
+    except psycopg.OperationalError:
+        return False
+    return True
+
+
+def is_attached(conn: Connection, leaf: Leaf) -> bool:
+    return conn.execute(
+        "SELECT 1 FROM pg_inherits WHERE inhrelid = to_regclass(%s) AND NOT inhdetachpending",
+        (table_ident(leaf.table).as_string(conn),)).fetchone() is not None
