@@ -19,6 +19,8 @@ It must never lose a row, nor hold the application up for long:
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import psycopg
@@ -82,14 +84,39 @@ def wholly_garbage(conn: Connection, statements: Statements, params: dict[str, o
     ).format(t=table_ident(statements.table), garbage=statements.garbage), params))[0])
 
 
+PARTMAN_LOCK = "pg_partman run_maintenance"
+"""The advisory lock pg_partman's maintenance takes (``pg_try_advisory_xact_lock(hashtext(...))``):
+held around a detach and its drop, maintenance waits for its next round instead of racing them."""
+
+
 def drop(conn: Connection, leaf: Leaf, statements: Statements, params: dict[str, object], run_id: int,
          lock_timeout_ms: int) -> int | None:
     """Detach, check again and drop the leaf; its rows, or None when it is walked instead."""
-    runs.mark_detaching(conn, run_id, leaf.table.qualified, leaf.parent.qualified, leaf.bound)
-    if not _detach(conn, leaf, lock_timeout_ms):
-        runs.mark_detaching(conn, run_id, None)
-        return None
-    return finish_detached(conn, leaf, statements, params, run_id)
+    with _maintenance_paused(conn) as paused:
+        if not paused:
+            return None
+        runs.mark_detaching(conn, run_id, leaf.table.qualified, leaf.parent.qualified, leaf.bound)
+        if not _detach(conn, leaf, lock_timeout_ms):
+            runs.mark_detaching(conn, run_id, None)
+            return None
+        return finish_detached(conn, leaf, statements, params, run_id)
+
+
+@contextmanager
+def _maintenance_paused(conn: Connection) -> Iterator[bool]:
+    """pg_partman's lock, tried a few times with backoff: False when its maintenance keeps it."""
+    for attempt in range(DETACH_ATTEMPTS):
+        if one_row(conn.execute("SELECT pg_try_advisory_lock(hashtext(%s))", (PARTMAN_LOCK,)))[0]:
+            break
+        time.sleep(DETACH_BACKOFF_S * 2**attempt)
+    else:
+        yield False
+        return
+    try:
+        yield True
+    finally:
+        if not conn.closed:
+            conn.execute("SELECT pg_advisory_unlock(hashtext(%s))", (PARTMAN_LOCK,))
 
 
 def finish_detached(conn: Connection, leaf: Leaf, statements: Statements, params: dict[str, object],
