@@ -607,8 +607,8 @@ def main(argv: list[str] | None = None) -> int:
         path = out / f"{day}-{shape}.json"
         if path.exists():
             doc = json.loads(path.read_text())
-            context = {k: doc[k] for k in ("date", "command", "machine", "server", "settings", "duration_s")
-                       if k in doc}
+            context = {k: doc[k] for k in ("date", "command", "machine", "server", "settings", "duration_s",
+                                           "git") if k in doc}
             shapes[shape] = doc
     scale_path = out / f"{day}-scale.json"
     scale = json.loads(scale_path.read_text())["runs"] if scale_path.exists() else []
