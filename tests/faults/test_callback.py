@@ -32,9 +32,10 @@ FAULTS = {
 
 @pytest.fixture
 def quick_backoff(monkeypatch: pytest.MonkeyPatch) -> float:
-    """Backoff of 50 ms doubling, instead of 1 s: the same schedule, fast enough for a test."""
-    monkeypatch.setattr(outbox, "BACKOFF_BASE_S", 0.05)
-    return 0.05
+    """Backoff of 0.2 s doubling, instead of 1 s: the same schedule, fast enough for a test, and
+    long enough (0.8 s after the third attempt) that a loaded machine still sees it back off."""
+    monkeypatch.setattr(outbox, "BACKOFF_BASE_S", 0.2)
+    return 0.2
 
 
 def notifier_for(url: str) -> WebhookNotifier:
