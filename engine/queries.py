@@ -7,6 +7,7 @@ row lock and survives.
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass, field
 
 from psycopg import sql
@@ -99,6 +100,25 @@ class Statements:
     def changes_children(self) -> tuple[Reference, ...]:
         """The foreign keys whose child rows a batch deletes or changes (counted before it)."""
         return tuple(r for r in self.target.references if not r.blocks or self.delete_dependents)
+
+    @property
+    def changes_seen_in_statistics(self) -> tuple[Reference, ...]:
+        """The keys whose child rows PostgreSQL deletes or updates itself, counted from the batch
+        transaction's own statistics of the child table (no second pass over the range): those
+        not archived, onto another table, and the child's only key onto this one (so that every
+        change the transaction made there is theirs)."""
+        per_child = Counter(ref.child_oid for ref in self.target.references)
+        return tuple(ref for ref in self.target.references
+                     if not ref.blocks and ref.name not in self.child_archives and not ref.child_partitioned
+                     and per_child[ref.child_oid] == 1 and ref.child_oid != self.target.oid)
+
+    @property
+    def child_changes(self) -> sql.Composed:
+        """This transaction's deletes (CASCADE) or updates (SET NULL/DEFAULT) of each such child."""
+        return sql.SQL("SELECT {}").format(sql.SQL(", ").join(
+            sql.SQL("pg_stat_get_xact_tuples_{}({})").format(
+                sql.SQL("deleted" if ref.removes_children else "updated"), sql.Literal(ref.child_oid))
+            for ref in self.changes_seen_in_statistics))
 
     @property
     def has_dependents(self) -> bool:

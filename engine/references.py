@@ -29,6 +29,8 @@ class Reference:
     child_columns: tuple[str, ...]
     parent_columns: tuple[str, ...]
     action: Action
+    child_partitioned: bool = False
+    """Its changes are counted on the child's leaves, not on the child itself."""
 
     @property
     def blocks(self) -> bool:
@@ -71,6 +73,7 @@ def referencing(conn: Connection, oid: int) -> tuple[Reference, ...]:
         "       JOIN pg_attribute a ON a.attrelid = c.conrelid AND a.attnum = k.attnum ORDER BY k.i),"
         " ARRAY(SELECT a.attname::text FROM unnest(c.confkey) WITH ORDINALITY AS k(attnum, i)"
         "       JOIN pg_attribute a ON a.attrelid = c.confrelid AND a.attnum = k.attnum ORDER BY k.i)"
+        ", cl.relkind = 'p'"
         " FROM pg_constraint c JOIN pg_class cl ON cl.oid = c.conrelid"
         " JOIN pg_namespace n ON n.oid = cl.relnamespace"
         " WHERE c.contype = 'f' AND c.confrelid = %s ORDER BY c.conname",
@@ -78,6 +81,6 @@ def referencing(conn: Connection, oid: int) -> tuple[Reference, ...]:
     ).fetchall()
     return tuple(
         Reference(name, TableSpec(name=table, schema=schema), child_oid, tuple(child), tuple(parent),
-                  ACTIONS[kind])
-        for name, schema, table, child_oid, kind, child, parent in rows
+                  ACTIONS[kind], partitioned)
+        for name, schema, table, child_oid, kind, child, parent, partitioned in rows
     )

@@ -115,11 +115,16 @@ def _delete_range(conn: Connection, st: Statements, range_: sql.Composable, para
     child rows that go or change with it are counted first (and archived, or deleted first with
     ``--delete-dependents``); the garbage rows a foreign key holds are counted after."""
     references = _before_delete(conn, st, range_, params)
+    watched = st.changes_seen_in_statistics
+    before = one_row(conn.execute(st.child_changes)) if watched else ()
     if not skip_locked:
         deleted, skipped = conn.execute(st.delete_range(range_), params).rowcount, 0
     else:
         deleted = conn.execute(st.delete_range_skip_locked(range_, by_ctid), params).rowcount
         skipped = int(one_row(conn.execute(st.count_garbage_in(range_), params))[0])
+    if watched:
+        after = one_row(conn.execute(st.child_changes))
+        references.update((ref.name, int(a - b)) for ref, b, a in zip(watched, before, after, strict=True))
     if st.kept_by:
         kept = one_row(conn.execute(st.count_kept(range_), params))
         references.update((ref.name, int(n)) for ref, n in zip(st.kept_by, kept, strict=True))
@@ -130,10 +135,15 @@ def _before_delete(conn: Connection, st: Statements, range_: sql.Composable,
                    params: dict[str, Any]) -> dict[str, int]:
     counts: dict[str, int] = {}
     for ref in st.changes_children:
+        if ref in st.changes_seen_in_statistics:
+            continue
+        archived = None
         if (archive := st.child_archives.get(ref.name)) is not None:
-            conn.execute(st.archive_children(ref, range_, archive), params)
+            archived = conn.execute(st.archive_children(ref, range_, archive), params).rowcount
         if ref.blocks:  # --delete-dependents: the children that hold the rows go first
             counts[ref.name] = conn.execute(st.delete_children(ref, range_), params).rowcount
+        elif archived is not None:  # the copy read exactly the rows the cascade will delete
+            counts[ref.name] = archived
         else:
             counts[ref.name] = int(one_row(conn.execute(st.count_children(ref, range_), params))[0])
     return counts
