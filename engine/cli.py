@@ -213,7 +213,8 @@ def summary(result: GcResult) -> str:
         return (f"dry run: strategy {result.strategy} ({result.reason}); would delete"
                 f" ~{result.garbage_estimate:,} rows in ~{result.planned_batches:,} batches,"
                 f" predicted ~{result.predicted_seconds:,.1f}s and ~{_mib(result.predicted_wal_bytes or 0)}"
-                " of WAL (from rolled-back sample batches)" + _foreign_key_lines(result, "~"))
+                " of WAL (from rolled-back sample batches)" + _foreign_key_lines(result, "~")
+                + _partition_lines(result))
     line = (f"{result.status}: deleted {result.messages_deleted:,} rows in {result.elapsed_s:.1f}s"
             f" ({result.rows_per_s:,.0f} rows/s, {result.batches:,} batches")
     if result.batch_ms_p50 is not None:
@@ -241,6 +242,16 @@ def summary(result: GcResult) -> str:
 def _foreign_key_lines(result: GcResult, about: str = "") -> str:
     return "".join(f"; {name} ({fk['child']}, ON DELETE {fk['action'].upper()}): {about}{fk['rows']:,} rows"
                    f" {fk['effect']}" for name, fk in result.foreign_keys.items())
+
+
+def _partition_lines(result: GcResult) -> str:
+    lines = "".join(f"\n  {leaf}: {'drop' if part['drop'] else part['strategy']} ({part['why']})"
+                    for leaf, part in result.partitions.items())
+    if (advice := result.partitioning_advice) is not None:
+        lines += (f"\n  partitioned by day of {advice['column']}, {advice['droppable']:,} of"
+                  f" {advice['partitions']:,} days would be wholly garbage: {advice['rows']:,} rows"
+                  " dropped with their partitions instead of deleted")
+    return lines
 
 
 def _mib(size: int) -> str:

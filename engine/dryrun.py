@@ -6,10 +6,11 @@ from collections import Counter
 from typing import Any
 
 from psycopg import errors as pg_errors
+from psycopg import sql
 
 from engine import partitions
 from engine.config import GcOptions
-from engine.db import Connection, one_row
+from engine.db import Connection, one_row, table_ident
 from engine.errors import MsggcError
 from engine.estimate import Estimate, estimate
 from engine.planner import Plan
@@ -53,11 +54,33 @@ def dry_run(conn: Connection, plans: dict[str | None, Plan], legs: dict[str | No
         planned_batches=sum(sample.batches for sample in samples.values()),
         predicted_seconds=sum(sample.predicted_seconds for sample in samples.values()),
         predicted_wal_bytes=sum(sample.predicted_wal_bytes for sample in samples.values()),
+        partitioning_advice=_advice(conn, only, legs[None]) if only else None,
         partitions={leaf: {"strategy": plan.strategy, "reason": plan.reason,
                            "garbage_estimate": plan.facts.garbage_rows_estimate,
                            **_drop_verdict(conn, plan, legs[leaf], options, target)}
                     for leaf, plan in plans.items() if leaf is not None},
     )
+
+
+ADVICE_COLUMNS = ("created_at", "inserted_at", "sent_at", "received_at")
+"""Where a messaging table keeps the time a row arrived: what a daily partitioning would split on."""
+
+
+def _advice(conn: Connection, plan: Plan, statements: Statements) -> dict[str, Any] | None:
+    """For a table that is not partitioned: had it been partitioned by day of arrival, how many
+    days (and rows) were wholly garbage, which a run would drop instead of deleting row by row."""
+    target = statements.target
+    column = next((c for c in ADVICE_COLUMNS if target.columns.get(c, "").startswith("timestamp")), None)
+    if column is None:
+        return None
+    days, droppable, rows = one_row(conn.execute(sql.SQL(
+        "SELECT count(*), count(*) FILTER (WHERE whole), coalesce(sum(n) FILTER (WHERE whole), 0)"
+        " FROM (SELECT count(*) AS n, bool_and(({garbage}) IS TRUE) AS whole FROM {t}"
+        "       GROUP BY date_trunc('day', {c})) AS per_day"
+    ).format(garbage=statements.garbage, t=table_ident(statements.table), c=sql.Identifier(column)),
+        {"cutoff": plan.cutoff, "run_id": 0}))
+    return {"column": column, "interval": "day", "partitions": int(days), "droppable": int(droppable),
+            "rows": int(rows)}
 
 
 def _drop_verdict(conn: Connection, plan: Plan, statements: Statements, options: GcOptions,

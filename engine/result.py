@@ -54,6 +54,8 @@ class GcResult:
     """The garbage predicate in force (processed column and ``--where``)."""
     foreign_keys: dict[str, dict[str, Any]] = field(default_factory=dict)
     """Per foreign key onto the table: its child, action, and the rows it kept or changed."""
+    partitioning_advice: dict[str, Any] | None = None
+    """A plain table's dry run: the days (by arrival) wholly garbage a daily partitioning would drop."""
     partitions: dict[str, dict[str, Any]] = field(default_factory=dict)
     """A partitioned table's leaves: how each was walked (or planned) and its rows deleted."""
     kept_referenced: dict[str, int] = field(default_factory=dict)
