@@ -227,8 +227,8 @@ def test_dry_run_says_which_leaves_would_be_dropped_and_why(conn, dsn):
 def test_dry_run_of_a_plain_table_says_what_a_daily_partitioning_would_drop(conn, dsn):
     conn.execute("CREATE TABLE log (id bigint PRIMARY KEY, created_at timestamptz NOT NULL,"
                  " processed_at timestamptz)")
-    conn.execute("INSERT INTO log SELECT g, date '2026-11-01' + (g %% 10) * interval '1 day',"
-                 " CASE WHEN g %% 10 < 4 OR g %% 3 = 0 THEN now() END FROM generate_series(1, 1000) g")
+    conn.execute("INSERT INTO log SELECT g, date '2026-11-01' + (g % 10) * interval '1 day',"
+                 " CASE WHEN g % 10 < 4 OR g % 3 = 0 THEN now() END FROM generate_series(1, 1000) g")
     done = run_cli("gc", "--dsn", dsn, "--table", "log", "--dry-run", "--json")
     assert done.returncode == 0, done.stderr
     assert json.loads(done.stdout)["partitioning_advice"] == {
