@@ -180,10 +180,18 @@ def test_a_leaf_with_one_live_row_and_the_newest_leaf_are_never_dropped(conn, ds
     assert survivors(conn) == kept and result.status is RunStatus.COMPLETE
 
 
-def test_a_row_inserted_while_the_leaf_is_detached_keeps_it_attached_and_is_not_lost(conn, dsn):
+APP_WRITES = {
+    "insert": "INSERT INTO inbox VALUES (999999, 0, NULL, 'late')",
+    "unprocess": "UPDATE inbox SET processed_at = NULL, body = 'late', id = 999999"
+                 " WHERE id = (SELECT min(id) FROM inbox_d0)",
+}
+
+
+@pytest.mark.parametrize("write", sorted(APP_WRITES))
+def test_a_row_written_live_while_the_leaf_is_detached_keeps_it_attached_and_is_not_lost(conn, dsn, write):
     make_daily(conn)
-    app = psycopg.connect(dsn)  # the application: an unprocessed row, not yet committed
-    app.execute("INSERT INTO inbox VALUES (999999, 0, NULL, 'late')")
+    app = psycopg.connect(dsn)  # the application: a live row, not yet committed
+    app.execute(APP_WRITES[write])
     done: list[Any] = []
     gc = threading.Thread(target=lambda: done.append(collect(dsn, GcOptions(table=TableSpec(name="inbox")))))
     gc.start()
