@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup test lint demo bench bench-small bench-real clean
+.PHONY: setup test lint demo bench bench-small bench-real bench-partitions clean
 
 setup: $(STAMP)
 
@@ -36,6 +36,11 @@ bench-small: setup  ## 1M rows, every shape and contender, one round (< 3 min), 
 bench-real: setup  ## an application's own tables (uuid key, cascading child), 10M rows, single vs msggc auto
 	$(BIN)/python -m benchmarks --rows 10000000 --shapes uuid-dense,uuid-sparse,cascade --repeats 1 \
 	    --contenders single,msggc_auto --out benchmarks/results/tmp --markdown benchmarks/results/tmp/BENCHMARKS.md
+
+bench-partitions: setup  ## a table partitioned by day, 10M rows: single vs msggc auto (drops) vs --no-drop
+	$(BIN)/python -m benchmarks --rows 10000000 --shapes part-mixed,part-retention --repeats 1 \
+	    --contenders single,msggc_auto,msggc_auto_n1 \
+	    --out benchmarks/results/tmp --markdown benchmarks/results/tmp/BENCHMARKS.md
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache .hypothesis

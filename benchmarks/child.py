@@ -1,5 +1,5 @@
 """One contender in its own process: ``python -m benchmarks.child --contender NAME --dsn DSN --out F``
-(``--table SCHEMA.TABLE`` on a real-table shape).
+(``--table SCHEMA.TABLE`` on a real-table shape, ``--older-than-days N`` on a shape with a retention).
 
 Why a process of its own: the peak RSS it reports (``VmHWM``) is then the contender's alone,
 and a contender that misbehaves can be killed without taking the runner down.
@@ -28,6 +28,10 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--table", default="messages", help="the table to collect (SCHEMA.TABLE)")
     parser.add_argument("--out", required=True, type=Path)
     parser.add_argument("--budget", type=float, default=None, help="seconds (naive only)")
+    parser.add_argument("--no-prediction", action="store_true",
+                        help="no --dry-run before the run (its sample WAL would be counted in the run's)")
+    parser.add_argument("--older-than-days", type=int, default=None,
+                        help="garbage is also processed more than N days ago (msggc --older-than Nd)")
     return parser.parse_args(argv)
 
 
@@ -73,10 +77,11 @@ def main(argv: list[str] | None = None) -> int:
 
         for name in spec.prototypes:
             apply(name)
-    prediction = predict(args.dsn, spec, args.table) if spec.kind == "msggc" else None
+    prediction = (predict(args.dsn, spec, args.table, args.older_than_days)
+                  if spec.kind == "msggc" and not args.no_prediction else None)
     rec = Recorder()
     began = time.time()
-    outcome = run(spec, args.dsn, rec, args.budget, args.table)
+    outcome = run(spec, args.dsn, rec, args.budget, args.table, args.older_than_days)
     elapsed = rec.now()
     points = rec.ordered_points()
     split = tenths(points)

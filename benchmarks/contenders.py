@@ -15,13 +15,14 @@ import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
+from datetime import timedelta
 from pathlib import Path
 from typing import Any, Literal
 
 import psycopg
 from psycopg import sql
 
-from benchmarks.dataset import Layout, ident
+from benchmarks.dataset import GARBAGE_SQL, Layout, garbage_sql, ident
 from benchmarks.metrics import Point
 
 Kind = Literal["single", "naive", "each_batch", "msggc"]
@@ -29,29 +30,31 @@ Kind = Literal["single", "naive", "each_batch", "msggc"]
 NAIVE_BATCH = 5000
 EACH_BATCH_OF = 5000
 
-# {t}: the shape's table (``messages`` unless a real-table shape names another), see on_table
-SINGLE_SQL = "DELETE FROM {t} WHERE processed_at IS NOT NULL"
+# {t}: the shape's table (``messages`` unless a real-table shape names another), {g}: the garbage
+# predicate (``processed_at IS NOT NULL``, and ``AND processed_at < now() - interval 'N days'`` on a
+# shape with a retention), see on_table
+SINGLE_SQL = "DELETE FROM {t} WHERE {g}"
 NAIVE_SQL = (
     "DELETE FROM {t} WHERE id IN"
-    " (SELECT id FROM {t} WHERE processed_at IS NOT NULL LIMIT %(n)s)"
+    " (SELECT id FROM {t} WHERE {g} LIMIT %(n)s)"
 )
-EACH_BATCH_FIRST = "SELECT id FROM {t} WHERE processed_at IS NOT NULL ORDER BY id LIMIT 1"
+EACH_BATCH_FIRST = "SELECT id FROM {t} WHERE {g} ORDER BY id LIMIT 1"
 EACH_BATCH_NEXT = (
-    "SELECT id FROM {t} WHERE processed_at IS NOT NULL AND id >= %(lower)s"
+    "SELECT id FROM {t} WHERE {g} AND id >= %(lower)s"
     " ORDER BY id OFFSET %(of)s LIMIT 1"
 )
 EACH_BATCH_DELETE = (
-    "DELETE FROM {t} WHERE processed_at IS NOT NULL AND id >= %(lower)s AND id < %(upper)s"
+    "DELETE FROM {t} WHERE {g} AND id >= %(lower)s AND id < %(upper)s"
 )
-EACH_BATCH_DELETE_TAIL = "DELETE FROM {t} WHERE processed_at IS NOT NULL AND id >= %(lower)s"
+EACH_BATCH_DELETE_TAIL = "DELETE FROM {t} WHERE {g} AND id >= %(lower)s"
 
 
-def on_table(template: str, table: str) -> sql.Composed:
-    """A baseline's literal SQL on the shape's table."""
-    return sql.SQL(template).format(t=ident(table))  # type: ignore[arg-type]
+def on_table(template: str, table: str, garbage: str = GARBAGE_SQL) -> sql.Composed:
+    """A baseline's literal SQL on the shape's table, with the shape's garbage predicate."""
+    return sql.SQL(template).format(t=ident(table), g=sql.SQL(garbage))  # type: ignore[arg-type]
 
 MSGGC_NAME = re.compile(
-    r"msggc_(auto|physical|index|key)((?:_(?:w\d+|t\d+|s\d+|r\d+|a\d|f\d|c\d))*)((?:\+[a-z]+)*)")
+    r"msggc_(auto|physical|index|key)((?:_(?:w\d+|t\d+|s\d+|r\d+|a\d|f\d|c\d|n\d))*)((?:\+[a-z]+)*)")
 WALCOMP = "_walcomp"
 DEFAULT_CONTENDERS = (
     "single", "naive", "each_batch",
@@ -66,7 +69,7 @@ class ContenderSpec:
 
     Grammar: ``single|naive|each_batch`` or ``msggc_<strategy>[_w<workers>][_t<target ms>]
     [_s<sleep ms>][_r<max WAL MB/s>][_a1 (--archive)][_f1 (--archive-to a file)][_c1 (--async-commit)]
-    [+<prototype>...]``,
+    [_n1 (--no-drop)][+<prototype>...]``,
     any of them with a
     ``_walcomp`` suffix (session
     ``wal_compression = on`` through PGOPTIONS, the server's default method, pglz unless built
@@ -84,6 +87,7 @@ class ContenderSpec:
     archive: bool = False
     archive_file: bool = False
     async_commit: bool = False
+    no_drop: bool = False
     prototypes: tuple[str, ...] = ()
     walcomp: bool = False
 
@@ -113,7 +117,7 @@ def parse_contender(name: str) -> ContenderSpec:
     if not match:
         raise ValueError(
             f"unknown contender {name!r}: use single, naive, each_batch or"
-            " msggc_<auto|physical|index|key>[_w<workers>][_t<ms>][_s<ms>][_r<MB/s>][_a1][_f1][_c1]"
+            " msggc_<auto|physical|index|key>[_w<workers>][_t<ms>][_s<ms>][_r<MB/s>][_a1][_f1][_c1][_n1]"
             "[+prototype...][_walcomp]"
         )
     mods = {part[0]: int(part[1:]) for part in match[2].split("_") if part}
@@ -125,6 +129,7 @@ def parse_contender(name: str) -> ContenderSpec:
         archive=bool(mods.get("a")),
         archive_file=bool(mods.get("f")),
         async_commit=bool(mods.get("c")),
+        no_drop=bool(mods.get("n")),
         prototypes=tuple(p for p in match[3].split("+") if p),
         walcomp=walcomp,
     )
@@ -189,25 +194,26 @@ def connect(dsn: str, name: str) -> psycopg.Connection[Any]:
     return conn
 
 
-def run_single(dsn: str, rec: Recorder, table: str) -> Outcome:
+def run_single(dsn: str, rec: Recorder, table: str, garbage: str = GARBAGE_SQL) -> Outcome:
     """One unbounded DELETE: the throughput reference, and one transaction for the whole table."""
     with connect(dsn, "single") as conn:
         rec.walk_started()
         began = time.monotonic()
-        deleted = conn.execute(on_table(SINGLE_SQL, table)).rowcount
+        deleted = conn.execute(on_table(SINGLE_SQL, table, garbage)).rowcount
         seconds = time.monotonic() - began
         rec.committed(deleted, seconds, seconds)
     return Outcome(deleted=deleted, note="one statement, one transaction")
 
 
-def run_naive(dsn: str, rec: Recorder, budget_s: float | None, table: str) -> Outcome:
+def run_naive(dsn: str, rec: Recorder, budget_s: float | None, table: str,
+              garbage: str = GARBAGE_SQL) -> Outcome:
     """``DELETE ... WHERE id IN (SELECT id ... LIMIT n)`` until nothing is left or time is up.
 
     Each batch rescans from the start of the table (or index) past the dead rows of the
     previous batches: the reason it slows down as it goes.
     """
     total = 0
-    naive = on_table(NAIVE_SQL, table)
+    naive = on_table(NAIVE_SQL, table, garbage)
     with connect(dsn, "naive") as conn:
         rec.walk_started()
         while True:
@@ -223,14 +229,14 @@ def run_naive(dsn: str, rec: Recorder, budget_s: float | None, table: str) -> Ou
             rec.committed(total, seconds, seconds)
 
 
-def run_each_batch(dsn: str, rec: Recorder, table: str) -> Outcome:
+def run_each_batch(dsn: str, rec: Recorder, table: str, garbage: str = GARBAGE_SQL) -> Outcome:
     """GitLab's ``Model.where(garbage).each_batch(of: n) { |b| b.delete_all }``, statement for statement.
 
     The bound probe ``id >= lower ORDER BY id OFFSET n LIMIT 1`` is an index-only scan; the
     DELETE then covers the half-open key range. Probe and DELETE are separate transactions.
     """
     total = 0
-    first, probe, delete, tail = (on_table(template, table) for template in (
+    first, probe, delete, tail = (on_table(template, table, garbage) for template in (
         EACH_BATCH_FIRST, EACH_BATCH_NEXT, EACH_BATCH_DELETE, EACH_BATCH_DELETE_TAIL))
     with connect(dsn, "each_batch") as conn:
         rec.walk_started()
@@ -253,8 +259,8 @@ def run_each_batch(dsn: str, rec: Recorder, table: str) -> Outcome:
 
 
 def msggc_options(spec: ContenderSpec, dry_run: bool = False, archive_dir: str | None = None,
-                  table: str = "messages") -> Any:
-    """What ``msggc gc --table TABLE ...`` would run with for this contender."""
+                  table: str = "messages", retention_days: int | None = None) -> Any:
+    """What ``msggc gc --table TABLE [--older-than Nd] ...`` would run with for this contender."""
     from engine.config import GcOptions, TableSpec
 
     return GcOptions(
@@ -267,11 +273,14 @@ def msggc_options(spec: ContenderSpec, dry_run: bool = False, archive_dir: str |
         archive=spec.archive,
         archive_to=archive_dir if spec.archive_file else None,
         async_commit=spec.async_commit,
+        no_drop=spec.no_drop,
+        older_than=timedelta(days=retention_days) if retention_days is not None else None,
         dry_run=dry_run,
     )
 
 
-def predict(dsn: str, spec: ContenderSpec, table: str = "messages") -> dict[str, Any]:
+def predict(dsn: str, spec: ContenderSpec, table: str = "messages",
+            retention_days: int | None = None) -> dict[str, Any]:
     """``--dry-run``'s prediction, made before the timed run. Its sample batches roll back; the
     full-page images they wrote are then not written again by the run, so the contender's WAL
     (samples included) stays what the run alone would have written, within their few delete
@@ -283,14 +292,16 @@ def predict(dsn: str, spec: ContenderSpec, table: str = "messages") -> dict[str,
     lsn = "SELECT (pg_current_wal_insert_lsn() - '0/0'::pg_lsn)::bigint"
     with psycopg.connect(dsn, autocommit=True) as conn:
         before = conn.execute(lsn).fetchone()[0]
-        options = msggc_options(spec, dry_run=True, archive_dir=tempfile.gettempdir(), table=table)
+        options = msggc_options(spec, dry_run=True, archive_dir=tempfile.gettempdir(), table=table,
+                                retention_days=retention_days)
         result = collect(dsn, options)
         sample_wal = conn.execute(lsn).fetchone()[0] - before
     return {"seconds": result.predicted_seconds, "wal_bytes": result.predicted_wal_bytes,
             "garbage_estimate": result.garbage_estimate, "sample_wal_bytes": sample_wal}
 
 
-def run_msggc(dsn: str, rec: Recorder, spec: ContenderSpec, table: str) -> Outcome:
+def run_msggc(dsn: str, rec: Recorder, spec: ContenderSpec, table: str,
+              retention_days: int | None = None) -> Outcome:
     """``engine.collect`` as a caller embeds it; its timeline comes from ``on_progress``."""
     from engine.collector import collect
     from engine.result import Progress
@@ -304,7 +315,7 @@ def run_msggc(dsn: str, rec: Recorder, spec: ContenderSpec, table: str) -> Outco
         rec.committed(progress.deleted)
 
     with tempfile.TemporaryDirectory(prefix="msggc-bench-") as archive_dir:
-        options = msggc_options(spec, archive_dir=archive_dir, table=table)
+        options = msggc_options(spec, archive_dir=archive_dir, table=table, retention_days=retention_days)
         result = collect(dsn, options, on_progress=on_progress)
         archived = sum(f.stat().st_size for f in Path(archive_dir).iterdir())
     if result.status != "complete":
@@ -316,12 +327,14 @@ def run_msggc(dsn: str, rec: Recorder, spec: ContenderSpec, table: str) -> Outco
 
 
 def run(spec: ContenderSpec, dsn: str, rec: Recorder, budget_s: float | None,
-        table: str = "messages") -> Outcome:
-    """Dispatch by kind."""
+        table: str = "messages", retention_days: int | None = None) -> Outcome:
+    """Dispatch by kind; every contender deletes the same garbage (older than the retention
+    when the shape has one: the baselines in their SQL, msggc with ``--older-than``)."""
+    garbage = garbage_sql(retention_days)
     if spec.kind == "single":
-        return run_single(dsn, rec, table)
+        return run_single(dsn, rec, table, garbage)
     if spec.kind == "naive":
-        return run_naive(dsn, rec, budget_s, table)
+        return run_naive(dsn, rec, budget_s, table, garbage)
     if spec.kind == "each_batch":
-        return run_each_batch(dsn, rec, table)
-    return run_msggc(dsn, rec, spec, table)
+        return run_each_batch(dsn, rec, table, garbage)
+    return run_msggc(dsn, rec, spec, table, retention_days)

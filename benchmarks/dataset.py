@@ -7,6 +7,8 @@ The shapes dense, sparse and aged fill msggc's own ``messages``; the real-table 
 application's tables in schema ``app`` (:data:`LAYOUTS`): ``uuid-dense`` and ``uuid-sparse`` a
 table keyed by random UUIDs (``gen_random_uuid()``, as applications make them), ``cascade`` a
 messages-like table with a child table whose rows PostgreSQL deletes with their parent.
+The partitioned shapes ``part-mixed`` and ``part-retention`` fill a messages-like table
+partitioned by range on ``created_at``, one partition per day (:func:`_seed_partitioned`).
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import math
 import sys
 import time
 from dataclasses import asdict, dataclass
+from datetime import timedelta
 from typing import Any, Literal
 
 import psycopg
@@ -33,9 +36,11 @@ class Layout:
 
     table: str = "messages"
     """The collected table, as every contender names it (msggc: ``--table``)."""
-    seeding: Literal["synth", "uuid", "cascade"] = "synth"
-    garbage: Literal["dense", "sparse", "aged"] = "dense"
-    """Where the garbage sits (``engine.tools.synth``): spread evenly, or the oldest rows."""
+    seeding: Literal["synth", "uuid", "cascade", "partitioned"] = "synth"
+    garbage: Literal["dense", "sparse", "aged", "mixed", "retention"] = "dense"
+    """Where the garbage sits (``engine.tools.synth``): spread evenly, or the oldest rows; on a
+    partitioned table (:func:`_seed_partitioned`): whole old days and a share of the newest
+    (mixed), or every day past the retention (retention)."""
     fraction: float | None = None
     """The share of garbage rows; None: synth's default for ``garbage``."""
     integer_key: bool = True
@@ -44,11 +49,37 @@ class Layout:
     children: tuple[str, ...] = ()
     """Tables holding one row per row of ``table``, deleted with it (ON DELETE CASCADE)."""
     description: str = ""
+    partitions: int = 0
+    """Daily range partitions on ``created_at`` (0: a plain table)."""
+    retention_days: int | None = None
+    """Garbage is also older than this many days (msggc ``--older-than``); None: no retention."""
+
+    @property
+    def predicate(self) -> str:
+        """The garbage predicate every contender uses (and the counts check)."""
+        return garbage_sql(self.retention_days)
+
+
+GARBAGE_SQL = "processed_at IS NOT NULL"
+
+
+def garbage_sql(retention_days: int | None = None) -> str:
+    """``processed_at IS NOT NULL``, and older than the retention when there is one."""
+    if retention_days is None:
+        return GARBAGE_SQL
+    return f"{GARBAGE_SQL} AND processed_at < now() - interval '{int(retention_days)} days'"
 
 
 UUID_TABLE = "app.msgs_uuid"
 CASCADE_TABLE = "app.msgs_cascade"
 REPLIES = "app.replies"
+PART_TABLE = "app.msgs_part"
+PART_DAYS = 100
+PART_DESCRIPTION = (
+    f"`{PART_TABLE}`: messages' columns, `PARTITION BY RANGE (created_at)`, {PART_DAYS} daily partitions"
+    " (`msgs_part_d000` oldest .. `msgs_part_d099` newest, holding now()), the rows spread evenly over"
+    " them; primary key `(id, created_at)`, index `(message_id)`, partial index `(id) WHERE processed_at"
+    " IS NOT NULL`")
 LAYOUTS: dict[str, Layout] = {
     "dense": Layout(garbage="dense"),
     "sparse": Layout(garbage="sparse"),
@@ -67,6 +98,17 @@ LAYOUTS: dict[str, Layout] = {
         description=f"`{CASCADE_TABLE}` (like `messages`: bigint identity key, partial garbage index) and"
                     f" `{REPLIES}(id bigint PRIMARY KEY, message_id bigint REFERENCES {CASCADE_TABLE}(id)"
                     " ON DELETE CASCADE, body text)`, one reply per message, indexed on `message_id`"),
+    "part-mixed": Layout(
+        table=PART_TABLE, seeding="partitioned", garbage="mixed", fraction=0.1, integer_key=False,
+        partitions=PART_DAYS,
+        description=PART_DESCRIPTION + "; the oldest 80% of the days wholly processed, the newest 20%"
+                                       " with 10% of their rows processed (spread evenly)"),
+    "part-retention": Layout(
+        table=PART_TABLE, seeding="partitioned", garbage="retention", integer_key=False,
+        partitions=PART_DAYS, retention_days=30,
+        description=PART_DESCRIPTION + "; every row processed but the newest day's; garbage ="
+                                       " processed more than 30 days ago (`--older-than 30d`): the"
+                                       " oldest 70 days"),
 }
 
 
@@ -135,10 +177,23 @@ def _reusable(server: Server, name: str, key: dict[str, Any]) -> dict[str, Any] 
     return meta
 
 
-def _count_garbage(dsn: str, table: str) -> int:
+def _count_garbage(dsn: str, table: str, predicate: str = GARBAGE_SQL) -> int:
     with psycopg.connect(dsn) as conn:
-        return conn.execute(sql.SQL("SELECT count(*) FROM {} WHERE processed_at IS NOT NULL")
-                            .format(ident(table))).fetchone()[0]
+        return conn.execute(sql.SQL("SELECT count(*) FROM {} WHERE {}")
+                            .format(ident(table), sql.SQL(predicate))).fetchone()[0]
+
+
+LEAVES = ("SELECT c.oid FROM pg_class c WHERE c.oid = %(oid)s AND c.relkind = 'r'"
+          " UNION ALL SELECT relid FROM pg_partition_tree(%(oid)s) WHERE isleaf")
+"""The table itself, or the leaf partitions of a partitioned one (where the rows and options are)."""
+
+
+def leaves(conn: psycopg.Connection[Any], table: str) -> list[sql.Identifier]:
+    """The table, or each leaf partition of it, as identifiers."""
+    oid = conn.execute("SELECT to_regclass(%s)::oid", (ident(table).as_string(conn),)).fetchone()[0]
+    rows = conn.execute(f"SELECT n.nspname, c.relname FROM pg_class c JOIN pg_namespace n"
+                        f" ON n.oid = c.relnamespace WHERE c.oid IN ({LEAVES})", {"oid": oid}).fetchall()
+    return [sql.Identifier(schema, name) for schema, name in rows]
 
 
 def _freeze_conditions(dsn: str, tables: tuple[str, ...]) -> None:
@@ -150,8 +205,9 @@ def _freeze_conditions(dsn: str, tables: tuple[str, ...]) -> None:
     """
     with psycopg.connect(dsn, autocommit=True) as conn:
         for table in tables:
-            conn.execute(sql.SQL("ALTER TABLE {} SET (autovacuum_enabled = off,"
-                                 " toast.autovacuum_enabled = off)").format(ident(table)))
+            for leaf in leaves(conn, table):  # a partitioned table takes no storage option itself
+                conn.execute(sql.SQL("ALTER TABLE {} SET (autovacuum_enabled = off,"
+                                     " toast.autovacuum_enabled = off)").format(leaf))
 
 
 def build(server: Server, shape: str, rows: int, reuse: bool, fraction: float | None = None) -> Template:
@@ -164,7 +220,7 @@ def build(server: Server, shape: str, rows: int, reuse: bool, fraction: float | 
     shape_layout = layout(shape)
     name = template_name(shape, rows, fraction)
     key = {"version": TEMPLATE_VERSION, "rows": rows, "shape": shape, "fraction": fraction}
-    if reuse and (meta := _reusable(server, name, key)) is not None:
+    if reuse and (meta := _reusable(server, name, key)) is not None and _fresh(shape_layout, meta):
         print(f"template {name}: reused", file=sys.stderr)
         return Template(name, shape, rows, fraction, meta["expected_garbage"], meta["seed"], reused=True)
     print(f"template {name}: seeding {rows:,} rows ({shape})", file=sys.stderr)
@@ -175,7 +231,7 @@ def build(server: Server, shape: str, rows: int, reuse: bool, fraction: float | 
     migrated = time.monotonic()
     report = SEEDERS[shape_layout.seeding](dsn, shape_layout, rows, fraction, _progress(shape))
     seeded = time.monotonic()
-    expected = _count_garbage(dsn, shape_layout.table)
+    expected = _count_garbage(dsn, shape_layout.table, shape_layout.predicate)
     if expected != report.garbage_rows:
         raise BenchmarkError(f"seed of {name} reported {report.garbage_rows} garbage rows, found {expected}")
     _make_archives(dsn, shape_layout)
@@ -184,6 +240,7 @@ def build(server: Server, shape: str, rows: int, reuse: bool, fraction: float | 
         **asdict(report),
         "migrate_s": migrated - began,
         "seed_wall_s": seeded - migrated,
+        "seeded_unix": time.time(),
         **_sizes(dsn, shape_layout),
     }
     server.set_comment(name, json.dumps({**key, "expected_garbage": expected, "seed": seed}))
@@ -192,13 +249,29 @@ def build(server: Server, shape: str, rows: int, reuse: bool, fraction: float | 
     return Template(name, shape, rows, fraction, expected, seed, reused=False)
 
 
+PARTITIONED_TEMPLATE_HOURS = 11
+"""A partitioned template's days are placed around the instant it was seeded (its newest day
+holds now(), its retention boundary falls between two days): reused for this long only."""
+
+
+def _fresh(shape_layout: Layout, meta: dict[str, Any]) -> bool:
+    """Whether a template's rows still sit where its counts say (always, but on partitioned shapes)."""
+    if not shape_layout.partitions:
+        return True
+    seeded = (meta.get("seed") or {}).get("seeded_unix") or 0.0
+    return time.time() - seeded < PARTITIONED_TEMPLATE_HOURS * 3600
+
+
 def _sizes(dsn: str, shape_layout: Layout) -> dict[str, Any]:
-    """Heap and index sizes of the table (and its child tables): what a contender has to walk."""
+    """Heap and index sizes of the table (and its child tables): what a contender has to walk;
+    a partitioned table's are the sums over its leaves."""
     regclass = "SELECT to_regclass(%s)"
     with psycopg.connect(dsn) as conn:
         oid = conn.execute(regclass, (ident(shape_layout.table).as_string(conn),)).fetchone()[0]
-        heap, total = conn.execute("SELECT pg_relation_size(%s), pg_total_relation_size(%s)",
-                                   (oid, oid)).fetchone()
+        heap, total = conn.execute(f"SELECT sum(pg_relation_size(oid))::bigint,"
+                                   f" sum(pg_total_relation_size(oid))::bigint FROM ({LEAVES}) AS l",
+                                   {"oid": conn.execute(f"{regclass}::oid", (oid,)).fetchone()[0]}
+                                   ).fetchone()
         sizes = {"heap_bytes": heap, "total_bytes": total}
         for child in shape_layout.children:
             child_oid = conn.execute(regclass, (ident(child).as_string(conn),)).fetchone()[0]
@@ -355,7 +428,101 @@ def _seed_cascade(dsn: str, shape_layout: Layout, rows: int, fraction: float | N
         vacuum_analyze_seconds=parent.vacuum_analyze_seconds + bulk.seconds.get("vacuum", 0.0))
 
 
-SEEDERS = {"synth": _seed_synth, "uuid": _seed_uuid, "cascade": _seed_cascade}
+PART_CREATE = """
+CREATE TABLE {t} (
+    id bigint GENERATED BY DEFAULT AS IDENTITY,
+    message_id text NOT NULL,
+    chat_id text NOT NULL,
+    direction smallint NOT NULL,
+    status smallint NOT NULL,
+    payload text NOT NULL,
+    created_at timestamptz NOT NULL DEFAULT now(),
+    processed_at timestamptz
+) PARTITION BY RANGE (created_at)"""
+PART_LEAF = "CREATE TABLE {leaf} PARTITION OF {t} FOR VALUES FROM ({low}) TO ({high})"
+PART_INSERT = """
+INSERT INTO {leaf} (id, message_id, chat_id, direction, status, payload, created_at, processed_at)
+SELECT s.id, 'wamid.' || s.id, (15550000000 + mod(s.id, 9973))::text, mod(s.id, 2)::smallint,
+       CASE WHEN s.processed THEN 3 ELSE mod(s.id, 3) END::smallint,
+       %(filler)s::text || s.id || '}}', s.created_at,
+       CASE WHEN s.processed THEN s.created_at + (1 + mod(s.id, 600)) * interval '1 second' END
+FROM (SELECT %(base)s::bigint + g.j + 1 AS id,
+             %(start)s::timestamptz + (g.j * %(step_us)s::bigint) * interval '1 microsecond' AS created_at,
+             (g.j + 1) * %(processed)s::bigint / %(n)s::bigint > g.j * %(processed)s::bigint / %(n)s::bigint
+                 AS processed
+      FROM (SELECT generate_series(0, %(n)s::bigint - 1) AS j) AS g) AS s
+"""
+DAY = timedelta(days=1)
+ROWS_SPAN = timedelta(hours=11)
+"""A day's rows (created, then processed within 10 minutes) fill the first 11 hours of its
+partition: the retention boundary, 12 hours into a day when seeded, stays in the gap after them
+for 11 hours, whoever computes ``now() - 30 days`` and whenever in that time."""
+MIXED_WHOLE_DAYS = 0.8
+
+
+def part_days(shape_layout: Layout, rows: int, fraction: float | None) -> list[tuple[int, int, int]]:
+    """Per day, oldest first: (rows, rows processed, rows that are garbage)."""
+    days, found = shape_layout.partitions, []
+    share = shape_layout.fraction if fraction is None else fraction
+    for k in range(days):
+        n = (k + 1) * rows // days - k * rows // days
+        if shape_layout.garbage == "mixed":
+            processed = n if k < round(days * MIXED_WHOLE_DAYS) else math.floor(n * (share or 0.0) + 0.5)
+            found.append((n, processed, processed))
+        else:  # retention: processed but the newest day; garbage once older than the retention
+            processed = n if k < days - 1 else 0
+            old = k <= days - 1 - (shape_layout.retention_days or 0)
+            found.append((n, processed, processed if old else 0))
+    return found
+
+
+def _seed_partitioned(dsn: str, shape_layout: Layout, rows: int, fraction: float | None,
+                      progress: Progress) -> Any:
+    """One partition per day on ``created_at``, the newest holding now(); each filled on its own
+    (no routing), the indexes built on the parent once the rows are in, then VACUUM ANALYZE."""
+    from engine.tools import synth
+
+    name = shape_layout.table.rsplit(".", 1)[-1]
+    schema = shape_layout.table.split(".", 1)[0] if "." in shape_layout.table else "public"
+    t = ident(shape_layout.table)
+    bulk = Bulk(dsn)
+    days = part_days(shape_layout, rows, fraction)
+    try:
+        bulk.run("schema", "CREATE SCHEMA IF NOT EXISTS {s}", s=_schema_of(shape_layout.table))
+        bulk.run("schema", PART_CREATE, t=t)
+        now = bulk.conn.execute("SELECT now()").fetchone()[0]  # type: ignore[index]
+        t0 = now - (len(days) - 1) * DAY - DAY / 2
+        base = 0
+        for k, (n, processed, _) in enumerate(days):
+            leaf = sql.Identifier(schema, f"{name}_d{k:03d}")
+            start = t0 + k * DAY
+            bulk.run("schema", PART_LEAF, leaf=leaf, t=t, low=sql.Literal(start),
+                     high=sql.Literal(start + DAY))
+            bulk.run("insert", PART_INSERT, {"filler": synth.PAYLOAD_FILLER, "base": base, "start": start,
+                                             "step_us": int(ROWS_SPAN.total_seconds() * 1e6) // max(1, n),
+                                             "n": n, "processed": processed}, leaf=leaf)
+            base += n
+            progress("insert", (k + 1) / len(days))
+        bulk.run("identity", "SELECT setval(pg_get_serial_sequence({n}, 'id'), {v})",
+                 n=sql.Literal(shape_layout.table), v=sql.Literal(max(1, rows)))
+        bulk.run(f"{name}_pkey", "ALTER TABLE {t} ADD CONSTRAINT {c} PRIMARY KEY (id, created_at)", t=t,
+                 c=sql.Identifier(f"{name}_pkey"))
+        bulk.run(f"{name}_message_id_idx", "CREATE INDEX {c} ON {t} (message_id)", t=t,
+                 c=sql.Identifier(f"{name}_message_id_idx"))
+        bulk.run(f"{name}_garbage", "CREATE INDEX {c} ON {t} (id) WHERE processed_at IS NOT NULL", t=t,
+                 c=sql.Identifier(f"{name}_garbage"))
+        bulk.run("vacuum", "VACUUM (ANALYZE) {t}", t=t)
+    finally:
+        bulk.close()
+    for label in ("schema", "identity"):
+        bulk.seconds.pop(label, None)
+    return synth.SeedReport(rows=rows, garbage_rows=sum(garbage for _, _, garbage in days),
+                            shape=shape_layout.garbage, insert_seconds=bulk.seconds["insert"],
+                            index_seconds=bulk.indexes(), vacuum_analyze_seconds=bulk.seconds["vacuum"])
+
+
+SEEDERS = {"synth": _seed_synth, "uuid": _seed_uuid, "cascade": _seed_cascade,
+           "partitioned": _seed_partitioned}
 
 
 def _make_archives(dsn: str, shape_layout: Layout) -> None:
@@ -364,6 +531,8 @@ def _make_archives(dsn: str, shape_layout: Layout) -> None:
     from engine.archive import create_archive
     from engine.config import TableSpec
 
+    if shape_layout.partitions:
+        return  # an archive is made per partition; the partitioned shapes run no --archive contender
     with psycopg.connect(dsn, autocommit=True) as conn:
         for table in (shape_layout.table, *shape_layout.children):
             create_archive(conn, TableSpec.parse(table))
@@ -385,9 +554,9 @@ def conditions(dsn: str, table: str = "messages") -> dict[str, Any]:
             "pg_stats_columns": stats, "reloptions": options}
 
 
-def remaining_garbage(dsn: str, table: str = "messages") -> int:
+def remaining_garbage(dsn: str, table: str = "messages", predicate: str = GARBAGE_SQL) -> int:
     """Garbage left after a contender: with the rows it deleted, must add up to the expected."""
-    return _count_garbage(dsn, table)
+    return _count_garbage(dsn, table, predicate)
 
 
 def remaining_children(dsn: str, shape_layout: Layout) -> dict[str, int]:

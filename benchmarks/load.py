@@ -35,7 +35,7 @@ from typing import Any
 import psycopg
 from psycopg import sql
 
-from benchmarks.dataset import ident
+from benchmarks.dataset import LEAVES, ident
 from benchmarks.metrics import LatencySummary
 
 STATEMENT_TIMEOUT = "10s"
@@ -72,8 +72,10 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
 
 def _live_sample(conn: psycopg.Connection[Any], table: str) -> list[tuple[Any, str]]:
     """Live (unprocessed) seeded messages to read and update, from a block sample."""
-    pages = conn.execute("SELECT relpages FROM pg_class WHERE oid = to_regclass(%s)",
-                         (ident(table).as_string(conn),)).fetchone()
+    pages = conn.execute(  # a partitioned table's pages are its leaves'
+        f"SELECT sum(relpages)::bigint FROM pg_class WHERE oid IN ({LEAVES})",
+        {"oid": conn.execute("SELECT to_regclass(%s)::oid", (ident(table).as_string(conn),)).fetchone()[0]},
+    ).fetchone()
     percent = min(100.0, 100.0 * SAMPLE_PAGES / max(1, pages[0] if pages else 1))
     rows = conn.execute(
         sql.SQL("SELECT id, message_id FROM {} TABLESAMPLE SYSTEM (%s) REPEATABLE (11)"

@@ -23,6 +23,10 @@ END = "<!-- benchmarks:end -->"
 AUTO = "msggc_auto"
 REAL_TABLE_SHAPES = ("uuid-dense", "uuid-sparse", "cascade")
 """Shapes on an application's own tables (``benchmarks.dataset.LAYOUTS``)."""
+PARTITION_SHAPES = ("part-mixed", "part-retention")
+"""Shapes on a table partitioned by day, whose wholly garbage days msggc drops."""
+NO_DROP = "msggc_auto_n1"
+"""msggc auto with ``--no-drop``: every leaf walked row by row."""
 PARALLEL = "msggc_auto_w2"
 PARALLEL_ASYNC = "msggc_auto_w2_t10_c1"
 """Two workers with --async-commit and 10 ms batches: the stretch target's tuned configuration."""
@@ -227,12 +231,39 @@ def targets(shapes: dict[str, Any], auto: str = AUTO, parallel: str = PARALLEL) 
         ("app load p99 with GC vs without", "<= 2x", everything, auto,
          lambda d, e: derived(d, e)["x_app_p99"], lambda v: v <= 2.0, _x),
     ]
+    if any(shape in shapes for shape in PARTITION_SHAPES):
+        specs += _partition_specs(shapes, auto)
     result = []
     for name, required, wanted, label, value, check, fmt in specs:
         measured, ok = _per_shape(shapes, wanted, label, value, check, fmt)
         result.append(Target(name, required, measured, ok))
     result.append(_seed_target(shapes))
     return result
+
+
+Spec = tuple[str, str, list[str], str, Any, Any, Any]
+"""A target: name, required, shapes, contender, value(doc, entry), check(value), format(value)."""
+
+
+def _partition_specs(shapes: dict[str, Any], auto: str) -> list[Spec]:
+    """The partitioned tables' targets: drops beat one DELETE by far, in time and in WAL, and the
+    application is no worse off beside them than beside the row-by-row walk (``--no-drop``)."""
+    def x_no_drop(d: dict[str, Any], e: dict[str, Any]) -> float | None:
+        return ratio(app_p99(e), app_p99(contender(d, NO_DROP)))
+
+    mixed, retention = ["part-mixed"], ["part-retention"]
+    return [
+        ("partitions: auto rows/s vs single", ">= 5x (part-mixed)", mixed, auto,
+         lambda d, e: derived(d, e)["x_single"], lambda v: v >= 5.0, _x),
+        ("partitions: auto rows/s vs single", ">= 8x (part-retention)", retention, auto,
+         lambda d, e: derived(d, e)["x_single"], lambda v: v >= 8.0, _x),
+        ("partitions: auto WAL vs single", "<= 0.2x (part-mixed)", mixed, auto,
+         lambda d, e: derived(d, e)["x_single_wal"], lambda v: v <= 0.2, lambda v: f"{v:.3f}x"),
+        ("partitions: auto WAL vs single", "<= 0.02x (part-retention)", retention, auto,
+         lambda d, e: derived(d, e)["x_single_wal"], lambda v: v <= 0.02, lambda v: f"{v:.4f}x"),
+        ("partitions: app p99 beside auto vs beside --no-drop", "<= 1.0x", list(PARTITION_SHAPES), auto,
+         x_no_drop, lambda v: v <= 1.0, _x),
+    ]
 
 
 def _seed_target(shapes: dict[str, Any]) -> Target:
@@ -574,6 +605,17 @@ msggc against the ways people delete old rows today, on synthetic `messages` tab
   `cascade` (80%) on `app.msgs_cascade`, messages' twin, with `app.replies` (one reply per
   message, `ON DELETE CASCADE`, indexed on `message_id`), whose row count is checked as well.
   `msggc_key` is skipped on the uuid shapes (key ranges need an integer key).
+- Partitioned shapes (`python -m benchmarks --shapes part-mixed,part-retention`, `make
+  bench-partitions`): `app.msgs_part`, messages' columns partitioned by range on `created_at`, 100
+  daily partitions with the rows spread evenly, primary key `(id, created_at)`. `part-mixed`: the
+  oldest 80 days wholly processed, the newest 20 days 10% processed (garbage `processed_at IS NOT
+  NULL`); `part-retention`: every day processed but the newest, garbage processed more than 30
+  days ago (`single`: `... AND processed_at < now() - interval '30 days'`, msggc: `--older-than
+  30d`): the oldest 70 days. Each day's rows sit in its first 11 hours, so the 30-day boundary
+  falls between two days whenever it is computed in the 11 hours after the seed. `msggc_auto`
+  drops the wholly garbage days, `msggc_auto_n1` (`--no-drop`) walks them row by row. No
+  `--dry-run` prediction before msggc on these shapes: its sample batches would write WAL into
+  leaves the run then drops, WAL the run itself never writes.
 - Profile: `pg_stat_activity` of the copy sampled every 100 ms (wait events of the GC backends
   and of the load), backend CPU seconds from `/proc`, blocks written by client backends
   (`pg_stat_io`), and the host's CPU busy share during each run (the machine is shared).
@@ -603,7 +645,7 @@ def main(argv: list[str] | None = None) -> int:
     markdown = Path(args[2]) if len(args) > 2 else Path("BENCHMARKS.md")
     shapes: dict[str, Any] = {}
     context: dict[str, Any] = {}
-    for shape in ("dense", "sparse", "aged", *REAL_TABLE_SHAPES):
+    for shape in ("dense", "sparse", "aged", *REAL_TABLE_SHAPES, *PARTITION_SHAPES):
         path = out / f"{day}-{shape}.json"
         if path.exists():
             doc = json.loads(path.read_text())

@@ -93,7 +93,8 @@ def parse_args(argv: list[str] | None) -> tuple[Settings, str | None]:
     parser.add_argument("--rows", type=lambda s: int(float(s)), default=10_000_000)
     parser.add_argument("--shapes", type=_csv, default=("dense", "sparse", "aged"),
                         help="among " + ", ".join(dataset.LAYOUTS) + " (uuid-*, cascade: an"
-                             " application's tables in schema app, see benchmarks/dataset.py)")
+                             " application's tables in schema app; part-*: a table partitioned by"
+                             " day; see benchmarks/dataset.py)")
     parser.add_argument("--contenders", type=_csv, default=DEFAULT_CONTENDERS)
     parser.add_argument("--naive-budget", type=float, default=None,
                         help="seconds the naive loop may run (default scales with --rows)")
@@ -202,13 +203,22 @@ class LoadProcess:
             self.proc.wait()
 
 
-def run_child(entry: Entry, dsn: str, settings: Settings, workdir: Path, table: str) -> dict[str, Any]:
-    """One contender in a child process, on the shape's table; its JSON document."""
+def run_child(entry: Entry, dsn: str, settings: Settings, workdir: Path, table: str,
+              retention_days: int | None = None, predicted: bool = True) -> dict[str, Any]:
+    """One contender in a child process, on the shape's table; its JSON document.
+
+    ``predicted`` False: msggc runs without the ``--dry-run`` before it. On a partitioned shape
+    its sample batches write WAL (full-page images, delete records) into leaves the run then
+    drops: WAL the run itself would never write, which the contender's WAL would count."""
     out = workdir / f"{entry.label}.json"
     command = [sys.executable, "-m", "benchmarks.child", "--contender", entry.spec.name,
                "--dsn", dsn, "--out", str(out), "--table", table]
     if entry.spec.bounded_by_time:
         command += ["--budget", str(settings.naive_budget_s)]
+    if retention_days is not None:
+        command += ["--older-than-days", str(retention_days)]
+    if not predicted:
+        command += ["--no-prediction"]
     try:
         done = subprocess.run(command, cwd=ROOT, env=_child_env(), timeout=settings.contender_timeout_s,
                               check=False)
@@ -283,7 +293,8 @@ def measure(server: Server, template: dataset.Template, entry: Entry, settings: 
     sampler.start()
     cpu_before, loadavg = cpu_times(), os.getloadavg()[0]
     try:
-        document = run_child(entry, dsn, settings, workdir, template.table)
+        document = run_child(entry, dsn, settings, workdir, template.table, template.layout.retention_days,
+                             predicted=not template.layout.partitions)
         host_busy = busy_share(cpu_before, cpu_times())
         load_summary = load.stop() if load else None
     finally:
@@ -292,7 +303,7 @@ def measure(server: Server, template: dataset.Template, entry: Entry, settings: 
             load.kill()
     time.sleep(0.5)  # backends flush their WAL statistics as they exit
     after = server.wal_snapshot()
-    remaining = dataset.remaining_garbage(dsn, template.table)
+    remaining = dataset.remaining_garbage(dsn, template.table, template.layout.predicate)
     children = dataset.remaining_children(dsn, template.layout)
     verify(entry.label, document, template.expected_garbage, remaining, children, template.rows)
     server.drop_database(COPY_NAME)
