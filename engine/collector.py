@@ -256,12 +256,21 @@ def _drop_wholly_garbage(conn: Connection, walk: Walk, checked: Checked) -> None
         if leaf is None or all(part.done for part in walk.run.slices if part.leaf == leaf):
             continue
         candidate = partitions.droppable(conn, leg.statements.target.oid)
-        if candidate is None or not partitions.wholly_garbage(conn, leg.statements, walk.params):
+        if candidate is None or not _all_garbage(conn, leg, walk.params):
             continue
         dropped = partitions.drop(conn, candidate, leg.statements, walk.params, walk.run.id,
                                   options.lock_timeout_ms)
         if dropped is not None:
             walk.record_drop(leaf, dropped)
+
+
+def _all_garbage(conn: Connection, leg: Leg, params: dict[str, Any]) -> bool:
+    """The plan's sample says so when it read the whole leaf (a small one): no second read; the
+    check after the detach is what makes the drop safe either way."""
+    facts = leg.plan.facts
+    if facts.sample_percent >= 100.0:
+        return facts.rows_estimate > 0 and facts.garbage_fraction == 1.0
+    return partitions.wholly_garbage(conn, leg.statements, params)
 
 
 def _finish_interrupted_drop(conn: Connection, walk: Walk, pending: dict[str, str]) -> None:

@@ -18,6 +18,7 @@ It must never lose a row, nor hold the application up for long:
 
 from __future__ import annotations
 
+import re
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -35,6 +36,8 @@ from engine.queries import Statements
 DETACH_ATTEMPTS = 5
 DETACH_BACKOFF_S = 0.2
 CONCURRENT_DETACH_VERSION = 140000
+UPPER_BOUND = re.compile(r"FOR VALUES FROM \(.*\) TO \((.*)\)", re.DOTALL)
+"""A one-column range leaf's bound as ``pg_get_expr`` prints it: its exclusive upper end."""
 
 
 @dataclass(frozen=True)
@@ -69,11 +72,17 @@ def droppable(conn: Connection, oid: int) -> Leaf | None:
     schema, name, parent_schema, parent, bound, strategy, columns, key, has_default = row
     if strategy != "r" or bound == "DEFAULT" or columns != 1 or key is None:
         return None
+    upper = UPPER_BOUND.fullmatch(bound)
+    if upper is None or upper.group(1) == "MAXVALUE":
+        return None
     leaf = Leaf(TableSpec(name=name, schema=schema), TableSpec(name=parent, schema=parent_schema), bound,
                 bool(has_default))
-    later = one_row(conn.execute(sql.SQL(
-        "SELECT EXISTS (SELECT 1 FROM {parent} WHERE {key} > (SELECT max({key}) FROM {leaf}))"
-    ).format(parent=table_ident(leaf.parent), leaf=table_ident(leaf.table), key=sql.Identifier(key))))[0]
+    # a row at or past the leaf's upper bound: partition pruning reads the later leaves only,
+    # and the first row found ends the probe
+    probe = sql.SQL("SELECT EXISTS (SELECT 1 FROM {parent} WHERE {key} >= {upper})").format(
+        parent=table_ident(leaf.parent), key=sql.Identifier(key),
+        upper=sql.SQL(upper.group(1)))  # a constant the server printed from its catalog
+    later = one_row(conn.execute(probe))[0]
     return leaf if later else None
 
 
