@@ -230,6 +230,9 @@ def summary(result: GcResult) -> str:
     if result.rows_skipped_locked:
         line += f"; {result.rows_skipped_locked:,} locked rows left for the next run"
     line += _foreign_key_lines(result)
+    if dropped := [part["deleted"] for part in result.partitions.values() if part["dropped"]]:
+        line += (f"; {len(dropped)} of {len(result.partitions)} partitions wholly garbage, dropped"
+                 f" ({sum(dropped):,} rows)")
     if result.stop_reason:
         line += f"; stopped on {result.stop_reason}: run again to resume"
     if result.error:
