@@ -8,7 +8,6 @@ no trace; from the moment the row exists, every way out of the run goes through
 
 from __future__ import annotations
 
-import dataclasses
 import threading
 import time
 from collections import Counter
@@ -22,10 +21,10 @@ import psycopg
 from engine import archive_file, partitions, reclaim, runs
 from engine.archive import resolve as resolve_archive
 from engine.archive_file import ArchiveFile
-from engine.config import GcOptions, StrategyName, TableSpec
-from engine.db import Connection, connect, regclass_of, require_bookkeeping
+from engine.config import GcOptions, StrategyName
+from engine.db import Connection, connect, require_bookkeeping
 from engine.dryrun import dry_run
-from engine.errors import GcAlreadyRunning, MsggcError
+from engine.errors import GcAlreadyRunning
 from engine.finish import Closed, Finisher, SilentFinisher, close, decide
 from engine.planner import Plan, make_plan
 from engine.queries import Archive, Statements
@@ -222,7 +221,7 @@ def _walk_and_close(conn: Connection, walk: Walk, target: Checked,
 
         guarded(walk, open_file)
     if walk.error is None and any(leaf is not None for leaf in walk.legs):
-        guarded(walk, lambda: _drop_wholly_garbage(conn, walk, target))
+        guarded(walk, lambda: partitions.drop_whole_leaves(conn, walk, target.target))
     if walk.error is None:
         conn = walk_run(conn, walk)
 
@@ -239,55 +238,6 @@ def _walk_and_close(conn: Connection, walk: Walk, target: Checked,
     if closed.conn is not conn:
         conn.close()
     return closed.conn, closed
-
-
-def _drop_wholly_garbage(conn: Connection, walk: Walk, checked: Checked) -> None:
-    """Leaves wholly garbage go by DETACH and DROP instead of row by row (:mod:`engine.partitions`),
-    unless the operator said ``--no-drop``, rows must be archived, or a foreign key points at the
-    table; a leaf a killed run left detached is finished first."""
-    options = walk.options
-    if options.no_drop or options.archive or options.archive_to or checked.target.references:
-        return
-    for run_id in (walk.run.id, walk.run.resumed_from):
-        if run_id is not None and (pending := runs.detaching(conn, run_id)) is not None:
-            _finish_interrupted_drop(conn, walk, pending)
-            runs.mark_detaching(conn, run_id, None)
-    for leaf, leg in walk.legs.items():
-        if leaf is None or all(part.done for part in walk.run.slices if part.leaf == leaf):
-            continue
-        candidate = partitions.droppable(conn, leg.statements.target.oid)
-        if candidate is None or not _all_garbage(conn, leg, walk.params):
-            continue
-        dropped = partitions.drop(conn, candidate, leg.statements, walk.params, walk.run.id,
-                                  options.lock_timeout_ms)
-        if dropped is not None:
-            walk.record_drop(leaf, dropped)
-
-
-def _all_garbage(conn: Connection, leg: Leg, params: dict[str, Any]) -> bool:
-    """The plan's sample says so when it read the whole leaf (a small one): no second read; the
-    check after the detach is what makes the drop safe either way."""
-    facts = leg.plan.facts
-    if facts.sample_percent >= 100.0:
-        return facts.rows_estimate > 0 and facts.garbage_fraction == 1.0
-    return partitions.wholly_garbage(conn, leg.statements, params)
-
-
-def _finish_interrupted_drop(conn: Connection, walk: Walk, pending: dict[str, str]) -> None:
-    """The leaf a killed run detached (or began to): dropped if still wholly garbage, else
-    attached again, and this run fails so that the next one walks it with the others."""
-    leaf = partitions.Leaf(TableSpec.parse(pending["leaf"]), TableSpec.parse(pending["parent"]),
-                           pending["bound"], parent_has_default=False)
-    partitions.finalize_pending(conn, leaf)
-    if partitions.is_attached(conn, leaf) or regclass_of(conn, leaf.table) is None:
-        return
-    spec = dataclasses.replace(walk.options.table, schema=leaf.table.schema, name=leaf.table.name)
-    statements = Statements.for_target(resolve_target(conn, spec), walk.options.older_than is not None)
-    dropped = partitions.finish_detached(conn, leaf, statements, walk.params, walk.run.id)
-    if dropped is None:
-        raise MsggcError(f"{leaf.table.qualified}, detached by an interrupted run, holds rows that are"
-                         " not garbage: it is attached again; run again to walk it row by row")
-    walk.record_drop(pending["leaf"], dropped)
 
 
 def _result(walk: Walk, closed: Closed, reason: str, target: Target) -> GcResult:

@@ -18,11 +18,13 @@ It must never lose a row, nor hold the application up for long:
 
 from __future__ import annotations
 
+import dataclasses
 import re
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Any
 
 import psycopg
 from psycopg import errors as pg_errors
@@ -30,8 +32,12 @@ from psycopg import sql
 
 from engine import runs
 from engine.config import TableSpec
-from engine.db import Connection, one_row, table_ident
+from engine.db import Connection, one_row, regclass_of, table_ident
+from engine.errors import MsggcError
 from engine.queries import Statements
+from engine.target import Target
+from engine.target import resolve as resolve_target
+from engine.walk import Leg, Walk
 
 DETACH_ATTEMPTS = 5
 DETACH_BACKOFF_S = 0.2
@@ -189,3 +195,53 @@ def is_attached(conn: Connection, leaf: Leaf) -> bool:
     return conn.execute(
         "SELECT 1 FROM pg_inherits WHERE inhrelid = to_regclass(%s) AND NOT inhdetachpending",
         (table_ident(leaf.table).as_string(conn),)).fetchone() is not None
+
+
+# -- the walk's part: which leaves go, and a killed run's leaf finished ------------------------
+
+def drop_whole_leaves(conn: Connection, walk: Walk, target: Target) -> None:
+    """The walk's leaves wholly garbage go by DETACH and DROP instead of row by row, unless the
+    operator said ``--no-drop``, rows must be archived, or a foreign key points at the table; a
+    leaf a killed run left detached is finished first."""
+    options = walk.options
+    if options.no_drop or options.archive or options.archive_to or target.references:
+        return
+    for run_id in (walk.run.id, walk.run.resumed_from):
+        if run_id is not None and (pending := runs.detaching(conn, run_id)) is not None:
+            _finish_interrupted_drop(conn, walk, pending)
+            runs.mark_detaching(conn, run_id, None)
+    for leaf, leg in walk.legs.items():
+        if leaf is None or all(part.done for part in walk.run.slices if part.leaf == leaf):
+            continue
+        candidate = droppable(conn, leg.statements.target.oid)
+        if candidate is None or not _all_garbage(conn, leg, walk.params):
+            continue
+        dropped = drop(conn, candidate, leg.statements, walk.params, walk.run.id, options.lock_timeout_ms)
+        if dropped is not None:
+            walk.record_drop(leaf, dropped)
+
+
+def _all_garbage(conn: Connection, leg: Leg, params: dict[str, Any]) -> bool:
+    """The plan's sample says so when it read the whole leaf (a small one): no second read; the
+    check after the detach is what makes the drop safe either way."""
+    facts = leg.plan.facts
+    if facts.sample_percent >= 100.0:
+        return facts.rows_estimate > 0 and facts.garbage_fraction == 1.0
+    return wholly_garbage(conn, leg.statements, params)
+
+
+def _finish_interrupted_drop(conn: Connection, walk: Walk, pending: dict[str, str]) -> None:
+    """The leaf a killed run detached (or began to): dropped if still wholly garbage, else
+    attached again, and this run fails so that the next one walks it with the others."""
+    leaf = Leaf(TableSpec.parse(pending["leaf"]), TableSpec.parse(pending["parent"]),
+                           pending["bound"], parent_has_default=False)
+    finalize_pending(conn, leaf)
+    if is_attached(conn, leaf) or regclass_of(conn, leaf.table) is None:
+        return
+    spec = dataclasses.replace(walk.options.table, schema=leaf.table.schema, name=leaf.table.name)
+    statements = Statements.for_target(resolve_target(conn, spec), walk.options.older_than is not None)
+    dropped = finish_detached(conn, leaf, statements, walk.params, walk.run.id)
+    if dropped is None:
+        raise MsggcError(f"{leaf.table.qualified}, detached by an interrupted run, holds rows that are"
+                         " not garbage: it is attached again; run again to walk it row by row")
+    walk.record_drop(pending["leaf"], dropped)
