@@ -26,7 +26,7 @@ from engine.db import Connection, connect, require_bookkeeping
 from engine.dryrun import dry_run
 from engine.errors import GcAlreadyRunning
 from engine.finish import Closed, Finisher, SilentFinisher, close, decide
-from engine.planner import Plan, make_plan
+from engine.planner import Plan, cutoff_of, make_plan, whole_leaf_plan
 from engine.queries import Archive, Statements
 from engine.result import GcResult, Progress, percentile
 from engine.status import RunStatus
@@ -182,15 +182,16 @@ def collect(
         target = check(conn, options)
         if options.dry_run:
             legs = {leaf: statements for leaf, (_table, statements) in target.legs.items()}
-            return dry_run(conn, _plans(conn, options, target), legs, options, target.target)
+            plans, whole = _plans(conn, options, target)
+            return dry_run(conn, plans, whole, legs, options, target.target)
         lock_table(conn, options, target.oid)
-        plans = _plans(conn, options, target)
+        plans, whole = _plans(conn, options, target)
         before = reclaim.health(conn, target.oid)
         run, reason = resume_or_start(conn, options, plans, run_id, target.target.describe())
         walk = Walk(options=options, run=run, legs=legs_of(run, target, plans), oid=target.oid,
                     dsn=dsn, stop=stop or threading.Event(), on_progress=on_progress,
                     throttle=Throttle(_limits(options), target.oid))
-        conn, closed = _walk_and_close(conn, walk, target, finisher or SilentFinisher())
+        conn, closed = _walk_and_close(conn, walk, target, whole, finisher or SilentFinisher())
         result = _result(walk, closed, reason, target.target)
         if closed.recorded and not conn.closed:
             result.reclaim = _reclaim_after(conn, options, target.oid, before, run.id)
@@ -200,16 +201,23 @@ def collect(
         conn.close()
 
 
-def _plans(conn: Connection, options: GcOptions, checked: Checked) -> dict[str | None, Plan]:
-    return {leaf: make_plan(conn, options, table, statements)
-            for leaf, (table, statements) in checked.legs.items()}
+def _plans(conn: Connection, options: GcOptions,
+           checked: Checked) -> tuple[dict[str | None, Plan], dict[str, partitions.Leaf]]:
+    """Each table's plan, and the leaves that will be dropped whole (planned without a sample)."""
+    cutoff = cutoff_of(conn, options)
+    leaves = {leaf: statements for leaf, (_table, statements) in checked.legs.items() if leaf is not None}
+    whole = partitions.whole_leaves(conn, options, checked.target, leaves, {"cutoff": cutoff, "run_id": 0})
+    plans = {leaf: whole_leaf_plan(conn, table, cutoff) if leaf in whole
+             else make_plan(conn, options, table, statements, cutoff)
+             for leaf, (table, statements) in checked.legs.items()}
+    return plans, whole
 
 
 def _limits(options: GcOptions) -> Limits:
     return Limits(options.max_wal_rate, options.max_replica_lag, options.pause_for_vacuum)
 
 
-def _walk_and_close(conn: Connection, walk: Walk, target: Checked,
+def _walk_and_close(conn: Connection, walk: Walk, target: Checked, whole: dict[str, partitions.Leaf],
                     finisher: Finisher) -> tuple[Connection, Closed]:
     """From here on the run exists: any error closes it as failed, never leaves it running."""
     if walk.options.archive_to and target.archive:
@@ -221,7 +229,7 @@ def _walk_and_close(conn: Connection, walk: Walk, target: Checked,
 
         guarded(walk, open_file)
     if walk.error is None and any(leaf is not None for leaf in walk.legs):
-        guarded(walk, lambda: partitions.drop_whole_leaves(conn, walk, target.target))
+        guarded(walk, lambda: partitions.drop_whole_leaves(conn, walk, target.target, whole))
     if walk.error is None:
         conn = walk_run(conn, walk)
 

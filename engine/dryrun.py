@@ -36,11 +36,12 @@ def _foreign_keys(conn: Connection, plan: Plan, options: GcOptions,
     return reports
 
 
-def dry_run(conn: Connection, plans: dict[str | None, Plan], legs: dict[str | None, Statements],
-            options: GcOptions, target: Target) -> GcResult:
+def dry_run(conn: Connection, plans: dict[str | None, Plan], whole: dict[str, partitions.Leaf],
+            legs: dict[str | None, Statements], options: GcOptions, target: Target) -> GcResult:
     """The plan of each table the run would delete from (the table, or each leaf partition), and
     a prediction from real batches that are rolled back (see :mod:`engine.estimate`)."""
-    samples = {leaf: _sample(conn, plan, options, legs[leaf]) for leaf, plan in plans.items()}
+    samples = {leaf: _sample(conn, plan, options, legs[leaf]) for leaf, plan in plans.items()
+               if leaf not in whole}
     walks = Counter(plan.strategy for plan in plans.values())
     only = plans.get(None)
     return GcResult(
@@ -57,7 +58,7 @@ def dry_run(conn: Connection, plans: dict[str | None, Plan], legs: dict[str | No
         partitioning_advice=_advice(conn, only, legs[None]) if only else None,
         partitions={leaf: {"strategy": plan.strategy, "reason": plan.reason,
                            "garbage_estimate": plan.facts.garbage_rows_estimate,
-                           **_drop_verdict(conn, plan, legs[leaf], options, target)}
+                           **_drop_verdict(conn, plan, legs[leaf], options, target, leaf in whole)}
                     for leaf, plan in plans.items() if leaf is not None},
     )
 
@@ -84,19 +85,17 @@ def _advice(conn: Connection, plan: Plan, statements: Statements) -> dict[str, A
 
 
 def _drop_verdict(conn: Connection, plan: Plan, statements: Statements, options: GcOptions,
-                  target: Target) -> dict[str, Any]:
+                  target: Target, dropped: bool) -> dict[str, Any]:
     """Whether a run would drop the leaf whole, and why (or why not)."""
+    if dropped:
+        return {"drop": True, "why": "every row is garbage: detached and dropped whole"}
     archived = options.archive or options.archive_to
     why = ("--no-drop" if options.no_drop else "its rows are archived" if archived
            else "a foreign key points at the table" if target.references
            else "not a range leaf that a later leaf with rows follows"
            if partitions.droppable(conn, statements.target.oid) is None
-           else "not all its rows are garbage"
-           if not partitions.wholly_garbage(conn, statements, {"cutoff": plan.cutoff, "run_id": 0})
-           else None)
-    if why is not None:
-        return {"drop": False, "why": f"walked row by row: {why}"}
-    return {"drop": True, "why": "every row is garbage: detached and dropped whole"}
+           else "not all its rows are garbage")
+    return {"drop": False, "why": f"walked row by row: {why}"}
 
 
 def _sample(conn: Connection, plan: Plan, options: GcOptions, statements: Statements) -> Estimate:

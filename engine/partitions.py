@@ -24,20 +24,19 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any
 
 import psycopg
 from psycopg import errors as pg_errors
 from psycopg import sql
 
 from engine import runs
-from engine.config import TableSpec
+from engine.config import GcOptions, TableSpec
 from engine.db import Connection, one_row, regclass_of, table_ident
 from engine.errors import MsggcError
 from engine.queries import Statements
 from engine.target import Target
 from engine.target import resolve as resolve_target
-from engine.walk import Leg, Walk
+from engine.walk import Walk
 
 DETACH_ATTEMPTS = 5
 DETACH_BACKOFF_S = 0.2
@@ -199,35 +198,41 @@ def is_attached(conn: Connection, leaf: Leaf) -> bool:
 
 # -- the walk's part: which leaves go, and a killed run's leaf finished ------------------------
 
-def drop_whole_leaves(conn: Connection, walk: Walk, target: Target) -> None:
-    """The walk's leaves wholly garbage go by DETACH and DROP instead of row by row, unless the
-    operator said ``--no-drop``, rows must be archived, or a foreign key points at the table; a
-    leaf a killed run left detached is finished first."""
-    options = walk.options
-    if options.no_drop or options.archive or options.archive_to or target.references:
+def may_drop(options: GcOptions, target: Target) -> bool:
+    """Unless the operator said ``--no-drop``, rows must be archived, or a foreign key points at
+    the table (its rules are checked row by row)."""
+    return not (options.no_drop or options.archive or options.archive_to or target.references)
+
+
+def whole_leaves(conn: Connection, options: GcOptions, target: Target, legs: dict[str, Statements],
+                 params: dict[str, object]) -> dict[str, Leaf]:
+    """The leaves a run will drop whole, found before planning: they need no plan of their own."""
+    if not may_drop(options, target):
+        return {}
+    found = {}
+    for name, statements in legs.items():
+        leaf = droppable(conn, statements.target.oid)
+        if leaf is not None and wholly_garbage(conn, statements, params):
+            found[name] = leaf
+    return found
+
+
+def drop_whole_leaves(conn: Connection, walk: Walk, target: Target, leaves: dict[str, Leaf]) -> None:
+    """The leaves found wholly garbage (:func:`whole_leaves`) go by DETACH and DROP; a leaf a
+    killed run left detached is finished first."""
+    if not may_drop(walk.options, target):
         return
     for run_id in (walk.run.id, walk.run.resumed_from):
         if run_id is not None and (pending := runs.detaching(conn, run_id)) is not None:
             _finish_interrupted_drop(conn, walk, pending)
             runs.mark_detaching(conn, run_id, None)
-    for leaf, leg in walk.legs.items():
-        if leaf is None or all(part.done for part in walk.run.slices if part.leaf == leaf):
+    for name, leaf in leaves.items():
+        if all(part.done for part in walk.run.slices if part.leaf == name):
             continue
-        candidate = droppable(conn, leg.statements.target.oid)
-        if candidate is None or not _all_garbage(conn, leg, walk.params):
-            continue
-        dropped = drop(conn, candidate, leg.statements, walk.params, walk.run.id, options.lock_timeout_ms)
+        statements = walk.legs[name].statements
+        dropped = drop(conn, leaf, statements, walk.params, walk.run.id, walk.options.lock_timeout_ms)
         if dropped is not None:
-            walk.record_drop(leaf, dropped)
-
-
-def _all_garbage(conn: Connection, leg: Leg, params: dict[str, Any]) -> bool:
-    """The plan's sample says so when it read the whole leaf (a small one): no second read; the
-    check after the detach is what makes the drop safe either way."""
-    facts = leg.plan.facts
-    if facts.sample_percent >= 100.0:
-        return facts.rows_estimate > 0 and facts.garbage_fraction == 1.0
-    return wholly_garbage(conn, leg.statements, params)
+            walk.record_drop(name, dropped)
 
 
 def _finish_interrupted_drop(conn: Connection, walk: Walk, pending: dict[str, str]) -> None:

@@ -168,15 +168,35 @@ def _refusal(facts: TableFacts, requested: StrategyName, physical_ok: bool) -> s
     return None
 
 
-def make_plan(conn: Connection, options: GcOptions, target: Target, statements: Statements) -> Plan:
-    cutoff: datetime | None = None
-    if options.older_than is not None:
-        # a retention reaching before year 1 (e.g. 99999999w) keeps every row: clamp, not overflow
-        cutoff = one_row(conn.execute(
-            "SELECT CASE WHEN %(keep)s::interval < now() - '0001-01-01 00:00+00'::timestamptz"
-            " THEN now() - %(keep)s::interval ELSE '0001-01-01 00:00+00'::timestamptz END",
-            {"keep": options.older_than},
-        ))[0]
+def cutoff_of(conn: Connection, options: GcOptions) -> datetime | None:
+    """The retention's cutoff, computed once for the whole run (all leaves share it)."""
+    if options.older_than is None:
+        return None
+    # a retention reaching before year 1 (e.g. 99999999w) keeps every row: clamp, not overflow
+    cutoff: datetime = one_row(conn.execute(
+        "SELECT CASE WHEN %(keep)s::interval < now() - '0001-01-01 00:00+00'::timestamptz"
+        " THEN now() - %(keep)s::interval ELSE '0001-01-01 00:00+00'::timestamptz END",
+        {"keep": options.older_than},
+    ))[0]
+    return cutoff
+
+
+def make_plan(conn: Connection, options: GcOptions, target: Target, statements: Statements,
+              cutoff: datetime | None) -> Plan:
     facts = read_facts(conn, target, statements, cutoff)
     strategy, reason = choose_strategy(facts, options.strategy)
     return Plan(strategy=strategy, reason=reason, facts=facts, cutoff=cutoff)
+
+
+def whole_leaf_plan(conn: Connection, target: Target, cutoff: datetime | None) -> Plan:
+    """A leaf partition about to be dropped whole (its check found only garbage): no sample; if
+    the drop cannot happen after all, it is walked by TID ranges like any dense table."""
+    blocks, rows = one_row(conn.execute(
+        "SELECT pg_relation_size(oid) / current_setting('block_size')::int, greatest(reltuples, 0)::bigint"
+        " FROM pg_class WHERE oid = %s", (target.oid,)))
+    facts = TableFacts(oid=target.oid, blocks=int(blocks), rows_estimate=int(rows), garbage_fraction=1.0,
+                       garbage_index=None, key_indexed=False, key_min=None, key_max=None,
+                       server_version=conn.info.server_version, key=target.key,
+                       integer_key=target.integer_key)
+    return Plan(strategy="physical", reason="every row is garbage: detached and dropped whole", facts=facts,
+                cutoff=cutoff)
