@@ -246,11 +246,13 @@ class Statements:
 
     def delete_next_by_key(self, has_after: bool) -> sql.Composed:
         """The same for any ordered key: the next garbage rows after ``after`` in key order,
-        deleted by ctid (and re-checked); the last key comes back as text values."""
+        deleted by their key (and re-checked); the last key comes back as text values. By key,
+        not by ctid: a row the application updates meanwhile has a new ctid but the same key,
+        and must not be passed by."""
         return self._pick_and_delete(
-            self._format("SELECT ctid AS tid, {keys} FROM {t} WHERE {deletable}{after}"
+            self._format("SELECT {keys} FROM {t} WHERE {deletable}{after}"
                          " ORDER BY {keys} LIMIT %(size)s", keys=self._keys, after=self._after(has_after)),
-            sql.SQL("ctid = ANY(ARRAY(SELECT tid FROM picked))"),
+            sql.SQL("ROW({keys}) IN (SELECT {keys} FROM picked)").format(keys=self._keys),
             sql.SQL("{texts} FROM picked ORDER BY {desc} LIMIT 1").format(texts=self._key_texts,
                                                                           desc=self._keys_desc),
         )

@@ -574,3 +574,29 @@ def test_exactly_the_garbage_rows_are_deleted(conn, dsn, table, strategy: Strate
     assert count(conn, "prop") == len(keys) - gone
     assert rows_digest(conn, "prop") == survivors
     assert sum(r.messages_deleted for r in results) == counted(conn) == gone
+
+
+@pytest.mark.parametrize("key", ["id uuid PRIMARY KEY", "tenant int, id uuid, PRIMARY KEY (tenant, id)"])
+def test_a_garbage_row_the_app_updates_while_the_walk_waits_on_it_is_still_collected(conn, dsn, key):
+    """The application updates another column of a garbage row (a new row version, elsewhere in
+    the heap) while the ordered-key walk waits for its lock: the walk must still delete it, not
+    pass its key by and say complete."""
+    conn.execute(f"CREATE TABLE keyed ({key}, note text, processed_at timestamptz)")
+    columns = "tenant, id, note, processed_at" if "tenant" in key else "id, note, processed_at"
+    values = "1, gen_random_uuid(), 'n', now()" if "tenant" in key else "gen_random_uuid(), 'n', now()"
+    conn.execute(f"INSERT INTO keyed ({columns}) SELECT {values} FROM generate_series(1, 200)")
+    victim = conn.execute("SELECT id FROM keyed ORDER BY id OFFSET 50 LIMIT 1").fetchone()[0]
+    app = psycopg.connect(dsn)
+    app.execute("UPDATE keyed SET note = repeat('x', 500) WHERE id = %s", (victim,))
+    done: list[Any] = []
+    gc = threading.Thread(target=lambda: done.append(collect(dsn, options(
+        "keyed", strategy="index", batch_size=1000, lock_timeout_ms=10_000))))
+    gc.start()
+    wait_until(lambda: conn.execute(
+        "SELECT 1 FROM pg_stat_activity WHERE application_name = 'msggc' AND wait_event_type = 'Lock'"
+    ).fetchone(), what="the walk to wait on the application's row lock")
+    app.commit()
+    app.close()
+    gc.join(30)
+    assert done and done[0].status == "complete"
+    assert count(conn, "keyed") == 0, "the updated garbage row was passed by"
