@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass, field
+from functools import cached_property
 
 from psycopg import sql
 
@@ -68,7 +69,8 @@ class Archive:
 
 @dataclass(frozen=True)
 class Statements:
-    """The statements of one run; composed once so psycopg can prepare them."""
+    """The statements of one run; composed once so psycopg can prepare them (what each batch
+    asks of its foreign keys is worked out once too: ``cached_property``)."""
 
     target: Target
     garbage: sql.Composable
@@ -91,17 +93,17 @@ class Statements:
         return cls(target=target, garbage=garbage, deletable=deletable, archive=archive,
                    delete_dependents=delete_dependents, child_archives=child_archives or {})
 
-    @property
+    @cached_property
     def kept_by(self) -> tuple[Reference, ...]:
         """The foreign keys whose referenced garbage rows stay (and are counted)."""
         return () if self.delete_dependents else tuple(r for r in self.target.references if r.blocks)
 
-    @property
+    @cached_property
     def changes_children(self) -> tuple[Reference, ...]:
         """The foreign keys whose child rows a batch deletes or changes (counted before it)."""
         return tuple(r for r in self.target.references if not r.blocks or self.delete_dependents)
 
-    @property
+    @cached_property
     def changes_seen_in_statistics(self) -> tuple[Reference, ...]:
         """The keys whose child rows PostgreSQL deletes or updates itself, counted from the batch
         transaction's own statistics of the child table (no second pass over the range): those
@@ -112,7 +114,7 @@ class Statements:
                      if not ref.blocks and ref.name not in self.child_archives and not ref.child_partitioned
                      and per_child[ref.child_oid] == 1 and ref.child_oid != self.target.oid)
 
-    @property
+    @cached_property
     def child_changes(self) -> sql.Composed:
         """This transaction's deletes (CASCADE) or updates (SET NULL/DEFAULT) of each such child."""
         return sql.SQL("SELECT {}").format(sql.SQL(", ").join(
