@@ -68,12 +68,15 @@ class Plan:
     cutoff: datetime | None
 
 
+def heap_blocks(conn: Connection, oid: int) -> int:
+    return int(one_row(conn.execute(
+        "SELECT pg_relation_size(%s::oid) / current_setting('block_size')::int", (oid,)))[0])
+
+
 def read_facts(conn: Connection, target: Target, statements: Statements,
                cutoff: datetime | None) -> TableFacts:
     oid = target.oid
-    blocks = int(one_row(conn.execute(
-        "SELECT pg_relation_size(%s::oid) / current_setting('block_size')::int", (oid,)
-    ))[0])
+    blocks = heap_blocks(conn, oid)
     percent = sample_percent(blocks)
     sampled, garbage = one_row(conn.execute(
         statements.sample_garbage, {"percent": percent, "cutoff": cutoff}

@@ -168,6 +168,12 @@ def checkpoint(conn: Connection, run_id: int, slice_index: int, part: Slice, del
     )
 
 
+def add_slice(conn: Connection, run_id: int, part: Slice) -> None:
+    """A slice added to the run's walk (its index is the next one: checkpoints address it)."""
+    conn.execute("UPDATE gc_runs SET cursor = jsonb_set(cursor, '{slices}', (cursor -> 'slices') || %s)"
+                 " WHERE id = %s", (Jsonb([part.as_json()]), run_id))
+
+
 def mark_detaching(conn: Connection, run_id: int, leaf: str | None, parent: str | None = None,
                    bound: str | None = None) -> None:
     """Before a leaf is detached to be dropped (None: no longer): a run killed meanwhile is

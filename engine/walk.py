@@ -26,7 +26,7 @@ from engine.archive_file import ArchiveFile
 from engine.config import GcOptions
 from engine.db import Connection, connect
 from engine.errors import DatabaseUnreachable, GcAlreadyRunning, MsggcError
-from engine.planner import Plan
+from engine.planner import Plan, heap_blocks
 from engine.queries import SET_BATCH_SETTINGS, Statements
 from engine.result import Progress
 from engine.sizer import DEFAULT_BATCH_ROWS, BatchSizer
@@ -35,6 +35,8 @@ from engine.throttle import Throttle
 
 LOCKED_TABLE_RETRIES = 5
 RECONNECT_WINDOW_S = 30.0
+HEAP_GROWTH_ROUNDS = 3
+"""How many times a finished heap walk goes on into blocks the table gained meanwhile."""
 
 log = logging.getLogger("msggc.walk")
 
@@ -310,13 +312,66 @@ def _helper(walk: Walk, todo: queue.SimpleQueue[int]) -> None:
 
 def walk_run(conn: Connection, walk: Walk) -> Connection:
     """Run the workers until every slice is done or the run stops; a rewind after a server
-    restart may reopen slices that workers had already left, so they are walked again. Returns
-    the live connection of the lock holder (a reconnect may have replaced ``conn``)."""
+    restart may reopen slices that workers had already left, so they are walked again, and a
+    heap walk goes on into the blocks the table gained meanwhile. Returns the live connection of
+    the lock holder (a reconnect may have replaced ``conn``)."""
+    growth_rounds = 0
     while True:
         walk.rewound = False
         conn = _run_workers(conn, walk)
-        if not walk.rewound or walk.error or walk.stop_reason or walk.walked_to_end:
+        if walk.error or walk.stop_reason:
             return conn
+        if not walk.walked_to_end:
+            if walk.rewound:
+                continue
+            return conn
+        if growth_rounds == HEAP_GROWTH_ROUNDS:
+            return conn
+        growth_rounds += 1
+        conn, more = _more_to_walk(conn, walk)
+        if not more:
+            return conn
+
+
+def _more_to_walk(conn: Connection, walk: Walk) -> tuple[Connection, bool]:
+    """After every slice is done: the lock holder's live connection, and whether the walk must
+    go on (see :func:`_extend_or_rewind`); an error fails the walk like any worker's."""
+    link = Link(conn, holds_lock=True)
+    more: list[bool] = []
+    guarded(walk, lambda: more.append(_extend_or_rewind(link, walk)))
+    return link.conn, any(more)
+
+
+def _extend_or_rewind(link: Link, walk: Walk) -> bool:
+    """Whether the walk has more to do: blocks the heap gained, or (the connection lost after
+    the last batch) the batches the server did not keep."""
+    try:
+        return _extend_to_heap_end(link.conn, walk)
+    except psycopg.OperationalError:
+        link.conn.close()
+        link.conn = reconnect(walk, holds_lock=True)
+        walk.rewind(link.conn)
+        return True
+
+
+def _extend_to_heap_end(conn: Connection, walk: Walk) -> bool:
+    """A heap walk ends at the block count it planned; the application's UPDATEs meanwhile put
+    new row versions of garbage rows in blocks appended since (the free space our deletes left
+    is not reusable before a VACUUM). Those blocks are walked too, recorded with the run."""
+    grown = False
+    for leaf, leg in walk.legs.items():
+        if leg.strategy.name != "physical" or leaf in walk.dropped:
+            continue
+        parts = [part for part in walk.run.slices if part.leaf == leaf]
+        end = max(part.bound for part in parts)
+        blocks = heap_blocks(conn, leg.plan.facts.oid)
+        if blocks > end:
+            added = Slice(end, blocks, leaf=leaf, strategy=parts[0].strategy)
+            runs.add_slice(conn, walk.run.id, added)
+            with walk.lock:
+                walk.run.slices.append(added)
+            grown = True
+    return grown
 
 
 def _run_workers(conn: Connection, walk: Walk) -> Connection:

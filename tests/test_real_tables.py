@@ -600,3 +600,24 @@ def test_a_garbage_row_the_app_updates_while_the_walk_waits_on_it_is_still_colle
     gc.join(30)
     assert done and done[0].status == "complete"
     assert count(conn, "keyed") == 0, "the updated garbage row was passed by"
+
+
+def test_garbage_rows_the_app_moves_past_the_planned_heap_end_are_still_collected(conn, dsn):
+    """The application updates garbage rows the heap walk has not reached: their new versions go
+    to blocks appended after the walk was planned. The walk must go on into them."""
+    conn.execute("CREATE TABLE heap (id bigint PRIMARY KEY, processed_at timestamptz, note text)")
+    conn.execute("INSERT INTO heap SELECT g, now(), 'n' FROM generate_series(1, 20000) g")
+    conn.execute("VACUUM ANALYZE heap")
+    planned_blocks = conn.execute("SELECT pg_relation_size('heap') / 8192").fetchone()[0]
+    moved: list[int] = []
+
+    def application(progress: Progress) -> None:
+        if not moved:
+            conn.execute("UPDATE heap SET note = repeat('x', 2000) WHERE id BETWEEN 15000 AND 15100")
+            moved.append(conn.execute("SELECT max((ctid::text::point)[0])::int FROM heap"
+                                      " WHERE id BETWEEN 15000 AND 15100").fetchone()[0])
+
+    result = collect(dsn, options("heap", strategy="physical", batch_size=500), on_progress=application)
+    assert moved and moved[0] >= planned_blocks  # the test moved rows past the planned end
+    assert result.status == "complete" and count(conn, "heap") == 0
+    assert result.messages_deleted == 20000
