@@ -26,11 +26,12 @@ from engine.db import Connection, connect, require_bookkeeping
 from engine.dryrun import dry_run
 from engine.errors import GcAlreadyRunning
 from engine.finish import Closed, Finisher, SilentFinisher, close, decide
+from engine.guard import ProbeSite, require_probe_table
 from engine.planner import Plan, cutoff_of, make_plan, whole_leaf_plan
 from engine.queries import Archive, Statements
 from engine.result import GcResult, Progress, percentile
 from engine.status import RunStatus
-from engine.strategies import Slice, extended, strategy_for
+from engine.strategies import SWEEP, Slice, extended, strategy_for
 from engine.target import Target
 from engine.target import resolve as resolve_target
 from engine.throttle import Limits, Throttle
@@ -55,6 +56,8 @@ class Checked:
 def check(conn: Connection, options: GcOptions) -> Checked:
     """Everything that can be refused before a run exists: schema, table, archive, file target."""
     require_bookkeeping(conn)
+    if options.max_app_latency_ms:
+        require_probe_table(conn)
     target = resolve_target(conn, options.table, with_retention=options.older_than is not None)
     archive = None
     if options.archive:
@@ -105,10 +108,12 @@ def resume_or_start(conn: Connection, options: GcOptions, plans: dict[str | None
     key = plan.facts.key if plan else ()
     resumable = previous is not None and previous.continues_with(key)
     if previous is not None and resumable and options.strategy in ("auto", previous.strategy):
-        slices = (extended(previous.slices, previous.strategy, plan.facts) if plan
-                  else _with_new_leaves(previous.slices, plans, options.workers))
+        walked = [part for part in previous.slices if part.strategy != SWEEP]  # this run sweeps anew
+        slices = (extended(walked, previous.strategy, plan.facts) if plan
+                  else _with_new_leaves(walked, plans, options.workers))
         run = runs.start(conn, table, options.node, previous.strategy, slices, options.describe(),
                          resumed_from=previous.id, run_id=run_id, garbage=garbage, key=key)
+        run.continues = True
         return run, f"resumes run {previous.id}'s {previous.strategy} walk from its checkpoint"
     strategy = plan.strategy if plan else _commonest(plans)
     run = runs.start(conn, table, options.node, strategy, _planned_slices(plans, options.workers),
@@ -152,7 +157,7 @@ def _partitioned_reason(plans: dict[str | None, Plan]) -> str:
 
 def legs_of(run: runs.Run, checked: Checked, plans: dict[str | None, Plan]) -> dict[str | None, Leg]:
     """Each leaf walked the way its slices recorded (the run's own way for a plain table)."""
-    recorded = {part.leaf: part.strategy or run.strategy for part in run.slices}
+    recorded = {part.leaf: part.strategy or run.strategy for part in run.slices if part.strategy != SWEEP}
     legs = {}
     for leaf, (_table, statements) in checked.legs.items():
         plan = plans[leaf]
@@ -190,7 +195,8 @@ def collect(
         run, reason = resume_or_start(conn, options, plans, run_id, target.target.describe())
         walk = Walk(options=options, run=run, legs=legs_of(run, target, plans), oid=target.oid,
                     dsn=dsn, stop=stop or threading.Event(), on_progress=on_progress,
-                    throttle=Throttle(_limits(options), target.oid))
+                    throttle=Throttle(_limits(options), target.oid,
+                                      ProbeSite(dsn, run.id, options.table.qualified, options.node)))
         conn, closed = _walk_and_close(conn, walk, target, whole, finisher or SilentFinisher())
         result = _result(walk, closed, reason, target.target)
         if closed.recorded and not conn.closed:
@@ -214,7 +220,8 @@ def _plans(conn: Connection, options: GcOptions,
 
 
 def _limits(options: GcOptions) -> Limits:
-    return Limits(options.max_wal_rate, options.max_replica_lag, options.pause_for_vacuum)
+    return Limits(options.max_wal_rate, options.max_replica_lag, options.pause_for_vacuum,
+                  options.max_app_latency_ms)
 
 
 def _walk_and_close(conn: Connection, walk: Walk, target: Checked, whole: dict[str, partitions.Leaf],
@@ -231,7 +238,10 @@ def _walk_and_close(conn: Connection, walk: Walk, target: Checked, whole: dict[s
     if walk.error is None and any(leaf is not None for leaf in walk.legs):
         guarded(walk, lambda: partitions.drop_whole_leaves(conn, walk, target.target, whole))
     if walk.error is None:
-        conn = walk_run(conn, walk)
+        try:
+            conn = walk_run(conn, walk)
+        finally:
+            walk.throttle.stop()  # the latency probe's figures are final before the run closes
 
     def reconnected() -> Connection:
         """The lock holder's connection again, and the walk as the server kept it."""
@@ -272,10 +282,12 @@ def _result(walk: Walk, closed: Closed, reason: str, target: Target) -> GcResult
         throttle_pauses=walk.throttle.pauses,
         throttled_s=walk.throttle.paused_s,
         throttle_reasons=walk.throttle.reasons,
+        **walk.throttle.report(),
         garbage=target.describe(),
         partitions={leaf: {"strategy": part.strategy, "deleted": walk.by_leaf[leaf],
                            "dropped": leaf in walk.dropped}
-                    for part in walk.run.slices if (leaf := part.leaf) is not None},
+                    for part in walk.run.slices
+                    if (leaf := part.leaf) is not None and part.strategy != SWEEP},
         **_foreign_keys(walk, target),
     )
 

@@ -70,12 +70,14 @@ def regclass_of(conn: Connection, table: TableSpec) -> int | None:
 
 
 def require_bookkeeping(conn: Connection) -> None:
-    """msggc's own tables must exist before any run."""
+    """msggc's own tables must exist, up to the newest, before any run."""
     row = conn.execute(
         "SELECT to_regclass('gc_runs') IS NOT NULL AND to_regclass('gc_outbox') IS NOT NULL"
+        " AND to_regclass('gc_sweep') IS NOT NULL"
     ).fetchone()
     if not row or not row[0]:
-        raise SchemaMissing("msggc tables are missing in this database: run `msggc migrate` first")
+        raise SchemaMissing("msggc tables are missing or out of date in this database:"
+                            " run `msggc migrate` first")
 
 
 def is_user_fault(exc: BaseException) -> bool:

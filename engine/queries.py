@@ -27,6 +27,12 @@ SET_BATCH_SETTINGS = sql.SQL(
 """Transaction-local: a batch waits at most lock_timeout for a row lock, runs at most
 statement_timeout, and with ``--async-commit`` does not wait for its WAL flush."""
 
+SET_SWEEP_SETTINGS = sql.SQL(
+    "SELECT set_config('lock_timeout', %(lock_timeout)s, true), set_config('statement_timeout', '0', true)"
+)
+"""The sweep's read of the keys scans the whole table and locks no row: statement_timeout,
+which bounds how long a batch holds its row locks, does not apply to it."""
+
 
 def garbage_predicate(target: Target, with_cutoff: bool) -> sql.Composable:
     """The processed column IS NOT NULL (older than the cutoff with a retention), and the
@@ -321,6 +327,34 @@ class Statements:
         return self._format("SELECT {texts} FROM {t} WHERE {garbage}{after} ORDER BY {keys}"
                             " OFFSET %(offset)s LIMIT 1", texts=self._key_texts, keys=self._keys,
                             after=self._after(has_after))
+
+    # -- the sweep: keys read after the walk, deleted by key -------------------------------
+
+    @property
+    def fill_sweep(self) -> sql.Composed:
+        """The keys of the table's deletable garbage now, numbered 1..n for the run and leaf; one
+        statement, so one snapshot: a row the application moves meanwhile is read once."""
+        stored = (sql.SQL(", ").join(sql.SQL("{}, {}").format(sql.Literal(k), sql.Identifier(k))
+                                     for k in self.target.key)
+                  if self.target.key else sql.SQL("'ctid', ctid"))
+        return self._format("INSERT INTO gc_sweep (run_id, leaf, n, key)"
+                            " SELECT %(run_id)s, %(leaf)s, row_number() OVER (), jsonb_build_object({stored})"
+                            " FROM {t} WHERE {deletable}", stored=stored)
+
+    @property
+    def sweep_range(self) -> sql.Composable:
+        """The rows of the sweep's keys (lo, hi]: found by key wherever they have moved since
+        (by address for a table without a key)."""
+        picked = sql.SQL("msggc_sweep.run_id = %(run_id)s AND msggc_sweep.leaf = %(leaf)s"
+                         " AND msggc_sweep.n > %(lo)s AND msggc_sweep.n <= %(hi)s")
+        if not self.target.key:
+            return sql.SQL("ctid = ANY(ARRAY(SELECT (msggc_sweep.key ->> 'ctid')::tid"
+                           " FROM gc_sweep AS msggc_sweep WHERE {picked}))").format(picked=picked)
+        return self._format(
+            "ROW({keys}) IN (SELECT {typed} FROM gc_sweep AS msggc_sweep,"
+            " jsonb_populate_record(NULL::{t}, msggc_sweep.key) AS msggc_key WHERE {picked})",
+            keys=self._keys, picked=picked,
+            typed=sql.SQL(", ").join(sql.Identifier("msggc_key", k) for k in self.target.key))
 
     # -- probes ----------------------------------------------------------------------------
 

@@ -29,6 +29,9 @@ class Run:
     resumed_from: int | None
     key: tuple[str, ...] | None = None
     """The key its keyset positions are values of (None: recorded before runs recorded it)."""
+    continues: bool = False
+    """It walks on from an earlier run's checkpoint: garbage may have appeared where that run
+    had already been, so every leg is swept after the walk."""
 
     def continues_with(self, key: tuple[str, ...]) -> bool:
         """Its positions mean something for a walk on ``key``: block numbers always do."""
@@ -123,6 +126,7 @@ def start(conn: Connection, table: str, node: str, strategy: StrategyName, slice
                 " WHERE id = %s",
                 (resumed_from,),
             )
+            forget_sweep(conn, resumed_from)
         values = (strategy, Jsonb(_cursor(slices, key)), resumed_from, garbage)
         if run_id is None:
             run_id = int(one_row(conn.execute(
@@ -138,6 +142,11 @@ def start(conn: Connection, table: str, node: str, strategy: StrategyName, slice
                 (*values, run_id),
             )
     return Run(id=run_id, strategy=strategy, slices=slices, resumed_from=resumed_from, key=key)
+
+
+def forget_sweep(conn: Connection, run_id: int) -> None:
+    """The keys a run's sweep read are its own: dropped when it closes or is superseded."""
+    conn.execute("DELETE FROM gc_sweep WHERE run_id = %s", (run_id,))
 
 
 def _cursor(slices: list[Slice], key: tuple[str, ...]) -> dict[str, Any]:
@@ -232,6 +241,7 @@ def finish(conn: Connection, run_id: int, status: RunStatus, error: str | None,
         " WHERE id = %s RETURNING messages_deleted",
         (status, error, throttle_pauses, throttled_s, run_id),
     ))
+    forget_sweep(conn, run_id)
     return int(row[0])
 
 
@@ -243,7 +253,7 @@ def recent(conn: Connection, limit: int = 10) -> list[dict[str, Any]]:
     cur = conn.execute(
         "SELECT id, node, table_name, status, strategy, messages_deleted, rows_skipped_locked,"
         " batches, throttle_pauses, throttled_seconds, reclaim, garbage, foreign_keys, started_at,"
-        " finished_at, error"
+        " finished_at, error, app_latency_p50_ms, app_latency_p99_ms, app_probes, held_back_seconds"
         " FROM gc_runs ORDER BY id DESC LIMIT %s",
         (limit,),
     )
@@ -310,7 +320,7 @@ def latest(conn: Connection, table: str, node: str) -> dict[str, Any] | None:
     cur = conn.execute(
         "SELECT id AS run_id, status, messages_deleted, batches, requested_at, started_at,"
         " finished_at, heartbeat_at, error, throttle_pauses, throttled_seconds, reclaim, garbage,"
-        " foreign_keys,"
+        " foreign_keys, app_latency_p50_ms, app_latency_p99_ms, held_back_seconds,"
         " round((messages_deleted / greatest(extract(epoch FROM"
         "   coalesce(finished_at, heartbeat_at) - started_at), 0.001))::numeric, 1)::float8 AS rows_per_s"
         " FROM gc_runs WHERE table_name = %s AND node = %s ORDER BY id DESC LIMIT 1",

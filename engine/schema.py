@@ -119,3 +119,36 @@ gc_outbox = sa.Table(
         postgresql_where=sa.text("delivered_at IS NULL"),
     ),
 )
+
+gc_sweep = sa.Table(
+    "gc_sweep",
+    metadata,
+    # The keys of the garbage a finished walk may have passed by (rows the application moved
+    # behind a heap walk, or changed where an earlier run of a resumed walk had been), read in
+    # one statement after the walk; the run's sweep slice deletes them by key, n by n. Kept
+    # here, not in memory, so a sweep resumes after a reconnect like any slice.
+    sa.Column("run_id", sa.BigInteger, sa.ForeignKey("gc_runs.id", ondelete="CASCADE"), nullable=False),
+    sa.Column("leaf", sa.Text, nullable=False),  # '' for a plain table
+    sa.Column("n", sa.BigInteger, nullable=False),
+    sa.Column("key", postgresql.JSONB, nullable=False),  # {column: value}; {"ctid": ...} without a key
+    sa.PrimaryKeyConstraint("run_id", "leaf", "n"),
+)
+
+gc_probe = sa.Table(
+    "gc_probe",
+    metadata,
+    # The latency guard's probe row, one per table and node (one GC at a time on each): the run's
+    # probe commits an update of it every ~100 ms with synchronous_commit on and times it. It
+    # also carries the live figures (recent p50/p99, time held back, the share of time the
+    # workers may work), so a scrape sees them while the run goes on.
+    sa.Column("table_name", sa.Text, nullable=False),
+    sa.Column("node", sa.Text, nullable=False, server_default=""),
+    sa.Column("run_id", sa.BigInteger, nullable=True),
+    sa.Column("beats", sa.BigInteger, nullable=False, server_default="0"),
+    sa.Column("beat_at", sa.DateTime(timezone=True), nullable=True),
+    sa.Column("p50_ms", sa.Float, nullable=True),
+    sa.Column("p99_ms", sa.Float, nullable=True),
+    sa.Column("held_back_seconds", sa.Float, nullable=False, server_default="0"),
+    sa.Column("rate_share", sa.Float, nullable=False, server_default="1"),
+    sa.PrimaryKeyConstraint("table_name", "node"),
+)

@@ -14,7 +14,7 @@ from __future__ import annotations
 import itertools
 import math
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Protocol
+from typing import Any, ClassVar, Literal, Protocol
 
 from psycopg import sql
 
@@ -26,6 +26,10 @@ from engine.queries import Statements
 Position = int | list[str] | None
 """A block number or an integer key; or an ordered key's values as text (None: before the first)."""
 
+SWEEP: Literal["sweep"] = "sweep"
+WalkName = StrategyName | Literal["sweep"]
+"""How a slice is walked: one of the planned walks, or the sweep that follows them."""
+
 
 @dataclass
 class Slice:
@@ -35,8 +39,8 @@ class Slice:
     finished: bool = False
     leaf: str | None = None
     """The leaf partition it walks (qualified), for a partitioned table; None: the table itself."""
-    strategy: StrategyName | None = None
-    """The leaf's walk (a partitioned table walks each leaf the way that fits it)."""
+    strategy: WalkName | None = None
+    """The leaf's walk (a partitioned table walks each leaf the way that fits it), or the sweep."""
 
     @property
     def done(self) -> bool:
@@ -89,7 +93,7 @@ def split(start: int, end: int, parts: int) -> list[Slice]:
 
 
 class Strategy(Protocol):
-    name: ClassVar[StrategyName]
+    name: ClassVar[WalkName]
     max_units: ClassVar[int]
     units_are_rows: ClassVar[bool]
     """A unit is one garbage row (the index walk), not a block or a key of the table."""
@@ -163,7 +167,7 @@ def _probed_range(conn: Connection, st: Statements, bound: sql.Composed, part: S
 class PhysicalStrategy:
     """Walk the heap in TID ranges: sequential I/O, no index lookups; best for dense garbage."""
 
-    name: ClassVar[StrategyName] = "physical"
+    name: ClassVar[WalkName] = "physical"
     units_are_rows: ClassVar[bool] = False
     max_units: ClassVar[int] = 4096
     """32 MB of heap: the sizer steers by the last batch, but a batch costs ~10x more once the
@@ -187,7 +191,7 @@ class PhysicalStrategy:
 class KeyStrategy:
     """Primary-key ranges whose upper bound an index-only probe finds (each_batch style)."""
 
-    name: ClassVar[StrategyName] = "key"
+    name: ClassVar[WalkName] = "key"
     units_are_rows: ClassVar[bool] = False
     max_units: ClassVar[int] = 2_000_000
 
@@ -205,7 +209,7 @@ class KeyStrategy:
 class IndexStrategy:
     """Keyset walk over the partial garbage index: touches only garbage; best when it is sparse."""
 
-    name: ClassVar[StrategyName] = "index"
+    name: ClassVar[WalkName] = "index"
     units_are_rows: ClassVar[bool] = True
     max_units: ClassVar[int] = 100_000
 
@@ -228,7 +232,7 @@ class OrderedKeyStrategy:
     """The index walk over any btree-ordered key: keyset pagination in key order, rows deleted by
     their ctid (a row that moved since it was picked is re-checked and left for the next run)."""
 
-    name: ClassVar[StrategyName] = "index"
+    name: ClassVar[WalkName] = "index"
     units_are_rows: ClassVar[bool] = True
     max_units: ClassVar[int] = 100_000
 
@@ -254,6 +258,29 @@ class OrderedKeyStrategy:
         done = _delete_range(conn, st, range_, {**params, **st.key_values("hi", hi)}, skip_locked, True)
         return BatchOutcome(done.deleted, done.skipped, hi if hi is not None else after, finished=hi is None,
                             references=done.references)
+
+
+class SweepStrategy:
+    """After the walk: the garbage keys read in one statement (``gc_sweep``), deleted by key in
+    ranges of their numbers. A key does not move, so a row the application updates is found
+    wherever its new version went; see :mod:`engine.walk` for when a run sweeps."""
+
+    name: ClassVar[WalkName] = SWEEP
+    units_are_rows: ClassVar[bool] = True
+    max_units: ClassVar[int] = 100_000
+
+    def slices(self, facts: TableFacts, workers: int) -> list[Slice]:
+        raise TypeError("a sweep's slice is made after the walk, from the keys it read")
+
+    def units_for_rows(self, rows: int, facts: TableFacts) -> int:
+        return max(1, min(self.max_units, rows))
+
+    def run_batch(self, conn: Connection, st: Statements, part: Slice, size: int,
+                  params: dict[str, Any], skip_locked: bool) -> BatchOutcome:
+        hi = min(part.number + size, part.bound)
+        params = {**params, "lo": part.number, "hi": hi, "leaf": part.leaf or ""}
+        done = _delete_range(conn, st, st.sweep_range, params, skip_locked, True)
+        return BatchOutcome(done.deleted, done.skipped, hi, references=done.references)
 
 
 def strategy_for(name: StrategyName, integer_key: bool) -> Strategy:
@@ -284,5 +311,5 @@ def extended(slices: list[Slice], strategy: StrategyName, facts: TableFacts) -> 
 
 
 STRATEGIES: dict[StrategyName, Strategy] = {
-    s.name: s for s in (PhysicalStrategy(), KeyStrategy(), IndexStrategy())
+    "physical": PhysicalStrategy(), "key": KeyStrategy(), "index": IndexStrategy()
 }

@@ -15,7 +15,7 @@ import time
 from collections import Counter
 from collections.abc import Callable
 from contextlib import nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import psycopg
@@ -26,17 +26,17 @@ from engine.archive_file import ArchiveFile
 from engine.config import GcOptions
 from engine.db import Connection, connect
 from engine.errors import DatabaseUnreachable, GcAlreadyRunning, MsggcError
-from engine.planner import Plan, heap_blocks
-from engine.queries import SET_BATCH_SETTINGS, Statements
+from engine.planner import Plan
+from engine.queries import SET_BATCH_SETTINGS, SET_SWEEP_SETTINGS, Statements
 from engine.result import Progress
 from engine.sizer import DEFAULT_BATCH_ROWS, BatchSizer
-from engine.strategies import BatchOutcome, Slice, Strategy
+from engine.strategies import SWEEP, BatchOutcome, Slice, Strategy, SweepStrategy
 from engine.throttle import Throttle
 
 LOCKED_TABLE_RETRIES = 5
 RECONNECT_WINDOW_S = 30.0
-HEAP_GROWTH_ROUNDS = 3
-"""How many times a finished heap walk goes on into blocks the table gained meanwhile."""
+
+SWEEP_STRATEGY = SweepStrategy()
 
 log = logging.getLogger("msggc.walk")
 
@@ -91,7 +91,8 @@ class Walk:
         return sum(leg.plan.facts.garbage_rows_estimate for leg in self.legs.values())
 
     def leg(self, part: Slice) -> Leg:
-        return self.legs[part.leaf]
+        leg = self.legs[part.leaf]
+        return replace(leg, strategy=SWEEP_STRATEGY) if part.strategy == SWEEP else leg
 
     def budget_reason(self) -> str | None:
         if self.stop.is_set():
@@ -257,16 +258,17 @@ def _ready(walk: Walk, conn: Connection, holds_lock: bool) -> Connection:
 
 def work(link: Link, walk: Walk, todo: queue.SimpleQueue[int]) -> None:
     """A worker: takes slices from the queue and walks each to its end or to the budget."""
-    sizers: dict[str | None, BatchSizer] = {}
+    sizers: dict[tuple[str | None, str | None], BatchSizer] = {}
     while True:
         try:
             index = todo.get_nowait()
         except queue.Empty:
             return
         part = walk.run.slices[index]
-        if part.leaf not in sizers:
-            sizers[part.leaf] = walk.new_sizer(walk.leg(part))
-        sizer = sizers[part.leaf]
+        walked_as = (part.leaf, part.strategy)
+        if walked_as not in sizers:
+            sizers[walked_as] = walk.new_sizer(walk.leg(part))
+        sizer = sizers[walked_as]
         while not part.done:
             if (reason := walk.budget_reason()) is not None:
                 with walk.lock:
@@ -312,10 +314,9 @@ def _helper(walk: Walk, todo: queue.SimpleQueue[int]) -> None:
 
 def walk_run(conn: Connection, walk: Walk) -> Connection:
     """Run the workers until every slice is done or the run stops; a rewind after a server
-    restart may reopen slices that workers had already left, so they are walked again, and a
-    heap walk goes on into the blocks the table gained meanwhile. Returns the live connection of
-    the lock holder (a reconnect may have replaced ``conn``)."""
-    growth_rounds = 0
+    restart may reopen slices that workers had already left, so they are walked again. A walk
+    that reached its end is followed by its sweep (see :func:`_add_sweeps`). Returns the live
+    connection of the lock holder (a reconnect may have replaced ``conn``)."""
     while True:
         walk.rewound = False
         conn = _run_workers(conn, walk)
@@ -325,9 +326,6 @@ def walk_run(conn: Connection, walk: Walk) -> Connection:
             if walk.rewound:
                 continue
             return conn
-        if growth_rounds == HEAP_GROWTH_ROUNDS:
-            return conn
-        growth_rounds += 1
         conn, more = _more_to_walk(conn, walk)
         if not more:
             return conn
@@ -335,18 +333,18 @@ def walk_run(conn: Connection, walk: Walk) -> Connection:
 
 def _more_to_walk(conn: Connection, walk: Walk) -> tuple[Connection, bool]:
     """After every slice is done: the lock holder's live connection, and whether the walk must
-    go on (see :func:`_extend_or_rewind`); an error fails the walk like any worker's."""
+    go on (see :func:`_sweep_or_rewind`); an error fails the walk like any worker's."""
     link = Link(conn, holds_lock=True)
     more: list[bool] = []
-    guarded(walk, lambda: more.append(_extend_or_rewind(link, walk)))
+    guarded(walk, lambda: more.append(_sweep_or_rewind(link, walk)))
     return link.conn, any(more)
 
 
-def _extend_or_rewind(link: Link, walk: Walk) -> bool:
-    """Whether the walk has more to do: blocks the heap gained, or (the connection lost after
-    the last batch) the batches the server did not keep."""
+def _sweep_or_rewind(link: Link, walk: Walk) -> bool:
+    """Whether the walk has more to do: its sweep, or (the connection lost after the last
+    batch) the batches the server did not keep."""
     try:
-        return _extend_to_heap_end(link.conn, walk)
+        return _add_sweeps(link.conn, walk)
     except psycopg.OperationalError:
         link.conn.close()
         link.conn = reconnect(walk, holds_lock=True)
@@ -354,24 +352,27 @@ def _extend_or_rewind(link: Link, walk: Walk) -> bool:
         return True
 
 
-def _extend_to_heap_end(conn: Connection, walk: Walk) -> bool:
-    """A heap walk ends at the block count it planned; the application's UPDATEs meanwhile put
-    new row versions of garbage rows in blocks appended since (the free space our deletes left
-    is not reusable before a VACUUM). Those blocks are walked too, recorded with the run."""
-    grown = False
+def _add_sweeps(conn: Connection, walk: Walk) -> bool:
+    """The sweep, once per walk: the keys of the garbage still there, read in one statement per
+    leg, become a slice deleted by key. A heap walk needs it: a garbage row the application
+    updates gets a new version wherever the free space map says, maybe in blocks already walked.
+    A walk resumed from an earlier run needs it on every leg: that run left garbage behind it
+    that appeared after it had passed. A key walk starting afresh does not: keys do not move."""
+    if any(part.strategy == SWEEP for part in walk.run.slices):
+        return False
+    added = False
     for leaf, leg in walk.legs.items():
-        if leg.strategy.name != "physical" or leaf in walk.dropped:
+        if leaf in walk.dropped or not (walk.run.continues or leg.strategy.name == "physical"):
             continue
-        parts = [part for part in walk.run.slices if part.leaf == leaf]
-        end = max(part.bound for part in parts)
-        blocks = heap_blocks(conn, leg.plan.facts.oid)
-        if blocks > end:
-            added = Slice(end, blocks, leaf=leaf, strategy=parts[0].strategy)
-            runs.add_slice(conn, walk.run.id, added)
-            with walk.lock:
-                walk.run.slices.append(added)
-            grown = True
-    return grown
+        with conn.transaction():
+            conn.execute(SET_SWEEP_SETTINGS, walk.settings)
+            rows = conn.execute(leg.statements.fill_sweep, {**walk.params, "leaf": leaf or ""}).rowcount
+            part = Slice(0, rows, finished=rows == 0, leaf=leaf, strategy=SWEEP)
+            runs.add_slice(conn, walk.run.id, part)
+        with walk.lock:
+            walk.run.slices.append(part)
+        added = added or rows > 0
+    return added
 
 
 def _run_workers(conn: Connection, walk: Walk) -> Connection:

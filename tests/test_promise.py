@@ -114,7 +114,7 @@ class GcPromise(RuleBasedStateMachine):
     def __init__(self) -> None:
         super().__init__()
         self.conn: Conn = psycopg.connect(self.dsn, autocommit=True)
-        self.conn.execute(f"TRUNCATE messages, messages_archive, gc_outbox, gc_runs, {AUDIT_TABLE}"
+        self.conn.execute(f"TRUNCATE messages, messages_archive, gc_sweep, gc_outbox, gc_runs, {AUDIT_TABLE}"
                           " RESTART IDENTITY")
         with self.callback._lock:
             self.callback.accepted.clear()

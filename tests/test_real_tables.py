@@ -546,7 +546,7 @@ def test_exactly_the_garbage_rows_are_deleted(conn, dsn, table, strategy: Strate
                                               partial_index, max_rows):
     kind, keys, garbage = table
     conn.execute("DROP TABLE IF EXISTS prop")
-    conn.execute("TRUNCATE gc_outbox, gc_runs CASCADE")
+    conn.execute("TRUNCATE gc_sweep, gc_outbox, gc_runs CASCADE")
     conn.execute(f"CREATE TABLE prop ({KEY_TYPES[kind]}, body text, processed_at timestamptz)")
     key_columns = "tenant, id" if kind == "composite" else "id"
     with conn.cursor() as cur:

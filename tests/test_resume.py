@@ -64,7 +64,7 @@ def test_max_seconds_stops_the_run_and_the_next_one_resumes(conn, dsn):
 def test_any_table_and_budget_delete_exactly_the_garbage_once(
     conn, dsn, garbage, strategy, batch_size, max_rows, workers
 ):
-    conn.execute("TRUNCATE messages, gc_outbox, gc_runs RESTART IDENTITY")
+    conn.execute("TRUNCATE messages, gc_sweep, gc_outbox, gc_runs RESTART IDENTITY")
     fill(conn, garbage)
     for _ in range(400):
         options = GcOptions(strategy=strategy, batch_size=batch_size, max_rows=max_rows,
