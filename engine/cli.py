@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import functools
 import json
-import logging
 import signal
 import sys
 import threading
@@ -12,12 +11,10 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import timedelta
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
 
-from engine import runs
-from engine.collector import collect
 from engine.config import (
     STRATEGIES,
     GcOptions,
@@ -26,16 +23,33 @@ from engine.config import (
     parse_duration,
     parse_size,
 )
-from engine.db import connection, user_fault
 from engine.errors import MsggcError, UsageError
-from engine.result import GcResult, Progress
-from engine.service.notice import NoticeFinisher
-from engine.service.notify import LogNotifier, Notifier, WebhookNotifier
 from engine.status import RunStatus
-from engine.tools import embedded
-from engine.tools.embedded import resolve_dsn
+
+# Start fast: each command imports what it needs when it runs (psycopg, the engine's core, httpx,
+# rich, the service stack, Alembic...), so `msggc gc` loads no more than a GC needs and `--help`
+# no database driver at all. tests/unit/test_imports.py holds that line.
+if TYPE_CHECKING:
+    from contextlib import AbstractContextManager
+
+    from engine.db import Connection
+    from engine.result import GcResult, Progress
+    from engine.service.notify import Notifier
 
 F = TypeVar("F", bound=Callable[..., Any])
+
+
+def resolve_dsn(dsn: str | None) -> str:
+    """An explicit DSN, else ``$MSGGC_DSN``, else the embedded server (started on demand)."""
+    from engine.tools.embedded import resolve_dsn as resolve
+
+    return resolve(dsn)
+
+
+def connection(dsn: str) -> AbstractContextManager[Connection]:
+    from engine.db import connection as connect
+
+    return connect(dsn)
 
 
 def friendly_errors(func: F) -> F:
@@ -49,6 +63,8 @@ def friendly_errors(func: F) -> F:
             click.echo(f"msggc: error: {exc}", err=True)
             sys.exit(exc.exit_code)
         except Exception as exc:  # a missing privilege met past the up-front checks
+            from engine.db import user_fault
+
             if (reason := user_fault(exc)) is None:
                 raise
             click.echo(f"msggc: error: {reason}", err=True)
@@ -198,6 +214,10 @@ def gc(dsn: str | None, table: str, key: str | None, processed_column: str | Non
     Exit codes: 0 complete, 1 failed, 2 usage error, 3 stopped on a budget or signal
     (the next run resumes), 4 another GC is running on the table.
     """
+    from engine.collector import collect
+    from engine.service.notice import NoticeFinisher
+    from engine.service.notify import LogNotifier, WebhookNotifier
+
     options = GcOptions(table=TableSpec.parse(table, key, processed_column, where), **settings)
     dsn = resolve_dsn(dsn)
     notifier: Notifier = WebhookNotifier(webhook, secret=webhook_secret) if webhook else LogNotifier()
@@ -332,6 +352,7 @@ def _phase_progress() -> Iterator[Callable[[str, float], None] | None]:
 @friendly_errors
 def status(dsn: str | None, limit: int, as_json: bool) -> None:
     """Show the most recent GC runs."""
+    from engine import runs
     from engine.db import require_bookkeeping
 
     with connection(resolve_dsn(dsn)) as conn:
@@ -447,6 +468,8 @@ def db() -> None:
 @friendly_errors
 def url() -> None:
     """Print the embedded server's DSN (exit 1 when it is not running)."""
+    from engine.tools import embedded
+
     dsn = embedded.url()
     if dsn is None:
         click.echo(f"embedded server is not running (data in {embedded.data_dir()})", err=True)
@@ -458,6 +481,8 @@ def url() -> None:
 @friendly_errors
 def start() -> None:
     """Start the embedded server (no-op when running) and print its DSN."""
+    from engine.tools import embedded
+
     click.echo(embedded.ensure_running())
 
 
@@ -465,6 +490,8 @@ def start() -> None:
 @friendly_errors
 def stop() -> None:
     """Stop the embedded server."""
+    from engine.tools import embedded
+
     click.echo("stopped" if embedded.stop() else "embedded server was not running")
 
 
@@ -498,6 +525,8 @@ def with_service_options(func: F) -> F:
 
 def _log_to_stderr() -> None:
     """The worker's runs and deliveries at INFO; httpx's line per webhook POST would repeat them."""
+    import logging
+
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)
 

@@ -9,8 +9,6 @@ from dataclasses import asdict, dataclass, field
 from datetime import timedelta
 from typing import Any, Literal
 
-from psycopg import conninfo
-
 from engine.errors import UsageError
 
 StrategyName = Literal["auto", "physical", "index", "key"]
@@ -134,6 +132,8 @@ def given_dsn(dsn: str | None) -> str | None:
     chosen = dsn or os.environ.get("MSGGC_DSN")
     if not chosen:
         return None
+    from psycopg import conninfo  # here, not at the top: `import engine.cli` stays free of psycopg
+
     try:
         conninfo.conninfo_to_dict(chosen)
     except Exception as exc:
@@ -143,6 +143,8 @@ def given_dsn(dsn: str | None) -> str | None:
 
 def mask_dsn(dsn: str) -> str:
     """The DSN with its password replaced, safe for logs and error messages."""
+    from psycopg import conninfo
+
     try:
         params = conninfo.conninfo_to_dict(dsn)
     except Exception:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Collection
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import psycopg
 from psycopg import sql
@@ -19,8 +20,10 @@ from psycopg import sql
 from engine.config import TableSpec
 from engine.db import Connection, one_row, regclass_of, table_ident
 from engine.errors import PermissionMissing, TargetTableError, UsageError
-from engine.predicate import Filter, check_volatility, parse_filter
 from engine.references import Reference, referencing
+
+if TYPE_CHECKING:  # engine.predicate loads pglast (~60 ms): imported only when a --where is given
+    from engine.predicate import Filter
 
 DEFAULT_PROCESSED_COLUMN = "processed_at"
 INTEGER_TYPES = ("bigint", "integer", "smallint")
@@ -70,8 +73,11 @@ def resolve(conn: Connection, spec: TableSpec, *, with_retention: bool = False) 
     columns: dict[str, str] = dict(conn.execute(
         "SELECT attname, format_type(atttypid, atttypmod) FROM pg_attribute"
         " WHERE attrelid = %s AND attnum > 0 AND NOT attisdropped ORDER BY attnum", (oid,)).fetchall())
-    flt = parse_filter(spec.where, columns) if spec.where else None
-    if flt is not None:
+    flt = None
+    if spec.where:
+        from engine.predicate import check_volatility, parse_filter
+
+        flt = parse_filter(spec.where, columns)
         check_volatility(conn, flt)
         _check_on_server(conn, spec, flt)
     leaves = tuple(resolve(conn, leaf, with_retention=with_retention) for leaf in _leaves(conn, oid, spec)

@@ -14,8 +14,6 @@ import json
 import sys
 from typing import Any, Protocol, TextIO
 
-import httpx
-
 from engine.errors import DeliveryFailed, UsageError
 
 SIGNATURE_HEADER = "X-Msggc-Signature"
@@ -62,6 +60,8 @@ def sign(body: bytes, secret: str) -> str:
 
 def display_url(url: str) -> str:
     """The URL with its password (if any) masked: safe for logs, errors and answers."""
+    import httpx  # here: `msggc gc` without --webhook never loads the HTTP client
+
     try:
         parsed = httpx.URL(url)
     except (httpx.InvalidURL, TypeError):
@@ -73,6 +73,8 @@ def display_url(url: str) -> str:
 
 def check_url(url: str) -> str:
     """An absolute http(s) URL with a host and a valid port, or :class:`UsageError`."""
+    import httpx
+
     try:
         parsed = httpx.URL(url)
         valid = (parsed.scheme in ("http", "https") and bool(parsed.host)
@@ -96,6 +98,8 @@ class WebhookNotifier:
         return sign(body, self.secret) if self.secret else None
 
     def send(self, body: bytes, delivery_id: str | None = None, signature: str | None = None) -> None:
+        import httpx
+
         headers = {"Content-Type": "application/json"}
         if delivery_id:
             headers[DELIVERY_HEADER] = delivery_id

