@@ -459,6 +459,7 @@ def render(markdown_path: Path, out: Path, context: dict[str, Any], shapes: dict
         f"wal_compression {s.get('wal_compression')}, synchronous_commit {s.get('synchronous_commit')}, "
         f"io_method {s.get('io_method', 'n/a')}",
         f"- Python {m['python']}, psycopg {m['psycopg']}",
+        *_startup_section(context.get("startup")),
         *_targets_section(shapes, st.get("proposal")),
     ]
     for shape, doc in shapes.items():
@@ -515,6 +516,28 @@ def _git_line(git: dict[str, Any]) -> str:
     changed = [line.split()[-1] for line in git.get("engine_changes") or []]
     suffix = f", with uncommitted changes to {', '.join(changed)}" if changed else ""
     return f"Engine at commit {git.get('commit') or 'unknown'}{suffix}."
+
+
+def _startup_section(startup: dict[str, Any] | None) -> list[str]:
+    """Start-up: wall time of whole processes (benchmarks/startup.py), against the targets."""
+    if not startup:
+        return []
+    targets_ms = startup.get("targets_ms") or {}
+    rows = []
+    for key, what in (("python_ms", "`python -c pass` (the interpreter alone)"),
+                      ("import_cli_ms", "`python -c 'import engine.cli'`"),
+                      ("import_psycopg_ms", "`python -c 'import psycopg'` (the driver alone)"),
+                      ("gc_empty_ms", "`msggc gc` on an empty table")):
+        if not (figure := startup.get(key)):
+            continue
+        target = targets_ms.get(key)
+        verdict = Target("", "", "", figure["median_ms"] < target if target else None).verdict
+        spread = f"{_num(figure['min_ms'], 1)}-{_num(figure['max_ms'], 1)}"
+        rows.append([what, _num(figure["median_ms"], 1), spread, f"< {target:g}" if target else "",
+                     verdict if target else ""])
+    return [f"### Start-up (median of {next(iter(startup.values()))['runs']} runs, wall ms, bytecode"
+            f" cached; load average {startup.get('loadavg_at_start')})",
+            table(["process", "median ms", "range", "target ms", "verdict"], rows)]
 
 
 def _targets_section(shapes: dict[str, Any], proposal: list[str] | None) -> list[str]:
@@ -650,7 +673,7 @@ def main(argv: list[str] | None = None) -> int:
         if path.exists():
             doc = json.loads(path.read_text())
             context = {k: doc[k] for k in ("date", "command", "machine", "server", "settings", "duration_s",
-                                           "git") if k in doc}
+                                           "git", "startup") if k in doc}
             shapes[shape] = doc
     scale_path = out / f"{day}-scale.json"
     scale = json.loads(scale_path.read_text())["runs"] if scale_path.exists() else []

@@ -24,7 +24,7 @@ from datetime import date
 from pathlib import Path
 from typing import Any
 
-from benchmarks import dataset, report
+from benchmarks import dataset, report, startup
 from benchmarks.contenders import DEFAULT_CONTENDERS, ContenderSpec, inapplicable, parse_contender
 from benchmarks.metrics import ratio
 from benchmarks.server import (
@@ -499,6 +499,8 @@ def main(argv: list[str] | None = None) -> int:
             "settings": asdict(settings),
         }
         print(f"server: {context['server']['version']}", file=sys.stderr)
+        context["startup"] = startup.measure(server)
+        print(f"startup: {startup.line(context['startup'])}", file=sys.stderr)
         shapes: dict[str, Any] = {}
         scale: list[dict[str, Any]] = []
         crossover: list[dict[str, Any]] = []

@@ -51,7 +51,8 @@ def timed(command: list[str], runs: int, root: Path, env: dict[str, str]) -> dic
 
 
 def measure(server: Server, runs: int = 21, root: Path = ROOT) -> dict[str, Any]:
-    """The interpreter alone, ``import engine.cli``, and ``msggc gc`` on an empty table."""
+    """The interpreter alone, ``import engine.cli``, the driver alone (``import psycopg``: the floor
+    under any command that queries), and ``msggc gc`` on an empty table."""
     python = sys.executable
     with tempfile.TemporaryDirectory(prefix="msggc-pycache-") as cache:
         env = _env(root, cache)
@@ -63,6 +64,7 @@ def measure(server: Server, runs: int = 21, root: Path = ROOT) -> dict[str, Any]
             figures = {
                 "python_ms": timed([python, "-c", "pass"], runs, root, env),
                 "import_cli_ms": timed([python, "-c", "import engine.cli"], runs, root, env),
+                "import_psycopg_ms": timed([python, "-c", "import psycopg"], runs, root, env),
                 "gc_empty_ms": timed([python, "-c", MSGGC, "gc", "--dsn", dsn], runs, root, env),
             }
         finally:
@@ -70,6 +72,12 @@ def measure(server: Server, runs: int = 21, root: Path = ROOT) -> dict[str, Any]
     figures["targets_ms"] = {"import_cli_ms": IMPORT_TARGET_MS, "gc_empty_ms": GC_TARGET_MS}
     figures["loadavg_at_start"] = round(os.getloadavg()[0], 2)
     return figures
+
+
+def line(figures: dict[str, Any]) -> str:
+    """``python_ms 58, import_cli_ms 95, ...``: the medians, for the runner's log."""
+    return ", ".join(f"{key} {figure['median_ms']:.0f}" for key, figure in figures.items()
+                     if isinstance(figure, dict) and "median_ms" in figure)
 
 
 def main(argv: list[str] | None = None) -> int:
