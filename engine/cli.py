@@ -8,7 +8,7 @@ import signal
 import sys
 import threading
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from datetime import timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -306,9 +306,26 @@ def _stop_on_signals(stop: threading.Event) -> Iterator[None]:
 
 @contextmanager
 def _gc_progress(enabled: bool) -> Iterator[Callable[[Progress], None] | None]:
+    """A progress bar on a terminal, shown from the first batch on: rich takes ~100 ms to import,
+    which a GC with nothing to delete (or a dry run) never pays."""
     if not enabled or not sys.stderr.isatty():
         yield None
         return
+    with ExitStack() as stack:
+        shown: list[Callable[[Progress], None]] = []
+        lock = threading.Lock()  # workers report from their own threads
+
+        def update(progress: Progress) -> None:
+            with lock:
+                if not shown:
+                    shown.append(stack.enter_context(_gc_bar()))
+                shown[0](progress)
+
+        yield update
+
+
+@contextmanager
+def _gc_bar() -> Iterator[Callable[[Progress], None]]:
     from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeRemainingColumn
     from rich.progress import Progress as Bar
 

@@ -86,6 +86,9 @@ class GcOptions:
     """Bytes of WAL per second the run may cause on average; batches wait beyond it."""
     max_replica_lag: timedelta | None = None
     pause_for_vacuum: bool = False
+    max_app_latency_ms: float | None = None
+    """Keep a probe's commit latency (p99 of the last ~0.5 s) under this: the run slows down
+    (additive increase, multiplicative decrease) while it is over (:mod:`engine.guard`)."""
     vacuum: bool = False
     """``VACUUM (ANALYZE)`` the table after the run, reporting sizes before and after."""
     async_commit: bool = False
@@ -110,6 +113,8 @@ class GcOptions:
             (self.max_wal_rate is None or self.max_wal_rate > 0, "max WAL rate must be > 0"),
             (self.max_replica_lag is None or self.max_replica_lag > timedelta(0),
              "max replica lag must be > 0"),
+            (self.max_app_latency_ms is None or 0 < self.max_app_latency_ms < math.inf,
+             "max app latency must be > 0 ms and finite"),
         ]
         for ok, message in checks:
             if not ok:
@@ -180,6 +185,21 @@ def parse_size(text: str) -> int:
     if unit not in SIZE_UNITS or not 0 < amount < math.inf:
         raise UsageError(f"invalid size {text!r}: use e.g. 512KB, 50MB, 1GB")
     return round(amount * SIZE_UNITS[unit])
+
+
+LATENCY_UNITS = {"ms": 1.0, "s": 1000.0}
+
+
+def parse_latency(text: str) -> float:
+    """``20ms``, ``1.5ms``, ``0.2s`` (a bare number is milliseconds), in milliseconds, > 0."""
+    unit = next((unit for unit in LATENCY_UNITS if text.endswith(unit)), "")
+    try:
+        amount = float(text[: len(text) - len(unit)] if unit else text)
+    except ValueError:
+        amount = -1.0
+    if not 0 < amount < math.inf:
+        raise UsageError(f"invalid latency {text!r}: use e.g. 20ms, 1.5ms, 0.2s (more than zero)")
+    return amount * LATENCY_UNITS.get(unit, 1.0)
 
 
 def parse_duration(text: str) -> timedelta:

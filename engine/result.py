@@ -49,6 +49,19 @@ class GcResult:
     throttle_pauses: int = 0
     throttled_s: float = 0.0
     throttle_reasons: dict[str, int] = field(default_factory=dict)
+    app_latency_budget_ms: float | None = None
+    """``--max-app-latency``: the latency guard's budget (None: no guard, no probe)."""
+    app_latency_p50_ms: float | None = None
+    app_latency_p99_ms: float | None = None
+    """The probe's commit latency over the run: what an application's commit felt beside it."""
+    app_probes: int = 0
+    app_waits: dict[str, int] = field(default_factory=dict)
+    """Other backends seen waiting (per wait event) in the probe's ``pg_stat_activity`` samples."""
+    held_back_s: float = 0.0
+    """Seconds the latency guard paused workers (part of ``throttled_s``)."""
+    rate_share_min: float | None = None
+    """The lowest share of time the guard let the workers spend in batches (1.0: never slowed)."""
+    rate_decreases: int = 0
     reclaim: dict[str, Any] | None = None
     garbage: str | None = None
     """The garbage predicate in force (processed column and ``--where``)."""

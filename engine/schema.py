@@ -76,6 +76,11 @@ gc_runs = sa.Table(
     sa.Column("batches", sa.Integer, nullable=False, server_default="0"),
     sa.Column("throttle_pauses", sa.Integer, nullable=False, server_default="0"),
     sa.Column("throttled_seconds", sa.Float, nullable=False, server_default="0"),
+    # --max-app-latency: the probe's commit latency over the run, and the time the guard held it back.
+    sa.Column("app_latency_p50_ms", sa.Float, nullable=True),
+    sa.Column("app_latency_p99_ms", sa.Float, nullable=True),
+    sa.Column("app_probes", sa.Integer, nullable=True),
+    sa.Column("held_back_seconds", sa.Float, nullable=False, server_default="0"),
     sa.Column("reclaim", postgresql.JSONB, nullable=True),
     # --archive-to: the file and its length as of the last committed batch (a longer file is cut back).
     sa.Column("archive_file", sa.Text, nullable=True),

@@ -1,8 +1,10 @@
 """Health-aware throttling: before a batch, wait while the server is under pressure.
 
-Three signals, each optional: the server's WAL against a rate budget (a token bucket, so bursts
+Four signals, each optional: the server's WAL against a rate budget (a token bucket, so bursts
 average out, holding at most ``WAL_BURST_S`` of unused budget), the replay lag of the slowest
-standby in ``pg_stat_replication``, and autovacuum (or any VACUUM) working on the table.
+standby in ``pg_stat_replication``, autovacuum (or any VACUUM) working on the table, and the
+latency guard (:mod:`engine.guard`): a probe's commit latency against a budget, turned into the
+share of its time each worker may spend in batches (it pauses after each batch for the rest).
 
 Seeing other backends' progress and replication lag needs ``pg_read_all_stats`` (or superuser):
 without it PostgreSQL hides those columns and the lag and vacuum signals never fire.
@@ -15,10 +17,13 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
+from typing import Any
 
 from engine.db import Connection, one_row
+from engine.guard import Probe, ProbeSite
 
 POLL_S = 0.2
+APP_LATENCY = "app_latency"
 MAX_PAUSE_S = 5.0
 """A single wait is capped so budgets and signals are still honoured while throttled."""
 WAL_BURST_S = 1.0
@@ -53,18 +58,28 @@ class Limits:
     """Bytes of WAL per second, server-wide, as a token bucket holding at most ``WAL_BURST_S``."""
     max_replica_lag: timedelta | None = None
     pause_for_vacuum: bool = False
+    max_app_latency_ms: float | None = None
+    """The probe's recent p99 commit latency the run keeps the application under."""
 
     @property
     def active(self) -> bool:
-        return bool(self.max_wal_rate or self.max_replica_lag or self.pause_for_vacuum)
+        return bool(self.max_wal_rate or self.max_replica_lag or self.pause_for_vacuum
+                    or self.max_app_latency_ms)
 
 
 class Throttle:
     """Shared by a run's workers; ``pauses`` and ``paused_s`` are reported with the run."""
 
-    def __init__(self, limits: Limits, table_oid: int) -> None:
+    def __init__(self, limits: Limits, table_oid: int, probe_site: ProbeSite | None = None) -> None:
         self.limits = limits
         self.table_oid = table_oid
+        self.probe = (Probe(limits.max_app_latency_ms, probe_site)
+                      if limits.max_app_latency_ms and probe_site else None)
+        self.held_back_s = 0.0
+        """Seconds the latency guard held workers back (also counted in ``paused_s``)."""
+        self._batch_began: dict[int, float] = {}
+        """Per worker thread: when its batch in flight (or its last one) began."""
+        self._probe_started = False
         self.lock = threading.Lock()
         self.pauses = 0
         self.paused_s = 0.0
@@ -112,15 +127,41 @@ class Throttle:
         return bool(row[0])
 
     def start(self, conn: Connection) -> None:
-        """Begin metering WAL here: what the server wrote before the run is not charged to it."""
+        """Begin metering WAL here: what the server wrote before the run is not charged to it;
+        the latency probe starts with the first pass of the workers and runs until :meth:`stop`."""
+        self._batch_began.clear()  # a new pass: thread ids may be reused
+        if self.probe is not None and not self._probe_started:
+            self._probe_started = True
+            self.probe.start()
         if self.limits.max_wal_rate:
             lsn = self._wal_lsn(conn)
             with self.lock:
                 self._wal_credit = 0.0
                 self._wal_seen = (time.monotonic(), lsn)
 
-    def pressure(self, conn: Connection) -> tuple[str, float] | None:
-        """The reason to wait and for how long, or None when the batch may go."""
+    def stop(self) -> None:
+        """End the latency probe (its connection closed, the run's figures recorded)."""
+        if self.probe is not None:
+            with self.lock:
+                self.probe.held_back_s = self.held_back_s
+            self.probe.stop()
+
+    def report(self) -> dict[str, Any]:
+        """The latency guard's figures for the run's result (none without a guard)."""
+        return self.probe.report() if self.probe is not None else {}
+
+    def _held_back_s(self, worked_s: float, since: float) -> float:
+        """Seconds this worker still owes the latency guard after working ``worked_s``."""
+        if self.probe is None:
+            return 0.0
+        return self.probe.pause_after(worked_s) - (time.monotonic() - since)
+
+    def pressure(self, conn: Connection, worked_s: float = 0.0,
+                 since: float | None = None) -> tuple[str, float] | None:
+        """The reason to wait and for how long, or None when the batch may go; ``worked_s`` is
+        how long the worker's last batch took, ``since`` when it began waiting after it."""
+        if (owed := self._held_back_s(worked_s, time.monotonic() if since is None else since)) > 0:
+            return APP_LATENCY, min(owed, POLL_S)
         if (excess := self._wal_excess_s(conn)) > 0:
             return "wal_rate", min(excess, MAX_PAUSE_S)
         if self._replica_lagging(conn):
@@ -134,8 +175,11 @@ class Throttle:
         """Block in short steps until no limit is exceeded or the run must stop anyway."""
         if not self.limits.active:
             return
+        worker = threading.get_ident()
+        since = time.monotonic()
+        worked = since - self._batch_began.get(worker, since)
         reasons: set[str] = set()
-        while not interrupted() and (pressure := self.pressure(conn)) is not None:
+        while not interrupted() and (pressure := self.pressure(conn, worked, since)) is not None:
             reason, seconds = pressure
             began = time.monotonic()
             sleep(seconds)
@@ -145,4 +189,10 @@ class Throttle:
                 if reason not in reasons:  # one wait may be held by several signals in turn
                     reasons.add(reason)
                     self._reasons[reason] = self._reasons.get(reason, 0) + 1
-                self.paused_s += time.monotonic() - began
+                slept = time.monotonic() - began
+                self.paused_s += slept
+                if reason == APP_LATENCY:
+                    self.held_back_s += slept
+                    if self.probe is not None:
+                        self.probe.held_back_s = self.held_back_s
+        self._batch_began[worker] = time.monotonic()

@@ -77,6 +77,9 @@ class GcRequest(BaseModel):
                                      description="Pause batches beyond this many WAL bytes per second.")
     max_replica_lag: PositiveDuration | None = Field(None, description="Pause while a standby lags more.")
     pause_for_vacuum: bool | None = Field(None, description="Pause while (auto)vacuum works on the table.")
+    max_app_latency_ms: float | None = Field(
+        None, gt=0, le=60_000, allow_inf_nan=False,
+        description="Slow down while a probe's commit latency (recent p99, ms) exceeds this.")
 
     def overrides(self) -> dict[str, Any]:
         """Only the keys the client sent: an explicit ``null`` lifts the default budget."""
@@ -152,6 +155,10 @@ class LatestRun(BaseModel):
     error: str | None = None
     throttle_pauses: int = 0
     throttled_seconds: float = 0.0
+    app_latency_p50_ms: float | None = Field(
+        default=None, description="--max-app-latency: the probe's commit latency over the run (p50).")
+    app_latency_p99_ms: float | None = Field(default=None, description="The same, p99.")
+    held_back_seconds: float = Field(default=0.0, description="Time the latency guard paused the run.")
     reclaim: dict[str, Any] | None = Field(default=None, description="Sizes and dead tuples before, after.")
     garbage: str | None = Field(default=None, description="The garbage predicate in force.")
     foreign_keys: dict[str, int] | None = Field(

@@ -9,12 +9,13 @@ latency exists only where the batches run, so it is a histogram of this process'
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from engine import runs
+from engine import guard, runs
 from engine.db import connect
 from engine.result import Progress
 from engine.service import outbox
@@ -39,24 +40,44 @@ class DatabaseCollector(Collector):
                                       labels=["node"])
         backlog = GaugeMetricFamily("msggc_outbox_backlog", "Completion webhooks not delivered yet",
                                     labels=["node"])
+        latency = GaugeMetricFamily(
+            "msggc_app_latency_ms", "The latency guard's probe: commit latency of a tiny synchronous"
+            " write beside the latest guarded run (live while it runs)", labels=["node", "quantile"])
+        held_back = GaugeMetricFamily("msggc_held_back_seconds",
+                                      "Time the latency guard paused the latest guarded run", labels=["node"])
+        share = GaugeMetricFamily("msggc_rate_share", "Share of time the latency guard lets the"
+                                  " latest guarded run's workers work (1: not slowed)", labels=["node"])
         for result in on_every_node(self.settings, self._read):
             label = result.node.label
             up.add_metric([label], 1 if result.value is not None else 0)
             if result.value is None:
                 continue
-            totals, pending = result.value
+            totals, pending, probe = result.value
             for status, (count, _) in sorted(totals.items()):
                 by_status.add_metric([label, status], count)
             deleted.add_metric([label], sum(rows for _, rows in totals.values()))
             backlog.add_metric([label], pending)
-        yield from (up, by_status, deleted, backlog)
+            if probe is not None:
+                _add_probe(label, probe, latency, held_back, share)
+        yield from (up, by_status, deleted, backlog, latency, held_back, share)
 
-    def _read(self, node: Node) -> tuple[dict[str, tuple[int, int]], int]:
+    def _read(self, node: Node) -> tuple[dict[str, tuple[int, int]], int, dict[str, Any] | None]:
         """One node's run totals and backlog; ``on_every_node`` asks all nodes at once, so an
         unreachable node costs the scrape one connect timeout, not one per node."""
         with connect(node.dsn, timeout_s=self.settings.connect_timeout_s) as conn:
             table = self.settings.table_name(node)
-            return runs.totals(conn, table, node.name), outbox.backlog(conn, node.name)
+            return (runs.totals(conn, table, node.name), outbox.backlog(conn, node.name),
+                    guard.latest_figures(conn, table, node.name))
+
+
+def _add_probe(label: str, probe: dict[str, Any], latency: GaugeMetricFamily,
+               held_back: GaugeMetricFamily, share: GaugeMetricFamily) -> None:
+    """The probe row's figures as gauges (a quantile without samples yet is left out)."""
+    for quantile, column in (("0.5", "p50_ms"), ("0.99", "p99_ms")):
+        if probe[column] is not None:
+            latency.add_metric([label, quantile], probe[column])
+    held_back.add_metric([label], probe["held_back_seconds"])
+    share.add_metric([label], probe["rate_share"])
 
 
 class Metrics:

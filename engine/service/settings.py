@@ -20,6 +20,7 @@ Sources, strongest first: a command-line flag (or its environment variable), the
     max_seconds = 3600
     batch_size = 2000
     sleep = 0.0
+    max_app_latency_ms = 20                       # slow down while a probe's commit p99 exceeds it ("20ms")
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
-from engine.config import GcOptions, TableSpec, parse_duration, parse_size
+from engine.config import GcOptions, TableSpec, parse_duration, parse_latency, parse_size
 from engine.errors import UsageError
 from engine.service import nodes as nodes_config
 from engine.service.nodes import Node
@@ -50,6 +51,7 @@ GC_KEYS = tuple(f.name for f in dataclasses.fields(GcOptions) if f.name not in (
 """Options a config file may default and a queued run carries (table and node come from the service)."""
 DURATION_KEYS = ("older_than", "max_replica_lag")
 SIZE_KEYS = ("max_wal_rate",)
+LATENCY_KEYS = ("max_app_latency_ms",)
 FILE_KEYS = ("nodes", "dsn", "table", "key", "processed_column", "where", "callback_url", "webhook_secret",
              "token", "stale_after_s", "poll_s", "connect_timeout_s", "archive_dir", "every", "cron", "gc")
 
@@ -120,7 +122,7 @@ class ServiceSettings:
 
 def gc_values(mapping: Mapping[str, Any]) -> dict[str, Any]:
     """GC option values from a config table or a stored run: durations as ``30d`` or seconds,
-    sizes as ``50MB`` or bytes."""
+    sizes as ``50MB`` or bytes, latencies as ``20ms`` or milliseconds."""
     unknown = sorted(set(mapping) - set(GC_KEYS))
     if unknown:
         raise UsageError(f"unknown GC option(s) {', '.join(unknown)}; known: {', '.join(GC_KEYS)}")
@@ -131,6 +133,9 @@ def gc_values(mapping: Mapping[str, Any]) -> dict[str, Any]:
     for key in SIZE_KEYS:
         if isinstance(values.get(key), str):
             values[key] = parse_size(values[key])
+    for key in LATENCY_KEYS:
+        if isinstance(values.get(key), str):
+            values[key] = parse_latency(values[key])
     return values
 
 

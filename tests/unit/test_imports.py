@@ -57,7 +57,7 @@ def _modules_after(code: str) -> tuple[list[str], set[str]]:
     done = subprocess.run([sys.executable, "-c", f"{code}\n{_PRINT_MODULES}"], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=60, check=False)
     assert done.returncode == 0, done.stderr
-    *printed, modules = done.stdout.splitlines()
+    *printed, modules = [line for line in done.stdout.splitlines() if line.strip()]  # rich ends in one
     return printed, {name.partition(".")[0] for name in json.loads(modules)}
 
 
@@ -88,3 +88,23 @@ def test_the_engine_core_leaves_pglast_to_a_where_filter() -> None:
         "from engine.predicate import parse_filter; parse_filter(\"status = 'read'\", {'status': 'text'})")
     assert "pglast" not in without
     assert "pglast" in parsing
+
+
+def test_the_gc_progress_bar_loads_rich_only_once_a_batch_is_reported() -> None:
+    printed, loaded = _modules_after("""
+import io, sys
+
+class Terminal(io.StringIO):
+    def isatty(self):
+        return True
+
+sys.stderr = Terminal()
+from engine.cli import _gc_progress
+from engine.result import Progress
+with _gc_progress(enabled=True) as update:
+    print("rich" in sys.modules)
+    update(Progress(1, 500, 1, 0.1, 1000, 0.1))
+    print("rich" in sys.modules)
+""")
+    assert printed == ["False", "True"]  # a GC on a terminal that deletes nothing never imports rich
+    assert "rich" in loaded

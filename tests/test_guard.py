@@ -1,0 +1,116 @@
+"""The latency guard against a real server: its probe measures, stops with the run, and a slow
+application (a lock really held on the probe's row) holds the run back without failing it."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import psycopg
+import pytest
+
+from engine import collect
+from engine.config import GcOptions
+from engine.guard import PROBE_APPLICATION_NAME
+from engine.result import Progress
+from tests.data import fill, live_ids, surviving_ids
+from tests.polling import wait_until
+from tests.support import run_cli
+
+PROBE_BLOCKED_SQL = """
+SELECT count(*) FROM pg_stat_activity
+WHERE application_name = %s AND wait_event_type = 'Lock'
+  AND clock_timestamp() - query_start > interval '100 milliseconds'
+"""
+
+
+def probe_backends(conn: psycopg.Connection[Any]) -> int:
+    return conn.execute("SELECT count(*) FROM pg_stat_activity WHERE application_name = %s",
+                        (PROBE_APPLICATION_NAME,)).fetchone()[0]
+
+
+def blocked_probes(conn: psycopg.Connection[Any]) -> int:
+    """Probe writes waiting on a lock for longer than the test's budget."""
+    return conn.execute(PROBE_BLOCKED_SQL, (PROBE_APPLICATION_NAME,)).fetchone()[0]
+
+
+def run_figures(conn: psycopg.Connection[Any], run_id: int) -> tuple[Any, ...]:
+    return conn.execute("SELECT app_latency_p50_ms, app_latency_p99_ms, app_probes, held_back_seconds"
+                        " FROM gc_runs WHERE id = %s", (run_id,)).fetchone()
+
+
+def test_the_probe_records_commit_latencies_and_its_connection_closes_with_the_run(conn, dsn):
+    garbage = [i % 2 == 0 for i in range(400)]
+    fill(conn, garbage)
+    result = collect(dsn, GcOptions(max_app_latency_ms=10_000, batch_size=10, sleep=0.05))
+    assert result.status == "complete"
+    assert surviving_ids(conn) == live_ids(garbage)
+    assert result.app_latency_budget_ms == 10_000
+    assert result.app_probes >= 1
+    assert 0 < result.app_latency_p50_ms <= result.app_latency_p99_ms
+    assert run_figures(conn, result.run_id) == (pytest.approx(result.app_latency_p50_ms),
+                                                pytest.approx(result.app_latency_p99_ms),
+                                                result.app_probes, pytest.approx(result.held_back_s))
+    beats, run_id = conn.execute("SELECT beats, run_id FROM gc_probe WHERE table_name = 'messages'"
+                                 ).fetchone()
+    assert (beats, run_id) == (result.app_probes - 1, result.run_id)  # the first write claims the row
+    wait_until(lambda: probe_backends(conn) == 0, what="the probe's backend to exit")
+
+
+def test_a_run_without_a_budget_starts_no_probe(conn, dsn):
+    fill(conn, [True] * 50)
+    result = collect(dsn, GcOptions(batch_size=10))
+    assert (result.status, result.app_latency_budget_ms, result.app_probes) == ("complete", None, 0)
+    assert conn.execute("SELECT count(*) FROM gc_probe").fetchone()[0] == 0
+
+
+def test_a_probe_held_by_a_lock_holds_the_run_back_and_the_run_still_completes(conn, dsn):
+    garbage = [i % 3 != 0 for i in range(600)]
+    fill(conn, garbage)
+    conn.execute("INSERT INTO gc_probe (table_name, node) VALUES ('messages', '')")
+    with psycopg.connect(dsn) as holder:  # the application, holding the probe's row in a long transaction
+        holder.execute("SELECT * FROM gc_probe WHERE table_name = 'messages' FOR UPDATE")
+        watcher = psycopg.connect(dsn, autocommit=True)
+
+        def wait_for_a_stuck_probe(progress: Progress) -> None:
+            """After the first batch: the probe's write has waited on the lock past the budget."""
+            if progress.batches == 1:
+                wait_until(lambda: blocked_probes(watcher), what="the probe to wait on the held row")
+
+        try:
+            result = collect(dsn, GcOptions(max_app_latency_ms=20, batch_size=10),
+                             on_progress=wait_for_a_stuck_probe)
+        finally:
+            watcher.close()
+        holder.rollback()
+    assert result.status == "complete"
+    assert surviving_ids(conn) == live_ids(garbage)
+    assert result.held_back_s > 0
+    assert result.throttle_reasons.get("app_latency", 0) >= 1
+    assert result.throttled_s >= result.held_back_s
+    assert result.rate_share_min < 1
+    assert result.app_latency_p99_ms > 20  # the write the lock held, cancelled when the run ended
+    assert run_figures(conn, result.run_id)[3] == pytest.approx(result.held_back_s)
+    wait_until(lambda: probe_backends(conn) == 0, what="the probe's backend to exit")
+
+
+def test_gc_summary_and_status_show_the_probe_latency_and_time_held_back(conn, dsn):
+    fill(conn, [True] * 200)
+    proc = run_cli("gc", "--dsn", dsn, "--max-app-latency", "10s", "--batch-size", "10", "--sleep", "0.05")
+    assert proc.returncode == 0, proc.stderr
+    assert "app commit latency p50" in proc.stdout and "(budget 10000 ms), held back 0.0s" in proc.stdout
+    status = run_cli("status", "--dsn", dsn, "--json")
+    latest = json.loads(status.stdout)[0]
+    assert latest["app_latency_p99_ms"] > 0 and latest["held_back_seconds"] == 0
+    table = run_cli("status", "--dsn", dsn)
+    assert "app p50/p99, held back" in table.stdout
+
+
+@pytest.mark.parametrize("value", ["abc", "0ms", "-5ms", "0"])
+def test_a_bad_latency_budget_is_a_one_line_usage_error_that_changes_nothing(conn, dsn, value):
+    fill(conn, [True] * 20)
+    proc = run_cli("gc", "--dsn", dsn, f"--max-app-latency={value}")
+    assert proc.returncode == 2, proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert "invalid latency" in proc.stderr
+    assert len(surviving_ids(conn)) == 20
