@@ -93,3 +93,21 @@ def test_bad_latencies_are_usage_errors(text):
 def test_a_latency_budget_must_be_positive_and_finite(value):
     with pytest.raises(UsageError, match="max app latency"):
         GcOptions(max_app_latency_ms=value)
+
+
+def test_the_service_config_takes_a_latency_budget_with_or_without_a_unit():
+    from engine.service.settings import gc_values
+
+    assert gc_values({"max_app_latency_ms": "20ms"}) == {"max_app_latency_ms": 20.0}
+    assert gc_values({"max_app_latency_ms": 15}) == {"max_app_latency_ms": 15}
+
+
+@pytest.mark.parametrize("value", [0, -3, "20ms"])
+def test_the_api_refuses_a_latency_budget_that_is_not_a_positive_number_of_ms(value):
+    from pydantic import ValidationError
+
+    from engine.service.api_models import GcRequest
+
+    with pytest.raises(ValidationError):
+        GcRequest(max_app_latency_ms=value)
+    assert GcRequest(max_app_latency_ms=20).overrides() == {"max_app_latency_ms": 20}
