@@ -32,6 +32,8 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
                         help="no --dry-run before the run (its sample WAL would be counted in the run's)")
     parser.add_argument("--older-than-days", type=int, default=None,
                         help="garbage is also processed more than N days ago (msggc --older-than Nd)")
+    parser.add_argument("--app-p99-ms", type=float, default=None,
+                        help="the load's p99 alone this round (a relative latency guard's budget)")
     return parser.parse_args(argv)
 
 
@@ -81,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
                   if spec.kind == "msggc" and not args.no_prediction else None)
     rec = Recorder()
     began = time.time()
-    outcome = run(spec, args.dsn, rec, args.budget, args.table, args.older_than_days)
+    outcome = run(spec, args.dsn, rec, args.budget, args.table, args.older_than_days, args.app_p99_ms)
     elapsed = rec.now()
     points = rec.ordered_points()
     split = tenths(points)

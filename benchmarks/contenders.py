@@ -55,11 +55,14 @@ def on_table(template: str, table: str, garbage: str = GARBAGE_SQL) -> sql.Compo
 
 MSGGC_NAME = re.compile(
     r"msggc_(auto|physical|index|key)((?:_(?:w\d+|t\d+|s\d+|r\d+|a\d|f\d|c\d|n\d))*)((?:\+[a-z]+)*)")
+GUARD_NAME = re.compile(r"msggc_guard_(\d+(?:\.\d+)?)(x|ms)")
+"""``msggc_guard_2x``: msggc auto with ``--max-app-latency`` at twice the load's p99 measured alone
+in the same round; ``msggc_guard_20ms``: at a fixed budget."""
 WALCOMP = "_walcomp"
 DEFAULT_CONTENDERS = (
     "single", "naive", "each_batch",
     "msggc_auto", "msggc_physical", "msggc_index", "msggc_key", "msggc_auto_w2", "msggc_auto_w2_t10_c1",
-    "msggc_auto_a1", "msggc_auto_f1",
+    "msggc_auto_a1", "msggc_auto_f1", "msggc_guard_2x", "msggc_guard_20ms",
 )
 
 
@@ -69,7 +72,8 @@ class ContenderSpec:
 
     Grammar: ``single|naive|each_batch`` or ``msggc_<strategy>[_w<workers>][_t<target ms>]
     [_s<sleep ms>][_r<max WAL MB/s>][_a1 (--archive)][_f1 (--archive-to a file)][_c1 (--async-commit)]
-    [_n1 (--no-drop)][+<prototype>...]``,
+    [_n1 (--no-drop)][+<prototype>...]`` or ``msggc_guard_<N>x|<N>ms`` (auto with
+    ``--max-app-latency`` at N times the load's p99 alone, or at N ms),
     any of them with a
     ``_walcomp`` suffix (session
     ``wal_compression = on`` through PGOPTIONS, the server's default method, pglz unless built
@@ -90,6 +94,18 @@ class ContenderSpec:
     no_drop: bool = False
     prototypes: tuple[str, ...] = ()
     walcomp: bool = False
+    guard_ms: float | None = None
+    """``--max-app-latency`` in ms (``msggc_guard_<N>ms``)."""
+    guard_x: float | None = None
+    """``--max-app-latency`` as a multiple of the load's p99 alone (``msggc_guard_<N>x``)."""
+
+    def app_latency_budget_ms(self, app_p99_ms: float | None) -> float | None:
+        """The guard's budget for this round, from the load's p99 alone when it is relative."""
+        if self.guard_x is None:
+            return self.guard_ms
+        if not app_p99_ms:
+            raise ValueError(f"{self.name} needs the load's p99 alone (run with --load-rate > 0)")
+        return self.guard_x * app_p99_ms
 
     @property
     def bounded_by_time(self) -> bool:
@@ -113,6 +129,11 @@ def parse_contender(name: str) -> ContenderSpec:
     base, walcomp = (name[: -len(WALCOMP)], True) if name.endswith(WALCOMP) else (name, False)
     if base in ("single", "naive", "each_batch"):
         return ContenderSpec(name=name, kind=base, walcomp=walcomp)  # type: ignore[arg-type]
+    if guard := GUARD_NAME.fullmatch(base):
+        budget = float(guard[1])
+        return ContenderSpec(name=name, kind="msggc", strategy="auto", walcomp=walcomp,
+                             guard_x=budget if guard[2] == "x" else None,
+                             guard_ms=budget if guard[2] == "ms" else None)
     match = MSGGC_NAME.fullmatch(base)
     if not match:
         raise ValueError(
@@ -259,7 +280,8 @@ def run_each_batch(dsn: str, rec: Recorder, table: str, garbage: str = GARBAGE_S
 
 
 def msggc_options(spec: ContenderSpec, dry_run: bool = False, archive_dir: str | None = None,
-                  table: str = "messages", retention_days: int | None = None) -> Any:
+                  table: str = "messages", retention_days: int | None = None,
+                  app_p99_ms: float | None = None) -> Any:
     """What ``msggc gc --table TABLE [--older-than Nd] ...`` would run with for this contender."""
     from engine.config import GcOptions, TableSpec
 
@@ -276,6 +298,7 @@ def msggc_options(spec: ContenderSpec, dry_run: bool = False, archive_dir: str |
         no_drop=spec.no_drop,
         older_than=timedelta(days=retention_days) if retention_days is not None else None,
         dry_run=dry_run,
+        max_app_latency_ms=None if dry_run else spec.app_latency_budget_ms(app_p99_ms),
     )
 
 
@@ -301,7 +324,7 @@ def predict(dsn: str, spec: ContenderSpec, table: str = "messages",
 
 
 def run_msggc(dsn: str, rec: Recorder, spec: ContenderSpec, table: str,
-              retention_days: int | None = None) -> Outcome:
+              retention_days: int | None = None, app_p99_ms: float | None = None) -> Outcome:
     """``engine.collect`` as a caller embeds it; its timeline comes from ``on_progress``."""
     from engine.collector import collect
     from engine.result import Progress
@@ -315,7 +338,8 @@ def run_msggc(dsn: str, rec: Recorder, spec: ContenderSpec, table: str,
         rec.committed(progress.deleted)
 
     with tempfile.TemporaryDirectory(prefix="msggc-bench-") as archive_dir:
-        options = msggc_options(spec, archive_dir=archive_dir, table=table, retention_days=retention_days)
+        options = msggc_options(spec, archive_dir=archive_dir, table=table, retention_days=retention_days,
+                                app_p99_ms=app_p99_ms)
         result = collect(dsn, options, on_progress=on_progress)
         archived = sum(f.stat().st_size for f in Path(archive_dir).iterdir())
     if result.status != "complete":
@@ -327,7 +351,8 @@ def run_msggc(dsn: str, rec: Recorder, spec: ContenderSpec, table: str,
 
 
 def run(spec: ContenderSpec, dsn: str, rec: Recorder, budget_s: float | None,
-        table: str = "messages", retention_days: int | None = None) -> Outcome:
+        table: str = "messages", retention_days: int | None = None,
+        app_p99_ms: float | None = None) -> Outcome:
     """Dispatch by kind; every contender deletes the same garbage (older than the retention
     when the shape has one: the baselines in their SQL, msggc with ``--older-than``)."""
     garbage = garbage_sql(retention_days)
@@ -337,4 +362,4 @@ def run(spec: ContenderSpec, dsn: str, rec: Recorder, budget_s: float | None,
         return run_naive(dsn, rec, budget_s, table, garbage)
     if spec.kind == "each_batch":
         return run_each_batch(dsn, rec, table, garbage)
-    return run_msggc(dsn, rec, spec, table, retention_days)
+    return run_msggc(dsn, rec, spec, table, retention_days, app_p99_ms)

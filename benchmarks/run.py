@@ -204,7 +204,8 @@ class LoadProcess:
 
 
 def run_child(entry: Entry, dsn: str, settings: Settings, workdir: Path, table: str,
-              retention_days: int | None = None, predicted: bool = True) -> dict[str, Any]:
+              retention_days: int | None = None, predicted: bool = True,
+              app_p99_ms: float | None = None) -> dict[str, Any]:
     """One contender in a child process, on the shape's table; its JSON document.
 
     ``predicted`` False: msggc runs without the ``--dry-run`` before it. On a partitioned shape
@@ -219,6 +220,8 @@ def run_child(entry: Entry, dsn: str, settings: Settings, workdir: Path, table: 
         command += ["--older-than-days", str(retention_days)]
     if not predicted:
         command += ["--no-prediction"]
+    if app_p99_ms is not None:
+        command += ["--app-p99-ms", str(app_p99_ms)]
     try:
         done = subprocess.run(command, cwd=ROOT, env=_child_env(), timeout=settings.contender_timeout_s,
                               check=False)
@@ -294,7 +297,7 @@ def measure(server: Server, template: dataset.Template, entry: Entry, settings: 
     cpu_before, loadavg = cpu_times(), os.getloadavg()[0]
     try:
         document = run_child(entry, dsn, settings, workdir, template.table, template.layout.retention_days,
-                             predicted=not template.layout.partitions)
+                             predicted=not template.layout.partitions, app_p99_ms=_p99(baseline))
         host_busy = busy_share(cpu_before, cpu_times())
         load_summary = load.stop() if load else None
     finally:
@@ -351,9 +354,19 @@ def _print_line(doc: dict[str, Any]) -> None:
         f"  -> {doc['label']}: {doc['deleted']:,} rows, {doc['elapsed_s']:.2f}s,"
         f" {doc['rows_per_s'] or 0:,.0f} rows/s, p99 batch {doc['batch_ms']['p99'] or 0:.1f} ms,"
         f" WAL {doc['wal_bytes_per_row'] or 0:.0f} B/row, RSS {doc['rss_mb']:.0f} MB,"
-        f" app p99 {load.get('p99') or 0:.1f} ms" + (" (partial)" if doc["partial"] else ""),
+        f" app p99 {load.get('p99') or 0:.1f} ms" + _guard_note(doc.get("engine") or {})
+        + (" (partial)" if doc["partial"] else ""),
         file=sys.stderr,
     )
+
+
+def _guard_note(engine: dict[str, Any]) -> str:
+    """A latency-guarded msggc run: its budget, what its probe felt, the time it held back."""
+    if engine.get("app_latency_budget_ms") is None:
+        return ""
+    return (f" [guard {engine['app_latency_budget_ms']:.1f} ms: probe p99"
+            f" {engine.get('app_latency_p99_ms') or 0:.1f} ms, held back {engine.get('held_back_s', 0):.1f}s,"
+            f" min share {engine.get('rate_share_min') or 1:.2f}]")
 
 
 # --- shapes and scale ---------------------------------------------------------------------

@@ -21,6 +21,7 @@ from engine.config import (
     TableSpec,
     mask_dsn,
     parse_duration,
+    parse_latency,
     parse_size,
 )
 from engine.errors import MsggcError, UsageError
@@ -102,6 +103,7 @@ class Parsed(click.ParamType):  # type: ignore[type-arg]  # generic only since c
 
 DURATION = Parsed("duration", parse_duration)
 SIZE = Parsed("size", parse_size)
+LATENCY = Parsed("latency", parse_latency)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -190,6 +192,8 @@ def seed(dsn: str | None, table: str, rows: int, shape: str, garbage_fraction: f
 @click.option("--max-replica-lag", type=DURATION, default=None,
               help="Pause while a standby's replay lag exceeds this (e.g. 10s).")
 @click.option("--pause-for-vacuum", is_flag=True, help="Pause while (auto)vacuum works on the table.")
+@click.option("--max-app-latency", "max_app_latency_ms", type=LATENCY, default=None,
+              help="Slow down while a probe's commit latency (recent p99) exceeds this (e.g. 20ms).")
 @click.option("--vacuum", is_flag=True, help="VACUUM (ANALYZE) the table after the run; report sizes.")
 @click.option("--no-drop", is_flag=True,
               help="Partitioned table: delete a wholly-garbage leaf row by row instead of detaching"
@@ -228,6 +232,22 @@ def gc(dsn: str | None, table: str, key: str | None, processed_column: str | Non
     sys.exit(result.exit_code)
 
 
+def _guard_line(result: GcResult) -> str:
+    """The latency guard's part of the summary: what the probe felt and what it cost the run."""
+    p50, p99 = result.app_latency_p50_ms, result.app_latency_p99_ms
+    felt = f"p50 {p50:.1f} ms p99 {p99:.1f} ms" if p50 is not None and p99 is not None else "no sample"
+    return (f"; app commit latency {felt} over {result.app_probes:,} probes"
+            f" (budget {result.app_latency_budget_ms:g} ms), held back {result.held_back_s:.1f}s")
+
+
+def _guard_cell(row: dict[str, Any]) -> str:
+    """A run's probe latency and time held back, for `msggc status` (empty without a guard)."""
+    if row.get("app_latency_p99_ms") is None:
+        return ""
+    return (f"{row['app_latency_p50_ms']:.1f}/{row['app_latency_p99_ms']:.1f} ms,"
+            f" {row['held_back_seconds']:.1f}s")
+
+
 def summary(result: GcResult) -> str:
     if result.status is RunStatus.DRY_RUN:
         return (f"dry run: strategy {result.strategy} ({result.reason}); would delete"
@@ -245,6 +265,8 @@ def summary(result: GcResult) -> str:
     if result.throttle_pauses:
         reasons = ", ".join(f"{k} x{v}" for k, v in result.throttle_reasons.items())
         line += f"; throttled {result.throttled_s:.1f}s ({reasons})"
+    if result.app_latency_budget_ms is not None:
+        line += _guard_line(result)
     if result.reclaim and "after_vacuum" in result.reclaim:
         line += "; " + _reclaim_line(result.reclaim)
     if result.rows_skipped_locked:
@@ -382,13 +404,14 @@ def status(dsn: str | None, limit: int, as_json: bool) -> None:
     from rich.table import Table
 
     table = Table("run", "node", "table", "garbage", "status", "strategy", "deleted", "batches",
-                  "foreign keys", "throttled", "started", "error")
+                  "foreign keys", "throttled", "app p50/p99, held back", "started", "error")
     for row in rows:
         foreign_keys = ", ".join(f"{name} {n:,}" for name, n in (row["foreign_keys"] or {}).items())
         table.add_row(str(row["id"]), row["node"], row["table_name"], row["garbage"] or "", row["status"],
                       row["strategy"] or "", f"{row['messages_deleted']:,}", str(row["batches"]),
                       foreign_keys,
                       f"{row['throttle_pauses']} / {row['throttled_seconds']:.1f}s",
+                      _guard_cell(row),
                       f"{row['started_at']:%Y-%m-%d %H:%M:%S}" if row["started_at"] else "",
                       row["error"] or "")
     console = Console()
