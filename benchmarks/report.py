@@ -533,11 +533,11 @@ def _startup_section(startup: dict[str, Any] | None) -> list[str]:
         target = targets_ms.get(key)
         verdict = Target("", "", "", figure["median_ms"] < target if target else None).verdict
         spread = f"{_num(figure['min_ms'], 1)}-{_num(figure['max_ms'], 1)}"
-        rows.append([what, _num(figure["median_ms"], 1), spread, f"< {target:g}" if target else "",
-                     verdict if target else ""])
+        rows.append([what, _num(figure["median_ms"], 1), spread, _num(figure.get("cpu_median_ms"), 1),
+                     f"< {target:g}" if target else "", verdict if target else ""])
     return [f"### Start-up (median of {next(iter(startup.values()))['runs']} runs, wall ms, bytecode"
             f" cached; load average {startup.get('loadavg_at_start')})",
-            table(["process", "median ms", "range", "target ms", "verdict"], rows)]
+            table(["process", "median ms", "range", "CPU ms (median)", "target ms", "verdict"], rows)]
 
 
 def _targets_section(shapes: dict[str, Any], proposal: list[str] | None) -> list[str]:
