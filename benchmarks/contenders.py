@@ -53,6 +53,8 @@ def on_table(template: str, table: str, garbage: str = GARBAGE_SQL) -> sql.Compo
     """A baseline's literal SQL on the shape's table, with the shape's garbage predicate."""
     return sql.SQL(template).format(t=ident(table), g=sql.SQL(garbage))  # type: ignore[arg-type]
 
+ARCHIVE_FORMATS = (None, "gzip", "zstd", "parquet")
+"""``_f<n>``: the format of ``--archive-to``."""
 MSGGC_NAME = re.compile(
     r"msggc_(auto|physical|index|key)((?:_(?:w\d+|t\d+|s\d+|r\d+|a\d|f\d|c\d|n\d))*)((?:\+[a-z]+)*)")
 GUARD_NAME = re.compile(r"msggc_guard_(\d+(?:\.\d+)?)(x|ms)")
@@ -62,7 +64,7 @@ WALCOMP = "_walcomp"
 DEFAULT_CONTENDERS = (
     "single", "naive", "each_batch",
     "msggc_auto", "msggc_physical", "msggc_index", "msggc_key", "msggc_auto_w2", "msggc_auto_w2_t10_c1",
-    "msggc_auto_a1", "msggc_auto_f1", "msggc_guard_2x", "msggc_guard_20ms",
+    "msggc_auto_a1", "msggc_auto_f1", "msggc_auto_f2", "msggc_auto_f3", "msggc_guard_2x", "msggc_guard_20ms",
 )
 
 
@@ -71,7 +73,8 @@ class ContenderSpec:
     """What a contender name means: its kind and, for msggc, the options it runs with.
 
     Grammar: ``single|naive|each_batch`` or ``msggc_<strategy>[_w<workers>][_t<target ms>]
-    [_s<sleep ms>][_r<max WAL MB/s>][_a1 (--archive)][_f1 (--archive-to a file)][_c1 (--async-commit)]
+    [_s<sleep ms>][_r<max WAL MB/s>][_a1 (--archive)]
+    [_f1|_f2|_f3 (--archive-to a gzip CSV, zstd CSV, parquet)][_c1 (--async-commit)]
     [_n1 (--no-drop)][+<prototype>...]`` or ``msggc_guard_<N>x|<N>ms`` (auto with
     ``--max-app-latency`` at N times the load's p99 alone, or at N ms),
     any of them with a
@@ -89,7 +92,8 @@ class ContenderSpec:
     sleep_ms: float = 0.0
     max_wal_mb_s: float | None = None
     archive: bool = False
-    archive_file: bool = False
+    archive_file: int = 0
+    """0: none; --archive-to in ARCHIVE_FORMATS[archive_file]: 1 gzip, 2 zstd, 3 parquet."""
     async_commit: bool = False
     no_drop: bool = False
     prototypes: tuple[str, ...] = ()
@@ -148,7 +152,7 @@ def parse_contender(name: str) -> ContenderSpec:
         sleep_ms=float(mods.get("s", 0)),
         max_wal_mb_s=float(mods["r"]) if "r" in mods else None,
         archive=bool(mods.get("a")),
-        archive_file=bool(mods.get("f")),
+        archive_file=mods.get("f", 0),
         async_commit=bool(mods.get("c")),
         no_drop=bool(mods.get("n")),
         prototypes=tuple(p for p in match[3].split("+") if p),
@@ -294,6 +298,7 @@ def msggc_options(spec: ContenderSpec, dry_run: bool = False, archive_dir: str |
         max_wal_rate=spec.max_wal_mb_s * 2**20 if spec.max_wal_mb_s else None,
         archive=spec.archive,
         archive_to=archive_dir if spec.archive_file else None,
+        archive_format=ARCHIVE_FORMATS[spec.archive_file] if spec.archive_file else None,
         async_commit=spec.async_commit,
         no_drop=spec.no_drop,
         older_than=timedelta(days=retention_days) if retention_days is not None else None,
@@ -341,7 +346,7 @@ def run_msggc(dsn: str, rec: Recorder, spec: ContenderSpec, table: str,
         options = msggc_options(spec, archive_dir=archive_dir, table=table, retention_days=retention_days,
                                 app_p99_ms=app_p99_ms)
         result = collect(dsn, options, on_progress=on_progress)
-        archived = sum(f.stat().st_size for f in Path(archive_dir).iterdir())
+        archived = sum(f.stat().st_size for f in Path(archive_dir).rglob("*") if f.is_file())
     if result.status != "complete":
         raise RuntimeError(f"msggc ended {result.status}: {result.error or result.stop_reason}")
     engine = {**result.as_json(), "archive_file_bytes": archived}

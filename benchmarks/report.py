@@ -598,7 +598,8 @@ msggc against the ways people delete old rows today, on synthetic `messages` tab
   `id >= lower ORDER BY id OFFSET 5000 LIMIT 1` (index-only), then `DELETE` in `[lower, upper)`;
   `msggc_<strategy>` `engine.collect` with that strategy forced (`auto` = the planner's choice);
   `_w2` = two workers, `_t10` = `target_batch_ms=10`, `_c1` = `--async-commit`, `_a1` =
-  `--archive` (into `messages_archive`), `_f1` = `--archive-to` (a gzip CSV file via COPY);
+  `--archive` (into `messages_archive`), `_f1`/`_f2`/`_f3` =
+  `--archive-to` (gzip CSV, zstd CSV, parquet parts; streamed by `COPY (DELETE ... RETURNING)`);
   `+name` = the engine with a proposed change patched in for that process only
   (`benchmarks/prototypes.py`; `+async` and `+onestmt` were prototypes in the first 2026-11-25
   run and are the engine's `--async-commit` and index walk since).

@@ -206,6 +206,9 @@ def seed(dsn: str | None, table: str, rows: int, shape: str, garbage_fraction: f
 @click.option("--archive-to", metavar="PATH", default=None,
               help="Stream deleted rows with COPY to a new gzip CSV file, or into a directory"
                    " (one TABLE-runN.csv.gz per run); see `msggc restore --file`.")
+@click.option("--archive-format", metavar="gzip|zstd|parquet", default=None,
+              help="--archive-to's format: gzip or zstd CSV, or a directory of parquet parts (one per"
+                   " batch); default: told by the name (.zst, .parquet), else gzip.")
 @click.option("--async-commit", is_flag=True,
               help="Batch commits skip the WAL flush wait (safe: delete and checkpoint are lost together).")
 @click.option("--dry-run", is_flag=True, help="Plan and estimate only; delete nothing.")
@@ -427,8 +430,9 @@ def status(dsn: str | None, limit: int, as_json: bool) -> None:
 @key_option
 @click.option("--run", "run_id", type=click.IntRange(min=1), default=None,
               help="Run whose rows to restore from TABLE_archive (gc --archive).")
-@click.option("--file", "path", type=click.Path(dir_okay=False, path_type=Path), default=None,
-              help="Archive file to restore (gc --archive-to); rows already present are kept.")
+@click.option("--file", "path", type=click.Path(path_type=Path), default=None,
+              help="Archive file (gzip or zstd CSV) or parquet directory to restore (gc --archive-to);"
+                   " rows already present are kept.")
 @friendly_errors
 def restore(dsn: str | None, table: str, key: str | None, run_id: int | None, path: Path | None) -> None:
     """Put archived rows back into the table: a run's rows from the archive table, or a file's."""

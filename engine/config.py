@@ -13,6 +13,7 @@ from engine.errors import UsageError
 
 StrategyName = Literal["auto", "physical", "index", "key"]
 STRATEGIES: tuple[StrategyName, ...] = ("auto", "physical", "index", "key")
+ARCHIVE_FORMATS = ("gzip", "zstd", "parquet")
 
 
 @dataclass(frozen=True)
@@ -81,6 +82,9 @@ class GcOptions:
     hold a garbage row, in the batch's transaction, instead of keeping the row."""
     """Move deleted rows to ``<table>_archive`` in the same statement (``msggc restore`` undoes)."""
     archive_to: str | None = None
+    archive_format: str | None = None
+    """``gzip`` or ``zstd`` (CSV), or ``parquet``; None: told by the file name (``.zst``/``.zstd``,
+    ``.parquet``), else gzip."""
     """Stream deleted rows with COPY into this new gzip CSV file (``msggc restore --file`` undoes)."""
     max_wal_rate: float | None = None
     """Bytes of WAL per second the run may cause on average; batches wait beyond it."""
@@ -110,6 +114,10 @@ class GcOptions:
             (self.statement_timeout_ms >= 10, "statement timeout must be >= 10 ms"),
             (1 <= self.workers <= 16, "workers must be between 1 and 16"),
             (not (self.archive and self.archive_to), "choose --archive or --archive-to, not both"),
+            (self.archive_format is None or self.archive_format in ARCHIVE_FORMATS,
+             f"archive format must be one of {', '.join(ARCHIVE_FORMATS)}"),
+            (self.archive_format is None or self.archive_to is not None,
+             "--archive-format needs --archive-to"),
             (self.max_wal_rate is None or self.max_wal_rate > 0, "max WAL rate must be > 0"),
             (self.max_replica_lag is None or self.max_replica_lag > timedelta(0),
              "max replica lag must be > 0"),
@@ -119,6 +127,8 @@ class GcOptions:
         for ok, message in checks:
             if not ok:
                 raise UsageError(message)
+        if self.archive_to is not None:
+            archive_format_for(self.archive_to, self.archive_format)
 
     def describe(self) -> dict[str, Any]:
         """A JSON-able record of the options, stored with the run."""
@@ -172,6 +182,21 @@ def scrub_dsn(text: str, dsn: str) -> str:
 
 DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
 SIZE_UNITS = {"": 1, "B": 1, "KB": 1024, "MB": 1024**2, "GB": 1024**3}
+
+
+def archive_format_for(name: str | None, requested: str | None) -> str:
+    """The format of an ``--archive-to`` file: as asked, or told by its name, else gzip; a name
+    that says another format than the one asked is refused."""
+    lower = (name or "").lower().rstrip("/" + os.sep)
+    implied = ("zstd" if lower.endswith((".zst", ".zstd")) else "parquet" if lower.endswith(".parquet")
+               else "gzip" if lower.endswith(".gz") else None)
+    if requested is not None and implied is not None and requested != implied:
+        raise UsageError(f"archive file {name} is named as {implied}, not {requested}:"
+                         f" name it {SUFFIX_HINTS[requested]} or drop --archive-format")
+    return requested or implied or "gzip"
+
+
+SUFFIX_HINTS = {"gzip": "*.csv.gz", "zstd": "*.csv.zst", "parquet": "*.parquet"}
 
 
 def parse_size(text: str) -> int:

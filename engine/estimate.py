@@ -18,7 +18,6 @@ from typing import Any
 
 from psycopg import errors as pg_errors
 
-from engine.archive_file import drain
 from engine.db import Connection, one_row
 from engine.planner import Plan
 from engine.queries import SET_BATCH_SETTINGS, Statements
@@ -90,7 +89,8 @@ def estimate(conn: Connection, plan: Plan, strategy: Strategy, statements: State
              params: dict[str, Any], size: int, target_s: float | None, to_file: bool = False) -> Estimate:
     """Sample ``SAMPLES`` batches, one at the start of each quarter of the walk, the first of
     ``size`` units and, when batches adapt (``target_s``), each next one grown toward the
-    target; ``to_file`` includes the COPY and compression of ``--archive-to`` in each sample."""
+    target; with ``--archive-to`` each sample streams its rows through COPY too (``to_file``: read
+    and dropped, not compressed)."""
     fixed = size
     parts = strategy.slices(plan.facts, SAMPLES)
     samples: list[Sample] = []
@@ -101,8 +101,6 @@ def estimate(conn: Connection, plan: Plan, strategy: Strategy, statements: State
             try:
                 with conn.transaction(force_rollback=True):
                     outcome = strategy.run_batch(conn, statements, part, size, params, skip_locked=False)
-                    if to_file:
-                        drain(conn)
             except pg_errors.LockNotAvailable:
                 continue
             seconds = time.monotonic() - began

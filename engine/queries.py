@@ -71,6 +71,12 @@ class Archive:
 
     table: TableSpec
     columns: tuple[str, ...]
+    stream: bool = False
+    """``--archive-to``: the DELETE runs inside ``COPY (...) TO STDOUT`` and its rows, with the
+    bookkeeping columns, stream to the client as CSV (``table`` is not written)."""
+
+
+STREAM_OPTIONS = sql.SQL("(FORMAT csv)")
 
 
 @dataclass(frozen=True)
@@ -132,6 +138,13 @@ class Statements:
     def has_dependents(self) -> bool:
         return bool(self.target.references)
 
+    @property
+    def ranges_only(self) -> bool:
+        """Batches delete a range known before the delete (see ``strategies._delete_range``): the
+        child rows of a foreign key are handled first, or the deleted rows stream out through
+        COPY, which returns them and no counts of what a pick-and-delete statement picked."""
+        return self.has_dependents or (self.archive is not None and self.archive.stream)
+
     # -- child rows of a range's deletable garbage ------------------------------------------
 
     def _children_of(self, ref: Reference, range_: sql.Composable,
@@ -191,6 +204,10 @@ class Statements:
         if self.archive is None:
             return delete
         columns = sql.SQL(", ").join(map(sql.Identifier, self.archive.columns))
+        if self.archive.stream:
+            return sql.SQL("COPY ({delete} RETURNING {columns}, now(), %(run_id)s::bigint)"
+                           " TO STDOUT {options}").format(delete=delete, columns=columns,
+                                                          options=STREAM_OPTIONS)
         return sql.SQL(
             "WITH gone AS ({delete} RETURNING {columns})"
             " INSERT INTO {archive} ({columns}, archived_at, run_id)"
@@ -269,6 +286,8 @@ class Statements:
                          last: sql.Composable) -> sql.Composed:
         archive: sql.Composable = sql.SQL("")
         returning: sql.Composable = sql.SQL("1")
+        if self.archive is not None and self.archive.stream:
+            raise TypeError("a streamed archive deletes ranges only (see ranges_only)")
         if self.archive is not None:
             columns = sql.SQL(", ").join(map(sql.Identifier, self.archive.columns))
             returning = columns

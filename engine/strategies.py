@@ -18,6 +18,7 @@ from typing import Any, ClassVar, Literal, Protocol
 
 from psycopg import sql
 
+from engine import archive_sink
 from engine.config import StrategyName
 from engine.db import Connection, one_row
 from engine.planner import TableFacts
@@ -121,11 +122,10 @@ def _delete_range(conn: Connection, st: Statements, range_: sql.Composable, para
     references = _before_delete(conn, st, range_, params)
     watched = st.changes_seen_in_statistics
     before = one_row(conn.execute(st.child_changes)) if watched else ()
-    if not skip_locked:
-        deleted, skipped = conn.execute(st.delete_range(range_), params).rowcount, 0
-    else:
-        deleted = conn.execute(st.delete_range_skip_locked(range_, by_ctid), params).rowcount
-        skipped = int(one_row(conn.execute(st.count_garbage_in(range_), params))[0])
+    delete = st.delete_range(range_) if not skip_locked else st.delete_range_skip_locked(range_, by_ctid)
+    deleted = _streamed(conn, delete, params) if st.archive and st.archive.stream else \
+        conn.execute(delete, params).rowcount
+    skipped = int(one_row(conn.execute(st.count_garbage_in(range_), params))[0]) if skip_locked else 0
     if watched:
         after = one_row(conn.execute(st.child_changes))
         references.update((ref.name, int(a - b)) for ref, b, a in zip(watched, before, after, strict=True))
@@ -133,6 +133,12 @@ def _delete_range(conn: Connection, st: Statements, range_: sql.Composable, para
         kept = one_row(conn.execute(st.count_kept(range_), params))
         references.update((ref.name, int(n)) for ref, n in zip(st.kept_by, kept, strict=True))
     return RangeOutcome(deleted, skipped, references)
+
+
+def _streamed(conn: Connection, statement: sql.Composed, params: dict[str, Any]) -> int:
+    """Run ``COPY (DELETE ... RETURNING ...) TO STDOUT``, its rows handed block by block to the
+    batch's archive file (:mod:`engine.archive_sink`); the count of rows deleted."""
+    return archive_sink.copy_out(conn, statement, params, archive_sink.current())
 
 
 def _before_delete(conn: Connection, st: Statements, range_: sql.Composable,
@@ -221,7 +227,7 @@ class IndexStrategy:
 
     def run_batch(self, conn: Connection, st: Statements, part: Slice, size: int,
                   params: dict[str, Any], skip_locked: bool) -> BatchOutcome:
-        if skip_locked or st.has_dependents:  # a range known before the delete: see _delete_range
+        if skip_locked or st.ranges_only:  # a range known before the delete: see _delete_range
             return _probed_range(conn, st, st.garbage_upper_bound, part, size, params, skip_locked)
         probe = {**params, "lo": part.number, "end": part.bound, "size": size}
         deleted, picked, last = one_row(conn.execute(st.delete_next_garbage, probe))
@@ -246,7 +252,7 @@ class OrderedKeyStrategy:
                   params: dict[str, Any], skip_locked: bool) -> BatchOutcome:
         after = part.position if isinstance(part.position, list) else None
         params = {**params, **st.key_values("after", after)}
-        if not (skip_locked or st.has_dependents):
+        if not (skip_locked or st.ranges_only):
             deleted, picked, last = one_row(conn.execute(st.delete_next_by_key(after is not None),
                                                          {**params, "size": size}))
             return BatchOutcome(deleted, 0, last if picked else after, finished=picked < size)
