@@ -132,13 +132,14 @@ def test_a_notice_whose_delivery_was_killed_is_delivered_by_the_next_run(
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("name", ["gone.csv.gz", "gone.csv.zst", "gone.parquet"])
 def test_sigkill_during_an_archive_to_file_run_leaves_each_deleted_row_in_the_file_once(
-    conn: Conn, dsn: str, tmp_path: Path, ledger: Ledger
+    conn: Conn, dsn: str, tmp_path: Path, ledger: Ledger, name: str
 ) -> None:
     rng = random.Random(SEED + 1)
     garbage = [i % 4 != 0 for i in range(20_000)]
     fill(conn, garbage)
-    path = tmp_path / "gone.csv.gz"
+    path = tmp_path / name
     gc = ("gc", "--dsn", dsn, "--archive-to", str(path), "--json")
 
     for _ in range(ARCHIVE_KILLS):
