@@ -25,7 +25,7 @@ from typing import Any
 from benchmarks.server import Server
 
 ROOT = Path(__file__).resolve().parent.parent
-DATABASE = "msggc_bench_startup"
+DATABASE = f"msggc_bench_startup_{os.getpid()}"  # two runs on one server keep apart
 IMPORT_TARGET_MS = 120.0
 GC_TARGET_MS = 250.0
 MSGGC = "from engine.cli import main; main(prog_name='msggc')"  # what the console script runs
