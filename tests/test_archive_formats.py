@@ -9,6 +9,7 @@ import io
 import shutil
 from pathlib import Path
 
+import psycopg
 import pyarrow.dataset as ds
 import pytest
 import zstandard
@@ -125,3 +126,20 @@ def test_a_bad_archive_format_is_a_one_line_error(conn, dsn, tmp_path, args, fra
     assert_one_line_error(proc, fragment)
     assert len(proc.stderr.strip().splitlines()) == 1
     assert len(surviving_ids(conn)) == 20
+
+
+@pytest.mark.parametrize("name", ["gone.csv.gz", "gone.parquet"])
+def test_rows_the_application_holds_locked_stay_and_the_rest_are_archived_once(conn, dsn, tmp_path, name):
+    """A lock timeout sends the batch to the skip-locked delete, streamed like the fast one; the
+    attempt that timed out streamed nothing that reaches the file."""
+    fill(conn, [True] * 1000)
+    path = tmp_path / name
+    with psycopg.connect(dsn) as app:
+        app.execute("SELECT id FROM messages WHERE id IN (10, 500) FOR UPDATE")
+        result = collect(dsn, GcOptions(strategy="physical", batch_size=200, lock_timeout_ms=50,
+                                        archive_to=str(path)))
+        app.rollback()
+
+    assert result.status == "complete" and result.rows_skipped_locked >= 2  # the walk, and its sweep
+    assert surviving_ids(conn) == [10, 500]
+    assert archived_ids(path) == [i for i in range(1, 1001) if i not in (10, 500)]
