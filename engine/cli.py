@@ -23,6 +23,7 @@ from engine.config import (
     parse_duration,
     parse_latency,
     parse_size,
+    parse_workers,
 )
 from engine.errors import MsggcError, UsageError
 from engine.status import RunStatus
@@ -104,6 +105,7 @@ class Parsed(click.ParamType):  # type: ignore[type-arg]  # generic only since c
 DURATION = Parsed("duration", parse_duration)
 SIZE = Parsed("size", parse_size)
 LATENCY = Parsed("latency", parse_latency)
+WORKERS = Parsed("workers", parse_workers)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -181,8 +183,8 @@ def seed(dsn: str | None, table: str, rows: int, shape: str, garbage_fraction: f
               help="Only rows processed longer ago than this (e.g. 30d, 12h).")
 @click.option("--lock-timeout-ms", type=click.IntRange(min=1), default=100, show_default=True)
 @click.option("--statement-timeout-ms", type=click.IntRange(min=10), default=5000, show_default=True)
-@click.option("--workers", type=click.IntRange(1, 16), default=1, show_default=True,
-              help="Parallel workers on disjoint ranges.")
+@click.option("--workers", type=WORKERS, default="auto", show_default=True,
+              help="Parallel workers on disjoint ranges (auto: as many as pay off on this table).")
 @click.option("--node", default="", help="Node name reported in webhooks (multiconnect).")
 @click.option("--webhook", default=None, help="Callback URL that receives the completion body.")
 @click.option("--webhook-secret", envvar="MSGGC_WEBHOOK_SECRET", default=None,
@@ -209,8 +211,9 @@ def seed(dsn: str | None, table: str, rows: int, shape: str, garbage_fraction: f
 @click.option("--archive-format", metavar="gzip|zstd|parquet", default=None,
               help="--archive-to's format: gzip or zstd CSV, or a directory of parquet parts (one per"
                    " batch); default: told by the name (.zst, .parquet), else gzip.")
-@click.option("--async-commit", is_flag=True,
-              help="Batch commits skip the WAL flush wait (safe: delete and checkpoint are lost together).")
+@click.option("--async-commit/--sync-commit", default=True, show_default=True,
+              help="Batch commits skip the WAL flush wait (safe: a batch's delete and checkpoint are"
+                   " lost together, and the run's close waits for the flush).")
 @click.option("--dry-run", is_flag=True, help="Plan and estimate only; delete nothing.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 @friendly_errors

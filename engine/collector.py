@@ -12,7 +12,7 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +27,7 @@ from engine.dryrun import dry_run
 from engine.errors import GcAlreadyRunning
 from engine.finish import Closed, Finisher, SilentFinisher, close, decide
 from engine.guard import ProbeSite, require_probe_table
-from engine.planner import Plan, cutoff_of, make_plan, whole_leaf_plan
+from engine.planner import Plan, cutoff_of, make_plan, whole_leaf_plan, workers_for
 from engine.queries import Archive, Statements
 from engine.result import GcResult, Progress, percentile
 from engine.status import RunStatus
@@ -110,13 +110,13 @@ def resume_or_start(conn: Connection, options: GcOptions, plans: dict[str | None
     if previous is not None and resumable and options.strategy in ("auto", previous.strategy):
         walked = [part for part in previous.slices if part.strategy != SWEEP]  # this run sweeps anew
         slices = (extended(walked, previous.strategy, plan.facts) if plan
-                  else _with_new_leaves(walked, plans, options.workers))
+                  else _with_new_leaves(walked, plans, options.worker_count))
         run = runs.start(conn, table, options.node, previous.strategy, slices, options.describe(),
                          resumed_from=previous.id, run_id=run_id, garbage=garbage, key=key)
         run.continues = True
         return run, f"resumes run {previous.id}'s {previous.strategy} walk from its checkpoint"
     strategy = plan.strategy if plan else _commonest(plans)
-    run = runs.start(conn, table, options.node, strategy, _planned_slices(plans, options.workers),
+    run = runs.start(conn, table, options.node, strategy, _planned_slices(plans, options.worker_count),
                      options.describe(), resumed_from=previous.id if previous else None, run_id=run_id,
                      garbage=garbage, key=key)
     return run, plan.reason if plan else _partitioned_reason(plans)
@@ -188,9 +188,10 @@ def collect(
         if options.dry_run:
             legs = {leaf: statements for leaf, (_table, statements) in target.legs.items()}
             plans, whole = _plans(conn, options, target)
-            return dry_run(conn, plans, whole, legs, options, target.target)
+            return dry_run(conn, plans, whole, legs, with_workers(conn, options, plans), target.target)
         lock_table(conn, options, target.oid)
         plans, whole = _plans(conn, options, target)
+        options = with_workers(conn, options, plans)
         before = reclaim.health(conn, target.oid)
         run, reason = resume_or_start(conn, options, plans, run_id, target.target.describe())
         walk = Walk(options=options, run=run, legs=legs_of(run, target, plans), oid=target.oid,
@@ -217,6 +218,13 @@ def _plans(conn: Connection, options: GcOptions,
              else make_plan(conn, options, table, statements, cutoff)
              for leaf, (table, statements) in checked.legs.items()}
     return plans, whole
+
+
+def with_workers(conn: Connection, options: GcOptions, plans: dict[str | None, Plan]) -> GcOptions:
+    """The options with ``--workers auto`` resolved by the planner (recorded with the run)."""
+    if options.workers:
+        return options
+    return replace(options, workers=workers_for(plans.values(), conn.info.host))
 
 
 def _limits(options: GcOptions) -> Limits:

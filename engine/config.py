@@ -71,7 +71,8 @@ class GcOptions:
     older_than: timedelta | None = None
     lock_timeout_ms: int = 100
     statement_timeout_ms: int = 5000
-    workers: int = 1
+    workers: int | None = None
+    """Parallel workers; None: as many as pay off on this table and server (the planner's)."""
     dry_run: bool = False
     node: str = ""
     archive: bool = False
@@ -95,10 +96,10 @@ class GcOptions:
     (additive increase, multiplicative decrease) while it is over (:mod:`engine.guard`)."""
     vacuum: bool = False
     """``VACUUM (ANALYZE)`` the table after the run, reporting sizes before and after."""
-    async_commit: bool = False
-    """Batch commits do not wait for their WAL flush. Safe: a batch's delete and checkpoint are
-    lost together in a server crash (the resumed run redoes them), and the run's closing
-    transaction is synchronous, so its flush covers every batch before it."""
+    async_commit: bool = True
+    """Batch commits do not wait for their WAL flush (``--sync-commit``: they do). Safe: a
+    batch's delete and checkpoint are lost together in a server crash (the resumed run redoes
+    them), and the run's closing transaction is synchronous, so its flush covers every batch."""
 
     def __post_init__(self) -> None:
         checks = [
@@ -112,7 +113,7 @@ class GcOptions:
             (self.older_than is None or self.older_than >= timedelta(0), "older-than must be >= 0"),
             (self.lock_timeout_ms >= 1, "lock timeout must be >= 1 ms"),
             (self.statement_timeout_ms >= 10, "statement timeout must be >= 10 ms"),
-            (1 <= self.workers <= 16, "workers must be between 1 and 16"),
+            (self.workers is None or 1 <= self.workers <= 16, "workers must be between 1 and 16"),
             (not (self.archive and self.archive_to), "choose --archive or --archive-to, not both"),
             (self.archive_format is None or self.archive_format in ARCHIVE_FORMATS,
              f"archive format must be one of {', '.join(ARCHIVE_FORMATS)}"),
@@ -129,6 +130,11 @@ class GcOptions:
                 raise UsageError(message)
         if self.archive_to is not None:
             archive_format_for(self.archive_to, self.archive_format)
+
+    @property
+    def worker_count(self) -> int:
+        """``workers`` once the planner resolved ``auto`` (1 before it has)."""
+        return self.workers or 1
 
     def describe(self) -> dict[str, Any]:
         """A JSON-able record of the options, stored with the run."""
@@ -225,6 +231,15 @@ def parse_latency(text: str) -> float:
     if not 0 < amount < math.inf:
         raise UsageError(f"invalid latency {text!r}: use e.g. 20ms, 1.5ms, 0.2s (more than zero)")
     return amount * LATENCY_UNITS.get(unit, 1.0)
+
+
+def parse_workers(text: str) -> int | None:
+    """``auto`` (None: the planner decides) or a count from 1 to 16."""
+    if text == "auto":
+        return None
+    if not text.isdigit() or not 1 <= int(text) <= 16:
+        raise UsageError(f"invalid workers {text!r}: use auto or a number from 1 to 16")
+    return int(text)
 
 
 def parse_duration(text: str) -> timedelta:

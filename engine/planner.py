@@ -6,6 +6,8 @@ and that lacks the partial garbage index: it then plans with what the table has.
 
 from __future__ import annotations
 
+import os
+from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import datetime
 
@@ -24,6 +26,18 @@ SAMPLE_BLOCKS = 2000
 
 TID_RANGE_SCAN_VERSION = 140000
 """PostgreSQL 14 added TID range scans; before it a ctid range is a sequential scan."""
+
+PARALLEL_FROM_BLOCKS = 16_384
+"""From 128 MB of heap a second worker pays off: below, its connection and planning cost more
+than the time it saves (measured: see BENCHMARKS.md)."""
+
+MAX_AUTO_WORKERS = 4
+"""Beyond this, workers contend for WAL insertion more than they add (and the application's
+backends need cores too)."""
+
+HEAP_ORDER_CORRELATION = 0.9
+"""At or above this correlation (``pg_stats``) of the key with the heap's order, a walk by key
+ranges reads the heap almost sequentially, like the heap walk, and needs no sweep after it."""
 
 
 def sample_percent(blocks: int) -> float:
@@ -46,6 +60,12 @@ class TableFacts:
     server_version: int
     key: tuple[str, ...] = ()
     integer_key: bool = False
+    key_in_heap_order: bool = False
+    """The integer key's values follow the heap's order (see ``HEAP_ORDER_CORRELATION``)."""
+
+    @property
+    def key_walk_reads_heap_in_order(self) -> bool:
+        return self.integer_key and self.key_indexed and self.key_in_heap_order
 
     @property
     def garbage_rows_estimate(self) -> int:
@@ -94,7 +114,19 @@ def read_facts(conn: Connection, target: Target, statements: Statements,
         server_version=conn.info.server_version,
         key=target.key,
         integer_key=target.integer_key,
+        key_in_heap_order=target.integer_key and _key_correlation(conn, target) >= HEAP_ORDER_CORRELATION,
     )
+
+
+def _key_correlation(conn: Connection, target: Target) -> float:
+    """How closely the key's order follows the heap's, from the last ANALYZE (0: unknown)."""
+    row = conn.execute(
+        "SELECT abs(s.correlation) FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace"
+        " JOIN pg_stats s ON s.schemaname = n.nspname AND s.tablename = c.relname"
+        " WHERE c.oid = %s AND s.attname = %s AND NOT s.inherited",
+        (target.oid, target.key[0]),
+    ).fetchone()
+    return float(row[0]) if row and row[0] is not None else 0.0
 
 
 LEADING_KEY = (
@@ -140,10 +172,15 @@ def choose_strategy(facts: TableFacts, requested: StrategyName) -> tuple[Strateg
         if (refusal := _refusal(facts, requested, physical_ok)) is not None:
             raise UsageError(f"strategy {requested} cannot walk this table: {refusal}")
         return requested, f"forced by --strategy; {density}"
+    in_order = "key ranges in heap order (sequential reads; a key walk needs no sweep after it)"
     if physical_ok and facts.garbage_fraction >= DENSE_GARBAGE_FRACTION:
+        if facts.key_walk_reads_heap_in_order:
+            return "key", f"{density}: dense, {in_order}"
         return "physical", f"{density}: dense, one sequential pass over the heap by TID ranges"
     if facts.garbage_index:
         return "index", f"{density}: sparse, keyset walk over {facts.garbage_index}"
+    if facts.key_walk_reads_heap_in_order:
+        return "key", f"{density}: no partial garbage index led by the key, {in_order}"
     if physical_ok:
         return "physical", f"{density}: no partial garbage index led by the key, sequential TID-range walk"
     if facts.key_indexed and facts.integer_key:
@@ -169,6 +206,17 @@ def _refusal(facts: TableFacts, requested: StrategyName, physical_ok: bool) -> s
     if requested == "key" and not facts.key_indexed:
         return "it needs a btree index led by the key column"
     return None
+
+
+def workers_for(plans: Iterable[Plan], server_host: str) -> int:
+    """``--workers auto``: one for a small table; else one per core the server can use, up to
+    ``MAX_AUTO_WORKERS``, counting the cores of this machine when the server runs on it (socket
+    or loopback) and two otherwise."""
+    if sum(plan.facts.blocks for plan in plans) < PARALLEL_FROM_BLOCKS:
+        return 1
+    local = server_host.startswith("/") or server_host in ("localhost", "127.0.0.1", "::1")
+    cores = (os.cpu_count() or 1) if local else 2
+    return max(1, min(MAX_AUTO_WORKERS, cores))
 
 
 def cutoff_of(conn: Connection, options: GcOptions) -> datetime | None:

@@ -183,6 +183,15 @@ def add_slice(conn: Connection, run_id: int, part: Slice) -> None:
                  " WHERE id = %s", (Jsonb([part.as_json()]), run_id))
 
 
+def add_sweep(conn: Connection, run_id: int, part: Slice | None, retried: int) -> None:
+    """A sweep's slice added (None: the sweep found nothing); the rows the walk had skipped as
+    locked are the sweep's to count now (it read them again)."""
+    if part is not None:
+        add_slice(conn, run_id, part)
+    conn.execute("UPDATE gc_runs SET rows_skipped_locked = rows_skipped_locked - %s WHERE id = %s",
+                 (retried, run_id))
+
+
 def mark_detaching(conn: Connection, run_id: int, leaf: str | None, parent: str | None = None,
                    bound: str | None = None) -> None:
     """Before a leaf is detached to be dropped (None: no longer): a run killed meanwhile is

@@ -70,6 +70,8 @@ class Walk:
     lock: threading.Lock = field(default_factory=threading.Lock)
     deleted: int = 0
     skipped: int = 0
+    skipped_by_leaf: Counter[str | None] = field(default_factory=Counter)
+    """Rows the walk (not the sweep) left locked, per leg: the sweep reads them again."""
     batches: int = 0
     latencies_ms: list[float] = field(default_factory=list)
     foreign_keys: Counter[str] = field(default_factory=Counter)
@@ -110,6 +112,8 @@ class Walk:
             if part.leaf is not None:
                 self.by_leaf[part.leaf] += outcome.deleted
             self.skipped += outcome.skipped_locked
+            if part.strategy != SWEEP:
+                self.skipped_by_leaf[part.leaf] += outcome.skipped_locked
             self.foreign_keys.update(outcome.references)
             self.batches += 1
             self.latencies_ms.append(seconds * 1000)
@@ -364,13 +368,17 @@ def _add_sweeps(conn: Connection, walk: Walk) -> bool:
     for leaf, leg in walk.legs.items():
         if leaf in walk.dropped or not (walk.run.continues or leg.strategy.name == "physical"):
             continue
+        retried = walk.skipped_by_leaf[leaf]  # rows left locked are read again: no longer skipped
         with conn.transaction():
             conn.execute(SET_SWEEP_SETTINGS, walk.settings)
             rows = conn.execute(leg.statements.fill_sweep, {**walk.params, "leaf": leaf or ""}).rowcount
-            part = Slice(0, rows, finished=rows == 0, leaf=leaf, strategy=SWEEP)
-            runs.add_slice(conn, walk.run.id, part)
+            part = Slice(0, rows, leaf=leaf, strategy=SWEEP)
+            runs.add_sweep(conn, walk.run.id, part if rows else None, retried)
         with walk.lock:
-            walk.run.slices.append(part)
+            walk.skipped -= retried
+            walk.skipped_by_leaf[leaf] = 0
+            if rows:
+                walk.run.slices.append(part)
         added = added or rows > 0
     return added
 
@@ -382,7 +390,7 @@ def _run_workers(conn: Connection, walk: Walk) -> Connection:
         if not part.done:
             todo.put(index)
     helpers = [threading.Thread(target=guarded, args=(walk, lambda: _helper(walk, todo)), daemon=True)
-               for _ in range(min(walk.options.workers, len(walk.run.slices)) - 1)]
+               for _ in range(min(walk.options.worker_count, len(walk.run.slices)) - 1)]
     link = Link(conn, holds_lock=True)
 
     def lead() -> None:

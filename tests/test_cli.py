@@ -100,7 +100,7 @@ def test_dry_run_prints_the_plan_and_deletes_nothing(conn, dsn):
     fill(conn, [i % 10 == 0 for i in range(2000)])
     proc = run_cli("gc", "--dsn", dsn, "--dry-run")
     assert proc.returncode == 0
-    assert proc.stdout.startswith("dry run: strategy physical")
+    assert proc.stdout.startswith("dry run: strategy key")
     assert len(surviving_ids(conn)) == 2000
 
 

@@ -53,8 +53,15 @@ def test_retention_keeps_rows_processed_more_recently(conn, dsn):
     assert surviving_ids(conn) == list(range(51, 101))
 
 
-def test_auto_picks_physical_on_dense_and_index_on_sparse(conn, dsn):
+def test_auto_picks_key_ranges_in_heap_order_else_physical_on_dense_and_index_on_sparse(conn, dsn):
+    """Dense garbage: key ranges when the key follows the heap's order (no sweep needed after),
+    the heap walk when rows are scattered over it; sparse garbage: the partial index."""
     fill(conn, [i % 10 != 0 for i in range(20000)])
+    assert collect(dsn, GcOptions(dry_run=True)).strategy == "key"
+    conn.execute("CREATE TEMP TABLE shuffled AS SELECT * FROM messages ORDER BY md5(id::text)")
+    conn.execute("DELETE FROM messages")
+    conn.execute("INSERT INTO messages SELECT * FROM shuffled")
+    conn.execute("VACUUM ANALYZE messages")
     assert collect(dsn, GcOptions(dry_run=True)).strategy == "physical"
     conn.execute("DELETE FROM messages WHERE id % 1000 <> 0 AND processed_at IS NOT NULL")
     conn.execute("UPDATE messages SET processed_at = NULL WHERE id % 100 <> 0")
@@ -63,14 +70,15 @@ def test_auto_picks_physical_on_dense_and_index_on_sparse(conn, dsn):
 
 
 def test_auto_plans_with_what_a_foreign_table_has(conn, dsn):
-    """A messages table msggc did not create, without the partial index, is still collected."""
+    """A messages table msggc did not create, without the partial index, is still collected:
+    by key ranges, its key following the heap's order."""
     conn.execute("DROP INDEX ix_messages_garbage")
     garbage = [i % 50 == 0 for i in range(3000)]
     fill(conn, garbage)
 
     result = collect(dsn, GcOptions())
 
-    assert result.strategy == "physical"
+    assert result.strategy == "key"
     assert surviving_ids(conn) == live_ids(garbage)
 
 

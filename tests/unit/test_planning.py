@@ -3,11 +3,19 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 
 import pytest
 
 from engine.errors import UsageError
-from engine.planner import TableFacts, choose_strategy
+from engine.planner import (
+    MAX_AUTO_WORKERS,
+    PARALLEL_FROM_BLOCKS,
+    Plan,
+    TableFacts,
+    choose_strategy,
+    workers_for,
+)
 from engine.sizer import BatchSizer
 from engine.strategies import PhysicalStrategy, split
 
@@ -20,8 +28,41 @@ def facts(**changes: object) -> TableFacts:
     return dataclasses.replace(FACTS, **changes)
 
 
-def test_dense_garbage_walks_the_heap():
+def test_dense_garbage_walks_the_heap_when_the_key_is_scattered_over_it():
     assert choose_strategy(facts(), "auto")[0] == "physical"
+
+
+def test_dense_garbage_walks_key_ranges_when_the_key_follows_the_heap_order():
+    strategy, reason = choose_strategy(facts(key_in_heap_order=True), "auto")
+    assert strategy == "key"
+    assert "no sweep" in reason
+
+
+def test_sparse_garbage_without_the_partial_index_walks_key_ranges_in_heap_order():
+    in_order = facts(garbage_fraction=0.01, garbage_index=None, key_in_heap_order=True)
+    assert choose_strategy(in_order, "auto")[0] == "key"
+
+
+def test_a_key_in_heap_order_that_is_not_one_integer_leaves_dense_garbage_to_the_heap_walk():
+    uuid = facts(key_in_heap_order=True, integer_key=False)
+    assert choose_strategy(uuid, "auto")[0] == "physical"
+
+
+@pytest.mark.parametrize(("blocks", "host", "workers"), [
+    (1000, "/run/postgresql", 1),
+    (PARALLEL_FROM_BLOCKS, "127.0.0.1", min(MAX_AUTO_WORKERS, os.cpu_count() or 1)),
+    (PARALLEL_FROM_BLOCKS, "/tmp/socket-dir", min(MAX_AUTO_WORKERS, os.cpu_count() or 1)),
+    (PARALLEL_FROM_BLOCKS, "db.example.internal", 2),
+])
+def test_auto_workers_pay_off_only_on_a_large_table_and_count_the_cores_they_can_see(blocks, host, workers):
+    plan = Plan("physical", "", facts(blocks=blocks), None)
+    assert workers_for([plan], host) == workers
+
+
+def test_auto_workers_add_up_the_leaves_of_a_partitioned_table():
+    leaves = [Plan("physical", "", facts(blocks=PARALLEL_FROM_BLOCKS // 4), None) for _ in range(4)]
+    assert workers_for(leaves, "db.example.internal") == 2
+    assert workers_for(leaves[:3], "db.example.internal") == 1
 
 
 def test_sparse_garbage_walks_the_partial_index():
