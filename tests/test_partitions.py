@@ -14,7 +14,7 @@ from engine import collect, runs
 from engine.config import GcOptions, TableSpec
 from engine.status import RunStatus
 from tests.polling import wait_until
-from tests.support import run_cli
+from tests.support import run_cli, spawn_cli
 
 LAYOUTS = {
     "range": ("PARTITION BY RANGE (day)", [
@@ -241,3 +241,71 @@ def test_dry_run_of_a_plain_table_says_what_a_daily_partitioning_would_drop(conn
     assert done.returncode == 0, done.stderr
     assert json.loads(done.stdout)["partitioning_advice"] == {
         "column": "created_at", "interval": "day", "partitions": 10, "droppable": 4, "rows": 400}
+
+
+def test_a_run_killed_while_it_detaches_a_leaf_is_finished_by_the_next_and_nothing_is_lost(conn, dsn):
+    """``kill -9`` while ``DETACH PARTITION CONCURRENTLY`` waits for an old snapshot (the leaf is
+    left detach-pending): the next run finalizes the detach, checks the leaf again and drops it."""
+    make_daily(conn)
+    kept = expected_survivors(conn)
+    reader = psycopg.connect(dsn)  # an application's long read: the concurrent detach waits for it
+    reader.execute("BEGIN ISOLATION LEVEL REPEATABLE READ")
+    reader.execute("SELECT count(*) FROM inbox")
+    killed = spawn_cli("gc", "--dsn", dsn, "--table", "inbox", "--lock-timeout-ms", "5000")
+    wait_until(lambda: conn.execute("SELECT 1 FROM pg_stat_activity WHERE application_name = 'msggc'"
+                                    " AND query LIKE '%DETACH PARTITION%' AND wait_event_type = 'Lock'"
+                                    ).fetchone(), what="the detach to wait for the old snapshot")
+    killed.kill()
+    killed.communicate()
+    reader.rollback()
+    reader.close()
+    wait_until(lambda: not conn.execute("SELECT 1 FROM pg_stat_activity WHERE application_name = 'msggc'"
+                                        ).fetchone(), what="the killed run's backend to end")
+    pending = conn.execute("SELECT cursor -> 'detaching' ->> 'leaf' FROM gc_runs").fetchone()[0]
+    assert pending == "public.inbox_d0"
+    again = collect(dsn, GcOptions(table=TableSpec(name="inbox")))
+    assert again.status is RunStatus.COMPLETE, again.error
+    assert leaves(conn) == ["inbox_d3", "inbox_d4", "inbox_d5"]
+    assert conn.execute("SELECT to_regclass('inbox_d0')").fetchone()[0] is None
+    assert survivors(conn) == kept
+    total = conn.execute("SELECT sum(messages_deleted) FROM gc_runs").fetchone()[0]
+    assert total == 3 * 200 + 3 * 40
+
+
+def test_an_application_writing_into_the_leaves_being_dropped_for_the_whole_run_loses_nothing(conn, dsn):
+    """While the run detaches and drops the wholly-garbage days, the application inserts live
+    rows into those very days and un-processes some of their rows, all run long: every row it
+    wrote or un-processed is still there after, and no other garbage is left."""
+    make_daily(conn, days=8, rows_per_day=300, garbage_days=5)
+    stop = threading.Event()
+    written: list[int] = []
+    app = psycopg.connect(dsn, autocommit=True)
+
+    def application() -> None:
+        next_id = 100_000
+        while not stop.is_set():
+            day = next_id % 5
+            try:
+                app.execute("INSERT INTO inbox VALUES (%s, %s, NULL, 'live')", (next_id, day))
+                written.append(next_id)
+            except psycopg.errors.CheckViolation:
+                pass  # its day was dropped: the application is told, nothing is lost
+            row = app.execute("UPDATE inbox SET processed_at = NULL, body = 'kept' WHERE (id, day) ="
+                              " (SELECT id, day FROM inbox WHERE day = %s AND processed_at IS NOT NULL"
+                              "  LIMIT 1) RETURNING id", (day,)).fetchone()
+            written.extend(row or ())
+            next_id += 1
+
+    thread = threading.Thread(target=application)
+    thread.start()
+    try:
+        wait_until(lambda: len(written) > 20, what="the application to write")
+        result = collect(dsn, GcOptions(table=TableSpec(name="inbox"), lock_timeout_ms=50))
+    finally:
+        stop.set()
+        thread.join()
+        app.close()
+    assert result.status is RunStatus.COMPLETE, result.error
+    there = {row[0] for row in conn.execute("SELECT id FROM inbox WHERE processed_at IS NULL")}
+    assert set(written) <= there
+    assert conn.execute("SELECT count(*) FROM inbox WHERE processed_at IS NOT NULL").fetchone()[0] == 0
