@@ -72,8 +72,8 @@ DEFAULT_CONTENDERS = (
 class ContenderSpec:
     """What a contender name means: its kind and, for msggc, the options it runs with.
 
-    Grammar: ``single|naive|each_batch`` or ``msggc_<strategy>[_w<workers>][_t<target ms>]
-    [_s<sleep ms>][_r<max WAL MB/s>][_a1 (--archive)]
+    Grammar: ``single|naive|each_batch``, ``msggc_default`` (no flag at all) or
+    ``msggc_<strategy>[_w<workers>][_t<target ms>][_s<sleep ms>][_r<max WAL MB/s>][_a1 (--archive)]
     [_f1|_f2|_f3 (--archive-to a gzip CSV, zstd CSV, parquet)][_c1 (--async-commit)]
     [_n1 (--no-drop)][+<prototype>...]`` or ``msggc_guard_<N>x|<N>ms`` (auto with
     ``--max-app-latency`` at N times the load's p99 alone, or at N ms),
@@ -87,7 +87,8 @@ class ContenderSpec:
     name: str
     kind: Kind
     strategy: str | None = None
-    workers: int = 1
+    workers: int | None = 1
+    """None: ``--workers auto``."""
     target_batch_ms: float | None = None
     sleep_ms: float = 0.0
     max_wal_mb_s: float | None = None
@@ -133,6 +134,9 @@ def parse_contender(name: str) -> ContenderSpec:
     base, walcomp = (name[: -len(WALCOMP)], True) if name.endswith(WALCOMP) else (name, False)
     if base in ("single", "naive", "each_batch"):
         return ContenderSpec(name=name, kind=base, walcomp=walcomp)  # type: ignore[arg-type]
+    if base == "msggc_default":  # `msggc gc` with no flag: the planner's workers, async commits
+        return ContenderSpec(name=name, kind="msggc", strategy="auto", workers=None, async_commit=True,
+                             walcomp=walcomp)
     if guard := GUARD_NAME.fullmatch(base):
         budget = float(guard[1])
         return ContenderSpec(name=name, kind="msggc", strategy="auto", walcomp=walcomp,

@@ -37,7 +37,7 @@ class Layout:
     table: str = "messages"
     """The collected table, as every contender names it (msggc: ``--table``)."""
     seeding: Literal["synth", "uuid", "cascade", "partitioned"] = "synth"
-    garbage: Literal["dense", "sparse", "aged", "mixed", "retention"] = "dense"
+    garbage: Literal["dense", "sparse", "aged", "runs", "mixed", "retention"] = "dense"
     """Where the garbage sits (``engine.tools.synth``): spread evenly, or the oldest rows; on a
     partitioned table (:func:`_seed_partitioned`): whole old days and a share of the newest
     (mixed), or every day past the retention (retention)."""
@@ -71,6 +71,7 @@ def garbage_sql(retention_days: int | None = None) -> str:
 
 
 UUID_TABLE = "app.msgs_uuid"
+HIDDEN_TABLE = "app.msgs_hidden"
 CASCADE_TABLE = "app.msgs_cascade"
 REPLIES = "app.replies"
 PART_TABLE = "app.msgs_part"
@@ -93,6 +94,11 @@ LAYOUTS: dict[str, Layout] = {
         table=UUID_TABLE, seeding="uuid", garbage="sparse", fraction=0.01, integer_key=False,
         description=f"`{UUID_TABLE}`: messages' columns, `id uuid` primary key from `gen_random_uuid()`,"
                     " unique `message_id`, partial index `(id) WHERE processed_at IS NOT NULL`"),
+    "hidden": Layout(
+        table=HIDDEN_TABLE, seeding="uuid", garbage="runs", fraction=0.8, garbage_index=False,
+        description=f"`{HIDDEN_TABLE}`: a table msggc did not create: messages' columns, `id bigint`"
+                    " primary key in insertion order, unique `message_id`, no partial index; the"
+                    " garbage in runs of 1,000 rows (four runs processed, then one not)"),
     "cascade": Layout(
         table=CASCADE_TABLE, seeding="cascade", garbage="dense", children=(REPLIES,),
         description=f"`{CASCADE_TABLE}` (like `messages`: bigint identity key, partial garbage index) and"
@@ -298,10 +304,10 @@ MESSAGE_COLUMNS = """
     processed_at timestamptz
 """
 """``messages``' columns after its key, shared by the shapes that bring their own key."""
-UUID_CREATE = "CREATE TABLE {t} (id uuid NOT NULL DEFAULT gen_random_uuid()," + MESSAGE_COLUMNS + ")"
-UUID_INSERT = """
+KEYED_CREATE = "CREATE TABLE {t} (id {key_type} NOT NULL," + MESSAGE_COLUMNS + ")"
+KEYED_INSERT = """
 INSERT INTO {t} (id, message_id, chat_id, direction, status, payload, created_at, processed_at)
-SELECT gen_random_uuid(), 'wamid.' || s.k, (15550000000 + mod(s.k, 9973))::text, mod(s.k, 2)::smallint,
+SELECT {key}, 'wamid.' || s.k, (15550000000 + mod(s.k, 9973))::text, mod(s.k, 2)::smallint,
        CASE WHEN s.garbage THEN 3 ELSE mod(s.k, 3) END::smallint,
        %(filler)s::text || s.k || '}}', s.created_at,
        CASE WHEN s.garbage
@@ -312,8 +318,10 @@ FROM (SELECT g.k, %(t0)s + (g.k * %(step_us)s) * interval '1 microsecond' AS cre
 """
 EVEN_SPREAD = ("(g.k + 1) * %(garbage)s::bigint / %(rows)s::bigint"
                " > g.k * %(garbage)s::bigint / %(rows)s::bigint")
-GARBAGE = {"dense": EVEN_SPREAD, "sparse": EVEN_SPREAD, "aged": "g.k < %(garbage)s::bigint"}
-"""As ``engine.tools.synth``: exactly G garbage rows, evenly spaced (dense, sparse) or the oldest."""
+GARBAGE = {"dense": EVEN_SPREAD, "sparse": EVEN_SPREAD, "aged": "g.k < %(garbage)s::bigint",
+           "runs": "g.k / 1000 %% 5 <> 4 AND g.k < %(garbage)s::bigint * 5 / 4"}
+"""As ``engine.tools.synth``: exactly G garbage rows, evenly spaced (dense, sparse) or the oldest;
+or in runs of 1,000 (four runs of garbage, then one run kept), up to G."""
 REPLY_INSERT = ("INSERT INTO {child} SELECT id, id, 'Re: ' || message_id || ', noted, thanks.'"
                 " FROM {t} ORDER BY id")
 REPLY_FOREIGN_KEY = ("ALTER TABLE {child} ADD CONSTRAINT {name} FOREIGN KEY (message_id)"
@@ -356,8 +364,9 @@ def _seed_synth(dsn: str, shape_layout: Layout, rows: int, fraction: float | Non
 
 def _seed_uuid(dsn: str, shape_layout: Layout, rows: int, fraction: float | None,
                progress: Progress) -> Any:
-    """A table keyed by random UUIDs: rows inserted in creation order, their keys in no order;
-    the indexes built once the rows are in, then VACUUM ANALYZE (as synth does)."""
+    """A table with its own key: random UUIDs (rows inserted in creation order, their keys in no
+    order) or, with an integer key, bigints in insertion order; the indexes built once the rows
+    are in, then VACUUM ANALYZE (as synth does)."""
     from engine.tools import synth
 
     share = shape_layout.fraction if fraction is None else fraction
@@ -367,15 +376,17 @@ def _seed_uuid(dsn: str, shape_layout: Layout, rows: int, fraction: float | None
     bulk = Bulk(dsn)
     try:
         bulk.run("schema", "CREATE SCHEMA IF NOT EXISTS {s}", s=_schema_of(shape_layout.table))
-        bulk.run("schema", UUID_CREATE, t=t)
+        key_type = sql.SQL("bigint" if shape_layout.integer_key else "uuid")
+        bulk.run("schema", KEYED_CREATE, t=t, key_type=key_type)
         now = bulk.conn.execute("SELECT now()").fetchone()[0]  # type: ignore[index]
         params = {"filler": synth.PAYLOAD_FILLER, "now": now, "t0": now - synth.TIME_SPAN,
                   "step_us": int(synth.TIME_SPAN.total_seconds() * 1e6) // (rows + 1),
                   "rows": rows, "garbage": garbage}
         for low in range(0, rows, CHUNK_ROWS):
             high = min(rows, low + CHUNK_ROWS)
-            bulk.run("insert", UUID_INSERT, {**params, "low": low, "high": high - 1}, t=t,
-                     garbage=sql.SQL(GARBAGE[shape_layout.garbage]))
+            bulk.run("insert", KEYED_INSERT, {**params, "low": low, "high": high - 1}, t=t,
+                     garbage=sql.SQL(GARBAGE[shape_layout.garbage]),
+                     key=sql.SQL("s.k" if shape_layout.integer_key else "gen_random_uuid()"))
             progress("insert", high / rows)
         bulk.run(f"{name}_pkey", "ALTER TABLE {t} ADD CONSTRAINT {c} PRIMARY KEY (id)", t=t,
                  c=sql.Identifier(f"{name}_pkey"))
