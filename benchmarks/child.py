@@ -92,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
         "kind": spec.kind,
         "table": args.table,
         "strategy": outcome.strategy or spec.kind,
-        "workers": spec.workers,
+        "workers": (outcome.engine or {}).get("workers") or spec.workers or 1,
         "deleted": outcome.deleted,
         "partial": outcome.partial,
         "note": outcome.note,

@@ -38,7 +38,7 @@ from benchmarks.server import (
 )
 
 ROOT = Path(__file__).resolve().parent.parent
-COPY_NAME = "msggc_bench_run"
+COPY_NAME = f"msggc_bench_run_{os.getpid()}"  # two runs on one server keep apart
 SCALE_CONTENDERS = ("single", "msggc_auto", "msggc_auto_w2")
 CROSSOVER_CONTENDERS = ("single", "msggc_physical", "msggc_index")
 READY_TIMEOUT_S = 60.0

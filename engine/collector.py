@@ -277,6 +277,7 @@ def _result(walk: Walk, closed: Closed, reason: str, target: Target) -> GcResult
         rows_estimate=sum(leg.plan.facts.rows_estimate for leg in walk.legs.values()),
         run_id=walk.run.id,
         resumed_from=walk.run.resumed_from,
+        workers=walk.options.worker_count,
         stop_reason=walk.stop_reason if outcome.status is RunStatus.STOPPED else None,
         error=outcome.failure if outcome.status is RunStatus.FAILED else None,
         messages_deleted=outcome.messages_deleted,

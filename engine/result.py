@@ -35,6 +35,8 @@ class GcResult:
     rows_estimate: int
     run_id: int | None = None
     resumed_from: int | None = None
+    workers: int = 1
+    """The workers the run walked with (``--workers auto``: the planner's choice)."""
     stop_reason: str | None = None
     error: str | None = None
     messages_deleted: int = 0
