@@ -94,7 +94,7 @@ class Throttle:
         return dict(self._reasons)
 
     def _wal_lsn(self, conn: Connection) -> int:
-        return int(one_row(conn.execute("SELECT (pg_current_wal_lsn() - '0/0'::pg_lsn)::bigint"))[0])
+        return int(one_row(conn.execute("SELECT (pg_current_wal_insert_lsn() - '0/0'::pg_lsn)::bigint"))[0])
 
     def _wal_excess_s(self, conn: Connection) -> float:
         """Seconds to wait until the WAL written so far fits the rate budget (a token bucket)."""

@@ -25,7 +25,7 @@ MiB = 1024 * 1024
 
 
 def wal_lsn(conn: psycopg.Connection[Any]) -> int:
-    return conn.execute("SELECT (pg_current_wal_lsn() - '0/0'::pg_lsn)::bigint").fetchone()[0]
+    return conn.execute("SELECT (pg_current_wal_insert_lsn() - '0/0'::pg_lsn)::bigint").fetchone()[0]
 
 
 def replayed_lsn(standby_conn: psycopg.Connection[Any]) -> int:
