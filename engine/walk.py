@@ -361,12 +361,15 @@ def _add_sweeps(conn: Connection, walk: Walk) -> bool:
     leg, become a slice deleted by key. A heap walk needs it: a garbage row the application
     updates gets a new version wherever the free space map says, maybe in blocks already walked.
     A walk resumed from an earlier run needs it on every leg: that run left garbage behind it
-    that appeared after it had passed. A key walk starting afresh does not: keys do not move."""
+    that appeared after it had passed. So does every leaf of a partitioned table: an update of
+    the partition key moves a row into another leaf, maybe one walked already. A key walk of a
+    plain table starting afresh does not: keys do not move."""
     if any(part.strategy == SWEEP for part in walk.run.slices):
         return False
     added = False
     for leaf, leg in walk.legs.items():
-        if leaf in walk.dropped or not (walk.run.continues or leg.strategy.name == "physical"):
+        moves = leaf is not None or walk.run.continues or leg.strategy.name == "physical"
+        if leaf in walk.dropped or not moves:
             continue
         retried = walk.skipped_by_leaf[leaf]  # rows left locked are read again: no longer skipped
         with conn.transaction():

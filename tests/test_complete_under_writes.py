@@ -127,3 +127,30 @@ def test_while_the_application_writes_throughout_complete_means_the_start_garbag
     kept = {row[0] for row in conn.execute("SELECT id FROM heap WHERE processed_at IS NULL")}
     assert set(written) <= kept
     assert kept >= set(range(4, 30_001, 4))
+
+
+def test_a_garbage_row_the_app_moves_into_a_leaf_already_walked_is_still_collected(conn, dsn):
+    """A partitioned table walked by key, leaf after leaf: once the first leaf is done, the
+    application updates the partition key of a garbage row of the last leaf, moving it into the
+    first. Its key did not change, but the walk of its new leaf has ended."""
+    conn.execute("CREATE TABLE inbox (id bigint NOT NULL, day int NOT NULL, processed_at timestamptz,"
+                 " PRIMARY KEY (id, day)) PARTITION BY RANGE (day)")
+    for day in range(4):
+        conn.execute(f"CREATE TABLE inbox_d{day} PARTITION OF inbox FOR VALUES FROM ({day}) TO ({day + 1})")
+    conn.execute("INSERT INTO inbox SELECT g, g % 4, CASE WHEN g % 4 = 0 OR g % 5 = 0 THEN now() END"
+                 " FROM generate_series(1, 800) g")
+    conn.execute("ANALYZE inbox")
+    moved: list[int] = []
+
+    def application(progress: Progress) -> None:
+        if not moved and progress.deleted >= 200:  # the first leaf's 200 garbage rows are gone
+            moved.extend(row[0] for row in conn.execute(
+                "UPDATE inbox SET day = 0 WHERE (id, day) = (SELECT id, day FROM inbox WHERE day = 3"
+                " AND processed_at IS NOT NULL ORDER BY id LIMIT 1) RETURNING id"))
+
+    gc = GcOptions(table=TableSpec(name="inbox", schema="public"), strategy="index", batch_size=50,
+                   no_drop=True, workers=1)
+    result = collect(dsn, gc, on_progress=application)
+    assert moved, "the test meant to move a garbage row into the walked leaf"
+    assert result.status == "complete", result.error
+    assert conn.execute("SELECT count(*) FROM inbox WHERE processed_at IS NOT NULL").fetchone()[0] == 0
