@@ -27,7 +27,16 @@ from engine.dryrun import dry_run
 from engine.errors import GcAlreadyRunning
 from engine.finish import Closed, Finisher, SilentFinisher, close, decide
 from engine.guard import ProbeSite, require_probe_table
-from engine.planner import Plan, cutoff_of, make_plan, whole_leaf_plan, workers_for
+from engine.planner import (
+    LEAF_SAMPLE_BLOCKS,
+    Plan,
+    cutoff_of,
+    leaf_plan,
+    make_plan,
+    take_sample,
+    whole_leaf_plan,
+    workers_for,
+)
 from engine.queries import Archive, Statements
 from engine.result import GcResult, Progress, percentile
 from engine.status import RunStatus
@@ -124,11 +133,15 @@ def resume_or_start(conn: Connection, options: GcOptions, plans: dict[str | None
 
 def _planned_slices(plans: dict[str | None, Plan], workers: int) -> list[Slice]:
     """Every leg's slices; the workers spread over a partitioned table's leaves, and split a leaf
-    only when there are fewer leaves than workers."""
+    only when there are fewer leaves than workers. A leaf walked by its sweep alone has none; one
+    to be dropped whole has one, so that one worker owns its drop."""
     per_leg = max(1, workers // max(1, len(plans)))
     slices = []
     for leaf, plan in plans.items():
-        for part in strategy_for(plan.strategy, plan.facts.integer_key).slices(plan.facts, per_leg):
+        if plan.sweep_only:
+            continue
+        parts = 1 if plan.drop_whole else per_leg
+        for part in strategy_for(plan.strategy, plan.facts.integer_key).slices(plan.facts, parts):
             if leaf is not None:
                 part.leaf, part.strategy = leaf, plan.strategy
             slices.append(part)
@@ -210,13 +223,22 @@ def collect(
 
 def _plans(conn: Connection, options: GcOptions,
            checked: Checked) -> tuple[dict[str | None, Plan], dict[str, partitions.Leaf]]:
-    """Each table's plan, and the leaves that will be dropped whole (planned without a sample)."""
+    """Each table's plan, and the leaves that will be dropped whole. A leaf is planned from one
+    small sample (``LEAF_SAMPLE_BLOCKS``) that also tells whether it may be wholly garbage, so a
+    table of many leaves does not pay a full planning sample per leaf."""
     cutoff = cutoff_of(conn, options)
-    leaves = {leaf: statements for leaf, (_table, statements) in checked.legs.items() if leaf is not None}
-    whole = partitions.whole_leaves(conn, options, checked.target, leaves, {"cutoff": cutoff, "run_id": 0})
-    plans = {leaf: whole_leaf_plan(conn, table, cutoff) if leaf in whole
-             else make_plan(conn, options, table, statements, cutoff)
-             for leaf, (table, statements) in checked.legs.items()}
+    plans: dict[str | None, Plan] = {}
+    whole = {}
+    for leaf, (table, statements) in checked.legs.items():
+        if leaf is None:
+            plans[leaf] = make_plan(conn, options, table, statements, cutoff)
+            continue
+        sample = take_sample(conn, statements, LEAF_SAMPLE_BLOCKS, cutoff)
+        if (dropped := partitions.whole_leaf(conn, options, checked.target, table.oid, sample)) is not None:
+            whole[leaf] = dropped
+            plans[leaf] = whole_leaf_plan(conn, table, cutoff, sample)
+        else:
+            plans[leaf] = leaf_plan(conn, options, table, statements, cutoff, sample)
     return plans, whole
 
 
@@ -244,7 +266,11 @@ def _walk_and_close(conn: Connection, walk: Walk, target: Checked, whole: dict[s
 
         guarded(walk, open_file)
     if walk.error is None and any(leaf is not None for leaf in walk.legs):
-        guarded(walk, lambda: partitions.drop_whole_leaves(conn, walk, target.target, whole))
+        guarded(walk, lambda: partitions.finish_interrupted(conn, walk, target.target))
+        detaching = threading.Lock()
+        walk.drops = {name: partitions.Drop(leaf, walk.legs[name].statements, walk.params, walk.run.id,
+                                            walk.options.lock_timeout_ms, walk.options.async_commit, detaching)
+                      for name, leaf in whole.items() if not _done(walk, name)}
     if walk.error is None:
         try:
             conn = walk_run(conn, walk)
@@ -264,6 +290,10 @@ def _walk_and_close(conn: Connection, walk: Walk, target: Checked, whole: dict[s
     if closed.conn is not conn:
         conn.close()
     return closed.conn, closed
+
+
+def _done(walk: Walk, leaf: str) -> bool:
+    return all(part.done for part in walk.run.slices if part.leaf == leaf)
 
 
 def _result(walk: Walk, closed: Closed, reason: str, target: Target) -> GcResult:
@@ -293,12 +323,17 @@ def _result(walk: Walk, closed: Closed, reason: str, target: Target) -> GcResult
         throttle_reasons=walk.throttle.reasons,
         **walk.throttle.report(),
         garbage=target.describe(),
-        partitions={leaf: {"strategy": part.strategy, "deleted": walk.by_leaf[leaf],
-                           "dropped": leaf in walk.dropped}
-                    for part in walk.run.slices
-                    if (leaf := part.leaf) is not None and part.strategy != SWEEP},
+        partitions=_partitions(walk),
         **_foreign_keys(walk, target),
     )
+
+
+def _partitions(walk: Walk) -> dict[str, dict[str, Any]]:
+    """Per leaf: how it was walked (``sweep``: by its sweep alone), its rows deleted, dropped?"""
+    walked = {part.leaf: part.strategy for part in walk.run.slices if part.strategy != SWEEP}
+    return {leaf: {"strategy": walked.get(leaf, SWEEP), "deleted": walk.by_leaf[leaf],
+                   "dropped": leaf in walk.dropped}
+            for leaf in walk.legs if leaf is not None}
 
 
 def _foreign_keys(walk: Walk, target: Target) -> dict[str, Any]:

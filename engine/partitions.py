@@ -3,12 +3,12 @@
 A drop writes a catalog change where a delete writes every row to WAL and leaves it to VACUUM.
 It must never lose a row, nor hold the application up for long:
 - only a RANGE leaf (not the default one, never a LIST or HASH leaf: their values have nowhere
-  else to go) that has rows, all of them garbage, with a later leaf already holding rows (the
-  application writes there now), and no foreign key onto the table;
+  else to go) that has rows, all of them garbage in a sample of its blocks, with a later leaf
+  already holding rows (the application writes there now), and no foreign key onto the table;
 - it is detached with ``DETACH PARTITION ... CONCURRENTLY`` where the server allows it
   (PostgreSQL 14+, no default partition), else in a short transaction; under ``lock_timeout``,
   retried with backoff, and walked row by row when it cannot be detached;
-- once detached no row can arrive: it is locked and checked again; a row that is not garbage
+- once detached no row can arrive: it is locked and read in full; a row that is not garbage
   (inserted or un-processed meanwhile) sends it back (re-attached with its bounds) to be walked
   row by row; else it is dropped, its rows counted as deleted, in the same transaction as the
   run's record of them;
@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -33,7 +34,7 @@ from engine import runs
 from engine.config import GcOptions, TableSpec
 from engine.db import Connection, one_row, regclass_of, table_ident
 from engine.errors import MsggcError
-from engine.planner import heap_blocks
+from engine.planner import Sample
 from engine.queries import Statements
 from engine.target import Target
 from engine.target import resolve as resolve_target
@@ -92,46 +93,61 @@ def droppable(conn: Connection, oid: int) -> Leaf | None:
     return leaf if later else None
 
 
-PRECHECK_BLOCKS = 128
-"""Blocks of a leaf read to tell whether it may be wholly garbage: a live row of a mostly live
-leaf shows in any sample; a leaf the sample finds all garbage is read in full after its detach
-(:func:`finish_detached`), the check that decides. So a wholly-garbage leaf is read once."""
-
-
-def wholly_garbage(conn: Connection, statements: Statements, params: dict[str, object]) -> bool:
-    """Rows, and none that is not garbage (a NULL test counts as not garbage) in a sample of
-    ``PRECHECK_BLOCKS`` blocks (all of a small leaf)."""
-    percent = min(100.0, 100.0 * PRECHECK_BLOCKS / max(1, heap_blocks(conn, statements.target.oid)))
-    probe = sql.SQL(
-        "SELECT EXISTS (SELECT 1 FROM {t}) AND NOT EXISTS (SELECT 1 FROM {t}"
-        " TABLESAMPLE SYSTEM (%(percent)s) WHERE ({garbage}) IS NOT TRUE)"
-    ).format(t=table_ident(statements.table), garbage=statements.garbage)
-    return bool(one_row(conn.execute(probe, {**params, "percent": percent}))[0])
-
-
 PARTMAN_LOCK = "pg_partman run_maintenance"
 """The advisory lock pg_partman's maintenance takes (``pg_try_advisory_xact_lock(hashtext(...))``):
-held around a detach and its drop, maintenance waits for its next round instead of racing them."""
+held (shared, so a run's workers drop leaves side by side) around a detach and its drop,
+maintenance waits for its next round instead of racing them."""
 
 
-def drop(conn: Connection, leaf: Leaf, statements: Statements, params: dict[str, object], run_id: int,
-         lock_timeout_ms: int) -> int | None:
-    """Detach, check again and drop the leaf; its rows, or None when it is walked instead."""
-    with _maintenance_paused(conn) as paused:
-        if not paused:
-            return None
-        runs.mark_detaching(conn, run_id, leaf.table.qualified, leaf.parent.qualified, leaf.bound)
-        if not _detach(conn, leaf, lock_timeout_ms):
-            runs.mark_detaching(conn, run_id, None)
-            return None
-        return finish_detached(conn, leaf, statements, params, run_id)
+@dataclass(frozen=True)
+class Drop:
+    """What dropping one leaf needs; called with a worker's connection, it returns the leaf's
+    rows, or None when the leaf is to be walked row by row after all."""
+
+    leaf: Leaf
+    statements: Statements
+    params: dict[str, object]
+    run_id: int
+    lock_timeout_ms: int
+    async_commit: bool
+    detaching: threading.Lock
+    """Shared by the run's drops: a partitioned table has at most one detach pending at a time."""
+
+    def __call__(self, conn: Connection) -> int | None:
+        """Detach, read in full and drop the leaf. With asynchronous commits its transactions do
+        not wait for their WAL to reach disk: whichever of them a crash loses, the next run
+        finishes the drop from the run's record (see :func:`finish_interrupted`)."""
+        with _maintenance_paused(conn) as paused, _commits(conn, self.async_commit):
+            if not paused:
+                return None
+            leaf = self.leaf
+            runs.mark_detaching(conn, self.run_id, leaf.table.qualified, leaf.parent.qualified, leaf.bound)
+            with self.detaching:
+                detached = _detach(conn, leaf, self.lock_timeout_ms)
+            if not detached:
+                runs.mark_detaching(conn, self.run_id, leaf.table.qualified, None)
+                return None
+            return finish_detached(conn, leaf, self.statements, self.params, self.run_id)
+
+
+@contextmanager
+def _commits(conn: Connection, asynchronous: bool) -> Iterator[None]:
+    if not asynchronous:
+        yield
+        return
+    conn.execute("SET synchronous_commit = off")
+    try:
+        yield
+    finally:
+        if not conn.closed:
+            conn.execute("RESET synchronous_commit")
 
 
 @contextmanager
 def _maintenance_paused(conn: Connection) -> Iterator[bool]:
     """pg_partman's lock, tried a few times with backoff: False when its maintenance keeps it."""
     for attempt in range(DETACH_ATTEMPTS):
-        if one_row(conn.execute("SELECT pg_try_advisory_lock(hashtext(%s))", (PARTMAN_LOCK,)))[0]:
+        if one_row(conn.execute("SELECT pg_try_advisory_lock_shared(hashtext(%s))", (PARTMAN_LOCK,)))[0]:
             break
         time.sleep(DETACH_BACKOFF_S * 2**attempt)
     else:
@@ -141,7 +157,7 @@ def _maintenance_paused(conn: Connection) -> Iterator[bool]:
         yield True
     finally:
         if not conn.closed:
-            conn.execute("SELECT pg_advisory_unlock(hashtext(%s))", (PARTMAN_LOCK,))
+            conn.execute("SELECT pg_advisory_unlock_shared(hashtext(%s))", (PARTMAN_LOCK,))
 
 
 def finish_detached(conn: Connection, leaf: Leaf, statements: Statements, params: dict[str, object],
@@ -159,7 +175,7 @@ def finish_detached(conn: Connection, leaf: Leaf, statements: Statements, params
             return int(rows)
     conn.execute(sql.SQL("ALTER TABLE {} ATTACH PARTITION {} {}").format(
         table_ident(leaf.parent), table_ident(leaf.table), sql.SQL(leaf.bound)))  # bound from the catalog
-    runs.mark_detaching(conn, run_id, None)
+    runs.mark_detaching(conn, run_id, leaf.table.qualified, None)
     return None
 
 
@@ -207,7 +223,7 @@ def is_attached(conn: Connection, leaf: Leaf) -> bool:
         (table_ident(leaf.table).as_string(conn),)).fetchone() is not None
 
 
-# -- the walk's part: which leaves go, and a killed run's leaf finished ------------------------
+# -- the walk's part: which leaves go, and a killed run's leaves finished --------------------
 
 def may_drop(options: GcOptions, target: Target) -> bool:
     """Unless the operator said ``--no-drop``, rows must be archived, or a foreign key points at
@@ -215,42 +231,31 @@ def may_drop(options: GcOptions, target: Target) -> bool:
     return not (options.no_drop or options.archive or options.archive_to or target.references)
 
 
-def whole_leaves(conn: Connection, options: GcOptions, target: Target, legs: dict[str, Statements],
-                 params: dict[str, object]) -> dict[str, Leaf]:
-    """The leaves a run will drop whole, found before planning: they need no plan of their own."""
-    if not may_drop(options, target):
-        return {}
-    found = {}
-    for name, statements in legs.items():
-        leaf = droppable(conn, statements.target.oid)
-        if leaf is not None and wholly_garbage(conn, statements, params):
-            found[name] = leaf
-    return found
+def whole_leaf(conn: Connection, options: GcOptions, target: Target, oid: int, sample: Sample) -> Leaf | None:
+    """The leaf when the run will drop it whole: its sample found only garbage (the read in full
+    after its detach decides) and it may be dropped."""
+    if not sample.all_garbage or not may_drop(options, target):
+        return None
+    return droppable(conn, oid)
 
 
-def drop_whole_leaves(conn: Connection, walk: Walk, target: Target, leaves: dict[str, Leaf]) -> None:
-    """The leaves found wholly garbage (:func:`whole_leaves`) go by DETACH and DROP; a leaf a
-    killed run left detached is finished first."""
+def finish_interrupted(conn: Connection, walk: Walk, target: Target) -> None:
+    """The leaves a killed run detached (or began to), finished before this run walks: dropped if
+    still wholly garbage, else attached again and this run fails, so that the next one walks
+    them with the others."""
     if not may_drop(walk.options, target):
         return
     for run_id in (walk.run.id, walk.run.resumed_from):
-        if run_id is not None and (pending := runs.detaching(conn, run_id)) is not None:
-            _finish_interrupted_drop(conn, walk, pending)
-            runs.mark_detaching(conn, run_id, None)
-    for name, leaf in leaves.items():
-        if all(part.done for part in walk.run.slices if part.leaf == name):
+        if run_id is None:
             continue
-        statements = walk.legs[name].statements
-        dropped = drop(conn, leaf, statements, walk.params, walk.run.id, walk.options.lock_timeout_ms)
-        if dropped is not None:
-            walk.record_drop(name, dropped)
+        for pending in runs.detaching(conn, run_id):
+            _finish_interrupted_drop(conn, walk, pending)
+        runs.forget_detaching(conn, run_id)
 
 
 def _finish_interrupted_drop(conn: Connection, walk: Walk, pending: dict[str, str]) -> None:
-    """The leaf a killed run detached (or began to): dropped if still wholly garbage, else
-    attached again, and this run fails so that the next one walks it with the others."""
     leaf = Leaf(TableSpec.parse(pending["leaf"]), TableSpec.parse(pending["parent"]),
-                           pending["bound"], parent_has_default=False)
+                pending["bound"], parent_has_default=False)
     finalize_pending(conn, leaf)
     if is_attached(conn, leaf) or regclass_of(conn, leaf.table) is None:
         return

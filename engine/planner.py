@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime
 
 from engine.config import GcOptions, StrategyName
@@ -40,9 +40,52 @@ HEAP_ORDER_CORRELATION = 0.9
 ranges reads the heap almost sequentially, like the heap walk, and needs no sweep after it."""
 
 
-def sample_percent(blocks: int) -> float:
-    """The share of blocks the planner's sample reads (all of a small table)."""
-    return min(100.0, 100.0 * SAMPLE_BLOCKS / max(blocks, 1))
+LEAF_SAMPLE_BLOCKS = 128
+"""Blocks sampled of each leaf of a partitioned table: a live row of a mostly live leaf shows in
+any sample (so a leaf dropped whole is told from one that is not, see :mod:`engine.partitions`),
+and the garbage share of a small leaf is close enough to plan it."""
+
+SWEEP_ONLY_BLOCKS = 16_384
+SWEEP_ONLY_FRACTION = 0.02
+"""A leaf of at most ``SWEEP_ONLY_BLOCKS`` (128 MB) with less than this share of garbage is walked
+by its sweep alone: every leaf is swept after its walk (a row may move in from another leaf),
+and the sweep's one read finds all its garbage, so a walk before it would read the leaf twice.
+A denser leaf is walked first: the sweep stores each garbage row's key and deletes it by key,
+about 15 us a row here (measured at 10M rows, 100 daily leaves of which 20 hold 10% garbage:
+those 20 swept alone took 3.1 s, and the whole run 7.2 s against 3.7 s walking them first)."""
+
+
+def sample_percent(blocks: int, sample_blocks: int = SAMPLE_BLOCKS) -> float:
+    """The share of blocks a sample of ``sample_blocks`` reads (all of a small table)."""
+    return min(100.0, 100.0 * sample_blocks / max(blocks, 1))
+
+
+@dataclass(frozen=True)
+class Sample:
+    """Rows, and garbage rows among them, in a block sample of the table's ``blocks``."""
+
+    blocks: int
+    percent: float
+    rows: int
+    garbage: int
+
+    @property
+    def rows_estimate(self) -> int:
+        return round(self.rows * 100.0 / self.percent)
+
+    @property
+    def all_garbage(self) -> bool:
+        """Rows, every one garbage (a NULL test is not garbage)."""
+        return self.rows > 0 and self.garbage == self.rows
+
+
+def take_sample(conn: Connection, statements: Statements, sample_blocks: int,
+                cutoff: datetime | None) -> Sample:
+    """A sample of ``sample_blocks`` of the table's blocks (all of a smaller table)."""
+    blocks = heap_blocks(conn, statements.target.oid)
+    percent = sample_percent(blocks, sample_blocks)
+    rows, garbage = one_row(conn.execute(statements.sample_garbage, {"percent": percent, "cutoff": cutoff}))
+    return Sample(blocks, percent, int(rows), int(garbage))
 
 
 @dataclass(frozen=True)
@@ -86,6 +129,10 @@ class Plan:
     reason: str
     facts: TableFacts
     cutoff: datetime | None
+    sweep_only: bool = False
+    """A leaf partition walked by its sweep alone (see ``SWEEP_ONLY_FRACTION``)."""
+    drop_whole: bool = False
+    """A leaf partition to be detached and dropped whole (see :mod:`engine.partitions`)."""
 
 
 def heap_blocks(conn: Connection, oid: int) -> int:
@@ -93,20 +140,18 @@ def heap_blocks(conn: Connection, oid: int) -> int:
         "SELECT pg_relation_size(%s::oid) / current_setting('block_size')::int", (oid,)))[0])
 
 
-def read_facts(conn: Connection, target: Target, statements: Statements,
-               cutoff: datetime | None) -> TableFacts:
+def read_facts(conn: Connection, target: Target, statements: Statements, cutoff: datetime | None,
+               sample: Sample | None = None) -> TableFacts:
+    """The table's facts, its garbage share from ``sample`` or from a sample of ``SAMPLE_BLOCKS``."""
     oid = target.oid
-    blocks = heap_blocks(conn, oid)
-    percent = sample_percent(blocks)
-    sampled, garbage = one_row(conn.execute(
-        statements.sample_garbage, {"percent": percent, "cutoff": cutoff}
-    ))
+    sample = sample or take_sample(conn, statements, SAMPLE_BLOCKS, cutoff)
+    blocks = sample.blocks
     key_min, key_max = one_row(conn.execute(statements.key_bounds)) if target.integer_key else (None, None)
     return TableFacts(
         oid=oid,
         blocks=blocks,
-        rows_estimate=round(sampled * 100.0 / percent),
-        garbage_fraction=garbage / sampled if sampled else 0.0,
+        rows_estimate=sample.rows_estimate,
+        garbage_fraction=sample.garbage / sample.rows if sample.rows else 0.0,
         garbage_index=_garbage_index(conn, target),
         key_indexed=_key_indexed(conn, target),
         key_min=key_min,
@@ -233,21 +278,33 @@ def cutoff_of(conn: Connection, options: GcOptions) -> datetime | None:
 
 
 def make_plan(conn: Connection, options: GcOptions, target: Target, statements: Statements,
-              cutoff: datetime | None) -> Plan:
-    facts = read_facts(conn, target, statements, cutoff)
+              cutoff: datetime | None, sample: Sample | None = None) -> Plan:
+    facts = read_facts(conn, target, statements, cutoff, sample)
     strategy, reason = choose_strategy(facts, options.strategy)
     return Plan(strategy=strategy, reason=reason, facts=facts, cutoff=cutoff)
 
 
-def whole_leaf_plan(conn: Connection, target: Target, cutoff: datetime | None) -> Plan:
-    """A leaf partition about to be dropped whole (its check found only garbage): no sample; if
-    the drop cannot happen after all, it is walked by TID ranges like any dense table."""
-    blocks, rows = one_row(conn.execute(
-        "SELECT pg_relation_size(oid) / current_setting('block_size')::int, greatest(reltuples, 0)::bigint"
-        " FROM pg_class WHERE oid = %s", (target.oid,)))
-    facts = TableFacts(oid=target.oid, blocks=int(blocks), rows_estimate=int(rows), garbage_fraction=1.0,
-                       garbage_index=None, key_indexed=False, key_min=None, key_max=None,
-                       server_version=conn.info.server_version, key=target.key,
+def leaf_plan(conn: Connection, options: GcOptions, target: Target, statements: Statements,
+              cutoff: datetime | None, sample: Sample) -> Plan:
+    """A leaf partition's plan: a small leaf is planned from its leaf sample (``sample``), and
+    walked by its sweep alone when its garbage is scarce (``SWEEP_ONLY_FRACTION``) and no foreign
+    key keeps garbage rows (the walk counts those; the sweep reads deletable rows only)."""
+    small = sample.blocks <= SWEEP_ONLY_BLOCKS
+    plan = make_plan(conn, options, target, statements, cutoff, sample if small else None)
+    scarce = plan.facts.garbage_fraction < SWEEP_ONLY_FRACTION
+    if small and scarce and options.strategy == "auto" and not statements.kept_by:
+        density = f"estimated garbage {plan.facts.garbage_fraction:.1%} of ~{plan.facts.rows_estimate:,} rows"
+        return replace(plan, sweep_only=True,
+                       reason=f"{density}: scarce in a small leaf, its sweep's one read finds it all")
+    return plan
+
+
+def whole_leaf_plan(conn: Connection, target: Target, cutoff: datetime | None, sample: Sample) -> Plan:
+    """A leaf partition about to be dropped whole (its sample found only garbage); if the drop
+    cannot happen after all, it is walked by TID ranges like any dense table."""
+    facts = TableFacts(oid=target.oid, blocks=sample.blocks, rows_estimate=sample.rows_estimate,
+                       garbage_fraction=1.0, garbage_index=None, key_indexed=False, key_min=None,
+                       key_max=None, server_version=conn.info.server_version, key=target.key,
                        integer_key=target.integer_key)
     return Plan(strategy="physical", reason="every row is garbage: detached and dropped whole", facts=facts,
-                cutoff=cutoff)
+                cutoff=cutoff, drop_whole=True)

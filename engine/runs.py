@@ -192,25 +192,39 @@ def add_sweep(conn: Connection, run_id: int, part: Slice | None, retried: int) -
                  (retried, run_id))
 
 
-def mark_detaching(conn: Connection, run_id: int, leaf: str | None, parent: str | None = None,
+def mark_detaching(conn: Connection, run_id: int, leaf: str, parent: str | None,
                    bound: str | None = None) -> None:
-    """Before a leaf is detached to be dropped (None: no longer): a run killed meanwhile is
-    finished by the next one, which finds the leaf here."""
-    detaching = {"leaf": leaf, "parent": parent, "bound": bound} if leaf else None
-    conn.execute("UPDATE gc_runs SET cursor = jsonb_set(cursor, '{detaching}', %s) WHERE id = %s",
-                 (Jsonb(detaching), run_id))
+    """Before a leaf is detached to be dropped (``parent`` None: no longer): a run killed
+    meanwhile is finished by the next one, which finds the leaf here."""
+    if parent is None:
+        conn.execute("UPDATE gc_runs SET cursor = cursor #- ARRAY['detaching', %s] WHERE id = %s",
+                     (leaf, run_id))
+        return
+    conn.execute(
+        "UPDATE gc_runs SET cursor = jsonb_set(cursor, '{detaching}',"
+        " coalesce(nullif(cursor -> 'detaching', 'null'), '{}') || jsonb_build_object(%s::text, %s::jsonb))"
+        " WHERE id = %s",
+        (leaf, Jsonb({"leaf": leaf, "parent": parent, "bound": bound}), run_id))
 
 
-def detaching(conn: Connection, run_id: int) -> dict[str, str] | None:
-    row = one_row(conn.execute("SELECT cursor -> 'detaching' FROM gc_runs WHERE id = %s", (run_id,)))
-    return row[0] or None
+def detaching(conn: Connection, run_id: int) -> list[dict[str, str]]:
+    """The leaves the run was detaching, by the record :func:`mark_detaching` keeps (a single
+    leaf in the record of runs before several workers dropped side by side)."""
+    recorded = one_row(conn.execute("SELECT cursor -> 'detaching' FROM gc_runs WHERE id = %s", (run_id,)))[0]
+    if not recorded:
+        return []
+    return [recorded] if "leaf" in recorded else list(recorded.values())
+
+
+def forget_detaching(conn: Connection, run_id: int) -> None:
+    conn.execute("UPDATE gc_runs SET cursor = cursor - 'detaching' WHERE id = %s", (run_id,))
 
 
 def record_drop(conn: Connection, run_id: int, leaf: str, rows: int) -> None:
     """In the drop's transaction: its rows count as deleted, the leaf's slices are done."""
     conn.execute(
         "UPDATE gc_runs SET messages_deleted = messages_deleted + %(rows)s, batches = batches + 1,"
-        " heartbeat_at = now(), cursor = jsonb_set(jsonb_set(cursor, '{detaching}', 'null'),"
+        " heartbeat_at = now(), cursor = jsonb_set(cursor #- ARRAY['detaching', %(leaf)s],"
         " '{slices}', (SELECT jsonb_agg(CASE WHEN s ->> 'leaf' = %(leaf)s"
         "   THEN jsonb_set(s, '{finished}', 'true') ELSE s END ORDER BY n)"
         "   FROM jsonb_array_elements(cursor -> 'slices') WITH ORDINALITY AS e(s, n)))"

@@ -66,6 +66,9 @@ class Walk:
     on_progress: Callable[[Progress], None] | None
     throttle: Throttle
     archive_file: ArchiveFile | None = None
+    drops: dict[str, Callable[[Connection], int | None]] = field(default_factory=dict)
+    """Leaves to drop whole, by name: the worker that takes a leaf's (one) slice tries it first
+    (see :class:`engine.partitions.Drop`), so workers drop leaves side by side."""
     started: float = field(default_factory=time.monotonic)
     lock: threading.Lock = field(default_factory=threading.Lock)
     deleted: int = 0
@@ -121,6 +124,11 @@ class Walk:
                                 time.monotonic() - self.started, self.garbage_estimate, seconds)
         if self.on_progress:
             self.on_progress(progress)
+
+    def take_drop(self, part: Slice) -> Callable[[Connection], int | None] | None:
+        """The drop of the slice's leaf, to try once, by the worker that asks first."""
+        with self.lock:
+            return self.drops.pop(part.leaf, None) if part.leaf is not None else None
 
     def record_drop(self, leaf: str, rows: int) -> None:
         """A leaf dropped whole: its rows count as deleted, its slices are done."""
@@ -278,6 +286,9 @@ def work(link: Link, walk: Walk, todo: queue.SimpleQueue[int]) -> None:
                 with walk.lock:
                     walk.stop_reason = walk.stop_reason or reason
                 return
+            if (drop := walk.take_drop(part)) is not None and (rows := drop(link.conn)) is not None:
+                walk.record_drop(str(part.leaf), rows)
+                continue
             try:
                 walk.throttle.wait(link.conn, lambda: walk.budget_reason() is not None, walk.stop.wait)
                 began = time.monotonic()

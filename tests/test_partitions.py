@@ -206,6 +206,33 @@ def test_a_row_written_live_while_the_leaf_is_detached_keeps_it_attached_and_is_
     assert conn.execute("SELECT count(*) FROM inbox WHERE processed_at IS NOT NULL").fetchone()[0] == 0
 
 
+def test_two_workers_drop_many_wholly_garbage_leaves_side_by_side_and_count_them_exactly(conn, dsn):
+    make_daily(conn, days=12, rows_per_day=300, garbage_days=9)
+    kept = expected_survivors(conn)
+    garbage = conn.execute("SELECT count(*) FROM inbox WHERE processed_at IS NOT NULL").fetchone()[0]
+    result = collect(dsn, GcOptions(table=TableSpec(name="inbox"), workers=2))
+    assert result.status is RunStatus.COMPLETE, result.error
+    assert leaves(conn) == ["inbox_d10", "inbox_d11", "inbox_d9"]
+    assert sum(part["dropped"] for part in result.partitions.values()) == 9
+    assert result.messages_deleted == garbage
+    assert survivors(conn) == kept
+    assert conn.execute("SELECT cursor -> 'detaching' FROM gc_runs").fetchone()[0] in (None, {})
+
+
+def test_a_leaf_with_scarce_garbage_is_walked_by_its_sweep_alone(conn, dsn):
+    """Every leaf is swept after its walk; where garbage is scarce the sweep's one read is the walk."""
+    make_daily(conn, days=4, rows_per_day=500, garbage_days=0)
+    conn.execute("UPDATE inbox SET processed_at = NULL WHERE day = 3 AND id % 100 <> 3")
+    conn.execute("ANALYZE inbox")
+    kept = expected_survivors(conn)
+    scarce = conn.execute("SELECT count(*) FROM inbox_d3 WHERE processed_at IS NOT NULL").fetchone()[0]
+    result = collect(dsn, GcOptions(table=TableSpec(name="inbox")))
+    assert result.status is RunStatus.COMPLETE
+    assert result.partitions["public.inbox_d3"] == {"strategy": "sweep", "deleted": scarce, "dropped": False}
+    assert result.partitions["public.inbox_d0"]["strategy"] == "physical"
+    assert survivors(conn) == kept
+
+
 def test_a_leaf_left_detached_by_a_killed_run_is_dropped_by_the_next(conn, dsn):
     make_daily(conn)
     first = collect(dsn, GcOptions(table=TableSpec(name="inbox"), no_drop=True, max_rows=10, batch_size=10))
@@ -261,8 +288,8 @@ def test_a_run_killed_while_it_detaches_a_leaf_is_finished_by_the_next_and_nothi
     reader.close()
     wait_until(lambda: not conn.execute("SELECT 1 FROM pg_stat_activity WHERE application_name = 'msggc'"
                                         ).fetchone(), what="the killed run's backend to end")
-    pending = conn.execute("SELECT cursor -> 'detaching' ->> 'leaf' FROM gc_runs").fetchone()[0]
-    assert pending == "public.inbox_d0"
+    pending = conn.execute("SELECT jsonb_object_keys(cursor -> 'detaching') FROM gc_runs").fetchall()
+    assert pending == [("public.inbox_d0",)]
     again = collect(dsn, GcOptions(table=TableSpec(name="inbox")))
     assert again.status is RunStatus.COMPLETE, again.error
     assert leaves(conn) == ["inbox_d3", "inbox_d4", "inbox_d5"]
