@@ -267,10 +267,7 @@ def _walk_and_close(conn: Connection, walk: Walk, target: Checked, whole: dict[s
         guarded(walk, open_file)
     if walk.error is None and any(leaf is not None for leaf in walk.legs):
         guarded(walk, lambda: partitions.finish_interrupted(conn, walk, target.target))
-        detaching = threading.Lock()
-        walk.drops = {name: partitions.Drop(leaf, walk.legs[name].statements, walk.params, walk.run.id,
-                                            walk.options.lock_timeout_ms, walk.options.async_commit, detaching)
-                      for name, leaf in whole.items() if not _done(walk, name)}
+        walk.drops = dict(partitions.drops(walk, whole))
     if walk.error is None:
         try:
             conn = walk_run(conn, walk)
@@ -290,10 +287,6 @@ def _walk_and_close(conn: Connection, walk: Walk, target: Checked, whole: dict[s
     if closed.conn is not conn:
         conn.close()
     return closed.conn, closed
-
-
-def _done(walk: Walk, leaf: str) -> bool:
-    return all(part.done for part in walk.run.slices if part.leaf == leaf)
 
 
 def _result(walk: Walk, closed: Closed, reason: str, target: Target) -> GcResult:

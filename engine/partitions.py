@@ -239,6 +239,16 @@ def whole_leaf(conn: Connection, options: GcOptions, target: Target, oid: int, s
     return droppable(conn, oid)
 
 
+def drops(walk: Walk, whole: dict[str, Leaf]) -> dict[str, Drop]:
+    """The drop of each leaf found wholly garbage that the run has not finished yet."""
+    detaching = threading.Lock()
+    options = walk.options
+    return {name: Drop(leaf, walk.legs[name].statements, walk.params, walk.run.id, options.lock_timeout_ms,
+                       options.async_commit, detaching)
+            for name, leaf in whole.items()
+            if not all(part.done for part in walk.run.slices if part.leaf == name)}
+
+
 def finish_interrupted(conn: Connection, walk: Walk, target: Target) -> None:
     """The leaves a killed run detached (or began to), finished before this run walks: dropped if
     still wholly garbage, else attached again and this run fails, so that the next one walks
