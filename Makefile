@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup test lint demo bench bench-small bench-real bench-partitions clean
+.PHONY: setup test lint demo bench bench-small bench-real bench-partitions bench-huge clean
 
 setup: $(STAMP)
 
@@ -40,6 +40,11 @@ bench-real: setup  ## an application's own tables (uuid key, cascading child), 1
 bench-partitions: setup  ## a table partitioned by day, 10M rows: single vs msggc auto (drops) vs --no-drop
 	$(BIN)/python -m benchmarks --rows 10000000 --shapes part-mixed,part-retention --repeats 1 \
 	    --contenders single,msggc_auto,msggc_auto_n1 \
+	    --out benchmarks/results/tmp --markdown benchmarks/results/tmp/BENCHMARKS.md
+
+bench-huge: setup  ## aged at 100M rows (+1M, 10M for the curve): single vs msggc default, one round, a seed per contender (~34 GiB free needed, checked first; about 1 h)
+	$(BIN)/python -m benchmarks --rows 100000000 --shapes aged --contenders single,msggc_default --repeats 1 \
+	    --seed-per-contender --scale 1000000,10000000 --contender-timeout 7200 --load-max-seconds 7200 \
 	    --out benchmarks/results/tmp --markdown benchmarks/results/tmp/BENCHMARKS.md
 
 clean:

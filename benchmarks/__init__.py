@@ -2,6 +2,7 @@
 
 Run with ``python -m benchmarks`` (see ``benchmarks/run.py`` for the options). The parent process
 seeds one template database per shape, then runs each contender in a child process on a
-``CREATE DATABASE ... TEMPLATE`` copy while another child process plays a steady application
-load beside it, and writes JSON, a markdown table and a plot.
+``CREATE DATABASE ... TEMPLATE`` copy (``--seed-per-contender``: on a seed of its own) while another
+child process plays a steady application load beside it, and writes JSON, a markdown table and a
+plot.
 """

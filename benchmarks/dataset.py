@@ -28,6 +28,9 @@ from benchmarks.server import BenchmarkError, Server
 
 TEMPLATE_VERSION = 1
 """Bump when the way templates are built changes: a reused template must match the code."""
+BYTES_PER_ROW = 310
+"""Disk per seeded row: ``pg_database_size`` of a 1M-row aged seed, 310 MB (table and indexes
+302 B/row, 303 at 10M; the other one-table shapes 276-304 at 10M). For the disk check."""
 
 
 @dataclass(frozen=True)
@@ -53,6 +56,8 @@ class Layout:
     """Daily range partitions on ``created_at`` (0: a plain table)."""
     retention_days: int | None = None
     """Garbage is also older than this many days (msggc ``--older-than``); None: no retention."""
+    bytes_per_row: int = BYTES_PER_ROW
+    """Disk per seeded row, child tables included (10M seeds: cascade 429, partitioned 320)."""
 
     @property
     def predicate(self) -> str:
@@ -100,18 +105,18 @@ LAYOUTS: dict[str, Layout] = {
                     " primary key in insertion order, unique `message_id`, no partial index; the"
                     " garbage in runs of 1,000 rows (four runs processed, then one not)"),
     "cascade": Layout(
-        table=CASCADE_TABLE, seeding="cascade", garbage="dense", children=(REPLIES,),
+        table=CASCADE_TABLE, seeding="cascade", garbage="dense", children=(REPLIES,), bytes_per_row=440,
         description=f"`{CASCADE_TABLE}` (like `messages`: bigint identity key, partial garbage index) and"
                     f" `{REPLIES}(id bigint PRIMARY KEY, message_id bigint REFERENCES {CASCADE_TABLE}(id)"
                     " ON DELETE CASCADE, body text)`, one reply per message, indexed on `message_id`"),
     "part-mixed": Layout(
         table=PART_TABLE, seeding="partitioned", garbage="mixed", fraction=0.1, integer_key=False,
-        partitions=PART_DAYS,
+        partitions=PART_DAYS, bytes_per_row=330,
         description=PART_DESCRIPTION + "; the oldest 80% of the days wholly processed, the newest 20%"
                                        " with 10% of their rows processed (spread evenly)"),
     "part-retention": Layout(
         table=PART_TABLE, seeding="partitioned", garbage="retention", integer_key=False,
-        partitions=PART_DAYS, retention_days=30,
+        partitions=PART_DAYS, retention_days=30, bytes_per_row=330,
         description=PART_DESCRIPTION + "; every row processed but the newest day's; garbage ="
                                        " processed more than 30 days ago (`--older-than 30d`): the"
                                        " oldest 70 days"),
@@ -216,20 +221,23 @@ def _freeze_conditions(dsn: str, tables: tuple[str, ...]) -> None:
                                      " toast.autovacuum_enabled = off)").format(leaf))
 
 
-def build(server: Server, shape: str, rows: int, reuse: bool, fraction: float | None = None) -> Template:
+def build(server: Server, shape: str, rows: int, reuse: bool, fraction: float | None = None,
+          name: str | None = None) -> Template:
     """Seed the template for (shape, rows, fraction), or reuse one an earlier run built identically.
 
-    ``fraction`` None is the shape's default garbage fraction (``engine.tools.synth``).
+    ``fraction`` None is the shape's default garbage fraction (``engine.tools.synth``); ``name``
+    None is the template's name (:func:`template_name`), another seeds a working database.
     """
     from engine import migrate
 
     shape_layout = layout(shape)
-    name = template_name(shape, rows, fraction)
+    name = name or template_name(shape, rows, fraction)
     key = {"version": TEMPLATE_VERSION, "rows": rows, "shape": shape, "fraction": fraction}
     if reuse and (meta := _reusable(server, name, key)) is not None and _fresh(shape_layout, meta):
         print(f"template {name}: reused", file=sys.stderr)
         return Template(name, shape, rows, fraction, meta["expected_garbage"], meta["seed"], reused=True)
-    print(f"template {name}: seeding {rows:,} rows ({shape})", file=sys.stderr)
+    what = "template" if name == template_name(shape, rows, fraction) else "database"
+    print(f"{what} {name}: seeding {rows:,} rows ({shape})", file=sys.stderr)
     server.create_database(name)
     dsn = server.database(name)
     began = time.monotonic()
@@ -251,7 +259,7 @@ def build(server: Server, shape: str, rows: int, reuse: bool, fraction: float | 
     }
     server.set_comment(name, json.dumps({**key, "expected_garbage": expected, "seed": seed}))
     server.checkpoint()
-    print(f"template {name}: {expected:,} garbage rows, seed {seed['seed_wall_s']:.1f}s", file=sys.stderr)
+    print(f"{what} {name}: {expected:,} garbage rows, seed {seed['seed_wall_s']:.1f}s", file=sys.stderr)
     return Template(name, shape, rows, fraction, expected, seed, reused=False)
 
 

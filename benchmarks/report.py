@@ -274,7 +274,7 @@ def _seed_target(shapes: dict[str, Any]) -> Target:
         if seconds is None:
             continue
         parts.append(f"{shape} {seconds:.0f} s")
-        if doc["rows"] >= 10_000_000 and not doc.get("seed_reused"):
+        if doc["rows"] == 10_000_000 and not doc.get("seed_reused"):
             oks.append(seconds < 90.0)
     rows = next(iter(shapes.values()))["rows"] if shapes else 0
     measured = (", ".join(parts) or "n/a") + f" ({rows:,} rows)"
@@ -317,10 +317,42 @@ def plot_shape(path: Path, doc: dict[str, Any]) -> None:
     plt.close(fig)
 
 
-def scale_points(scale: list[dict[str, Any]], main_dense: dict[str, Any] | None) -> list[dict[str, Any]]:
-    """Per table size and contender: rows/s, WAL bytes per deleted row, and the tenths ratio
-    beside the blocks the backend had to write itself (the walk outgrowing shared_buffers)."""
-    docs = [*scale, *([main_dense] if main_dense else [])]
+def plot_tenths(path: Path, doc: dict[str, Any]) -> bool:
+    """Rows/s over each tenth of the rows deleted, per contender (:func:`deciles`): a walk that
+    slows as it goes shows a falling line. ``single`` commits once, so only its average
+    shows (dashed). False, and no file, when no contender has tenths."""
+    rated = [(entry, rates) for entry in doc["contenders"] if (rates := deciles(entry))]
+    if not rated:
+        return False
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(8, 4), dpi=100)
+    for entry, rates in rated:
+        ax.plot(range(1, 11), [r / 1e6 for r in rates], marker="o", label=entry["label"])
+    for entry in doc["contenders"]:
+        if entry["kind"] == "single" and entry["rows_per_s"]:
+            ax.axhline(entry["rows_per_s"] / 1e6, linestyle="--", color="grey",
+                       label=f"{entry['label']} (one commit: its average)")
+    ax.set(xlabel="tenth of the rows deleted", ylabel="million rows deleted per second", xticks=range(1, 11),
+           title=f"{doc['shape']}: {doc['rows']:,} rows, rows/s by tenth")
+    ax.set_ylim(0, ax.get_ylim()[1] * 1.15)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="lower left")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return True
+
+
+def scale_shape(scale: list[dict[str, Any]]) -> str:
+    """The shape the scale curve was measured on (the runner's first shape; dense before)."""
+    return str(scale[0].get("shape") or "dense") if scale else "dense"
+
+
+def scale_points(scale: list[dict[str, Any]], main_doc: dict[str, Any] | None) -> list[dict[str, Any]]:
+    """Per table size and contender: rows/s, WAL bytes per deleted row, batch p99, client RSS,
+    and the tenths ratio beside the blocks the backend had to write itself (the walk outgrowing
+    shared_buffers). ``main_doc``: the run's own result on the same shape, the largest point."""
+    docs = [*scale, *([main_doc] if main_doc else [])]
     labels = {entry["label"] for doc in scale for entry in doc["contenders"]}
     points = []
     for doc in sorted(docs, key=lambda d: d["rows"]):
@@ -332,12 +364,13 @@ def scale_points(scale: list[dict[str, Any]], main_dense: dict[str, Any] | None)
                                "wal_bytes_per_row": entry["wal_bytes_per_row"],
                                "x_single": derived(doc, entry)["x_single"],
                                "tenth_ratio": entry.get("tenth_ratio"),
+                               "batch_ms_p99": entry["batch_ms"]["p99"], "rss_mb": entry.get("rss_mb"),
                                "heap_mb": heap / 2**20 if heap else None,
                                "backend_block_writes": entry.get("backend_block_writes")})
     return points
 
 
-def plot_scale(path: Path, points: list[dict[str, Any]]) -> None:
+def plot_scale(path: Path, points: list[dict[str, Any]], shape: str = "dense") -> None:
     plt = _pyplot()
     fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4), dpi=100)
     for name in sorted({p["contender"] for p in points}):
@@ -345,8 +378,8 @@ def plot_scale(path: Path, points: list[dict[str, Any]]) -> None:
         xs = [p["rows"] / 1e6 for p in mine]
         left.plot(xs, [p["rows_per_s"] for p in mine], marker="o", label=name)
         right.plot(xs, [p["wal_bytes_per_row"] for p in mine], marker="o", label=name)
-    left.set(xlabel="table rows (millions, dense)", ylabel="rows deleted per second", xscale="log")
-    right.set(xlabel="table rows (millions, dense)", ylabel="WAL bytes per deleted row", xscale="log")
+    left.set(xlabel=f"table rows (millions, {shape})", ylabel="rows deleted per second", xscale="log")
+    right.set(xlabel=f"table rows (millions, {shape})", ylabel="WAL bytes per deleted row", xscale="log")
     for ax in (left, right):
         ax.set_ylim(0, ax.get_ylim()[1] * 1.15)  # from zero: a 0.1-byte difference is no trend
         ax.grid(alpha=0.3)
@@ -377,18 +410,19 @@ def write_shape(out: Path, context: dict[str, Any], doc: dict[str, Any]) -> None
     stem = _stem(out, context, doc["shape"])
     stem.with_suffix(".json").write_text(dumps({**context, **doc}))
     plot_shape(stem.with_suffix(".png"), doc)
+    plot_tenths(_stem(out, context, f"{doc['shape']}-tenths").with_suffix(".png"), doc)
     print(f"wrote {stem}.json and .png", file=sys.stderr)
 
 
 def write_scale(out: Path, context: dict[str, Any], scale: list[dict[str, Any]],
-                main_dense: dict[str, Any] | None) -> None:
+                main_doc: dict[str, Any] | None) -> None:
     stem = _stem(out, context, "scale")
-    points = scale_points(scale, main_dense)
+    points = scale_points(scale, main_doc)
     slim = [{k: v for k, v in doc.items() if k != "contenders"}
             | {"contenders": [{k: v for k, v in c.items() if k != "timeline"} for c in doc["contenders"]]}
             for doc in scale]
     stem.with_suffix(".json").write_text(dumps({**context, "points": points, "runs": slim}))
-    plot_scale(stem.with_suffix(".png"), points)
+    plot_scale(stem.with_suffix(".png"), points, scale_shape(scale))
 
 
 def crossover_rows(crossover: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -464,6 +498,7 @@ def render(markdown_path: Path, out: Path, context: dict[str, Any], shapes: dict
     ]
     for shape, doc in shapes.items():
         plot = _rel(_stem(out, context, shape).with_suffix(".png"), base)
+        tenths_plot = _stem(out, context, f"{shape}-tenths").with_suffix(".png")
         baseline = doc.get("baseline_load") or {}
         lat = baseline.get("latency_ms") or {}
         seed = doc.get("seed") or {}
@@ -477,7 +512,8 @@ def render(markdown_path: Path, out: Path, context: dict[str, Any], shapes: dict
             f" heap {_num((seed.get('heap_bytes') or 0) / 2**20)} MB,"
             f" with indexes {_num((seed.get('total_bytes') or 0) / 2**20)} MB."
             f" Load alone: {_num(baseline.get('ops'))} ops at {st['load_rate']:g}/s,"
-            f" p50 {_num(lat.get('p50'), 1)} ms, p99 {_num(lat.get('p99'), 1)} ms.",
+            f" p50 {_num(lat.get('p50'), 1)} ms, p99 {_num(lat.get('p99'), 1)} ms."
+            + _seed_each_note(doc),
             table(SHAPE_HEADERS, shape_rows(doc)),
             "",
             f"![rows deleted over time, {shape}]({plot})",
@@ -485,6 +521,7 @@ def render(markdown_path: Path, out: Path, context: dict[str, Any], shapes: dict
             "Throughput by tenth of the rows deleted (million rows/s; the tenths target compares the"
             " last column with the first):",
             table(["contender", *(f"{k}0%" for k in range(1, 11))], decile_rows(doc)),
+            f"![rows/s by tenth, {shape}]({_rel(tenths_plot, base)})" if tenths_plot.exists() else "",
             "`--dry-run` prediction (rolled-back sample batches, made before each msggc run) against"
             " the run (target: within 25%, i.e. 0.75x-1.25x):",
             table(["contender", "predicted s", "elapsed s", "x", "predicted WAL MB", "WAL MB", "x",
@@ -494,21 +531,33 @@ def render(markdown_path: Path, out: Path, context: dict[str, Any], shapes: dict
             table(["contender", "GC backends", "backend CPU s", "load backend"], _profile_rows(doc)),
         ]
     if scale:
-        points = scale_points(scale, shapes.get("dense"))
+        curve = scale_shape(scale)
+        points = scale_points(scale, shapes.get(curve))
         parts += [
-            "### Scale curve (dense)",
+            f"### Scale curve ({curve})",
             "Blocks written by the GC backend itself = dirty buffers it had to evict because the walk"
             f" outgrew shared_buffers ({s.get('shared_buffers')}); the tenths ratio drops with them.",
             table(["rows", "heap MB", "contender", "rows/s", "x single", "WAL B/row", "last/first tenth",
-                   "blocks written by the backend"],
+                   "batch p99 ms", "RSS MB", "blocks written by the backend"],
                   [[_num(p["rows"]), _num(p["heap_mb"]), p["contender"], _num(p["rows_per_s"]),
                     _x(p["x_single"]), _num(p["wal_bytes_per_row"]), _x(p["tenth_ratio"]),
+                    _num(p.get("batch_ms_p99"), 1), _num(p.get("rss_mb")),
                     _num(p["backend_block_writes"])] for p in points]),
             "",
             f"![scale curve]({_rel(_stem(out, context, 'scale').with_suffix('.png'), base)})",
         ]
     parts += _crossover_section(crossover or [])
     return "\n\n".join(part for part in parts if part) + "\n"
+
+
+def _seed_each_note(doc: dict[str, Any]) -> str:
+    """With ``--seed-per-contender``: no copies; where the load alone ran; the other seeds' times."""
+    if not doc.get("seed_per_contender"):
+        return ""
+    again = ", ".join(f"{seconds:.0f} s" for seconds in doc.get("reseed_s") or [])
+    return (" No template (`--seed-per-contender`): each contender ran on a seed of its own, the same"
+            " rows; the load alone ran on the first contender's seed just before it"
+            + (f"; the other seeds took {again}." if again else "."))
 
 
 def _git_line(git: dict[str, Any]) -> str:
@@ -580,6 +629,8 @@ msggc against the ways people delete old rows today, on synthetic `messages` tab
 `make bench-small` (1M rows, under 3 min, written to `benchmarks/results/tmp/`). Options:
 `python -m benchmarks --help` (`--dsn` for another local server, `--rows`, `--shapes`,
 `--contenders`, `--repeats`). Raw results: `benchmarks/results/<date>-<shape>.json`.
+`make bench-huge`: `aged` at 100M rows (and 1M, 10M for its scale curve), `single` vs
+`msggc_default`, one round, each contender on its own seed (see Method).
 
 ## Method
 - One template database per shape, seeded once (`dense`: 80% garbage spread evenly, `sparse`:
@@ -640,6 +691,18 @@ msggc against the ways people delete old rows today, on synthetic `messages` tab
   drops the wholly garbage days, `msggc_auto_n1` (`--no-drop`) walks them row by row. No
   `--dry-run` prediction before msggc on these shapes: its sample batches would write WAL into
   leaves the run then drops, WAL the run itself never writes.
+- Very large tables (`--seed-per-contender`, `make bench-huge`): 100M rows take about 31 GB, no
+  room for a template and a copy. There is no template then: each contender's database is seeded
+  itself by the same deterministic seed (the garbage count checked equal), used, and dropped
+  before the next one is seeded. The load alone is measured on the first contender's fresh seed
+  just before that contender (about `--baseline-seconds` x 200 operations that neither make nor
+  touch garbage, then the `CHECKPOINT` every contender gets): cheaper than seeding once more.
+  Before any seed the runner checks the free space of the
+  server's data directory: rows x bytes per row (310 B for the messages shapes: `pg_database_size`
+  of a 1M-row aged seed), one database at a time (a template and its copy without the option),
+  plus 2 x `max_wal_size` and a tenth for the index sorts (at least 1 GiB); it refuses a run
+  that does not fit. `--scale` rows are measured on the first of `--shapes`: the curve goes
+  1M, 10M, 100M for `aged` there, with rows/s by tenth plotted for every shape.
 - Profile: `pg_stat_activity` of the copy sampled every 100 ms (wait events of the GC backends
   and of the load), backend CPU seconds from `/proc`, blocks written by client backends
   (`pg_stat_io`), and the host's CPU busy share during each run (the machine is shared).
@@ -684,7 +747,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"no results for {day} in {out}", file=sys.stderr)
         return 1
     if scale:
-        plot_scale(scale_path.with_suffix(".png"), scale_points(scale, shapes.get("dense")))
+        plot_scale(scale_path.with_suffix(".png"), scale_points(scale, shapes.get(scale_shape(scale))),
+                   scale_shape(scale))
     write_markdown(markdown, out, context, shapes, scale, crossover)
     return 0
 

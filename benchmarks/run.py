@@ -5,6 +5,9 @@ load alone on a fresh copy, and for each contender make a fresh copy, CHECKPOINT
 load, run the contender in a child process, stop the load, read the WAL counters and check the
 count of deleted rows against the exact expected count (a wrong count aborts the run). Results
 go to ``<out>/<date>-<shape>.json`` with a plot, and the whole run to the markdown report.
+
+With ``--seed-per-contender`` (tables too big for a template and a copy) every contender's
+database is seeded itself instead, and the run first checks the server's disk has room.
 """
 
 from __future__ import annotations
@@ -13,18 +16,21 @@ import argparse
 import json
 import os
 import select
+import shutil
 import signal
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from datetime import date
 from pathlib import Path
 from typing import Any
 
-from benchmarks import dataset, report, startup
+import psycopg
+
+from benchmarks import dataset, report, space, startup
 from benchmarks.contenders import DEFAULT_CONTENDERS, ContenderSpec, inapplicable, parse_contender
 from benchmarks.metrics import ratio
 from benchmarks.server import (
@@ -39,7 +45,7 @@ from benchmarks.server import (
 
 ROOT = Path(__file__).resolve().parent.parent
 COPY_NAME = f"msggc_bench_run_{os.getpid()}"  # two runs on one server keep apart
-SCALE_CONTENDERS = ("single", "msggc_auto", "msggc_auto_w2")
+SCALE_CONTENDERS = ("single", "msggc_auto", "msggc_auto_w2", "msggc_default")
 CROSSOVER_CONTENDERS = ("single", "msggc_physical", "msggc_index")
 READY_TIMEOUT_S = 60.0
 STOP_TIMEOUT_S = 30.0
@@ -67,6 +73,12 @@ class Settings:
     markdown: str | None
     reuse_templates: bool
     keep_templates: bool
+    seed_per_contender: bool = False
+
+    @property
+    def scale_shape(self) -> str:
+        """The shape of the scale curve (``--scale``): the first of ``--shapes``."""
+        return self.shapes[0] if self.shapes else "dense"
 
 
 @dataclass(frozen=True)
@@ -104,7 +116,8 @@ def parse_args(argv: list[str] | None) -> tuple[Settings, str | None]:
                         help="how long to measure the load without GC (default scales with --rows)")
     parser.add_argument("--load-max-seconds", type=float, default=900.0)
     parser.add_argument("--scale", type=_ints, default=(),
-                        help="extra row counts for the dense scale curve, e.g. 1000000,3000000")
+                        help="extra row counts for the scale curve of the first of --shapes,"
+                             " e.g. 1000000,3000000")
     parser.add_argument("--crossover", type=lambda t: tuple(float(x) for x in _csv(t)), default=(),
                         help="garbage fractions for the physical-vs-index planner experiment")
     parser.add_argument("--crossover-rows", type=lambda s: int(float(s)), default=None)
@@ -121,7 +134,12 @@ def parse_args(argv: list[str] | None) -> tuple[Settings, str | None]:
     parser.add_argument("--reuse-templates", action="store_true",
                         help="reuse seeded templates left by an earlier run with --keep-templates")
     parser.add_argument("--keep-templates", action="store_true")
+    parser.add_argument("--seed-per-contender", action="store_true",
+                        help="no template: seed each contender's database itself (the same rows), drop"
+                             " it after; for tables with no room for a template and a copy")
     args = parser.parse_args(argv)
+    if args.seed_per_contender and (args.reuse_templates or args.keep_templates):
+        parser.error("--seed-per-contender keeps no template: drop --reuse-templates/--keep-templates")
     for name in (*args.contenders, *args.crossover_contenders):
         parse_contender(name)
     if unknown := [shape for shape in args.shapes if shape not in dataset.LAYOUTS]:
@@ -146,6 +164,7 @@ def parse_args(argv: list[str] | None) -> tuple[Settings, str | None]:
         markdown=args.markdown or None,
         reuse_templates=args.reuse_templates,
         keep_templates=args.keep_templates or args.reuse_templates,
+        seed_per_contender=args.seed_per_contender,
     )
     return settings, args.dsn
 
@@ -237,21 +256,59 @@ def run_child(entry: Entry, dsn: str, settings: Settings, workdir: Path, table: 
 # --- one measurement -------------------------------------------------------------------------
 
 
-def fresh_copy(server: Server, template: dataset.Template) -> tuple[str, float, dict[str, Any]]:
-    """A byte-for-byte copy of the template, checkpointed; its DSN, copy seconds, conditions."""
-    copy_s = server.create_database(COPY_NAME, template=template.name)
-    dsn = server.database(COPY_NAME)
-    server.checkpoint()
-    return dsn, copy_s, dataset.conditions(dsn, template.table)
+@dataclass
+class Databases:
+    """Where each measurement's database comes from: a byte-for-byte copy of the template, or
+    with ``seed_each`` (no room for a template and a copy) a seed of its own.
+
+    Seeding each, ``template`` names the first seed (made by :func:`run_shape`, not yet used);
+    every later one is the same deterministic seed, its garbage count checked equal. The load
+    alone runs on the next contender's unused seed, before that contender: cheaper than one
+    more seed, and its operations neither make nor touch garbage (a few thousand rows among
+    millions; CHECKPOINT again before the contender)."""
+
+    server: Server
+    template: dataset.Template
+    seed_each: bool = False
+    unused: bool = False
+    """COPY_NAME holds a seed no contender ran on yet."""
+    seed_s: list[float] = field(default_factory=list)
+    """Seconds of each seed after the first (seeding each)."""
+
+    def make(self) -> tuple[str, float, dict[str, Any]]:
+        """The database, checkpointed; its DSN, seconds to make it (copy or seed), conditions."""
+        began = time.monotonic()
+        if not self.seed_each:
+            self.server.create_database(COPY_NAME, template=self.template.name)
+        elif not self.unused:
+            t = self.template
+            again = dataset.build(self.server, t.shape, t.rows, False, t.fraction, name=COPY_NAME)
+            if again.expected_garbage != t.expected_garbage:
+                raise BenchmarkError(f"seed of {t.shape} {t.rows:,} found {again.expected_garbage:,}"
+                                     f" garbage rows, the first {t.expected_garbage:,}")
+            self.seed_s.append(round(time.monotonic() - began, 1))
+        self.unused = False
+        made_s = time.monotonic() - began
+        dsn = self.server.database(COPY_NAME)
+        self.server.checkpoint()
+        return dsn, made_s, dataset.conditions(dsn, self.template.table)
+
+    def release(self, reuse: bool = False) -> None:
+        """Drop the database, or keep an own seed for the next contender (``reuse``)."""
+        if reuse and self.seed_each:
+            self.unused = True
+        else:
+            self.server.drop_database(COPY_NAME)
 
 
-def baseline_load(server: Server, template: dataset.Template, settings: Settings,
+def baseline_load(server: Server, databases: Databases, settings: Settings,
                   workdir: Path) -> dict[str, Any] | None:
-    """The load alone on a fresh copy: its latency without GC, and its own WAL per operation."""
+    """The load alone on a fresh database: its latency without GC, and its own WAL per operation."""
     if settings.load_rate <= 0:
         return None
     print(f"baseline: load alone for {settings.baseline_s:g}s", file=sys.stderr)
-    dsn, _, _ = fresh_copy(server, template)
+    dsn, _, _ = databases.make()
+    template = databases.template
     before = server.wal_snapshot()
     load = LoadProcess(dsn, settings, workdir, "baseline", template.table)
     try:
@@ -261,7 +318,7 @@ def baseline_load(server: Server, template: dataset.Template, settings: Settings
         load.kill()
     after = server.wal_snapshot()
     wal = server.wal_bytes(before, after)
-    server.drop_database(COPY_NAME)
+    databases.release(reuse=True)
     summary["wal_bytes"] = wal
     summary["wal_bytes_per_op"] = wal / summary["ops"] if summary["ops"] else 0.0
     return summary
@@ -284,11 +341,12 @@ def verify(label: str, document: dict[str, Any], expected: int, remaining: int,
                                  f" ({seeded_rows:,} seeded, {deleted:,} parents deleted)")
 
 
-def measure(server: Server, template: dataset.Template, entry: Entry, settings: Settings,
+def measure(server: Server, databases: Databases, entry: Entry, settings: Settings,
             baseline: dict[str, Any] | None, workdir: Path) -> dict[str, Any]:
-    """One contender on a fresh copy, with the load beside it; every figure of the report."""
+    """One contender on a fresh database, with the load beside it; every figure of the report."""
+    template = databases.template
     print(f"contender {entry.label} on {template.shape} {template.rows:,}", file=sys.stderr)
-    dsn, copy_s, conditions = fresh_copy(server, template)
+    dsn, copy_s, conditions = databases.make()
     before = server.wal_snapshot()
     load = (LoadProcess(dsn, settings, workdir, entry.label, template.table) if settings.load_rate > 0
             else None)
@@ -309,7 +367,7 @@ def measure(server: Server, template: dataset.Template, entry: Entry, settings: 
     remaining = dataset.remaining_garbage(dsn, template.table, template.layout.predicate)
     children = dataset.remaining_children(dsn, template.layout)
     verify(entry.label, document, template.expected_garbage, remaining, children, template.rows)
-    server.drop_database(COPY_NAME)
+    databases.release()
     wal = server.wal_bytes(before, after)
     load_wal = (load_summary["ops"] * baseline["wal_bytes_per_op"]) if load_summary and baseline else 0.0
     document.update(
@@ -338,14 +396,14 @@ def measure(server: Server, template: dataset.Template, entry: Entry, settings: 
     return document
 
 
-def measure_once_more(server: Server, template: dataset.Template, entry: Entry, settings: Settings,
+def measure_once_more(server: Server, databases: Databases, entry: Entry, settings: Settings,
                       baseline: dict[str, Any] | None, workdir: Path) -> dict[str, Any]:
     """:func:`measure`, retried once when the harness (not the contender) failed."""
     try:
-        return measure(server, template, entry, settings, baseline, workdir)
+        return measure(server, databases, entry, settings, baseline, workdir)
     except HarnessError as exc:
         print(f"  harness failure ({exc}); measuring {entry.label} again", file=sys.stderr)
-        return measure(server, template, entry, settings, baseline, workdir)
+        return measure(server, databases, entry, settings, baseline, workdir)
 
 
 def _print_line(doc: dict[str, Any]) -> None:
@@ -438,7 +496,8 @@ def _rotated(names: tuple[str, ...], round_: int) -> tuple[str, ...]:
 
 def run_shape(server: Server, shape: str, rows: int, names: tuple[str, ...], settings: Settings,
               workdir: Path, fraction: float | None = None) -> dict[str, Any]:
-    """Seed (or reuse) the template; then per round the load alone, then every contender.
+    """Seed (or reuse) the template, or seeding each the first contender's database; then per
+    round the load alone, then every contender.
 
     With ``--repeats N`` the contenders run round-robin N times (not N times in a row), so a
     noisy minute on a shared machine spreads over all of them instead of hitting one; the load
@@ -449,17 +508,20 @@ def run_shape(server: Server, shape: str, rows: int, names: tuple[str, ...], set
     for name, reason in skipped.items():
         print(f"skipping {name} on {shape}: {reason}", file=sys.stderr)
     names = tuple(name for name in names if name not in skipped)
-    template = dataset.build(server, shape, rows, settings.reuse_templates, fraction)
+    seed_each = settings.seed_per_contender
+    template = dataset.build(server, shape, rows, settings.reuse_templates, fraction,
+                             name=COPY_NAME if seed_each else None)
+    databases = Databases(server, template, seed_each, unused=seed_each)
     runs: dict[str, list[dict[str, Any]]] = {name: [] for name in names}
     baselines: list[dict[str, Any] | None] = []
     try:
         for round_ in range(settings.repeats):
             if settings.repeats > 1:
                 print(f"round {round_ + 1}/{settings.repeats}", file=sys.stderr)
-            baselines.append(baseline_load(server, template, settings, workdir))
+            baselines.append(baseline_load(server, databases, settings, workdir))
             for entry in entries(_rotated(names, round_)):
                 runs[entry.label].append(
-                    measure_once_more(server, template, entry, settings, baselines[-1], workdir))
+                    measure_once_more(server, databases, entry, settings, baselines[-1], workdir))
     finally:
         server.drop_database(COPY_NAME)
         if not settings.keep_templates:
@@ -477,10 +539,45 @@ def run_shape(server: Server, shape: str, rows: int, names: tuple[str, ...], set
         "expected_garbage": template.expected_garbage,
         "seed": template.seed,
         "seed_reused": template.reused,
+        "seed_per_contender": seed_each,
+        "reseed_s": databases.seed_s,
         "baseline_load": typical,
         "baseline_p99_by_round": [_p99(b) for b in baselines],
         "contenders": [aggregate(runs[name], runs.get("single"), baselines) for name in names],
     }
+
+
+def planned(settings: Settings) -> list[tuple[str, int, float | None]]:
+    """Every dataset the run seeds, in order: (shape, rows, garbage fraction)."""
+    return list(dict.fromkeys([*((shape, settings.rows, None) for shape in settings.shapes),
+                               *((settings.scale_shape, rows, None) for rows in settings.scale),
+                               *(("dense", settings.crossover_rows, f) for f in settings.crossover)]))
+
+
+def check_space(server: Server, settings: Settings) -> None:
+    """Refuse, before any seed, a run the disk of the server's data directory has no room for
+    (:mod:`benchmarks.space`); say so when the directory cannot be read (not checked then)."""
+    datasets = planned(settings)
+    sizes = [rows * dataset.layout(shape).bytes_per_row for shape, rows, _ in datasets]
+    kept = None
+    if settings.keep_templates:
+        kept = [size for (shape, rows, fraction), size in zip(datasets, sizes, strict=True)
+                if not (settings.reuse_templates
+                        and server.database_exists(dataset.template_name(shape, rows, fraction)))]
+    try:
+        with server.connect() as conn:
+            directory, max_wal = conn.execute(
+                "SELECT current_setting('data_directory'), pg_size_bytes(current_setting('max_wal_size'))"
+            ).fetchone() or ("", 0)
+        free = shutil.disk_usage(directory).free
+    except (psycopg.Error, OSError) as exc:
+        print(f"disk: room not checked, the server's data directory is not readable here ({exc})",
+              file=sys.stderr)
+        return
+    required = space.need(sizes, max_wal, seed_each=settings.seed_per_contender, kept=kept)
+    if refusal := space.shortfall(required, free, directory):
+        raise BenchmarkError(refusal)
+    print(f"disk: needs {required.describe()}, {space.gib(free)} free in {directory}", file=sys.stderr)
 
 
 def git_state() -> dict[str, Any]:
@@ -503,6 +600,7 @@ def main(argv: list[str] | None = None) -> int:
     started = time.monotonic()
     try:
         server = Server.open(dsn)
+        check_space(server, settings)
         context = {
             "date": date.today().isoformat(),
             "command": "python -m benchmarks " + " ".join(argv if argv is not None else sys.argv[1:]),
@@ -526,9 +624,9 @@ def main(argv: list[str] | None = None) -> int:
             for rows in settings.scale:
                 names = tuple(dict.fromkeys(n for n in (*SCALE_CONTENDERS, *settings.proposal)
                                             if n in settings.contenders))
-                scale.append(run_shape(server, "dense", rows, names, settings, workdir))
+                scale.append(run_shape(server, settings.scale_shape, rows, names, settings, workdir))
             if settings.scale:
-                report.write_scale(out, context, scale, shapes.get("dense"))
+                report.write_scale(out, context, scale, shapes.get(settings.scale_shape))
             for fraction in settings.crossover:
                 crossover.append(run_shape(server, "dense", settings.crossover_rows,
                                            settings.crossover_contenders, settings, workdir, fraction))
