@@ -18,7 +18,7 @@ from engine.queries import Statements
 from engine.result import GcResult
 from engine.sizer import DEFAULT_BATCH_ROWS
 from engine.status import RunStatus
-from engine.strategies import strategy_for
+from engine.strategies import SWEEP, strategy_for
 from engine.target import Target
 
 
@@ -56,7 +56,7 @@ def dry_run(conn: Connection, plans: dict[str | None, Plan], whole: dict[str, pa
         predicted_seconds=sum(sample.predicted_seconds for sample in samples.values()),
         predicted_wal_bytes=sum(sample.predicted_wal_bytes for sample in samples.values()),
         partitioning_advice=_advice(conn, only, legs[None]) if only else None,
-        partitions={leaf: {"strategy": plan.strategy, "reason": plan.reason,
+        partitions={leaf: {"strategy": SWEEP if plan.sweep_only else plan.strategy, "reason": plan.reason,
                            "garbage_estimate": plan.facts.garbage_rows_estimate,
                            **_drop_verdict(conn, plan, legs[leaf], options, target, leaf in whole)}
                     for leaf, plan in plans.items() if leaf is not None},

@@ -217,7 +217,7 @@ def choose_strategy(facts: TableFacts, requested: StrategyName) -> tuple[Strateg
         if (refusal := _refusal(facts, requested, physical_ok)) is not None:
             raise UsageError(f"strategy {requested} cannot walk this table: {refusal}")
         return requested, f"forced by --strategy; {density}"
-    in_order = "key ranges in heap order (sequential reads; a key walk needs no sweep after it)"
+    in_order = "key ranges in heap order (sequential reads; a key walk of a plain table needs no sweep)"
     if physical_ok and facts.garbage_fraction >= DENSE_GARBAGE_FRACTION:
         if facts.key_walk_reads_heap_in_order:
             return "key", f"{density}: dense, {in_order}"
