@@ -56,7 +56,8 @@ def create_archive(conn: Connection, table: TableSpec) -> ArchiveCreated:
     that could refuse a row the table held: no primary key, unique or check constraint, no NOT NULL,
     no identity, default or generation expression (the rows arrive with every value, and the same
     key may be archived twice once the application reuses it). Then the bookkeeping
-    ``archived_at`` and ``run_id``, indexed for ``restore --run`` and ``purge-archive``.
+    ``archived_at`` and ``run_id``, indexed for ``restore --run`` and ``purge-archive`` by BRIN
+    (both only grow as rows arrive; a btree entry per archived row cost --archive dearly).
     An existing archive is kept when it has every column with the table's type, else refused.
     """
     oid, schema, name = _plain_table(conn, table)
@@ -111,8 +112,9 @@ def _create(conn: Connection, source: TableSpec, archive: TableSpec, columns: di
         conn.execute(sql.SQL("ALTER TABLE {archive} {relax}, ADD COLUMN archived_at timestamptz NOT NULL"
                              " DEFAULT now(), ADD COLUMN run_id bigint NOT NULL")
                      .format(relax=sql.SQL(", ").join(relax), **names))
-        conn.execute(sql.SQL("CREATE INDEX ON {archive} (run_id)").format(**names))
-        conn.execute(sql.SQL("CREATE INDEX ON {archive} (archived_at)").format(**names))
+        for column in ("run_id", "archived_at"):
+            conn.execute(sql.SQL("CREATE INDEX ON {archive} USING brin ({column}) WITH (autosummarize = on)")
+                         .format(column=sql.Identifier(column), **names))
         conn.execute(sql.SQL("COMMENT ON TABLE {archive} IS {comment}").format(
             comment=sql.Literal("rows deleted by msggc gc --archive; msggc restore --run N puts them back"),
             **names))

@@ -57,8 +57,11 @@ messages_archive = sa.Table(
     sa.Column("processed_at", sa.DateTime(timezone=True), nullable=True),
     sa.Column("archived_at", sa.DateTime(timezone=True), nullable=False, server_default=sa.func.now()),
     sa.Column("run_id", sa.BigInteger, nullable=False),
-    sa.Index("ix_messages_archive_run_id", "run_id"),
-    sa.Index("ix_messages_archive_archived_at", "archived_at"),
+    # BRIN: both columns only grow as rows arrive (see migration 0009)
+    sa.Index("ix_messages_archive_run_id", "run_id", postgresql_using="brin",
+             postgresql_with={"autosummarize": "on"}),
+    sa.Index("ix_messages_archive_archived_at", "archived_at", postgresql_using="brin",
+             postgresql_with={"autosummarize": "on"}),
 )
 
 gc_runs = sa.Table(

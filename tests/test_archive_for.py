@@ -113,7 +113,8 @@ def test_the_archive_has_the_columns_and_types_but_no_key_constraint_identity_or
                         " AND contype <> 'n'").fetchone()[0] == 0
     indexes = conn.execute("SELECT pg_get_indexdef(indexrelid) FROM pg_index"
                            " WHERE indrelid = 'app.msgs_archive'::regclass").fetchall()
-    assert sorted(row[0].split(" USING ")[1] for row in indexes) == ["btree (archived_at)", "btree (run_id)"]
+    assert sorted(row[0].split(" USING ")[1] for row in indexes) == [
+        "brin (archived_at) WITH (autosummarize='on')", "brin (run_id) WITH (autosummarize='on')"]
 
 
 def test_the_same_key_and_unique_values_may_be_archived_twice(conn, dsn):
