@@ -259,7 +259,9 @@ def summary(result: GcResult) -> str:
         return (f"dry run: strategy {result.strategy} ({result.reason}); would delete"
                 f" ~{result.garbage_estimate:,} rows in ~{result.planned_batches:,} batches,"
                 f" predicted ~{result.predicted_seconds:,.1f}s and ~{_mib(result.predicted_wal_bytes or 0)}"
-                " of WAL (from rolled-back sample batches)" + _foreign_key_lines(result, "~")
+                " of WAL (from rolled-back sample batches"
+                + ("; leaves dropped or swept alone not included)" if result.partitions else ")")
+                + _foreign_key_lines(result, "~")
                 + _partition_lines(result))
     line = (f"{result.status}: deleted {result.messages_deleted:,} rows in {result.elapsed_s:.1f}s"
             f" ({result.rows_per_s:,.0f} rows/s, {result.batches:,} batches")

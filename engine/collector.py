@@ -33,6 +33,7 @@ from engine.planner import (
     cutoff_of,
     leaf_plan,
     make_plan,
+    partitioned_reason,
     take_sample,
     whole_leaf_plan,
     workers_for,
@@ -128,7 +129,7 @@ def resume_or_start(conn: Connection, options: GcOptions, plans: dict[str | None
     run = runs.start(conn, table, options.node, strategy, _planned_slices(plans, options.worker_count),
                      options.describe(), resumed_from=previous.id if previous else None, run_id=run_id,
                      garbage=garbage, key=key)
-    return run, plan.reason if plan else _partitioned_reason(plans)
+    return run, plan.reason if plan else partitioned_reason(plans.values())
 
 
 def _planned_slices(plans: dict[str | None, Plan], workers: int) -> list[Slice]:
@@ -160,12 +161,6 @@ def _with_new_leaves(slices: list[Slice], plans: dict[str | None, Plan], workers
 
 def _commonest(plans: dict[str | None, Plan]) -> StrategyName:
     return Counter(plan.strategy for plan in plans.values()).most_common(1)[0][0] if plans else "physical"
-
-
-def _partitioned_reason(plans: dict[str | None, Plan]) -> str:
-    walks = Counter(plan.strategy for plan in plans.values())
-    return (f"partitioned: {len(plans)} leaves walked one by one ("
-            + ", ".join(f"{strategy} {n}" for strategy, n in walks.most_common()) + ")")
 
 
 def legs_of(run: runs.Run, checked: Checked, plans: dict[str | None, Plan]) -> dict[str | None, Leg]:

@@ -13,7 +13,7 @@ from engine.config import GcOptions
 from engine.db import Connection, one_row, table_ident
 from engine.errors import MsggcError
 from engine.estimate import Estimate, estimate
-from engine.planner import Plan
+from engine.planner import Plan, partitioned_reason
 from engine.queries import Statements
 from engine.result import GcResult
 from engine.sizer import DEFAULT_BATCH_ROWS
@@ -39,9 +39,10 @@ def _foreign_keys(conn: Connection, plan: Plan, options: GcOptions,
 def dry_run(conn: Connection, plans: dict[str | None, Plan], whole: dict[str, partitions.Leaf],
             legs: dict[str | None, Statements], options: GcOptions, target: Target) -> GcResult:
     """The plan of each table the run would delete from (the table, or each leaf partition), and
-    a prediction from real batches that are rolled back (see :mod:`engine.estimate`)."""
+    a prediction from real batches that are rolled back (see :mod:`engine.estimate`) of the walks:
+    leaves dropped whole or walked by their sweep alone are not sampled."""
     samples = {leaf: _sample(conn, plan, options, legs[leaf]) for leaf, plan in plans.items()
-               if leaf not in whole}
+               if leaf not in whole and not plan.sweep_only}  # a leaf swept alone: one read, no walk
     walks = Counter(plan.strategy for plan in plans.values())
     only = plans.get(None)
     return GcResult(
@@ -49,7 +50,7 @@ def dry_run(conn: Connection, plans: dict[str | None, Plan], whole: dict[str, pa
         garbage=target.describe(),
         foreign_keys=_foreign_keys(conn, only, options, legs[None]) if only else {},
         strategy=only.strategy if only else walks.most_common(1)[0][0] if walks else "physical",
-        reason=only.reason if only else f"partitioned: {len(plans)} leaves walked one by one",
+        reason=only.reason if only else partitioned_reason(plans.values()),
         garbage_estimate=sum(plan.facts.garbage_rows_estimate for plan in plans.values()),
         rows_estimate=sum(plan.facts.rows_estimate for plan in plans.values()),
         planned_batches=sum(sample.batches for sample in samples.values()),

@@ -7,6 +7,7 @@ and that lacks the partial garbage index: it then plans with what the table has.
 from __future__ import annotations
 
 import os
+from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass, replace
 from datetime import datetime
@@ -261,6 +262,19 @@ def _refusal(facts: TableFacts, requested: StrategyName, physical_ok: bool) -> s
     if requested == "key" and not facts.key_indexed:
         return "it needs a btree index led by the key column"
     return None
+
+
+def partitioned_reason(plans: Iterable[Plan]) -> str:
+    """How a partitioned table's leaves go, e.g. ``partitioned: 100 leaves, 70 dropped whole,
+    30 swept alone`` or ``..., 20 walked (physical 20)``."""
+    plans = list(plans)
+    walks = Counter(plan.strategy for plan in plans if not (plan.drop_whole or plan.sweep_only))
+    parts = [f"{n} {how}" for n, how in ((sum(plan.drop_whole for plan in plans), "dropped whole"),
+                                         (sum(plan.sweep_only for plan in plans), "swept alone")) if n]
+    if walks:
+        kinds = ", ".join(f"{strategy} {n}" for strategy, n in walks.most_common())
+        parts.append(f"{walks.total()} walked ({kinds})")
+    return f"partitioned: {len(plans)} leaves, " + ", ".join(parts)
 
 
 def workers_for(plans: Iterable[Plan], server_host: str) -> int:
