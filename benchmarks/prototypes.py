@@ -55,7 +55,22 @@ def xactcount() -> None:
     strategies._delete_range = delete_range  # type: ignore[assignment]
 
 
-PROTOTYPES: dict[str, Callable[[], None]] = {"xactcount": xactcount}
+def slices4() -> None:
+    """A plain table walked by several workers is cut into four slices per worker, taken from
+    the one queue, instead of one slice each: where garbage is uneven (``aged``: the oldest 80%),
+    a worker whose slice ends early takes the next instead of idling while the other walks on
+    (100M aged rows, two workers: backends idle in 19% of the samples with a slice each)."""
+    from engine import collector
+
+    original = collector._planned_slices
+
+    def planned(plans: dict[Any, Any], workers: int) -> list[Any]:
+        return original(plans, workers * 4 if len(plans) == 1 and workers > 1 else workers)
+
+    collector._planned_slices = planned  # type: ignore[assignment]
+
+
+PROTOTYPES: dict[str, Callable[[], None]] = {"xactcount": xactcount, "slices4": slices4}
 """Pending: ``xactcount`` (cascaded child rows counted from pg_stat_get_xact_tuples_deleted).
 Earlier ones (``async``, ``onestmt``) became ``--async-commit`` and the index walk."""
 
