@@ -55,7 +55,7 @@ def xactcount() -> None:
     strategies._delete_range = delete_range  # type: ignore[assignment]
 
 
-def slices4() -> None:
+def slices() -> None:
     """A plain table walked by several workers is cut into four slices per worker, taken from
     the one queue, instead of one slice each: where garbage is uneven (``aged``: the oldest 80%),
     a worker whose slice ends early takes the next instead of idling while the other walks on
@@ -70,7 +70,7 @@ def slices4() -> None:
     collector._planned_slices = planned  # type: ignore[assignment]
 
 
-PROTOTYPES: dict[str, Callable[[], None]] = {"xactcount": xactcount, "slices4": slices4}
+PROTOTYPES: dict[str, Callable[[], None]] = {"xactcount": xactcount, "slices": slices}
 """Pending: ``xactcount`` (cascaded child rows counted from pg_stat_get_xact_tuples_deleted).
 Earlier ones (``async``, ``onestmt``) became ``--async-commit`` and the index walk."""
 
