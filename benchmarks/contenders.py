@@ -322,7 +322,9 @@ def predict(dsn: str, spec: ContenderSpec, table: str = "messages",
     from engine.collector import collect
 
     lsn = "SELECT (pg_current_wal_insert_lsn() - '0/0'::pg_lsn)::bigint"
-    with psycopg.connect(dsn, autocommit=True) as conn:
+    from benchmarks.server import RUNNER_APPLICATION_NAME
+
+    with psycopg.connect(dsn, autocommit=True, application_name=RUNNER_APPLICATION_NAME) as conn:
         before = conn.execute(lsn).fetchone()[0]
         options = msggc_options(spec, dry_run=True, archive_dir=tempfile.gettempdir(), table=table,
                                 retention_days=retention_days)

@@ -31,6 +31,8 @@ STAT_IO_VERSION = 160000
 CHECKPOINTER_VIEW_VERSION = 170000
 SAMPLE_INTERVAL_S = 0.1
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+RUNNER_APPLICATION_NAME = "bench-runner"
+"""The runner's own connections: not profiled (idle while a contender runs)."""
 
 
 class BenchmarkError(RuntimeError):
@@ -95,7 +97,7 @@ class Server:
             return cls(dsn=dsn, version=conn.info.server_version)
 
     def connect(self) -> psycopg.Connection[Any]:
-        return psycopg.connect(self.dsn, autocommit=True, application_name="bench-runner")
+        return psycopg.connect(self.dsn, autocommit=True, application_name=RUNNER_APPLICATION_NAME)
 
     def database(self, name: str) -> str:
         return dsn_for_database(self.dsn, name)
@@ -253,7 +255,8 @@ class WaitSampler(threading.Thread):
         self.database = database
         self.halt = threading.Event()
         self.waits: dict[str, Counter[str]] = {"gc": Counter(), "load": Counter()}
-        self.cpu: dict[int, tuple[str, float]] = {}
+        self.cpu: dict[int, tuple[str, float, float]] = {}
+        """Per backend: its role, and its CPU seconds at the first and the latest sample."""
         self.error: str | None = None
 
     def run(self) -> None:
@@ -271,11 +274,14 @@ class WaitSampler(threading.Thread):
             (self.database,),
         ).fetchall()
         for pid, app, state, wait_type, wait_event in rows:
+            if app == RUNNER_APPLICATION_NAME:
+                continue  # the runner's own connection, idle while the contender runs
             role = "load" if app == "bench-load" else "gc"
             self.waits[role][_wait_label(state, wait_type, wait_event)] += 1
             cpu = _backend_cpu_s(pid)
             if cpu is not None:
-                self.cpu[pid] = (role, cpu)
+                first = self.cpu[pid][1] if pid in self.cpu else cpu
+                self.cpu[pid] = (role, first, cpu)
 
     def stop(self) -> dict[str, Any]:
         """Stop sampling; the profile as shares of samples, and backend CPU seconds per role."""
@@ -288,7 +294,7 @@ class WaitSampler(threading.Thread):
                 "samples": total,
                 "top": [(label, round(n / total, 3)) for label, n in counts.most_common(6)] if total else [],
             }
-            cpu = [seconds for r, seconds in self.cpu.values() if r == role]
+            cpu = [latest - first for r, first, latest in self.cpu.values() if r == role]
             profile[role]["backend_cpu_s"] = round(sum(cpu), 2) if cpu else None
         if self.error:
             profile["error"] = self.error
