@@ -146,11 +146,6 @@ class Plan:
     """A leaf partition to be detached and dropped whole (see :mod:`engine.partitions`)."""
 
 
-def heap_blocks(conn: Connection, oid: int) -> int:
-    return int(one_row(conn.execute(
-        "SELECT pg_relation_size(%s::oid) / current_setting('block_size')::int", (oid,)))[0])
-
-
 def read_facts(conn: Connection, target: Target, statements: Statements, cutoff: datetime | None,
                sample: Sample | None = None) -> TableFacts:
     """The table's facts, its garbage share from ``sample`` or from a sample of ``SAMPLE_BLOCKS``."""
