@@ -142,7 +142,7 @@ def _planned_slices(plans: dict[str | None, Plan], workers: int) -> list[Slice]:
         if plan.sweep_only:
             continue
         parts = 1 if plan.drop_whole else per_leg
-        for part in strategy_for(plan.strategy, plan.facts.integer_key).slices(plan.facts, parts):
+        for part in strategy_for(plan.strategy, plan.facts).slices(plan.facts, parts):
             if leaf is not None:
                 part.leaf, part.strategy = leaf, plan.strategy
             slices.append(part)
@@ -169,7 +169,7 @@ def legs_of(run: runs.Run, checked: Checked, plans: dict[str | None, Plan]) -> d
     legs = {}
     for leaf, (_table, statements) in checked.legs.items():
         plan = plans[leaf]
-        strategy = strategy_for(recorded.get(leaf, run.strategy), plan.facts.integer_key)
+        strategy = strategy_for(recorded.get(leaf, run.strategy), plan.facts)
         legs[leaf] = Leg(plan, strategy, statements)
     return legs
 

@@ -100,7 +100,7 @@ def _drop_verdict(conn: Connection, plan: Plan, statements: Statements, options:
 
 
 def _sample(conn: Connection, plan: Plan, options: GcOptions, statements: Statements) -> Estimate:
-    strategy = strategy_for(plan.strategy, plan.facts.integer_key)
+    strategy = strategy_for(plan.strategy, plan.facts)
     size = strategy.units_for_rows(options.batch_size or DEFAULT_BATCH_ROWS, plan.facts)
     target_s = None if options.batch_size else options.target_batch_ms / 1000
     try:

@@ -40,6 +40,12 @@ HEAP_ORDER_CORRELATION = 0.9
 """At or above this correlation (``pg_stats``) of the key with the heap's order, a walk by key
 ranges reads the heap almost sequentially, like the heap walk, and needs no sweep after it."""
 
+DENSE_KEY_SPAN = 1.5
+"""At most this many key values per row (an identity key with few gaps): the key walk cuts its
+ranges by arithmetic. The key is unique, so ``size`` key values hold at most ``size`` rows (the
+same bound the probe gives), and a batch needs no index probe for where ``size`` rows end
+(measured on 2M dense rows: the probe is 14% of the walk's server CPU; without it the walk's CPU
+is one ``DELETE``'s)."""
 
 LEAF_SAMPLE_BLOCKS = 128
 """Blocks sampled of each leaf of a partitioned table: a live row of a mostly live leaf shows in
@@ -120,6 +126,13 @@ class TableFacts:
     @property
     def key_walk_reads_heap_in_order(self) -> bool:
         return self.integer_key and self.key_indexed and self.key_in_heap_order
+
+    @property
+    def dense_key(self) -> bool:
+        """One integer key with at most ``DENSE_KEY_SPAN`` values per row."""
+        if not self.integer_key or self.key_min is None or self.key_max is None:
+            return False
+        return self.key_max - self.key_min + 1 <= DENSE_KEY_SPAN * max(self.rows_estimate, 1)
 
     @property
     def garbage_rows_estimate(self) -> int:
@@ -223,7 +236,9 @@ def choose_strategy(facts: TableFacts, requested: StrategyName) -> tuple[Strateg
         if (refusal := _refusal(facts, requested, physical_ok)) is not None:
             raise UsageError(f"strategy {requested} cannot walk this table: {refusal}")
         return requested, f"forced by --strategy; {density}"
-    in_order = "key ranges in heap order (sequential reads; a key walk of a plain table needs no sweep)"
+    cut = "cut by arithmetic on a dense key" if facts.dense_key else "each bounded by an index probe"
+    in_order = (f"key ranges in heap order, {cut}"
+                " (sequential reads; a key walk of a plain table needs no sweep)")
     if physical_ok and facts.garbage_fraction >= DENSE_GARBAGE_FRACTION:
         if facts.key_walk_reads_heap_in_order:
             return "key", f"{density}: dense, {in_order}"

@@ -164,9 +164,13 @@ def _probed_range(conn: Connection, st: Statements, bound: sql.Composed, part: S
     """Delete the garbage up to the key ``size`` rows ahead, found by the index probe ``bound``."""
     probe = {**params, "lo": part.number, "end": part.bound, "offset": size - 1}
     row = conn.execute(bound, probe).fetchone()
-    hi = row[0] if row else part.bound
-    params = {**params, "lo": part.number, "hi": hi}
-    done = _delete_range(conn, st, st.key_range, params, skip_locked, False)
+    return _key_range_batch(conn, st, part, row[0] if row else part.bound, params, skip_locked)
+
+
+def _key_range_batch(conn: Connection, st: Statements, part: Slice, hi: int, params: dict[str, Any],
+                     skip_locked: bool) -> BatchOutcome:
+    """Delete the garbage of the keys (position, hi]."""
+    done = _delete_range(conn, st, st.key_range, {**params, "lo": part.number, "hi": hi}, skip_locked, False)
     return BatchOutcome(done.deleted, done.skipped, hi, references=done.references)
 
 
@@ -210,6 +214,15 @@ class KeyStrategy:
     def run_batch(self, conn: Connection, st: Statements, part: Slice, size: int,
                   params: dict[str, Any], skip_locked: bool) -> BatchOutcome:
         return _probed_range(conn, st, st.key_upper_bound, part, size, params, skip_locked)
+
+
+class DenseKeyStrategy(KeyStrategy):
+    """Key ranges of ``size`` key values, cut by arithmetic: on a dense key (see
+    :data:`engine.planner.DENSE_KEY_SPAN`) they hold about as many rows, and never more."""
+
+    def run_batch(self, conn: Connection, st: Statements, part: Slice, size: int,
+                  params: dict[str, Any], skip_locked: bool) -> BatchOutcome:
+        return _key_range_batch(conn, st, part, min(part.number + size, part.bound), params, skip_locked)
 
 
 class IndexStrategy:
@@ -289,11 +302,14 @@ class SweepStrategy:
         return BatchOutcome(done.deleted, done.skipped, hi, references=done.references)
 
 
-def strategy_for(name: StrategyName, integer_key: bool) -> Strategy:
+def strategy_for(name: StrategyName, facts: TableFacts) -> Strategy:
     """The walk of that name for this table: the index walk of a table whose key is not one
-    integer orders by the key's values instead of cutting integer ranges."""
-    if name == "index" and not integer_key:
+    integer orders by the key's values instead of cutting integer ranges; the key walk of a
+    dense key cuts its ranges without a probe."""
+    if name == "index" and not facts.integer_key:
         return OrderedKeyStrategy()
+    if name == "key" and facts.dense_key:
+        return DenseKeyStrategy()
     return STRATEGIES[name]
 
 

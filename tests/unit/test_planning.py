@@ -17,7 +17,7 @@ from engine.planner import (
     workers_for,
 )
 from engine.sizer import BatchSizer
-from engine.strategies import PhysicalStrategy, split
+from engine.strategies import DenseKeyStrategy, KeyStrategy, PhysicalStrategy, split, strategy_for
 
 FACTS = TableFacts(oid=1, blocks=1000, rows_estimate=30000, garbage_fraction=0.8,
                    garbage_index="ix_messages_garbage", key_indexed=True, key_min=1,
@@ -118,6 +118,16 @@ def test_a_table_without_a_key_walks_the_heap_and_refuses_keyed_walks():
     for walk in ("index", "key"):
         with pytest.raises(UsageError, match="the table has no primary key"):
             choose_strategy(keyless, walk)
+
+
+def test_a_dense_integer_key_is_walked_by_arithmetic_ranges_and_a_gappy_one_by_probed_ranges():
+    dense = facts(key_in_heap_order=True)
+    assert type(strategy_for("key", dense)) is DenseKeyStrategy
+    assert "cut by arithmetic" in choose_strategy(dense, "auto")[1]
+    gappy = facts(key_in_heap_order=True, key_max=30000 * 2)
+    assert type(strategy_for("key", gappy)) is KeyStrategy
+    assert "bounded by an index probe" in choose_strategy(gappy, "auto")[1]
+    assert type(strategy_for("key", facts(key_min=None, key_max=None))) is KeyStrategy
 
 
 def test_split_covers_the_range_with_disjoint_slices():
