@@ -70,35 +70,19 @@ def slices() -> None:
     collector._planned_slices = planned  # type: ignore[assignment]
 
 
-def arith() -> None:
-    """The key walk cuts its ranges by arithmetic, ``(lo, lo + size]``, instead of probing the key
-    ``size`` rows ahead (``ORDER BY key OFFSET size LIMIT 1``): the probe reads every index entry of
-    the range once more before the DELETE reads them again. After a range with nothing deleted,
-    the next key is looked up so that a gap in the keys costs one index descent. Stands for a
-    change that is only right for keys about one apart (identity columns, as in every benchmark
-    shape): sparse integer keys (snowflake ids) would need the sizer's units scaled by the stride.
-    """
+def probe() -> None:
+    """The key walk of a dense key probes for where each range ends (``ORDER BY key OFFSET size
+    LIMIT 1``) instead of cutting it by arithmetic: the engine before db63cff, kept to measure on
+    the same copies what the arithmetic ranges gain."""
     from engine import strategies
-    from engine.db import one_row
-    from engine.strategies import BatchOutcome
 
-    def run_batch(self: Any, conn: Any, st: Any, part: Any, size: int, params: dict[str, Any],
-                  skip_locked: bool) -> Any:
-        hi = min(part.number + size, part.bound)
-        done = strategies._delete_range(conn, st, st.key_range, {**params, "lo": part.number, "hi": hi},
-                                        skip_locked, False)
-        if done.deleted == 0 and done.skipped == 0 and hi < part.bound:
-            following = one_row(conn.execute(st._format("SELECT min({k}) FROM {t} WHERE {k} > %(hi)s"),
-                                             {"hi": hi}))[0]
-            hi = part.bound if following is None else min(part.bound, max(hi, following - 1))
-        return BatchOutcome(done.deleted, done.skipped, hi, references=done.references)
-
-    strategies.KeyStrategy.run_batch = run_batch  # type: ignore[method-assign]
+    strategies.DenseKeyStrategy.run_batch = strategies.KeyStrategy.run_batch  # type: ignore[method-assign]
 
 
-PROTOTYPES: dict[str, Callable[[], None]] = {"xactcount": xactcount, "slices": slices, "arith": arith}
+PROTOTYPES: dict[str, Callable[[], None]] = {"xactcount": xactcount, "slices": slices, "probe": probe}
 """Pending: ``xactcount`` (cascaded child rows counted from pg_stat_get_xact_tuples_deleted).
-Earlier ones (``async``, ``onestmt``) became ``--async-commit`` and the index walk."""
+Earlier ones became ``--async-commit`` (``async``), the index walk (``onestmt``) and the key walk's
+arithmetic ranges (``arith``); ``probe`` is the engine before the last."""
 
 
 def apply(name: str) -> None:
