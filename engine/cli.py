@@ -262,6 +262,7 @@ def summary(result: GcResult) -> str:
                 " of WAL (from rolled-back sample batches"
                 + ("; leaves dropped or swept alone not included)" if result.partitions else ")")
                 + _foreign_key_lines(result, "~")
+                + _checkpoint_line(result)
                 + _partition_lines(result))
     line = (f"{result.status}: deleted {result.messages_deleted:,} rows in {result.elapsed_s:.1f}s"
             f" ({result.rows_per_s:,.0f} rows/s, {result.batches:,} batches")
@@ -295,6 +296,18 @@ def summary(result: GcResult) -> str:
 def _foreign_key_lines(result: GcResult, about: str = "") -> str:
     return "".join(f"; {name} ({fk['child']}, ON DELETE {fk['action'].upper()}): {about}{fk['rows']:,} rows"
                    f" {fk['effect']}" for name, fk in result.foreign_keys.items())
+
+
+def _checkpoint_line(result: GcResult) -> str:
+    if (advice := result.checkpoint_advice) is None:
+        return ""
+    rate = advice["timed_wal_rate_bytes_per_s"]
+    return (f"\n  its WAL forces ~{advice['forced_checkpoints']:,} checkpoints (one every"
+            f" ~{_mib(advice['wal_between_checkpoints_bytes'])} with max_wal_size"
+            f" {_mib(advice['max_wal_size_bytes'])}), and the application's commits wait longer during"
+            f" them: raise max_wal_size to ~{_mib(advice['max_wal_size_to_avoid_them_bytes'])}, or pace"
+            f" the run with --max-wal-rate {max(1, rate // 1024)}KB (checkpoints on their timer, about"
+            f" {(result.predicted_wal_bytes or 0) / rate / 60:,.0f} min)")
 
 
 def _partition_lines(result: GcResult) -> str:

@@ -69,6 +69,8 @@ class GcResult:
     """The garbage predicate in force (processed column and ``--where``)."""
     foreign_keys: dict[str, dict[str, Any]] = field(default_factory=dict)
     """Per foreign key onto the table: its child, action, and the rows it kept or changed."""
+    checkpoint_advice: dict[str, Any] | None = None
+    """A dry run whose predicted WAL forces checkpoints: how many, and the settings that avoid them."""
     partitioning_advice: dict[str, Any] | None = None
     """A plain table's dry run: the days (by arrival) wholly garbage a daily partitioning would drop."""
     partitions: dict[str, dict[str, Any]] = field(default_factory=dict)

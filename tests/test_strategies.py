@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import random
+import time
+from collections.abc import Iterator
 
 import pytest
 
 from engine import collect
 from engine.config import GcOptions
 from tests.data import fill, live_ids, surviving_ids
+from tests.support import run_cli
 
 
 @pytest.mark.parametrize("strategy", ["physical", "index", "key", "auto"])
@@ -109,7 +112,41 @@ def test_dry_run_deletes_nothing_and_estimates_the_garbage(conn, dsn):
     assert len(surviving_ids(conn)) == 10000
     assert result.garbage_estimate == pytest.approx(8000, rel=0.05)
     assert result.planned_batches == pytest.approx(8, abs=1)
+    assert result.checkpoint_advice is None  # a few MB of WAL against max_wal_size
     assert conn.execute("SELECT count(*) FROM gc_runs").fetchone()[0] == 0
+
+
+@pytest.fixture
+def small_max_wal_size(conn) -> Iterator[None]:
+    """The server's max_wal_size at its floor (two 16 MB segments) for one test."""
+    conn.execute("ALTER SYSTEM SET max_wal_size = '32MB'")
+    conn.execute("SELECT pg_reload_conf()")
+    try:
+        yield
+    finally:
+        conn.execute("ALTER SYSTEM RESET max_wal_size")
+        conn.execute("SELECT pg_reload_conf()")
+
+
+def test_dry_run_says_how_many_checkpoints_the_runs_wal_forces_and_how_to_avoid_them(
+        conn, dsn, small_max_wal_size):
+    fill(conn, [True] * 150000)
+    until_reloaded = time.monotonic() + 5
+    while conn.execute("SELECT current_setting('max_wal_size')").fetchone()[0] != "32MB":
+        assert time.monotonic() < until_reloaded, "the server did not reload max_wal_size"
+        time.sleep(0.05)
+
+    result = collect(dsn, GcOptions(dry_run=True))
+    proc = run_cli("gc", "--dsn", dsn, "--dry-run")
+
+    advice = result.checkpoint_advice
+    between = advice["wal_between_checkpoints_bytes"]
+    assert advice["max_wal_size_bytes"] == 32 * 2**20
+    assert advice["forced_checkpoints"] == result.predicted_wal_bytes // between >= 1
+    assert advice["max_wal_size_to_avoid_them_bytes"] > result.predicted_wal_bytes
+    assert advice["timed_wal_rate_bytes_per_s"] < between
+    assert "checkpoints (one every" in proc.stdout and "--max-wal-rate" in proc.stdout
+    assert len(surviving_ids(conn)) == 150000
 
 
 @pytest.mark.parametrize("strategy", ["physical", "index", "key"])
