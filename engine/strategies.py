@@ -222,8 +222,8 @@ class DenseKeyStrategy(KeyStrategy):
 
     max_units: ClassVar[int] = 200_000
     """A range with no rows costs nothing, so the sizer grows across a gap in the keys (a probe
-    would have skipped it); the cap bounds the batch that follows the gap, as long as the probed
-    walk's batches grow over live rows (~150k at 50 ms here)."""
+    would have skipped it): the cap bounds the batch that follows the gap. A stale row estimate
+    that calls a gappy key dense costs batches of fewer rows, never larger ones."""
 
     def run_batch(self, conn: Connection, st: Statements, part: Slice, size: int,
                   params: dict[str, Any], skip_locked: bool) -> BatchOutcome:
