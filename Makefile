@@ -25,12 +25,12 @@ lint: setup
 demo: setup
 	$(BIN)/msggc demo --rows 1000000
 
-bench: setup  ## 10M rows x dense/sparse/aged, 3 rounds, scale curve, planner crossover (~35-40 min)
-	$(BIN)/python -m benchmarks --rows 10000000 --shapes dense,sparse,aged --repeats 3 \
+bench: setup  ## 10M rows x dense/sparse/aged/hidden, 3 rounds, scale curve, planner crossover (~55 min)
+	$(BIN)/python -m benchmarks --rows 10000000 --shapes dense,sparse,aged,hidden --repeats 3 \
 	    --scale 1000000,3000000 --crossover 0.01,0.02,0.05,0.1 --crossover-rows 3000000
 
-bench-small: setup  ## 1M rows, every shape and contender, one round (< 3 min), under benchmarks/results/tmp
-	$(BIN)/python -m benchmarks --rows 1000000 --shapes dense,sparse,aged \
+bench-small: setup  ## 1M rows, the four synthetic shapes and every contender, one round (~4 min), under benchmarks/results/tmp
+	$(BIN)/python -m benchmarks --rows 1000000 --shapes dense,sparse,aged,hidden \
 	    --out benchmarks/results/tmp --markdown benchmarks/results/tmp/BENCHMARKS.md
 
 bench-real: setup  ## an application's own tables (uuid key, cascading child), 10M rows, single vs msggc auto
