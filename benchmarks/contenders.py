@@ -62,8 +62,8 @@ GUARD_NAME = re.compile(r"msggc_guard_(\d+(?:\.\d+)?)(x|ms)")
 in the same round; ``msggc_guard_20ms``: at a fixed budget."""
 WALCOMP = "_walcomp"
 DEFAULT_CONTENDERS = (
-    "single", "naive", "each_batch",
-    "msggc_default", "msggc_auto", "msggc_physical", "msggc_index", "msggc_key", "msggc_auto_w2", "msggc_auto_w2_t10_c1",
+    "single", "naive", "each_batch", "msggc_default",
+    "msggc_auto", "msggc_physical", "msggc_index", "msggc_key", "msggc_auto_w2", "msggc_auto_w2_t10_c1",
     "msggc_auto_a1", "msggc_auto_f1", "msggc_auto_f2", "msggc_auto_f3", "msggc_guard_2x", "msggc_guard_20ms",
 )
 
