@@ -29,7 +29,7 @@ bench: setup  ## 10M rows x dense/sparse/aged/hidden, 3 rounds, scale curve, pla
 	$(BIN)/python -m benchmarks --rows 10000000 --shapes dense,sparse,aged,hidden --repeats 3 \
 	    --scale 1000000,3000000 --crossover 0.01,0.02,0.05,0.1 --crossover-rows 3000000
 
-bench-small: setup  ## 1M rows, the four synthetic shapes and every contender, one round (~4 min), under benchmarks/results/tmp
+bench-small: setup  ## 1M rows, the four synthetic shapes and every contender, one round (5-8 min), under benchmarks/results/tmp
 	$(BIN)/python -m benchmarks --rows 1000000 --shapes dense,sparse,aged,hidden \
 	    --out benchmarks/results/tmp --markdown benchmarks/results/tmp/BENCHMARKS.md
 
