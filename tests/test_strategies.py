@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import random
-import time
 from collections.abc import Iterator
 
 import pytest
@@ -12,6 +11,7 @@ from engine import collect
 from engine.cli import summary
 from engine.config import GcOptions
 from tests.data import fill, live_ids, surviving_ids
+from tests.polling import wait_until
 
 
 @pytest.mark.parametrize("strategy", ["physical", "index", "key", "auto"])
@@ -122,6 +122,8 @@ def small_max_wal_size(conn) -> Iterator[None]:
     conn.execute("ALTER SYSTEM SET max_wal_size = '32MB'")
     conn.execute("SELECT pg_reload_conf()")
     try:
+        wait_until(lambda: conn.execute("SELECT current_setting('max_wal_size')").fetchone()[0] == "32MB",
+                   timeout_s=5, what="the server to reload max_wal_size")
         yield
     finally:
         conn.execute("ALTER SYSTEM RESET max_wal_size")
@@ -131,10 +133,6 @@ def small_max_wal_size(conn) -> Iterator[None]:
 def test_dry_run_says_how_many_checkpoints_the_runs_wal_forces_and_how_to_avoid_them(
         conn, dsn, small_max_wal_size):
     fill(conn, [True] * 150000)
-    until_reloaded = time.monotonic() + 5
-    while conn.execute("SELECT current_setting('max_wal_size')").fetchone()[0] != "32MB":
-        assert time.monotonic() < until_reloaded, "the server did not reload max_wal_size"
-        time.sleep(0.05)
 
     conn.execute("CHECKPOINT")  # the sample batches write full-page images, as the run's would
 
