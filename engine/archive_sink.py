@@ -47,12 +47,18 @@ def receiving(sink: Sink) -> Iterator[None]:
 
 BLOCK = 1 << 20
 """The server sends a COPY row per message; they are handed on a MiB at a time."""
+TEXT_FORMS = ("SELECT set_config('DateStyle', 'ISO, MDY', true),"
+              " set_config('IntervalStyle', 'postgres', true), set_config('extra_float_digits', '1', true)")
+"""The text forms an archive is written in, whatever the server's or role's settings: dates and
+intervals that read back the same under any setting, and floats in their shortest exact form
+(``extra_float_digits`` below 1 rounds them). For the batch's transaction only."""
 
 
 def copy_out(conn: Connection, statement: sql.Composed, params: dict[str, Any], sink: Sink) -> int:
     """Run ``COPY (...) TO STDOUT`` and hand its data to ``sink`` in blocks of about ``BLOCK``
     bytes; the number of rows. The rows are read straight from libpq in a tight loop: psycopg's
     ``Copy.read()`` costs a generator and a wait per row, several times the server's cost."""
+    conn.execute(TEXT_FORMS)
     cursor = conn.cursor()
     with cursor.copy(statement, params):
         result = conn.wait(_drain(conn.pgconn, sink))

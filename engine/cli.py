@@ -317,17 +317,22 @@ def _phase_progress() -> Iterator[Callable[[str, float], None] | None]:
 @click.option("--json", "as_json", is_flag=True)
 @friendly_errors
 def status(dsn: str | None, limit: int, as_json: bool) -> None:
-    """Show the most recent GC runs."""
-    from engine import runs
+    """Show the most recent GC runs, and any leaf partition an earlier run left detached."""
+    from engine import partitions, runs
     from engine.db import require_bookkeeping
 
     with connection(resolve_dsn(dsn)) as conn:
         require_bookkeeping(conn)
         rows = runs.recent(conn, limit)
+        left = partitions.left_detached(conn)
     if as_json:
         click.echo(json.dumps(rows, default=str))
         return
     print_status(rows)
+    for leaf, state, run_id in left:
+        parent = leaf.parent.qualified
+        click.echo(f"{leaf.table.qualified} of {parent}: {state.replace('pending', 'pending detach')}"
+                   f" since run {run_id}; the next gc on {parent} attaches it again first")
 
 
 @main.command()
@@ -338,26 +343,30 @@ def status(dsn: str | None, limit: int, as_json: bool) -> None:
               help="Run whose rows to restore from TABLE_archive (gc --archive).")
 @click.option("--file", "path", type=click.Path(path_type=Path), default=None,
               help="Archive file (gzip or zstd CSV) or parquet directory to restore (gc --archive-to);"
-                   " rows already present are kept.")
+                   " each batch once, however often it is run.")
 @friendly_errors
 def restore(dsn: str | None, table: str, key: str | None, run_id: int | None, path: Path | None) -> None:
     """Put archived rows back into the table: a run's rows from the archive table, or a file's."""
-    from engine import archive, archive_file
+    from engine import archive, archive_restore
     from engine.target import locate
 
     if (run_id is None) == (path is None):
         raise UsageError("give either --run ID or --file PATH")
     spec = TableSpec.parse(table, key)
+    skipped = ""
     with connection(resolve_dsn(dsn)) as conn:
         oid, key_columns = locate(conn, spec)
         if path is not None:
-            tables = {spec.qualified: archive.Restored(archive_file.restore(conn, spec, oid, path), 0)}
+            done = archive_restore.restore(conn, spec, oid, path)
+            tables = {spec.qualified: archive.Restored(done.restored, 0)}
             source = str(path)
+            if done.skipped:
+                skipped = f" ({done.skipped:,} batches restored earlier were skipped)"
         elif run_id is not None:
             tables = archive.restore_with_children(conn, spec, oid, run_id, key_columns)
             source = f"run {run_id}"
     line = "; ".join(f"restored {done.restored:,} rows of {source} into {name}"
-                     for name, done in tables.items())
+                     for name, done in tables.items()) + skipped
     conflicting = sum(done.conflicting for done in tables.values())
     if conflicting:
         raise MsggcError(f"{line}; {conflicting:,} rows kept in the archive: they conflict with rows"

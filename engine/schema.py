@@ -160,3 +160,19 @@ gc_probe = sa.Table(
     sa.Column("rate_share", sa.Float, nullable=False, server_default="1"),
     sa.PrimaryKeyConstraint("table_name", "node"),
 )
+
+gc_restored = sa.Table(
+    "gc_restored",
+    metadata,
+    # What `msggc restore --file` has put back: one row per archived batch and table, written in
+    # the transaction that inserts the batch's rows, so a rerun (after a crash too, or on another
+    # copy of the file) skips it: a table without a key would otherwise take its rows twice. A
+    # batch is known by the SHA-256 of its rows, which hold their run id and archived_at.
+    sa.Column("table_name", sa.Text, nullable=False),  # schema.table as the catalog spells it
+    sa.Column("batch_sha256", sa.LargeBinary, nullable=False),
+    sa.Column("rows", sa.BigInteger, nullable=False, server_default="0"),
+    sa.Column("file", sa.Text, nullable=False),  # where it was read from, and its batch number
+    sa.Column("batch", sa.Integer, nullable=False),
+    sa.Column("restored_at", sa.DateTime(timezone=True), nullable=False, server_default=sa.func.now()),
+    sa.PrimaryKeyConstraint("table_name", "batch_sha256"),
+)

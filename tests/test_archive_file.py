@@ -13,7 +13,9 @@ from pathlib import Path
 import pytest
 
 from engine import collect
-from engine.archive_file import check_target, members, restore
+from engine.archive_file import check_target
+from engine.archive_formats import members
+from engine.archive_restore import restore
 from engine.config import GcOptions, TableSpec
 from engine.errors import MsggcError, UsageError
 from tests.data import fill, live_ids, run_rows, surviving_ids
@@ -63,8 +65,8 @@ def test_restore_from_file_puts_the_rows_back_once(conn, dsn, tmp_path):
     path = tmp_path / "gone.csv.gz"
     collect(dsn, GcOptions(batch_size=64, archive_to=str(path)))
 
-    assert restore(conn, TableSpec(), oid_of_messages(conn), path) == 500
-    assert restore(conn, TableSpec(), oid_of_messages(conn), path) == 0  # again: nothing duplicated
+    assert restore(conn, TableSpec(), oid_of_messages(conn), path).restored == 500
+    assert restore(conn, TableSpec(), oid_of_messages(conn), path).restored == 0  # nothing duplicated
 
     assert surviving_ids(conn) == list(range(1, 1001))
 
@@ -254,5 +256,5 @@ def test_a_rerun_on_the_good_file_after_a_bad_one_restores_the_rest_once(conn, d
     restored_before = len(surviving_ids(conn)) - 500
     assert restored_before == sum(part.count(b"\n") for part in parts[1:3])  # batches 1 and 2
 
-    assert restore(conn, TableSpec(), oid_of_messages(conn), good) == 500 - restored_before
+    assert restore(conn, TableSpec(), oid_of_messages(conn), good).restored == 500 - restored_before
     assert surviving_ids(conn) == list(range(1, 1001))

@@ -15,7 +15,7 @@ import pytest
 import zstandard
 
 from engine import collect
-from engine.archive_file import members
+from engine.archive_formats import members
 from engine.config import GcOptions
 from tests.data import fill, live_ids, surviving_ids
 from tests.support import run_cli

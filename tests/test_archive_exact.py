@@ -1,0 +1,164 @@
+"""Issue 21, items 5-8: an ``--archive-to`` file gives back exactly the values deleted (text that
+reads NULL or NaN included), each row once however often ``restore --file`` runs, refuses a
+damaged batch in one line, and restores tables with generated and identity columns."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pyarrow.dataset as ds
+import pytest
+
+from engine import collect
+from engine.config import GcOptions, TableSpec
+from tests.support import run_cli
+from tests.test_cli import assert_one_line_error
+
+LOOKS_NULL = ["NULL", "NA", "N/A", "n/a", "null", "nan", "NaN", "-nan", "#N/A", "", "\\N", '"', "a,b", "x\ny"]
+FORMATS = {"gzip": "gone.csv.gz", "zstd": "gone.csv.zst", "parquet": "gone.parquet"}
+
+
+def table_text(conn, table: str) -> list[str]:
+    """Every row as PostgreSQL's text of it, sorted: equal lists mean equal rows, each as often."""
+    return [row[0] for row in conn.execute(f"SELECT t::text FROM {table} t ORDER BY 1")]
+
+
+def archive_to(dsn: str, table: str, path: Path, batch_size: int = 100, **options):
+    result = collect(dsn, GcOptions(table=TableSpec(name=table), archive_to=str(path),
+                                    batch_size=batch_size, **options))
+    assert result.status == "complete", result
+    return result
+
+
+def restore_file(dsn: str, table: str, path: Path):
+    return run_cli("restore", "--dsn", dsn, "--table", table, "--file", str(path))
+
+
+def make_notes(conn, rows: int = 300) -> None:
+    """Every row garbage; its text cycles through strings a CSV reader may take for NULL, its
+    float through NaN, the infinities and -0."""
+    conn.execute("CREATE TABLE notes (id bigint PRIMARY KEY, body text, score float8, ratio real,"
+                 " processed_at timestamptz)")
+    conn.execute(
+        "INSERT INTO notes SELECT i, (%s::text[])[1 + i %% %s],"
+        " (ARRAY['NaN', 'Infinity', '-Infinity', '-0', '0.1', '1e-320', NULL])[1 + i %% 7]::float8,"
+        " (ARRAY['NaN', '-Infinity', '3.4028235e+38', NULL])[1 + i %% 4]::real, now()"
+        " FROM generate_series(1, %s) i", (LOOKS_NULL, len(LOOKS_NULL), rows))
+
+
+def test_parquet_keeps_text_that_reads_null_and_float_nan_as_values(conn, dsn, tmp_path):
+    make_notes(conn)
+    before = table_text(conn, "notes")
+    path = tmp_path / "gone.parquet"
+    archive_to(dsn, "notes", path)
+
+    parts = ds.dataset(path, format="parquet").to_table()
+    values = dict(zip(parts.column("id").to_pylist(), parts.column("body").to_pylist(), strict=True))
+    assert all(values[i] == LOOKS_NULL[i % len(LOOKS_NULL)] for i in values)  # none became None
+    nan = [score for i, score in zip(parts.column("id").to_pylist(), parts.column("score").to_pylist(),
+                                     strict=True) if i % 7 == 0]
+    assert nan and all(score != score for score in nan)  # NaN, not NULL
+
+    proc = restore_file(dsn, "notes", path)
+    assert proc.returncode == 0, proc.stderr
+    assert table_text(conn, "notes") == before
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_a_flipped_bit_in_a_batch_is_refused_in_one_line_and_never_restores_an_altered_row(
+        conn, dsn, tmp_path, fmt):
+    """One bit flipped at several places of one batch (its data and its framing): each restore
+    either stops at that batch in one line that names it and says what went back, or (a bit the
+    format does not read) restores every row exactly; never a row with another value."""
+    make_notes(conn, rows=2000)
+    original = dict(conn.execute("SELECT id, t::text FROM notes t").fetchall())
+    path = tmp_path / FORMATS[fmt]
+    archive_to(dsn, "notes", path, batch_size=250)
+    victim = sorted(path.iterdir())[4] if fmt == "parquet" else path
+    good = victim.read_bytes()
+    start = 0 if fmt == "parquet" else len(good) // 2  # a file: a batch in its middle
+    refused = 0
+    for position in range(start + 7, len(good), max(1, (len(good) - start) // 12)):
+        damaged = bytearray(good)
+        damaged[position] ^= 1 << (position % 8)
+        victim.write_bytes(bytes(damaged))
+        proc = restore_file(dsn, "notes", path)
+        back = dict(conn.execute("SELECT id, t::text FROM notes t").fetchall())
+        assert {i: original[i] for i in back} == back, f"a row came back altered (byte {position})"
+        if proc.returncode == 0:
+            assert back == original, proc.stdout
+        else:
+            refused += 1
+            assert_one_line_error(proc, "batch", code=1)
+            assert "restored" in proc.stderr and str(path) in proc.stderr
+        conn.execute("TRUNCATE notes")
+        if conn.execute("SELECT to_regclass('gc_restored')").fetchone()[0]:
+            conn.execute("DELETE FROM gc_restored")
+    victim.write_bytes(good)
+    assert refused >= 6
+
+
+def make_events(conn, rows: int = 1000) -> None:
+    """A table without a key: nothing but a record of what went back can stop a duplicate."""
+    conn.execute("CREATE TABLE events (n int, body text, processed_at timestamptz)")
+    conn.execute("INSERT INTO events SELECT i %% 10, 'event ' || i, now() FROM generate_series(1, %s) i",
+                 (rows,))
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_restoring_a_file_twice_into_a_table_without_a_key_restores_each_row_once(conn, dsn, tmp_path, fmt):
+    make_events(conn)
+    before = table_text(conn, "events")
+    path = tmp_path / FORMATS[fmt]
+    archive_to(dsn, "events", path)
+    assert table_text(conn, "events") == []
+
+    first = restore_file(dsn, "events", path)
+    again = restore_file(dsn, "events", path)
+
+    assert first.returncode == 0 and "restored 1,000 rows" in first.stdout, first.stderr
+    assert again.returncode == 0 and "restored 0 rows" in again.stdout, again.stderr
+    assert table_text(conn, "events") == before
+
+
+def test_a_restore_stopped_midway_then_rerun_on_a_good_copy_restores_each_row_once(conn, dsn, tmp_path):
+    """The restore stops at a damaged batch (as a crash would, between batches); the batches
+    before it went back. A rerun on a good copy of the file restores only the rest."""
+    make_events(conn)
+    before = table_text(conn, "events")
+    path = tmp_path / "gone.csv.zst"
+    archive_to(dsn, "events", path)
+    good = path.read_bytes()
+    damaged = bytearray(good)
+    damaged[len(good) * 2 // 3] ^= 0x10
+    bad = tmp_path / "bad.csv.zst"
+    bad.write_bytes(bytes(damaged))
+
+    stopped = restore_file(dsn, "events", bad)
+    assert stopped.returncode == 1, stopped.stdout
+    partly = len(table_text(conn, "events"))
+    assert 0 < partly < 1000
+    rest = restore_file(dsn, "events", path)
+
+    assert rest.returncode == 0, rest.stderr
+    assert f"restored {1000 - partly:,} rows" in rest.stdout
+    assert table_text(conn, "events") == before
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_restore_file_of_a_table_with_generated_and_identity_columns_puts_every_row_back(
+        conn, dsn, tmp_path, fmt):
+    conn.execute("CREATE TABLE ledger (id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY, n int,"
+                 " doubled int GENERATED ALWAYS AS (n * 2) STORED, processed_at timestamptz)")
+    conn.execute("INSERT INTO ledger (n, processed_at) SELECT i, CASE WHEN i % 2 = 0 THEN now() END"
+                 " FROM generate_series(1, 500) i")
+    before = table_text(conn, "ledger")
+    path = tmp_path / FORMATS[fmt]
+    archive_to(dsn, "ledger", path)
+
+    proc = restore_file(dsn, "ledger", path)
+
+    assert proc.returncode == 0, proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert "restored 250 rows" in proc.stdout
+    assert table_text(conn, "ledger") == before
