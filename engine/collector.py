@@ -198,6 +198,8 @@ def collect(
             plans, whole = _plans(conn, options, target)
             return dry_run(conn, plans, whole, legs, with_workers(conn, options, plans), target.target)
         lock_table(conn, options, target.oid)
+        if partitions.recover(conn, options.table, options.lock_timeout_ms):
+            target = check(conn, options)  # the leaves attached again are walked with the others
         plans, whole = _plans(conn, options, target)
         options = with_workers(conn, options, plans)
         before = reclaim.health(conn, target.oid)
@@ -219,8 +221,8 @@ def collect(
 def _plans(conn: Connection, options: GcOptions,
            checked: Checked) -> tuple[dict[str | None, Plan], dict[str, partitions.Leaf]]:
     """Each table's plan, and the leaves that will be dropped whole. A leaf is planned from one
-    small sample (``LEAF_SAMPLE_BLOCKS``) that also tells whether it may be wholly garbage, so a
-    table of many leaves does not pay a full planning sample per leaf."""
+    small sample (``LEAF_SAMPLE_BLOCKS``) that also tells whether it may be wholly garbage (then
+    checked exactly), so a table of many leaves does not pay a full planning sample per leaf."""
     cutoff = cutoff_of(conn, options)
     plans: dict[str | None, Plan] = {}
     whole = {}
@@ -229,7 +231,8 @@ def _plans(conn: Connection, options: GcOptions,
             plans[leaf] = make_plan(conn, options, table, statements, cutoff)
             continue
         sample = take_sample(conn, statements, LEAF_SAMPLE_BLOCKS, cutoff)
-        if (dropped := partitions.whole_leaf(conn, options, checked.target, table.oid, sample)) is not None:
+        if (dropped := partitions.whole_leaf(conn, options, checked.target, sample.all_garbage, statements,
+                                             cutoff)) is not None:
             whole[leaf] = dropped
             plans[leaf] = whole_leaf_plan(conn, table, cutoff, sample)
         else:
@@ -260,9 +263,8 @@ def _walk_and_close(conn: Connection, walk: Walk, target: Checked, whole: dict[s
                                                  walk.options.table, archive.columns, walk.run)
 
         guarded(walk, open_file)
-    if walk.error is None and any(leaf is not None for leaf in walk.legs):
-        guarded(walk, lambda: partitions.finish_interrupted(conn, walk, target.target))
-        walk.drops = dict(partitions.drops(walk, whole))
+    legs = {leaf: leg.statements for leaf, leg in walk.legs.items() if leaf is not None}
+    walk.drops = dict(partitions.drops(whole, legs, walk.options, walk.run, walk.params))
     if walk.error is None:
         try:
             conn = walk_run(conn, walk)

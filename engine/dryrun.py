@@ -13,7 +13,7 @@ from engine.config import GcOptions
 from engine.db import Connection, one_row, table_ident
 from engine.errors import MsggcError
 from engine.estimate import Estimate, estimate
-from engine.planner import Plan, partitioned_reason
+from engine.planner import DROP_WHOLE_REASON, Plan, partitioned_reason
 from engine.queries import Statements
 from engine.result import GcResult
 from engine.sizer import DEFAULT_BATCH_ROWS
@@ -109,11 +109,11 @@ def _drop_verdict(conn: Connection, plan: Plan, statements: Statements, options:
                   target: Target, dropped: bool) -> dict[str, Any]:
     """Whether a run would drop the leaf whole, and why (or why not)."""
     if dropped:
-        return {"drop": True, "why": "every row is garbage: detached and dropped whole"}
+        return {"drop": True, "why": DROP_WHOLE_REASON}
     archived = options.archive or options.archive_to
     why = ("--no-drop" if options.no_drop else "its rows are archived" if archived
            else "a foreign key points at the table" if target.references
-           else "not a range leaf that a later leaf with rows follows"
+           else "not a range leaf, owned by this role, that a later leaf with rows follows"
            if partitions.droppable(conn, statements.target.oid) is None
            else "not all its rows are garbage")
     return {"drop": False, "why": f"walked row by row: {why}"}

@@ -1,102 +1,116 @@
 """Dropping a leaf partition that is wholly garbage instead of deleting its rows one by one.
 
 A drop writes a catalog change where a delete writes every row to WAL and leaves it to VACUUM.
-It must never lose a row, nor hold the application up for long:
-- only a RANGE leaf (not the default one, never a LIST or HASH leaf: their values have nowhere
-  else to go) that has rows, all of them garbage in a sample of its blocks, with a later leaf
-  already holding rows (the application writes there now), and no foreign key onto the table;
-- it is detached with ``DETACH PARTITION ... CONCURRENTLY`` where the server allows it
-  (PostgreSQL 14+, no default partition), else in a short transaction; under ``lock_timeout``,
-  retried with backoff, and walked row by row when it cannot be detached;
-- once detached no row can arrive: it is locked and read in full; a row that is not garbage
-  (inserted or un-processed meanwhile) sends it back (re-attached with its bounds) to be walked
-  row by row; else it is dropped, its rows counted as deleted, in the same transaction as the
-  run's record of them;
-- the run records the leaf before detaching it, so a run killed between the detach and the drop
-  is finished by the next one (a pending detach is finalized first).
+It must never lose a row, nor hold the application up for long, nor leave a range homeless:
+- only a RANGE leaf on one column (not the default one, never a LIST or HASH leaf: their values
+  have nowhere else to go), owned by the role, with a later leaf already holding rows (the
+  application writes there now), no foreign key onto the table and no archive asked for;
+- only a leaf known to be wholly garbage: a sample of its blocks first, then an exact answer
+  (a btree on the processed column answers ``IS NULL`` at once; else one full read);
+- the drop is one short transaction: the leaf locked ``SHARE`` (writers of that leaf wait, the
+  rest of the table goes on), read again in full under ``statement_timeout``, then ``DETACH``
+  (plain, never ``CONCURRENTLY``: it would commit a pending detach of its own) and ``DROP``, and
+  the run's record of its rows, all under ``lock_timeout`` and retried with backoff. A crash or
+  a timeout at any point rolls all of it back: no leaf is ever left detached or pending, so no
+  row is ever homeless, with a default partition or without;
+- a leaf that cannot be dropped that way is walked row by row like any other.
+
+Earlier versions detached first and dropped later, recording the leaf in its run's cursor: a
+leaf such a run left detached or pending is finished by :func:`recover`, which every run on the
+table calls first, whatever its flags.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import re
-import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from datetime import datetime
 
-import psycopg
 from psycopg import errors as pg_errors
 from psycopg import sql
 
 from engine import runs
 from engine.config import GcOptions, TableSpec
-from engine.db import Connection, one_row, regclass_of, table_ident
+from engine.db import Connection, one_row, table_ident
 from engine.errors import MsggcError
-from engine.planner import Sample
 from engine.queries import Statements
 from engine.target import Target
-from engine.target import resolve as resolve_target
-from engine.walk import Walk
 
 DETACH_ATTEMPTS = 5
 DETACH_BACKOFF_S = 0.2
-CONCURRENT_DETACH_VERSION = 140000
-UPPER_BOUND = re.compile(r"FOR VALUES FROM \(.*\) TO \((.*)\)", re.DOTALL)
-"""A one-column range leaf's bound as ``pg_get_expr`` prints it: its exclusive upper end."""
+RANGE_BOUND = re.compile(r"FOR VALUES FROM \((.*)\) TO \((.*)\)", re.DOTALL)
+"""A one-column range leaf's bound as ``pg_get_expr`` prints it: its lower and upper ends."""
 
 
 @dataclass(frozen=True)
 class Leaf:
-    """A leaf partition as its parent declares it: what re-attaching it needs."""
+    """A leaf partition as its parent declares it: what dropping or re-attaching it needs."""
 
     table: TableSpec
     parent: TableSpec
     bound: str
     """``FOR VALUES ...`` as ``pg_get_expr`` prints it."""
-    parent_has_default: bool
 
 
 def droppable(conn: Connection, oid: int) -> Leaf | None:
-    """The leaf, when it is a range leaf (on one column) of which a later leaf already holds
-    rows: the application writes there, not here; else None."""
+    """The leaf, when it is a range leaf (on one column) that the role owns, as it owns its
+    parent (``DETACH`` and ``DROP`` need both), and of which a later leaf already holds rows:
+    the application writes there, not here; else None."""
     row = conn.execute(
         "SELECT n.nspname, c.relname, pn.nspname, p.relname, pg_get_expr(c.relpartbound, c.oid),"
         " pt.partstrat::text, pt.partnatts, a.attname,"
-        " EXISTS (SELECT 1 FROM pg_inherits i2 JOIN pg_class s ON s.oid = i2.inhrelid"
-        "         WHERE i2.inhparent = p.oid AND pg_get_expr(s.relpartbound, s.oid) = 'DEFAULT')"
+        " pg_has_role(c.relowner, 'USAGE') AND pg_has_role(p.relowner, 'USAGE')"
         " FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace"
         " JOIN pg_inherits i ON i.inhrelid = c.oid JOIN pg_class p ON p.oid = i.inhparent"
         " JOIN pg_namespace pn ON pn.oid = p.relnamespace"
         " JOIN pg_partitioned_table pt ON pt.partrelid = p.oid"
         " LEFT JOIN pg_attribute a ON a.attrelid = p.oid AND a.attnum = pt.partattrs[0]"
-        " WHERE c.oid = %s",
+        " WHERE c.oid = %s AND NOT i.inhdetachpending",
         (oid,),
     ).fetchone()
     if row is None:
         return None
-    schema, name, parent_schema, parent, bound, strategy, columns, key, has_default = row
-    if strategy != "r" or bound == "DEFAULT" or columns != 1 or key is None:
+    schema, name, parent_schema, parent, bound, strategy, columns, key, owned = row
+    if strategy != "r" or bound == "DEFAULT" or columns != 1 or key is None or not owned:
         return None
-    upper = UPPER_BOUND.fullmatch(bound)
-    if upper is None or upper.group(1) == "MAXVALUE":
+    ends = RANGE_BOUND.fullmatch(bound)
+    if ends is None or ends.group(2) == "MAXVALUE":
         return None
-    leaf = Leaf(TableSpec(name=name, schema=schema), TableSpec(name=parent, schema=parent_schema), bound,
-                bool(has_default))
+    leaf = Leaf(TableSpec(name=name, schema=schema), TableSpec(name=parent, schema=parent_schema), bound)
     # a row at or past the leaf's upper bound: partition pruning reads the later leaves only,
     # and the first row found ends the probe
     probe = sql.SQL("SELECT EXISTS (SELECT 1 FROM {parent} WHERE {key} >= {upper})").format(
         parent=table_ident(leaf.parent), key=sql.Identifier(key),
-        upper=sql.SQL(upper.group(1)))  # a constant the server printed from its catalog
+        upper=sql.SQL(ends.group(2)))  # a constant the server printed from its catalog
     later = one_row(conn.execute(probe))[0]
     return leaf if later else None
 
 
+def holds_live_rows(conn: Connection, statements: Statements, params: dict[str, object]) -> bool:
+    """Exactly: does the table hold a row that is not garbage? A NULL processed value is never
+    garbage, and a btree on the processed column finds one at once; where garbage is more than
+    "processed", one full read answers the rest."""
+    table = table_ident(statements.table)
+    probes: list[sql.Composable] = []
+    processed = statements.target.processed
+    if processed is not None:
+        unprocessed = sql.SQL("{} IS NULL").format(sql.Identifier(processed))
+        probes.append(sql.SQL("EXISTS (SELECT 1 FROM {t} WHERE {p})").format(t=table, p=unprocessed))
+        only_processed = sql.SQL("{} IS NOT NULL").format(sql.Identifier(processed))
+        if statements.garbage.as_string(conn) == only_processed.as_string(conn):
+            return bool(one_row(conn.execute(sql.SQL("SELECT {}").format(probes[0]), params))[0])
+    probes.append(sql.SQL("EXISTS (SELECT 1 FROM {t} WHERE ({g}) IS NOT TRUE)").format(
+        t=table, g=statements.garbage))
+    return bool(one_row(conn.execute(sql.SQL("SELECT {}").format(sql.SQL(" OR ").join(probes)), params))[0])
+
+
 PARTMAN_LOCK = "pg_partman run_maintenance"
 """The advisory lock pg_partman's maintenance takes (``pg_try_advisory_xact_lock(hashtext(...))``):
-held (shared, so a run's workers drop leaves side by side) around a detach and its drop,
-maintenance waits for its next round instead of racing them."""
+held (shared, so a run's workers drop leaves side by side) around a drop, maintenance waits for
+its next round instead of racing it."""
 
 
 @dataclass(frozen=True)
@@ -109,25 +123,44 @@ class Drop:
     params: dict[str, object]
     run_id: int
     lock_timeout_ms: int
-    detaching: threading.Lock
-    """Shared by the run's drops: a partitioned table has at most one detach pending at a time."""
+    statement_timeout_ms: int
 
     def __call__(self, conn: Connection) -> int | None:
-        """Detach, read in full and drop the leaf. Its transactions commit synchronously even
-        under ``--async-commit``: a drop a crash took back after the worker counted it would send
-        the walk over a leaf it believes gone (and never swept); the commit's cost is the
-        unlink of the leaf's files, not the WAL flush (measured: 12.5 ms either way)."""
+        """Tried a few times with backoff while a lock is not granted within ``lock_timeout``.
+        Its transaction commits synchronously even under ``--async-commit``: a drop a crash
+        took back after the worker counted it would send the walk over a leaf it believes gone
+        (and never swept); the commit's cost is the unlink of the leaf's files, not the WAL
+        flush (measured: 12.5 ms either way)."""
         with _maintenance_paused(conn) as paused:
             if not paused:
                 return None
-            leaf = self.leaf
-            runs.mark_detaching(conn, self.run_id, leaf.table.qualified, leaf.parent.qualified, leaf.bound)
-            with self.detaching:
-                detached = _detach(conn, leaf, self.lock_timeout_ms)
-            if not detached:
-                runs.mark_detaching(conn, self.run_id, leaf.table.qualified, None)
-                return None
-            return finish_detached(conn, leaf, self.statements, self.params, self.run_id)
+            for attempt in range(DETACH_ATTEMPTS):
+                try:
+                    return self._drop_in_one_transaction(conn)
+                except pg_errors.LockNotAvailable:
+                    time.sleep(DETACH_BACKOFF_S * 2**attempt)
+                except (pg_errors.QueryCanceled, pg_errors.InsufficientPrivilege):
+                    return None  # its read takes longer than a batch may hold locks, or not ours
+            return None
+
+    def _drop_in_one_transaction(self, conn: Connection) -> int | None:
+        leaf = self.leaf
+        with conn.transaction():
+            conn.execute("SELECT set_config('lock_timeout', %s, true),"
+                         " set_config('statement_timeout', %s, true),"
+                         " set_config('synchronous_commit', 'on', true)",
+                         (f"{self.lock_timeout_ms}ms", f"{self.statement_timeout_ms}ms"))
+            conn.execute(sql.SQL("LOCK TABLE {} IN SHARE MODE").format(table_ident(leaf.table)))
+            live, rows = one_row(conn.execute(sql.SQL(
+                "SELECT count(*) FILTER (WHERE ({garbage}) IS NOT TRUE), count(*) FROM {t}"
+            ).format(t=table_ident(leaf.table), garbage=self.statements.garbage), self.params))
+            if live:
+                return None  # nothing was changed: the transaction commits no write
+            conn.execute(sql.SQL("ALTER TABLE {} DETACH PARTITION {}").format(
+                table_ident(leaf.parent), table_ident(leaf.table)))
+            conn.execute(sql.SQL("DROP TABLE {}").format(table_ident(leaf.table)))
+            runs.record_drop(conn, self.run_id, leaf.table.qualified, rows)
+            return int(rows)
 
 
 @contextmanager
@@ -147,70 +180,7 @@ def _maintenance_paused(conn: Connection) -> Iterator[bool]:
             conn.execute("SELECT pg_advisory_unlock_shared(hashtext(%s))", (PARTMAN_LOCK,))
 
 
-def finish_detached(conn: Connection, leaf: Leaf, statements: Statements, params: dict[str, object],
-                    run_id: int) -> int | None:
-    """The detached leaf dropped when it is still wholly garbage (its rows returned), or
-    attached again to be walked row by row (None)."""
-    with conn.transaction():
-        conn.execute(sql.SQL("LOCK TABLE {} IN ACCESS EXCLUSIVE MODE").format(table_ident(leaf.table)))
-        live, rows = one_row(conn.execute(sql.SQL(
-            "SELECT count(*) FILTER (WHERE ({garbage}) IS NOT TRUE), count(*) FROM {t}"
-        ).format(t=table_ident(leaf.table), garbage=statements.garbage), params))
-        if live == 0:
-            conn.execute(sql.SQL("DROP TABLE {}").format(table_ident(leaf.table)))
-            runs.record_drop(conn, run_id, leaf.table.qualified, rows)
-            return int(rows)
-    conn.execute(sql.SQL("ALTER TABLE {} ATTACH PARTITION {} {}").format(
-        table_ident(leaf.parent), table_ident(leaf.table), sql.SQL(leaf.bound)))  # bound from the catalog
-    runs.mark_detaching(conn, run_id, leaf.table.qualified, None)
-    return None
-
-
-def _detach(conn: Connection, leaf: Leaf, lock_timeout_ms: int) -> bool:
-    """Detached within a few attempts of ``lock_timeout`` each, or given up (False)."""
-    concurrently = conn.info.server_version >= CONCURRENT_DETACH_VERSION and not leaf.parent_has_default
-    statement = sql.SQL("ALTER TABLE {} DETACH PARTITION {}{}").format(
-        table_ident(leaf.parent), table_ident(leaf.table), sql.SQL(" CONCURRENTLY" if concurrently else ""))
-    for attempt in range(DETACH_ATTEMPTS):
-        try:
-            conn.execute("SELECT set_config('lock_timeout', %s, false)", (f"{lock_timeout_ms}ms",))
-            if concurrently:
-                conn.execute(statement)
-            else:
-                with conn.transaction():
-                    conn.execute(statement)
-            return True
-        except pg_errors.LockNotAvailable:
-            if concurrently:
-                finalize_pending(conn, leaf)  # an interrupted concurrent detach leaves it pending
-            time.sleep(DETACH_BACKOFF_S * 2**attempt)
-        finally:
-            conn.execute("RESET lock_timeout")
-    return False
-
-
-def finalize_pending(conn: Connection, leaf: Leaf) -> bool:
-    """Complete a concurrent detach that was interrupted (it stays pending until finalized)."""
-    pending = conn.execute(
-        "SELECT 1 FROM pg_inherits WHERE inhrelid = to_regclass(%s) AND inhdetachpending",
-        (table_ident(leaf.table).as_string(conn),)).fetchone()
-    if pending is None:
-        return False
-    try:
-        conn.execute(sql.SQL("ALTER TABLE {} DETACH PARTITION {} FINALIZE").format(
-            table_ident(leaf.parent), table_ident(leaf.table)))
-    except psycopg.OperationalError:
-        return False
-    return True
-
-
-def is_attached(conn: Connection, leaf: Leaf) -> bool:
-    return conn.execute(
-        "SELECT 1 FROM pg_inherits WHERE inhrelid = to_regclass(%s) AND NOT inhdetachpending",
-        (table_ident(leaf.table).as_string(conn),)).fetchone() is not None
-
-
-# -- the walk's part: which leaves go, and a killed run's leaves finished --------------------
+# -- the planner's part: which leaves go -----------------------------------------------------
 
 def may_drop(options: GcOptions, target: Target) -> bool:
     """Unless the operator said ``--no-drop``, rows must be archived, or a foreign key points at
@@ -218,47 +188,137 @@ def may_drop(options: GcOptions, target: Target) -> bool:
     return not (options.no_drop or options.archive or options.archive_to or target.references)
 
 
-def whole_leaf(conn: Connection, options: GcOptions, target: Target, oid: int, sample: Sample) -> Leaf | None:
-    """The leaf when the run will drop it whole: its sample found only garbage (the read in full
-    after its detach decides) and it may be dropped."""
-    if not sample.all_garbage or not may_drop(options, target):
+def whole_leaf(conn: Connection, options: GcOptions, target: Target, all_garbage_sampled: bool,
+               statements: Statements, cutoff: datetime | None) -> Leaf | None:
+    """The leaf when the run will drop it whole: its sample found only garbage, the exact check
+    found no row that is not, and it may be dropped (the drop reads it again under its lock)."""
+    if not all_garbage_sampled or not may_drop(options, target):
         return None
-    return droppable(conn, oid)
+    leaf = droppable(conn, statements.target.oid)
+    if leaf is None or holds_live_rows(conn, statements, {"cutoff": cutoff}):
+        return None
+    return leaf
 
 
-def drops(walk: Walk, whole: dict[str, Leaf]) -> dict[str, Drop]:
+def drops(whole: dict[str, Leaf], legs: dict[str, Statements], options: GcOptions,
+          run: runs.Run, params: dict[str, object]) -> dict[str, Drop]:
     """The drop of each leaf found wholly garbage that the run has not finished yet."""
-    detaching = threading.Lock()
-    return {name: Drop(leaf, walk.legs[name].statements, walk.params, walk.run.id,
-                       walk.options.lock_timeout_ms, detaching)
-            for name, leaf in whole.items()
-            if not all(part.done for part in walk.run.slices if part.leaf == name)}
+    timeouts = (options.lock_timeout_ms, options.statement_timeout_ms)
+    return {name: Drop(leaf, legs[name], params, run.id, *timeouts) for name, leaf in whole.items()
+            if not all(part.done for part in run.slices if part.leaf == name)}
 
 
-def finish_interrupted(conn: Connection, walk: Walk, target: Target) -> None:
-    """The leaves a killed run detached (or began to), finished before this run walks: dropped if
-    still wholly garbage, else attached again and this run fails, so that the next one walks
-    them with the others."""
-    if not may_drop(walk.options, target):
-        return
-    for run_id in (walk.run.id, walk.run.resumed_from):
-        if run_id is None:
-            continue
-        for pending in runs.detaching(conn, run_id):
-            _finish_interrupted_drop(conn, walk, pending)
-        runs.forget_detaching(conn, run_id)
+# -- what an earlier version left: a leaf detached, or pending detach ------------------------
+
+class LeafNotRecovered(MsggcError):
+    """A leaf an earlier run left detached could not be attached again yet: nothing is lost
+    (its rows are in it), and no run on the table can be complete until it is."""
 
 
-def _finish_interrupted_drop(conn: Connection, walk: Walk, pending: dict[str, str]) -> None:
-    leaf = Leaf(TableSpec.parse(pending["leaf"]), TableSpec.parse(pending["parent"]),
-                pending["bound"], parent_has_default=False)
-    finalize_pending(conn, leaf)
-    if is_attached(conn, leaf) or regclass_of(conn, leaf.table) is None:
-        return
-    spec = dataclasses.replace(walk.options.table, schema=leaf.table.schema, name=leaf.table.name)
-    statements = Statements.for_target(resolve_target(conn, spec), walk.options.older_than is not None)
-    dropped = finish_detached(conn, leaf, statements, walk.params, walk.run.id)
-    if dropped is None:
-        raise MsggcError(f"{leaf.table.qualified}, detached by an interrupted run, holds rows that are"
-                         " not garbage: it is attached again; run again to walk it row by row")
-    walk.record_drop(pending["leaf"], dropped)
+def recover(conn: Connection, table: TableSpec, lock_timeout_ms: int) -> list[str]:
+    """Attach again every leaf of ``table`` that a run recorded and left detached or pending
+    detach (finalized first, never a second concurrent detach), moving back in the same
+    transaction the rows that a default partition took meanwhile; returns their names. It
+    drops nothing: the run's own planning decides on them as on any leaf."""
+    attached = []
+    for run_id, recorded in runs.unfinished_detaches(conn, table.qualified):
+        leaf = _recorded(recorded)
+        if _attached_again(conn, leaf, lock_timeout_ms):
+            attached.append(leaf.table.qualified)
+        runs.forget_detached(conn, run_id, recorded["leaf"])
+    return attached
+
+
+def left_detached(conn: Connection) -> list[tuple[Leaf, str, int]]:
+    """Every leaf an earlier run recorded and left detached or pending, with its state and run:
+    ``msggc status`` shows them until the next run on their table attaches them again."""
+    leaves = [(_recorded(record), run_id) for run_id, record in runs.unfinished_detaches(conn)]
+    return [(leaf, state, run_id) for leaf, run_id in leaves
+            if (state := detach_state(conn, leaf)) in ("pending", "detached")]
+
+
+def _recorded(record: dict[str, str]) -> Leaf:
+    return Leaf(TableSpec.parse(record["leaf"]), TableSpec.parse(record["parent"]), record["bound"])
+
+
+def _attached_again(conn: Connection, leaf: Leaf, lock_timeout_ms: int) -> bool:
+    """The leaf finalized if pending, then attached again; False when it is attached or gone."""
+    state = detach_state(conn, leaf)
+    if state == "pending":
+        finalize = sql.SQL("ALTER TABLE {} DETACH PARTITION {} FINALIZE").format(
+            table_ident(leaf.parent), table_ident(leaf.table))
+        _retried(conn, lock_timeout_ms, leaf, "finalize its pending detach", lambda: conn.execute(finalize))
+    if state not in ("pending", "detached"):
+        return False
+    _retried(conn, lock_timeout_ms, leaf, "attach it again", lambda: _attach_again(conn, leaf))
+    return True
+
+
+def detach_state(conn: Connection, leaf: Leaf) -> str:
+    """``gone`` (no such table), ``attached``, ``pending`` (detach to finalize) or ``detached``."""
+    row = conn.execute(
+        "SELECT c.oid, i.inhdetachpending FROM pg_class c"
+        " LEFT JOIN pg_inherits i ON i.inhrelid = c.oid WHERE c.oid = to_regclass(%s)",
+        (table_ident(leaf.table).as_string(conn),)).fetchone()
+    if row is None:
+        return "gone"
+    return "detached" if row[1] is None else "pending" if row[1] else "attached"
+
+
+def _retried(conn: Connection, lock_timeout_ms: int, leaf: Leaf, what: str,
+             step: Callable[[], object]) -> None:
+    """``step`` under ``lock_timeout``, retried with backoff; a clear failure if it keeps
+    waiting for the application."""
+    for attempt in range(DETACH_ATTEMPTS):
+        try:
+            conn.execute("SELECT set_config('lock_timeout', %s, false)", (f"{lock_timeout_ms}ms",))
+            step()
+            return
+        except pg_errors.LockNotAvailable:
+            time.sleep(DETACH_BACKOFF_S * 2**attempt)
+        except pg_errors.InsufficientPrivilege as exc:
+            raise LeafNotRecovered(f"{leaf.table.qualified}, left detached by an earlier run, needs its owner"
+                                   f" to {what}: {exc.diag.message_primary}") from None
+        finally:
+            conn.execute("RESET lock_timeout")
+    raise LeafNotRecovered(
+        f"{leaf.table.qualified}, left detached by an earlier run, could not {what}: the application"
+        f" held its locks past lock_timeout ({lock_timeout_ms} ms) {DETACH_ATTEMPTS} times; nothing is"
+        " lost, and the next run tries again first")
+
+
+def _attach_again(conn: Connection, leaf: Leaf) -> None:
+    """One transaction: the rows a default partition took in the leaf's range move back into the
+    leaf, and the leaf is attached with its bound."""
+    with conn.transaction():
+        default = conn.execute(
+            "SELECT n.nspname, s.relname FROM pg_inherits i JOIN pg_class s ON s.oid = i.inhrelid"
+            " JOIN pg_namespace n ON n.oid = s.relnamespace"
+            " WHERE i.inhparent = to_regclass(%s) AND pg_get_expr(s.relpartbound, s.oid) = 'DEFAULT'",
+            (table_ident(leaf.parent).as_string(conn),)).fetchone()
+        if default is not None:
+            _move_back(conn, leaf, sql.Identifier(*default))
+        conn.execute(sql.SQL("ALTER TABLE {} ATTACH PARTITION {} {}").format(
+            table_ident(leaf.parent), table_ident(leaf.table), sql.SQL(leaf.bound)))  # bound from the catalog
+
+
+def _move_back(conn: Connection, leaf: Leaf, default: sql.Composable) -> None:
+    key, columns = one_row(conn.execute(
+        "SELECT a.attname, (SELECT array_agg(attname ORDER BY attnum) FROM pg_attribute"
+        "  WHERE attrelid = p.oid AND attnum > 0 AND NOT attisdropped AND attgenerated = '')"
+        " FROM pg_class p JOIN pg_partitioned_table pt ON pt.partrelid = p.oid"
+        " JOIN pg_attribute a ON a.attrelid = p.oid AND a.attnum = pt.partattrs[0]"
+        " WHERE p.oid = to_regclass(%s)", (table_ident(leaf.parent).as_string(conn),)))
+    ends = RANGE_BOUND.fullmatch(leaf.bound)
+    if ends is None:
+        raise MsggcError(f"{leaf.table.qualified}: unexpected partition bound {leaf.bound!r}")
+    lower, upper = ends.groups()  # constants the server printed from its catalog
+    in_range = [sql.SQL("{} < {}").format(sql.Identifier(key), sql.SQL(upper))]
+    if lower != "MINVALUE":
+        in_range.append(sql.SQL("{} >= {}").format(sql.Identifier(key), sql.SQL(lower)))
+    names = sql.SQL(", ").join(sql.Identifier(column) for column in columns)  # generated ones follow
+    conn.execute(sql.SQL(
+        "WITH moved AS (DELETE FROM {default} WHERE {in_range} RETURNING {names})"
+        " INSERT INTO {leaf} ({names}) OVERRIDING SYSTEM VALUE SELECT {names} FROM moved"
+    ).format(default=default, in_range=sql.SQL(" AND ").join(in_range), names=names,
+             leaf=table_ident(leaf.table)))

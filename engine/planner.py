@@ -48,6 +48,7 @@ same bound the probe gives), and a batch needs no index probe for where ``size``
 arithmetic one 2.47-2.50 s, one ``DELETE`` 2.26-2.44 s)."""
 
 LEAF_SAMPLE_BLOCKS = 128
+DROP_WHOLE_REASON = "every row is garbage (checked exactly): detached and dropped whole"
 """Blocks sampled of each leaf of a partitioned table: a live row of a mostly live leaf shows in
 any sample (so a leaf dropped whole is told from one that is not, see :mod:`engine.partitions`),
 and the garbage share of a small leaf is close enough to plan it."""
@@ -334,11 +335,11 @@ def leaf_plan(conn: Connection, options: GcOptions, target: Target, statements: 
 
 
 def whole_leaf_plan(conn: Connection, target: Target, cutoff: datetime | None, sample: Sample) -> Plan:
-    """A leaf partition about to be dropped whole (its sample found only garbage); if the drop
+    """A leaf partition about to be dropped whole (found wholly garbage, exactly); if the drop
     cannot happen after all, it is walked by TID ranges like any dense table."""
     facts = TableFacts(oid=target.oid, blocks=sample.blocks, rows_estimate=sample.rows_estimate,
                        garbage_fraction=1.0, garbage_index=None, key_indexed=False, key_min=None,
                        key_max=None, server_version=conn.info.server_version, key=target.key,
                        integer_key=target.integer_key)
-    return Plan(strategy="physical", reason="every row is garbage: detached and dropped whole", facts=facts,
+    return Plan(strategy="physical", reason=DROP_WHOLE_REASON, facts=facts,
                 cutoff=cutoff, drop_whole=True)

@@ -192,32 +192,23 @@ def add_sweep(conn: Connection, run_id: int, part: Slice | None, retried: int) -
                  (retried, run_id))
 
 
-def mark_detaching(conn: Connection, run_id: int, leaf: str, parent: str | None,
-                   bound: str | None = None) -> None:
-    """Before a leaf is detached to be dropped (``parent`` None: no longer): a run killed
-    meanwhile is finished by the next one, which finds the leaf here."""
-    if parent is None:
-        conn.execute("UPDATE gc_runs SET cursor = cursor #- ARRAY['detaching', %s] WHERE id = %s",
-                     (leaf, run_id))
-        return
-    conn.execute(
-        "UPDATE gc_runs SET cursor = jsonb_set(cursor, '{detaching}',"
-        " coalesce(nullif(cursor -> 'detaching', 'null'), '{}') || jsonb_build_object(%s::text, %s::jsonb))"
-        " WHERE id = %s",
-        (leaf, Jsonb({"leaf": leaf, "parent": parent, "bound": bound}), run_id))
+def unfinished_detaches(conn: Connection, table: str | None = None) -> list[tuple[int, dict[str, str]]]:
+    """``(run id, record)`` of every leaf a run recorded before detaching it (versions that
+    detached and dropped in two steps) and did not see through: of ``table``, or of any table.
+    A record is a single leaf in runs from before several workers dropped side by side."""
+    rows = conn.execute(
+        "SELECT id, cursor -> 'detaching' FROM gc_runs WHERE cursor -> 'detaching' NOT IN ('null', '{}')"
+        " AND (%s::text IS NULL OR table_name = %s) ORDER BY id", (table, table)).fetchall()
+    return [(run_id, leaf) for run_id, recorded in rows
+            for leaf in ([recorded] if "leaf" in recorded else recorded.values())]
 
 
-def detaching(conn: Connection, run_id: int) -> list[dict[str, str]]:
-    """The leaves the run was detaching, by the record :func:`mark_detaching` keeps (a single
-    leaf in the record of runs before several workers dropped side by side)."""
-    recorded = one_row(conn.execute("SELECT cursor -> 'detaching' FROM gc_runs WHERE id = %s", (run_id,)))[0]
-    if not recorded:
-        return []
-    return [recorded] if "leaf" in recorded else list(recorded.values())
-
-
-def forget_detaching(conn: Connection, run_id: int) -> None:
-    conn.execute("UPDATE gc_runs SET cursor = cursor - 'detaching' WHERE id = %s", (run_id,))
+def forget_detached(conn: Connection, run_id: int, leaf: str) -> None:
+    """The leaf is attached again (or gone): its record is done with."""
+    conn.execute("UPDATE gc_runs SET cursor = CASE WHEN cursor #>> '{detaching,leaf}' = %(leaf)s"
+                 " THEN cursor - 'detaching' ELSE cursor #- ARRAY['detaching', %(leaf)s] END"
+                 " WHERE id = %(run)s",
+                 {"leaf": leaf, "run": run_id})
 
 
 def record_drop(conn: Connection, run_id: int, leaf: str, rows: int) -> None:

@@ -127,3 +127,23 @@ def make_dsn(postgresql_noproc: NoopExecutor, server_dsn: str) -> Iterator[Calla
     yield make
     for janitor in janitors:
         janitor.drop()
+
+
+@pytest.fixture
+def role_dsn(conn: psycopg.Connection[Any], dsn: str, server_dsn: str) -> Iterator[Callable[..., str]]:
+    """Make a login role with the given grants and return a DSN for it; dropped afterwards."""
+    made: list[str] = []
+
+    def make(*grants: str) -> str:
+        role = f"msggc_role_{uuid.uuid4().hex[:8]}"
+        conn.execute(sql.SQL("CREATE ROLE {} LOGIN").format(sql.Identifier(role)))
+        made.append(role)
+        for grant in grants:
+            conn.execute(sql.SQL(grant).format(role=sql.Identifier(role)))
+        return make_conninfo(dsn, user=role)
+
+    yield make
+    for role in made:
+        conn.execute(sql.SQL("DROP OWNED BY {}").format(sql.Identifier(role)))
+        with psycopg.connect(server_dsn, autocommit=True) as admin:
+            admin.execute(sql.SQL("DROP ROLE {}").format(sql.Identifier(role)))

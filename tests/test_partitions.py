@@ -12,9 +12,10 @@ import pytest
 
 from engine import collect, runs
 from engine.config import GcOptions, TableSpec
+from engine.planner import DROP_WHOLE_REASON
 from engine.status import RunStatus
 from tests.polling import wait_until
-from tests.support import run_cli, spawn_cli
+from tests.support import run_cli
 
 LAYOUTS = {
     "range": ("PARTITION BY RANGE (day)", [
@@ -188,7 +189,9 @@ APP_WRITES = {
 
 
 @pytest.mark.parametrize("write", sorted(APP_WRITES))
-def test_a_row_written_live_while_the_leaf_is_detached_keeps_it_attached_and_is_not_lost(conn, dsn, write):
+def test_a_row_written_live_while_the_leaf_waits_to_be_dropped_keeps_it_and_is_not_lost(conn, dsn, write):
+    """The drop locks the leaf against writers before its last read: the application's write,
+    not yet committed, holds it off; once committed, the read finds the live row."""
     make_daily(conn)
     app = psycopg.connect(dsn)  # the application: a live row, not yet committed
     app.execute(APP_WRITES[write])
@@ -196,7 +199,8 @@ def test_a_row_written_live_while_the_leaf_is_detached_keeps_it_attached_and_is_
     gc = threading.Thread(target=lambda: done.append(collect(dsn, GcOptions(table=TableSpec(name="inbox")))))
     gc.start()
     wait_until(lambda: conn.execute("SELECT 1 FROM pg_stat_activity WHERE application_name = 'msggc'"
-                                    " AND query LIKE '%DETACH PARTITION%'").fetchone(), what="the detach")
+                                    " AND query LIKE 'LOCK TABLE %inbox_d0% IN SHARE MODE'").fetchone(),
+               what="the drop to lock the leaf")
     app.commit()
     app.close()
     gc.join(60)
@@ -233,19 +237,121 @@ def test_a_leaf_with_scarce_garbage_is_walked_by_its_sweep_alone(conn, dsn):
     assert survivors(conn) == kept
 
 
-def test_a_leaf_left_detached_by_a_killed_run_is_dropped_by_the_next(conn, dsn):
+def left_detached_by_an_earlier_version(conn, dsn: str, leaf: str, *, concurrently: bool = False) -> int:
+    """What a run of a version that detached and dropped in two steps left when it was killed
+    between them: the leaf recorded in its run's cursor, then detached (or, ``concurrently``,
+    left pending detach: its ``DETACH ... CONCURRENTLY`` killed while an old snapshot held it)."""
+    run = collect(dsn, GcOptions(table=TableSpec(name="inbox"), no_drop=True, max_rows=10, batch_size=10))
+    assert run.status is RunStatus.STOPPED
+    bound = conn.execute("SELECT pg_get_expr(relpartbound, oid) FROM pg_class WHERE relname = %s",
+                         (leaf,)).fetchone()[0]
+    conn.execute("UPDATE gc_runs SET cursor = jsonb_set(cursor, '{detaching}', jsonb_build_object(%s::text,"
+                 " jsonb_build_object('leaf', %s::text, 'parent', 'public.inbox', 'bound', %s::text)))"
+                 " WHERE id = %s", (f"public.{leaf}", f"public.{leaf}", bound, run.run_id))
+    if not concurrently:
+        conn.execute(f"ALTER TABLE inbox DETACH PARTITION {leaf}")
+        return run.run_id
+    reader = psycopg.connect(dsn)  # an old snapshot: the concurrent detach waits for it
+    reader.execute("BEGIN ISOLATION LEVEL REPEATABLE READ")
+    reader.execute("SELECT count(*) FROM inbox")
+    detacher = psycopg.connect(dsn, autocommit=True)
+    pid = detacher.info.backend_pid
+
+    def detach() -> None:
+        with pytest.raises(psycopg.OperationalError):  # killed while it waits
+            detacher.execute(f"ALTER TABLE inbox DETACH PARTITION {leaf} CONCURRENTLY")
+
+    waiting = threading.Thread(target=detach)
+    waiting.start()
+    wait_until(lambda: conn.execute("SELECT 1 FROM pg_stat_activity WHERE pid = %s"
+                                    " AND wait_event_type = 'Lock'", (pid,)).fetchone(),
+               what="the concurrent detach to wait")
+    conn.execute("SELECT pg_terminate_backend(%s)", (pid,))
+    waiting.join()
+    reader.close()
+    assert conn.execute("SELECT inhdetachpending FROM pg_inherits WHERE inhrelid = %s::regclass",
+                        (leaf,)).fetchone() == (True,)
+    return run.run_id
+
+
+def unfinished_leaves(conn) -> list[Any]:
+    return conn.execute("SELECT c.relname FROM pg_class c WHERE c.relname LIKE 'inbox_d%'"
+                        " AND c.relkind = 'r' AND NOT EXISTS (SELECT 1 FROM pg_inherits i"
+                        "  WHERE i.inhrelid = c.oid AND NOT i.inhdetachpending)").fetchall()
+
+
+@pytest.mark.parametrize("concurrently", [False, True], ids=["detached", "pending"])
+@pytest.mark.parametrize("flags", [{}, {"no_drop": True}, {"archive_to": "archive.csv.gz"}],
+                         ids=["default", "no-drop", "archive-to"])
+def test_a_leaf_an_earlier_version_left_detached_is_attached_again_by_the_next_run_whatever_its_flags(
+        conn, dsn, tmp_path, flags, concurrently):
     make_daily(conn)
-    first = collect(dsn, GcOptions(table=TableSpec(name="inbox"), no_drop=True, max_rows=10, batch_size=10))
-    assert first.status is RunStatus.STOPPED
-    # what the killed run had done: recorded the leaf, detached it, died before the drop
-    runs.mark_detaching(conn, first.run_id, "public.inbox_d2", "public.inbox", "FOR VALUES FROM (2) TO (3)")
-    conn.execute("ALTER TABLE inbox DETACH PARTITION inbox_d2")
-    second = collect(dsn, GcOptions(table=TableSpec(name="inbox")))
-    assert second.status is RunStatus.COMPLETE and second.resumed_from == first.run_id
-    assert conn.execute("SELECT to_regclass('inbox_d2')").fetchone()[0] is None
-    assert conn.execute("SELECT count(*) FROM inbox WHERE processed_at IS NOT NULL").fetchone()[0] == 0
-    total = conn.execute("SELECT sum(messages_deleted) FROM gc_runs").fetchone()[0]
-    assert total == 3 * 200 + 3 * 40
+    kept = expected_survivors(conn)
+    left_detached_by_an_earlier_version(conn, dsn, "inbox_d2", concurrently=concurrently)
+    if "archive_to" in flags:
+        flags = {"archive_to": str(tmp_path / flags["archive_to"])}
+    again = collect(dsn, GcOptions(table=TableSpec(name="inbox"), **flags))
+    assert again.status is RunStatus.COMPLETE, again.error
+    assert unfinished_leaves(conn) == [] and runs.unfinished_detaches(conn) == []
+    assert survivors(conn) == kept
+    assert conn.execute("SELECT sum(messages_deleted) FROM gc_runs").fetchone()[0] == 3 * 200 + 3 * 40
+
+
+@pytest.mark.parametrize("flags", [{}, {"no_drop": True}], ids=["default", "no-drop"])
+def test_rows_a_default_partition_took_while_a_leaf_was_detached_move_back_when_it_is_attached_again(
+        conn, dsn, flags):
+    make_daily(conn)
+    conn.execute("CREATE TABLE inbox_rest PARTITION OF inbox DEFAULT")
+    kept = expected_survivors(conn)
+    left_detached_by_an_earlier_version(conn, dsn, "inbox_d1")
+    conn.execute("INSERT INTO inbox VALUES (900001, 1, NULL, 'while detached'), (900002, 1, now(), 'old')")
+    assert conn.execute("SELECT tableoid::regclass::text FROM inbox WHERE id = 900001").fetchone() == (
+        "inbox_rest",)
+    again = collect(dsn, GcOptions(table=TableSpec(name="inbox"), **flags))
+    assert again.status is RunStatus.COMPLETE, again.error
+    assert conn.execute("SELECT tableoid::regclass::text, body FROM inbox WHERE id >= 900000").fetchall() == [
+        ("inbox_d1", "while detached")]
+    assert conn.execute("SELECT count(*) FROM inbox_rest").fetchone()[0] == 0
+    assert unfinished_leaves(conn) == []
+    assert survivors(conn)[0] == kept[0] + 1
+    assert conn.execute("SELECT sum(messages_deleted) FROM gc_runs").fetchone()[0] == 3 * 200 + 3 * 40 + 1
+
+
+def test_a_leaf_left_pending_that_cannot_be_finalized_fails_the_run_in_one_line_and_status_shows_it(
+        conn, dsn):
+    make_daily(conn)
+    left_detached_by_an_earlier_version(conn, dsn, "inbox_d2", concurrently=True)
+    reader = psycopg.connect(dsn)  # holds the leaf: FINALIZE waits for it past lock_timeout
+    reader.execute("BEGIN")
+    reader.execute("SELECT count(*) FROM inbox_d2")
+    try:
+        done = run_cli("gc", "--dsn", dsn, "--table", "inbox", "--lock-timeout-ms", "20")
+    finally:
+        reader.close()
+    assert done.returncode != 0
+    assert done.stderr.strip().splitlines() == [
+        "msggc: error: public.inbox_d2, left detached by an earlier run, could not finalize its pending"
+        " detach: the application held its locks past lock_timeout (20 ms) 5 times; nothing is lost,"
+        " and the next run tries again first"]
+    status = run_cli("status", "--dsn", dsn)
+    assert "public.inbox_d2 of public.inbox: pending detach" in status.stdout
+    assert collect(dsn, GcOptions(table=TableSpec(name="inbox"))).status is RunStatus.COMPLETE
+    assert unfinished_leaves(conn) == []
+
+
+def test_a_role_that_may_delete_but_does_not_own_the_table_walks_every_leaf_row_by_row(conn, dsn, role_dsn):
+    make_daily(conn)
+    kept = expected_survivors(conn)
+    deleter = role_dsn("GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA public TO {role}")
+    planned = run_cli("gc", "--dsn", deleter, "--table", "inbox", "--dry-run", "--json")
+    assert planned.returncode == 0, planned.stderr
+    assert json.loads(planned.stdout)["partitions"]["public.inbox_d0"]["why"] == (
+        "walked row by row: not a range leaf, owned by this role, that a later leaf with rows follows")
+    result = collect(deleter, GcOptions(table=TableSpec(name="inbox")))
+    assert result.status is RunStatus.COMPLETE, result.error
+    assert not any(part["dropped"] for part in result.partitions.values()) and len(leaves(conn)) == 6
+    assert result.messages_deleted == 3 * 200 + 3 * 40
+    assert survivors(conn) == kept
 
 
 def test_dry_run_says_which_leaves_would_be_dropped_and_why(conn, dsn):
@@ -254,7 +360,7 @@ def test_dry_run_says_which_leaves_would_be_dropped_and_why(conn, dsn):
     assert done.returncode == 0, done.stderr
     planned = json.loads(done.stdout)["partitions"]
     verdicts = {leaf: (part["drop"], part["why"]) for leaf, part in planned.items()}
-    assert verdicts["public.inbox_d0"] == (True, "every row is garbage: detached and dropped whole")
+    assert verdicts["public.inbox_d0"] == (True, DROP_WHOLE_REASON)
     assert verdicts["public.inbox_d4"] == (False, "walked row by row: not all its rows are garbage")
     assert len(leaves(conn)) == 6
 
@@ -268,35 +374,6 @@ def test_dry_run_of_a_plain_table_says_what_a_daily_partitioning_would_drop(conn
     assert done.returncode == 0, done.stderr
     assert json.loads(done.stdout)["partitioning_advice"] == {
         "column": "created_at", "interval": "day", "partitions": 10, "droppable": 4, "rows": 400}
-
-
-def test_a_run_killed_while_it_detaches_a_leaf_is_finished_by_the_next_and_nothing_is_lost(conn, dsn):
-    """``kill -9`` while ``DETACH PARTITION CONCURRENTLY`` waits for an old snapshot (the leaf is
-    left detach-pending): the next run finalizes the detach, checks the leaf again and drops it."""
-    make_daily(conn)
-    kept = expected_survivors(conn)
-    reader = psycopg.connect(dsn)  # an application's long read: the concurrent detach waits for it
-    reader.execute("BEGIN ISOLATION LEVEL REPEATABLE READ")
-    reader.execute("SELECT count(*) FROM inbox")
-    killed = spawn_cli("gc", "--dsn", dsn, "--table", "inbox", "--lock-timeout-ms", "5000")
-    wait_until(lambda: conn.execute("SELECT 1 FROM pg_stat_activity WHERE application_name = 'msggc'"
-                                    " AND query LIKE '%DETACH PARTITION%' AND wait_event_type = 'Lock'"
-                                    ).fetchone(), what="the detach to wait for the old snapshot")
-    killed.kill()
-    killed.communicate()
-    reader.rollback()
-    reader.close()
-    wait_until(lambda: not conn.execute("SELECT 1 FROM pg_stat_activity WHERE application_name = 'msggc'"
-                                        ).fetchone(), what="the killed run's backend to end")
-    pending = conn.execute("SELECT jsonb_object_keys(cursor -> 'detaching') FROM gc_runs").fetchall()
-    assert pending == [("public.inbox_d0",)]
-    again = collect(dsn, GcOptions(table=TableSpec(name="inbox")))
-    assert again.status is RunStatus.COMPLETE, again.error
-    assert leaves(conn) == ["inbox_d3", "inbox_d4", "inbox_d5"]
-    assert conn.execute("SELECT to_regclass('inbox_d0')").fetchone()[0] is None
-    assert survivors(conn) == kept
-    total = conn.execute("SELECT sum(messages_deleted) FROM gc_runs").fetchone()[0]
-    assert total == 3 * 200 + 3 * 40
 
 
 def test_an_application_writing_into_the_leaves_being_dropped_for_the_whole_run_loses_nothing(conn, dsn):

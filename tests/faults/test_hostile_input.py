@@ -6,13 +6,10 @@ from __future__ import annotations
 
 import json
 import subprocess
-import uuid
-from collections.abc import Iterator
 from datetime import timedelta
 from typing import Any
 from urllib.parse import quote
 
-import psycopg
 import pytest
 from click.testing import CliRunner
 from psycopg import sql
@@ -147,26 +144,6 @@ def test_a_dsn_password_never_appears_in_output_errors_or_the_database(
             assert proc.returncode == 2, (name, proc.stderr)
             one_line_error(proc.stderr)
     assert all("password=***" in runs[f"migrate {form}"].stdout for form in ("keyword", "uri", "query"))
-
-
-@pytest.fixture
-def role_dsn(conn: Conn, dsn: str, server_dsn: str) -> Iterator[Any]:
-    """Make a login role with the given grants and return a DSN for it; dropped afterwards."""
-    made: list[str] = []
-
-    def make(*grants: str) -> str:
-        role = f"msggc_role_{uuid.uuid4().hex[:8]}"
-        conn.execute(sql.SQL("CREATE ROLE {} LOGIN").format(sql.Identifier(role)))
-        made.append(role)
-        for grant in grants:
-            conn.execute(sql.SQL(grant).format(role=sql.Identifier(role)))
-        return make_conninfo(dsn, user=role)
-
-    yield make
-    for role in made:
-        conn.execute(sql.SQL("DROP OWNED BY {}").format(sql.Identifier(role)))
-        with psycopg.connect(server_dsn, autocommit=True) as admin:
-            admin.execute(sql.SQL("DROP ROLE {}").format(sql.Identifier(role)))
 
 
 @pytest.mark.parametrize(
