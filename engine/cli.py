@@ -317,17 +317,22 @@ def _phase_progress() -> Iterator[Callable[[str, float], None] | None]:
 @click.option("--json", "as_json", is_flag=True)
 @friendly_errors
 def status(dsn: str | None, limit: int, as_json: bool) -> None:
-    """Show the most recent GC runs."""
-    from engine import runs
+    """Show the most recent GC runs, and any leaf partition an earlier run left detached."""
+    from engine import partitions, runs
     from engine.db import require_bookkeeping
 
     with connection(resolve_dsn(dsn)) as conn:
         require_bookkeeping(conn)
         rows = runs.recent(conn, limit)
+        left = partitions.left_detached(conn)
     if as_json:
         click.echo(json.dumps(rows, default=str))
         return
     print_status(rows)
+    for leaf, state, run_id in left:
+        parent = leaf.parent.qualified
+        click.echo(f"{leaf.table.qualified} of {parent}: {state.replace('pending', 'pending detach')}"
+                   f" since run {run_id}; the next gc on {parent} attaches it again first")
 
 
 @main.command()
