@@ -167,7 +167,8 @@ def seed(dsn: str | None, table: str, rows: int, shape: str, garbage_fraction: f
 @table_option
 @key_option
 @click.option("--processed-column", metavar="COLUMN", default=None,
-              help="A row is garbage once this column IS NOT NULL (default: processed_at).")
+              help="A row is garbage once this timestamp or date column IS NOT NULL, or once this"
+                   " boolean IS TRUE (default: processed_at); any other type: use --where.")
 @click.option("--where", "where", metavar="EXPR", default=None,
               help="SQL filter garbage must also pass, e.g. \"status = 'read'\" (alone on a table"
                    " with no processed column). One boolean expression over the table's columns.")

@@ -35,12 +35,13 @@ which bounds how long a batch holds its row locks, does not apply to it."""
 
 
 def garbage_predicate(target: Target, with_cutoff: bool) -> sql.Composable:
-    """The processed column IS NOT NULL (older than the cutoff with a retention), and the
-    operator's ``--where`` filter, re-rendered from its validated parse tree."""
+    """The processed column's test (IS NOT NULL, or IS TRUE for a boolean; older than the cutoff
+    with a retention), and the operator's ``--where`` filter, re-rendered from its validated parse
+    tree."""
     parts: list[sql.Composable] = []
     if target.processed is not None:
         column = sql.Identifier(target.processed)
-        parts.append(sql.SQL("{c} IS NOT NULL").format(c=column))
+        parts.append(sql.SQL("{c} {test}").format(c=column, test=sql.SQL(target.processed_test)))
         if with_cutoff:
             parts.append(sql.SQL("{c} < %(cutoff)s").format(c=column))
     if target.filter is not None:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Collection
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal
 
 import psycopg
 from psycopg import sql
@@ -28,6 +28,8 @@ if TYPE_CHECKING:  # engine.predicate loads pglast (~60 ms): imported only when 
 DEFAULT_PROCESSED_COLUMN = "processed_at"
 INTEGER_TYPES = ("bigint", "integer", "smallint")
 TIME_TYPES = ("timestamp with time zone", "timestamp without time zone", "date")
+FLAG_TYPES = ("boolean",)
+ProcessedTest = Literal["IS NOT NULL", "IS TRUE"]
 RELATION_KINDS = {"v": "a view", "m": "a materialized view", "f": "a foreign table", "S": "a sequence",
                   "i": "an index", "I": "a partitioned index", "c": "a composite type", "t": "a TOAST table"}
 BOOKKEEPING_PRIVILEGES = (("gc_runs", "SELECT"), ("gc_runs", "INSERT"), ("gc_runs", "UPDATE"),
@@ -43,12 +45,15 @@ class Target:
     key: tuple[str, ...]
     """The key the keyset walks order by; empty when the table has none (physical walk only)."""
     processed: str | None
-    """The processed column: garbage once it IS NOT NULL; None when ``--where`` alone says."""
+    """The processed column (its test: :attr:`processed_test`); None when ``--where`` alone says."""
     filter: Filter | None
     references: tuple[Reference, ...] = ()
     """Foreign keys of other tables (or this one) onto it."""
     leaves: tuple[Target, ...] = ()
     """A partitioned table's leaf partitions, each a target of its own (a ctid is per leaf)."""
+    processed_test: ProcessedTest = "IS NOT NULL"
+    """How the processed column says garbage: a timestamp or a date once it IS NOT NULL, a boolean
+    once it IS TRUE (``false`` is a row not processed yet, not garbage)."""
 
     @property
     def integer_key(self) -> bool:
@@ -61,7 +66,7 @@ class Target:
 
     def describe(self) -> str:
         """The garbage predicate in force, as the run record and ``msggc status`` show it."""
-        parts = [f"{self.processed} IS NOT NULL"] if self.processed else []
+        parts = [f"{self.processed} {self.processed_test}"] if self.processed else []
         if self.filter is not None:
             parts.append(f"({self.filter.text})")
         return " AND ".join(parts)
@@ -82,9 +87,11 @@ def resolve(conn: Connection, spec: TableSpec, *, with_retention: bool = False) 
         _check_on_server(conn, spec, flt)
     leaves = tuple(resolve(conn, leaf, with_retention=with_retention) for leaf in _leaves(conn, oid, spec)
                    ) if partitioned else ()
-    target = Target(spec, oid, columns, _key(conn, spec, oid, columns), _processed(spec, columns, flt), flt,
-                    referencing(conn, oid), leaves)
-    if with_retention and (target.processed is None or columns[target.processed] not in TIME_TYPES):
+    processed = _processed(spec, columns, flt)
+    kind = _processed_type(conn, spec, oid, processed)
+    target = Target(spec, oid, columns, _key(conn, spec, oid, columns), processed, flt,
+                    referencing(conn, oid), leaves, "IS TRUE" if kind in FLAG_TYPES else "IS NOT NULL")
+    if with_retention and (target.processed is None or kind not in TIME_TYPES):
         raise UsageError(
             f"--older-than needs a date/time processed column; {spec.qualified}."
             f"{target.processed or '(none)'} is {columns.get(target.processed or '', 'absent')}:"
@@ -180,6 +187,33 @@ def _processed(spec: TableSpec, columns: dict[str, str], flt: Filter | None) -> 
     raise TargetTableError(
         f"table {spec.qualified} has no column {DEFAULT_PROCESSED_COLUMN!r}: name the column that marks"
         " a message processed with --processed-column, or define garbage with --where")
+
+
+_BASE_TYPE = """
+WITH RECURSIVE base(typ, depth) AS (
+    SELECT atttypid, 0 FROM pg_attribute WHERE attrelid = %(oid)s AND attname = %(column)s
+    UNION ALL
+    SELECT t.typbasetype, depth + 1 FROM base JOIN pg_type t ON t.oid = base.typ WHERE t.typtype = 'd'
+)
+SELECT format_type(typ, NULL) FROM base ORDER BY depth DESC LIMIT 1
+"""
+
+
+def _processed_type(conn: Connection, spec: TableSpec, oid: int, column: str | None) -> str | None:
+    """The processed column's type under its domains, without modifiers (``timestamp(3) with time
+    zone`` is a timestamp). Only a time or a flag says garbage on its own: ``IS NOT NULL`` on a
+    boolean would take the ``false`` rows, on a text column the empty or ``'no'`` ones."""
+    if column is None:
+        return None
+    kind = str(one_row(conn.execute(_BASE_TYPE, {"oid": oid, "column": column}))[0])
+    if kind in TIME_TYPES + FLAG_TYPES:
+        return kind
+    problem = (f"{spec.qualified}.{column} is {kind}, not a timestamp or a date (garbage once set) or a"
+               " boolean (garbage once true)")
+    if spec.processed_column is not None:
+        raise TargetTableError(f"--processed-column: {problem}: say what garbage is with --where instead")
+    raise TargetTableError(f"the processed column {problem}: name the column that marks a row processed"
+                           " with --processed-column")
 
 
 def _require_privileges(conn: Connection, spec: TableSpec, oid: int) -> None:

@@ -322,6 +322,61 @@ def test_renamed_processed_column_via_the_cli(conn, dsn):
     expected.check(conn, [result["messages_deleted"]], [result["status"]])
 
 
+def flag_table(conn: Conn) -> None:
+    """A boolean processed column: true (garbage), false (seen, not processed) and NULL rows."""
+    conn.execute("CREATE TABLE flagged (id bigint PRIMARY KEY, body text NOT NULL, processed boolean)")
+    conn.execute("INSERT INTO flagged SELECT g, 'b' || g, CASE g % 3 WHEN 0 THEN true WHEN 1 THEN false END"
+                 " FROM generate_series(1, 3000) g")
+    conn.execute("ANALYZE flagged")
+
+
+@pytest.mark.parametrize("strategy", ["auto", "index", "key", "physical"])
+def test_a_boolean_processed_column_deletes_only_its_true_rows(conn, dsn, strategy):
+    """``IS NOT NULL`` on a boolean would take the ``false`` rows too: garbage is ``IS TRUE``."""
+    flag_table(conn)
+    conn.execute("CREATE INDEX flagged_garbage ON flagged (id) WHERE processed IS NOT NULL")
+    expected = Expected.take(conn, "flagged", "processed IS TRUE")
+    result = gc_json(dsn, "--table", "flagged", "--processed-column", "processed", "--strategy", strategy,
+                     "--batch-size", "100")
+    expected.check(conn, [result["messages_deleted"]], [result["status"]])
+    assert count(conn, "flagged", "processed IS FALSE") == 1000
+    assert result["garbage"] == "processed IS TRUE"
+
+
+def test_a_timestamp_processed_column_with_a_precision_or_under_a_domain_takes_a_retention(conn, dsn):
+    conn.execute("CREATE DOMAIN done_time AS timestamp(3) with time zone")
+    conn.execute("CREATE TABLE stamped (id bigint PRIMARY KEY, done done_time, seen date)")
+    conn.execute("INSERT INTO stamped SELECT g,"
+                 " CASE WHEN g % 2 = 0 THEN now() - make_interval(days => g % 20)"
+                 " END, CASE WHEN g % 3 = 0 THEN current_date - g % 20 END"
+                 " FROM generate_series(1, 2000) g")
+    expected = Expected.take(conn, "stamped", "done IS NOT NULL AND done < now() - interval '10 days'")
+    result = collect(dsn, options("stamped", processed_column="done", older_than=timedelta(days=10)))
+    expected.check_results(conn, result)
+    rows, dated = count(conn, "stamped"), count(conn, "stamped", "seen IS NOT NULL")
+    result = collect(dsn, options("stamped", processed_column="seen"))
+    assert (result.status, result.messages_deleted) == ("complete", dated)
+    assert count(conn, "stamped", "seen IS NOT NULL") == 0 and count(conn, "stamped") == rows - dated
+
+
+@pytest.mark.parametrize(("column_type", "shown"), [
+    ("text", "text"), ("integer", "integer"), ("jsonb", "jsonb"),
+    ("timestamptz[]", "timestamp with time zone[]"), ("time", "time without time zone"),
+])
+def test_a_processed_column_of_any_other_type_is_refused_in_one_line_pointing_to_where(
+        conn, dsn, column_type, shown):
+    conn.execute(f"CREATE TABLE typed (id bigint PRIMARY KEY, done {column_type})")
+    conn.execute("INSERT INTO typed SELECT g, NULL FROM generate_series(1, 10) g")
+    before = whole_digest(conn, "typed")
+    line = refused(dsn, "--table", "typed", "--processed-column", "done")
+    assert line == (f"msggc: error: --processed-column: typed.done is {shown}, not a timestamp or a date"
+                    " (garbage once set) or a boolean (garbage once true): say what garbage is with --where"
+                    " instead"), line
+    with pytest.raises(UsageError, match="say what garbage is with --where"):  # the Python API, the config
+        collect(dsn, options("typed", processed_column="done"))  # file and the service resolve it the same
+    assert whole_digest(conn, "typed") == before and gc_run_count(conn) == 0
+
+
 def status_table(conn: Conn) -> None:
     """No processed column at all: a status and a read flag."""
     conn.execute("CREATE TABLE inbox_state (id uuid PRIMARY KEY DEFAULT gen_random_uuid(),"

@@ -185,8 +185,10 @@ def test_status_and_migrate_as_a_role_without_privileges_are_one_line_errors(
     [
         ("CREATE TABLE target (id uuid PRIMARY KEY, processed_at timestamptz)", ["--strategy", "key"],
          "strategy key cannot walk this table: it cuts ranges of one integer key"),
-        ("CREATE TABLE target (id bigint PRIMARY KEY, processed_at text)", ["--older-than", "1d"],
+        ("CREATE TABLE target (id bigint PRIMARY KEY, processed_at boolean)", ["--older-than", "1d"],
          "--older-than needs a date/time processed column"),
+        ("CREATE TABLE target (id bigint PRIMARY KEY, processed_at text)", [],
+         "the processed column target.processed_at is text, not a timestamp or a date"),
         ("CREATE TABLE target (msg_id bigint PRIMARY KEY, done_at timestamptz)", [],
          "has no column 'processed_at': name the column that marks"),
         ("CREATE TABLE target (done_at timestamptz)", ["--processed-column=done_at", "--strategy=index"],
@@ -197,8 +199,8 @@ def test_status_and_migrate_as_a_role_without_privileges_are_one_line_errors(
         ("CREATE MATERIALIZED VIEW target AS SELECT * FROM messages", [], "is a materialized view"),
         ("CREATE SEQUENCE target", [], "target is a sequence, not a table"),
     ],
-    ids=["key-walk-on-uuid", "retention-on-text", "no-processed-column", "keyless-index-walk", "unknown-key",
-         "view", "materialized-view", "sequence"],
+    ids=["key-walk-on-uuid", "retention-on-a-flag", "processed-at-of-text", "no-processed-column",
+         "keyless-index-walk", "unknown-key", "view", "materialized-view", "sequence"],
 )
 def test_a_target_of_the_wrong_shape_gets_one_line_and_exit_2(
     conn: Conn, dsn: str, ddl: str, args: list[str], fragment: str, ledger: Ledger
