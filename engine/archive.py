@@ -60,7 +60,7 @@ def create_archive(conn: Connection, table: TableSpec) -> ArchiveCreated:
     (both only grow as rows arrive; a btree entry per archived row cost --archive dearly).
     An existing archive is kept when it has every column with the table's type, else refused.
     """
-    oid, schema, name = _plain_table(conn, table)
+    oid, schema, name = _plain_table(conn, table)  # a partitioned table's archive is not partitioned
     archive = TableSpec(name=f"{name}{ARCHIVE_SUFFIX}", schema=schema)
     if len(archive.name.encode()) > MAX_IDENTIFIER_BYTES:
         raise TargetTableError(f"the archive of {table.qualified} would be named {archive.name!r}, longer"
@@ -87,7 +87,10 @@ def column_types(conn: Connection, oid: int) -> dict[str, str]:
 
 
 def _plain_table(conn: Connection, table: TableSpec) -> tuple[int, str, str]:
-    """The table's oid, schema and name, as the catalog spells them."""
+    """The table's oid, schema and name, as the catalog spells them: a plain table or a
+    partitioned one (whose archive is one plain table with the parent's columns, where
+    ``gc --archive`` moves the rows of every leaf and whence ``restore --run`` puts them back
+    through the parent, each into the leaf that holds its range then)."""
     row = conn.execute(
         "SELECT c.oid, n.nspname, c.relname, c.relkind FROM pg_class c"
         " JOIN pg_namespace n ON n.oid = c.relnamespace WHERE c.oid = to_regclass(%s)",
@@ -95,10 +98,7 @@ def _plain_table(conn: Connection, table: TableSpec) -> tuple[int, str, str]:
     if row is None:
         raise TargetTableError(f"table {table.qualified} does not exist: check --archive-for (SCHEMA.TABLE)")
     oid, schema, name, kind = row
-    if kind == "p":
-        raise TargetTableError(f"{table.qualified} is a partitioned table: msggc collects its partitions,"
-                               " so make the archive of each (--archive-for PARTITION)")
-    if kind != "r":
+    if kind not in ("r", "p"):
         raise TargetTableError(f"{table.qualified} is {RELATION_KINDS.get(kind, 'not a table')}, not a table")
     return int(oid), str(schema), str(name)
 
