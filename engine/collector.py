@@ -198,7 +198,7 @@ def collect(
             plans, whole = _plans(conn, options, target)
             return dry_run(conn, plans, whole, legs, with_workers(conn, options, plans), target.target)
         lock_table(conn, options, target.oid)
-        if partitions.recover(conn, options.table, options.lock_timeout_ms):
+        if partitions.recover(conn, target.oid, options.lock_timeout_ms):
             target = check(conn, options)  # the leaves attached again are walked with the others
         plans, whole = _plans(conn, options, target)
         options = with_workers(conn, options, plans)

@@ -215,18 +215,27 @@ class LeafNotRecovered(MsggcError):
     (its rows are in it), and no run on the table can be complete until it is."""
 
 
-def recover(conn: Connection, table: TableSpec, lock_timeout_ms: int) -> list[str]:
-    """Attach again every leaf of ``table`` that a run recorded and left detached or pending
-    detach (finalized first, never a second concurrent detach), moving back in the same
-    transaction the rows that a default partition took meanwhile; returns their names. It
-    drops nothing: the run's own planning decides on them as on any leaf."""
+def recover(conn: Connection, oid: int, lock_timeout_ms: int) -> list[str]:
+    """Attach again every leaf of the table ``oid`` (however a run named it) that a run recorded
+    and left detached or pending detach (finalized first, never a second concurrent detach),
+    moving back in the same transaction the rows that a default partition took meanwhile;
+    returns their names. It drops nothing: the run's own planning decides on them as on any leaf."""
     attached = []
-    for run_id, recorded in runs.unfinished_detaches(conn, table.qualified):
-        leaf = _recorded(recorded)
+    for run_id, record in runs.unfinished_detaches(conn):
+        leaf = _recorded(record)
+        if not _in_tree(conn, leaf.parent, oid):
+            continue
         if _attached_again(conn, leaf, lock_timeout_ms):
             attached.append(leaf.table.qualified)
-        runs.forget_detached(conn, run_id, recorded["leaf"])
+        runs.forget_detached(conn, run_id, record["leaf"])
     return attached
+
+
+def _in_tree(conn: Connection, table: TableSpec, oid: int) -> bool:
+    """``table`` is the partitioned table ``oid`` or one of its partitions."""
+    return bool(one_row(conn.execute(
+        "SELECT to_regclass(%s) IN (SELECT relid FROM pg_partition_tree(%s))",
+        (table_ident(table).as_string(conn), oid)))[0])
 
 
 def left_detached(conn: Connection) -> list[tuple[Leaf, str, int]]:

@@ -192,13 +192,12 @@ def add_sweep(conn: Connection, run_id: int, part: Slice | None, retried: int) -
                  (retried, run_id))
 
 
-def unfinished_detaches(conn: Connection, table: str | None = None) -> list[tuple[int, dict[str, str]]]:
+def unfinished_detaches(conn: Connection) -> list[tuple[int, dict[str, str]]]:
     """``(run id, record)`` of every leaf a run recorded before detaching it (versions that
-    detached and dropped in two steps) and did not see through: of ``table``, or of any table.
-    A record is a single leaf in runs from before several workers dropped side by side."""
-    rows = conn.execute(
-        "SELECT id, cursor -> 'detaching' FROM gc_runs WHERE cursor -> 'detaching' NOT IN ('null', '{}')"
-        " AND (%s::text IS NULL OR table_name = %s) ORDER BY id", (table, table)).fetchall()
+    detached and dropped in two steps) and did not see through. A record is a single leaf in
+    runs from before several workers dropped side by side."""
+    rows = conn.execute("SELECT id, cursor -> 'detaching' FROM gc_runs"
+                        " WHERE cursor -> 'detaching' NOT IN ('null', '{}') ORDER BY id").fetchall()
     return [(run_id, leaf) for run_id, recorded in rows
             for leaf in ([recorded] if "leaf" in recorded else recorded.values())]
 
