@@ -41,6 +41,8 @@ def summary(result: GcResult) -> str:
         line += _guard_line(result)
     if result.reclaim and "after_vacuum" in result.reclaim:
         line += "; " + _reclaim_line(result.reclaim)
+    elif result.vacuum_skipped:
+        line += f"; vacuum skipped: {result.vacuum_skipped}"
     if result.rows_skipped_locked:
         line += f"; {result.rows_skipped_locked:,} locked rows left for the next run"
     line += _foreign_key_lines(result)
@@ -131,4 +133,5 @@ def _reclaim_line(space: dict[str, Any]) -> str:
     return (f"vacuum {space['vacuum_s']:.1f}s:"
             f" dead tuples {before['dead_tuples']:,} -> {after['dead_tuples']:,},"
             f" table {_mib(before['table_bytes'])} -> {_mib(after['table_bytes'])},"
-            f" indexes {_mib(before['index_bytes'])} -> {_mib(after['index_bytes'])}")
+            f" indexes {_mib(before['index_bytes'])} -> {_mib(after['index_bytes'])}"
+            + "".join(f" (server warning: {warning})" for warning in space.get("vacuum_warnings", ())))

@@ -352,6 +352,5 @@ def reclaim_space(conn: Connection, options: GcOptions, oid: int,
     """Sizes and dead tuples before and after the run, and after VACUUM when asked for."""
     space: dict[str, Any] = {"before": before, "after_gc": reclaim.health(conn, oid)}
     if options.vacuum:
-        space["vacuum_s"] = reclaim.vacuum(conn, options.table)
-        space["after_vacuum"] = reclaim.health(conn, oid)
+        space.update(reclaim.vacuum(conn, options.table, oid))
     return space

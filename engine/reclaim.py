@@ -10,6 +10,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
+import psycopg
 from psycopg import sql
 
 from engine.config import TableSpec
@@ -56,8 +57,59 @@ def health(conn: Connection, oid: int) -> dict[str, Any]:
     return report
 
 
-def vacuum(conn: Connection, table: TableSpec) -> float:
-    """``VACUUM (ANALYZE)`` the table (outside a transaction); returns the seconds it took."""
+_NOT_VACUUMABLE = """
+SELECT c.oid = %(oid)s, c.oid::regclass::text
+  FROM (SELECT %(oid)s::oid AS relid, 0 AS level
+        UNION SELECT relid, level FROM pg_partition_tree(%(oid)s::regclass)) t  -- none: a plain table
+  JOIN pg_class c ON c.oid = t.relid
+ WHERE NOT pg_has_role(c.relowner, 'USAGE')
+   AND NOT (pg_has_role((SELECT datdba FROM pg_database WHERE datname = current_database()), 'USAGE')
+            AND NOT c.relisshared)
+ ORDER BY t.level, 2
+"""
+"""The table, or those of its partitions, the role may not VACUUM: PostgreSQL's rule up to 16 is
+the owner (or a member of its role), the database's owner or a superuser; 17 adds the MAINTAIN
+privilege, checked apart."""
+
+
+def vacuum(conn: Connection, table: TableSpec, oid: int) -> dict[str, Any]:
+    """``VACUUM (ANALYZE)`` the table (outside a transaction): the seconds it took and the table
+    after it, or ``vacuum_skipped`` with the reason when the role may not vacuum it.
+
+    PostgreSQL does not refuse a VACUUM the role may not run: it skips the table with a WARNING
+    and succeeds, so a report of 0.0 s and the same dead tuples would read as "nothing to
+    reclaim". The rule is checked first; a WARNING the server still raises is reported too.
+    """
+    if (why := _why_not_vacuumable(conn, table, oid)) is not None:
+        return {"vacuum_skipped": why}
+    warnings: list[str] = []
+
+    def keep_warning(diag: psycopg.errors.Diagnostic) -> None:
+        if diag.severity_nonlocalized == "WARNING" and diag.message_primary:
+            warnings.append(diag.message_primary)
+
+    conn.add_notice_handler(keep_warning)
     began = time.monotonic()
-    conn.execute(sql.SQL("VACUUM (ANALYZE) {}").format(table_ident(table)))
-    return time.monotonic() - began
+    try:
+        conn.execute(sql.SQL("VACUUM (ANALYZE) {}").format(table_ident(table)))
+    finally:
+        conn.remove_notice_handler(keep_warning)
+    report: dict[str, Any] = {"vacuum_s": time.monotonic() - began, "after_vacuum": health(conn, oid)}
+    if warnings:
+        report["vacuum_warnings"] = warnings
+    return report
+
+
+def _why_not_vacuumable(conn: Connection, table: TableSpec, oid: int) -> str | None:
+    if conn.info.server_version >= 170000 and one_row(conn.execute(
+            "SELECT has_table_privilege(%s::oid, 'MAINTAIN')", (oid,)))[0]:
+        return None
+    refused = conn.execute(_NOT_VACUUMABLE, {"oid": oid}).fetchall()
+    if not refused:
+        return None
+    role = one_row(conn.execute("SELECT current_user"))[0]
+    itself, first = refused[0]
+    which = (f"table {table.qualified}" if itself
+             else f"{len(refused):,} partitions of {table.qualified} ({first}...)")
+    return (f"role {role} does not own {which}: only its owner, the database's owner or a superuser"
+            " may VACUUM it (PostgreSQL skips it with a warning)")

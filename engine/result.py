@@ -65,6 +65,8 @@ class GcResult:
     """The lowest share of time the guard let the workers spend in batches (1.0: never slowed)."""
     rate_decreases: int = 0
     reclaim: dict[str, Any] | None = None
+    """Sizes and dead tuples before and after the run; with ``--vacuum``, after VACUUM and its
+    ``vacuum_s``, or ``vacuum_skipped`` and why (see :func:`engine.reclaim.vacuum`)."""
     garbage: str | None = None
     """The garbage predicate in force (processed column and ``--where``)."""
     foreign_keys: dict[str, dict[str, Any]] = field(default_factory=dict)
@@ -83,6 +85,11 @@ class GcResult:
     @property
     def rows_per_s(self) -> float:
         return self.messages_deleted / self.elapsed_s if self.elapsed_s > 0 else 0.0
+
+    @property
+    def vacuum_skipped(self) -> str | None:
+        """Why ``--vacuum`` did not vacuum (the role may not), as ``reclaim`` records it."""
+        return (self.reclaim or {}).get("vacuum_skipped")
 
     @property
     def exit_code(self) -> int:

@@ -119,3 +119,32 @@ def test_status_json_shows_throttling_and_reclaim_of_a_cli_run(conn, dsn):
     assert run["reclaim"] == result["reclaim"]
     assert run["reclaim"]["after_gc"]["dead_tuples"] == result["messages_deleted"]
     assert run["reclaim"]["after_vacuum"]["dead_tuples"] == 0
+
+
+def test_vacuum_by_a_role_that_does_not_own_the_table_says_it_was_skipped_and_why(conn, dsn, role_dsn):
+    """PostgreSQL skips such a VACUUM with a warning and succeeds: the report must not read as a
+    VACUUM that found nothing to reclaim (``vacuum 0.0s: dead tuples N -> N``)."""
+    fill_settled(conn, [i % 2 == 0 for i in range(4_000)])
+    deleter = role_dsn("GRANT SELECT, DELETE ON messages TO {role}",
+                       "GRANT SELECT, INSERT, UPDATE, DELETE ON gc_runs, gc_outbox, gc_sweep TO {role}")
+    role = conn.execute("SELECT usename FROM pg_user WHERE usename LIKE 'msggc_role_%'").fetchone()[0]
+    why = (f"role {role} does not own table messages: only its owner, the database's owner or a superuser"
+           " may VACUUM it (PostgreSQL skips it with a warning)")
+
+    gc = run_cli("gc", "--dsn", deleter, "--vacuum", "--json")
+    assert gc.returncode == 0, gc.stdout + gc.stderr
+    space = json.loads(gc.stdout)["reclaim"]
+    assert space["vacuum_skipped"] == why
+    assert "vacuum_s" not in space and "after_vacuum" not in space
+    assert space["after_gc"]["dead_tuples"] == 2_000
+    assert stats(conn)[1] == 2_000, "nothing was vacuumed"
+    stored = conn.execute("SELECT reclaim FROM gc_runs ORDER BY id DESC LIMIT 1").fetchone()[0]
+    assert stored["vacuum_skipped"] == why  # `msggc status --json` and the API's GET show it too
+
+    conn.execute("INSERT INTO messages (message_id, chat_id, direction, status, payload, processed_at)"
+                 " SELECT 'late.' || g, 'c', 1, 2, 'p', now() FROM generate_series(1, 10) g")
+    line = run_cli("gc", "--dsn", deleter, "--vacuum")
+    assert line.returncode == 0, line.stderr
+    assert line.stdout.startswith("complete: deleted 10 rows")
+    assert line.stdout.rstrip().endswith(f"; vacuum skipped: {why}"), line.stdout
+    assert "vacuum 0.0s" not in line.stdout
