@@ -19,8 +19,12 @@ if TYPE_CHECKING:
 def summary(result: GcResult) -> str:
     """The result of ``msggc gc`` (or a dry run) as one line, plus indented advice lines."""
     if result.status is RunStatus.DRY_RUN:
+        if result.predicted_seconds is None:  # no sample batch finished: the reason is in result.reason
+            return (f"dry run: strategy {result.strategy} ({result.reason}); would delete"
+                    f" ~{result.garbage_estimate:,} rows" + _foreign_key_lines(result, "~")
+                    + _partition_lines(result))
         return (f"dry run: strategy {result.strategy} ({result.reason}); would delete"
-                f" ~{result.garbage_estimate:,} rows in ~{result.planned_batches:,} batches,"
+                f" ~{result.garbage_estimate:,} rows in ~{result.planned_batches or 0:,} batches,"
                 f" predicted ~{result.predicted_seconds:,.1f}s and ~{_mib(result.predicted_wal_bytes or 0)}"
                 " of WAL (from rolled-back sample batches"
                 + ("; leaves dropped or swept alone not included)" if result.partitions else ")")
@@ -98,8 +102,13 @@ def _guard_cell(row: dict[str, Any]) -> str:
 
 
 def _foreign_key_lines(result: GcResult, about: str = "") -> str:
-    return "".join(f"; {name} ({fk['child']}, ON DELETE {fk['action'].upper()}): {about}{fk['rows']:,} rows"
-                   f" {fk['effect']}" for name, fk in result.foreign_keys.items())
+    """Each foreign key: its rows kept or changed (unknown when its count was cancelled), and why
+    its deletes are slow when its referencing columns have no index."""
+    return "".join(
+        f"; {name} ({fk['child']}, ON DELETE {fk['action'].upper()}): "
+        + (f"{about}{fk['rows']:,} rows" if fk["rows"] is not None else f"rows unknown ({fk.get('unknown')})")
+        + f" {fk['effect']}" + (f"; {fk['no_index']}" if fk.get("no_index") else "")
+        for name, fk in result.foreign_keys.items())
 
 
 def _checkpoint_line(result: GcResult) -> str:

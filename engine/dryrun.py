@@ -25,12 +25,18 @@ from engine.target import Target
 def _foreign_keys(conn: Connection, plan: Plan, options: GcOptions,
                   statements: Statements) -> dict[str, dict[str, Any]]:
     """Each foreign key onto the table, what a run would do about it, and how many rows (from
-    the planner's block sample, scaled to the table)."""
+    the planner's block sample, scaled to the table); unknown, with the reason, when the count
+    meets a statement_timeout (a key without an index reads its child table per sampled row)."""
     percent = plan.facts.sample_percent
     reports: dict[str, dict[str, Any]] = {}
     for ref in statements.target.references:
-        sampled = one_row(conn.execute(statements.sample_foreign_key(ref),
-                                       {"percent": percent, "cutoff": plan.cutoff}))[0]
+        try:
+            sampled = one_row(conn.execute(statements.sample_foreign_key(ref),
+                                           {"percent": percent, "cutoff": plan.cutoff}))[0]
+        except pg_errors.QueryCanceled as exc:
+            reports[ref.name] = {**ref.report(0, options.delete_dependents), "rows": None,
+                                 "unknown": f"its count was cancelled ({exc.diag.message_primary})"}
+            continue
         reports[ref.name] = {**ref.report(round(sampled * 100 / percent), options.delete_dependents),
                              "estimated": True}
     return reports
@@ -45,24 +51,31 @@ def dry_run(conn: Connection, plans: dict[str | None, Plan], whole: dict[str, pa
                if leaf not in whole and not plan.sweep_only}  # a leaf swept alone: one read, no walk
     walks = Counter(plan.strategy for plan in plans.values())
     only = plans.get(None)
+    reason = only.reason if only else partitioned_reason(plans.values())
+    unknown = next((sample.unknown for sample in samples.values() if sample.unknown), None)
+    wal = sum(sample.predicted_wal_bytes for sample in samples.values())
     return GcResult(
         status=RunStatus.DRY_RUN,
         garbage=target.describe(),
         foreign_keys=_foreign_keys(conn, only, options, legs[None]) if only else {},
         strategy=only.strategy if only else walks.most_common(1)[0][0] if walks else "physical",
-        reason=only.reason if only else partitioned_reason(plans.values()),
+        reason=f"{reason}; {PREDICTION_UNKNOWN}: {unknown}" if unknown else reason,
         garbage_estimate=sum(plan.facts.garbage_rows_estimate for plan in plans.values()),
         rows_estimate=sum(plan.facts.rows_estimate for plan in plans.values()),
-        planned_batches=sum(sample.batches for sample in samples.values()),
-        predicted_seconds=sum(sample.predicted_seconds for sample in samples.values()),
-        predicted_wal_bytes=(wal := sum(sample.predicted_wal_bytes for sample in samples.values())),
-        checkpoint_advice=_checkpoint_advice(conn, wal),
+        planned_batches=None if unknown else sum(sample.batches for sample in samples.values()),
+        predicted_seconds=None if unknown else sum(sample.predicted_seconds for sample in samples.values()),
+        predicted_wal_bytes=None if unknown else wal,
+        checkpoint_advice=None if unknown else _checkpoint_advice(conn, wal),
         partitioning_advice=_advice(conn, only, legs[None]) if only else None,
         partitions={leaf: {"strategy": SWEEP if plan.sweep_only else plan.strategy, "reason": plan.reason,
                            "garbage_estimate": plan.facts.garbage_rows_estimate,
                            **_drop_verdict(conn, plan, legs[leaf], options, target, leaf in whole)}
                     for leaf, plan in plans.items() if leaf is not None},
     )
+
+
+PREDICTION_UNKNOWN = "duration and WAL unknown"
+"""Said, with the reason, when no sample batch finished: a guess would be worse than none."""
 
 
 def _checkpoint_advice(conn: Connection, wal_bytes: int) -> dict[str, Any] | None:

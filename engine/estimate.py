@@ -5,7 +5,9 @@ back: they cost what the run's batches will cost (same plans, same full-page ima
 sizes grow toward the run's target batch duration, so a straight line through (size, seconds)
 separates a batch's fixed cost from its cost per unit; the run's adaptive batches are then
 predicted at the size the sizer will settle on. Nothing is deleted; rows locked by the
-application are skipped (a short lock_timeout drops a sample that meets one).
+application are skipped (a short lock_timeout drops a sample that meets one). A sample that runs
+past its statement_timeout ends the sampling: the prediction comes from the samples before it,
+or is unknown, with the reason, when there are none (a dry run never fails on it).
 """
 
 from __future__ import annotations
@@ -27,6 +29,8 @@ SAMPLES = 4
 GROWTH = 4.0
 """The most a sample may grow over the previous one, toward the target duration."""
 SAMPLE_SETTINGS = {"lock_timeout": "20ms", "statement_timeout": "5s", "synchronous_commit": None}
+UNITS = {"physical": "blocks", "key": "keys", "index": "garbage rows", "sweep": "keys"}
+"""What a walk's batch size counts, as a sentence says it."""
 
 
 @dataclass(frozen=True)
@@ -46,6 +50,8 @@ class Estimate:
     """The adaptive batches' target duration; ``None`` when batches have a fixed size."""
     batch_units: int
     """The fixed batch size, or the largest one the adaptive sizer may reach."""
+    unknown: str | None = None
+    """Why nothing can be predicted: no sample batch finished (None when one did)."""
 
     @property
     def predicted_wal_bytes(self) -> int:
@@ -94,6 +100,7 @@ def estimate(conn: Connection, plan: Plan, strategy: Strategy, statements: State
     fixed = size
     parts = strategy.slices(plan.facts, SAMPLES)
     samples: list[Sample] = []
+    unknown = "every sample batch met a row locked by another transaction"
     with conn.transaction(force_rollback=True):
         conn.execute(SET_BATCH_SETTINGS, SAMPLE_SETTINGS)
         for part in parts:
@@ -103,6 +110,10 @@ def estimate(conn: Connection, plan: Plan, strategy: Strategy, statements: State
                     outcome = strategy.run_batch(conn, statements, part, size, params, skip_locked=False)
             except pg_errors.LockNotAvailable:
                 continue
+            except pg_errors.QueryCanceled:
+                unknown = (f"a sample batch of {size:,} {UNITS.get(strategy.name, 'units')} ran past its"
+                           f" statement_timeout ({SAMPLE_SETTINGS['statement_timeout']})")
+                break
             seconds = time.monotonic() - began
             walked = outcome.deleted if strategy.units_are_rows else part.distance_to(outcome.position)
             samples.append(Sample(walked, seconds, _wal_insert_lsn(conn) - lsn))
@@ -110,7 +121,7 @@ def estimate(conn: Connection, plan: Plan, strategy: Strategy, statements: State
                 growth = min(GROWTH, target_s / seconds) if seconds > 0 else GROWTH
                 size = max(size, min(strategy.max_units, round(size * growth)))
     return Estimate(tuple(samples), _total_units(plan, strategy, parts), target_s,
-                    strategy.max_units if target_s is not None else fixed)
+                    strategy.max_units if target_s is not None else fixed, None if samples else unknown)
 
 
 def _total_units(plan: Plan, strategy: Strategy, parts: list[Any]) -> int:

@@ -182,3 +182,41 @@ def test_status_shows_the_predicate_and_the_foreign_key_counts_of_each_run(conn,
     shown = run_cli("status", "--dsn", dsn)
     assert "handled_at IS NOT NULL AND (n > 1)" in shown.stdout
     assert f"replies_inbox_id_fkey {len(HELD)}" in shown.stdout
+
+
+# -- a foreign key of the table onto itself (issue 21, item 3) ------------------------------------
+
+MSG = TableSpec(name="msg", schema="public")
+
+
+def make_threads(conn, rows: int = 20_000, index: bool = False, action: str = "NO ACTION") -> None:
+    """``public.msg``: odd ids processed (garbage), each even row a reply to the row before it."""
+    conn.execute(f"CREATE TABLE msg (id bigint PRIMARY KEY, processed_at timestamptz,"
+                 f" parent_id bigint REFERENCES msg (id) ON DELETE {action}, body text)")
+    if index:
+        conn.execute("CREATE INDEX ON msg (parent_id)")
+    conn.execute("INSERT INTO msg SELECT g, CASE WHEN g %% 2 = 1 THEN now() END,"
+                 " CASE WHEN g %% 2 = 0 THEN g - 1 END, 'm' || g FROM generate_series(1, %s) g", (rows,))
+    conn.execute("ANALYZE msg")
+
+
+def msg_ids(conn, where: str = "TRUE") -> list[int]:
+    return [i for (i,) in conn.execute(f"SELECT id FROM msg WHERE {where} ORDER BY id")]
+
+
+@pytest.mark.parametrize("delete_dependents", [False, True])
+def test_a_self_reference_never_deletes_a_live_reply_and_keeps_its_processed_parent(
+        conn, dsn, delete_dependents):
+    make_threads(conn)
+    live = msg_ids(conn, "processed_at IS NULL")
+
+    flags = ["--delete-dependents"] if delete_dependents else []
+    done = run_cli("gc", "--dsn", dsn, "--table", "public.msg", *flags, "--json")
+
+    assert done.returncode == 0, done.stderr
+    result = json.loads(done.stdout)
+    assert msg_ids(conn, "processed_at IS NULL") == live and len(live) == 10_000
+    assert len(msg_ids(conn)) == 20_000  # every processed row is some live reply's parent
+    assert result["messages_deleted"] == 0
+    assert result["kept_referenced"] == {"msg_parent_id_fkey": 10_000}
+    assert result["foreign_keys"]["msg_parent_id_fkey"]["effect"] == "kept"
