@@ -81,14 +81,58 @@ def require_bookkeeping(conn: Connection) -> None:
 
 
 def is_user_fault(exc: BaseException) -> bool:
-    """Errors caused by the environment, not by a bug: reported as one line."""
-    return isinstance(exc, (pg_errors.InsufficientPrivilege, pg_errors.UndefinedTable))
+    """Errors caused by the environment or the operator's data, not by a bug: reported as one line.
+    A data exception (SQLSTATE class 22: ``division by zero``, ``invalid input syntax for type
+    integer``) is what a ``--where`` raises on rows it meets once the run is under way, and an
+    application's own function in it may ``RAISE``."""
+    return isinstance(exc, (pg_errors.InsufficientPrivilege, pg_errors.UndefinedTable, psycopg.DataError,
+                            pg_errors.RaiseException))
 
 
 def user_fault(exc: BaseException) -> str | None:
-    """The one-line reason of an environment error (also when SQLAlchemy wraps it), else None."""
+    """The one-line reason of an environment error (also when SQLAlchemy wraps it), followed by the
+    server's DETAIL and HINT lines where they help (:func:`helpful_lines`); else None."""
     cause = getattr(exc, "orig", None) or exc
     if not is_user_fault(cause):
         return None
-    lines = str(cause).strip().splitlines()
-    return lines[0] if lines else type(cause).__name__
+    return primary_message(cause) + helpful_lines(cause)
+
+
+def primary_message(exc: BaseException) -> str:
+    """The server's message alone: no ``LINE 1: <statement>`` and caret, no CONTEXT, no DETAIL."""
+    if isinstance(exc, psycopg.Error) and exc.diag.message_primary:
+        return exc.diag.message_primary
+    lines = str(exc).strip().splitlines()
+    return lines[0] if lines else type(exc).__name__
+
+
+_DETAIL_HELPS = ("22", "23", "2B", "42501", "P0001")
+"""SQLSTATEs (or their class) whose DETAIL an operator can act on: the value that failed to convert
+or the token of bad JSON (22), the key still referenced or already present (23), the objects that
+depend on a table (2B), the privilege that is missing (42501), an application's own RAISE (P0001)."""
+_HINT_HELPS = ("22", "42501", "42883", "42725", "53", "P0001")
+"""... and whose HINT helps: a datestyle (22), a grant (42501), the casts a filter's operator or
+function needs (42883, 42725), the setting to raise when a resource runs out (53). Left out: every
+CONTEXT and statement position (msggc's own SQL), the HINT to ``DROP ... CASCADE`` (2BP01: never
+the answer on an application's table), the "might succeed if retried" of class 40 (msggc retries
+itself)."""
+_DETAIL_CHARS = 300
+"""A DETAIL may quote a whole row (``Failing row contains (...)``): enough to find it, no more."""
+
+
+def helpful_lines(exc: BaseException) -> str:
+    """The server's DETAIL and HINT of ``exc`` where they help, each on a line of its own after
+    msggc's one line (``\n  DETAIL: ...``); "" when none does."""
+    if not isinstance(exc, psycopg.Error) or not (state := exc.sqlstate or ""):
+        return ""
+    diag, lines = exc.diag, []
+    if diag.message_detail and state.startswith(_DETAIL_HELPS):
+        lines.append(f"DETAIL: {_clip(diag.message_detail)}")
+    if diag.message_hint and state.startswith(_HINT_HELPS):
+        lines.append(f"HINT: {_clip(diag.message_hint)}")
+    return "".join(f"\n  {line}" for line in lines)
+
+
+def _clip(text: str) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= _DETAIL_CHARS else text[: _DETAIL_CHARS - 3] + "..."

@@ -10,8 +10,9 @@ expression re-rendered by pglast from the validated tree, never the operator's t
 
 :func:`check_volatility` then asks the database about the functions the filter calls: a volatile
 one (``random()``, ``nextval()``, ``set_config()``, ``pg_sleep()`` ...) would select different rows
-at each batch or act on its own, and an aggregate, a window function or an unknown name cannot run
-in a WHERE clause; immutable and stable ones (``now()``, ``lower()``) are accepted.
+at each batch or act on its own, and an aggregate, a window function, a set-returning function
+(``generate_series()``) or an unknown name cannot run in a WHERE clause; immutable and stable ones
+(``now()``, ``lower()``) are accepted.
 
 Every refusal is a :class:`~engine.errors.UsageError` with one line, ``--where: <problem>: <part>``.
 """
@@ -268,7 +269,7 @@ def parse_filter(text: str, columns: Collection[str]) -> Filter:
 
 
 _CANDIDATES = """
-SELECT p.provolatile, p.prokind
+SELECT p.provolatile, p.prokind, p.proretset
   FROM pg_catalog.pg_proc p JOIN pg_catalog.pg_namespace n ON n.oid = p.pronamespace
  WHERE p.proname = %(name)s
    AND CASE WHEN %(schema)s::text IS NULL THEN n.nspname = ANY (pg_catalog.current_schemas(true))
@@ -278,8 +279,10 @@ SELECT p.provolatile, p.prokind
 
 def check_volatility(conn: Connection, flt: Filter) -> None:
     """Refuse a filter that calls a function unknown to the database, volatile (for any candidate of
-    that name the search path or pg_catalog shows), or not a plain function (aggregate, window
-    function, procedure). Immutable and stable functions pass: ``now()`` is stable."""
+    that name the search path or pg_catalog shows), not a plain function (aggregate, window
+    function, procedure) or set-returning (``generate_series()``, ``unnest()``: a WHERE clause
+    cannot hold one, and the server would say so only once the run is under way). Immutable and
+    stable functions pass: ``now()`` is stable."""
     for function in sorted(flt.functions):
         schema, _, name = function.rpartition(".")
         rows = conn.execute(_CANDIDATES, {"name": name, "schema": schema or None}).fetchall()
@@ -289,3 +292,5 @@ def check_volatility(conn: Connection, flt: Filter) -> None:
             raise _refuse("aggregates, window functions and procedures are not allowed", f"{function}()")
         if any(row[0] == "v" for row in rows):
             raise _refuse("volatile functions are not allowed", f"{function}()")
+        if any(row[2] for row in rows):
+            raise _refuse("set-returning functions are not allowed", f"{function}()")

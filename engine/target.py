@@ -15,10 +15,11 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
 
 import psycopg
+from psycopg import errors as pg_errors
 from psycopg import sql
 
 from engine.config import TableSpec
-from engine.db import Connection, one_row, regclass_of, table_ident
+from engine.db import Connection, helpful_lines, one_row, primary_message, regclass_of, table_ident
 from engine.errors import PermissionMissing, TargetTableError, UsageError
 from engine.references import Reference, referencing
 
@@ -32,6 +33,8 @@ FLAG_TYPES = ("boolean",)
 ProcessedTest = Literal["IS NOT NULL", "IS TRUE"]
 RELATION_KINDS = {"v": "a view", "m": "a materialized view", "f": "a foreign table", "S": "a sequence",
                   "i": "an index", "I": "a partitioned index", "c": "a composite type", "t": "a TOAST table"}
+PROBE_ROWS = 10_000
+"""Rows a ``--where`` is tried on before a run (see :func:`_try_on_rows`)."""
 BOOKKEEPING_PRIVILEGES = (("gc_runs", "SELECT"), ("gc_runs", "INSERT"), ("gc_runs", "UPDATE"),
                           ("gc_outbox", "SELECT"), ("gc_outbox", "INSERT"), ("gc_outbox", "UPDATE"))
 
@@ -74,6 +77,13 @@ class Target:
 
 def resolve(conn: Connection, spec: TableSpec, *, with_retention: bool = False) -> Target:
     """The checked target, or a :class:`UsageError` that says what to change."""
+    target = _resolve(conn, spec, with_retention)
+    if target.filter is not None:
+        _try_on_rows(conn, target)
+    return target
+
+
+def _resolve(conn: Connection, spec: TableSpec, with_retention: bool) -> Target:
     oid, partitioned = _require_table(conn, spec)
     columns: dict[str, str] = dict(conn.execute(
         "SELECT attname, format_type(atttypid, atttypmod) FROM pg_attribute"
@@ -85,7 +95,7 @@ def resolve(conn: Connection, spec: TableSpec, *, with_retention: bool = False) 
         flt = parse_filter(spec.where, columns)
         check_volatility(conn, flt)
         _check_on_server(conn, spec, flt)
-    leaves = tuple(resolve(conn, leaf, with_retention=with_retention) for leaf in _leaves(conn, oid, spec)
+    leaves = tuple(_resolve(conn, leaf, with_retention) for leaf in _leaves(conn, oid, spec)
                    ) if partitioned else ()
     processed = _processed(spec, columns, flt)
     kind = _processed_type(conn, spec, oid, processed)
@@ -107,9 +117,38 @@ def _check_on_server(conn: Connection, spec: TableSpec, flt: Filter) -> None:
         table_ident(spec), sql.SQL(flt.sql.replace("%", "%%")))  # validated: no placeholder in it
     try:
         with conn.transaction():
-            conn.execute(statement)
-    except (psycopg.DataError, psycopg.ProgrammingError) as exc:
-        raise UsageError(f"--where: {exc.diag.message_primary}: {flt.text}") from None
+            conn.execute(statement, {})  # with parameters, as every statement holding the filter:
+            # psycopg reads '%%' back as '%' only then (without, `n % 2` reached the server as `n %% 2`)
+    except (psycopg.DataError, psycopg.ProgrammingError, psycopg.NotSupportedError) as exc:
+        raise UsageError(f"--where: {primary_message(exc)}: {flt.text}{helpful_lines(exc)}") from None
+
+
+def _try_on_rows(conn: Connection, target: Target) -> None:
+    """The garbage predicate on the table's first ``PROBE_ROWS`` rows (a few milliseconds): a filter
+    the server plans but that raises on the table's own values (``n / 0 = 1``, ``status::int = 1``
+    where a status reads ``'x'``) is refused here, before any run exists, with the server's reason;
+    one that raises only on rows further on fails its run, in one line too (the walk's failure)."""
+    from engine.queries import garbage_predicate  # engine.queries imports this module
+
+    statement = sql.SQL(
+        "SELECT count(*) FILTER (WHERE {garbage}) FROM (SELECT * FROM {t} LIMIT %(rows)s) AS msggc_probe"
+    ).format(garbage=garbage_predicate(target, with_cutoff=False), t=table_ident(target.spec))
+    try:
+        with conn.transaction():
+            conn.execute(statement, {"rows": PROBE_ROWS})
+    except RAISED_BY_ROWS as exc:
+        raise filter_failed(exc, target.spec) from None
+
+
+RAISED_BY_ROWS = (psycopg.DataError, psycopg.NotSupportedError, pg_errors.RaiseException)
+"""What a filter the server planned may still raise on the rows it meets: a data exception
+(SQLSTATE class 22), a feature the server refuses at run time, an application function's RAISE."""
+
+
+def filter_failed(exc: psycopg.Error, spec: TableSpec) -> UsageError:
+    """A ``--where`` that raised on the table's rows (:data:`RAISED_BY_ROWS`), said in one line."""
+    return UsageError(f"--where: {primary_message(exc)} (on a row of {spec.qualified}): {spec.where}"
+                      f"{helpful_lines(exc)}")
 
 
 def locate(conn: Connection, spec: TableSpec) -> tuple[int, tuple[str, ...]]:

@@ -77,3 +77,34 @@ def test_a_filter_the_server_cannot_plan_is_refused_before_any_run(conn, dsn, te
     with pytest.raises(UsageError, match=re.escape(f"--where: {message}: {text}")):
         resolve(conn, TableSpec(where=text))
     assert conn.execute("SELECT count(*) FROM gc_runs").fetchone()[0] == 0
+
+
+@pytest.mark.parametrize("text", ["generate_series(1, 2) > 0", "unnest(ARRAY[id]) = 1",
+                                  "jsonb_array_elements_text('[1]') = chat_id",
+                                  "pg_catalog.regexp_matches(chat_id, 'x') IS NOT NULL"])
+def test_set_returning_functions_are_refused_before_any_run(conn, dsn, text):
+    """A WHERE clause cannot hold one: the server said so only at run time, in a traceback."""
+    from engine.config import TableSpec
+    from engine.target import resolve
+    from tests.faults.helpers import one_line_error
+    from tests.support import run_cli
+
+    refusal = f"--where: set-returning functions are not allowed: {text.partition('(')[0]}()"
+    with pytest.raises(UsageError, match=re.escape(refusal)):
+        resolve(conn, TableSpec(where=text))
+    done = run_cli("gc", "--dsn", dsn, "--where", text)
+    assert done.returncode == 2
+    assert one_line_error(done.stderr) == f"msggc: error: {refusal}"
+    assert conn.execute("SELECT count(*) FROM gc_runs").fetchone()[0] == 0
+
+
+def test_a_filter_the_server_cannot_plan_is_refused_with_the_servers_hint(conn):
+    """The HINT of an operator that does not exist (add casts) helps who writes the filter."""
+    from engine.config import TableSpec
+    from engine.target import resolve
+
+    with pytest.raises(UsageError) as info:
+        resolve(conn, TableSpec(where="chat_id = 1"))
+    assert str(info.value) == ("--where: operator does not exist: text = integer: chat_id = 1\n"
+                               "  HINT: No operator matches the given name and argument types. You might need"
+                               " to add explicit type casts.")

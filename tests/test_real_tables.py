@@ -9,6 +9,7 @@ runs say they deleted (each result and the sum over ``gc_runs``) equal the rows 
 from __future__ import annotations
 
 import json
+import re
 import threading
 from dataclasses import dataclass
 from datetime import timedelta
@@ -447,6 +448,96 @@ def test_hostile_where_is_refused_in_one_line_and_changes_nothing(conn, dsn, whe
     assert {name: whole_digest(conn, name) for name in ("events", "x", "t")} == before
     assert relations(conn) == rels
     assert gc_run_count(conn) == 0
+
+
+@pytest.mark.parametrize("strategy", ["auto", "index", "key", "physical", "dry-run"])
+def test_the_modulo_operator_in_where_reaches_the_server_as_one_percent(conn, dsn, strategy):
+    """``n % 2`` is escaped once for psycopg (``%%``, read back as ``%``); the server-side check
+    once sent it without parameters, as ``n %% 2``: ``operator does not exist: integer %% integer``."""
+    conn.execute("CREATE TABLE counted_rows (id bigint PRIMARY KEY, n int NOT NULL, note text NOT NULL,"
+                 " processed_at timestamptz)")
+    conn.execute("INSERT INTO counted_rows SELECT g, g, CASE WHEN g % 7 = 0 THEN '50%' ELSE 'x' END,"
+                 " CASE WHEN g % 5 <> 0 THEN now() END FROM generate_series(1, 3000) g")
+    conn.execute("CREATE INDEX counted_rows_garbage ON counted_rows (id) WHERE processed_at IS NOT NULL")
+    conn.execute("ANALYZE counted_rows")
+    where = "n % 2 = 0 AND note NOT LIKE '%\\%%' ESCAPE '\\'"
+    if strategy == "dry-run":
+        done = run_cli("gc", "--dsn", dsn, "--table", "counted_rows", "--where", where, "--dry-run", "--json")
+        assert done.returncode == 0, done.stderr
+        assert json.loads(done.stdout)["garbage_estimate"] == count(
+            conn, "counted_rows", "processed_at IS NOT NULL AND n % 2 = 0 AND n % 7 <> 0")
+        return
+    expected = Expected.take(conn, "counted_rows", f"processed_at IS NOT NULL AND {where}")
+    assert expected.garbage == count(conn, "counted_rows",
+                                     "processed_at IS NOT NULL AND n % 2 = 0 AND n % 7 <> 0")
+    result = gc_json(dsn, "--table", "counted_rows", "--where", where, "--strategy", strategy,
+                     "--batch-size", "100")
+    expected.check(conn, [result["messages_deleted"]], [result["status"]])
+
+
+@pytest.mark.parametrize(("where", "reason"), [
+    ("n / 0 = 1", "division by zero"),
+    ("status::int = 1", 'invalid input syntax for type integer: "x"'),
+    ("1 / (n - n) > 0 OR status = 'x'", "division by zero"),
+])
+def test_a_where_that_raises_on_the_tables_rows_is_refused_in_one_line_before_any_run(
+        conn, dsn, where, reason):
+    conn.execute("CREATE TABLE raising (id bigint PRIMARY KEY, n int, status text, processed_at timestamptz)")
+    conn.execute("INSERT INTO raising SELECT g, g, CASE WHEN g % 3 = 0 THEN 'x' ELSE '1' END, now()"
+                 " FROM generate_series(1, 500) g")
+    before = whole_digest(conn, "raising")
+    for args in ([], ["--dry-run"]):
+        line = refused(dsn, "--table", "raising", "--where", where, *args)
+        assert line == f"msggc: error: --where: {reason} (on a row of raising): {where}", line
+    with pytest.raises(UsageError, match=re.escape(f"--where: {reason}")):  # the API's worker: the same
+        collect(dsn, options("raising", where=where))
+    assert whole_digest(conn, "raising") == before and gc_run_count(conn) == 0
+
+
+def wide_table(conn: Conn, bad_in_sample: bool) -> int:
+    """3,500 blocks of 6 garbage rows (the planner samples 2,000 of them), every status '1' but
+    one 'x', past the rows a filter is tried on before the run (10,000) and in a block the
+    planner's sample reads (or not): the id of that row."""
+    conn.execute("CREATE TABLE wide (id bigint PRIMARY KEY, status text NOT NULL, pad text NOT NULL,"
+                 " processed_at timestamptz) WITH (fillfactor = 80)")  # room to update a row in place
+    conn.execute("INSERT INTO wide SELECT g, '1', repeat('w', 1000), now() FROM generate_series(1, 21000) g")
+    conn.execute("ANALYZE wide")
+    (percent,) = conn.execute("SELECT 100.0 * 2000 / (pg_relation_size('wide') / 8192)").fetchone()
+    sampled = "(SELECT DISTINCT (ctid::text::point)[0] FROM wide TABLESAMPLE SYSTEM ({}) REPEATABLE (7))"
+    # SYSTEM keeps a block when its hash is under the percent: in at 0.9 x the planner's percent is
+    # in at it, out at 1.1 x is out.
+    block = (f"(ctid::text::point)[0] IN {sampled.format(float(percent) * 0.9)}" if bad_in_sample
+             else f"(ctid::text::point)[0] NOT IN {sampled.format(float(percent) * 1.1)}")
+    (bad, where) = conn.execute(f"SELECT id, ctid FROM wide WHERE id > 15000 AND {block} ORDER BY id LIMIT 1"
+                                ).fetchone()
+    conn.execute("UPDATE wide SET status = 'x' WHERE id = %s", (bad,))
+    assert conn.execute("SELECT (ctid::text::point)[0] = (%s::text::point)[0] FROM wide WHERE id = %s",
+                        (where, bad)).fetchone()[0], "the row stayed in its block"
+    return bad
+
+
+def test_a_where_that_raises_on_a_row_further_on_fails_the_run_in_one_line(conn, dsn):
+    bad = wide_table(conn, bad_in_sample=False)
+    done = run_cli("gc", "--dsn", dsn, "--table", "wide", "--where", "status::int = 1", "--workers", "1")
+    assert done.returncode == 1, (done.stdout, done.stderr)
+    assert "Traceback" not in done.stderr
+    reason = 'database error: invalid input syntax for type integer: "x"'
+    assert done.stdout.startswith("failed: deleted ") and done.stdout.rstrip().endswith(f"; error: {reason}")
+    [run] = conn.execute("SELECT status, error, messages_deleted FROM gc_runs").fetchall()
+    assert run[:2] == ("failed", reason)
+    [body] = [json.loads(line) for line in done.stderr.splitlines() if line.startswith("{")]
+    assert body["services"][0]["message"]["gc"] == {
+        "messages_deleted": run[2], "status": "failed", "errors": [{"code": 1014, "details": reason}]}
+    assert count(conn, "wide") == 21000 - run[2] and count(conn, "wide", f"id = {bad}") == 1
+
+
+def test_a_where_that_raises_on_a_row_the_planner_samples_is_one_line_and_no_run(conn, dsn):
+    wide_table(conn, bad_in_sample=True)
+    before = whole_digest(conn, "wide")
+    line = refused(dsn, "--table", "wide", "--where", "status::int = 1")
+    assert line == ('msggc: error: --where: invalid input syntax for type integer: "x" (on a row of wide):'
+                    " status::int = 1"), line
+    assert whole_digest(conn, "wide") == before and gc_run_count(conn) == 0
 
 
 # --- rows un-processed while the walk goes on -----------------------------------------------------
