@@ -119,7 +119,11 @@ def referencing(conn: Connection, oid: int) -> tuple[Reference, ...]:
         "       FROM generate_series(0, cardinality(c.conkey) - 1) AS s))"
         " FROM pg_constraint c JOIN pg_class cl ON cl.oid = c.conrelid"
         " JOIN pg_namespace n ON n.oid = cl.relnamespace"
-        " WHERE c.contype = 'f' AND c.confrelid = %s ORDER BY c.conname",
+        " WHERE c.contype = 'f' AND c.confrelid = %s"
+        # not a partition's copy of its partitioned table's key (the key onto this table is that one)
+        " AND NOT EXISTS (SELECT 1 FROM pg_constraint p"
+        "                 WHERE p.oid = c.conparentid AND p.confrelid = c.confrelid)"
+        " ORDER BY c.conname",
         (oid,),
     ).fetchall()
     return tuple(

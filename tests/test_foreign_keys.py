@@ -220,3 +220,150 @@ def test_a_self_reference_never_deletes_a_live_reply_and_keeps_its_processed_par
     assert result["messages_deleted"] == 0
     assert result["kept_referenced"] == {"msg_parent_id_fkey": 10_000}
     assert result["foreign_keys"]["msg_parent_id_fkey"]["effect"] == "kept"
+
+
+def make_thread_shapes(conn, action: str = "NO ACTION", index: bool = False) -> tuple[set[int], int]:
+    """``public.msg`` with threads of every shape; returns the ids a run must leave and how many of
+    them are garbage kept because a row that stays descends from them."""
+    make_threads(conn, rows=0, index=index, action=action)
+    rows = [
+        (1, True, None), (2, True, 1), (3, False, 2),  # garbage <- garbage <- live grandchild: 1, 2 kept
+        (4, True, None), (5, True, 4), (6, True, 5),  # all garbage: the whole thread goes
+        (7, True, None), (8, True, 7), (9, False, 7),  # a garbage and a live reply: 7 kept, 8 goes
+        (11, True, None), (10, True, 11),  # a reply with a smaller id than its parent: both go
+        (7000, False, None), (7001, True, None),
+    ]
+    rows += [(i, True, i - 1 if i > 100 else None) for i in range(100, 3100)]  # one chain over 30 batches
+    rows += [(i, True, i - 1 if i > 4000 else None) for i in range(4000, 5000)]  # a garbage chain ...
+    rows += [(5000, False, 4999)]  # ... under a live reply: all 1,000 kept
+    with conn.cursor() as cur:
+        cur.executemany("INSERT INTO msg (id, processed_at, parent_id, body) VALUES"
+                        " (%s, CASE WHEN %s THEN now() END, %s, 'm')", rows)
+    conn.execute("INSERT INTO msg VALUES (6000, now(), NULL, 'm'), (6001, now(), 6000, 'm')")
+    conn.execute("UPDATE msg SET parent_id = 6001 WHERE id = 6000")  # a garbage cycle: both go
+    conn.execute("ANALYZE msg")
+    return {1, 2, 3, 7, 9, *range(4000, 5001), 7000}, 2 + 1 + 1000
+
+
+@pytest.mark.parametrize(("strategy", "action", "index"), [
+    ("key", "NO ACTION", False), ("physical", "RESTRICT", False), ("index", "NO ACTION", True),
+    ("key", "RESTRICT", True)])
+def test_garbage_threads_go_whole_in_one_run_and_a_live_descendant_keeps_every_ancestor(
+        conn, dsn, strategy, action, index):
+    stays, kept = make_thread_shapes(conn, action, index)
+    before = len(msg_ids(conn))
+
+    result = collect(dsn, GcOptions(table=MSG, strategy=strategy, batch_size=100))
+
+    assert result.status is RunStatus.COMPLETE, result.error
+    assert set(msg_ids(conn)) == stays
+    assert result.messages_deleted == before - len(stays)
+    assert result.kept_referenced == {"msg_parent_id_fkey": kept}
+    again = collect(dsn, GcOptions(table=MSG, strategy=strategy, batch_size=100))
+    assert again.messages_deleted == 0 and set(msg_ids(conn)) == stays
+
+
+@pytest.mark.parametrize("action", ["CASCADE", "SET NULL"])
+def test_a_self_reference_that_cascades_or_sets_null_is_refused_in_one_line_and_nothing_changes(
+        conn, dsn, action):
+    make_threads(conn, rows=200, action=action)
+    before = content_digest(conn, None, "msg")
+
+    for dry_run in ([], ["--dry-run"]):
+        done = run_cli("gc", "--dsn", dsn, "--table", "public.msg", "--delete-dependents", *dry_run)
+        assert done.returncode == 2, done.stderr
+        (line,) = done.stderr.strip().splitlines()
+        assert f"foreign key msg_parent_id_fkey of public.msg onto itself is ON DELETE {action}" in line
+    assert content_digest(conn, None, "msg") == before
+    assert conn.execute("SELECT count(*) FROM gc_runs").fetchone()[0] == 0
+
+
+def test_archived_threads_come_back_whole_each_row_once(conn, dsn):
+    stays, _ = make_thread_shapes(conn)
+    before = content_digest(conn, None, "msg")
+    assert run_cli("migrate", "--dsn", dsn, "--archive-for", "public.msg").returncode == 0
+
+    result = collect(dsn, GcOptions(table=MSG, archive=True, batch_size=100))
+    assert result.status is RunStatus.COMPLETE and set(msg_ids(conn)) == stays
+    archived = conn.execute("SELECT count(*), count(DISTINCT id) FROM msg_archive WHERE run_id = %s",
+                            (result.run_id,)).fetchone()
+    assert archived == (result.messages_deleted, result.messages_deleted)
+
+    back = run_cli("restore", "--dsn", dsn, "--table", "public.msg", "--run", str(result.run_id))
+    assert back.returncode == 0, back.stderr
+    assert content_digest(conn, None, "msg") == before
+
+
+def test_a_self_reference_of_a_partitioned_table_keeps_live_replies_in_any_leaf(conn, dsn):
+    """The key points at the partitioned table: a leaf's garbage goes with its subtree when the
+    whole subtree is garbage of that leaf; a descendant in another leaf holds it for a later run."""
+    conn.execute("CREATE TABLE pm (id bigint, day date, processed_at timestamptz, parent_id bigint,"
+                 " parent_day date, PRIMARY KEY (id, day),"
+                 " FOREIGN KEY (parent_id, parent_day) REFERENCES pm (id, day)) PARTITION BY RANGE (day)")
+    conn.execute("CREATE TABLE pm_1 PARTITION OF pm FOR VALUES FROM ('2024-01-01') TO ('2024-01-02')")
+    conn.execute("CREATE TABLE pm_2 PARTITION OF pm FOR VALUES FROM ('2024-01-02') TO ('2024-01-03')")
+    one, two = "2024-01-01", "2024-01-02"
+    rows = [(1, one, True, None, None), (2, one, True, 1, one), (3, one, False, 2, one),  # 1, 2 kept
+            (4, one, True, None, None), (5, two, False, 4, one),  # a live reply in the next leaf: 4 kept
+            (6, one, True, None, None), (7, two, True, 6, one),  # a garbage reply in the next leaf
+            (8, two, True, None, None), (9, two, True, 8, two),  # a garbage thread in one leaf: goes
+            (10, one, False, None, None)]
+    with conn.cursor() as cur:
+        cur.executemany("INSERT INTO pm VALUES (%s, %s, CASE WHEN %s THEN now() END, %s, %s)", rows)
+    conn.execute("ANALYZE pm")
+    live = {3, 5, 10}
+    options = GcOptions(table=TableSpec(name="pm", schema="public"), batch_size=100, workers=1)
+
+    first = collect(dsn, options)
+    ids = {i for (i,) in conn.execute("SELECT id FROM pm")}
+    assert first.status is RunStatus.COMPLETE and live <= ids and not {8, 9} & ids
+    assert ids - {6, 7} == {1, 2, 3, 4, 5, 10}  # 6 stays while 7 is there, 7 may go first
+    # 6 is counted kept when its leaf is walked before 7's, and may still go in the leaf's sweep
+    assert first.kept_referenced["pm_parent_id_parent_day_fkey"] in (3, 4)
+    assert first.foreign_keys["pm_parent_id_parent_day_fkey"]["child"] == "public.pm"
+
+    second = collect(dsn, options)
+    assert {i for (i,) in conn.execute("SELECT id FROM pm")} == {1, 2, 3, 4, 5, 10}
+    assert second.kept_referenced == {"pm_parent_id_parent_day_fkey": 3}
+    assert first.messages_deleted + second.messages_deleted == 4
+
+
+def test_a_foreign_key_without_an_index_is_named_in_the_dry_run_and_the_result(conn, dsn):
+    make_threads(conn, rows=2000)
+    conn.execute("CREATE TABLE notes (id serial PRIMARY KEY, msg_id bigint REFERENCES msg (id))")
+    slow = "foreign key msg_parent_id_fkey has no index on (parent_id): each deleted row scans public.msg"
+    also = "foreign key notes_msg_id_fkey has no index on (msg_id): each deleted row scans public.notes"
+
+    dry = run_cli("gc", "--dsn", dsn, "--table", "public.msg", "--dry-run")
+    gc = run_cli("gc", "--dsn", dsn, "--table", "public.msg", "--json")
+
+    assert dry.returncode == 0 and gc.returncode == 0, dry.stderr + gc.stderr
+    assert slow in dry.stdout and also in dry.stdout
+    reported = json.loads(gc.stdout)["foreign_keys"]
+    assert reported["msg_parent_id_fkey"]["no_index"] == slow
+    assert reported["notes_msg_id_fkey"]["no_index"] == also
+    conn.execute("CREATE INDEX ON msg (parent_id, id)")  # an index leading with the column serves
+    conn.execute("CREATE INDEX ON notes (msg_id) WHERE msg_id > 0")  # a partial one does not
+    again = run_cli("gc", "--dsn", dsn, "--table", "public.msg")
+    assert again.returncode == 0, again.stderr
+    assert "msg_parent_id_fkey has no index" not in again.stdout and also in again.stdout
+
+
+def test_a_dry_run_whose_sample_batches_meet_statement_timeout_says_the_prediction_is_unknown(conn, dsn):
+    make_threads(conn, rows=2000)
+    conn.execute("CREATE FUNCTION slow_delete() RETURNS trigger LANGUAGE plpgsql AS"
+                 " $$ BEGIN PERFORM pg_sleep(8); RETURN NULL; END $$")
+    conn.execute("CREATE TRIGGER slow BEFORE DELETE ON msg FOR EACH STATEMENT EXECUTE FUNCTION slow_delete()")
+    before = content_digest(conn, None, "msg")
+
+    done = run_cli("gc", "--dsn", dsn, "--table", "public.msg", "--dry-run", "--json")
+
+    assert done.returncode == 0, done.stderr
+    result = json.loads(done.stdout)
+    assert result["predicted_seconds"] is None and result["predicted_wal_bytes"] is None
+    assert "duration and WAL unknown: a sample batch of" in result["reason"]
+    assert result["reason"].endswith("ran past its statement_timeout (5s)")
+    text = run_cli("gc", "--dsn", dsn, "--table", "public.msg", "--dry-run")
+    assert text.returncode == 0 and text.stderr == "", text.stderr
+    assert "duration and WAL unknown" in text.stdout and "msg_parent_id_fkey" in text.stdout
+    assert content_digest(conn, None, "msg") == before
