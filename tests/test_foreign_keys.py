@@ -294,7 +294,8 @@ def test_archived_threads_come_back_whole_each_row_once(conn, dsn):
     assert content_digest(conn, None, "msg") == before
 
 
-def test_a_self_reference_of_a_partitioned_table_keeps_live_replies_in_any_leaf(conn, dsn):
+@pytest.mark.parametrize("delete_dependents", [False, True])
+def test_a_self_reference_of_a_partitioned_table_keeps_live_replies_in_any_leaf(conn, dsn, delete_dependents):
     """The key points at the partitioned table: a leaf's garbage goes with its subtree when the
     whole subtree is garbage of that leaf; a descendant in another leaf holds it for a later run."""
     conn.execute("CREATE TABLE pm (id bigint, day date, processed_at timestamptz, parent_id bigint,"
@@ -312,7 +313,8 @@ def test_a_self_reference_of_a_partitioned_table_keeps_live_replies_in_any_leaf(
         cur.executemany("INSERT INTO pm VALUES (%s, %s, CASE WHEN %s THEN now() END, %s, %s)", rows)
     conn.execute("ANALYZE pm")
     live = {3, 5, 10}
-    options = GcOptions(table=TableSpec(name="pm", schema="public"), batch_size=100, workers=1)
+    options = GcOptions(table=TableSpec(name="pm", schema="public"), batch_size=100, workers=1,
+                        delete_dependents=delete_dependents)
 
     first = collect(dsn, options)
     ids = {i for (i,) in conn.execute("SELECT id FROM pm")}
