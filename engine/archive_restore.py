@@ -15,6 +15,7 @@ import csv
 import hashlib
 import io
 import zlib
+from contextlib import suppress
 from pathlib import Path
 from typing import NamedTuple
 
@@ -30,7 +31,7 @@ from engine.errors import MsggcError, SchemaMissing, TargetTableError, UsageErro
 LOADING = "msggc_loading"
 """This session's temp table that each batch is copied into before its insert."""
 CSV_OPTIONS = sql.SQL("(FORMAT csv)")
-TEXT_FORMS = ("SELECT set_config('DateStyle', 'ISO, MDY', true),"
+TEXT_FORMS = ("SELECT set_config('DateStyle', 'ISO', true),"
               " set_config('IntervalStyle', 'postgres', true)")
 """The forms the archive was written in (see :mod:`engine.archive_sink`), for this batch only."""
 LOAD_ERRORS = (psycopg.errors.DataError, psycopg.errors.IntegrityError, psycopg.errors.ProgrammingError,
@@ -90,6 +91,9 @@ def restore(conn: Connection, table: TableSpec, target_oid: int, path: Path) -> 
         reason = (f"batch {number} is damaged ({exc}): none of its rows is restored" if _damaged(exc)
                   else f"cannot read batch {number}: {exc}")
         raise _stopped(path, reason, done) from None
+    finally:
+        with suppress(psycopg.Error):  # the session's temp table would hold the table's types
+            conn.execute(sql.SQL("DROP TABLE IF EXISTS pg_temp.{}").format(sql.Identifier(LOADING)))
     return done
 
 

@@ -47,7 +47,7 @@ def receiving(sink: Sink) -> Iterator[None]:
 
 BLOCK = 1 << 20
 """The server sends a COPY row per message; they are handed on a MiB at a time."""
-TEXT_FORMS = ("SELECT set_config('DateStyle', 'ISO, MDY', true),"
+TEXT_FORMS = ("SELECT set_config('DateStyle', 'ISO', true),"
               " set_config('IntervalStyle', 'postgres', true), set_config('extra_float_digits', '1', true)")
 """The text forms an archive is written in, whatever the server's or role's settings: dates and
 intervals that read back the same under any setting, and floats in their shortest exact form

@@ -20,7 +20,7 @@ FORMATS = {"gzip": "gone.csv.gz", "zstd": "gone.csv.zst", "parquet": "gone.parqu
 
 def table_text(conn, table: str) -> list[str]:
     """Every row as PostgreSQL's text of it, sorted: equal lists mean equal rows, each as often."""
-    return [row[0] for row in conn.execute(f"SELECT t::text FROM {table} t ORDER BY 1")]
+    return [row[0] for row in conn.execute(f"SELECT whole_row::text FROM {table} whole_row ORDER BY 1")]
 
 
 def archive_to(dsn: str, table: str, path: Path, batch_size: int = 100, **options):
@@ -71,7 +71,7 @@ def test_a_flipped_bit_in_a_batch_is_refused_in_one_line_and_never_restores_an_a
     either stops at that batch in one line that names it and says what went back, or (a bit the
     format does not read) restores every row exactly; never a row with another value."""
     make_notes(conn, rows=2000)
-    original = dict(conn.execute("SELECT id, t::text FROM notes t").fetchall())
+    original = dict(conn.execute("SELECT id, whole_row::text FROM notes whole_row").fetchall())
     path = tmp_path / FORMATS[fmt]
     archive_to(dsn, "notes", path, batch_size=250)
     victim = sorted(path.iterdir())[4] if fmt == "parquet" else path
@@ -83,7 +83,7 @@ def test_a_flipped_bit_in_a_batch_is_refused_in_one_line_and_never_restores_an_a
         damaged[position] ^= 1 << (position % 8)
         victim.write_bytes(bytes(damaged))
         proc = restore_file(dsn, "notes", path)
-        back = dict(conn.execute("SELECT id, t::text FROM notes t").fetchall())
+        back = dict(conn.execute("SELECT id, whole_row::text FROM notes whole_row").fetchall())
         assert {i: original[i] for i in back} == back, f"a row came back altered (byte {position})"
         if proc.returncode == 0:
             assert back == original, proc.stdout
