@@ -7,12 +7,12 @@ It must never lose a row, nor hold the application up for long, nor leave a rang
   application writes there now), no foreign key onto the table and no archive asked for;
 - only a leaf known to be wholly garbage: a sample of its blocks first, then an exact answer
   (a btree on the processed column answers ``IS NULL`` at once; else one full read);
-- the drop is one short transaction: the leaf locked ``SHARE`` (writers of that leaf wait, the
-  rest of the table goes on), read again in full under ``statement_timeout``, then ``DETACH``
-  (plain, never ``CONCURRENTLY``: it would commit a pending detach of its own) and ``DROP``, and
-  the run's record of its rows, all under ``lock_timeout`` and retried with backoff. A crash or
-  a timeout at any point rolls all of it back: no leaf is ever left detached or pending, so no
-  row is ever homeless, with a default partition or without;
+- the drop is one short transaction: the parent then the leaf locked (the application waits
+  for the leaf's last read, bounded by ``statement_timeout``), then ``DETACH`` (plain, never
+  ``CONCURRENTLY``: it would commit a pending detach of its own) and ``DROP``, and the run's
+  record of its rows, every lock under ``lock_timeout`` and retried with backoff. A crash or a
+  timeout at any point rolls all of it back: no leaf is ever left detached or pending, so no row
+  is ever homeless, with a default partition or without;
 - a leaf that cannot be dropped that way is walked row by row like any other.
 
 Earlier versions detached first and dropped later, recording the leaf in its run's cursor: a
@@ -150,7 +150,11 @@ class Drop:
                          " set_config('statement_timeout', %s, true),"
                          " set_config('synchronous_commit', 'on', true)",
                          (f"{self.lock_timeout_ms}ms", f"{self.statement_timeout_ms}ms"))
-            conn.execute(sql.SQL("LOCK TABLE {} IN SHARE MODE").format(table_ident(leaf.table)))
+            # the parent first, as the application's statements lock it before its leaves: a
+            # leaf locked first would deadlock with a statement that touches every leaf
+            for only, table in ((sql.SQL("ONLY "), leaf.parent), (sql.SQL(""), leaf.table)):
+                conn.execute(sql.SQL("LOCK TABLE {}{} IN ACCESS EXCLUSIVE MODE").format(
+                    only, table_ident(table)))
             live, rows = one_row(conn.execute(sql.SQL(
                 "SELECT count(*) FILTER (WHERE ({garbage}) IS NOT TRUE), count(*) FROM {t}"
             ).format(t=table_ident(leaf.table), garbage=self.statements.garbage), self.params))

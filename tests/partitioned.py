@@ -315,10 +315,12 @@ def msggc_backends(conn: Conn) -> list[int]:
 
 
 def detach_waiting(conn: Conn) -> bool:
-    """msggc's ``ALTER TABLE ... DETACH PARTITION`` is waiting (for a lock, or an old snapshot)."""
+    """msggc's ``ALTER TABLE ... DETACH PARTITION`` (or the drop's ``LOCK TABLE ONLY`` of the
+    parent before it) is waiting (for a lock, or an old snapshot)."""
     return conn.execute(
         "SELECT EXISTS (SELECT 1 FROM pg_stat_activity WHERE datname = current_database()"
-        " AND application_name = 'msggc' AND query ILIKE '%%DETACH PARTITION%%' AND wait_event_type = 'Lock')"
+        " AND application_name = 'msggc' AND wait_event_type = 'Lock'"
+        " AND (query ILIKE '%%DETACH PARTITION%%' OR query ILIKE 'LOCK TABLE ONLY %%'))"
     ).fetchone()[0]
 
 
@@ -342,9 +344,10 @@ def end_backends(conn: Conn) -> None:
 
 
 def sigkill(proc: subprocess.Popen[str]) -> None:
+    """``kill -9``, and the process reaped (its output left for the caller to read)."""
     if proc.poll() is None:
         os.kill(proc.pid, signal.SIGKILL)
-    proc.communicate(timeout=30)
+    proc.wait(30)
 
 
 def spawn_gc(dsn: str, *flags: str) -> subprocess.Popen[str]:
