@@ -55,11 +55,14 @@ def summary(result: GcResult) -> str:
                  f" ({sum(dropped):,} rows)")
     if result.stop_reason:
         line += f"; stopped on {result.stop_reason}: run again to resume"
+    more = ""
     if result.error:
-        line += f"; error: {result.error}"
+        first, *server_lines = result.error.splitlines()  # the server's DETAIL/HINT close the summary
+        line += f"; error: {first}"
+        more = "".join(f"\n{server_line}" for server_line in server_lines)
     if result.notification_error:
         line += f"; webhook not delivered yet ({result.notification_error}), kept in the outbox"
-    return line
+    return line + more
 
 
 def print_status(rows: list[dict[str, Any]]) -> None:

@@ -36,7 +36,8 @@ RELATION_KINDS = {"v": "a view", "m": "a materialized view", "f": "a foreign tab
 PROBE_ROWS = 10_000
 """Rows a ``--where`` is tried on before a run (see :func:`_try_on_rows`)."""
 BOOKKEEPING_PRIVILEGES = (("gc_runs", "SELECT"), ("gc_runs", "INSERT"), ("gc_runs", "UPDATE"),
-                          ("gc_outbox", "SELECT"), ("gc_outbox", "INSERT"), ("gc_outbox", "UPDATE"))
+                          ("gc_outbox", "SELECT"), ("gc_outbox", "INSERT"), ("gc_outbox", "UPDATE"),
+                          ("gc_sweep", "SELECT"), ("gc_sweep", "INSERT"), ("gc_sweep", "DELETE"))
 
 
 @dataclass(frozen=True)
@@ -261,4 +262,5 @@ def _require_privileges(conn: Connection, spec: TableSpec, oid: int) -> None:
     for name, privilege in BOOKKEEPING_PRIVILEGES:
         if not one_row(conn.execute("SELECT has_table_privilege(%s, %s)", (name, privilege)))[0]:
             raise PermissionMissing(f"the database role may not {privilege} {name}: it cannot record"
-                                    " the run (grant SELECT, INSERT, UPDATE on gc_runs and gc_outbox)")
+                                    " the run (grant SELECT, INSERT, UPDATE on gc_runs and gc_outbox,"
+                                    " SELECT, INSERT, DELETE on gc_sweep)")

@@ -24,7 +24,7 @@ from psycopg import errors as pg_errors
 from engine import archive_file, runs
 from engine.archive_file import ArchiveFile
 from engine.config import GcOptions
-from engine.db import Connection, connect
+from engine.db import Connection, connect, helpful_lines, primary_message
 from engine.errors import DatabaseUnreachable, GcAlreadyRunning, MsggcError
 from engine.planner import Plan
 from engine.queries import SET_BATCH_SETTINGS, SET_SWEEP_SETTINGS, Statements
@@ -312,8 +312,8 @@ def guarded(walk: Walk, action: Callable[[], None]) -> None:
         action()
     except MsggcError as exc:
         walk.fail(str(exc))
-    except psycopg.Error as exc:
-        walk.fail(f"database error: {exc}".strip())
+    except psycopg.Error as exc:  # the server's line, its DETAIL/HINT where they help, no CONTEXT
+        walk.fail(f"database error: {primary_message(exc)}{helpful_lines(exc)}")
     except Exception as exc:
         log.exception("run %s: a worker crashed", walk.run.id)
         walk.fail(f"internal error: {type(exc).__name__}: {exc}".strip())

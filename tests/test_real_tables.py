@@ -540,6 +540,40 @@ def test_a_where_that_raises_on_a_row_the_planner_samples_is_one_line_and_no_run
     assert whole_digest(conn, "wide") == before and gc_run_count(conn) == 0
 
 
+def test_a_run_the_server_fails_shows_its_detail_and_hint_but_never_its_context(conn, dsn):
+    """An application's trigger refuses a delete with a DETAIL and a HINT: both follow msggc's line
+    (summary, gc_runs, webhook); the CONTEXT (``PL/pgSQL function ... at RAISE``) does not."""
+    conn.execute("CREATE TABLE held (id bigint PRIMARY KEY, processed_at timestamptz)")
+    conn.execute("INSERT INTO held SELECT g, now() FROM generate_series(1, 100) g")
+    conn.execute("CREATE FUNCTION hold() RETURNS trigger LANGUAGE plpgsql AS $$BEGIN"
+                 " IF OLD.id = 50 THEN RAISE EXCEPTION 'row % is on legal hold', OLD.id"
+                 " USING DETAIL = 'case 1234 until 2031', HINT = 'ask legal to lift it'; END IF;"
+                 " RETURN OLD; END$$")
+    conn.execute("CREATE TRIGGER hold BEFORE DELETE ON held FOR EACH ROW EXECUTE FUNCTION hold()")
+    done = run_cli("gc", "--dsn", dsn, "--table", "held")
+    assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr
+    error = ("database error: row 50 is on legal hold\n  DETAIL: case 1234 until 2031\n"
+             "  HINT: ask legal to lift it")
+    first, *server_lines = error.splitlines()
+    assert done.stdout.startswith("failed: ")
+    assert done.stdout.rstrip().endswith("\n".join([f"; error: {first}", *server_lines])), done.stdout
+    assert "CONTEXT" not in done.stdout + done.stderr
+    assert conn.execute("SELECT error FROM gc_runs").fetchone()[0] == error
+    [body] = [json.loads(line) for line in done.stderr.splitlines() if line.startswith("{")]
+    assert body["services"][0]["message"]["gc"]["errors"][0]["details"] == error
+
+
+def test_a_where_refused_for_a_value_of_the_table_shows_the_servers_hint(conn, dsn):
+    conn.execute("CREATE TABLE dated (id bigint PRIMARY KEY, due text, processed_at timestamptz)")
+    conn.execute("INSERT INTO dated VALUES (1, '2020-13-45', now())")
+    done = run_cli("gc", "--dsn", dsn, "--table", "dated", "--where", "due::date < now()")
+    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
+    assert done.stderr.splitlines() == [
+        'msggc: error: --where: date/time field value out of range: "2020-13-45" (on a row of dated):'
+        " due::date < now()",
+        '  HINT: Perhaps you need a different "datestyle" setting.']
+
+
 # --- rows un-processed while the walk goes on -----------------------------------------------------
 
 

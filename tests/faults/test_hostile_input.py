@@ -153,8 +153,12 @@ def test_a_dsn_password_never_appears_in_output_errors_or_the_database(
         (["GRANT SELECT, DELETE ON messages TO {role}"], "may not SELECT gc_runs"),
         (["GRANT SELECT, DELETE ON messages TO {role}",
           "GRANT SELECT, INSERT ON gc_runs, gc_outbox TO {role}"], "may not UPDATE gc_runs"),
+        (["GRANT SELECT, DELETE ON messages TO {role}",
+          "GRANT SELECT, INSERT, UPDATE ON gc_runs, gc_outbox TO {role}"],
+         "may not SELECT gc_sweep: it cannot record the run (grant SELECT, INSERT, UPDATE on gc_runs and"
+         " gc_outbox, SELECT, INSERT, DELETE on gc_sweep)"),
     ],
-    ids=["select-only", "no-bookkeeping", "bookkeeping-read-insert-only"],
+    ids=["select-only", "no-bookkeeping", "bookkeeping-read-insert-only", "no-sweep-table"],
 )
 def test_a_role_without_the_privileges_gc_needs_gets_one_line_and_exit_2(
     conn: Conn, role_dsn: Any, grants: list[str], fragment: str, ledger: Ledger
