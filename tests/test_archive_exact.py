@@ -4,14 +4,21 @@ damaged batch in one line, and restores tables with generated and identity colum
 
 from __future__ import annotations
 
+import csv
+import io
 from pathlib import Path
 
+import pyarrow as pa
 import pyarrow.dataset as ds
+import pyarrow.parquet as pq
 import pytest
+import zstandard
 
 from engine import collect
+from engine.archive_formats import members
 from engine.config import GcOptions, TableSpec
-from tests.support import run_cli
+from tests.polling import wait_until
+from tests.support import run_cli, spawn_cli
 from tests.test_cli import assert_one_line_error
 
 LOOKS_NULL = ["NULL", "NA", "N/A", "n/a", "null", "nan", "NaN", "-nan", "#N/A", "", "\\N", '"', "a,b", "x\ny"]
@@ -162,3 +169,94 @@ def test_restore_file_of_a_table_with_generated_and_identity_columns_puts_every_
     assert "Traceback" not in proc.stderr
     assert "restored 250 rows" in proc.stdout
     assert table_text(conn, "ledger") == before
+
+
+def test_a_restore_killed_midway_then_rerun_restores_each_row_once(conn, dsn, tmp_path):
+    """kill -9 between batches, or inside one: the record of a batch commits with its rows, so
+    the rerun restores exactly the batches that had not gone back."""
+    make_events(conn, rows=60_000)
+    before = table_text(conn, "events")
+    path = tmp_path / "gone.csv.gz"
+    archive_to(dsn, "events", path, batch_size=500)
+
+    restoring = spawn_cli("restore", "--dsn", dsn, "--table", "events", "--file", str(path))
+    wait_until(lambda: conn.execute("SELECT count(*) FROM gc_restored").fetchone()[0] >= 3
+               or restoring.poll() is not None, 60, "three batches restored")
+    restoring.kill()
+    restoring.communicate(timeout=10)
+    partly = len(table_text(conn, "events"))
+    assert 0 < partly < 60_000, "the restore ended before it was killed"
+    rest = restore_file(dsn, "events", path)
+
+    assert rest.returncode == 0, rest.stderr
+    assert f"restored {60_000 - partly:,} rows" in rest.stdout
+    assert table_text(conn, "events") == before
+
+
+def legacy_copy(path: Path, target: Path, fmt: str) -> None:
+    """The archive as versions before issue 21 wrote it: zstd frames without a content
+    checksum, parquet parts without the digest of their rows."""
+    if fmt == "zstd":
+        target.write_bytes(b"".join(zstandard.ZstdCompressor().compress(part) for part in members(path)))
+        return
+    target.mkdir()
+    for part in sorted(path.iterdir()):
+        table = pq.read_table(part)
+        pq.write_table(table.replace_schema_metadata(None), target / part.name)
+
+
+@pytest.mark.parametrize(("fmt", "name"), [("zstd", "old.csv.zst"), ("parquet", "old.parquet")])
+def test_an_archive_written_before_checksums_still_restores(conn, dsn, tmp_path, fmt, name):
+    make_events(conn)
+    before = table_text(conn, "events")
+    path = tmp_path / FORMATS[fmt]
+    archive_to(dsn, "events", path)
+    legacy_copy(path, tmp_path / name, fmt)
+
+    proc = restore_file(dsn, "events", tmp_path / name)
+
+    assert proc.returncode == 0, proc.stderr
+    assert table_text(conn, "events") == before
+
+
+def test_a_batch_without_the_checksum_the_file_promises_is_refused(conn, dsn, tmp_path):
+    """A flipped bit could clear a zstd frame's checksum flag, or a parquet part's digest key:
+    the batch is refused when the file's first batch carries one."""
+    make_events(conn)
+    path = tmp_path / "gone.csv.zst"
+    archive_to(dsn, "events", path)
+    batches = list(members(path))
+    mixed = tmp_path / "mixed.csv.zst"
+    checked = zstandard.ZstdCompressor(write_checksum=True)
+    mixed.write_bytes(b"".join([*(checked.compress(part) for part in batches[:3]),
+                                zstandard.ZstdCompressor().compress(batches[3]),
+                                *(checked.compress(part) for part in batches[4:])]))
+
+    proc = restore_file(dsn, "events", mixed)
+
+    assert_one_line_error(proc, "batch 3 is damaged", code=1)
+    assert len(table_text(conn, "events")) == sum(part.count(b"\n") for part in batches[1:3])
+
+
+def test_parquet_part_rows_are_what_the_digest_covers(tmp_path):
+    """The digest is of the rows restore loads (Arrow's CSV of the part): a part whose values
+    changed under an intact footer is refused."""
+    from engine.archive_formats.parquet import arrow_schema, parquet_batches, part_bytes
+
+    schema = arrow_schema({"id": "bigint", "body": "text"})
+    epoch = pa.array([0, 0], pa.timestamp("us", "UTC"))
+    table = pa.table({"id": [1, 2], "body": ["NULL", None], "archived_at": epoch, "run_id": [7, 7]},
+                     schema=schema)
+    directory = tmp_path / "one.parquet"
+    directory.mkdir()
+    (directory / "part-000000.parquet").write_bytes(part_bytes(schema.empty_table()))
+    (directory / "part-000001.parquet").write_bytes(part_bytes(table))
+    rows = [list(csv.reader(io.StringIO(part.decode()))) for _, part in parquet_batches(directory)]
+    at = "1970-01-01 00:00:00.000000Z"
+    assert rows[1] == [["1", "NULL", at, "7"], ["2", "", at, "7"]]  # the text NULL quoted, NULL empty
+
+    forged = table.set_column(1, "body", pa.array(["NULL", "x"])).replace_schema_metadata(
+        pq.read_table(directory / "part-000001.parquet").schema.metadata)
+    pq.write_table(forged, directory / "part-000001.parquet")
+    with pytest.raises(ValueError, match=r"part-000001\.parquet does not match its checksum"):
+        list(parquet_batches(directory))
