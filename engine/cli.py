@@ -228,19 +228,13 @@ def gc(dsn: str | None, table: str, key: str | None, processed_column: str | Non
     from engine.collector import collect
     from engine.service.notice import NoticeFinisher
     from engine.service.notify import LogNotifier, WebhookNotifier
-    from engine.target import RAISED_BY_ROWS, filter_failed
 
     options = GcOptions(table=TableSpec.parse(table, key, processed_column, where), **settings)
     dsn = resolve_dsn(dsn)
     notifier: Notifier = WebhookNotifier(webhook, secret=webhook_secret) if webhook else LogNotifier()
     stop = threading.Event()
     with _stop_on_signals(stop), _gc_progress(enabled=not as_json and not options.dry_run) as on_progress:
-        try:
-            result = collect(dsn, options, NoticeFinisher(notifier), stop=stop, on_progress=on_progress)
-        except RAISED_BY_ROWS as exc:  # while planning, before any run: past that, the run fails
-            if where is None:
-                raise
-            raise filter_failed(exc, options.table) from None
+        result = collect(dsn, options, NoticeFinisher(notifier), stop=stop, on_progress=on_progress)
     click.echo(json.dumps(result.as_json(), default=str) if as_json else summary(result))
     sys.exit(result.exit_code)
 

@@ -42,7 +42,7 @@ from engine.queries import Archive, Statements
 from engine.result import GcResult, Progress, percentile
 from engine.status import RunStatus
 from engine.strategies import SWEEP, Slice, extended, strategy_for
-from engine.target import Target
+from engine.target import Target, filter_refused_on_rows
 from engine.target import resolve as resolve_target
 from engine.throttle import Limits, Throttle
 from engine.walk import Leg, Walk, guarded, reconnect, walk_run
@@ -195,12 +195,14 @@ def collect(
         target = check(conn, options)
         if options.dry_run:
             legs = {leaf: statements for leaf, (_table, statements) in target.legs.items()}
-            plans, whole = _plans(conn, options, target)
-            return dry_run(conn, plans, whole, legs, with_workers(conn, options, plans), target.target)
+            with filter_refused_on_rows(options.table):  # the planner's samples, the sample batches
+                plans, whole = _plans(conn, options, target)
+                return dry_run(conn, plans, whole, legs, with_workers(conn, options, plans), target.target)
         lock_table(conn, options, target.oid)
         if partitions.recover(conn, target.oid, options.lock_timeout_ms):
             target = check(conn, options)  # the leaves attached again are walked with the others
-        plans, whole = _plans(conn, options, target)
+        with filter_refused_on_rows(options.table):  # before the run exists: past it, the run fails
+            plans, whole = _plans(conn, options, target)
         options = with_workers(conn, options, plans)
         before = reclaim.health(conn, target.oid)
         run, reason = resume_or_start(conn, options, plans, run_id, target.target.describe())

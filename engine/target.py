@@ -10,7 +10,8 @@ walk needs one), and the one garbage predicate every DELETE repeats.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Collection
+from collections.abc import Collection, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
 
@@ -150,6 +151,20 @@ def filter_failed(exc: psycopg.Error, spec: TableSpec) -> UsageError:
     """A ``--where`` that raised on the table's rows (:data:`RAISED_BY_ROWS`), said in one line."""
     return UsageError(f"--where: {primary_message(exc)} (on a row of {spec.qualified}): {spec.where}"
                       f"{helpful_lines(exc)}")
+
+
+@contextmanager
+def filter_refused_on_rows(spec: TableSpec) -> Iterator[None]:
+    """Around what reads the table's rows before a run exists (the planner's samples, a dry run's
+    rolled-back batches): a ``--where`` that raises on a row there is refused like one that raised
+    on the rows tried at resolve, for the CLI, the Python API and the service's queued runs alike
+    (the worker closes those ``failed`` with this line), never a traceback."""
+    try:
+        yield
+    except RAISED_BY_ROWS as exc:
+        if spec.where is None:
+            raise
+        raise filter_failed(exc, spec) from None
 
 
 def locate(conn: Connection, spec: TableSpec) -> tuple[int, tuple[str, ...]]:

@@ -540,6 +540,38 @@ def test_a_where_that_raises_on_a_row_the_planner_samples_is_one_line_and_no_run
     assert whole_digest(conn, "wide") == before and gc_run_count(conn) == 0
 
 
+@pytest.mark.parametrize("bad_in_sample", [True, False], ids=["planner-reads-it", "walk-meets-it"])
+def test_a_queued_run_whose_where_raises_on_a_row_closes_failed_with_one_line_and_a_1014_webhook(
+        conn, dsn, httpserver, bad_in_sample):
+    """The service's worker: the run was queued, so it exists from the start; it closes ``failed``
+    whether the planner's sample or the walk meets the row, never as an internal error."""
+    from engine.service import nodes, requests
+    from engine.service.settings import ServiceSettings
+    from engine.service.worker import Worker
+    from tests.api_support import gc_of, posted_bodies
+
+    wide_table(conn, bad_in_sample)
+    httpserver.expect_request("/gc", method="POST").respond_with_data("ok")
+    settings = ServiceSettings(nodes=nodes.single(dsn), callback_url=httpserver.url_for("/gc"), poll_s=0.1,
+                               defaults=GcOptions(table=TableSpec(name="wide", where="status::int = 1"),
+                                                  workers=1, max_seconds=60))
+    requests.request_gc(settings, {})
+    worker = Worker(settings)
+    worker.start()
+    try:
+        wait_until(lambda: posted_bodies(httpserver), 60, "the failure webhook")
+    finally:
+        worker.close()
+    details = ('--where: invalid input syntax for type integer: "x" (on a row of wide): status::int = 1'
+               if bad_in_sample else 'database error: invalid input syntax for type integer: "x"')
+    [(status, error, deleted)] = conn.execute(
+        "SELECT status, error, messages_deleted FROM gc_runs").fetchall()
+    assert (status, error) == ("failed", details)
+    assert [gc_of(body) for body in posted_bodies(httpserver)] == [
+        {"messages_deleted": deleted, "errors": [{"code": 1014, "details": details}], "status": "failed"}]
+    assert (deleted == 0) is bad_in_sample
+
+
 def test_a_run_the_server_fails_shows_its_detail_and_hint_but_never_its_context(conn, dsn):
     """An application's trigger refuses a delete with a DETAIL and a HINT: both follow msggc's line
     (summary, gc_runs, webhook); the CONTEXT (``PL/pgSQL function ... at RAISE``) does not."""
