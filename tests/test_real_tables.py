@@ -373,9 +373,24 @@ def test_a_processed_column_of_any_other_type_is_refused_in_one_line_pointing_to
     assert line == (f"msggc: error: --processed-column: typed.done is {shown}, not a timestamp or a date"
                     " (garbage once set) or a boolean (garbage once true): say what garbage is with --where"
                     " instead"), line
-    with pytest.raises(UsageError, match="say what garbage is with --where"):  # the Python API, the config
-        collect(dsn, options("typed", processed_column="done"))  # file and the service resolve it the same
+    with pytest.raises(UsageError, match="say what garbage is with --where"):  # the Python API
+        collect(dsn, options("typed", processed_column="done"))
     assert whole_digest(conn, "typed") == before and gc_run_count(conn) == 0
+
+
+def test_the_service_refuses_a_processed_column_of_another_type_from_its_config_file(conn, dsn, tmp_path):
+    from engine.service import requests
+    from engine.service.settings import load_settings
+
+    conn.execute("CREATE TABLE typed (id bigint PRIMARY KEY, done text)")
+    config = tmp_path / "msggc.toml"
+    config.write_text(f'dsn = "{dsn}"\ntable = "typed"\nprocessed_column = "done"\n')
+    settings = load_settings(config=str(config), run_worker=False)
+    [answer] = requests.request_gc(settings, {})  # PUT /v1/services/message/gc
+    assert answer.error == ("--processed-column: typed.done is text, not a timestamp or a date (garbage"
+                            " once set) or a boolean (garbage once true): say what garbage is with --where"
+                            " instead")
+    assert gc_run_count(conn) == 0
 
 
 def status_table(conn: Conn) -> None:
