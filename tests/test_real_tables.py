@@ -344,6 +344,23 @@ def test_a_boolean_processed_column_deletes_only_its_true_rows(conn, dsn, strate
     assert result["garbage"] == "processed IS TRUE"
 
 
+def test_a_boolean_processed_column_never_drops_a_partition_of_false_rows(conn, dsn):
+    """A leaf whose rows all read ``false`` is wholly garbage to ``IS NOT NULL``: it was dropped."""
+    conn.execute("CREATE TABLE flags (id bigint, day int, processed boolean, PRIMARY KEY (id, day))"
+                 " PARTITION BY RANGE (day)")
+    for day in (1, 2, 3):
+        conn.execute(f"CREATE TABLE flags_{day} PARTITION OF flags FOR VALUES FROM ({day}) TO ({day + 1})")
+    conn.execute("INSERT INTO flags SELECT g, 1, true FROM generate_series(1, 2000) g")
+    conn.execute("INSERT INTO flags SELECT g, 2, g <> 1500 FROM generate_series(1, 2000) g")
+    conn.execute("INSERT INTO flags SELECT g, 3, false FROM generate_series(1, 2000) g")
+    conn.execute("ANALYZE flags")
+    result = gc_json(dsn, "--table", "flags", "--processed-column", "processed")
+    assert (result["status"], result["messages_deleted"]) == ("complete", 3999)
+    assert conn.execute("SELECT tableoid::regclass::text, processed, count(*)::int FROM flags"
+                        " GROUP BY 1, 2 ORDER BY 1, 2").fetchall() == [("flags_2", False, 1),
+                                                                        ("flags_3", False, 2000)]
+
+
 def test_a_timestamp_processed_column_with_a_precision_or_under_a_domain_takes_a_retention(conn, dsn):
     conn.execute("CREATE DOMAIN done_time AS timestamp(3) with time zone")
     conn.execute("CREATE TABLE stamped (id bigint PRIMARY KEY, done done_time, seen date)")
