@@ -35,7 +35,9 @@ ProcessedTest = Literal["IS NOT NULL", "IS TRUE"]
 RELATION_KINDS = {"v": "a view", "m": "a materialized view", "f": "a foreign table", "S": "a sequence",
                   "i": "an index", "I": "a partitioned index", "c": "a composite type", "t": "a TOAST table"}
 PROBE_ROWS = 10_000
-"""Rows a ``--where`` is tried on before a run (see :func:`_try_on_rows`)."""
+PROBE_TIMEOUT_MS = 2_000
+"""Rows a ``--where`` is tried on before a run (see :func:`_try_on_rows`), and the time it may
+take at most: past it (a heap whose first pages hold only dead rows), the try is given up."""
 BOOKKEEPING_PRIVILEGES = (("gc_runs", "SELECT"), ("gc_runs", "INSERT"), ("gc_runs", "UPDATE"),
                           ("gc_outbox", "SELECT"), ("gc_outbox", "INSERT"), ("gc_outbox", "UPDATE"),
                           ("gc_sweep", "SELECT"), ("gc_sweep", "INSERT"), ("gc_sweep", "DELETE"))
@@ -137,9 +139,12 @@ def _try_on_rows(conn: Connection, target: Target) -> None:
     ).format(garbage=garbage_predicate(target, with_cutoff=False), t=table_ident(target.spec))
     try:
         with conn.transaction():
+            conn.execute("SELECT set_config('statement_timeout', %s, true)", (f"{PROBE_TIMEOUT_MS}ms",))
             conn.execute(statement, {"rows": PROBE_ROWS})
     except RAISED_BY_ROWS as exc:
         raise filter_failed(exc, target.spec) from None
+    except pg_errors.QueryCanceled:  # a bloated head of the table: the planner and the walk tell
+        pass
 
 
 RAISED_BY_ROWS = (psycopg.DataError, psycopg.NotSupportedError, pg_errors.RaiseException)
