@@ -314,14 +314,13 @@ def msggc_backends(conn: Conn) -> list[int]:
         " AND pid <> pg_backend_pid()")]
 
 
-def detach_waiting(conn: Conn) -> bool:
-    """msggc's ``ALTER TABLE ... DETACH PARTITION`` (or the drop's ``LOCK TABLE ONLY`` of the
-    parent before it) is waiting (for a lock, or an old snapshot)."""
+def waits_for(conn: Conn, pid: int) -> bool:
+    """A msggc session waits for a lock session ``pid`` holds (an application's open transaction
+    on ``pm``): a detach or a drop waits for it (a concurrent detach, for its snapshot too, and
+    its leaf is then pending detach)."""
     return conn.execute(
         "SELECT EXISTS (SELECT 1 FROM pg_stat_activity WHERE datname = current_database()"
-        " AND application_name = 'msggc' AND wait_event_type = 'Lock'"
-        " AND (query ILIKE '%%DETACH PARTITION%%' OR query ILIKE 'LOCK TABLE ONLY %%'))"
-    ).fetchone()[0]
+        " AND application_name = 'msggc' AND %s = ANY (pg_blocking_pids(pid)))", (pid,)).fetchone()[0]
 
 
 def blocked_holding_a_leaf(conn: Conn) -> bool:
@@ -361,8 +360,10 @@ def kill_between_detach_and_drop(conn: Conn, dsn: str, reader: Conn, proc: subpr
     to ``gc_runs`` is held (a row lock on the runs) and the reader ends: the detach completes,
     and msggc, holding the leaf, waits to record what it did; it is killed there. False when
     the run ended before any detach."""
+    reader_pid = reader.info.backend_pid
     try:
-        wait_until(lambda: detach_waiting(conn) or proc.poll() is not None, timeout_s, "a detach to wait")
+        wait_until(lambda: waits_for(conn, reader_pid) or proc.poll() is not None, timeout_s,
+                   "a detach to wait for the open transaction")
     except AssertionError:
         reader.rollback()
         raise
