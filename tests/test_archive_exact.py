@@ -239,7 +239,7 @@ def test_a_batch_without_the_checksum_the_file_promises_is_refused(conn, dsn, tm
 
 
 def test_parquet_part_rows_are_what_the_digest_covers(tmp_path):
-    """The digest is of the rows restore loads (Arrow's CSV of the part): a part whose values
+    """The digest is of the values Arrow reads back from the part: a part whose values
     changed under an intact footer is refused."""
     from engine.archive_formats.parquet import arrow_schema, parquet_batches, part_bytes
 
