@@ -260,3 +260,19 @@ def test_parquet_part_rows_are_what_the_digest_covers(tmp_path):
     pq.write_table(forged, directory / "part-000001.parquet")
     with pytest.raises(ValueError, match=r"part-000001\.parquet does not match its checksum"):
         list(parquet_batches(directory))
+
+
+@pytest.mark.parametrize("value", ["infinity", "0044-03-15 BC"])
+def test_a_timestamp_parquet_cannot_hold_fails_the_run_in_one_line_and_deletes_nothing(conn, dsn, tmp_path,
+                                                                                      value):
+    """Parquet types timestamps as microseconds since 1970 (year 1 to 9999 in its text form):
+    a value outside fails the batch before it commits, so no row goes without its archive."""
+    conn.execute("CREATE TABLE ev (id bigint PRIMARY KEY, at timestamptz, processed_at timestamptz)")
+    conn.execute("INSERT INTO ev SELECT i, CASE WHEN i = 5 THEN %s::timestamptz ELSE now() END, now()"
+                 " FROM generate_series(1, 10) i", (value,))
+
+    proc = run_cli("gc", "--dsn", dsn, "--table", "ev", "--archive-to", str(tmp_path / "gone.parquet"))
+
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert "cannot write a row to parquet" in proc.stdout
+    assert conn.execute("SELECT count(*) FROM ev").fetchone()[0] == 10
