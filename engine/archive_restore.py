@@ -46,6 +46,8 @@ class FileRestored(NamedTuple):
     """Batches put back by this restore."""
     skipped: int
     """Batches an earlier restore into the same table put back: not restored again."""
+    present: int = 0
+    """Rows of the batches restored now that the table kept out: it holds their key already."""
 
 
 def restore(conn: Connection, table: TableSpec, target_oid: int, path: Path) -> FileRestored:
@@ -108,12 +110,15 @@ def _restore_batch(conn: Connection, done: FileRestored, load: sql.Composed, ins
         if not claimed:
             return done._replace(skipped=done.skipped + 1)
         conn.execute(TEXT_FORMS)
-        with conn.cursor().copy(load) as copy:
-            copy.write(rows)
+        with conn.cursor() as cursor:
+            with cursor.copy(load) as copy:
+                copy.write(rows)
+            loaded = cursor.rowcount
         count = conn.execute(insert).rowcount
         conn.execute("UPDATE gc_restored SET rows = %(rows)s WHERE table_name = %(table)s"
                      " AND batch_sha256 = %(digest)s", {**batch, "rows": count})
-    return done._replace(restored=done.restored + count, batches=done.batches + 1)
+    return done._replace(restored=done.restored + count, batches=done.batches + 1,
+                         present=done.present + max(0, loaded - count))
 
 
 def _prepare_loading(conn: Connection, table: TableSpec) -> None:

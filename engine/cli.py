@@ -363,6 +363,8 @@ def restore(dsn: str | None, table: str, key: str | None, run_id: int | None, pa
             source = str(path)
             if done.skipped:
                 skipped = f" ({done.skipped:,} batches restored earlier were skipped)"
+            if done.present:
+                skipped += f"; {done.present:,} rows not restored: the table holds their key already"
         elif run_id is not None:
             tables = archive.restore_with_children(conn, spec, oid, run_id, key_columns)
             source = f"run {run_id}"

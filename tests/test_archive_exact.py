@@ -276,3 +276,17 @@ def test_a_timestamp_parquet_cannot_hold_fails_the_run_in_one_line_and_deletes_n
     assert proc.returncode == 1 and "Traceback" not in proc.stderr
     assert "cannot write a row to parquet" in proc.stdout
     assert conn.execute("SELECT count(*) FROM ev").fetchone()[0] == 10
+
+
+def test_restore_file_says_how_many_rows_a_key_already_in_the_table_kept_out(conn, dsn, tmp_path):
+    make_notes(conn, rows=100)
+    path = tmp_path / "gone.csv.gz"
+    archive_to(dsn, "notes", path)
+    conn.execute("INSERT INTO notes (id, body) VALUES (7, 'the application reused key 7')")
+
+    proc = restore_file(dsn, "notes", path)
+
+    assert proc.returncode == 0, proc.stderr
+    assert "restored 99 rows" in proc.stdout
+    assert "1 rows not restored: the table holds their key already" in proc.stdout
+    assert conn.execute("SELECT body FROM notes WHERE id = 7").fetchone()[0] == "the application reused key 7"
