@@ -60,6 +60,9 @@ def restore(conn: Connection, table: TableSpec, target_oid: int, path: Path) -> 
         batches = members(path)
         header = _read_header(next(batches, b""))
     except unreadable as exc:
+        if _damaged(exc):
+            raise MsggcError(f"{path}: its first batch (the column names) is damaged ({exc}):"
+                             " nothing restored") from None
         raise UsageError(f"{path} is not an msggc archive file: {exc}") from None
     columns = [c for c in header if c not in BOOKKEEPING_COLUMNS]
     missing = set(columns) - set(table_columns(conn, target_oid))

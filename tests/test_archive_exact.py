@@ -290,3 +290,35 @@ def test_restore_file_says_how_many_rows_a_key_already_in_the_table_kept_out(con
     assert "restored 99 rows" in proc.stdout
     assert "1 rows not restored: the table holds their key already" in proc.stdout
     assert conn.execute("SELECT body FROM notes WHERE id = 7").fetchone()[0] == "the application reused key 7"
+
+
+@pytest.mark.parametrize("fmt", ["zstd", "parquet"])
+def test_a_flipped_bit_in_the_header_batch_restores_nothing_or_everything_exactly(conn, dsn, tmp_path, fmt):
+    """The first batch names the columns (zstd: its first frame; parquet: the schema part):
+    damaged, the restore refuses in one line with nothing restored, never a traceback."""
+    make_events(conn, rows=100)
+    before = table_text(conn, "events")
+    path = tmp_path / FORMATS[fmt]
+    archive_to(dsn, "events", path)
+    victim = path / "part-000000.parquet" if fmt == "parquet" else path
+    good = victim.read_bytes()
+    end = len(good)
+    if fmt == "zstd":
+        reader = zstandard.ZstdDecompressor().decompressobj()
+        reader.decompress(good)
+        end -= len(reader.unused_data)  # the header frame's end
+    refused = 0
+    for position in range(0, end, max(1, end // 10)):
+        damaged = bytearray(good)
+        damaged[position] ^= 1 << (position % 8)
+        victim.write_bytes(bytes(damaged))
+        proc = restore_file(dsn, "events", path)
+        assert "Traceback" not in proc.stderr
+        if proc.returncode == 0:
+            assert table_text(conn, "events") == before, f"byte {position}"
+        else:
+            refused += 1
+            assert len(proc.stderr.strip().splitlines()) == 1
+            assert table_text(conn, "events") == [], f"byte {position}"
+        conn.execute("TRUNCATE events; DELETE FROM gc_restored")
+    assert refused >= 3
