@@ -7,17 +7,21 @@ It must never lose a row, nor hold the application up for long, nor leave a rang
   application writes there now), no foreign key onto the table and no archive asked for;
 - only a leaf known to be wholly garbage: a sample of its blocks first, then an exact answer
   (a btree on the processed column answers ``IS NULL`` at once; else one full read);
-- the drop is one short transaction: the parent then the leaf locked (the application waits
-  for the leaf's last read, bounded by ``statement_timeout``), then ``DETACH`` (plain, never
-  ``CONCURRENTLY``: it would commit a pending detach of its own) and ``DROP``, and the run's
-  record of its rows, every lock under ``lock_timeout`` and retried with backoff. A crash or a
-  timeout at any point rolls all of it back: no leaf is ever left detached or pending, so no row
-  is ever homeless, with a default partition or without;
+- it is detached in one short transaction: the parent then the leaf locked (the application
+  waits for the leaf's last read, bounded by ``statement_timeout``), read in full, then a plain
+  ``DETACH`` (never ``CONCURRENTLY``: it would commit a pending detach of its own) recorded in the
+  run, every lock under ``lock_timeout`` and retried with backoff. A crash or a timeout in it rolls
+  all of it back; so no leaf is ever left pending, and a range is without its leaf only once
+  every row in it was garbage, checked under the lock;
+- then it is dropped, its rows counted, in a second transaction that holds no lock of the
+  application's (the unlink of its files at commit takes 10-60 ms on a busy disk). A run killed
+  between the two leaves a detached leaf of garbage: the next run attaches it again first
+  (:func:`recover`) and collects it with the rest;
 - a leaf that cannot be dropped that way is walked row by row like any other.
 
-Earlier versions detached first and dropped later, recording the leaf in its run's cursor: a
-leaf such a run left detached or pending is finished by :func:`recover`, which every run on the
-table calls first, whatever its flags.
+Every run on a table, whatever its flags, first calls :func:`recover`: a leaf that a run
+recorded and left detached (or, in versions that detached ``CONCURRENTLY``, pending) is attached
+again.
 """
 
 from __future__ import annotations
@@ -126,30 +130,32 @@ class Drop:
     statement_timeout_ms: int
 
     def __call__(self, conn: Connection) -> int | None:
-        """Tried a few times with backoff while a lock is not granted within ``lock_timeout``.
-        Its transaction commits synchronously even under ``--async-commit``: a drop a crash
-        took back after the worker counted it would send the walk over a leaf it believes gone
-        (and never swept); the commit's cost is the unlink of the leaf's files, not the WAL
-        flush (measured: 12.5 ms either way)."""
+        """Detached in one transaction (tried a few times with backoff while a lock is not
+        granted within ``lock_timeout``), then dropped in a second one: the unlink of its files
+        at the drop's commit (10-60 ms on a busy disk) holds no lock of the application's."""
         with _maintenance_paused(conn) as paused:
             if not paused:
                 return None
             for attempt in range(DETACH_ATTEMPTS):
                 try:
-                    return self._drop_in_one_transaction(conn)
+                    rows = self._detach_if_wholly_garbage(conn)
+                    break
                 except pg_errors.LockNotAvailable:
                     time.sleep(DETACH_BACKOFF_S * 2**attempt)
                 except (pg_errors.QueryCanceled, pg_errors.InsufficientPrivilege):
                     return None  # its read takes longer than a batch may hold locks, or not ours
-            return None
+            else:
+                return None
+            if rows is not None:
+                self._drop_detached(conn, rows)
+            return rows
 
-    def _drop_in_one_transaction(self, conn: Connection) -> int | None:
+    def _detach_if_wholly_garbage(self, conn: Connection) -> int | None:
+        """The leaf's rows, once it is detached with its record; None (nothing changed) when it
+        holds a row that is not garbage."""
         leaf = self.leaf
         with conn.transaction():
-            conn.execute("SELECT set_config('lock_timeout', %s, true),"
-                         " set_config('statement_timeout', %s, true),"
-                         " set_config('synchronous_commit', 'on', true)",
-                         (f"{self.lock_timeout_ms}ms", f"{self.statement_timeout_ms}ms"))
+            self._set_local(conn, statement_timeout=True)
             # the parent first, as the application's statements lock it before its leaves: a
             # leaf locked first would deadlock with a statement that touches every leaf
             for only, table in ((sql.SQL("ONLY "), leaf.parent), (sql.SQL(""), leaf.table)):
@@ -159,12 +165,37 @@ class Drop:
                 "SELECT count(*) FILTER (WHERE ({garbage}) IS NOT TRUE), count(*) FROM {t}"
             ).format(t=table_ident(leaf.table), garbage=self.statements.garbage), self.params))
             if live:
-                return None  # nothing was changed: the transaction commits no write
+                return None
             conn.execute(sql.SQL("ALTER TABLE {} DETACH PARTITION {}").format(
                 table_ident(leaf.parent), table_ident(leaf.table)))
-            conn.execute(sql.SQL("DROP TABLE {}").format(table_ident(leaf.table)))
-            runs.record_drop(conn, self.run_id, leaf.table.qualified, rows)
+            runs.record_detached(conn, self.run_id, leaf.table.qualified, leaf.parent.qualified, leaf.bound)
             return int(rows)
+
+    def _drop_detached(self, conn: Connection, rows: int) -> None:
+        """Drop the detached leaf and count its rows in one transaction. Nobody reaches it through
+        the parent any more, so nothing waits for its lock; if it cannot be dropped, the run fails
+        and the next run attaches it again first (:func:`recover`), then collects it."""
+        for attempt in range(DETACH_ATTEMPTS):
+            try:
+                with conn.transaction():
+                    self._set_local(conn, statement_timeout=False)
+                    conn.execute(sql.SQL("DROP TABLE {}").format(table_ident(self.leaf.table)))
+                    runs.record_drop(conn, self.run_id, self.leaf.table.qualified, rows)
+                return
+            except pg_errors.LockNotAvailable:
+                time.sleep(DETACH_BACKOFF_S * 2**attempt)
+        raise MsggcError(f"{self.leaf.table.qualified}, detached wholly garbage, could not be dropped:"
+                         f" a session held it past lock_timeout ({self.lock_timeout_ms} ms)"
+                         f" {DETACH_ATTEMPTS} times; the next run attaches it again and collects it")
+
+    def _set_local(self, conn: Connection, *, statement_timeout: bool) -> None:
+        """This transaction's timeouts; it commits synchronously even under ``--async-commit``:
+        a detach or drop a crash took back after the worker counted it would send the walk over
+        a leaf it believes gone (and never swept)."""
+        bound_ms = self.statement_timeout_ms if statement_timeout else 0
+        conn.execute("SELECT set_config('lock_timeout', %s, true), set_config('statement_timeout', %s, true),"
+                     " set_config('synchronous_commit', 'on', true)",
+                     (f"{self.lock_timeout_ms}ms", f"{bound_ms}ms"))
 
 
 @contextmanager

@@ -192,6 +192,16 @@ def add_sweep(conn: Connection, run_id: int, part: Slice | None, retried: int) -
                  (retried, run_id))
 
 
+def record_detached(conn: Connection, run_id: int, leaf: str, parent: str, bound: str) -> None:
+    """In the detach's transaction: a run killed before the drop is finished by the next one,
+    which finds the leaf here (:func:`engine.partitions.recover`)."""
+    conn.execute(
+        "UPDATE gc_runs SET cursor = jsonb_set(cursor, '{detaching}',"
+        " coalesce(nullif(cursor -> 'detaching', 'null'), '{}') || jsonb_build_object(%s::text, %s::jsonb))"
+        " WHERE id = %s",
+        (leaf, Jsonb({"leaf": leaf, "parent": parent, "bound": bound}), run_id))
+
+
 def unfinished_detaches(conn: Connection) -> list[tuple[int, dict[str, str]]]:
     """``(run id, record)`` of every leaf a run recorded before detaching it (versions that
     detached and dropped in two steps) and did not see through. A record is a single leaf in

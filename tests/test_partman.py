@@ -185,8 +185,8 @@ def test_msggc_detaches_nothing_while_partman_holds_its_lock_and_walks_the_leave
     sleeps: list[float] = []
     detached: list[str] = []
     monkeypatch.setattr(partitions, "time", SimpleNamespace(sleep=sleeps.append))  # the backoff, not waited
-    real_drop = partitions.Drop._drop_in_one_transaction
-    monkeypatch.setattr(partitions.Drop, "_drop_in_one_transaction",
+    real_drop = partitions.Drop._detach_if_wholly_garbage
+    monkeypatch.setattr(partitions.Drop, "_detach_if_wholly_garbage",
                         lambda drop, c: detached.append(drop.leaf) or real_drop(drop, c))
     with psycopg.connect(dsn, autocommit=True) as partman_session:
         partman_session.execute("SELECT pg_advisory_lock(hashtext('pg_partman run_maintenance'))")
