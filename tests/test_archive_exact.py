@@ -322,3 +322,20 @@ def test_a_flipped_bit_in_the_header_batch_restores_nothing_or_everything_exactl
             assert table_text(conn, "events") == [], f"byte {position}"
         conn.execute("TRUNCATE events; DELETE FROM gc_restored")
     assert refused >= 3
+
+
+def test_parquet_takes_a_batch_over_a_mebibyte_of_text_spanning_lines():
+    """Arrow reads CSV in blocks of 1 MiB; a quoted newline near a block's end put its parser out
+    of sync with its chunker, and the batch (so the run) failed on a table of multi-line text."""
+    from engine.archive_formats.parquet import ParquetBatch, arrow_schema
+
+    schema = arrow_schema({"id": "bigint", "body": "text"})
+    batch = ParquetBatch(schema)
+    at = "2026-12-06 08:00:00+00"
+    rows = "".join(f'{i},"line one {i}\nline two, {"x" * (i % 97)}",{at},1\n' for i in range(1, 30_000))
+    batch.write(rows.encode())
+    part = batch.finish()  # 3.9 MB of CSV
+
+    table = pq.read_table(pa.py_buffer(part))
+    assert table.num_rows == 29_999
+    assert table.column("body")[41].as_py() == "line one 42\nline two, " + "x" * 42

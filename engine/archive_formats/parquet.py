@@ -107,6 +107,9 @@ class ParquetBatch:
             table = pa.csv.read_csv(pa.py_buffer(bytes(self._rows)),
                                     read_options=pa.csv.ReadOptions(column_names=self._schema.names,
                                                                     use_threads=False),
+                                    # a quoted value may hold a newline: without this, a batch
+                                    # over one read block (1 MiB) fails to parse
+                                    parse_options=pa.csv.ParseOptions(newlines_in_values=True),
                                     convert_options=convert)
         except pa.ArrowException as exc:
             raise MsggcError(f"cannot write a row to parquet: {exc}") from None
