@@ -85,3 +85,16 @@ def test_a_queued_run_that_cannot_start_ends_failed_with_a_1014_webhook(conn, ds
                   "status": "failed"}
     assert "messages does not exist" in gc["errors"][0]["details"]
     assert runs_of(dsn)[0]["status"] == "failed"
+
+
+def test_a_database_error_on_a_node_is_told_in_the_servers_words_without_its_statement(dsn):
+    """The node's error names the problem (and the server's hint where it helps), never the
+    ``LINE 1: ...`` echo of msggc's statement with its caret."""
+    settings = ServiceSettings(nodes=nodes.build_nodes({"wacore1": dsn}), multiconnect=True)
+
+    def task(node: nodes.Node) -> None:
+        with psycopg.connect(node.dsn) as conn:
+            conn.execute("SELECT 1 + 'x'::int")
+
+    [result] = requests.on_every_node(settings, task)
+    assert result.error == 'database error on wacore1: invalid input syntax for type integer: "x"'

@@ -15,7 +15,7 @@ from typing import Any, Generic, TypeVar
 import psycopg
 
 from engine import runs
-from engine.db import connect, require_bookkeeping
+from engine.db import connect, helpful_lines, primary_message, require_bookkeeping
 from engine.errors import DatabaseUnreachable, MsggcError
 from engine.service.nodes import Node, unreachable_details
 from engine.service.settings import ServiceSettings
@@ -54,7 +54,8 @@ def on_every_node(settings: ServiceSettings, task: Callable[[Node], T]) -> list[
         except MsggcError as exc:
             return NodeResult(node, error=str(exc))
         except psycopg.Error as exc:
-            return NodeResult(node, error=f"database error on {node.label}: {exc}".strip())
+            return NodeResult(node, error=f"database error on {node.label}: {primary_message(exc)}"
+                                          f"{helpful_lines(exc)}")
 
     if len(settings.nodes) == 1:
         return [guarded(settings.nodes[0])]

@@ -31,7 +31,7 @@ import psycopg
 
 from engine import runs
 from engine.collector import collect
-from engine.db import Connection, connect
+from engine.db import Connection, connect, primary_message, user_fault
 from engine.errors import DatabaseUnreachable, GcAlreadyRunning, MsggcError
 from engine.finish import close
 from engine.result import GcResult
@@ -153,8 +153,10 @@ class Worker:
         except MsggcError as exc:
             self._fail(node, run_id, str(exc))
         except Exception as exc:
-            log.exception("node %s: run %s crashed", node.label, run_id)
-            self._fail(node, run_id, f"internal error: {type(exc).__name__}: {exc}")
+            if (reason := user_fault(exc)) is None:
+                log.exception("node %s: run %s crashed", node.label, run_id)
+                reason = f"internal error: {type(exc).__name__}: {primary_message(exc)}"
+            self._fail(node, run_id, reason)
         else:
             _log_result(node, result)
         self._deliver_now[node.name].set()
