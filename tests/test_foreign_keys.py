@@ -233,7 +233,7 @@ def make_thread_shapes(conn, action: str = "NO ACTION", index: bool = False) -> 
         (11, True, None), (10, True, 11),  # a reply with a smaller id than its parent: both go
         (7000, False, None), (7001, True, None),
     ]
-    rows += [(i, True, i - 1 if i > 100 else None) for i in range(100, 3100)]  # one chain over 30 batches
+    rows += [(i, True, i - 1 if i > 100 else None) for i in range(100, 190)]  # one chain over 5 batches
     rows += [(i, True, i - 1 if i > 4000 else None) for i in range(4000, 5000)]  # a garbage chain ...
     rows += [(5000, False, 4999)]  # ... under a live reply: all 1,000 kept
     with conn.cursor() as cur:
@@ -253,13 +253,13 @@ def test_garbage_threads_go_whole_in_one_run_and_a_live_descendant_keeps_every_a
     stays, kept = make_thread_shapes(conn, action, index)
     before = len(msg_ids(conn))
 
-    result = collect(dsn, GcOptions(table=MSG, strategy=strategy, batch_size=100))
+    result = collect(dsn, GcOptions(table=MSG, strategy=strategy, batch_size=20))
 
     assert result.status is RunStatus.COMPLETE, result.error
     assert set(msg_ids(conn)) == stays
     assert result.messages_deleted == before - len(stays)
     assert result.kept_referenced == {"msg_parent_id_fkey": kept}
-    again = collect(dsn, GcOptions(table=MSG, strategy=strategy, batch_size=100))
+    again = collect(dsn, GcOptions(table=MSG, strategy=strategy, batch_size=20))
     assert again.messages_deleted == 0 and set(msg_ids(conn)) == stays
 
 
@@ -283,7 +283,7 @@ def test_archived_threads_come_back_whole_each_row_once(conn, dsn):
     before = content_digest(conn, None, "msg")
     assert run_cli("migrate", "--dsn", dsn, "--archive-for", "public.msg").returncode == 0
 
-    result = collect(dsn, GcOptions(table=MSG, archive=True, batch_size=100))
+    result = collect(dsn, GcOptions(table=MSG, archive=True, batch_size=20))
     assert result.status is RunStatus.COMPLETE and set(msg_ids(conn)) == stays
     archived = conn.execute("SELECT count(*), count(DISTINCT id) FROM msg_archive WHERE run_id = %s",
                             (result.run_id,)).fetchone()
@@ -369,3 +369,34 @@ def test_a_dry_run_whose_sample_batches_meet_statement_timeout_says_the_predicti
     assert text.returncode == 0 and text.stderr == "", text.stderr
     assert "duration and WAL unknown" in text.stdout and "msg_parent_id_fkey" in text.stdout
     assert content_digest(conn, None, "msg") == before
+
+
+def make_chain(conn, rows: int, index: bool) -> None:
+    """Every row processed, each a reply to the one before it: one thread ``rows`` deep."""
+    make_threads(conn, rows=0, index=index)
+    conn.execute("INSERT INTO msg SELECT g, now(), nullif(g - 1, 0), 'm' FROM generate_series(1, %s) g",
+                 (rows,))
+    conn.execute("ANALYZE msg")
+
+
+def test_a_deep_garbage_thread_with_an_index_goes_in_one_run(conn, dsn):
+    make_chain(conn, 3000, index=True)
+    result = collect(dsn, GcOptions(table=MSG, batch_size=100))
+    assert result.status is RunStatus.COMPLETE and result.messages_deleted == 3000
+    assert msg_ids(conn) == [] and result.kept_referenced == {"msg_parent_id_fkey": 0}
+
+
+def test_a_deep_garbage_thread_without_an_index_goes_over_runs_that_complete_and_count_what_stays(conn, dsn):
+    """Without an index each deleted row reads the table: a subtree goes with a row of the batch
+    only up to 100 levels deep (one statement over the whole thread made every run fail)."""
+    make_chain(conn, 1000, index=False)
+    deleted, runs = 0, 0
+    while msg_ids(conn):
+        result = collect(dsn, GcOptions(table=MSG, batch_size=100))
+        runs += 1
+        left = len(msg_ids(conn))
+        assert result.status is RunStatus.COMPLETE, result.error
+        assert result.messages_deleted > 0 and deleted + result.messages_deleted + left == 1000
+        assert result.kept_referenced == {"msg_parent_id_fkey": left}
+        deleted += result.messages_deleted
+        assert runs <= 10
