@@ -12,7 +12,6 @@ table to compute; identity columns take their archived value (``OVERRIDING SYSTE
 from __future__ import annotations
 
 import csv
-import hashlib
 import io
 import zlib
 from contextlib import suppress
@@ -23,7 +22,7 @@ import psycopg
 from psycopg import sql
 
 from engine.archive import BOOKKEEPING_COLUMNS, table_columns
-from engine.archive_formats import Damaged, members, read_errors
+from engine.archive_formats import Damaged, batches, read_errors
 from engine.config import TableSpec
 from engine.db import Connection, one_row, table_ident
 from engine.errors import MsggcError, SchemaMissing, TargetTableError, UsageError
@@ -57,8 +56,8 @@ def restore(conn: Connection, table: TableSpec, target_oid: int, path: Path) -> 
         raise SchemaMissing("msggc tables are out of date in this database: run `msggc migrate` first")
     unreadable = read_errors()
     try:
-        batches = members(path)
-        header = _read_header(next(batches, b""))
+        read = batches(path)
+        header = _read_header(first.rows if (first := next(read, None)) else b"")
     except unreadable as exc:
         if _damaged(exc):
             raise MsggcError(f"{path}: its first batch (the column names) is damaged ({exc}):"
@@ -85,9 +84,9 @@ def restore(conn: Connection, table: TableSpec, target_oid: int, path: Path) -> 
     done = FileRestored(0, 0, 0)
     number = 0
     try:
-        for number, rows in enumerate(batches, start=1):
-            done = _restore_batch(conn, done, load, insert, rows,
-                                  {"table": name, "digest": hashlib.sha256(rows).digest(),
+        for number, batch in enumerate(read, start=1):
+            done = _restore_batch(conn, done, load, insert, batch.rows,
+                                  {"table": name, "digest": batch.identity,
                                    "file": str(path.resolve()), "batch": number})
     except LOAD_ERRORS as exc:
         raise _stopped(path, f"batch {number} does not load: {exc.diag.message_primary}", done) from None

@@ -251,7 +251,7 @@ def test_parquet_part_rows_are_what_the_digest_covers(tmp_path):
     directory.mkdir()
     (directory / "part-000000.parquet").write_bytes(part_bytes(schema.empty_table()))
     (directory / "part-000001.parquet").write_bytes(part_bytes(table))
-    rows = [list(csv.reader(io.StringIO(part.decode()))) for _, part in parquet_batches(directory)]
+    rows = [list(csv.reader(io.StringIO(part.decode()))) for _, part, _ in parquet_batches(directory)]
     at = "1970-01-01 00:00:00.000000Z"
     assert rows[1] == [["1", "NULL", at, "7"], ["2", "", at, "7"]]  # the text NULL quoted, NULL empty
 
@@ -339,3 +339,21 @@ def test_parquet_takes_a_batch_over_a_mebibyte_of_text_spanning_lines():
     table = pq.read_table(pa.py_buffer(part))
     assert table.num_rows == 29_999
     assert table.column("body")[41].as_py() == "line one 42\nline two, " + "x" * 42
+
+
+def test_a_parquet_batch_is_known_by_the_digest_its_part_carries(conn, dsn, tmp_path):
+    """Restore records a parquet batch by the digest written into its part (of values as bits,
+    not as a pyarrow version formats them), so a rerun after an upgrade still knows it."""
+    from engine.archive_formats import batches
+    from engine.archive_formats.parquet import DIGEST_KEY
+
+    make_notes(conn, rows=50)
+    path = tmp_path / "gone.parquet"
+    archive_to(dsn, "notes", path, batch_size=20)
+    carried = [bytes.fromhex(pq.read_schema(part).metadata[DIGEST_KEY].decode())
+               for part in sorted(path.iterdir())[1:]]
+
+    assert [batch.identity for batch in list(batches(path))[1:]] == carried
+    assert restore_file(dsn, "notes", path).returncode == 0
+    recorded = [bytes(row[0]) for row in conn.execute("SELECT batch_sha256 FROM gc_restored ORDER BY batch")]
+    assert recorded == carried

@@ -6,11 +6,12 @@ back only once its checksum holds (:class:`~engine.archive_formats.base.Damaged`
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 import zlib
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from engine.archive_formats.base import Damaged, Encoder
 from engine.archive_formats.compressed import Compressing, gzip_members, zstd_frames
@@ -21,7 +22,16 @@ GZIP_MAGIC = b"\x1f\x8b"
 ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
 PARQUET_MAGIC = b"PAR1"
 
-__all__ = ["SUFFIXES", "Damaged", "Encoder", "detected", "encoder", "members", "read_errors"]
+__all__ = ["SUFFIXES", "Batch", "Damaged", "Encoder", "batches", "detected", "encoder", "members",
+           "read_errors"]
+
+
+class Batch(NamedTuple):
+    rows: bytes
+    """CSV: the header line for the first batch, else the batch's rows."""
+    identity: bytes
+    """What restore records the batch by: the SHA-256 of its rows as archived (gzip, zstd: the
+    CSV itself; parquet: the digest its part carries), the same whatever reads it."""
 
 
 def detected(path: Path) -> str | None:
@@ -42,29 +52,33 @@ def encoder(fmt: str, schema: Any = None) -> Encoder:
     return ParquetBatch(schema) if fmt == "parquet" else Compressing(fmt)
 
 
-def members(path: Path) -> Iterator[bytes]:
-    """The archive's batches as CSV bytes, one at a time: the header line, then one per batch
-    (gzip members, zstd frames, or parquet parts), each only once its checksum is verified.
-    Raises one of :func:`read_errors` for a batch that cannot be read, EOFError for one cut short,
+def batches(path: Path) -> Iterator[Batch]:
+    """The archive's batches one at a time: the header line, then one per batch (gzip members,
+    zstd frames, or parquet parts), each only once its checksum is verified. Raises one of
+    :func:`read_errors` for a batch that cannot be read, EOFError for one cut short,
     :class:`Damaged` for one whose checksum does not match."""
     fmt = detected(path)
     if fmt == "parquet":
         return _parquet_members(path)
-    if fmt == "zstd":
-        return zstd_frames(path)
-    return gzip_members(path)
+    frames = zstd_frames(path) if fmt == "zstd" else gzip_members(path)
+    return (Batch(rows, hashlib.sha256(rows).digest()) for rows in frames)
 
 
-def _parquet_members(path: Path) -> Iterator[bytes]:
+def members(path: Path) -> Iterator[bytes]:
+    """The archive's batches as CSV bytes (see :func:`batches`)."""
+    return (batch.rows for batch in batches(path))
+
+
+def _parquet_members(path: Path) -> Iterator[Batch]:
     header = False
-    for names, rows in parquet_batches(path):
+    for names, rows, identity in parquet_batches(path):
         if not header:
             line = io.StringIO()
             csv.writer(line, lineterminator="\n").writerow(names)
-            yield line.getvalue().encode()
+            yield Batch(line.getvalue().encode(), b"")
             header = True
         if rows:
-            yield rows
+            yield Batch(rows, identity)
 
 
 def read_errors() -> tuple[type[Exception], ...]:
