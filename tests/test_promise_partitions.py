@@ -35,7 +35,7 @@ from typing import Any
 
 import psycopg
 import pytest
-from hypothesis import HealthCheck, event, settings
+from hypothesis import HealthCheck, Phase, event, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
@@ -209,6 +209,22 @@ class PartitionPromise(RuleBasedStateMachine):
         written = self.app.insert(days, [chance.random() < share for _ in range(rows)], self.step)
         event(f"insert into {where} day: {'committed' if written else 'refused'}")
 
+    def _finish_oldest_day(self) -> None:
+        """The application processes every live row of its oldest day (not its newest): the
+        day's leaf is wholly garbage, about to be dropped."""
+        gone = rows_gone(self.conn, self.ledger)
+        present = {i: r for i, r in self.ledger.rows.items() if i not in gone}
+        days = sorted({r.day for r in present.values()})
+        if len(days) < 2:
+            return
+        self.step += 1
+        live = sorted(i for i, r in present.items() if r.day == days[0] and r.processed_at is None)
+        self.app.set_processed(live, True, self.step)
+
+    @rule()
+    def finish_day(self) -> None:
+        self._finish_oldest_day()
+
     @rule(processed=st.booleans(), old=st.booleans(), fraction=st.floats(0.0, 0.3),
           seed=st.integers(0, 2**16))
     def change(self, processed: bool, old: bool, fraction: float, seed: int) -> None:
@@ -372,6 +388,14 @@ class PartitionPromise(RuleBasedStateMachine):
         if not killed:
             self._check_finished(proc.returncode, stderr, made, flags)
 
+    @precondition(lambda self: not self.fk)
+    @rule(flags=drawn_flags(st.just(False), st.just("none")), point=st.sampled_from(("detach", "drop")))
+    def killed_while_dropping(self, flags: Flags, point: str) -> None:
+        """The application finishes its oldest day, and the run that drops its leaf is killed
+        while the drop waits for an application's snapshot, or between its detach and its drop."""
+        self._finish_oldest_day()
+        self.killed_run(flags, point, 0.0)
+
     def _kill(self, proc: subprocess.Popen[str], point: str, delay: float, reader: Conn | None) -> bool:
         if point == "timing":
             try:
@@ -479,5 +503,7 @@ TestPartitionPromise.settings = settings(
     stateful_step_count=10,
     deadline=None,
     suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+    phases=[Phase.explicit, Phase.reuse, Phase.generate, Phase.target, Phase.shrink],
+    # no explain phase: it replays each step of a failing case many times (minutes, here)
 )
 
