@@ -3,9 +3,10 @@ into a compressed CSV file (gzip or zstd) or a directory of parquet parts.
 
 Each batch's DELETE runs inside COPY (no temp table): its rows, with ``archived_at`` and
 ``run_id``, stream to the client as CSV in the batch's transaction and are compressed on another
-thread while they arrive (:class:`_Compressing`) into one gzip member or one zstd frame (libzstd
-compresses with its own threads). Before the batch commits, the member is appended to the file
-and fsynced, under a lock held up to the commit so that appends land in commit order; the run's
+thread while they arrive (:class:`engine.archive_formats.compressed.Compressing`) into one gzip
+member or one zstd frame (libzstd compresses with its own threads), each with its checksum.
+Before the batch commits, the member is appended to the file and fsynced, under a lock held up
+to the commit so that appends land in commit order; the run's
 row in ``gc_runs`` records the file's length with each checkpoint, in the same transaction as
 the delete. A crash between the fsync and the commit leaves a tail that the next run cuts off
 (``truncate`` to the recorded length): the file holds every committed batch's rows exactly once.
@@ -18,8 +19,7 @@ batch (one row group), each written to a temporary name, fsynced and renamed (wi
 fsynced) before the batch commits. The checkpoint records the number of parts (in
 ``gc_runs.archive_bytes``); a resumed run removes the parts past it. DuckDB reads it as
 ``read_parquet('DIR/*.parquet')``, pandas as ``pd.read_parquet('DIR')``. Column types come from
-the table's (integers, floats, booleans, timestamps, dates; text for every other type, in
-PostgreSQL's text form, which restore reads back as such).
+the table's (see :mod:`engine.archive_formats.parquet`).
 
 This module is the file's life (create, append in commit order, cut back on resume); the
 formats are :mod:`engine.archive_formats`, and ``msggc restore --file`` is :mod:`engine.archive_restore`.
