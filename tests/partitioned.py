@@ -203,18 +203,19 @@ class Application:
         """Process (garbage from now on) or un-process (live again) rows through ``pm``; only the
         rows the UPDATE found change in the ledger."""
         self.version += 1
-        changed = []
+        changed = {}
         with self.conn.transaction():
             for row_id in ids:
                 value = processed_at_of(row_id, self.version) if processed else None
                 found = self.conn.execute(
                     "UPDATE pm SET processed_at = %s WHERE id = %s RETURNING day", (value, row_id)).fetchone()
                 if found is not None:
-                    old = self.ledger.rows[row_id]
-                    self.ledger.rows[row_id] = Row(old.day, value, old.payload)
-                    self.ledger.changed_at[row_id] = step
-                    changed.append(row_id)
-        return changed
+                    changed[row_id] = value
+        for row_id, value in changed.items():  # committed: now the ledger
+            old = self.ledger.rows[row_id]
+            self.ledger.rows[row_id] = Row(old.day, value, old.payload)
+            self.ledger.changed_at[row_id] = step
+        return list(changed)
 
     def reply_to(self, ids: Iterable[int]) -> None:
         """Child rows pointing at these rows: the foreign key keeps them."""

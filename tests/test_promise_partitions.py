@@ -23,11 +23,14 @@ examples for a longer search (default 8, 10 steps each: about two minutes).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import shutil
 import subprocess
 import tempfile
+import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,6 +44,7 @@ from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, pr
 
 from engine import GcOptions, MsggcError, RunStatus, TableSpec, collect
 from tests.partitioned import (
+    FIRST_DAY,
     Application,
     Ledger,
     add_leaf,
@@ -329,15 +333,21 @@ class PartitionPromise(RuleBasedStateMachine):
                       and self.ledger.changed_at[i] <= start.step)
         assert not left, f"run {run_id} says complete but left garbage of its chain's start: {left[:20]}"
 
-    @rule(flags=any_flags, fault=st.sampled_from(IN_PROCESS_FAULTS), after=st.integers(1, 4))
-    def run(self, flags: Flags, fault: str, after: int) -> None:
-        """``collect`` in this process, a fault injected from ``on_progress`` after a few batches."""
+    @rule(flags=any_flags, fault=st.sampled_from(IN_PROCESS_FAULTS), after=st.integers(1, 4),
+          writes=st.sampled_from([False, True, True]), seed=st.integers(0, 2**16))
+    def run(self, flags: Flags, fault: str, after: int, writes: bool, seed: int) -> None:
+        """``collect`` in this process, a fault injected from ``on_progress`` after a few batches;
+        with ``writes``, the application writes all along (see :meth:`_writing`)."""
         if self._archive_refused(flags):
             return
         path = self._archive_path(flags)
         options = flags.options(path)
         injector = Injector(fault, after, self.dsn, options)
         start, last = self._start()
+        stop = threading.Event()
+        writer = threading.Thread(target=self._writing, args=(stop, start.step + 1, seed)) if writes else None
+        if writer is not None:
+            writer.start()
         try:
             result = collect(self.dsn, options, on_progress=injector)
         except MsggcError as exc:
@@ -346,6 +356,10 @@ class PartitionPromise(RuleBasedStateMachine):
                 self.archive_ready = False
                 return
             raise AssertionError(f"a run refused {flags}: {exc}") from exc
+        finally:
+            stop.set()
+            if writer is not None:
+                writer.join(60)
         made = self._record(start, last, flags)
         assert [run_id for run_id, _ in made] == [result.run_id], (made, result)
         fired = injector.fired
@@ -357,6 +371,30 @@ class PartitionPromise(RuleBasedStateMachine):
         if result.status == RunStatus.COMPLETE:
             self._check_complete(result.run_id)
         event(f"in-process run {result.status} ({fault} {'fired' if fired else 'not fired'})")
+
+    def _writing(self, stop: threading.Event, step: int, seed: int) -> None:
+        """The application while a run goes on, on its own connection: rows into its oldest day
+        (its leaf about to be dropped) and its newest, and rows of the oldest day taken back
+        (live again); a statement that meets a lock past its lock_timeout, or a day without a
+        partition, is refused and the application goes on. Only committed writes reach the
+        ledger (the main thread waits in ``collect`` meanwhile)."""
+        chance = random.Random(seed)
+        with psycopg.connect(self.dsn, autocommit=True) as conn:
+            conn.execute("SELECT set_config('lock_timeout', %s, false)", (f"{APP_LOCK_TIMEOUT_MS}ms",))
+            app = Application(conn, self.ledger)
+            app.version = self.app.version + 1_000
+            days = sorted({r.day for r in self.ledger.rows.values()})
+            first, last = (days[0] - FIRST_DAY).days, (days[-1] - FIRST_DAY).days
+            while not stop.is_set() and self.ledger.next_id < MAX_ROWS_INSERTED + 500:
+                rows = chance.randint(1, 4)
+                app.insert([chance.choice([first, first, last])] * rows,
+                           [chance.random() < 0.5 for _ in range(rows)], step)
+                oldest = [i for i, r in self.ledger.rows.items()
+                          if r.day == days[0] and r.processed_at is not None]
+                with contextlib.suppress(psycopg.errors.LockNotAvailable):
+                    app.set_processed(chance.sample(oldest, min(2, len(oldest))), False, step)
+                time.sleep(0.003)
+        self.app.version = app.version
 
     @rule(flags=dropping_flags, point=st.sampled_from(KILL_POINTS), delay=st.floats(0.2, 2.0))
     def killed_run(self, flags: Flags, point: str, delay: float) -> None:
