@@ -24,6 +24,7 @@ examples for a longer search (default 8, 10 steps each: about two minutes).
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import random
 import shutil
@@ -133,6 +134,15 @@ any_flags = drawn_flags(st.booleans(), st.sampled_from(ARCHIVES))
 dropping_flags = drawn_flags(st.sampled_from([False, False, True]),
                              st.sampled_from(("none", "none", *ARCHIVES)))
 """The kill points between a detach and a drop need runs that may drop: mostly drawn so."""
+
+
+def dropped(stdout: str) -> str:
+    """What a run that ended by itself says it dropped (for the statistics)."""
+    try:
+        leaves = json.loads(stdout).get("partitions", {})
+    except ValueError:
+        return "no result"
+    return f"{sum(bool(leaf.get('dropped')) for leaf in leaves.values())} of {len(leaves)} leaves dropped"
 
 
 class PartitionPromise(RuleBasedStateMachine):
@@ -396,7 +406,7 @@ class PartitionPromise(RuleBasedStateMachine):
                 time.sleep(0.003)
         self.app.version = app.version
 
-    @rule(flags=dropping_flags, point=st.sampled_from(KILL_POINTS), delay=st.floats(0.2, 2.0))
+    @rule(flags=dropping_flags, point=st.sampled_from(KILL_POINTS), delay=st.floats(0.3, 1.2))
     def killed_run(self, flags: Flags, point: str, delay: float) -> None:
         """``kill -9`` of a real ``msggc gc``: after ``delay`` seconds, while its detach waits for an
         application's snapshot, or between a detach and its drop (see
@@ -420,9 +430,9 @@ class PartitionPromise(RuleBasedStateMachine):
                 reader.rollback()
                 reader.close()
             sigkill(proc)
-        _, stderr = proc.communicate()
+        stdout, stderr = proc.communicate()
         made = self._record(start, last, flags)
-        event(f"kill -9 at {point}: {'killed' if killed else 'ended first'}")
+        event(f"kill -9 at {point}: {'killed' if killed else 'ended first, ' + dropped(stdout)}")
         if not killed:
             self._check_finished(proc.returncode, stderr, made, flags)
 
