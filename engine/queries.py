@@ -55,13 +55,17 @@ def garbage_predicate(target: Target, with_cutoff: bool) -> sql.Composable:
     return sql.SQL(" AND ").join(parts)
 
 
-def _referenced(target: Target, ref: Reference, outer: str | None = None) -> sql.Composed:
+def _referenced(target: Target, ref: Reference, outer: str | None = None,
+                child_test: sql.Composable | None = None) -> sql.Composed:
     """``EXISTS`` a child row of ``ref`` pointing at the outer row of the target (named ``outer``
-    when the outer query gives it an alias)."""
+    when the outer query gives it an alias), and passing ``child_test`` when given (its columns,
+    unqualified, are the child's)."""
     parent_table = (outer,) if outer else _qualified(target)
-    pairs = sql.SQL(" AND ").join(
-        sql.SQL("{} = {}").format(sql.Identifier("msggc_child", child), sql.Identifier(*parent_table, parent))
-        for child, parent in zip(ref.child_columns, ref.parent_columns, strict=True))
+    pairs = sql.SQL(" AND ").join([
+        *(sql.SQL("{} = {}").format(sql.Identifier("msggc_child", child),
+                                    sql.Identifier(*parent_table, parent))
+          for child, parent in zip(ref.child_columns, ref.parent_columns, strict=True)),
+        *([child_test] if child_test is not None else [])])
     return sql.SQL("EXISTS (SELECT 1 FROM {child} AS msggc_child WHERE {pairs})").format(
         child=table_ident(ref.child), pairs=pairs)
 
@@ -270,7 +274,12 @@ class Statements:
 
     def _children_of(self, ref: Reference, range_: sql.Composable,
                      predicate: sql.Composable) -> sql.Composed:
-        """The child rows of ``ref`` whose parent in ``range_`` passes ``predicate``."""
+        """The child rows of ``ref`` whose parent in ``range_`` passes ``predicate``; when the
+        table references itself, whose parent the range's DELETE takes (:meth:`delete_range`:
+        subtrees reach past the range)."""
+        if self.self_references:
+            range_ = sql.SQL("ctid = ANY(ARRAY({}))").format(self._subtrees(range_))
+            predicate = sql.SQL("{} AND NOT ({})").format(self.garbage, self._held_by_others())
         template = "ROW({child_cols}) IN (SELECT {parent_cols} FROM {t} WHERE {range} AND {pred})"
         return sql.SQL(template).format(
             child_cols=sql.SQL(", ").join(sql.Identifier("msggc_child", c) for c in ref.child_columns),
@@ -299,9 +308,10 @@ class Statements:
         """In a block sample of the table: the garbage rows ``ref`` holds, or the child rows a
         delete of the sample's deletable garbage would change (``--dry-run``'s estimate)."""
         sample = self._format("{t} TABLESAMPLE SYSTEM (%(percent)s) REPEATABLE (7)")
-        if ref in self.kept_by:
+        if ref in self.kept_by:  # a key onto the table itself: held by a row that stays (one level)
+            staying = sql.SQL("({}) IS NOT TRUE").format(self.garbage) if ref.self_referencing else None
             return sql.SQL("SELECT count(*) FROM {sample} WHERE {garbage} AND {held}").format(
-                sample=sample, garbage=self.garbage, held=_referenced(self.target, ref))
+                sample=sample, garbage=self.garbage, held=_referenced(self.target, ref, child_test=staying))
         parents = sql.SQL("SELECT {cols} FROM {sample} WHERE {pred}").format(
             cols=sql.SQL(", ").join(map(sql.Identifier, ref.parent_columns)), sample=sample,
             pred=self.garbage if ref.blocks else self.deletable)

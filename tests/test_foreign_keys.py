@@ -400,3 +400,42 @@ def test_a_deep_garbage_thread_without_an_index_goes_over_runs_that_complete_and
         assert result.kept_referenced == {"msg_parent_id_fkey": left}
         deleted += result.messages_deleted
         assert runs <= 12
+
+
+@pytest.mark.parametrize("delete_dependents", [False, True])
+def test_other_tables_children_of_a_whole_subtree_are_counted_archived_and_restored(
+        conn, dsn, delete_dependents):
+    """Rows past the batch's range that go with their thread take their other children with them:
+    the cascade's are counted and archived, ``--delete-dependents`` deletes (and archives) the
+    others first; without it they hold the row and the thread above it."""
+    stays, kept = make_thread_shapes(conn, index=True)
+    conn.execute("CREATE TABLE attachments (id serial PRIMARY KEY, msg_id bigint REFERENCES msg (id)"
+                 " ON DELETE CASCADE)")
+    conn.execute("CREATE TABLE notes (id serial PRIMARY KEY, msg_id bigint REFERENCES msg (id)"
+                 " ON DELETE RESTRICT)")
+    conn.execute("INSERT INTO attachments (msg_id) SELECT unnest(ARRAY[5, 6, 120, 130, 139, 139, 2, 4500])")
+    conn.execute("INSERT INTO notes (msg_id) VALUES (135), (3)")
+    digests = {t: content_digest(conn, None, t) for t in ("msg", "attachments", "notes")}
+    for table in ("public.msg", "public.attachments", "public.notes"):
+        assert run_cli("migrate", "--dsn", dsn, "--archive-for", table).returncode == 0
+
+    result = collect(dsn, GcOptions(table=MSG, batch_size=20, archive=True,
+                                    delete_dependents=delete_dependents))
+
+    assert result.status is RunStatus.COMPLETE, result.error
+    held = set() if delete_dependents else set(range(100, 136))  # 135 is noted: it and the rows above stay
+    assert set(msg_ids(conn)) == stays | held
+    gone_attachments = 6 if delete_dependents else 4  # of 5, 6, 120, 130, 139 (twice) or of 5, 6, 139 x2
+    assert result.foreign_keys["attachments_msg_id_fkey"]["rows"] == gone_attachments
+    assert conn.execute("SELECT count(*) FROM attachments").fetchone()[0] == 8 - gone_attachments
+    if delete_dependents:
+        assert result.foreign_keys["notes_msg_id_fkey"]["rows"] == 1
+        assert result.kept_referenced == {"msg_parent_id_fkey": kept}
+    else:
+        assert result.kept_referenced == {"msg_parent_id_fkey": kept + 35, "notes_msg_id_fkey": 1}
+    archived = conn.execute("SELECT count(*) FROM attachments_archive").fetchone()[0]
+    assert archived == gone_attachments
+
+    back = run_cli("restore", "--dsn", dsn, "--table", "public.msg", "--run", str(result.run_id))
+    assert back.returncode == 0, back.stderr
+    assert {t: content_digest(conn, None, t) for t in digests} == digests
