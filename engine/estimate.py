@@ -100,7 +100,7 @@ def estimate(conn: Connection, plan: Plan, strategy: Strategy, statements: State
     fixed = size
     parts = strategy.slices(plan.facts, SAMPLES)
     samples: list[Sample] = []
-    unknown = "every sample batch met a row locked by another transaction"
+    unknown: str | None = None
     with conn.transaction(force_rollback=True):
         conn.execute(SET_BATCH_SETTINGS, SAMPLE_SETTINGS)
         for part in parts:
@@ -109,6 +109,7 @@ def estimate(conn: Connection, plan: Plan, strategy: Strategy, statements: State
                 with conn.transaction(force_rollback=True):
                     outcome = strategy.run_batch(conn, statements, part, size, params, skip_locked=False)
             except pg_errors.LockNotAvailable:
+                unknown = unknown or "every sample batch met a row locked by another transaction"
                 continue
             except pg_errors.QueryCanceled:
                 unknown = (f"a sample batch of {size:,} {UNITS.get(strategy.name, 'units')} ran past its"
