@@ -66,7 +66,7 @@ def dry_run(conn: Connection, plans: dict[str | None, Plan], whole: dict[str, pa
         predicted_seconds=None if unknown else sum(sample.predicted_seconds for sample in samples.values()),
         predicted_wal_bytes=None if unknown else wal,
         checkpoint_advice=None if unknown else _checkpoint_advice(conn, wal),
-        partitioning_advice=_advice(conn, only, legs[None]) if only else None,
+        partitioning_advice=_advice_unless_cancelled(conn, only, legs[None]) if only else None,
         partitions={leaf: {"strategy": SWEEP if plan.sweep_only else plan.strategy, "reason": plan.reason,
                            "garbage_estimate": plan.facts.garbage_rows_estimate,
                            **_drop_verdict(conn, plan, legs[leaf], options, target, leaf in whole)}
@@ -116,6 +116,15 @@ def _advice(conn: Connection, plan: Plan, statements: Statements) -> dict[str, A
         {"cutoff": plan.cutoff, "run_id": 0}))
     return {"column": column, "interval": "day", "partitions": int(days), "droppable": int(droppable),
             "rows": int(rows)}
+
+
+def _advice_unless_cancelled(conn: Connection, plan: Plan, statements: Statements) -> dict[str, Any] | None:
+    """:func:`_advice` reads the whole table: under a statement_timeout of the role or database
+    it may be cancelled, and a dry run then leaves it out rather than fail."""
+    try:
+        return _advice(conn, plan, statements)
+    except pg_errors.QueryCanceled:
+        return None
 
 
 def _drop_verdict(conn: Connection, plan: Plan, statements: Statements, options: GcOptions,
