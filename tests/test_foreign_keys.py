@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 
+import psycopg
 import pytest
 
 from engine import collect
@@ -439,3 +440,22 @@ def test_other_tables_children_of_a_whole_subtree_are_counted_archived_and_resto
     back = run_cli("restore", "--dsn", dsn, "--table", "public.msg", "--run", str(result.run_id))
     assert back.returncode == 0, back.stderr
     assert {t: content_digest(conn, None, t) for t in digests} == digests
+
+
+def test_a_reply_the_application_holds_locked_keeps_its_thread_and_the_next_run_takes_it(conn, dsn):
+    """After a lock timeout a batch leaves locked rows: a garbage row with any reply stays then
+    (its subtree cannot be taken whole), never a live one goes, and the next run finishes it."""
+    stays, _ = make_thread_shapes(conn, index=True)
+    before = len(msg_ids(conn))
+    with psycopg.connect(dsn) as app:
+        app.execute("SELECT id FROM msg WHERE id IN (5, 120) FOR UPDATE")  # replies in two threads
+        first = collect(dsn, GcOptions(table=MSG, batch_size=20, lock_timeout_ms=50))
+        app.rollback()
+    ids = set(msg_ids(conn))
+    assert first.status is RunStatus.COMPLETE, first.error
+    assert stays <= ids and {4, 5, 120} <= ids and first.rows_skipped_locked >= 2
+    assert first.messages_deleted == before - len(ids)
+
+    second = collect(dsn, GcOptions(table=MSG, batch_size=20, lock_timeout_ms=50))
+    assert second.status is RunStatus.COMPLETE and set(msg_ids(conn)) == stays
+    assert first.messages_deleted + second.messages_deleted == before - len(stays)
