@@ -459,3 +459,17 @@ def test_a_reply_the_application_holds_locked_keeps_its_thread_and_the_next_run_
     second = collect(dsn, GcOptions(table=MSG, batch_size=20, lock_timeout_ms=50))
     assert second.status is RunStatus.COMPLETE and set(msg_ids(conn)) == stays
     assert first.messages_deleted + second.messages_deleted == before - len(stays)
+
+
+def test_two_keys_of_the_table_onto_itself_both_hold_and_a_whole_garbage_thread_goes(conn, dsn):
+    conn.execute("CREATE TABLE msg (id bigint PRIMARY KEY, processed_at timestamptz,"
+                 " parent_id bigint REFERENCES msg (id), root_id bigint REFERENCES msg (id))")
+    conn.execute("CREATE INDEX ON msg (parent_id)")
+    conn.execute("INSERT INTO msg VALUES (1, now(), NULL, NULL), (2, now(), 1, 1), (3, NULL, 2, 1),"
+                 " (10, now(), NULL, NULL), (11, now(), 10, 10), (12, now(), 11, 10),"
+                 " (20, now(), NULL, NULL), (21, NULL, NULL, 20)")  # 20 held through root_id alone
+    result = collect(dsn, GcOptions(table=MSG, batch_size=2))
+    assert result.status is RunStatus.COMPLETE, result.error
+    assert msg_ids(conn) == [1, 2, 3, 20, 21] and result.messages_deleted == 3
+    assert result.kept_referenced == {"msg_parent_id_fkey": 2, "msg_root_id_fkey": 2}
+    assert "msg_root_id_fkey has no index on (root_id)" in result.foreign_keys["msg_root_id_fkey"]["no_index"]
