@@ -237,6 +237,7 @@ class PartitionPromise(RuleBasedStateMachine):
 
     @rule()
     def finish_day(self) -> None:
+        """The application is done with its oldest day."""
         self._finish_oldest_day()
 
     @rule(processed=st.booleans(), old=st.booleans(), fraction=st.floats(0.0, 0.3),
@@ -265,8 +266,8 @@ class PartitionPromise(RuleBasedStateMachine):
     @precondition(lambda self: not self.default)
     @rule()
     def default_partition(self) -> None:
-        """A DEFAULT partition from now on (refused while a detached leaf's day... never: the
-        detached leaf is no partition, so the default takes its day's rows)."""
+        """A DEFAULT partition from now on: it takes the rows of a day without a leaf (a future
+        day, a dropped day's, or a leaf's that a killed run left detached)."""
         self.step += 1
         try:
             self.conn.execute("CREATE TABLE pm_default PARTITION OF pm DEFAULT")
@@ -284,6 +285,7 @@ class PartitionPromise(RuleBasedStateMachine):
     @precondition(lambda self: self.reader is not None)
     @rule()
     def snapshot_ends(self) -> None:
+        """The long read ends (rolled back)."""
         self._close_reader()
 
     def _close_reader(self) -> None:
@@ -380,7 +382,10 @@ class PartitionPromise(RuleBasedStateMachine):
                                  f" snapshot open: {self.reader is not None}): {result.error}")
         if result.status == RunStatus.COMPLETE:
             self._check_complete(result.run_id)
+        drops = sum(bool(leaf.get("dropped")) for leaf in result.partitions.values())
         event(f"in-process run {result.status} ({fault} {'fired' if fired else 'not fired'})")
+        event(f"in-process run dropped {'some' if drops else 'no'} leaves"
+              f"{' with the application writing' if writes else ''}")
 
     def _writing(self, stop: threading.Event, step: int, seed: int) -> None:
         """The application while a run goes on, on its own connection: rows into its oldest day
