@@ -203,7 +203,8 @@ def seed(dsn: str | None, table: str, rows: int, shape: str, garbage_fraction: f
                    " and dropping it.")
 @click.option("--delete-dependents", is_flag=True,
               help="Delete the child rows of NO ACTION/RESTRICT foreign keys that hold a garbage row"
-                   " first, in the same batch (archived too with --archive); default: keep the row.")
+                   " first, in the same batch (archived too with --archive); default: keep the row."
+                   " Never a row of the table itself: a live reply keeps its parent.")
 @click.option("--archive", is_flag=True,
               help="Move deleted rows to TABLE_archive in the same statement (see `msggc restore`).")
 @click.option("--archive-to", metavar="PATH", default=None,
