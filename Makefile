@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup test lint demo bench bench-small bench-real bench-partitions bench-huge clean
+.PHONY: setup test lint demo bench bench-small bench-real bench-partitions bench-huge soak soak-3 soak-ci clean
 
 setup: $(STAMP)
 
@@ -46,6 +46,18 @@ bench-huge: setup  ## aged at 100M rows (+1M, 10M for the curve): single vs msgg
 	$(BIN)/python -m benchmarks --rows 100000000 --shapes aged --contenders single,msggc_default --repeats 1 \
 	    --seed-per-contender --scale 1000000,10000000 --contender-timeout 7200 --load-max-seconds 7200 \
 	    --out benchmarks/results/tmp --markdown benchmarks/results/tmp/BENCHMARKS.md
+
+SOAK_OUT ?= benchmarks/results/tmp/soak
+SOAK_PG_BIN ?= $(firstword $(wildcard /usr/lib/postgresql/15/bin))
+
+soak: setup  ## msggc serve --every 20s beside 300 messages/s for an hour, private PostgreSQL (15 when installed), autovacuum on; checks accounting, webhooks, ledger, size and RSS
+	$(BIN)/python -m benchmarks.soak --minutes 60 $(if $(SOAK_PG_BIN),--pg-bin $(SOAK_PG_BIN)) --out $(SOAK_OUT)/1h
+
+soak-3: setup  ## the same with three nodes (100 messages/s each), the last stopped for a minute in the middle (15 min)
+	$(BIN)/python -m benchmarks.soak --minutes 15 --nodes 3 $(if $(SOAK_PG_BIN),--pg-bin $(SOAK_PG_BIN)) --out $(SOAK_OUT)/3-nodes
+
+soak-ci: setup  ## the CI version: 3 minutes with one node, then 3 with three (tests/test_soak.py, ~8 min)
+	MSGGC_SOAK=1 MSGGC_SOAK_PG_BIN=$(SOAK_PG_BIN) $(BIN)/pytest -q tests/test_soak.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache .hypothesis

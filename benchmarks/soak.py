@@ -416,7 +416,8 @@ class Soak:
         if a.trace:
             cmd = [sys.executable, "-m", "benchmarks.soak_trace", str(out / "tracemalloc.txt"), *cmd[1:]]
         log = (out / "service.log").open("wb")
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=service_env())
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=service_env(),
+                                cwd=Path(__file__).resolve().parent.parent)
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
             with contextlib.suppress(httpx.HTTPError):

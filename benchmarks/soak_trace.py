@@ -1,0 +1,64 @@
+"""``msggc`` under tracemalloc: ``python -m benchmarks.soak_trace REPORT [msggc arguments...]``.
+
+Why: RSS that grows during a soak is either warm-up (caches, arenas, imports done late) or a leak.
+tracemalloc tells which Python allocations grow between two moments: a snapshot once the service
+has warmed up (``MSGGC_TRACE_WARMUP`` seconds, default 120) is the baseline, and every
+``MSGGC_TRACE_EVERY`` seconds (default 60) the report gets the traced total and the allocation
+sites that grew most since the baseline. Lines that keep growing at every step are a leak; sizes
+that stop growing were warm-up. Kept out of the service itself: tracing costs CPU and memory, and
+this way the service's code stays as it runs in production.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import threading
+import time
+import tracemalloc
+from pathlib import Path
+
+FRAMES = 6
+TOP = 25
+
+
+def watch(report: Path, warmup_s: float, every_s: float) -> None:
+    """Baseline after the warm-up, then a diff to it every ``every_s`` seconds, appended to ``report``."""
+    start = time.monotonic()
+    time.sleep(warmup_s)
+    base = tracemalloc.take_snapshot()
+    with report.open("a") as out:
+        traced = tracemalloc.get_traced_memory()[0] / 2**20
+        out.write(f"baseline at {time.monotonic() - start:.0f} s: traced {traced:.2f} MB\n")
+    while True:
+        time.sleep(every_s)
+        snap = tracemalloc.take_snapshot()
+        current, peak = tracemalloc.get_traced_memory()
+        stats = snap.compare_to(base, "traceback")
+        with report.open("a") as out:
+            out.write(f"\n=== {time.monotonic() - start:.0f} s: traced {current / 2**20:.2f} MB"
+                      f" (peak {peak / 2**20:.2f}), {sum(s.size_diff for s in stats) / 2**10:+.1f} KiB"
+                      " since baseline\n")
+            for stat in stats[:TOP]:
+                if stat.size_diff <= 0:
+                    break
+                out.write(f"{stat.size_diff / 2**10:+9.1f} KiB {stat.count_diff:+7d} blocks  "
+                          f"now {stat.size / 2**10:9.1f} KiB\n")
+                for line in stat.traceback.format(most_recent_first=True)[: FRAMES * 2]:
+                    out.write(f"      {line}\n")
+
+
+def main() -> None:
+    report = Path(sys.argv[1])
+    tracemalloc.start(FRAMES)
+    threading.Thread(target=watch, name="tracemalloc", daemon=True,
+                     args=(report, float(os.environ.get("MSGGC_TRACE_WARMUP", "120")),
+                           float(os.environ.get("MSGGC_TRACE_EVERY", "60")))).start()
+    from engine.cli import main as msggc
+
+    sys.argv = ["msggc", *sys.argv[2:]]
+    msggc()
+
+
+if __name__ == "__main__":
+    main()
