@@ -362,6 +362,7 @@ class Soak:
     t0: float = 0.0
     api: str = ""
     out: Path = Path(".")
+    put_during_outage: dict[str, Any] | None = None
 
     def now(self) -> float:
         return round(time.monotonic() - self.t0, 1)
@@ -431,38 +432,51 @@ class Soak:
         raise SystemExit("msggc serve did not answer /health within 60 s")
 
     def run(self) -> dict[str, Any]:
+        """Set up, soak, settle, check; the servers and databases go afterwards (even on a
+        failure) unless ``--keep``."""
         a = self.args
-        out = Path(a.out)
-        out.mkdir(parents=True, exist_ok=True)
+        self.out = Path(a.out)
+        self.out.mkdir(parents=True, exist_ok=True)
         self.t0 = time.monotonic()
-        self.setup()
         stop = threading.Event()
-        apps = [Application(n, a.rate, a.process_after, a.ledger_every, stop) for n in self.nodes]
-        self.out = out
-        with Receiver(self.received) as receiver:
-            service = self.start_service(receiver.url, out)
-            try:
-                self.t0 = time.monotonic()  # the soak's clock starts with the application
-                for app in apps:
-                    app.start()
-                self.soak(service)
-                stop.set()
-                for app in apps:
-                    app.join(30)
-                self.event("application stopped")
-                self.settle()
-            finally:
-                service.send_signal(signal.SIGTERM)
+        try:
+            self.setup()
+            apps = [Application(n, a.rate, a.process_after, a.ledger_every, stop) for n in self.nodes]
+            with Receiver(self.received) as receiver:
+                service = self.start_service(receiver.url, self.out)
                 try:
-                    service.wait(60)
-                except subprocess.TimeoutExpired:
-                    service.kill()
-            result = self.report()
-        (out / "soak.json").write_text(json.dumps(result, indent=1, default=str))
-        (out / "soak.md").write_text(markdown(result))
-        if not a.keep:
-            self.cleanup()
+                    self.t0 = time.monotonic()  # the soak's clock starts with the application
+                    for app in apps:
+                        app.start()
+                    self.soak(service)
+                    stop.set()
+                    for app in apps:
+                        app.join(30)
+                    self.event("application stopped")
+                    self.settle()
+                finally:
+                    stop.set()
+                    service.send_signal(signal.SIGTERM)
+                    try:
+                        service.wait(60)
+                    except subprocess.TimeoutExpired:
+                        service.kill()
+                result = self.report()
+        finally:
+            stop.set()
+            if not a.keep:
+                self.cleanup()
+        (self.out / "soak.json").write_text(json.dumps(result, indent=1, default=str))
+        (self.out / "soak.md").write_text(markdown(result))
         return result
+
+    def put(self) -> dict[str, Any]:
+        """The seed's PUT, as a client would send it while a node is down."""
+        try:
+            answer = httpx.put(f"{self.api}/v1/services/message/gc", timeout=30)
+            return {"status_code": answer.status_code, "body": answer.json()}
+        except (httpx.HTTPError, ValueError) as exc:
+            return {"error": str(exc)}
 
     def received(self, body: object) -> None:
         """Each webhook as it arrives, also on disk: an interrupted soak keeps what it saw."""
@@ -488,6 +502,8 @@ class Soak:
                 outage_node.server.stop()
                 down_since = self.now()
                 self.event("node stopped", node=outage_node.name)
+                self.put_during_outage = self.put()
+                self.event("PUT while down", answer=self.put_during_outage)
             if outage_node and down_since is not None and outage_node.paused.is_set() \
                     and self.now() >= down_since + a.outage:
                 assert outage_node.server is not None
@@ -581,6 +597,8 @@ class Soak:
             checks[f"{node.name}: no failed run"] = "failed" not in final["runs"] or node.server is not None
             checks[f"{node.name}: table size flat (last 2/3)"] = abs(size_growth) <= a.size_tolerance
             checks[f"{node.name}: at least a run per minute"] = statuses.get("complete", 0) >= a.minutes
+            if node.server is not None:
+                self.outage_checks(node, gcs, checks)
         rss = [(s["t"], s["rss_mb"]) for s in self.samples if s["rss_mb"] is not None]
         rss_tail = [p for p in rss if p[0] >= a.minutes * 60 / 3]
         rss_slope = slope_per_hour(rss_tail)
@@ -596,6 +614,26 @@ class Soak:
             "nodes": nodes, "checks": checks, "ok": all(checks.values()), "samples": self.samples,
         }
 
+    def outage_checks(self, node: Node, gcs: list[tuple[float, dict[str, Any]]],
+                      checks: dict[str, bool]) -> None:
+        """The stopped node: the PUT answered 1014 for it alone, its webhooks said 1014 while it
+        was down, and runs completed again once it was back."""
+        times = {e["event"]: e["t"] for e in self.events}
+        down, up = times.get("node stopped"), times.get("node started")
+        answer = (self.put_during_outage or {}).get("body") or {}
+        entries = answer.get("services", {}).get("message", {}).get("gc", {})
+        mine = entries.get(node.name, {})
+        checks[f"{node.name}: PUT while down answers 1014 for it, processing for the others"] = (
+            any(e.get("code") == 1014 for e in mine.get("errors", []))
+            and all(entries.get(n.name) == {"status": "processing"} for n in self.nodes if n is not node))
+        if down is None or up is None:
+            checks[f"{node.name}: stopped and started"] = False
+            return
+        said = [g for t, g in gcs if down <= t and any(e.get("code") == 1014 for e in g.get("errors", []))]
+        checks[f"{node.name}: a webhook says 1014 while it is down"] = bool(said)
+        checks[f"{node.name}: completes again once back"] = any(
+            t > up and g.get("status") == "complete" for t, g in gcs)
+
     def cleanup(self) -> None:
         for node in self.nodes:
             with contextlib.suppress(psycopg.Error), psycopg.connect(node.admin_dsn, autocommit=True) as conn:
@@ -603,6 +641,8 @@ class Soak:
                              .format(sql.Identifier(node.dbname)))
         for server in self.servers:
             server.remove()
+        if self.servers:
+            shutil.rmtree(self.servers[0].root.parent, ignore_errors=True)
 
 
 def git_commit() -> str | None:
