@@ -79,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
 
         for name in spec.prototypes:
             apply(name)
-    prediction = (predict(args.dsn, spec, args.table, args.older_than_days)
+    prediction = (predict(args.dsn, spec, args.table, args.older_than_days, args.app_p99_ms)
                   if spec.kind == "msggc" and not args.no_prediction else None)
     rec = Recorder()
     began = time.time()

@@ -307,16 +307,18 @@ def msggc_options(spec: ContenderSpec, dry_run: bool = False, archive_dir: str |
         no_drop=spec.no_drop,
         older_than=timedelta(days=retention_days) if retention_days is not None else None,
         dry_run=dry_run,
-        max_app_latency_ms=None if dry_run else spec.app_latency_budget_ms(app_p99_ms),
+        max_app_latency_ms=None if dry_run and app_p99_ms is None else spec.app_latency_budget_ms(app_p99_ms),
     )
 
 
 def predict(dsn: str, spec: ContenderSpec, table: str = "messages",
-            retention_days: int | None = None) -> dict[str, Any]:
+            retention_days: int | None = None, app_p99_ms: float | None = None) -> dict[str, Any]:
     """``--dry-run``'s prediction, made before the timed run. Its sample batches roll back; the
     full-page images they wrote are then not written again by the run, so the contender's WAL
     (samples included) stays what the run alone would have written, within their few delete
-    records (``sample_wal_bytes`` reports them all)."""
+    records (``sample_wal_bytes`` reports them all). A guard contender's dry run takes its
+    budget: its ``seconds`` are then the duration predicted under it (``unguarded_seconds``
+    the full-speed one), with the dry run's verdict on the budget."""
     import psycopg
 
     from engine.collector import collect
@@ -327,11 +329,16 @@ def predict(dsn: str, spec: ContenderSpec, table: str = "messages",
     with psycopg.connect(dsn, autocommit=True, application_name=RUNNER_APPLICATION_NAME) as conn:
         before = conn.execute(lsn).fetchone()[0]
         options = msggc_options(spec, dry_run=True, archive_dir=tempfile.gettempdir(), table=table,
-                                retention_days=retention_days)
+                                retention_days=retention_days,
+                                app_p99_ms=app_p99_ms if spec.guard_x or spec.guard_ms else None)
         result = collect(dsn, options)
         sample_wal = conn.execute(lsn).fetchone()[0] - before
-    return {"seconds": result.predicted_seconds, "wal_bytes": result.predicted_wal_bytes,
-            "garbage_estimate": result.garbage_estimate, "sample_wal_bytes": sample_wal}
+    guarded = result.budget_verdict is not None
+    return {"seconds": result.predicted_guarded_seconds if guarded else result.predicted_seconds,
+            "unguarded_seconds": result.predicted_seconds, "wal_bytes": result.predicted_wal_bytes,
+            "garbage_estimate": result.garbage_estimate, "sample_wal_bytes": sample_wal,
+            "budget_verdict": result.budget_verdict, "guarded_wal_rate": result.predicted_guarded_wal_rate,
+            "alone_p99_ms": result.app_latency_before_p99_ms}
 
 
 def run_msggc(dsn: str, rec: Recorder, spec: ContenderSpec, table: str,

@@ -30,6 +30,7 @@ def summary(result: GcResult) -> str:
                 + ("; leaves dropped or swept alone not included)" if result.partitions else ")")
                 + _foreign_key_lines(result, "~")
                 + _checkpoint_line(result)
+                + _budget_line(result)
                 + _partition_lines(result))
     line = (f"{result.status}: deleted {result.messages_deleted:,} rows in {result.elapsed_s:.1f}s"
             f" ({result.rows_per_s:,.0f} rows/s, {result.batches:,} batches")
@@ -92,15 +93,34 @@ def _guard_line(result: GcResult) -> str:
     """The latency guard's part of the summary: what the probe felt and what it cost the run."""
     p50, p99 = result.app_latency_p50_ms, result.app_latency_p99_ms
     felt = f"p50 {p50:.1f} ms p99 {p99:.1f} ms" if p50 is not None and p99 is not None else "no sample"
-    return (f"; app commit latency {felt} over {result.app_probes:,} probes"
+    before = result.app_latency_before_p99_ms
+    alone = f"p99 {before:.1f} ms before the run, " if before is not None else ""
+    line = (f"; app commit latency {alone}{felt} over {result.app_probes:,} probes"
             f" (budget {result.app_latency_budget_ms:g} ms), held back {result.held_back_s:.1f}s")
+    if result.guard_rate_min_bytes_per_s is not None:
+        line += (f" (lowest WAL rate granted {_mib(result.guard_rate_min_bytes_per_s)}/s,"
+                 f" {result.rate_decreases} decreases")
+        line += (f", {result.checkpoints_requested} checkpoints requested)" if result.checkpoints_requested
+                 else ", no checkpoint requested)")
+    return line
+
+
+def _budget_line(result: GcResult) -> str:
+    """A dry run's word on ``--max-app-latency``: whether it can hold, and the duration under it."""
+    if result.budget_verdict is None:
+        return ""
+    seconds = result.predicted_guarded_seconds
+    under = f"predicted ~{seconds:,.1f}s under it; " if seconds is not None else ""
+    return f"\n  budget {result.app_latency_budget_ms:g} ms: {under}{result.budget_verdict}"
 
 
 def _guard_cell(row: dict[str, Any]) -> str:
     """A run's probe latency and time held back, for `msggc status` (empty without a guard)."""
     if row.get("app_latency_p99_ms") is None:
         return ""
-    return (f"{row['app_latency_p50_ms']:.1f}/{row['app_latency_p99_ms']:.1f} ms,"
+    before = row.get("app_latency_before_p99_ms")
+    return ((f"{before:.1f} before, " if before is not None else "")
+            + f"{row['app_latency_p50_ms']:.1f}/{row['app_latency_p99_ms']:.1f} ms,"
             f" {row['held_back_seconds']:.1f}s")
 
 

@@ -2,17 +2,22 @@
 
 from __future__ import annotations
 
+import time
 from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 from psycopg import errors as pg_errors
 from psycopg import sql
+from psycopg.conninfo import make_conninfo
 
 from engine import partitions
 from engine.config import GcOptions
 from engine.db import Connection, one_row, table_ident
 from engine.errors import MsggcError
 from engine.estimate import Estimate, estimate
+from engine.guard import ALONE_S, CommitTimer, predict_under_budget
 from engine.planner import DROP_WHOLE_REASON, Plan, partitioned_reason
 from engine.queries import Statements
 from engine.result import GcResult
@@ -47,13 +52,23 @@ def dry_run(conn: Connection, plans: dict[str | None, Plan], whole: dict[str, pa
     """The plan of each table the run would delete from (the table, or each leaf partition), and
     a prediction from real batches that are rolled back (see :mod:`engine.estimate`) of the walks:
     leaves dropped whole or walked by their sweep alone are not sampled."""
-    samples = {leaf: _sample(conn, plan, options, legs[leaf]) for leaf, plan in plans.items()
-               if leaf not in whole and not plan.sweep_only}  # a leaf swept alone: one read, no walk
+    with _commit_timer(conn, options) as timer:  # a budget: the application's commits, timed
+        if timer is not None:
+            time.sleep(ALONE_S)
+        alone = timer.take() if timer is not None else []
+        samples = {leaf: _sample(conn, plan, options, legs[leaf]) for leaf, plan in plans.items()
+                   if leaf not in whole and not plan.sweep_only}  # a leaf swept alone: one read, no walk
+        during = timer.take() if timer is not None else []
     walks = Counter(plan.strategy for plan in plans.values())
     only = plans.get(None)
     reason = only.reason if only else partitioned_reason(plans.values())
     unknown = next((sample.unknown for sample in samples.values() if sample.unknown), None)
     wal = sum(sample.predicted_wal_bytes for sample in samples.values())
+    seconds = None if unknown else sum(sample.predicted_seconds for sample in samples.values())
+    advice = None if unknown else _checkpoint_advice(conn, wal)
+    budget = (predict_under_budget(options.max_app_latency_ms, alone, during, None if unknown else wal,
+                                   seconds, advice["timed_wal_rate_bytes_per_s"] if advice else None)
+              if options.max_app_latency_ms else None)
     return GcResult(
         status=RunStatus.DRY_RUN,
         garbage=target.describe(),
@@ -63,15 +78,33 @@ def dry_run(conn: Connection, plans: dict[str | None, Plan], whole: dict[str, pa
         garbage_estimate=sum(plan.facts.garbage_rows_estimate for plan in plans.values()),
         rows_estimate=sum(plan.facts.rows_estimate for plan in plans.values()),
         planned_batches=None if unknown else sum(sample.batches for sample in samples.values()),
-        predicted_seconds=None if unknown else sum(sample.predicted_seconds for sample in samples.values()),
+        predicted_seconds=seconds,
         predicted_wal_bytes=None if unknown else wal,
-        checkpoint_advice=None if unknown else _checkpoint_advice(conn, wal),
+        checkpoint_advice=advice,
+        app_latency_budget_ms=options.max_app_latency_ms,
+        app_latency_before_p99_ms=budget.alone_p99_ms if budget else None,
+        budget_verdict=budget.verdict if budget else None,
+        predicted_guarded_seconds=budget.seconds if budget else None,
+        predicted_guarded_wal_rate=budget.rate if budget else None,
         partitioning_advice=_advice_unless_cancelled(conn, only, legs[None]) if only else None,
         partitions={leaf: {"strategy": SWEEP if plan.sweep_only else plan.strategy, "reason": plan.reason,
                            "garbage_estimate": plan.facts.garbage_rows_estimate,
                            **_drop_verdict(conn, plan, legs[leaf], options, target, leaf in whole)}
                     for leaf, plan in plans.items() if leaf is not None},
     )
+
+
+@contextmanager
+def _commit_timer(conn: Connection, options: GcOptions) -> Iterator[CommitTimer | None]:
+    """With a latency budget, probe commits on a connection of their own (the dry run's own is
+    busy with its samples), to the same server as the dry run's, password included."""
+    if not options.max_app_latency_ms:
+        yield None
+        return
+    password = conn.pgconn.password
+    dsn = make_conninfo(conn.info.dsn, **({"password": password.decode()} if password else {}))
+    with CommitTimer(dsn, options.table.qualified, options.node) as timer:
+        yield timer
 
 
 PREDICTION_UNKNOWN = "duration and WAL unknown"

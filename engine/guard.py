@@ -6,10 +6,20 @@ that waits for its WAL flush is what an application's commit feels beside the GC
 write it samples ``pg_stat_activity`` for other backends (not msggc's) waiting on a WAL flush
 or a lock, reported beside the latencies as evidence of what the latencies come from.
 
-An additive-increase/multiplicative-decrease controller turns the probe's recent p99 into the
-share of wall time the run's workers may spend in batches: halved when the p99 passes the
-budget, raised by ``AIMD_INCREASE`` when it stays under ``ROOM`` of it. The throttle makes each
-worker pause after a batch so that its batches take no more than that share of its time.
+What the application feels is the rate at which the run writes WAL and dirties pages, not the
+share of time it spends in batches (issue 22: a run held to 10-30 MB/s of WAL kept pgbench's p99
+at 9-19 ms where one working 12% of its time made it 238 ms). So the controller's output is a
+rate of WAL bytes per second, which the throttle's token bucket holds every worker to: it
+starts gentle and doubles each calm control step (slow start) until the first step over the
+budget, then halves on every step whose p99 passes the budget and grows additively while it
+stays under ``ROOM`` of it. Before the workers start, the probe measures ``BEFORE_SAMPLES``
+commits alone: the application's p99 without the run, reported beside the p99 during it.
+
+Beside the probe, once per step the probe reads the server's requested checkpoints and the
+buffers written by backends themselves (dirty pages evicted by a client, not the background
+writer or the checkpointer: the application's own commits and reads doing the run's writing): a
+requested checkpoint counts as a step over the budget, and backend writes hold growth. Each
+step is a point of the run's time series (rate granted, probe p99, WAL rate, checkpoints).
 """
 
 from __future__ import annotations
@@ -24,8 +34,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import psycopg
+from psycopg.types.json import Jsonb
 
-from engine.db import APPLICATION_NAME, Connection, connect
+from engine.db import APPLICATION_NAME, Connection, connect, one_row
 from engine.errors import MsggcError, SchemaMissing
 
 PROBE_INTERVAL_S = 0.1
@@ -33,15 +44,30 @@ PROBE_APPLICATION_NAME = f"{APPLICATION_NAME}-probe"
 STEP_SAMPLES = 5
 """Probe samples per control step: the controller judges each ~0.5 s of fresh samples once,
 so one slow commit halves the rate once, not once per step it stays in a sliding window."""
-AIMD_DECREASE = 0.5
-AIMD_INCREASE = 0.1
-MIN_SHARE = 0.05
-"""The run never stops outright: at worst a worker pauses 19 times as long as its batch took,
-so an impossible budget still lets the run finish (slowly)."""
+BEFORE_SAMPLES = 10
+"""Commits the probe times before the workers start (~1 s): the application's p99 alone."""
+BEFORE_WAIT_S = 3.0
+"""The longest the workers wait for those (a probe that cannot connect does not hold the run)."""
+MiB = 2**20
+INITIAL_RATE = 1.0 * MiB
+"""WAL bytes per second a guarded run starts at: gentle (about 3,000 dense rows a second),
+doubled each calm step, so a short run does not spend the budget in its first seconds."""
+MIN_RATE = 16.0 * 1024
+"""The floor (about 45 dense rows a second): an impossible budget still lets a run finish."""
+MAX_RATE = 4096.0 * MiB
+DECREASE = 0.5
+SLOW_START_GROWTH = 2.0
+INCREASE_SHARE = 0.125
+"""Past slow start, a calm step adds this share of the rate at the last decrease."""
+USED_HEADROOM = 2.0
+"""The rate grows to at most this many times the WAL rate the server really wrote in the step:
+a grant far above what the run can use would take many halvings to bite when the p99 rises."""
 ROOM = 0.8
-"""The rate goes up only while the recent p99 is under this share of the budget."""
+"""The rate goes up only while the step's p99 is under this share of the budget."""
 LIVE_WINDOW = 600
 """Samples behind the live p50/p99 written to ``gc_probe`` with every beat (about a minute)."""
+SERIES_POINTS = 240
+"""A run's time series keeps at most this many points: a long run's steps are merged in pairs."""
 RECONNECT_S = 1.0
 
 WAITS_SQL = """
@@ -61,21 +87,26 @@ INSERT INTO gc_probe (table_name, node, run_id, beats, beat_at)
 VALUES (%(table)s, %(node)s, %(run_id)s, 0, now())
 ON CONFLICT (table_name, node) DO UPDATE
 SET run_id = excluded.run_id, beats = 0, beat_at = now(), p50_ms = NULL, p99_ms = NULL,
-    held_back_seconds = 0, rate_share = 1
+    held_back_seconds = 0, rate_share = 1, rate_bytes_per_s = NULL, wal_bytes_per_s = NULL,
+    checkpoints_requested = 0, before_p99_ms = NULL
 """
 BEAT_SQL = """
 UPDATE gc_probe SET beats = beats + 1, beat_at = now(), p50_ms = %(p50)s, p99_ms = %(p99)s,
-    held_back_seconds = %(held)s, rate_share = %(share)s
+    held_back_seconds = %(held)s, rate_share = %(share)s, rate_bytes_per_s = %(rate)s,
+    wal_bytes_per_s = %(wal_rate)s, checkpoints_requested = %(checkpoints)s,
+    before_p99_ms = %(before_p99)s
 WHERE table_name = %(table)s AND node = %(node)s
 """
 FINAL_SQL = """
-UPDATE gc_probe SET p50_ms = %(p50)s, p99_ms = %(p99)s, held_back_seconds = %(held)s, rate_share = %(share)s
+UPDATE gc_probe SET p50_ms = %(p50)s, p99_ms = %(p99)s, held_back_seconds = %(held)s,
+    rate_share = %(share)s, checkpoints_requested = %(checkpoints)s, before_p99_ms = %(before_p99)s
 WHERE table_name = %(table)s AND node = %(node)s AND run_id = %(run_id)s
 """
 """The run's figures over all its samples, left in the row once it ended (not a beat)."""
 RUN_SQL = """
 UPDATE gc_runs SET app_latency_p50_ms = %(p50)s, app_latency_p99_ms = %(p99)s,
-    app_probes = %(probes)s, held_back_seconds = %(held)s
+    app_probes = %(probes)s, held_back_seconds = %(held)s,
+    app_latency_before_p99_ms = %(before_p99)s, guard_series = %(series)s
 WHERE id = %(run_id)s
 """
 
@@ -91,57 +122,143 @@ def percentile(values: list[float], q: float) -> float | None:
 
 
 @dataclass
-class Aimd:
-    """Additive-increase/multiplicative-decrease of the share of time the run may work.
+class RateControl:
+    """The WAL rate (bytes per second) a run may write: slow start, then additive increase and
+    multiplicative decrease on the probe's p99 against the budget.
 
-    Pure logic, fed the probe's samples with the time they were taken (tests give their own).
+    Pure logic, fed the probe's samples and, once per step, what the server says (tests give
+    their own): :meth:`observe` says when a step is due, :meth:`step` takes it.
     """
 
     budget_ms: float
-    share: float = 1.0
+    rate: float = INITIAL_RATE
+    threshold: float | None = None
+    """The rate at the last decrease; None while the run is still in slow start."""
     pending: list[float] = field(default_factory=list)
     """Samples since the last step."""
     last_step_at: float | None = None
     decreases: int = 0
     increases: int = 0
+    lowest: float = INITIAL_RATE
 
-    def observe(self, latency_ms: float, now: float) -> None:
-        """One probe sample; every ``STEP_SAMPLES`` of them make one step."""
+    def observe(self, latency_ms: float) -> bool:
+        """One probe sample; True once ``STEP_SAMPLES`` of them are due for a step."""
         self.pending.append(latency_ms)
-        if len(self.pending) >= STEP_SAMPLES:
-            p99 = percentile(self.pending, 99) or 0.0
-            if p99 > self.budget_ms:
-                self._decrease(now)
-            elif p99 <= self.budget_ms * ROOM:
-                self._increase(now)
-            else:
-                self._stepped(now)
+        return len(self.pending) >= STEP_SAMPLES
+
+    def step(self, now: float, used: float | None = None, checkpoint_requested: bool = False,
+             backends_wrote: bool = False) -> float:
+        """Judge the step's samples; ``used`` is the WAL rate the server wrote over the step. A
+        requested checkpoint counts as a step over the budget (its writes are coming), backends
+        writing dirty pages themselves hold the rate where it is. Returns the step's p99."""
+        p99 = percentile(self.pending, 99) or 0.0
+        if p99 > self.budget_ms or checkpoint_requested:
+            self._decrease(now, used)
+        elif p99 <= self.budget_ms * ROOM and not backends_wrote:
+            self._increase(now, used)
+        else:
+            self._stepped(now)
+        return p99
 
     def stalled(self, waiting_ms: float, now: float) -> None:
         """A probe write still in flight after more than the budget is a sample over it already:
         the controller must not wait for it to finish (a lock may hold it for seconds)."""
         step_s = STEP_SAMPLES * PROBE_INTERVAL_S
         if waiting_ms > self.budget_ms and (self.last_step_at is None or now - self.last_step_at >= step_s):
-            self._decrease(now)
+            self._decrease(now, None)
 
-    def pause_after(self, worked_s: float) -> float:
-        """Seconds a worker pauses after working ``worked_s`` so work takes ``share`` of its time."""
-        return max(0.0, worked_s) * (1.0 - self.share) / self.share
-
-    def _decrease(self, now: float) -> None:
-        self.share = max(MIN_SHARE, self.share * AIMD_DECREASE)
+    def _decrease(self, now: float, used: float | None) -> None:
+        base = min(self.rate, used) if used else self.rate  # halving an unused grant would not bite
+        self.rate = max(MIN_RATE, base * DECREASE)
+        self.threshold = self.rate
         self.decreases += 1
+        self.lowest = min(self.lowest, self.rate)
         self._stepped(now)
 
-    def _increase(self, now: float) -> None:
-        if self.share < 1.0:
+    def _increase(self, now: float, used: float | None) -> None:
+        grown = (self.rate * SLOW_START_GROWTH if self.threshold is None
+                 else self.rate + self.threshold * INCREASE_SHARE)
+        cap = max(self.rate, used * USED_HEADROOM) if used else MAX_RATE
+        new = min(MAX_RATE, grown, cap)
+        if new > self.rate:
             self.increases += 1
-        self.share = min(1.0, self.share + AIMD_INCREASE)
+        self.rate = new
         self._stepped(now)
 
     def _stepped(self, now: float) -> None:
         self.pending.clear()
         self.last_step_at = now
+
+
+Point = dict[str, float | int | None]
+
+
+def _merge(points: list[Point]) -> Point:
+    """Points of consecutive steps as one: rates averaged, p99 the worst, counters the last."""
+    def mean(key: str) -> float | None:
+        values = [float(v) for p in points if (v := p.get(key)) is not None]
+        return round(sum(values) / len(values), 1) if values else None
+
+    p99s = [float(v) for p in points if (v := p.get("p99_ms")) is not None]
+    last = points[-1]
+    return {"t_s": last["t_s"], "rate_bytes_per_s": mean("rate_bytes_per_s"),
+            "p99_ms": max(p99s) if p99s else None, "wal_bytes_per_s": mean("wal_bytes_per_s"),
+            "checkpoints_requested": last.get("checkpoints_requested"),
+            "backend_writes": last.get("backend_writes")}
+
+
+@dataclass
+class Series:
+    """The guard's time series: one point per control step, pairs merged once it is full, so a
+    run of days keeps ``SERIES_POINTS`` points spread over all of it."""
+
+    limit: int = SERIES_POINTS
+    points: list[Point] = field(default_factory=list)
+    stride: int = 1
+    """Steps per point."""
+    _open: list[Point] = field(default_factory=list)
+
+    def add(self, point: Point) -> None:
+        self._open.append(point)
+        if len(self._open) >= self.stride:
+            self.points.append(_merge(self._open))
+            self._open = []
+        if len(self.points) >= self.limit:
+            self.points = [_merge(self.points[i:i + 2]) for i in range(0, len(self.points), 2)]
+            self.stride *= 2
+
+    def all(self) -> list[Point]:
+        return self.points + ([_merge(self._open)] if self._open else [])
+
+
+@dataclass(frozen=True)
+class ServerCounters:
+    """What the server says once per step, beside the probe: its WAL position, its requested
+    checkpoints, and buffers written by client backends (None where the version cannot say)."""
+
+    at: float
+    lsn: int
+    checkpoints_requested: int
+    backend_writes: int | None
+
+
+def counters_sql(server_version: int) -> str:
+    """The checkpointer's count moved to ``pg_stat_checkpointer`` in 17; backend writes are in
+    ``pg_stat_io`` from 16 and ``pg_stat_bgwriter.buffers_backend`` before (gone in 17)."""
+    lsn = "(pg_current_wal_insert_lsn() - '0/0'::pg_lsn)::bigint"
+    io = ("(SELECT coalesce(sum(writes), 0)::bigint FROM pg_stat_io"
+          " WHERE backend_type = 'client backend' AND object = 'relation')")
+    if server_version >= 170000:
+        return f"SELECT {lsn}, (SELECT num_requested FROM pg_stat_checkpointer), {io}"
+    if server_version >= 160000:
+        return f"SELECT {lsn}, (SELECT checkpoints_req FROM pg_stat_bgwriter), {io}"
+    return f"SELECT {lsn}, checkpoints_req, buffers_backend FROM pg_stat_bgwriter"
+
+
+def read_counters(conn: Connection) -> ServerCounters:
+    lsn, checkpoints, writes = one_row(conn.execute(counters_sql(conn.info.server_version)))
+    return ServerCounters(time.monotonic(), int(lsn), int(checkpoints),
+                          None if writes is None else int(writes))
 
 
 @dataclass(frozen=True)
@@ -159,10 +276,14 @@ class ProbeSite:
 
 
 def require_probe_table(conn: Connection) -> None:
-    """``--max-app-latency`` needs migration 0008's ``gc_probe``: refused before the run exists."""
-    row = conn.execute("SELECT to_regclass('gc_probe') IS NOT NULL").fetchone()
+    """``--max-app-latency`` needs ``gc_probe`` (0008) with the rate columns of 0011: refused
+    before the run exists."""
+    row = conn.execute(
+        "SELECT EXISTS (SELECT 1 FROM pg_attribute WHERE attrelid = to_regclass('gc_probe')"
+        " AND attname = 'rate_bytes_per_s' AND NOT attisdropped)").fetchone()
     if not row or not row[0]:
-        raise SchemaMissing("--max-app-latency needs msggc's gc_probe table: run `msggc migrate` first")
+        raise SchemaMissing("--max-app-latency needs msggc's gc_probe table as of migration 0011:"
+                            " run `msggc migrate` first")
 
 
 class Probe:
@@ -170,15 +291,27 @@ class Probe:
 
     def __init__(self, budget_ms: float, site: ProbeSite) -> None:
         self.site = site
-        self.aimd = Aimd(budget_ms)
+        self.control = RateControl(budget_ms)
         self.lock = threading.Lock()
+        self.before: list[float] = []
+        """Samples taken before the workers started: the application alone."""
+        self.ready = threading.Event()
+        """Set once the samples alone are taken (or the probe cannot take them)."""
         self.samples: list[float] = []
         self.recent: deque[float] = deque(maxlen=LIVE_WINDOW)
         self.waits: Counter[str] = Counter()
+        self.series = Series()
         self.errors = 0
         self.held_back_s = 0.0
         """Kept up to date by the throttle; written with every beat and at the end."""
+        self.full_rate: float | None = None
+        """The WAL rate the run's batches write while they work (the throttle measures it):
+        the granted rate's share of it is how much the guard slows the run."""
         self.min_share = 1.0
+        self.wal_rate: float | None = None
+        self._first: ServerCounters | None = None
+        self._last: ServerCounters | None = None
+        self._started_at = time.monotonic()
         self._stop = threading.Event()
         self._stopping = False
         self._inflight_since: float | None = None
@@ -187,28 +320,37 @@ class Probe:
 
     @property
     def budget_ms(self) -> float:
-        return self.aimd.budget_ms
+        return self.control.budget_ms
 
     def start(self) -> None:
+        self._started_at = time.monotonic()
         self._thread.start()
+
+    def wait_ready(self, timeout_s: float = BEFORE_WAIT_S) -> None:
+        """Block until the application's latency alone is measured (the workers start after)."""
+        self.ready.wait(timeout_s)
+        self.ready.set()
 
     @property
     def running(self) -> bool:
         return self._thread.is_alive()
 
-    def share(self, now: float | None = None) -> float:
-        """The share of time the workers may work now (a stuck probe write counts as slow)."""
+    def rate(self, now: float | None = None) -> float:
+        """The WAL rate the workers may write now (a stuck probe write counts as slow)."""
         now = time.monotonic() if now is None else now
         with self.lock:
             if self._inflight_since is not None:
-                self.aimd.stalled((now - self._inflight_since) * 1000, now)
-                self.min_share = min(self.min_share, self.aimd.share)
-            return self.aimd.share
+                self.control.stalled((now - self._inflight_since) * 1000, now)
+            return self.control.rate
 
-    def pause_after(self, worked_s: float) -> float:
-        self.share()
-        with self.lock:
-            return self.aimd.pause_after(worked_s)
+    @property
+    def decreases(self) -> int:
+        return self.control.decreases
+
+    def share(self) -> float:
+        """The granted rate as a share of the run's full speed (1: not slowed)."""
+        full = self.full_rate
+        return 1.0 if not full else min(1.0, self.control.rate / full)
 
     def stop(self, timeout_s: float = 10.0) -> None:
         """End the probe: a write in flight (held by a lock, say) is cancelled; the thread
@@ -218,23 +360,37 @@ class Probe:
             busy = self._inflight_since is not None
             conn = self._conn
         self._stop.set()
+        self.ready.set()
         if busy and conn is not None:
             with contextlib.suppress(psycopg.Error):
                 conn.cancel_safe()
         if self._thread.ident is not None:
             self._thread.join(timeout_s)
 
+    def _checkpoints(self) -> int:
+        if self._first is None or self._last is None:
+            return 0
+        return self._last.checkpoints_requested - self._first.checkpoints_requested
+
     def report(self) -> dict[str, Any]:
         """The run's figures, for its result."""
         with self.lock:
-            return {"app_latency_budget_ms": self.aimd.budget_ms,
+            first, last = self._first, self._last
+            writes = (None if first is None or last is None or first.backend_writes is None
+                      or last.backend_writes is None else last.backend_writes - first.backend_writes)
+            return {"app_latency_budget_ms": self.control.budget_ms,
                     "app_latency_p50_ms": percentile(self.samples, 50),
                     "app_latency_p99_ms": percentile(self.samples, 99),
+                    "app_latency_before_p99_ms": percentile(self.before, 99),
                     "app_probes": len(self.samples),
                     "app_waits": dict(self.waits),
                     "held_back_s": self.held_back_s,
                     "rate_share_min": self.min_share,
-                    "rate_decreases": self.aimd.decreases}
+                    "rate_decreases": self.control.decreases,
+                    "guard_rate_min_bytes_per_s": round(self.control.lowest),
+                    "checkpoints_requested": self._checkpoints(),
+                    "backend_writes": writes,
+                    "guard_series": self.series.all()}
 
     # -- the probe thread ---------------------------------------------------------------------
 
@@ -247,6 +403,7 @@ class Probe:
                 if self._stop.is_set():
                     break
                 self.errors += 1
+                self.ready.set()  # the workers do not wait for a probe that cannot measure
                 log.warning("run %s: latency probe: %s", self.site.run_id, str(exc).strip())
                 self._stop.wait(RECONNECT_S)
         self._finish()
@@ -266,6 +423,8 @@ class Probe:
                 if not self._timed(conn, BEAT_SQL, self._beat_params()):
                     return
                 self._sample_waits(conn)
+                if self.ready.is_set() and len(self.control.pending) >= STEP_SAMPLES:
+                    self._step(conn)
         finally:
             conn.close()
 
@@ -282,11 +441,42 @@ class Probe:
             latency_ms = (ended - began) * 1000
             with self.lock:
                 self._inflight_since = None
-                self.samples.append(latency_ms)
-                self.recent.append(latency_ms)
-                self.aimd.observe(latency_ms, ended)
-                self.min_share = min(self.min_share, self.aimd.share)
+                if not self.ready.is_set():
+                    self.before.append(latency_ms)
+                    if len(self.before) >= BEFORE_SAMPLES:
+                        self.ready.set()
+                else:
+                    self.samples.append(latency_ms)
+                    self.recent.append(latency_ms)
+                    self.control.observe(latency_ms)
+                    self.min_share = min(self.min_share, self.share())
         return True
+
+    def _step(self, conn: Connection) -> None:
+        """A control step: the server's counters since the last one, then the controller's
+        judgement, then a point of the series."""
+        now = read_counters(conn)
+        with self.lock:
+            last, self._last = self._last, now
+            if self._first is None:
+                self._first = last or now
+            used = wrote = None
+            checkpoint = False
+            if last is not None and now.at > last.at:
+                used = max(0, now.lsn - last.lsn) / (now.at - last.at)
+                checkpoint = now.checkpoints_requested > last.checkpoints_requested
+                wrote = (now.backend_writes is not None and last.backend_writes is not None
+                         and now.backend_writes > last.backend_writes)
+            self.wal_rate = used
+            p99 = self.control.step(now.at, used, checkpoint, bool(wrote))
+            self.min_share = min(self.min_share, self.share())
+            first = self._first
+            self.series.add({
+                "t_s": round(now.at - self._started_at, 2), "rate_bytes_per_s": round(self.control.rate),
+                "p99_ms": round(p99, 2), "wal_bytes_per_s": None if used is None else round(used),
+                "checkpoints_requested": now.checkpoints_requested - first.checkpoints_requested,
+                "backend_writes": (None if now.backend_writes is None or first.backend_writes is None
+                                   else now.backend_writes - first.backend_writes)})
 
     def _sample_waits(self, conn: Connection) -> None:
         for event, count in conn.execute(WAITS_SQL, {"ours": f"{APPLICATION_NAME}%"}):
@@ -297,7 +487,9 @@ class Probe:
         with self.lock:
             recent = list(self.recent)
             return {**self.site.params, "p50": percentile(recent, 50), "p99": percentile(recent, 99),
-                    "held": self.held_back_s, "share": self.aimd.share}
+                    "held": self.held_back_s, "share": self.share(), "rate": self.control.rate,
+                    "wal_rate": self.wal_rate, "checkpoints": self._checkpoints(),
+                    "before_p99": percentile(self.before, 99)}
 
     def _finish(self) -> None:
         """The run's final figures in ``gc_runs`` and ``gc_probe``, each committed alone on a
@@ -306,7 +498,10 @@ class Probe:
         figures = self.report()
         params = {**self.site.params, "p50": figures["app_latency_p50_ms"],
                   "p99": figures["app_latency_p99_ms"], "probes": figures["app_probes"],
-                  "held": figures["held_back_s"], "share": self.aimd.share}
+                  "held": figures["held_back_s"], "share": self.share(),
+                  "before_p99": figures["app_latency_before_p99_ms"],
+                  "checkpoints": figures["checkpoints_requested"],
+                  "series": Jsonb(figures["guard_series"])}
         try:
             with connect(self.site.dsn) as conn:
                 conn.execute("SELECT set_config('application_name', %s, false)", (PROBE_APPLICATION_NAME,))
@@ -322,12 +517,15 @@ class Probe:
 
 def latest_figures(conn: Connection, table: str, node: str) -> dict[str, Any] | None:
     """The probe row of this table and node: the live (or last run's final) latency figures;
-    None before any guarded run, or on a schema older than the probe's."""
-    row = conn.execute("SELECT to_regclass('gc_probe') IS NOT NULL").fetchone()
+    None before any guarded run, or on a schema older than the probe's (0008) or its rates' (0011)."""
+    row = conn.execute(
+        "SELECT EXISTS (SELECT 1 FROM pg_attribute WHERE attrelid = to_regclass('gc_probe')"
+        " AND attname = 'rate_bytes_per_s' AND NOT attisdropped)").fetchone()
     if not row or not row[0]:
         return None
     cur = conn.execute(
-        "SELECT run_id, beats, p50_ms, p99_ms, held_back_seconds, rate_share FROM gc_probe"
+        "SELECT run_id, beats, p50_ms, p99_ms, held_back_seconds, rate_share, rate_bytes_per_s,"
+        " wal_bytes_per_s, checkpoints_requested, before_p99_ms FROM gc_probe"
         " WHERE table_name = %s AND node = %s",
         (table, node),
     )
@@ -335,3 +533,102 @@ def latest_figures(conn: Connection, table: str, node: str) -> dict[str, Any] | 
     if found is None:
         return None
     return dict(zip([c.name for c in cur.description or []], found, strict=True))
+
+
+class CommitTimer:
+    """Probe commits on a thread of their own, every ``interval_s``, on a ``gc_probe`` row of
+    their own (the dry run's, beside any run's): :meth:`take` hands over what they felt since
+    the last take, so a dry run times the application's commits alone, then beside its samples."""
+
+    def __init__(self, dsn: str, table: str, node: str, interval_s: float = 0.02) -> None:
+        self.dsn = dsn
+        self.site = {"table": table, "node": f"{node}\x1fdry-run", "run_id": None}
+        self.interval_s = interval_s
+        self._latencies: list[float] = []
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._conn: Connection | None = None
+        self._thread = threading.Thread(target=self._run, name="msggc-dry-run-probe", daemon=True)
+
+    def __enter__(self) -> CommitTimer:
+        self._conn = connect(self.dsn)
+        self._conn.execute("SELECT set_config('application_name', %s, false)", (PROBE_APPLICATION_NAME,))
+        self._conn.execute("SET synchronous_commit = on")
+        self._conn.execute(CLAIM_SQL, self.site)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(10)
+        if self._conn is not None:
+            with contextlib.suppress(psycopg.Error):
+                self._conn.execute("DELETE FROM gc_probe WHERE table_name = %(table)s AND node = %(node)s",
+                                   self.site)
+            self._conn.close()
+
+    def take(self) -> list[float]:
+        with self._lock:
+            taken, self._latencies = self._latencies, []
+        return taken
+
+    def _run(self) -> None:
+        assert self._conn is not None
+        with contextlib.suppress(psycopg.Error):
+            while not self._stop.wait(self.interval_s):
+                began = time.monotonic()
+                self._conn.execute("UPDATE gc_probe SET beats = beats + 1, beat_at = now()"
+                                   " WHERE table_name = %(table)s AND node = %(node)s", self.site)
+                with self._lock:
+                    self._latencies.append((time.monotonic() - began) * 1000)
+
+
+@dataclass(frozen=True)
+class BudgetPrediction:
+    """A dry run's word on a latency budget: whether it can hold, at what WAL rate, how long."""
+
+    verdict: str
+    seconds: float | None
+    rate: float | None
+    alone_p99_ms: float | None
+
+
+ALONE_S = 1.5
+"""How long a dry run times the application's commits alone before its sample batches."""
+
+
+def predict_under_budget(budget_ms: float, alone: list[float], during: list[float],
+                         wal_bytes: int | None, seconds: float | None,
+                         checkpoint_rate: float | None) -> BudgetPrediction:
+    """The rate the guard settles at, by a straight line from (0, the p99 alone) through (the
+    samples' WAL rate, the p99 beside them) to the middle of the band the controller holds
+    (between ``ROOM`` of the budget and the budget), capped by the pace that forces no
+    checkpoint; the duration is the run's WAL at that rate plus the second alone and the slow
+    start. A p99 alone at or above the budget: the budget cannot hold, whatever msggc does."""
+    p_alone, p_full = percentile(alone, 99), percentile(during, 99)
+    if p_alone is None:
+        return BudgetPrediction("unknown: the probe could not time a commit", None, None, None)
+    if p_alone >= budget_ms:
+        return BudgetPrediction(
+            f"cannot hold: the application's commit p99 alone is {p_alone:.1f} ms over {len(alone)}"
+            f" commits, at or above the budget ({budget_ms:g} ms) before msggc writes anything;"
+            f" the run would crawl at {MIN_RATE / 1024:.0f} kB/s of WAL and still not keep it",
+            None if not wal_bytes else wal_bytes / MIN_RATE, MIN_RATE, p_alone)
+    if not wal_bytes or not seconds:
+        return BudgetPrediction("holds by the probe; duration unknown (no sample batch finished)",
+                                None, None, p_alone)
+    full = wal_bytes / seconds
+    target = budget_ms * (1 + ROOM) / 2
+    rate = full if p_full is None or p_full <= target else full * (target - p_alone) / (p_full - p_alone)
+    paced = checkpoint_rate is not None and checkpoint_rate < rate
+    rate = max(MIN_RATE, min(rate, checkpoint_rate) if checkpoint_rate else rate)
+    ramp = 0 if rate <= INITIAL_RATE else math.ceil(math.log2(rate / INITIAL_RATE))
+    ramp_s = ramp * STEP_SAMPLES * PROBE_INTERVAL_S
+    predicted = BEFORE_SAMPLES * PROBE_INTERVAL_S + max(seconds, wal_bytes / rate + ramp_s / 2)
+    why = ("paced so that it forces no checkpoint" if paced
+           else f"the probe's p99 {p_full:.1f} ms beside full speed ({full / MiB:.1f} MB/s)"
+           if p_full is not None else "no probe beside the samples")
+    verdict = (f"may not hold: the budget is under twice the application's commit p99 alone"
+               f" ({p_alone:.1f} ms); " if budget_ms < 2 * p_alone else "holds: ")
+    return BudgetPrediction(f"{verdict}WAL at ~{rate / MiB:.2f} MB/s ({why}, {p_alone:.1f} ms alone)",
+                            predicted, rate, p_alone)

@@ -64,6 +64,25 @@ class GcResult:
     rate_share_min: float | None = None
     """The lowest share of time the guard let the workers spend in batches (1.0: never slowed)."""
     rate_decreases: int = 0
+    app_latency_before_p99_ms: float | None = None
+    """The probe's p99 before the workers started (a dry run: while nothing of msggc's ran):
+    what the application's commits felt without the run."""
+    guard_rate_min_bytes_per_s: int | None = None
+    """The lowest WAL rate the guard granted (bytes per second)."""
+    checkpoints_requested: int | None = None
+    """Checkpoints the server requested (not its timer's) while the guard watched the run."""
+    backend_writes: int | None = None
+    """Buffers written by client backends themselves while the guard watched (dirty pages evicted
+    by a backend, not the background writer): ``pg_stat_io`` from 16, ``buffers_backend`` before."""
+    guard_series: list[dict[str, Any]] = field(default_factory=list)
+    """Per control step (merged in pairs on a long run): seconds since the probe began, the WAL
+    rate granted, the probe's p99, the WAL rate written, checkpoints and backend writes since."""
+    budget_verdict: str | None = None
+    """A dry run with ``--max-app-latency``: whether the budget can hold, and why not."""
+    predicted_guarded_seconds: float | None = None
+    """A dry run with ``--max-app-latency``: the predicted duration under the budget."""
+    predicted_guarded_wal_rate: float | None = None
+    """The WAL rate (bytes per second) that prediction assumes the guard settles at."""
     reclaim: dict[str, Any] | None = None
     """Sizes and dead tuples before and after the run; with ``--vacuum``, after VACUUM and its
     ``vacuum_s``, or ``vacuum_skipped`` and why (see :func:`engine.reclaim.vacuum`)."""

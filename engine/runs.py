@@ -276,7 +276,8 @@ def recent(conn: Connection, limit: int = 10) -> list[dict[str, Any]]:
     cur = conn.execute(
         "SELECT id, node, table_name, status, strategy, messages_deleted, rows_skipped_locked,"
         " batches, throttle_pauses, throttled_seconds, reclaim, garbage, foreign_keys, started_at,"
-        " finished_at, error, app_latency_p50_ms, app_latency_p99_ms, app_probes, held_back_seconds"
+        " finished_at, error, app_latency_p50_ms, app_latency_p99_ms, app_probes, held_back_seconds,"
+        " app_latency_before_p99_ms, guard_series"
         " FROM gc_runs ORDER BY id DESC LIMIT %s",
         (limit,),
     )
@@ -344,6 +345,7 @@ def latest(conn: Connection, table: str, node: str) -> dict[str, Any] | None:
         "SELECT id AS run_id, status, messages_deleted, batches, requested_at, started_at,"
         " finished_at, heartbeat_at, error, throttle_pauses, throttled_seconds, reclaim, garbage,"
         " foreign_keys, app_latency_p50_ms, app_latency_p99_ms, held_back_seconds,"
+        " app_latency_before_p99_ms, guard_series,"
         " round((messages_deleted / greatest(extract(epoch FROM"
         "   coalesce(finished_at, heartbeat_at) - started_at), 0.001))::numeric, 1)::float8 AS rows_per_s"
         " FROM gc_runs WHERE table_name = %s AND node = %s ORDER BY id DESC LIMIT 1",

@@ -84,6 +84,11 @@ gc_runs = sa.Table(
     sa.Column("app_latency_p99_ms", sa.Float, nullable=True),
     sa.Column("app_probes", sa.Integer, nullable=True),
     sa.Column("held_back_seconds", sa.Float, nullable=False, server_default="0"),
+    # The probe's p99 in the second before the workers started (the application alone), and the
+    # guard's time series: per control step the WAL rate granted and written, the probe's p99,
+    # the checkpoints requested and the buffers backends wrote since the start (migration 0011).
+    sa.Column("app_latency_before_p99_ms", sa.Float, nullable=True),
+    sa.Column("guard_series", postgresql.JSONB, nullable=True),
     sa.Column("reclaim", postgresql.JSONB, nullable=True),
     # --archive-to: the file and its length as of the last committed batch (a longer file is cut back).
     sa.Column("archive_file", sa.Text, nullable=True),
@@ -158,6 +163,12 @@ gc_probe = sa.Table(
     sa.Column("p99_ms", sa.Float, nullable=True),
     sa.Column("held_back_seconds", sa.Float, nullable=False, server_default="0"),
     sa.Column("rate_share", sa.Float, nullable=False, server_default="1"),
+    # The WAL rate the guard grants and the server's measured one (bytes/s), the checkpoints
+    # requested since the run began, and the probe's p99 before the workers started (0011).
+    sa.Column("rate_bytes_per_s", sa.Float, nullable=True),
+    sa.Column("wal_bytes_per_s", sa.Float, nullable=True),
+    sa.Column("checkpoints_requested", sa.BigInteger, nullable=False, server_default="0"),
+    sa.Column("before_p99_ms", sa.Float, nullable=True),
     sa.PrimaryKeyConstraint("table_name", "node"),
 )
 

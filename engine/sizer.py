@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 DEFAULT_BATCH_ROWS = 2000
 MAX_STEP = 2.0
 """The most a batch grows (or 1/MAX_STEP it shrinks) toward a duration: one odd batch never swings it."""
@@ -24,7 +26,17 @@ class BatchSizer:
         self.target_s = target_s
         self.target_rows = target_rows
 
-    def observe(self, seconds: float, rows: int) -> None:
+    def observe(self, seconds: float, rows: int, wal_bytes: int | None = None,
+                wal_cap: int | None = None) -> None:
+        """Step toward the target after a batch of ``rows`` that took ``seconds``; with a WAL
+        bound (the latency guard's), never past the size whose WAL, at this batch's WAL per
+        unit, would exceed ``wal_cap``: one batch must not queue a burst of flushing."""
+        walked = self.size
+        self._toward_target(seconds, rows)
+        if wal_bytes and wal_cap:
+            self.size = max(1, min(self.size, math.floor(wal_cap * walked / wal_bytes)))
+
+    def _toward_target(self, seconds: float, rows: int) -> None:
         if self.target_rows is not None:
             step = ROWS_STEP
             factor = self.target_rows / rows if rows else step

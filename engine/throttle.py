@@ -3,8 +3,12 @@
 Four signals, each optional: the server's WAL against a rate budget (a token bucket, so bursts
 average out, holding at most ``WAL_BURST_S`` of unused budget), the replay lag of the slowest
 standby in ``pg_stat_replication``, autovacuum (or any VACUUM) working on the table, and the
-latency guard (:mod:`engine.guard`): a probe's commit latency against a budget, turned into the
-share of its time each worker may spend in batches (it pauses after each batch for the rest).
+latency guard (:mod:`engine.guard`): a probe's commit latency against a budget, turned into a
+WAL rate that the same token bucket holds every worker to (with at most ``GUARD_BURST_S`` of it
+banked, and each batch's WAL bounded to ``BATCH_PACE_S`` of it, so the rate arrives as a stream
+of small batches, not as a burst that the application's commits queue behind). A guarded run
+is also paced so that its WAL forces no checkpoint: the headroom left before ``max_wal_size``
+forces one, spread over the time until the timed one (see :meth:`Throttle.checkpoint_pace`).
 
 Seeing other backends' progress and replication lag needs ``pg_read_all_stats`` (or superuser):
 without it PostgreSQL hides those columns and the lag and vacuum signals never fire.
@@ -12,6 +16,7 @@ without it PostgreSQL hides those columns and the lag and vacuum signals never f
 
 from __future__ import annotations
 
+import math
 import threading
 import time
 from collections.abc import Callable
@@ -19,11 +24,25 @@ from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
 
+import psycopg
+
 from engine.db import Connection, one_row
-from engine.guard import Probe, ProbeSite
+from engine.guard import MIN_RATE, Probe, ProbeSite
 
 POLL_S = 0.2
 APP_LATENCY = "app_latency"
+CHECKPOINT_PACE = "checkpoint_pace"
+GUARD_REASONS = (APP_LATENCY, CHECKPOINT_PACE)
+"""Waits counted as the guard holding the run back."""
+GUARD_BURST_S = 0.1
+"""A guarded run banks at most this much of its rate: it never writes a second's worth at once."""
+BATCH_PACE_S = 0.05
+"""A guarded batch writes at most this many seconds of the granted rate (at least
+``MIN_BATCH_WAL``): one batch cannot queue a burst of flushing ahead of the application."""
+MIN_BATCH_WAL = 64 * 1024
+FIRST_BATCH_ROWS = 50
+PACE_REFRESH_S = 1.0
+"""How often the checkpoint pace reads the server's last checkpoint again."""
 MAX_PAUSE_S = 5.0
 """A single wait is capped so budgets and signals are still honoured while throttled."""
 WAL_BURST_S = 1.0
@@ -67,6 +86,27 @@ class Limits:
                     or self.max_app_latency_ms)
 
 
+CHECKPOINT_SQL = """
+SELECT (redo_lsn - '0/0'::pg_lsn)::bigint, extract(epoch FROM now() - checkpoint_time)::float8,
+       pg_size_bytes(current_setting('max_wal_size'))
+         / (1 + current_setting('checkpoint_completion_target')::float8),
+       extract(epoch FROM current_setting('checkpoint_timeout')::interval)::float8
+FROM pg_control_checkpoint()
+"""
+"""Where the last checkpoint began (its redo), how long ago, the WAL after it that requests the
+next one (PostgreSQL's ``CheckPointSegments``), and the timer's interval."""
+
+
+@dataclass
+class Pace:
+    """The WAL rate that forces no checkpoint, as last read (see :meth:`Throttle.checkpoint_pace`)."""
+
+    at: float = -math.inf
+    rate: float | None = None
+    refused: bool = False
+    """``pg_control_checkpoint()`` refused to this role: no pace (the counts still show)."""
+
+
 class Throttle:
     """Shared by a run's workers; ``pauses`` and ``paused_s`` are reported with the run."""
 
@@ -79,6 +119,8 @@ class Throttle:
         """Seconds the latency guard held workers back (also counted in ``paused_s``)."""
         self._batch_began: dict[int, float] = {}
         """Per worker thread: when its batch in flight (or its last one) began."""
+        self._batch_lsn: dict[int, int] = {}
+        """Per worker thread: the server's WAL position when its batch in flight began."""
         self._probe_started = False
         self.lock = threading.Lock()
         self.pauses = 0
@@ -88,6 +130,17 @@ class Throttle:
         self._wal_seen: tuple[float, int] | None = None
         """(monotonic time, WAL position) when the credit was last brought up to date."""
         self._reasons: dict[str, int] = {}
+        self._guard_credit = 0.0
+        """Bytes of its own WAL the guard lets the run write now; negative when it must wait."""
+        self._guard_seen: float | None = None
+        self._decreases = 0
+        """The guard's decreases already applied to the credit."""
+        self._remaining_rows: int | None = None
+        self._rows = 0
+        self._own_wal = 0
+        self._batch_wal = 0
+        self._batch_s = 0.0
+        self._pace = Pace()
 
     @property
     def reasons(self) -> dict[str, int]:
@@ -95,6 +148,52 @@ class Throttle:
 
     def _wal_lsn(self, conn: Connection) -> int:
         return int(one_row(conn.execute("SELECT (pg_current_wal_insert_lsn() - '0/0'::pg_lsn)::bigint"))[0])
+
+    def guard_rate(self, conn: Connection) -> tuple[float, str] | None:
+        """The WAL rate the guard lets the run write now, and what sets it: the probe's
+        controller, or the pace that forces no checkpoint (None without a guard)."""
+        if self.probe is None:
+            return None
+        granted = (self.probe.rate(), APP_LATENCY)
+        pace = self.checkpoint_pace(conn)
+        return min(granted, (pace, CHECKPOINT_PACE)) if pace is not None else granted
+
+    def checkpoint_pace(self, conn: Connection) -> float | None:
+        """The rate that lets the run end without forcing a checkpoint: the WAL left before one
+        is requested, spread over the time until the timer starts the next one; once a cycle's
+        headroom is not enough, ``max_wal_size / (1 + completion target)`` per
+        ``checkpoint_timeout``. None while the rest of the run (its rows still to delete, at the
+        WAL per row written so far) fits in the headroom: then it forces none at any speed."""
+        now = time.monotonic()
+        with self.lock:
+            if self._pace.refused or now - self._pace.at < PACE_REFRESH_S:
+                return self._pace.rate
+            self._pace.at = now
+        try:
+            redo, since, between, timeout = one_row(conn.execute(CHECKPOINT_SQL))
+        except psycopg.errors.InsufficientPrivilege:
+            if not conn.autocommit:
+                conn.rollback()
+            with self.lock:
+                self._pace = Pace(now, None, refused=True)
+            return None
+        lsn = self._wal_lsn(conn)
+        with self.lock:
+            headroom = between - (lsn - int(redo))
+            remaining = self._remaining_wal()
+            if remaining is None or remaining <= headroom:
+                rate = None
+            else:
+                left = timeout - since
+                rate = max(MIN_RATE, headroom / left if left > 1 and headroom > 0 else between / timeout)
+            self._pace.rate = rate
+            return rate
+
+    def _remaining_wal(self) -> float | None:
+        """The WAL the rest of the run will write, from the WAL per row so far; None before a row."""
+        if self._remaining_rows is None or self._rows <= 0:
+            return None
+        return self._own_wal / self._rows * max(0, self._remaining_rows - self._rows)
 
     def _wal_excess_s(self, conn: Connection) -> float:
         """Seconds to wait until the WAL written so far fits the rate budget (a token bucket)."""
@@ -112,6 +211,23 @@ class Throttle:
                 self._wal_seen = (now, lsn)
             return max(0.0, -self._wal_credit / rate)
 
+    def _guard_excess_s(self, conn: Connection) -> tuple[float, str]:
+        """Seconds to wait until the run's own WAL (its batches', see :meth:`batch_wal`: not
+        what the application writes between them) fits the guard's rate, and what set it."""
+        limit = self.guard_rate(conn)
+        if limit is None:
+            return 0.0, ""
+        rate, reason = limit
+        now = time.monotonic()
+        with self.lock:
+            if self.probe is not None and self.probe.decreases != self._decreases:
+                self._decreases = self.probe.decreases  # slower now: nothing banked at the old rate
+                self._guard_credit = min(0.0, self._guard_credit)
+            seen = self._guard_seen if self._guard_seen is not None else now
+            self._guard_credit = min(rate * GUARD_BURST_S, self._guard_credit + (now - seen) * rate)
+            self._guard_seen = now
+            return max(0.0, -self._guard_credit / rate), reason
+
     def _replica_lagging(self, conn: Connection) -> bool:
         if not self.limits.max_replica_lag:
             return False
@@ -126,18 +242,26 @@ class Throttle:
         ))
         return bool(row[0])
 
-    def start(self, conn: Connection) -> None:
+    def start(self, conn: Connection, remaining_rows: int | None = None) -> None:
         """Begin metering WAL here: what the server wrote before the run is not charged to it;
-        the latency probe starts with the first pass of the workers and runs until :meth:`stop`."""
+        the latency probe starts with the first pass of the workers, measures the application
+        alone for a second before they start, and runs until :meth:`stop`. ``remaining_rows``
+        (the garbage left to delete) lets the checkpoint pace judge whether the run needs it."""
         self._batch_began.clear()  # a new pass: thread ids may be reused
+        self._batch_lsn.clear()
         if self.probe is not None and not self._probe_started:
             self._probe_started = True
             self.probe.start()
-        if self.limits.max_wal_rate:
+            self.probe.wait_ready()
+        if self.limits.max_wal_rate or self.probe is not None:
             lsn = self._wal_lsn(conn)
             with self.lock:
-                self._wal_credit = 0.0
+                self._wal_credit = self._guard_credit = 0.0
                 self._wal_seen = (time.monotonic(), lsn)
+                self._guard_seen = None
+                self._remaining_rows = remaining_rows
+                self._own_wal = self._rows = 0
+                self._pace = Pace()
 
     def stop(self) -> None:
         """End the latency probe (its connection closed, the run's figures recorded)."""
@@ -150,18 +274,41 @@ class Throttle:
         """The latency guard's figures for the run's result (none without a guard)."""
         return self.probe.report() if self.probe is not None else {}
 
-    def _held_back_s(self, worked_s: float, since: float) -> float:
-        """Seconds this worker still owes the latency guard after working ``worked_s``."""
-        if self.probe is None:
-            return 0.0
-        return self.probe.pause_after(worked_s) - (time.monotonic() - since)
+    def batch_wal(self, conn: Connection, rows: int) -> int | None:
+        """After a worker's batch: the WAL the server wrote since it began (the batch's own,
+        plus whatever other backends wrote meanwhile: an upper bound), for the sizer to bound
+        the next one. None without a guard (no query then)."""
+        worker = threading.get_ident()
+        if self.probe is None or (began := self._batch_lsn.get(worker)) is None:
+            return None
+        wal = max(0, self._wal_lsn(conn) - began)
+        seconds = time.monotonic() - self._batch_began.get(worker, time.monotonic())
+        with self.lock:
+            self._guard_credit -= wal
+            self._own_wal += wal
+            self._rows += rows
+            self._batch_wal += wal
+            self._batch_s += seconds
+            if self._batch_s > 0:
+                self.probe.full_rate = self._batch_wal / self._batch_s
+        return wal
 
-    def pressure(self, conn: Connection, worked_s: float = 0.0,
-                 since: float | None = None) -> tuple[str, float] | None:
-        """The reason to wait and for how long, or None when the batch may go; ``worked_s`` is
-        how long the worker's last batch took, ``since`` when it began waiting after it."""
-        if (owed := self._held_back_s(worked_s, time.monotonic() if since is None else since)) > 0:
-            return APP_LATENCY, min(owed, POLL_S)
+    def first_batch_rows(self, rows: int) -> int:
+        """A guarded walk starts with small batches (``FIRST_BATCH_ROWS``): their WAL per row is
+        not known yet, and a sparse table's first 2,000 rows may write 15 MB at once."""
+        return min(rows, FIRST_BATCH_ROWS) if self.probe is not None else rows
+
+    def batch_wal_cap(self) -> int | None:
+        """The most WAL one batch may write: ``BATCH_PACE_S`` of the rate the guard grants."""
+        if self.probe is None:
+            return None
+        return max(MIN_BATCH_WAL, round(self.probe.rate() * BATCH_PACE_S))
+
+    def pressure(self, conn: Connection) -> tuple[str, float] | None:
+        """The reason to wait and for how long, or None when the batch may go."""
+        excess, reason = self._guard_excess_s(conn)
+        if excess > 0:  # cut in steps: a lower rate applies from the next one
+            return reason, min(excess, POLL_S)
         if (excess := self._wal_excess_s(conn)) > 0:
             return "wal_rate", min(excess, MAX_PAUSE_S)
         if self._replica_lagging(conn):
@@ -176,10 +323,8 @@ class Throttle:
         if not self.limits.active:
             return
         worker = threading.get_ident()
-        since = time.monotonic()
-        worked = since - self._batch_began.get(worker, since)
         reasons: set[str] = set()
-        while not interrupted() and (pressure := self.pressure(conn, worked, since)) is not None:
+        while not interrupted() and (pressure := self.pressure(conn)) is not None:
             reason, seconds = pressure
             began = time.monotonic()
             sleep(seconds)
@@ -191,8 +336,10 @@ class Throttle:
                     self._reasons[reason] = self._reasons.get(reason, 0) + 1
                 slept = time.monotonic() - began
                 self.paused_s += slept
-                if reason == APP_LATENCY:
+                if reason in GUARD_REASONS:
                     self.held_back_s += slept
                     if self.probe is not None:
                         self.probe.held_back_s = self.held_back_s
+        if self.probe is not None:
+            self._batch_lsn[worker] = self._wal_lsn(conn)
         self._batch_began[worker] = time.monotonic()

@@ -162,7 +162,7 @@ class Walk:
         self.stop.set()
 
     def new_sizer(self, leg: Leg) -> BatchSizer:
-        rows = self.options.batch_size or DEFAULT_BATCH_ROWS
+        rows = self.throttle.first_batch_rows(self.options.batch_size or DEFAULT_BATCH_ROWS)
         strategy = leg.strategy
         return BatchSizer(strategy.units_for_rows(rows, leg.plan.facts), strategy.max_units,
                           self.options.target_batch_ms / 1000, self.options.batch_size,
@@ -293,14 +293,16 @@ def work(link: Link, walk: Walk, todo: queue.SimpleQueue[int]) -> None:
                 walk.throttle.wait(link.conn, lambda: walk.budget_reason() is not None, walk.stop.wait)
                 began = time.monotonic()
                 outcome = run_batch(link.conn, walk, index, part, sizer)
+                seconds = time.monotonic() - began
+                wal = walk.throttle.batch_wal(link.conn, outcome.deleted)  # None without a guard
             except psycopg.OperationalError:
                 link.conn.close()
                 link.conn = reconnect(walk, link.holds_lock)
                 walk.rewind(link.conn)
                 continue
-            seconds = time.monotonic() - began
             part.position, part.finished = outcome.position, outcome.finished
-            sizer.observe(seconds, outcome.deleted + outcome.skipped_locked)
+            sizer.observe(seconds, outcome.deleted + outcome.skipped_locked, wal,
+                          walk.throttle.batch_wal_cap())
             walk.record(part, outcome, seconds)
             if walk.options.sleep:
                 walk.stop.wait(walk.options.sleep)
@@ -408,7 +410,7 @@ def _run_workers(conn: Connection, walk: Walk) -> Connection:
     link = Link(conn, holds_lock=True)
 
     def lead() -> None:
-        walk.throttle.start(link.conn)
+        walk.throttle.start(link.conn, max(0, walk.garbage_estimate - walk.deleted))
         for thread in helpers:
             thread.start()
         work(link, walk, todo)

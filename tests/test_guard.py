@@ -11,7 +11,7 @@ import pytest
 
 from engine import collect
 from engine.config import GcOptions
-from engine.guard import PROBE_APPLICATION_NAME
+from engine.guard import BEFORE_SAMPLES, PROBE_APPLICATION_NAME
 from engine.result import Progress
 from tests.data import fill, live_ids, surviving_ids
 from tests.polling import wait_until
@@ -53,7 +53,8 @@ def test_the_probe_records_commit_latencies_and_its_connection_closes_with_the_r
                                                 result.app_probes, pytest.approx(result.held_back_s))
     beats, run_id = conn.execute("SELECT beats, run_id FROM gc_probe WHERE table_name = 'messages'"
                                  ).fetchone()
-    assert (beats, run_id) == (result.app_probes - 1, result.run_id)  # the first write claims the row
+    # the first write claims the row; the first BEFORE_SAMPLES time the application alone
+    assert (beats, run_id) == (result.app_probes + BEFORE_SAMPLES - 1, result.run_id)
     wait_until(lambda: probe_backends(conn) == 0, what="the probe's backend to exit")
 
 
@@ -98,7 +99,8 @@ def test_gc_summary_and_status_show_the_probe_latency_and_time_held_back(conn, d
     fill(conn, [True] * 200)
     proc = run_cli("gc", "--dsn", dsn, "--max-app-latency", "10s", "--batch-size", "10", "--sleep", "0.05")
     assert proc.returncode == 0, proc.stderr
-    assert "app commit latency p50" in proc.stdout and "(budget 10000 ms), held back 0.0s" in proc.stdout
+    assert "app commit latency p99" in proc.stdout and " ms before the run, p50 " in proc.stdout
+    assert "(budget 10000 ms), held back 0.0s" in proc.stdout
     status = run_cli("status", "--dsn", dsn, "--json")
     latest = json.loads(status.stdout)[0]
     assert latest["app_latency_p99_ms"] > 0 and latest["held_back_seconds"] == 0

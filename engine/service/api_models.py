@@ -140,6 +140,18 @@ StoredStatus = Literal["queued", "running", "stopped", "complete", "failed", "su
 WorkerState = Literal["running", "stopped", "disabled"]
 
 
+class GuardPoint(BaseModel):
+    """One control step of the latency guard."""
+
+    t_s: float = Field(description="Seconds since the probe began.")
+    rate_bytes_per_s: float | None = Field(default=None, description="WAL rate the guard granted.")
+    p99_ms: float | None = Field(default=None, description="The probe's commit p99 over the step.")
+    wal_bytes_per_s: float | None = Field(default=None, description="WAL rate the server wrote.")
+    checkpoints_requested: int | None = Field(default=None, description="Requested since the run began.")
+    backend_writes: int | None = Field(
+        default=None, description="Buffers written by client backends since the run began.")
+
+
 class LatestRun(BaseModel):
     """The newest run of a node (beyond the seed)."""
 
@@ -159,6 +171,12 @@ class LatestRun(BaseModel):
         default=None, description="--max-app-latency: the probe's commit latency over the run (p50).")
     app_latency_p99_ms: float | None = Field(default=None, description="The same, p99.")
     held_back_seconds: float = Field(default=0.0, description="Time the latency guard paused the run.")
+    app_latency_before_p99_ms: float | None = Field(
+        default=None, description="--max-app-latency: the probe's p99 in the second before the run"
+        " (the application alone).")
+    guard_series: list[GuardPoint] | None = Field(
+        default=None, description="--max-app-latency: the guard's time series, one point per control"
+        " step (pairs merged on a long run), written when the run ends.")
     reclaim: dict[str, Any] | None = Field(default=None, description="Sizes and dead tuples before, after.")
     garbage: str | None = Field(default=None, description="The garbage predicate in force.")
     foreign_keys: dict[str, int] | None = Field(

@@ -45,8 +45,16 @@ class DatabaseCollector(Collector):
             " write beside the latest guarded run (live while it runs)", labels=["node", "quantile"])
         held_back = GaugeMetricFamily("msggc_held_back_seconds",
                                       "Time the latency guard paused the latest guarded run", labels=["node"])
-        share = GaugeMetricFamily("msggc_rate_share", "Share of time the latency guard lets the"
-                                  " latest guarded run's workers work (1: not slowed)", labels=["node"])
+        share = GaugeMetricFamily("msggc_rate_share", "The WAL rate the latency guard grants the latest"
+                                  " guarded run, as a share of its full speed (1: not slowed)",
+                                  labels=["node"])
+        rates = GaugeMetricFamily("msggc_guard_wal_bytes_per_second", "The latest guarded run's WAL rate:"
+                                  " granted by the guard, or written by the server", labels=["node", "kind"])
+        checkpoints = GaugeMetricFamily("msggc_guard_checkpoints_requested", "Checkpoints the server"
+                                        " requested since the latest guarded run began", labels=["node"])
+        before = GaugeMetricFamily("msggc_app_latency_before_ms", "The probe's commit p99 in the second"
+                                   " before the latest guarded run (the application alone)", labels=["node"])
+        guard_families = (latency, held_back, share, rates, checkpoints, before)
         for result in on_every_node(self.settings, self._read):
             label = result.node.label
             up.add_metric([label], 1 if result.value is not None else 0)
@@ -58,8 +66,8 @@ class DatabaseCollector(Collector):
             deleted.add_metric([label], sum(rows for _, rows in totals.values()))
             backlog.add_metric([label], pending)
             if probe is not None:
-                _add_probe(label, probe, latency, held_back, share)
-        yield from (up, by_status, deleted, backlog, latency, held_back, share)
+                _add_probe(label, probe, *guard_families)
+        yield from (up, by_status, deleted, backlog, *guard_families)
 
     def _read(self, node: Node) -> tuple[dict[str, tuple[int, int]], int, dict[str, Any] | None]:
         """One node's run totals and backlog; ``on_every_node`` asks all nodes at once, so an
@@ -70,14 +78,21 @@ class DatabaseCollector(Collector):
                     guard.latest_figures(conn, table, node.name))
 
 
-def _add_probe(label: str, probe: dict[str, Any], latency: GaugeMetricFamily,
-               held_back: GaugeMetricFamily, share: GaugeMetricFamily) -> None:
-    """The probe row's figures as gauges (a quantile without samples yet is left out)."""
+def _add_probe(label: str, probe: dict[str, Any], latency: GaugeMetricFamily, held_back: GaugeMetricFamily,
+               share: GaugeMetricFamily, rates: GaugeMetricFamily, checkpoints: GaugeMetricFamily,
+               before: GaugeMetricFamily) -> None:
+    """The probe row's figures as gauges (a figure not measured yet is left out)."""
     for quantile, column in (("0.5", "p50_ms"), ("0.99", "p99_ms")):
         if probe[column] is not None:
             latency.add_metric([label, quantile], probe[column])
     held_back.add_metric([label], probe["held_back_seconds"])
     share.add_metric([label], probe["rate_share"])
+    for kind, column in (("granted", "rate_bytes_per_s"), ("written", "wal_bytes_per_s")):
+        if probe[column] is not None:
+            rates.add_metric([label, kind], probe[column])
+    checkpoints.add_metric([label], probe["checkpoints_requested"])
+    if probe["before_p99_ms"] is not None:
+        before.add_metric([label], probe["before_p99_ms"])
 
 
 class Metrics:

@@ -6,69 +6,155 @@ import pytest
 
 from engine.config import GcOptions, parse_latency
 from engine.errors import UsageError
-from engine.guard import AIMD_DECREASE, AIMD_INCREASE, MIN_SHARE, STEP_SAMPLES, Aimd, percentile
+from engine.guard import (
+    DECREASE,
+    INCREASE_SHARE,
+    INITIAL_RATE,
+    MIN_RATE,
+    SERIES_POINTS,
+    STEP_SAMPLES,
+    MiB,
+    RateControl,
+    Series,
+    percentile,
+    predict_under_budget,
+)
+from engine.sizer import BatchSizer
 
 
-def feed(aimd: Aimd, latency_ms: float, steps: int, start: float = 0.0) -> float:
-    """``steps`` control steps of samples all at ``latency_ms``, 0.1 s apart; returns the clock."""
+def feed(control: RateControl, latencies_ms: list[float], start: float = 0.0,
+         used: float | None = None, **signals: bool) -> float:
+    """Probe samples 0.1 s apart, a control step after every ``STEP_SAMPLES`` of them (as the
+    probe takes it); returns the clock."""
     now = start
-    for _ in range(steps * STEP_SAMPLES):
+    for latency in latencies_ms:
         now += 0.1
-        aimd.observe(latency_ms, now)
+        if control.observe(latency):
+            control.step(now, used, **signals)
     return now
 
 
-def test_a_p99_over_the_budget_halves_the_share_of_time_the_run_works():
-    aimd = Aimd(budget_ms=20)
-    feed(aimd, 35, steps=1)
-    assert aimd.share == pytest.approx(AIMD_DECREASE)
-    feed(aimd, 35, steps=1)
-    assert aimd.share == pytest.approx(AIMD_DECREASE**2)
+def calm(steps: int, ms: float = 1.0) -> list[float]:
+    return [ms] * (steps * STEP_SAMPLES)
 
 
-def test_one_slow_commit_among_fast_ones_is_the_p99_of_its_step():
-    aimd = Aimd(budget_ms=20)
-    for n in range(STEP_SAMPLES):
-        aimd.observe(80 if n == 2 else 1, n * 0.1)
-    assert aimd.share == pytest.approx(AIMD_DECREASE)
+def test_a_guarded_run_starts_gentle_and_doubles_its_rate_each_calm_step():
+    control = RateControl(budget_ms=20)
+    assert control.rate == INITIAL_RATE
+    feed(control, calm(3))
+    assert control.rate == pytest.approx(INITIAL_RATE * 8)
 
 
-def test_the_share_never_falls_below_its_floor_so_a_run_always_finishes():
-    aimd = Aimd(budget_ms=0.001)
-    feed(aimd, 5, steps=50)
-    assert aimd.share == MIN_SHARE
-    assert aimd.pause_after(1.0) == pytest.approx((1 - MIN_SHARE) / MIN_SHARE)
+def test_a_step_over_the_budget_halves_the_rate_within_that_step_and_ends_slow_start():
+    control = RateControl(budget_ms=20)
+    feed(control, calm(4))  # 16 MiB/s
+    feed(control, [1, 1, 45, 1, 1])  # one commit over the budget: the step's p99
+    assert control.rate == pytest.approx(8 * MiB)
+    assert control.decreases == 1
+    feed(control, calm(1))  # past slow start: additive growth, a share of the rate at the decrease
+    assert control.rate == pytest.approx(8 * MiB * (1 + INCREASE_SHARE))
 
 
-def test_room_under_the_budget_raises_the_share_additively_up_to_all_the_time():
-    aimd = Aimd(budget_ms=20, share=0.25)
-    feed(aimd, 2, steps=1)
-    assert aimd.share == pytest.approx(0.25 + AIMD_INCREASE)
-    feed(aimd, 2, steps=1)
-    assert aimd.share == pytest.approx(0.25 + 2 * AIMD_INCREASE)
-    feed(aimd, 2, steps=20)
-    assert aimd.share == 1.0
+def test_a_synthetic_probe_series_over_the_budget_brings_the_rate_down_to_what_it_needs():
+    """A probe whose p99 is the budget's twice over as long as the run writes more than 2 MiB/s:
+    the rate settles just under that, halving on each step over and growing back slowly."""
+    control = RateControl(budget_ms=10)
+    rates = []
+    now = 0.0
+    for _ in range(60):
+        p99 = 20.0 if control.rate > 2 * MiB else 3.0
+        now = feed(control, calm(1, p99), start=now)
+        rates.append(control.rate)
+    assert max(rates[-20:]) <= 2 * MiB * (1 + INCREASE_SHARE) ** 2
+    assert min(rates[-20:]) >= MiB * DECREASE
 
 
-def test_a_p99_just_under_the_budget_holds_the_share():
-    aimd = Aimd(budget_ms=20, share=0.5)
-    feed(aimd, 19, steps=3)
-    assert aimd.share == 0.5
+def test_halving_starts_from_the_rate_the_server_really_wrote_not_an_unused_grant():
+    control = RateControl(budget_ms=20, rate=64 * MiB)
+    feed(control, calm(1, 50), used=4 * MiB)
+    assert control.rate == pytest.approx(2 * MiB)
+
+
+def test_the_rate_grows_no_further_than_twice_what_the_run_really_wrote():
+    control = RateControl(budget_ms=20, rate=4 * MiB)
+    feed(control, calm(5), used=3 * MiB)
+    assert control.rate == pytest.approx(6 * MiB)
+
+
+def test_a_requested_checkpoint_counts_as_a_step_over_the_budget():
+    control = RateControl(budget_ms=20, rate=8 * MiB)
+    feed(control, calm(1), checkpoint_requested=True)
+    assert control.rate == pytest.approx(4 * MiB)
+
+
+def test_backends_writing_dirty_pages_themselves_hold_the_rate_where_it_is():
+    control = RateControl(budget_ms=20, rate=8 * MiB)
+    feed(control, calm(2), backends_wrote=True)
+    assert control.rate == pytest.approx(8 * MiB)
+
+
+def test_the_rate_goes_as_low_as_its_floor_and_never_stops_the_run():
+    control = RateControl(budget_ms=0.001)
+    feed(control, calm(40, 5))
+    assert control.rate == MIN_RATE
+    assert control.lowest == MIN_RATE
+
+
+def test_a_p99_just_under_the_budget_holds_the_rate():
+    control = RateControl(budget_ms=20, rate=3 * MiB)
+    feed(control, calm(3, 19))
+    assert control.rate == 3 * MiB
 
 
 def test_a_probe_write_stuck_past_the_budget_decreases_without_waiting_for_it():
-    aimd = Aimd(budget_ms=20)
-    aimd.stalled(waiting_ms=500, now=10.0)
-    assert aimd.share == pytest.approx(AIMD_DECREASE)
-    aimd.stalled(waiting_ms=600, now=10.1)  # the same stall, within one step: no second halving
-    assert aimd.share == pytest.approx(AIMD_DECREASE)
-    aimd.stalled(waiting_ms=1000, now=10.6)
-    assert aimd.share == pytest.approx(AIMD_DECREASE**2)
+    control = RateControl(budget_ms=20)
+    control.stalled(waiting_ms=500, now=10.0)
+    assert control.rate == pytest.approx(INITIAL_RATE * DECREASE)
+    control.stalled(waiting_ms=600, now=10.1)  # the same stall, within one step: no second halving
+    assert control.rate == pytest.approx(INITIAL_RATE * DECREASE)
+    control.stalled(waiting_ms=1000, now=10.6)
+    assert control.rate == pytest.approx(INITIAL_RATE * DECREASE**2)
 
 
-def test_a_worker_at_full_share_never_pauses_and_at_half_pauses_as_long_as_it_worked():
-    assert Aimd(budget_ms=20).pause_after(0.05) == 0.0
-    assert Aimd(budget_ms=20, share=0.5).pause_after(0.05) == pytest.approx(0.05)
+def test_the_series_keeps_a_bounded_number_of_points_over_a_long_run():
+    series = Series()
+    for step in range(SERIES_POINTS * 5):
+        series.add({"t_s": step * 0.5, "rate_bytes_per_s": 1000.0, "p99_ms": float(step % 7),
+                    "wal_bytes_per_s": 900.0, "checkpoints_requested": step // 100, "backend_writes": 0})
+    points = series.all()
+    assert len(points) <= SERIES_POINTS
+    assert points[-1]["t_s"] == (SERIES_POINTS * 5 - 1) * 0.5
+    assert points[-1]["checkpoints_requested"] == (SERIES_POINTS * 5 - 1) // 100
+    assert max(p["p99_ms"] or 0 for p in points) == 6.0  # merged points keep their worst p99
+
+
+def test_a_batch_never_writes_more_wal_than_the_guards_bound():
+    sizer = BatchSizer(initial=400, maximum=10_000, target_s=0.05, target_rows=None)
+    sizer.observe(0.01, 400, wal_bytes=400 * 360, wal_cap=36_000)  # fast: would double, WAL says 100
+    assert sizer.size == 100
+    sizer.observe(0.01, 100, wal_bytes=100 * 360, wal_cap=None)  # no guard: toward the duration
+    assert sizer.size == 200
+
+
+def test_the_dry_run_says_a_budget_under_the_p99_alone_cannot_hold_and_why():
+    verdict = predict_under_budget(5.0, [4.0] * 20 + [6.0], [30.0] * 5, 100 * MiB, 10.0, None)
+    assert verdict.verdict.startswith("cannot hold: the application's commit p99 alone is 6.0 ms")
+    assert verdict.alone_p99_ms == 6.0
+    assert verdict.rate == MIN_RATE
+
+
+def test_the_dry_run_predicts_the_duration_at_the_rate_the_budget_allows():
+    # alone 2 ms, 20 ms beside full speed (50 MiB/s): a 10 ms budget, aimed at 9 ms, allows 7/18 of it
+    verdict = predict_under_budget(10.0, [2.0] * 20, [20.0] * 10, 500 * MiB, 10.0, None)
+    assert verdict.verdict.startswith("holds: WAL at ~19.44 MB/s")
+    assert verdict.rate == pytest.approx(50 * MiB * 7 / 18)
+    assert verdict.seconds == pytest.approx(1.0 + 500 * MiB / verdict.rate + 5 * 0.5 / 2, rel=0.01)
+
+
+def test_the_dry_run_paces_to_the_checkpoint_rate_when_that_is_slower():
+    verdict = predict_under_budget(10.0, [2.0] * 20, [3.0] * 10, 500 * MiB, 10.0, 2 * MiB)
+    assert verdict.rate == 2 * MiB
+    assert "forces no checkpoint" in verdict.verdict
 
 
 def test_percentiles_of_few_samples_are_their_worst():
