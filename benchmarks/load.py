@@ -126,6 +126,8 @@ class Tally:
     corrected: list[float] = field(default_factory=list)
     service: list[float] = field(default_factory=list)
     by_kind: dict[str, list[float]] = field(default_factory=lambda: {kind: [] for kind in KINDS})
+    ended_unix: list[float] = field(default_factory=list)
+    """When each operation ended (wall clock): the runner scores the load over the GC's window."""
     errors: int = 0
 
 
@@ -146,6 +148,7 @@ def _worker(load: Load, slot: int, workers: int, rate: float, started: float, li
             print(f"load: {kind} failed: {str(exc).strip()}", file=sys.stderr)
         ended = time.monotonic()
         tally.corrected.append((ended - due) * 1000)
+        tally.ended_unix.append(time.time())
         tally.service.append((ended - began) * 1000)
         tally.by_kind[kind].append((ended - began) * 1000)
 
@@ -162,6 +165,8 @@ def _summary(tallies: list[Tally], rate: float, elapsed: float) -> dict[str, Any
         "latency_ms": asdict(LatencySummary.of(corrected)),
         "service_ms": asdict(LatencySummary.of([v for t in tallies for v in t.service])),
         "by_kind_service_ms": {k: asdict(LatencySummary.of(v)) for k, v in by_kind.items()},
+        "ops_log": [[round(at, 3), round(ms, 2)] for t in tallies
+                    for at, ms in zip(t.ended_unix, t.corrected, strict=True)],
     }
 
 

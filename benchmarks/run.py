@@ -32,7 +32,8 @@ import psycopg
 
 from benchmarks import dataset, report, space, startup
 from benchmarks.contenders import DEFAULT_CONTENDERS, ContenderSpec, inapplicable, parse_contender
-from benchmarks.metrics import ratio
+from benchmarks.metrics import LatencySummary, ratio
+from benchmarks.pgbench_app import PgbenchProcess
 from benchmarks.server import (
     BenchmarkError,
     HarnessError,
@@ -73,6 +74,8 @@ class Settings:
     markdown: str | None
     reuse_templates: bool
     keep_templates: bool
+    app: str = "load"
+    """The application beside each contender: the runner's own load, or pgbench."""
     seed_per_contender: bool = False
 
     @property
@@ -115,6 +118,9 @@ def parse_args(argv: list[str] | None) -> tuple[Settings, str | None]:
     parser.add_argument("--baseline-seconds", type=float, default=None,
                         help="how long to measure the load without GC (default scales with --rows)")
     parser.add_argument("--load-max-seconds", type=float, default=900.0)
+    parser.add_argument("--app", choices=("load", "pgbench"), default="load",
+                        help="the application beside each contender: benchmarks/load.py, or pgbench"
+                             " (TPC-B-like, rate-limited to --load-rate, its own per-transaction log)")
     parser.add_argument("--scale", type=_ints, default=(),
                         help="extra row counts for the scale curve of the first of --shapes,"
                              " e.g. 1000000,3000000")
@@ -146,6 +152,7 @@ def parse_args(argv: list[str] | None) -> tuple[Settings, str | None]:
         parser.error(f"unknown shape {unknown[0]!r}: choose among {', '.join(dataset.LAYOUTS)}")
     scale_factor = args.rows / 10_000_000
     settings = Settings(
+        app=args.app,
         rows=args.rows,
         shapes=args.shapes,
         contenders=args.contenders,
@@ -220,6 +227,14 @@ class LoadProcess:
         if self.proc.poll() is None:
             self.proc.kill()
             self.proc.wait()
+
+
+def application(dsn: str, settings: Settings, workdir: Path, tag: str,
+                table: str) -> LoadProcess | PgbenchProcess:
+    """The application beside a contender (``--app``)."""
+    if settings.app == "pgbench":
+        return PgbenchProcess(dsn, settings.load_rate, settings.load_max_s, workdir, tag)
+    return LoadProcess(dsn, settings, workdir, tag, table)
 
 
 def run_child(entry: Entry, dsn: str, settings: Settings, workdir: Path, table: str,
@@ -310,12 +325,13 @@ def baseline_load(server: Server, databases: Databases, settings: Settings,
     dsn, _, _ = databases.make()
     template = databases.template
     before = server.wal_snapshot()
-    load = LoadProcess(dsn, settings, workdir, "baseline", template.table)
+    load = application(dsn, settings, workdir, "baseline", template.table)
     try:
         time.sleep(settings.baseline_s)
         summary = load.stop()
     finally:
         load.kill()
+    summary.pop("ops_log", None)
     after = server.wal_snapshot()
     wal = server.wal_bytes(before, after)
     databases.release(reuse=True)
@@ -348,7 +364,7 @@ def measure(server: Server, databases: Databases, entry: Entry, settings: Settin
     print(f"contender {entry.label} on {template.shape} {template.rows:,}", file=sys.stderr)
     dsn, copy_s, conditions = databases.make()
     before = server.wal_snapshot()
-    load = (LoadProcess(dsn, settings, workdir, entry.label, template.table) if settings.load_rate > 0
+    load = (application(dsn, settings, workdir, entry.label, template.table) if settings.load_rate > 0
             else None)
     sampler = WaitSampler(server, COPY_NAME)
     sampler.start()
@@ -362,6 +378,8 @@ def measure(server: Server, databases: Databases, entry: Entry, settings: Settin
         profile = sampler.stop()
         if load:
             load.kill()
+    if load_summary is not None:
+        scored_over_run(load_summary, document)
     time.sleep(0.5)  # backends flush their WAL statistics as they exit
     after = server.wal_snapshot()
     remaining = dataset.remaining_garbage(dsn, template.table, template.layout.predicate)
@@ -394,6 +412,20 @@ def measure(server: Server, databases: Databases, entry: Entry, settings: Settin
     document["wal_bytes_per_row"] = document["wal_bytes_gc"] / deleted if deleted else None
     _print_line(document)
     return document
+
+
+def scored_over_run(load: dict[str, Any], document: dict[str, Any]) -> None:
+    """The load's latency over the contender's run alone (from its start to its end, the
+    dry run before it left out): what the application felt during the GC. The whole load's
+    figures stay as ``latency_ms_whole``; the per-operation log is dropped from the report."""
+    log = load.pop("ops_log", None)
+    began = document.get("started_unix")
+    if not log or began is None:
+        return
+    ended = began + document["elapsed_s"]
+    load["latency_ms_whole"] = load["latency_ms"]
+    load["latency_ms"] = asdict(LatencySummary.of([ms for at, ms in log if began <= at <= ended]))
+    load["scored_over"] = "the contender's run"
 
 
 def measure_once_more(server: Server, databases: Databases, entry: Entry, settings: Settings,

@@ -11,8 +11,9 @@ import pytest
 
 from engine import collect
 from engine.config import GcOptions
-from engine.guard import BEFORE_SAMPLES, PROBE_APPLICATION_NAME
+from engine.guard import BEFORE_SAMPLES, MIN_RATE, PROBE_APPLICATION_NAME
 from engine.result import Progress
+from engine.throttle import FIRST_BATCH_ROWS
 from tests.data import fill, live_ids, surviving_ids
 from tests.polling import wait_until
 from tests.support import run_cli
@@ -116,3 +117,61 @@ def test_a_bad_latency_budget_is_a_one_line_usage_error_that_changes_nothing(con
     assert "Traceback" not in proc.stderr
     assert "invalid latency" in proc.stderr
     assert len(surviving_ids(conn)) == 20
+
+
+def test_the_guards_series_and_the_p99_before_the_run_reach_json_gc_runs_and_status(conn, dsn):
+    fill(conn, [i % 4 != 0 for i in range(2000)])
+    proc = run_cli("gc", "--dsn", dsn, "--max-app-latency", "10s", "--batch-size", "20", "--sleep", "0.02",
+                   "--json")
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(proc.stdout)
+    assert result["app_latency_before_p99_ms"] > 0
+    series = result["guard_series"]
+    assert series, "a run of a few seconds takes several control steps"
+    assert set(series[0]) == {"t_s", "rate_bytes_per_s", "p99_ms", "wal_bytes_per_s",
+                              "checkpoints_requested", "backend_writes"}
+    assert [p["t_s"] for p in series] == sorted(p["t_s"] for p in series)
+    assert all(p["rate_bytes_per_s"] >= MIN_RATE for p in series)
+    stored, before = conn.execute("SELECT guard_series, app_latency_before_p99_ms FROM gc_runs WHERE id = %s",
+                                  (result["run_id"],)).fetchone()
+    assert stored == series and before == pytest.approx(result["app_latency_before_p99_ms"])
+    latest = json.loads(run_cli("status", "--dsn", dsn, "--json").stdout)[0]
+    assert latest["guard_series"] == series
+    assert "before, " in run_cli("status", "--dsn", dsn).stdout
+
+
+def test_a_guarded_run_starts_with_small_batches_bounded_by_its_wal(conn, dsn):
+    """``--batch-size 5000`` alone deletes 5,000 rows a batch; under a guard the first batch takes
+    ``FIRST_BATCH_ROWS`` and the next ones grow only as far as the WAL bound lets them."""
+    fill(conn, [True] * 6000)
+    sizes: list[int] = []
+
+    def batch_rows(progress: Progress) -> None:
+        sizes.append(progress.deleted - sum(sizes))
+
+    result = collect(dsn, GcOptions(max_app_latency_ms=10_000, batch_size=5000), on_progress=batch_rows)
+    assert result.status == "complete" and result.messages_deleted == 6000
+    assert sizes[0] <= FIRST_BATCH_ROWS
+    assert len(sizes) > 2, sizes
+    assert max(sizes[:2]) < 5000
+
+
+def test_a_dry_run_says_a_budget_below_the_applications_p99_alone_cannot_hold(conn, dsn):
+    fill(conn, [True] * 500)
+    proc = run_cli("gc", "--dsn", dsn, "--dry-run", "--max-app-latency", "0.001ms")
+    assert proc.returncode == 0, proc.stderr
+    assert "budget 0.001 ms:" in proc.stdout
+    assert "cannot hold: the application's commit p99 alone is" in proc.stdout
+    assert conn.execute("SELECT count(*) FROM messages").fetchone()[0] == 500  # nothing deleted
+    assert conn.execute("SELECT count(*) FROM gc_probe").fetchone()[0] == 0  # its probe row is gone
+
+
+def test_a_dry_run_with_a_budget_predicts_the_duration_under_it(conn, dsn):
+    fill(conn, [i % 2 == 0 for i in range(4000)])
+    result = collect(dsn, GcOptions(dry_run=True, max_app_latency_ms=10_000))
+    assert result.status == "dry-run"
+    assert result.budget_verdict is not None and result.budget_verdict.startswith("holds: WAL at ~")
+    assert result.app_latency_before_p99_ms is not None and result.app_latency_before_p99_ms > 0
+    assert result.predicted_guarded_seconds is not None
+    assert result.predicted_guarded_seconds >= result.predicted_seconds
+    assert result.predicted_guarded_wal_rate is not None and result.predicted_guarded_wal_rate > 0
