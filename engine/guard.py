@@ -597,14 +597,30 @@ ALONE_S = 1.5
 """How long a dry run times the application's commits alone before its sample batches."""
 
 
+def ramp_seconds(wal_bytes: float, rate: float) -> float:
+    """Seconds to write ``wal_bytes`` from ``INITIAL_RATE`` doubled each control step (slow
+    start) up to ``rate``, then at it."""
+    step_s = STEP_SAMPLES * PROBE_INTERVAL_S
+    elapsed, written, granted = 0.0, 0.0, min(INITIAL_RATE, rate)
+    while written < wal_bytes:
+        if granted >= rate:
+            return elapsed + (wal_bytes - written) / rate
+        span = min(step_s, (wal_bytes - written) / granted)
+        written += granted * span
+        elapsed += span
+        granted = min(rate, granted * SLOW_START_GROWTH)
+    return elapsed
+
+
 def predict_under_budget(budget_ms: float, alone: list[float], during: list[float],
                          wal_bytes: int | None, seconds: float | None,
                          checkpoint_rate: float | None) -> BudgetPrediction:
     """The rate the guard settles at, by a straight line from (0, the p99 alone) through (the
     samples' WAL rate, the p99 beside them) to the middle of the band the controller holds
     (between ``ROOM`` of the budget and the budget), capped by the pace that forces no
-    checkpoint; the duration is the run's WAL at that rate plus the second alone and the slow
-    start. A p99 alone at or above the budget: the budget cannot hold, whatever msggc does."""
+    checkpoint; the duration is the second alone, then the run's WAL written in slow start up
+    to that rate (:func:`ramp_seconds`), or the unguarded prediction if that is longer. A p99
+    alone at or above the budget: the budget cannot hold, whatever msggc does."""
     p_alone, p_full = percentile(alone, 99), percentile(during, 99)
     if p_alone is None:
         return BudgetPrediction("unknown: the probe could not time a commit", None, None, None)
@@ -622,9 +638,7 @@ def predict_under_budget(budget_ms: float, alone: list[float], during: list[floa
     rate = full if p_full is None or p_full <= target else full * (target - p_alone) / (p_full - p_alone)
     paced = checkpoint_rate is not None and checkpoint_rate < rate
     rate = max(MIN_RATE, min(rate, checkpoint_rate) if checkpoint_rate else rate)
-    ramp = 0 if rate <= INITIAL_RATE else math.ceil(math.log2(rate / INITIAL_RATE))
-    ramp_s = ramp * STEP_SAMPLES * PROBE_INTERVAL_S
-    predicted = BEFORE_SAMPLES * PROBE_INTERVAL_S + max(seconds, wal_bytes / rate + ramp_s / 2)
+    predicted = BEFORE_SAMPLES * PROBE_INTERVAL_S + max(seconds, ramp_seconds(wal_bytes, rate))
     why = ("paced so that it forces no checkpoint" if paced
            else f"the probe's p99 {p_full:.1f} ms beside full speed ({full / MiB:.1f} MB/s)"
            if p_full is not None else "no probe beside the samples")

@@ -18,6 +18,7 @@ from engine.guard import (
     Series,
     percentile,
     predict_under_budget,
+    ramp_seconds,
 )
 from engine.sizer import BatchSizer
 
@@ -148,7 +149,15 @@ def test_the_dry_run_predicts_the_duration_at_the_rate_the_budget_allows():
     verdict = predict_under_budget(10.0, [2.0] * 20, [20.0] * 10, 500 * MiB, 10.0, None)
     assert verdict.verdict.startswith("holds: WAL at ~19.44 MB/s")
     assert verdict.rate == pytest.approx(50 * MiB * 7 / 18)
-    assert verdict.seconds == pytest.approx(1.0 + 500 * MiB / verdict.rate + 5 * 0.5 / 2, rel=0.01)
+    # slow start: 0.5 s at each of 1, 2, 4, 8, 16 MiB/s (15.5 MiB), then the rest at the rate
+    assert verdict.seconds == pytest.approx(1.0 + 2.5 + (500 - 15.5) * MiB / verdict.rate)
+
+
+def test_slow_start_writes_little_before_the_rate_is_reached():
+    assert ramp_seconds(0.25 * MiB, 8 * MiB) == pytest.approx(0.25)
+    assert ramp_seconds(3.5 * MiB, 8 * MiB) == pytest.approx(1.5)  # 0.5 + 1 + 2 MiB
+    assert ramp_seconds(3.5 * MiB + 8 * MiB, 8 * MiB) == pytest.approx(2.5)
+    assert ramp_seconds(MiB, 0.5 * MiB) == pytest.approx(2.0)  # a rate under the initial one
 
 
 def test_the_dry_run_paces_to_the_checkpoint_rate_when_that_is_slower():
