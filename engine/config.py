@@ -233,6 +233,25 @@ def parse_latency(text: str) -> float:
     return amount * LATENCY_UNITS.get(unit, 1.0)
 
 
+AUTO_LATENCY: Literal["auto"] = "auto"
+LatencySetting = float | Literal["auto"] | None
+"""A service's latency budget: milliseconds, ``auto`` (measured before each run), None (off)."""
+
+
+def parse_latency_setting(value: object) -> LatencySetting:
+    """``auto``, ``off``, or a latency (``20ms``, ``0.2s``, a number of milliseconds): the
+    service's ``max_app_latency_ms``. Anything else is a one-line usage error."""
+    if isinstance(value, str) and value.strip().lower() in (AUTO_LATENCY, "off"):
+        return AUTO_LATENCY if value.strip().lower() == AUTO_LATENCY else None
+    if isinstance(value, bool) or not isinstance(value, str | int | float):
+        raise UsageError(f"invalid max_app_latency_ms {value!r}: use auto, off, or a latency such as 20ms")
+    try:
+        return parse_latency(str(value).strip())
+    except UsageError:
+        raise UsageError(f"invalid max_app_latency_ms {value!r}: use auto, off, or a latency such as 20ms"
+                         " (more than zero)") from None
+
+
 def parse_workers(text: str) -> int | None:
     """``auto`` (None: the planner decides) or a count from 1 to 16."""
     if text == "auto":

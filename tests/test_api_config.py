@@ -80,6 +80,15 @@ def test_a_single_instance_gets_the_default_budget_and_a_queued_run_keeps_its_op
     ('{"cron": 3}', "cron must be a cron expression string"),
     ('{"every": [1]}', "every must be a duration"),
     ('{"every": "0.2s"}', "at least 1s"),
+    ('{"gc": {"max_app_latency_ms": "fast"}}', "invalid max_app_latency_ms 'fast': use auto, off, or a"),
+    ('{"gc": {"max_app_latency_ms": 0}}', "invalid max_app_latency_ms 0"),
+    ('{"gc": {"max_app_latency_ms": -5}}', "invalid max_app_latency_ms -5"),
+    ('{"gc": {"max_app_latency_ms": true}}', "invalid max_app_latency_ms True"),
+    ('{"gc": {"max_app_latency_ms": "nan"}}', "invalid max_app_latency_ms 'nan'"),
+    ('{"max_connections": 2}', "max_connections must be at least 3"),
+    ('{"max_connections": "many"}', "max_connections must be a whole number"),
+    ('{"max_concurrent_gcs": 0}', "max_concurrent_gcs must be at least 1"),
+    ('{"max_concurrent_gcs": 1.5}', "max_concurrent_gcs must be a whole number"),
 ])
 def test_a_bad_config_file_is_one_usage_error(tmp_path, content, message):
     config = tmp_path / "msggc.json"
@@ -132,3 +141,59 @@ def test_a_schedule_comes_from_the_file_unless_a_flag_sets_one(tmp_path):
     assert load_settings(config=str(config)).schedule == Every(timedelta(hours=1))
     assert load_settings(dsn=URI_1).schedule is None
     assert load_settings(config=str(config), run_worker=False).schedule is None  # left to `msggc worker`
+
+
+@pytest.mark.parametrize(("value", "budget", "auto"), [
+    (None, None, True),  # the service's default
+    ('"auto"', None, True),
+    ('"AUTO"', None, True),
+    ('"off"', None, False),
+    ("20", 20.0, False),
+    ('"15ms"', 15.0, False),
+    ('"0.2s"', 200.0, False),
+])
+def test_the_services_latency_budget_is_auto_by_default_a_number_sets_it_off_removes_it(
+        tmp_path, value, budget, auto, monkeypatch):
+    monkeypatch.delenv("MSGGC_MAX_APP_LATENCY", raising=False)
+    config = tmp_path / "msggc.toml"
+    config.write_text(f'dsn = "{URI_1}"\n' + (f"[gc]\nmax_app_latency_ms = {value}\n" if value else ""))
+    settings = load_settings(config=str(config))
+    assert settings.defaults.max_app_latency_ms == budget
+    assert settings.auto_app_latency is auto
+    assert settings.app_latency == ("auto" if auto else budget)
+
+
+def test_the_environment_sets_the_latency_budget_and_the_connection_bounds_over_the_file(
+        tmp_path, monkeypatch):
+    config = tmp_path / "msggc.toml"
+    config.write_text(f'dsn = "{URI_1}"\nmax_connections = 30\nmax_concurrent_gcs = 2\n'
+                      '[gc]\nmax_app_latency_ms = 20\n')
+    settings = load_settings(config=str(config))
+    assert (settings.max_connections, settings.max_concurrent_gcs, settings.app_latency) == (30, 2, 20.0)
+    monkeypatch.setenv("MSGGC_MAX_APP_LATENCY", "off")
+    monkeypatch.setenv("MSGGC_MAX_CONNECTIONS", "12")
+    monkeypatch.setenv("MSGGC_MAX_CONCURRENT_GCS", "3")
+    settings = load_settings(config=str(config))
+    assert (settings.max_connections, settings.max_concurrent_gcs, settings.app_latency) == (12, 3, None)
+    monkeypatch.setenv("MSGGC_MAX_APP_LATENCY", "soon")
+    with pytest.raises(UsageError, match="invalid max_app_latency_ms 'soon'"):
+        load_settings(config=str(config))
+    monkeypatch.delenv("MSGGC_MAX_APP_LATENCY")
+    monkeypatch.setenv("MSGGC_MAX_CONNECTIONS", "1")
+    with pytest.raises(UsageError, match="max_connections must be at least 3"):
+        load_settings(config=str(config))
+
+
+def test_without_a_setting_the_connection_bounds_are_measured_on_the_server():
+    settings = load_settings(dsn=URI_1)
+    assert (settings.max_connections, settings.max_concurrent_gcs) == (None, None)
+
+
+def test_serve_exits_2_with_one_line_on_a_bad_latency_budget_in_the_environment():
+    result = CliRunner().invoke(main, ["serve", "--dsn", URI_1],
+                                env={"MSGGC_NODES": None, "MSGGC_CONFIG": None, "MSGGC_API_TOKEN": None,
+                                     "MSGGC_MAX_APP_LATENCY": "-3ms"})
+    assert result.exit_code == 2
+    lines = result.output.strip().splitlines()
+    assert lines == ["msggc: error: invalid max_app_latency_ms '-3ms': use auto, off, or a latency such as"
+                     " 20ms (more than zero)"]

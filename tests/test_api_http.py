@@ -128,7 +128,8 @@ def test_a_put_can_archive_throttle_and_vacuum_and_status_shows_the_results(conn
     httpserver.expect_request("/gc", method="POST").respond_with_data("ok")
     fill(conn, [i % 2 == 0 for i in range(400)])
     settings = ServiceSettings(nodes=tuple(nodes.single(dsn)), defaults=GcOptions(),
-                               callback_url=httpserver.url_for("/gc"), poll_s=0.2)
+                               callback_url=httpserver.url_for("/gc"), poll_s=0.2,
+                               auto_app_latency=False)  # no pause of the latency guard's either
     with running_service(settings) as url:
         answer = httpx.put(url + GC_PATH, json={"archive": True, "vacuum": True, "max_wal_rate": 2**30,
                                                 "max_replica_lag": "10s", "pause_for_vacuum": True})

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
 from concurrent.futures import ThreadPoolExecutor
 
 import psycopg
 import pytest
 
-from engine import runs
+from engine import baseline, runs
 from engine.config import GcOptions
 from engine.service import nodes, requests
 from engine.service.settings import ServiceSettings
@@ -98,3 +99,86 @@ def test_a_database_error_on_a_node_is_told_in_the_servers_words_without_its_sta
 
     [result] = requests.on_every_node(settings, task)
     assert result.error == 'database error on wacore1: invalid input syntax for type integer: "x"'
+
+
+LONG_ENOUGH_TO_PROBE = {"max_seconds": 60, "batch_size": 5, "sleep": 0.05}
+"""About 0.7 s for 60 rows: the probe (every 0.1 s) takes samples."""
+
+
+def run_options(dsn: str) -> list[tuple[str, dict, float | None, int | None]]:
+    """Each run's status, recorded options and the probe's p99 and sample count over the run."""
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        query = "SELECT status, options, app_latency_p99_ms, app_probes FROM gc_runs ORDER BY id"
+        return conn.execute(query).fetchall()
+
+
+def run_to_completion(settings: ServiceSettings, dsn: str, callback, overrides: dict | None = None) -> None:
+    requests.request_gc(settings, overrides or {})
+    worker = Worker(settings)
+    worker.start()
+    try:
+        wait_until(lambda: posted_bodies(callback), timeout_s=30)
+    finally:
+        worker.close()
+
+
+def test_an_auto_budget_is_three_times_the_probes_p99_measured_before_the_run_and_is_recorded(conn, dsn,
+                                                                                            callback):
+    """The application's commits are made slow (a trigger sleeps 10 ms in every update of the probe's
+    row), so the p99 measured before the run is known to be over 10 ms and the budget over the
+    floor: it is three times that p99, recorded with the run, and the run's probe worked to it."""
+    fill(conn, [True] * 300 + [False] * 100)
+    conn.execute("CREATE FUNCTION slow_commit() RETURNS trigger LANGUAGE plpgsql AS"
+                 " $$BEGIN PERFORM pg_sleep(0.01); RETURN NEW; END$$")
+    conn.execute("CREATE TRIGGER slow_commit BEFORE UPDATE ON gc_probe"
+                 " FOR EACH ROW EXECUTE FUNCTION slow_commit()")
+    settings = dataclasses.replace(settings_for(dsn, callback), baseline_s=1.0,  # a run of about a second:
+                                   defaults=GcOptions(max_seconds=60, batch_size=20, sleep=0.05))  # probed
+    assert settings.app_latency == "auto"
+    run_to_completion(settings, dsn, callback)
+
+    [(status, options, p99, probes)] = run_options(dsn)
+    measured = options["app_latency_baseline"]
+    assert status == "complete" and options["app_latency_auto"] is True
+    assert measured["samples"] >= 9 and measured["p99_ms"] >= 10.0
+    assert options["max_app_latency_ms"] == measured["budget_ms"]
+    assert measured["budget_ms"] == pytest.approx(3 * measured["p99_ms"], abs=0.01)
+    assert probes > 0 and p99 >= 10.0  # the guard's probe ran during the run, against that budget
+    assert [gc_of(body) for body in posted_bodies(callback)] == [{"messages_deleted": 300,
+                                                                  "status": "complete"}]
+
+
+@pytest.mark.parametrize(("p99_ms", "budget_ms"), [(0.4, baseline.AUTO_FLOOR_MS), (1.2, 5.0),
+                                                  (4.0, 12.0), (15.96, 47.88)])
+def test_an_auto_budget_is_three_times_the_p99_never_under_the_floor(p99_ms, budget_ms):
+    """On an idle server a tiny commit takes well under a millisecond: 3x that would hold a run
+    back for scheduler noise."""
+    found = baseline.Baseline(p99_ms=p99_ms, p50_ms=p99_ms / 2, samples=20, seconds=2.0)
+    assert found.budget_ms == pytest.approx(budget_ms)
+    assert found.describe()["budget_ms"] == found.budget_ms
+
+
+@pytest.mark.parametrize(("budget", "overrides", "recorded"), [
+    (None, {}, None),  # off: full speed, no probe
+    (40.0, {}, 40.0),  # a number from the config
+    (None, {"max_app_latency_ms": 25}, 25.0),  # a number in the PUT, the service being off
+])
+def test_off_or_a_number_takes_no_measurement(conn, dsn, callback, budget, overrides, recorded):
+    fill(conn, [True] * 60)
+    settings = dataclasses.replace(settings_for(dsn, callback), auto_app_latency=False,
+                                   defaults=GcOptions(max_app_latency_ms=budget, **LONG_ENOUGH_TO_PROBE))
+    run_to_completion(settings, dsn, callback, overrides)
+    [(status, options, _p99, probes)] = run_options(dsn)
+    assert status == "complete"
+    assert options["max_app_latency_ms"] == recorded
+    assert "app_latency_baseline" not in options and "app_latency_auto" not in options
+    assert bool(probes) is (recorded is not None)
+
+
+def test_a_number_in_the_put_overrides_the_services_auto_budget(conn, dsn, callback):
+    fill(conn, [True] * 60)
+    settings = dataclasses.replace(settings_for(dsn, callback), defaults=GcOptions(**LONG_ENOUGH_TO_PROBE))
+    run_to_completion(settings, dsn, callback, {"max_app_latency_ms": 25})
+    [(status, options, _p99, probes)] = run_options(dsn)
+    assert (status, options["max_app_latency_ms"], probes > 0) == ("complete", 25, True)
+    assert "app_latency_baseline" not in options

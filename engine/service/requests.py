@@ -1,8 +1,10 @@
 """What the HTTP API asks of each node: queue (or join) a GC, read its status.
 
-Each node is asked in parallel with a short connect timeout, and a node that cannot answer
+Nodes are asked in parallel with a short connect timeout, and a node that cannot answer
 becomes an error entry instead of holding the whole answer back: the seed's multiconnect
-answer reports every node on its own. Nothing here runs a GC; the worker does.
+answer reports every node on its own. Each asks on a connection of its server's pool
+(:mod:`engine.service.slots`), so a PUT to a hundred databases of one server does not open a
+hundred connections at once. Nothing here runs a GC; the worker does.
 """
 
 from __future__ import annotations
@@ -15,13 +17,19 @@ from typing import Any, Generic, TypeVar
 import psycopg
 
 from engine import runs
-from engine.db import connect, helpful_lines, primary_message, require_bookkeeping
+from engine.config import AUTO_LATENCY
+from engine.db import helpful_lines, primary_message, require_bookkeeping
 from engine.errors import DatabaseUnreachable, MsggcError
 from engine.service.nodes import Node, unreachable_details
 from engine.service.settings import ServiceSettings
 from engine.target import resolve as resolve_target
 
 T = TypeVar("T")
+
+AUTO_LATENCY_MARK = "app_latency_auto"
+"""Set on a queued run whose latency budget is ``auto``: its worker measures it before the run."""
+MAX_PARALLEL = 16
+"""Nodes asked at once; each also waits for a connection of its server's pool."""
 
 
 @dataclass(frozen=True)
@@ -59,7 +67,8 @@ def on_every_node(settings: ServiceSettings, task: Callable[[Node], T]) -> list[
 
     if len(settings.nodes) == 1:
         return [guarded(settings.nodes[0])]
-    with ThreadPoolExecutor(max_workers=len(settings.nodes), thread_name_prefix="msggc-node") as pool:
+    with ThreadPoolExecutor(max_workers=min(MAX_PARALLEL, len(settings.nodes)),
+                            thread_name_prefix="msggc-node") as pool:
         return list(pool.map(guarded, settings.nodes))
 
 
@@ -68,11 +77,14 @@ def request_gc(settings: ServiceSettings, overrides: Mapping[str, Any]) -> list[
 
     def start(node: Node) -> Started:
         options = settings.options_for(node, overrides)
-        with connect(node.dsn, timeout_s=settings.connect_timeout_s) as conn:
+        record = options.describe()
+        if options.max_app_latency_ms is None and settings.app_latency == AUTO_LATENCY:
+            record[AUTO_LATENCY_MARK] = True
+        with settings.slots_of(node).connection(node.dsn, settings.connect_timeout_s) as conn:
             require_bookkeeping(conn)
             resolve_target(conn, options.table, with_retention=options.older_than is not None)
             table = options.table.qualified
-            run_id, joined = runs.enqueue_or_join(conn, table, node.name, options.describe())
+            run_id, joined = runs.enqueue_or_join(conn, table, node.name, record)
         return Started(run_id, joined)
 
     return on_every_node(settings, start)
@@ -82,7 +94,7 @@ def read_status(settings: ServiceSettings) -> list[NodeResult[dict[str, Any] | N
     """The newest run of every node (``None`` before the first)."""
 
     def status(node: Node) -> dict[str, Any] | None:
-        with connect(node.dsn, timeout_s=settings.connect_timeout_s) as conn:
+        with settings.slots_of(node).connection(node.dsn, settings.connect_timeout_s) as conn:
             require_bookkeeping(conn)
             return runs.latest(conn, settings.table_name(node), node.name)
 

@@ -14,13 +14,21 @@ Sources, strongest first: a command-line flag (or its environment variable), the
     key = "tenant_id,id"                          # its key columns (default: its primary key)
     processed_column = "handled_at"               # garbage once NOT NULL (default processed_at)
     where = "status = 'read'"                     # a filter the garbage must also pass (SQL)
+    max_connections = 40                          # per database server, all msggc holds there
+                                                  # (default: half the room the server has left)
+    max_concurrent_gcs = 4                        # runs at once per database server (default 4)
     [nodes]                                       # multiconnect; omit for a single instance
     wacore1 = "postgresql://msggc@db1/app"
     [gc]                                          # default options of every run
     max_seconds = 3600
     batch_size = 2000
     sleep = 0.0
-    max_app_latency_ms = 20                       # slow down while a probe's commit p99 exceeds it ("20ms")
+    max_app_latency_ms = "auto"                   # the default: 3x the probe's p99 measured
+                                                  # before each run; 20 (or "20ms") sets it, "off"
+
+The environment sets ``MSGGC_MAX_CONNECTIONS``, ``MSGGC_MAX_CONCURRENT_GCS`` and
+``MSGGC_MAX_APP_LATENCY`` over the file. Runs of the service are gentle by default (``auto``);
+``msggc gc`` on the command line keeps full speed unless given ``--max-app-latency``.
 """
 
 from __future__ import annotations
@@ -28,6 +36,7 @@ from __future__ import annotations
 import dataclasses
 import ipaddress
 import json
+import os
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -35,11 +44,22 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
-from engine.config import GcOptions, TableSpec, parse_duration, parse_latency, parse_size
+from engine.baseline import BASELINE_S
+from engine.config import (
+    AUTO_LATENCY,
+    GcOptions,
+    LatencySetting,
+    TableSpec,
+    parse_duration,
+    parse_latency,
+    parse_latency_setting,
+    parse_size,
+)
 from engine.errors import UsageError
 from engine.service import nodes as nodes_config
 from engine.service.nodes import Node
 from engine.service.notify import LogNotifier, Notifier, WebhookNotifier, check_url
+from engine.service.slots import MIN_CONNECTIONS, ServerSlots, Slots
 from engine.service.triggers import Trigger, trigger_of
 from engine.tools.embedded import resolve_dsn
 
@@ -53,7 +73,11 @@ DURATION_KEYS = ("older_than", "max_replica_lag")
 SIZE_KEYS = ("max_wal_rate",)
 LATENCY_KEYS = ("max_app_latency_ms",)
 FILE_KEYS = ("nodes", "dsn", "table", "key", "processed_column", "where", "callback_url", "webhook_secret",
-             "token", "stale_after_s", "poll_s", "connect_timeout_s", "archive_dir", "every", "cron", "gc")
+             "token", "stale_after_s", "poll_s", "connect_timeout_s", "archive_dir", "every", "cron", "gc",
+             "max_connections", "max_concurrent_gcs")
+ENV_MAX_CONNECTIONS = "MSGGC_MAX_CONNECTIONS"
+ENV_MAX_CONCURRENT_GCS = "MSGGC_MAX_CONCURRENT_GCS"
+ENV_MAX_APP_LATENCY = "MSGGC_MAX_APP_LATENCY"
 
 
 @dataclass(frozen=True)
@@ -74,6 +98,26 @@ class ServiceSettings:
     """Directory of the files a request with ``archive_to_file`` writes, one per run."""
     schedule: Trigger | None = None
     """When ``serve`` and ``worker`` request a GC by themselves, if ever."""
+    auto_app_latency: bool = True
+    """Runs without a latency budget of their own get ``auto``: ``AUTO_FACTOR`` times the probe's
+    p99 measured before the run (:mod:`engine.baseline`). Off with ``max_app_latency_ms = "off"``."""
+    baseline_s: float = BASELINE_S
+    max_connections: int | None = None
+    """All the connections the service holds on one database server; None: half the room left."""
+    max_concurrent_gcs: int | None = None
+    """Runs at once on one database server; None: ``slots.DEFAULT_GCS``."""
+    slots: Slots = field(default_factory=Slots, compare=False, repr=False)
+    """The budgets of the servers, shared by the API and the worker (made on first use)."""
+
+    def slots_of(self, node: Node) -> ServerSlots:
+        return self.slots.of(node, self.max_connections, self.max_concurrent_gcs, self.connect_timeout_s)
+
+    @property
+    def app_latency(self) -> LatencySetting:
+        """The latency budget a run gets unless its request sets one."""
+        if self.defaults.max_app_latency_ms is not None:
+            return self.defaults.max_app_latency_ms
+        return AUTO_LATENCY if self.auto_app_latency else None
 
     def table_of(self, node: Node) -> TableSpec:
         """The node's own table when its entry in the config file names one (described by that
@@ -182,6 +226,11 @@ def load_settings(*, dsn: str | None = None, nodes_spec: str | None = None, conf
     gc = file.get("gc", {})
     if not isinstance(gc, dict):
         raise UsageError("config key 'gc' must be a table of GC options")
+    gc = dict(gc)
+    in_file = gc.pop("max_app_latency_ms", "auto")
+    latency = parse_latency_setting(os.environ.get(ENV_MAX_APP_LATENCY) or in_file)
+    if isinstance(latency, float):
+        gc["max_app_latency_ms"] = latency
     try:
         options = GcOptions(**{"max_seconds": DEFAULT_MAX_SECONDS, **gc_values(gc),
                                "table": TableSpec.parse(pick(table, "table", "messages"), file.get("key"),
@@ -202,7 +251,28 @@ def load_settings(*, dsn: str | None = None, nodes_spec: str | None = None, conf
         run_worker=run_worker,
         archive_dir=_directory(file.get("archive_dir")),
         schedule=_schedule(every, cron, file, run_worker),
+        auto_app_latency=latency == AUTO_LATENCY,
+        max_connections=_count(os.environ.get(ENV_MAX_CONNECTIONS) or file.get("max_connections"),
+                               "max_connections", MIN_CONNECTIONS,
+                               "one for the service's polls, two for a run and its latency probe"),
+        max_concurrent_gcs=_count(os.environ.get(ENV_MAX_CONCURRENT_GCS) or file.get("max_concurrent_gcs"),
+                                  "max_concurrent_gcs", 1, "one run at a time"),
     )
+
+
+def _count(value: Any, name: str, least: int, why: str) -> int | None:
+    """A whole number of at least ``least`` (None, "auto": the service's default)."""
+    if value is None or value == "auto":
+        return None
+    try:
+        number = int(value) if not isinstance(value, bool | float) and str(value).strip().isdigit() else None
+    except ValueError:
+        number = None
+    if number is None:
+        raise UsageError(f"{name} must be a whole number (or auto), not {value!r}")
+    if number < least:
+        raise UsageError(f"{name} must be at least {least} ({why}), not {number}")
+    return number
 
 
 def _nodes(dsn: str | None, spec: str | None, from_file: Any) -> tuple[tuple[Node, ...], bool]:

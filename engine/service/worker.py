@@ -12,7 +12,16 @@ left to that worker.
 Each node has its own threads, so a slow or unreachable node never delays the others: one claims
 and runs its GCs, one delivers its due ``gc_outbox`` notices with exponential backoff until the
 callback server takes them (a callback server that is down loses nothing; a long run does not
-hold back the retries of an earlier run's webhook).
+hold back the retries of an earlier run's webhook). Their connections come from the budget of
+the node's server (:mod:`engine.service.slots`): a node with a queued run waits in line for its
+run's connections (the run stays ``queued`` meanwhile) and claims it only once it has them, so
+a fan-out over the databases of one server never opens more than the server has room for.
+
+A run whose database refuses or drops its connection (full, restarting) is tried again by its
+own worker with backoff, from its checkpoint, not left ``running`` until ``stale_after_s``.
+
+A run without a latency budget of its own gets the service's ``auto`` one, measured before the
+run (:mod:`engine.baseline`) and recorded with it in ``gc_runs.options``.
 
 Stopping the worker (SIGTERM, Ctrl-C) leaves a run in flight exactly as a crash would: its
 batch in flight rolls back, and the next worker resumes it, so the client still gets one
@@ -21,17 +30,23 @@ completion webhook for the GC it asked for.
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import logging
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable
+from contextlib import AbstractContextManager
 from typing import Any
 
 import psycopg
+from psycopg.types.json import Jsonb
 
-from engine import runs
+from engine import baseline, runs
 from engine.collector import collect
-from engine.db import Connection, connect, primary_message, user_fault
+from engine.config import GcOptions
+from engine.db import Connection, primary_message, user_fault
 from engine.errors import DatabaseUnreachable, GcAlreadyRunning, MsggcError
 from engine.finish import close
 from engine.result import GcResult
@@ -39,8 +54,10 @@ from engine.service import outbox
 from engine.service.metrics import Metrics
 from engine.service.nodes import Node
 from engine.service.notice import NoticeFinisher
+from engine.service.requests import AUTO_LATENCY_MARK
 from engine.service.schedule import Schedule
 from engine.service.settings import ServiceSettings
+from engine.service.slots import Granted, auto_workers
 from engine.status import RunStatus
 
 log = logging.getLogger("msggc.worker")
@@ -49,6 +66,24 @@ BUSY_TABLE_RETRY_S = 5.0
 """How long a run waits when another GC holds its table: each attempt plans (samples) the table."""
 DELIVERY_FAULT_LOG_EVERY_S = 60.0
 """A lasting delivery fault is logged once a minute per distinct error, not at every poll."""
+RETRY_FIRST_S = 0.25
+RETRY_MAX_S = 10.0
+"""A run its database refused or dropped is tried again after 0.25 s, doubling up to this (and
+to a third of ``stale_after_s``, so that its heartbeat, refreshed by each try, stays fresh)."""
+
+NEXT_SQL = """
+SELECT options FROM gc_runs WHERE table_name = %(table)s AND node = %(node)s
+  AND (status = 'queued' OR (status = 'running' AND (heartbeat_at IS NULL
+       OR heartbeat_at < now() - make_interval(secs => %(stale)s))))
+ORDER BY id LIMIT 1
+"""
+"""The run :func:`engine.runs.claim` would take next, without taking it: a node waits in line for
+that run's connections before it claims it."""
+STILL_OURS_SQL = """
+UPDATE gc_runs SET heartbeat_at = now() WHERE id = %s AND status = 'running' RETURNING id
+"""
+"""Before a run is tried again: still running (nobody closed it meanwhile), its heartbeat fresh."""
+RECORD_BUDGET_SQL = "UPDATE gc_runs SET options = options || %s WHERE id = %s"
 
 
 class Worker:
@@ -63,6 +98,7 @@ class Worker:
         self._down: dict[str, str] = {}
         self._delivery_faults: dict[str, dict[str, float]] = {node.name: {} for node in settings.nodes}
         self._threads: list[threading.Thread] = []
+        self._nodes_on_server = Counter(node.address for node in settings.nodes)
         self.schedule = Schedule(settings, settings.schedule, self.wake) if settings.schedule else None
 
     def start(self) -> None:
@@ -94,15 +130,16 @@ class Worker:
         deadline = time.monotonic() + timeout_s
         for thread in self._threads:
             thread.join(max(0.0, deadline - time.monotonic()))
+        self.settings.slots.close()
 
     def _pause(self, events: dict[str, threading.Event], node: Node) -> None:
-        events[node.name].wait(self.settings.poll_s)
+        """Until woken, or the next poll: every ``poll_s`` while the server's pool has a connection
+        for each of its nodes' pollers; else spread out, so that a hundred idle nodes do not open
+        and close hundreds of connections a second (a PUT, a schedule, a run's end wake at once)."""
+        pollers = 2 * self._nodes_on_server.get(node.address, 1)
+        light = self.settings.slots_of(node).light
+        events[node.name].wait(self.settings.poll_s * max(1.0, pollers / light))
         events[node.name].clear()
-
-    def _connected(self, node: Node, conn: Connection | None) -> Connection:
-        if conn is not None and not conn.closed:
-            return conn
-        return connect(node.dsn, timeout_s=self.settings.connect_timeout_s)
 
     def _node_state(self, node: Node, problem: Exception | None) -> None:
         """Log a node going down or coming back once, not at every poll."""
@@ -116,55 +153,134 @@ class Worker:
     # -- runs ----------------------------------------------------------------------------
 
     def _node_loop(self, node: Node) -> None:
-        """Claim, run, repeat; between runs, wait for a wake-up (a PUT) or the next poll."""
-        conn: Connection | None = None
+        """Look for a run to claim, wait in line for its connections, run it, repeat; between
+        runs, wait for a wake-up (a PUT) or the next poll."""
         while not self._closing.is_set():
-            claimed = None
             try:
-                conn = self._connected(node, conn)
                 table = self.settings.table_name(node)
-                claimed = runs.claim(conn, table, node.name, self.settings.stale_after_s)
+                with self._connection(node) as conn:
+                    row = conn.execute(NEXT_SQL, {"table": table, "node": node.name,
+                                                  "stale": self.settings.stale_after_s}).fetchone()
                 self._node_state(node, None)
             except (MsggcError, psycopg.Error) as exc:
                 self._node_state(node, exc)
-                _closed(conn)
-                conn = None
-            if claimed is not None and self._execute(node, *claimed):
+                row = None
+            if row is not None and self._claim_and_run(node, table, row[0]):
                 continue
             self._pause(self._wake, node)
-        _closed(conn)
 
-    def _execute(self, node: Node, run_id: int, record: dict[str, Any]) -> bool:
-        """Run a claimed GC; False when it must wait (its table is busy, its node is down)."""
-        log.info("node %s: run %s claimed", node.label, run_id)
+    def _connection(self, node: Node) -> AbstractContextManager[Connection]:
+        """A short-lived connection to the node from its server's pool."""
+        return self.settings.slots_of(node).connection(node.dsn, self.settings.connect_timeout_s)
+
+    def _claim_and_run(self, node: Node, table: str, record: dict[str, Any]) -> bool:
+        """With the connections the next run needs (waiting in line for them), claim and run it;
+        False when it must wait (its table is busy, its node is down)."""
+        slots = self.settings.slots_of(node)
+        with slots.run(self._connections_for(node, record), self._closing) as granted:
+            if granted is None:
+                return False
+            try:
+                with self._connection(node) as conn:
+                    claimed = runs.claim(conn, table, node.name, self.settings.stale_after_s)
+            except (MsggcError, psycopg.Error) as exc:
+                self._node_state(node, exc)
+                return False
+            if claimed is None:  # another worker took it meanwhile
+                return True
+            try:
+                return self._execute(node, granted, *claimed)
+            finally:
+                with contextlib.suppress(MsggcError, psycopg.Error):
+                    slots.await_exits(node.dsn, self.settings.connect_timeout_s)
+
+    def _connections_for(self, node: Node, record: dict[str, Any]) -> int:
+        """The connections a run may open: its workers and, with a latency budget, its probe."""
         try:
             options = self.settings.options_of_run(node, record)
-            result = collect(node.dsn, options, self._finisher(), run_id=run_id,
-                             on_progress=self.metrics.batch_observer(node))
-        except GcAlreadyRunning as exc:
-            log.info("node %s: run %s waits: %s", node.label, run_id, exc)
-            self._release(node, run_id)
-            self._closing.wait(BUSY_TABLE_RETRY_S)
-            return False
-        except (DatabaseUnreachable, psycopg.OperationalError) as exc:
-            log.warning("node %s: run %s interrupted, resumed when the database is back: %s",
-                        node.label, run_id, exc)
-            return False
-        except MsggcError as exc:
-            self._fail(node, run_id, str(exc))
-        except Exception as exc:
-            if (reason := user_fault(exc)) is None:
-                log.exception("node %s: run %s crashed", node.label, run_id)
-                reason = f"internal error: {type(exc).__name__}: {primary_message(exc)}"
-            self._fail(node, run_id, reason)
-        else:
-            _log_result(node, result)
-        self._deliver_now[node.name].set()
-        return True
+        except MsggcError:
+            return 1  # refused when run: it needs only the connection that records its failure
+        return self._workers_bound(node, options) + (1 if self._guarded(options, record) else 0)
+
+    def _workers_bound(self, node: Node, options: GcOptions) -> int:
+        return options.workers or auto_workers(node)
+
+    def _guarded(self, options: GcOptions, record: dict[str, Any]) -> bool:
+        return options.max_app_latency_ms is not None or bool(record.get(AUTO_LATENCY_MARK))
+
+    def _fitted(self, node: Node, options: GcOptions, record: dict[str, Any], granted: Granted) -> GcOptions:
+        """Fewer workers when the run's connections do not fit the server's budget."""
+        room = granted.connections - (1 if self._guarded(options, record) else 0)
+        if self._workers_bound(node, options) <= room:
+            return options
+        log.info("node %s: run with %d worker(s), what the connection budget leaves",
+                 node.label, max(1, room))
+        return dataclasses.replace(options, workers=max(1, room))
+
+    def _execute(self, node: Node, granted: Granted, run_id: int, record: dict[str, Any]) -> bool:
+        """Run a claimed GC, again from its checkpoint with backoff while its database refuses
+        or drops the connection; False when it must wait (its table is busy)."""
+        log.info("node %s: run %s claimed", node.label, run_id)
+        delay = RETRY_FIRST_S
+        while True:
+            try:
+                options = self._fitted(node, self.settings.options_of_run(node, record), record, granted)
+                if options.max_app_latency_ms is None and record.get(AUTO_LATENCY_MARK):
+                    options = self._auto_budget(node, run_id, options)
+                    record = {**record, "max_app_latency_ms": options.max_app_latency_ms}
+                result = collect(node.dsn, options, self._finisher(), run_id=run_id,
+                                 on_progress=self.metrics.batch_observer(node))
+            except GcAlreadyRunning as exc:
+                log.info("node %s: run %s waits: %s", node.label, run_id, exc)
+                self._release(node, run_id)
+                self._closing.wait(BUSY_TABLE_RETRY_S)
+                return False
+            except (DatabaseUnreachable, psycopg.OperationalError) as exc:
+                log.warning("node %s: run %s interrupted, tried again in %.2gs: %s",
+                            node.label, run_id, delay, str(exc).strip())
+                if self._closing.wait(delay):
+                    return False
+                delay = min(delay * 2, RETRY_MAX_S, self.settings.stale_after_s / 3)
+                if not self._still_ours(node, run_id):
+                    return True
+                continue
+            except MsggcError as exc:
+                self._fail(node, run_id, str(exc))
+            except Exception as exc:
+                if (reason := user_fault(exc)) is None:
+                    log.exception("node %s: run %s crashed", node.label, run_id)
+                    reason = f"internal error: {type(exc).__name__}: {primary_message(exc)}"
+                self._fail(node, run_id, reason)
+            else:
+                _log_result(node, result)
+            self._deliver_now[node.name].set()
+            return True
+
+    def _auto_budget(self, node: Node, run_id: int, options: GcOptions) -> GcOptions:
+        """The ``auto`` latency budget: the probe's p99 measured now, times the factor, on the
+        connection the run's probe will use (counted in its reservation); recorded with the run
+        before it starts (a run resumed later keeps it)."""
+        found = baseline.measure(node.dsn, options.table.qualified, node.name, self.settings.baseline_s)
+        with self._connection(node) as conn:
+            conn.execute(RECORD_BUDGET_SQL, (Jsonb({"max_app_latency_ms": found.budget_ms,
+                                                    "app_latency_baseline": found.describe()}), run_id))
+        log.info("node %s: run %s: latency budget auto = %g ms"
+                 " (%gx the probe's p99 of %.2f ms before the run)",
+                 node.label, run_id, found.budget_ms, baseline.AUTO_FACTOR, found.p99_ms)
+        return dataclasses.replace(options, max_app_latency_ms=found.budget_ms)
+
+    def _still_ours(self, node: Node, run_id: int) -> bool:
+        """Whether the run is still running (nobody closed it meanwhile); refreshes its heartbeat.
+        True while the database cannot tell: the next try finds out."""
+        try:
+            with self._connection(node) as conn:
+                return conn.execute(STILL_OURS_SQL, (run_id,)).fetchone() is not None
+        except (MsggcError, psycopg.Error):
+            return True
 
     def _release(self, node: Node, run_id: int) -> None:
         try:
-            with self._connected(node, None) as conn:
+            with self._connection(node) as conn:
                 runs.release(conn, run_id)
         except (MsggcError, psycopg.Error) as exc:
             log.warning("node %s: cannot hand back run %s: %s", node.label, run_id, exc)
@@ -173,7 +289,7 @@ class Worker:
         """A run that could not even start: closed the one way every run is closed."""
         log.error("node %s: run %s failed: %s", node.label, run_id, details)
         try:
-            with self._connected(node, None) as conn:
+            with self._connection(node) as conn:
                 close(conn, run_id, node.name, lambda: (RunStatus.FAILED, details), self._finisher())
         except (MsggcError, psycopg.Error) as exc:
             log.warning("node %s: cannot record the failure of run %s: %s", node.label, run_id, exc)
@@ -185,23 +301,18 @@ class Worker:
 
     def _delivery_loop(self, node: Node) -> None:
         """Every due notice of the node, each poll; the outbox reschedules failures with backoff."""
-        conn: Connection | None = None
         while not self._closing.is_set():
             try:
-                conn = self._connected(node, conn)
-                delivered, pending = outbox.deliver_due(conn, self.settings.webhook)
+                with self._connection(node) as conn:
+                    delivered, pending = outbox.deliver_due(conn, self.settings.webhook)
             except DatabaseUnreachable:
-                _closed(conn)  # the node loop reports the node's state
-                conn = None
+                pass  # the node loop reports the node's state
             except (MsggcError, psycopg.Error) as exc:
-                _closed(conn)
-                conn = None
                 self._delivery_fault(node, exc)
             else:
                 if delivered or pending:
                     log.info("node %s: %d webhook(s) delivered, %d to retry", node.label, delivered, pending)
             self._pause(self._deliver_now, node)
-        _closed(conn)
 
     def _delivery_fault(self, node: Node, problem: Exception) -> None:
         """Log a delivery error once a minute per distinct message: a lasting fault (a missing
@@ -214,11 +325,6 @@ class Worker:
             log.warning("node %s: webhook delivery failed, retrying every %gs: %s",
                         node.label, self.settings.poll_s, message)
         self._delivery_faults[node.name] = logged
-
-
-def _closed(conn: Connection | None) -> None:
-    if conn is not None:
-        conn.close()
 
 
 def _log_result(node: Node, result: GcResult) -> None:
