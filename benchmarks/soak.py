@@ -35,6 +35,7 @@ import sys
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -312,6 +313,27 @@ def slope_per_hour(points: list[tuple[float, float]]) -> float:
     return 0.0 if den == 0 else sum((x - mx) * (y - my) for x, y in zip(xs, ys, strict=True)) / den * 3600
 
 
+def size_figures(tail: list[tuple[float, dict[str, Any]]]) -> dict[str, dict[str, float]]:
+    """First, last, min, max, mean, slope and growth over the window of the table's total size,
+    its heap and its indexes (total - heap: the indexes, TOAST and the free space and visibility
+    maps, the last three a few pages here), in MiB."""
+    figures = {}
+    parts: dict[str, Callable[[dict[str, Any]], int]] = {
+        "total": lambda v: int(v["total_bytes"]), "heap": lambda v: int(v["heap_bytes"]),
+        "indexes": lambda v: int(v["total_bytes"] - v["heap_bytes"])}
+    for part, value in parts.items():
+        points = [(t, value(v) / 2**20) for t, v in tail]
+        values = [y for _, y in points] or [0.0]
+        slope = slope_per_hour(points)
+        growth = slope * ((points[-1][0] - points[0][0]) / 3600 if len(points) > 1 else 0.0)
+        mean = statistics.fmean(values)
+        figures[part] = {"first": round(values[0], 2), "last": round(values[-1], 2),
+                         "min": round(min(values), 2), "max": round(max(values), 2), "mean": round(mean, 2),
+                         "slope_mb_per_h": round(slope, 2), "growth_mb": round(growth, 2),
+                         "growth_fraction": round(growth / mean, 3) if mean else 0.0}
+    return figures
+
+
 def webhook_gc(body: object) -> dict[str, Any]:
     """The ``gc`` object of a completion webhook (the seed's shape)."""
     assert isinstance(body, dict)
@@ -329,10 +351,13 @@ def final_state(node: Node) -> dict[str, Any]:
             "SELECT status, count(*), coalesce(sum(messages_deleted), 0) FROM gc_runs GROUP BY status"
         ).fetchall()
         undelivered = conn.execute("SELECT count(*) FROM gc_outbox WHERE delivered_at IS NULL").fetchone()
+        indexes = conn.execute(
+            "SELECT count(*) FROM pg_index WHERE indrelid = 'messages'::regclass").fetchone()
         errors = [r[0] for r in conn.execute(
             "SELECT DISTINCT error FROM gc_runs WHERE error IS NOT NULL LIMIT 5").fetchall()]
-    assert present and missing and ledger and undelivered
-    return {"present": int(present[0]), "ledger_rows": int(ledger[0]), "ledger_missing": int(missing[0]),
+    assert present and missing and ledger and undelivered and indexes
+    return {"indexes": int(indexes[0]), "present": int(present[0]), "ledger_rows": int(ledger[0]),
+            "ledger_missing": int(missing[0]),
             "runs": {s: {"count": int(c), "deleted": int(d)} for s, c, d in runs},
             "undelivered": int(undelivered[0]), "errors": errors}
 
@@ -417,7 +442,9 @@ class Soak:
         if a.trace:
             cmd = [sys.executable, "-m", "benchmarks.soak_trace", str(out / "tracemalloc.txt"), *cmd[1:]]
         log = (out / "service.log").open("wb")
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=service_env(),
+        env = {**service_env(), "MSGGC_TRACE_WARMUP": str(a.trace_warmup),
+               "MSGGC_TRACE_EVERY": str(a.trace_every)}
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env,
                                 cwd=Path(__file__).resolve().parent.parent)
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
@@ -570,10 +597,8 @@ class Soak:
             series = [(s["t"], s["nodes"][node.name]) for s in self.samples
                       if not s["nodes"][node.name].get("down")]
             tail = [(t, v) for t, v in series if t >= a.minutes * 60 / 3]
-            sizes = [v["total_bytes"] / 2**20 for _, v in tail]
-            size_slope = slope_per_hour([(t, v["total_bytes"] / 2**20) for t, v in tail])
-            window_h = (tail[-1][0] - tail[0][0]) / 3600 if len(tail) > 1 else 0.0
-            size_growth = size_slope * window_h / statistics.fmean(sizes) if sizes else 0.0
+            sizes = size_figures(tail)
+            ledger_in_tail = (tail[-1][1]["ledger"] - tail[0][1]["ledger"]) if len(tail) > 1 else 0
             accounting = node.seeded + node.inserted == final["present"] + deleted
             nodes[node.name] = {
                 "seeded": node.seeded, "inserted": node.inserted, "present": final["present"],
@@ -583,9 +608,7 @@ class Soak:
                 "ledger_missing": final["ledger_missing"],
                 "runs": final["runs"], "webhooks": statuses, "webhook_error_codes": error_codes,
                 "undelivered": final["undelivered"], "errors": final["errors"], "app_errors": node.app_errors,
-                "size_mb": {"min": min(sizes, default=0), "max": max(sizes, default=0),
-                            "first": sizes[0] if sizes else 0, "last": sizes[-1] if sizes else 0},
-                "size_slope_mb_per_h": round(size_slope, 2), "size_growth_fraction": round(size_growth, 3),
+                "size_mb": sizes, "ledger_in_last_two_thirds": ledger_in_tail,
                 "webhook_times": [t for t, _ in gcs],
             }
             checks[f"{node.name}: exact accounting"] = accounting
@@ -595,7 +618,14 @@ class Soak:
             checks[f"{node.name}: every ledger row present"] = final["ledger_missing"] == 0 \
                 and final["ledger_rows"] == node.ledger
             checks[f"{node.name}: no failed run"] = "failed" not in final["runs"] or node.server is not None
-            checks[f"{node.name}: table size flat (last 2/3)"] = abs(size_growth) <= a.size_tolerance
+            checks[f"{node.name}: table (heap) size flat (last 2/3)"] = (
+                abs(sizes["heap"]["growth_fraction"]) <= a.size_tolerance)
+            # A row taken back outlives its neighbours and keeps its leaf page of each index alive
+            # (a B-tree deletes empty pages only, never merges): indexes may grow by about a page
+            # per index and ledger row, not with the traffic.
+            pinned_mb = ledger_in_tail * final["indexes"] * 1.5 * 8192 / 2**20
+            checks[f"{node.name}: index growth within the ledger's pinned pages (last 2/3)"] = (
+                sizes["indexes"]["growth_mb"] <= pinned_mb + a.size_tolerance * sizes["indexes"]["mean"])
             checks[f"{node.name}: at least a run per minute"] = statuses.get("complete", 0) >= a.minutes
             if node.server is not None:
                 self.outage_checks(node, gcs, checks)
@@ -603,6 +633,10 @@ class Soak:
         rss_tail = [p for p in rss if p[0] >= a.minutes * 60 / 3]
         rss_slope = slope_per_hour(rss_tail)
         checks["service RSS flat (last 2/3)"] = rss_slope <= a.rss_slope_max
+        traced = self.traced()
+        if a.trace:
+            checks["service Python heap flat after warm-up (tracemalloc)"] = (
+                len(traced) >= 3 and slope_per_hour(traced) <= a.traced_slope_max)
         return {
             "date": datetime.now(UTC).isoformat(timespec="seconds"), "commit": git_commit(),
             "config": {k: v for k, v in vars(a).items()}, "events": self.events,
@@ -611,8 +645,17 @@ class Soak:
                        "slope_mb_per_h_last_two_thirds": round(rss_slope, 2),
                        "slope_mb_per_h_first_third": round(slope_per_hour(
                            [p for p in rss if p[0] < a.minutes * 60 / 3]), 2)},
+            "traced_mb": {"points": traced, "slope_mb_per_h": round(slope_per_hour(traced), 2)}
+            if a.trace else None,
             "nodes": nodes, "checks": checks, "ok": all(checks.values()), "samples": self.samples,
         }
+
+    def traced(self) -> list[tuple[float, float]]:
+        """The service's traced Python heap after its warm-up (``--trace``), in MiB."""
+        path = self.out / "tracemalloc.jsonl"
+        if not path.exists():
+            return []
+        return [(p["t"], p["traced_mb"]) for p in map(json.loads, path.read_text().splitlines())]
 
     def outage_checks(self, node: Node, gcs: list[tuple[float, dict[str, Any]]],
                       checks: dict[str, bool]) -> None:
@@ -663,23 +706,24 @@ def markdown(r: dict[str, Any]) -> str:
     lines = [f"Soak of {r['date']} (commit {r['commit']}): {c['minutes']} min, {c['nodes']} node(s), "
              f"{c['rate']} messages/s per node processed {c['process_after']} s later, one taken back every "
              f"{c['ledger_every']} s, `msggc serve --every {c['every']}`.", "",
-             "| node | seeded | inserted | present | deleted (webhooks) | runs | webhooks | ledger | "
-             "size MB first/last of last 2/3 (min-max) | size slope MB/h |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "| node | seeded | inserted | present | deleted (webhooks) | runs | webhooks | ledger "
+             "| heap MB, last 2/3: first -> last (slope MB/h) | indexes MB, same | total MB, same |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for name, n in r["nodes"].items():
         runs = ", ".join(f"{k} {v['count']}" for k, v in n["runs"].items())
         hooks = ", ".join(f"{k} {v}" for k, v in n["webhooks"].items())
-        s = n["size_mb"]
+        sizes = " | ".join(f"{z['first']:.1f} -> {z['last']:.1f} ({z['slope_mb_per_h']:+.1f})"
+                           for z in (n["size_mb"][k] for k in ("heap", "indexes", "total")))
         lines.append(f"| {name} | {n['seeded']:,} | {n['inserted']:,} | {n['present']:,} "
                      f"| {n['deleted_webhooks']:,} | {runs} | {hooks} "
-                     f"| {n['ledger']} ({n['ledger_missing']} missing) "
-                     f"| {s['first']:.1f}/{s['last']:.1f} ({s['min']:.1f}-{s['max']:.1f}) "
-                     f"| {n['size_slope_mb_per_h']} |")
+                     f"| {n['ledger']} ({n['ledger_missing']} missing) | {sizes} |")
     m = r["rss_mb"]
     lines += ["", f"Service RSS: {m['first']:.1f} MB at the start, {m['last']:.1f} MB at the end "
               f"(max {m['max']:.1f}); "
               f"slope {m['slope_mb_per_h_first_third']} MB/h over the first third, "
-              f"{m['slope_mb_per_h_last_two_thirds']} MB/h over the last two thirds.", "",
+              f"{m['slope_mb_per_h_last_two_thirds']} MB/h over the last two thirds."
+              + (f" Traced Python heap after warm-up (tracemalloc): {r['traced_mb']['slope_mb_per_h']} MB/h."
+                 if r.get("traced_mb") else ""), "",
               "| check | |", "|---|---|"]
     lines += [f"| {k} | {'ok' if v else '**FAILED**'} |" for k, v in r["checks"].items()]
     heads = " | ".join(f"{n} MB / rows / garbage / dead" for n in r["nodes"])
@@ -722,6 +766,10 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--out", default="benchmarks/results/soak")
     p.add_argument("--trace", action="store_true",
                    help="tracemalloc snapshots of the service (benchmarks/soak_trace.py)")
+    p.add_argument("--trace-warmup", type=float, default=120.0, help="seconds before the baseline snapshot")
+    p.add_argument("--trace-every", type=float, default=60.0, help="seconds between two snapshots")
+    p.add_argument("--traced-slope-max", type=float, default=5.0,
+                   help="MB/h of the service's traced Python heap after its warm-up (--trace)")
     p.add_argument("--keep", action="store_true", help="keep the databases and servers afterwards")
     args = p.parse_args(argv)
     if args.rate is None:
@@ -730,6 +778,8 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # nohup'd in the background SIGINT is ignored: SIGTERM must still stop the service and servers
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     result = Soak(parse(argv)).run()
     print(markdown(result))
     return 0 if result["ok"] else 1

@@ -5,12 +5,15 @@ tracemalloc tells which Python allocations grow between two moments: a snapshot 
 has warmed up (``MSGGC_TRACE_WARMUP`` seconds, default 120) is the baseline, and every
 ``MSGGC_TRACE_EVERY`` seconds (default 60) the report gets the traced total and the allocation
 sites that grew most since the baseline. Lines that keep growing at every step are a leak; sizes
-that stop growing were warm-up. Kept out of the service itself: tracing costs CPU and memory, and
-this way the service's code stays as it runs in production.
+that stop growing were warm-up. The traced total at each step also goes, one JSON line each, to
+REPORT with the suffix ``.jsonl`` (the soak's check of the Python heap). Kept out of the service
+itself: tracing costs CPU and memory, and this way the service's code stays as it runs in
+production.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 import threading
@@ -22,23 +25,34 @@ FRAMES = 6
 TOP = 25
 
 
+def snapshot() -> tracemalloc.Snapshot:
+    """The service's allocations, without the watcher's own (its snapshots and their diffs)."""
+    return tracemalloc.take_snapshot().filter_traces(
+        [tracemalloc.Filter(False, tracemalloc.__file__), tracemalloc.Filter(False, __file__)])
+
+
+def traced_mb(snap: tracemalloc.Snapshot) -> float:
+    return sum(stat.size for stat in snap.statistics("filename")) / 2**20
+
+
 def watch(report: Path, warmup_s: float, every_s: float) -> None:
     """Baseline after the warm-up, then a diff to it every ``every_s`` seconds, appended to ``report``."""
     start = time.monotonic()
+    series = report.with_suffix(".jsonl")
     time.sleep(warmup_s)
-    base = tracemalloc.take_snapshot()
+    base = snapshot()
     with report.open("a") as out:
-        traced = tracemalloc.get_traced_memory()[0] / 2**20
-        out.write(f"baseline at {time.monotonic() - start:.0f} s: traced {traced:.2f} MB\n")
+        out.write(f"baseline at {time.monotonic() - start:.0f} s: traced {traced_mb(base):.2f} MB\n")
     while True:
         time.sleep(every_s)
-        snap = tracemalloc.take_snapshot()
-        current, peak = tracemalloc.get_traced_memory()
+        snap = snapshot()
+        point = {"t": round(time.monotonic() - start, 1), "traced_mb": traced_mb(snap)}
+        with series.open("a") as out:
+            out.write(json.dumps(point) + "\n")
         stats = snap.compare_to(base, "traceback")
         with report.open("a") as out:
-            out.write(f"\n=== {time.monotonic() - start:.0f} s: traced {current / 2**20:.2f} MB"
-                      f" (peak {peak / 2**20:.2f}), {sum(s.size_diff for s in stats) / 2**10:+.1f} KiB"
-                      " since baseline\n")
+            out.write(f"\n=== {point['t']:.0f} s: traced {point['traced_mb']:.2f} MB,"
+                      f" {sum(s.size_diff for s in stats) / 2**10:+.1f} KiB since baseline\n")
             for stat in stats[:TOP]:
                 if stat.size_diff <= 0:
                     break
@@ -46,6 +60,7 @@ def watch(report: Path, warmup_s: float, every_s: float) -> None:
                           f"now {stat.size / 2**10:9.1f} KiB\n")
                 for line in stat.traceback.format(most_recent_first=True)[: FRAMES * 2]:
                     out.write(f"      {line}\n")
+        del snap, stats  # before the next snapshot: never traced as the service's
 
 
 def main() -> None:
