@@ -17,8 +17,8 @@ commits alone: the application's p99 without the run, reported beside the p99 du
 
 Beside the probe, once per step the probe reads the server's requested checkpoints and the
 buffers written by backends themselves (dirty pages evicted by a client, not the background
-writer or the checkpointer: the application's own commits and reads doing the run's writing): a
-requested checkpoint counts as a step over the budget, and backend writes hold growth. Each
+writer or the checkpointer: the application's own commits and reads doing the run's writing):
+either holds the rate's growth. Each
 step is a point of the run's time series (rate granted, probe p99, WAL rate, checkpoints).
 """
 
@@ -64,6 +64,9 @@ USED_HEADROOM = 2.0
 a grant far above what the run can use would take many halvings to bite when the p99 rises."""
 ROOM = 0.8
 """The rate goes up only while the step's p99 is under this share of the budget."""
+FUTILE_STEPS = 3
+FUTILE_GAIN = 0.9
+"""A halving that left the p99 at 90% or more of the step before's did not help."""
 LIVE_WINDOW = 600
 """Samples behind the live p50/p99 written to ``gc_probe`` with every beat (about a minute)."""
 SERIES_POINTS = 240
@@ -139,7 +142,12 @@ class RateControl:
     last_step_at: float | None = None
     decreases: int = 0
     increases: int = 0
+    futile: int = 0
+    """Steps over the budget that did not decrease, halving having not helped (see :meth:`step`)."""
     lowest: float = INITIAL_RATE
+    _previous_p99: float | None = None
+    """The p99 of the last step over the budget, while they follow one another."""
+    _in_vain: int = 0
 
     def observe(self, latency_ms: float) -> bool:
         """One probe sample; True once ``STEP_SAMPLES`` of them are due for a step."""
@@ -149,15 +157,32 @@ class RateControl:
     def step(self, now: float, used: float | None = None, checkpoint_requested: bool = False,
              backends_wrote: bool = False) -> float:
         """Judge the step's samples; ``used`` is the WAL rate the server wrote over the step. A
-        requested checkpoint counts as a step over the budget (its writes are coming), backends
-        writing dirty pages themselves hold the rate where it is. Returns the step's p99."""
+        requested checkpoint or backends writing dirty pages themselves hold the rate where it
+        is (not a decrease: a CREATE DATABASE requests a checkpoint too, and the probe's p99
+        says whether the application felt it). Returns the step's p99.
+
+        Halving that does not help stops: after ``FUTILE_STEPS`` halvings in a row that left the
+        p99 as high (the rate 8x lower, the application as slow), the latency is not the run's
+        doing (another load, a lock), and going slower would only keep the run from completing;
+        the rate holds until a step comes under the budget (``futile`` counts those steps)."""
         p99 = percentile(self.pending, 99) or 0.0
-        if p99 > self.budget_ms or checkpoint_requested:
-            self._decrease(now, used)
-        elif p99 <= self.budget_ms * ROOM and not backends_wrote:
-            self._increase(now, used)
+        if p99 > self.budget_ms:
+            if self._previous_p99 is not None and p99 >= self._previous_p99 * FUTILE_GAIN:
+                self._in_vain += 1
+            else:
+                self._in_vain = 0
+            self._previous_p99 = p99
+            if self._in_vain >= FUTILE_STEPS:
+                self.futile += 1
+                self._stepped(now)
+            else:
+                self._decrease(now, used)
         else:
-            self._stepped(now)
+            self._previous_p99, self._in_vain = None, 0
+            if p99 <= self.budget_ms * ROOM and not backends_wrote and not checkpoint_requested:
+                self._increase(now, used)
+            else:
+                self._stepped(now)
         return p99
 
     def stalled(self, waiting_ms: float, now: float) -> None:
@@ -387,6 +412,7 @@ class Probe:
                     "held_back_s": self.held_back_s,
                     "rate_share_min": self.min_share,
                     "rate_decreases": self.control.decreases,
+                    "guard_futile_steps": self.control.futile,
                     "guard_rate_min_bytes_per_s": round(self.control.lowest),
                     "checkpoints_requested": self._checkpoints(),
                     "backend_writes": writes,

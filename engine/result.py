@@ -67,6 +67,9 @@ class GcResult:
     app_latency_before_p99_ms: float | None = None
     """The probe's p99 before the workers started (a dry run: while nothing of msggc's ran):
     what the application's commits felt without the run."""
+    guard_futile_steps: int = 0
+    """Control steps over the budget in which the guard did not slow down, three halvings in a
+    row having left the probe's p99 as high: the latency was not the run's doing."""
     guard_rate_min_bytes_per_s: int | None = None
     """The lowest WAL rate the guard granted (bytes per second)."""
     checkpoints_requested: int | None = None

@@ -20,13 +20,14 @@ from tests.support import run_cli
 
 PROBE_BLOCKED_SQL = """
 SELECT count(*) FROM pg_stat_activity
-WHERE application_name = %s AND wait_event_type = 'Lock'
+WHERE application_name = %s AND wait_event_type = 'Lock' AND datname = current_database()
   AND clock_timestamp() - query_start > interval '100 milliseconds'
 """
 
 
 def probe_backends(conn: psycopg.Connection[Any]) -> int:
-    return conn.execute("SELECT count(*) FROM pg_stat_activity WHERE application_name = %s",
+    return conn.execute("SELECT count(*) FROM pg_stat_activity WHERE application_name = %s"
+                        " AND datname = current_database()",  # other tests' runs may probe too
                         (PROBE_APPLICATION_NAME,)).fetchone()[0]
 
 

@@ -82,10 +82,31 @@ def test_the_rate_grows_no_further_than_twice_what_the_run_really_wrote():
     assert control.rate == pytest.approx(6 * MiB)
 
 
-def test_a_requested_checkpoint_counts_as_a_step_over_the_budget():
+def test_a_requested_checkpoint_holds_the_rate_where_it_is():
     control = RateControl(budget_ms=20, rate=8 * MiB)
-    feed(control, calm(1), checkpoint_requested=True)
-    assert control.rate == pytest.approx(4 * MiB)
+    feed(control, calm(2), checkpoint_requested=True)
+    assert control.rate == pytest.approx(8 * MiB)
+
+
+def test_halving_that_leaves_the_p99_as_high_stops_after_three_steps():
+    """Another load (not the run) keeps the probe at 60 ms: three halvings, then the rate holds
+    so the run still completes; once a step comes under the budget the controller is back."""
+    control = RateControl(budget_ms=20, rate=8 * MiB)
+    feed(control, calm(10, 60))
+    assert control.rate == pytest.approx(8 * MiB * DECREASE**3)
+    assert control.futile == 7
+    feed(control, calm(1, 2))
+    assert control.rate > 8 * MiB * DECREASE**3
+    feed(control, calm(1, 60))  # over the budget again: halving is tried again
+    assert control.decreases == 4
+
+
+def test_halving_goes_on_while_it_lowers_the_p99():
+    control = RateControl(budget_ms=20, rate=8 * MiB)
+    now = 0.0
+    for p99 in (200, 150, 100, 70, 50, 30):
+        now = feed(control, calm(1, p99), start=now)
+    assert control.decreases == 6 and control.futile == 0
 
 
 def test_backends_writing_dirty_pages_themselves_hold_the_rate_where_it_is():
@@ -96,7 +117,9 @@ def test_backends_writing_dirty_pages_themselves_hold_the_rate_where_it_is():
 
 def test_the_rate_goes_as_low_as_its_floor_and_never_stops_the_run():
     control = RateControl(budget_ms=0.001)
-    feed(control, calm(40, 5))
+    now = 0.0
+    for step in range(40):  # each halving helps a little, never enough
+        now = feed(control, calm(1, 1000 * 0.8**step), start=now)
     assert control.rate == MIN_RATE
     assert control.lowest == MIN_RATE
 
