@@ -12,12 +12,15 @@ its ledger only once its INSERT committed: the ledger is the truth the tests hol
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import gzip
 import io
 import os
 import signal
 import subprocess
+import threading
+import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, timedelta
@@ -324,16 +327,22 @@ def waits_for(conn: Conn, pid: int) -> bool:
         " AND application_name = 'msggc' AND %s = ANY (pg_blocking_pids(pid)))", (pid,)).fetchone()[0]
 
 
-def blocked_holding_a_leaf(conn: Conn) -> bool:
-    """A msggc session holds ACCESS EXCLUSIVE on a leaf (taken to detach, check or drop it) and
-    waits for a lock: the point between a leaf's detach and its drop's commit."""
-    return conn.execute(
-        "SELECT EXISTS (SELECT 1 FROM pg_stat_activity a JOIN pg_locks l ON l.pid = a.pid"
+def leaf_held(conn: Conn) -> str | None:
+    """The leaf a msggc session holds in ACCESS EXCLUSIVE mode (taken to detach, check or drop
+    it) while it waits for a lock, if any."""
+    row = conn.execute(
+        "SELECT c.relname FROM pg_stat_activity a JOIN pg_locks l ON l.pid = a.pid"
         " JOIN pg_class c ON c.oid = l.relation"
         " WHERE a.datname = current_database() AND a.application_name = 'msggc'"
         " AND a.wait_event_type = 'Lock'"
-        " AND l.granted AND l.mode = 'AccessExclusiveLock' AND (c.relname ~ %s OR c.relname = %s))",
-        (LEAF_PATTERN, DEFAULT_LEAF)).fetchone()[0]
+        " AND l.granted AND l.mode = 'AccessExclusiveLock' AND (c.relname ~ %s OR c.relname = %s)"
+        " LIMIT 1", (LEAF_PATTERN, DEFAULT_LEAF)).fetchone()
+    return row[0] if row else None
+
+
+def is_detached(conn: Conn, leaf: str) -> bool:
+    """The table exists and is no partition of ``pm`` (its detach committed)."""
+    return leaf in detached_leaves(conn)
 
 
 def end_backends(conn: Conn) -> None:
@@ -354,13 +363,24 @@ def spawn_gc(dsn: str, *flags: str) -> subprocess.Popen[str]:
     return spawn_cli("gc", "--dsn", dsn, "--table", "public.pm", "--json", *flags)
 
 
+KillPoint = str
+"""Where :func:`kill_between_detach_and_drop` killed the run: ``between`` (the detach committed,
+the drop did not), ``inside`` (within the transaction that detaches: an engine that detaches and
+drops in one transaction has no ``between``), or ``ended`` (the run ended before any detach)."""
+
+
 def kill_between_detach_and_drop(conn: Conn, dsn: str, reader: Conn, proc: subprocess.Popen[str],
-                                 timeout_s: float = 30) -> bool:
-    """``kill -9`` of ``proc`` after a leaf's detach and before its drop commits. ``reader`` holds
-    an open transaction that has read ``pm``, so the detach waits for it; then every later write
-    to ``gc_runs`` is held (a row lock on the runs) and the reader ends: the detach completes,
-    and msggc, holding the leaf, waits to record what it did; it is killed there. False when
-    the run ended before any detach."""
+                                 timeout_s: float = 30) -> KillPoint:
+    """``kill -9`` of ``proc`` after a leaf's detach committed and before its drop did.
+
+    ``reader`` holds an open transaction that has read ``pm``, so the detach waits for it. Then
+    the test holds every write to ``gc_runs`` (a row lock on the running run) and ends the
+    reader: msggc takes the leaf and, holding it, waits to record what it does. If its detach
+    has committed already (an engine that detaches, then drops and records in a second
+    transaction), it is killed there. Else (the detach and its record in one transaction) a
+    session of the test queues for the leaf behind msggc and the runs are released: the detach
+    commits, the test's session gets the leaf before msggc's drop can, and msggc, the leaf
+    detached, waits to drop it; it is killed there."""
     reader_pid = reader.info.backend_pid
     try:
         wait_until(lambda: waits_for(conn, reader_pid) or proc.poll() is not None, timeout_s,
@@ -370,19 +390,54 @@ def kill_between_detach_and_drop(conn: Conn, dsn: str, reader: Conn, proc: subpr
         raise
     if proc.poll() is not None:
         reader.rollback()
-        return False
+        return "ended"
     holder = psycopg.connect(dsn)
+    queued = psycopg.connect(dsn)
+    queuing: threading.Thread | None = None
     try:
         holder.execute("SELECT 1 FROM gc_runs WHERE status = 'running' FOR UPDATE")
         reader.rollback()
-        reached = wait_until(lambda: blocked_holding_a_leaf(conn) or proc.poll() is not None, timeout_s,
-                             "msggc to hold a detached leaf and wait to record it")
-        sigkill(proc)
-        end_backends(conn)
-        return bool(reached)
+        wait_until(lambda: leaf_held(conn) or proc.poll() is not None, timeout_s,
+                   "msggc to hold a leaf and wait to record it")
+        leaf = leaf_held(conn)
+        if leaf is None:
+            return "ended"
+        if is_detached(conn, leaf):
+            return _killed(conn, proc, "between")
+        queued_pid = queued.info.backend_pid
+
+        def queue_for_the_leaf() -> None:
+            with contextlib.suppress(psycopg.Error):  # the leaf may be dropped meanwhile
+                queued.execute(sql.SQL("LOCK TABLE {} IN ACCESS SHARE MODE").format(sql.Identifier(leaf)))
+
+        queuing = threading.Thread(target=queue_for_the_leaf)
+        queuing.start()
+        wait_until(lambda: conn.execute("SELECT cardinality(pg_blocking_pids(%s)) > 0",
+                                        (queued_pid,)).fetchone()[0] or not queuing.is_alive(),
+                   timeout_s, "the test's session to queue for the leaf")
+        holder.rollback()
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline and proc.poll() is None:
+            if waits_for(conn, queued_pid) and is_detached(conn, leaf):
+                return _killed(conn, proc, "between")
+            if conn.execute("SELECT to_regclass(%s) IS NULL", (leaf,)).fetchone()[0]:
+                break  # dropped in the detach's own transaction: there is no between
+            time.sleep(0.01)
+        return _killed(conn, proc, "inside") if proc.poll() is None else "ended"
     finally:
+        sigkill(proc)
         holder.rollback()
         holder.close()
+        if queuing is not None:
+            queuing.join(timeout_s)
+        queued.rollback()
+        queued.close()
+
+
+def _killed(conn: Conn, proc: subprocess.Popen[str], point: KillPoint) -> KillPoint:
+    sigkill(proc)
+    end_backends(conn)
+    return point
 
 
 def kill_while_detach_pending(conn: Conn, proc: subprocess.Popen[str], timeout_s: float = 30) -> bool:

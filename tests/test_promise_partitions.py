@@ -472,7 +472,9 @@ class PartitionPromise(RuleBasedStateMachine):
                 return True
         assert reader is not None
         if point == "drop":
-            return kill_between_detach_and_drop(self.conn, self.dsn, reader, proc)
+            where = kill_between_detach_and_drop(self.conn, self.dsn, reader, proc)
+            event(f"kill -9 at drop: {where}")
+            return where != "ended"
         pid = reader.info.backend_pid
         wait_until(lambda: waits_for(self.conn, pid) or proc.poll() is not None, 60,
                    "a detach to wait for the open transaction")
