@@ -176,3 +176,22 @@ def test_a_dry_run_with_a_budget_predicts_the_duration_under_it(conn, dsn):
     assert result.predicted_guarded_seconds is not None
     assert result.predicted_guarded_seconds >= result.predicted_seconds
     assert result.predicted_guarded_wal_rate is not None and result.predicted_guarded_wal_rate > 0
+
+
+def test_the_api_and_metrics_show_the_guards_series_rate_and_p99_before(conn, dsn):
+    from engine import runs
+    from engine.service import nodes
+    from engine.service.api_models import LatestRun
+    from engine.service.metrics import Metrics
+    from engine.service.settings import ServiceSettings
+
+    fill(conn, [True] * 1500)
+    result = collect(dsn, GcOptions(max_app_latency_ms=10_000, batch_size=20, sleep=0.02))
+    answer = LatestRun.model_validate(runs.latest(conn, "messages", "")).model_dump(mode="json")
+    assert answer["guard_series"] == result.guard_series and answer["guard_series"]
+    assert answer["app_latency_before_p99_ms"] == pytest.approx(result.app_latency_before_p99_ms)
+    settings = ServiceSettings(nodes=nodes.single(dsn), defaults=GcOptions(), callback_url=None)
+    scraped = Metrics(settings).render().decode()
+    assert 'msggc_guard_wal_bytes_per_second{kind="granted",node="postgresql"}' in scraped
+    assert 'msggc_guard_checkpoints_requested{node="postgresql"}' in scraped
+    assert 'msggc_app_latency_before_ms{node="postgresql"}' in scraped
