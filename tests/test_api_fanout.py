@@ -66,16 +66,17 @@ def msggc_connections(server_dsn: str, databases: list[str]) -> Iterator[list[in
 def test_twelve_nodes_on_one_server_complete_within_a_connection_cap_each_webhook_once(make_dsn, server_dsn,
                                                                                       callback):
     """7 connections for 12 nodes: one for the polls, deliveries and the PUT, six for runs of three
-    (two workers as ``auto`` may pick here, and the latency probe): two runs at a time, the others
-    queued; every node completes, its webhook arrives once, msggc never holds more than 7."""
+    (two workers and the latency probe): two runs at a time, the others
+    queued in the nodes' order; every node completes, its webhook arrives once, msggc never holds
+    more than 7."""
     dsns = [make_dsn() for _ in range(12)]
     for dsn in dsns:
         with psycopg.connect(dsn, autocommit=True) as conn:
             fill(conn, [i % 4 != 0 for i in range(2000)])
     node_set = nodes.build_nodes({f"wacore{i}": dsn for i, dsn in enumerate(dsns)})
-    settings = ServiceSettings(nodes=node_set, multiconnect=True, defaults=GcOptions(max_seconds=120),
-                               callback_url=callback.url_for("/gc"), poll_s=0.2, baseline_s=0.3,
-                               max_connections=7)
+    settings = ServiceSettings(nodes=node_set, multiconnect=True, callback_url=callback.url_for("/gc"),
+                               defaults=GcOptions(max_seconds=120, workers=2),  # 3 connections with the probe
+                               poll_s=0.2, baseline_s=0.3, max_connections=7)
     assert light_share(7) == 1
     with msggc_connections(server_dsn, [database_of(dsn) for dsn in dsns]) as samples, \
             running_service(settings) as url:
@@ -83,6 +84,7 @@ def test_twelve_nodes_on_one_server_complete_within_a_connection_cap_each_webhoo
         wait_until(lambda: len(posted_bodies(callback)) >= 12, timeout_s=120, what="12 webhooks")
         time.sleep(1.0)  # a second webhook of a node would arrive by now
         peak_runs = settings.slots_of(node_set[0]).peak_gcs
+        started = [place for _requested, place in settings.slots_of(node_set[0]).started_order]
 
     assert answer.status_code == 200
     assert gc_of(answer.json()) == {node.name: {"status": "processing"} for node in node_set}
@@ -93,6 +95,8 @@ def test_twelve_nodes_on_one_server_complete_within_a_connection_cap_each_webhoo
         assert [(run["status"], run["messages_deleted"]) for run in runs_of(dsn)] == [("complete", 1500)]
     assert samples and max(samples) <= 7, f"msggc held {max(samples)} connections"
     assert peak_runs == 2  # the cap, not the number of nodes, set how many ran at once
+    assert sorted(started) == list(range(12))
+    assert started[2:] == sorted(started[2:])  # the first two start as they come; the others queue in order
 
 
 def test_the_runs_at_once_are_bounded_apart_from_the_connections(make_dsn, server_dsn, callback):

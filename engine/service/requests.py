@@ -9,6 +9,7 @@ hundred connections at once. Nothing here runs a GC; the worker does.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -28,6 +29,10 @@ T = TypeVar("T")
 
 AUTO_LATENCY_MARK = "app_latency_auto"
 """Set on a queued run whose latency budget is ``auto``: its worker measures it before the run."""
+REQUESTED_MARK = "requested_epoch"
+"""When the request (a PUT, a scheduled time) was made, the same on every node: runs wait for
+their connections in the order they were requested, a request's nodes in the configuration's
+order."""
 MAX_PARALLEL = 16
 """Nodes asked at once; each also waits for a connection of its server's pool."""
 
@@ -74,10 +79,11 @@ def on_every_node(settings: ServiceSettings, task: Callable[[Node], T]) -> list[
 
 def request_gc(settings: ServiceSettings, overrides: Mapping[str, Any]) -> list[NodeResult[Started]]:
     """Queue a run on every node, or join the one already queued or running there."""
+    requested = time.time()
 
     def start(node: Node) -> Started:
         options = settings.options_for(node, overrides)
-        record = options.describe()
+        record = {**options.describe(), REQUESTED_MARK: requested}
         if options.max_app_latency_ms is None and settings.app_latency == AUTO_LATENCY:
             record[AUTO_LATENCY_MARK] = True
         with settings.slots_of(node).connection(node.dsn, settings.connect_timeout_s) as conn:

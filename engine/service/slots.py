@@ -22,6 +22,7 @@ at once: the application, not msggc, may hold the slots for a moment.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import logging
 import os
 import select
@@ -30,6 +31,7 @@ import time
 from collections import OrderedDict, deque
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import psycopg
 
@@ -150,8 +152,11 @@ class ServerSlots:
         self._gc_used = 0
         self._gcs_running = 0
         self._waiting: deque[object] = deque()
-        self._gc_waiting: deque[object] = deque()
+        self._gc_waiting: list[tuple[Any, object]] = []
         self.peak_gcs = 0
+        self.started_order: list[Any] = []
+        """The ``order`` of each run given its connections, in turn (what the tests check)."""
+        self._arrivals = itertools.count()
         self._set(connections, gcs)
 
     def _set(self, connections: int, gcs: int) -> None:
@@ -260,19 +265,22 @@ class ServerSlots:
     # -- runs ----------------------------------------------------------------------------
 
     @contextlib.contextmanager
-    def run(self, wanted: int, closing: threading.Event) -> Iterator[Granted | None]:
-        """Wait in line for a run's connections (at most the runs' share); None when closing."""
+    def run(self, wanted: int, closing: threading.Event, order: Any = 0) -> Iterator[Granted | None]:
+        """Wait in line for a run's connections (at most the runs' share); None when closing.
+        The line is ordered by ``order`` (when the run was requested, then the node's place in
+        the configuration), then by arrival."""
         turn = object()
-        wanted = max(1, min(wanted, self.gc_connections))
+        place = (order, next(self._arrivals))
         with self._cond:
-            self._gc_waiting.append(turn)
+            self._gc_waiting.append((place, turn))
             try:
                 while not (closing.is_set() or (
-                        self._gc_waiting[0] is turn and self._gcs_running < self.gcs
+                        min(self._gc_waiting, key=lambda waiting: waiting[0])[1] is turn
+                        and self._gcs_running < self.gcs
                         and self._gc_used + min(wanted, self.gc_connections) <= self.gc_connections)):
                     self._cond.wait(0.5)
             finally:
-                self._gc_waiting.remove(turn)
+                self._gc_waiting.remove((place, turn))
                 self._cond.notify_all()
             if closing.is_set():
                 granted = None
@@ -281,6 +289,7 @@ class ServerSlots:
                 self._gc_used += wanted
                 self._gcs_running += 1
                 self.peak_gcs = max(self.peak_gcs, self._gcs_running)
+                self.started_order.append(order)
                 granted = Granted(wanted)
         try:
             yield granted

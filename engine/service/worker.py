@@ -38,6 +38,7 @@ import time
 from collections import Counter
 from collections.abc import Callable
 from contextlib import AbstractContextManager
+from datetime import datetime
 from typing import Any
 
 import psycopg
@@ -54,7 +55,7 @@ from engine.service import outbox
 from engine.service.metrics import Metrics
 from engine.service.nodes import Node
 from engine.service.notice import NoticeFinisher
-from engine.service.requests import AUTO_LATENCY_MARK
+from engine.service.requests import AUTO_LATENCY_MARK, REQUESTED_MARK
 from engine.service.schedule import Schedule
 from engine.service.settings import ServiceSettings
 from engine.service.slots import Granted, auto_workers
@@ -72,7 +73,7 @@ RETRY_MAX_S = 10.0
 to a third of ``stale_after_s``, so that its heartbeat, refreshed by each try, stays fresh)."""
 
 NEXT_SQL = """
-SELECT options FROM gc_runs WHERE table_name = %(table)s AND node = %(node)s
+SELECT options, requested_at FROM gc_runs WHERE table_name = %(table)s AND node = %(node)s
   AND (status = 'queued' OR (status = 'running' AND (heartbeat_at IS NULL
        OR heartbeat_at < now() - make_interval(secs => %(stale)s))))
 ORDER BY id LIMIT 1
@@ -99,6 +100,7 @@ class Worker:
         self._delivery_faults: dict[str, dict[str, float]] = {node.name: {} for node in settings.nodes}
         self._threads: list[threading.Thread] = []
         self._nodes_on_server = Counter(node.address for node in settings.nodes)
+        self._place = {node.name: place for place, node in enumerate(settings.nodes)}
         self.schedule = Schedule(settings, settings.schedule, self.wake) if settings.schedule else None
 
     def start(self) -> None:
@@ -165,19 +167,27 @@ class Worker:
             except (MsggcError, psycopg.Error) as exc:
                 self._node_state(node, exc)
                 row = None
-            if row is not None and self._claim_and_run(node, table, row[0]):
+            if row is not None and self._claim_and_run(node, table, row[0], self._order(node, *row)):
                 continue
             self._pause(self._wake, node)
+
+    def _order(self, node: Node, record: dict[str, Any], requested_at: datetime) -> tuple[float, int]:
+        """A run's place in its server's line: when it was requested (by the request's clock,
+        the same on every node), then its node's place in the configuration."""
+        requested = record.get(REQUESTED_MARK)
+        when = float(requested) if isinstance(requested, int | float) else requested_at.timestamp()
+        return when, self._place[node.name]
 
     def _connection(self, node: Node) -> AbstractContextManager[Connection]:
         """A short-lived connection to the node from its server's pool."""
         return self.settings.slots_of(node).connection(node.dsn, self.settings.connect_timeout_s)
 
-    def _claim_and_run(self, node: Node, table: str, record: dict[str, Any]) -> bool:
-        """With the connections the next run needs (waiting in line for them), claim and run it;
-        False when it must wait (its table is busy, its node is down)."""
+    def _claim_and_run(self, node: Node, table: str, record: dict[str, Any], order: Any) -> bool:
+        """With the connections the next run needs (waiting in line for them, in the order the
+        runs were requested, then of the nodes), claim and run it; False when it must wait (its
+        table is busy, its node is down)."""
         slots = self.settings.slots_of(node)
-        with slots.run(self._connections_for(node, record), self._closing) as granted:
+        with slots.run(self._connections_for(node, record), self._closing, order) as granted:
             if granted is None:
                 return False
             try:
