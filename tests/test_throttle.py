@@ -285,3 +285,41 @@ def test_replica_lag_holds_the_run_while_standby_replay_is_paused_and_resumes_on
         # The standby reports its position as soon as it caught up, but replay_lag stays stale
         # until its next status reply (10s): the run must go on long before that.
         assert went_on_s < 5.0
+
+
+# -- the latency guard's pace: no forced checkpoint ------------------------------------------
+
+
+def guarded_throttle(dsn: str, rows_left: int) -> Any:
+    """A guarded run's throttle (its probe not started), told that ``rows_left`` rows remain."""
+    from engine.guard import ProbeSite
+    from engine.throttle import Limits, Throttle
+
+    throttle = Throttle(Limits(max_app_latency_ms=50), 0, ProbeSite(dsn, 1, "messages", ""))
+    throttle._remaining_rows = rows_left  # as ``start`` would set it, without starting the probe
+    return throttle
+
+
+def test_the_guard_paces_a_run_whose_wal_would_force_a_checkpoint_and_not_one_that_fits(conn, dsn):
+    """The pace comes from the server's own settings and last checkpoint: a run whose rest
+    (rows left x WAL per row so far) exceeds the WAL before the next requested checkpoint is
+    held to the headroom over the time to the timed one; a run that fits is not paced."""
+    max_wal, completion, timeout = conn.execute(
+        "SELECT pg_size_bytes(current_setting('max_wal_size')),"
+        " current_setting('checkpoint_completion_target')::float8,"
+        " extract(epoch FROM current_setting('checkpoint_timeout')::interval)::float8").fetchone()
+    between = max_wal / (1 + completion)
+    huge = guarded_throttle(dsn, rows_left=10**9)
+    huge._rows, huge._own_wal = 1000, 300_000  # 300 B a row so far: 300 GB to come
+    pace = huge.checkpoint_pace(conn)
+    assert pace is not None
+    assert 0 < pace <= max(between / 1.0, between / timeout)
+    assert huge.guard_rate(conn) == (min(pace, huge.probe.rate()), "checkpoint_pace"
+                                     if pace < huge.probe.rate() else "app_latency")
+    small = guarded_throttle(dsn, rows_left=2000)
+    small._rows, small._own_wal = 1000, 300_000  # 300 kB to come: fits the headroom...
+    used = conn.execute("SELECT pg_current_wal_insert_lsn() - redo_lsn FROM pg_control_checkpoint()"
+                        ).fetchone()[0]
+    past_due = used > between - 2**20  # ...unless other sessions already wrote it all (a shared server)
+    assert small.checkpoint_pace(conn) is None or past_due
+    assert guarded_throttle(dsn, rows_left=10**9).checkpoint_pace(conn) is None  # no row yet
