@@ -27,6 +27,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import statistics
 import threading
 import time
 from collections import Counter, deque
@@ -66,7 +67,7 @@ ROOM = 0.8
 """The rate goes up only while the step's p99 is under this share of the budget."""
 FUTILE_STEPS = 3
 FUTILE_GAIN = 0.9
-"""A halving that left the p99 at 90% or more of the step before's did not help."""
+"""Halvings whose steps' median p99 stays at 90% or more of the first step's did not help."""
 LIVE_WINDOW = 600
 """Samples behind the live p50/p99 written to ``gc_probe`` with every beat (about a minute)."""
 SERIES_POINTS = 240
@@ -145,9 +146,8 @@ class RateControl:
     futile: int = 0
     """Steps over the budget that did not decrease, halving having not helped (see :meth:`step`)."""
     lowest: float = INITIAL_RATE
-    _previous_p99: float | None = None
-    """The p99 of the last step over the budget, while they follow one another."""
-    _in_vain: int = 0
+    _streak: list[float] = field(default_factory=list)
+    """The p99 of each step over the budget since the last step well under it."""
 
     def observe(self, latency_ms: float) -> bool:
         """One probe sample; True once ``STEP_SAMPLES`` of them are due for a step."""
@@ -161,28 +161,28 @@ class RateControl:
         is (not a decrease: a CREATE DATABASE requests a checkpoint too, and the probe's p99
         says whether the application felt it). Returns the step's p99.
 
-        Halving that does not help stops: after ``FUTILE_STEPS`` halvings in a row that left the
-        p99 as high (the rate 8x lower, the application as slow), the latency is not the run's
-        doing (another load, a lock), and going slower would only keep the run from completing;
-        the rate holds until a step comes under the budget (``futile`` counts those steps)."""
+        Halving that does not help stops: once ``FUTILE_STEPS`` halvings since the p99 first
+        passed the budget have left the median of the last steps' p99 as high as it was then
+        (the rate 8x lower, the application as slow), the latency is not the run's doing
+        (another load, a lock, a busy CPU), and going slower would only keep the run from
+        completing; the rate holds until a step comes well under the budget (``futile`` counts
+        the steps held). The median, and the first step for reference, because one step's p99
+        is the worst of five commits: noise on a busy host must not read as progress."""
         p99 = percentile(self.pending, 99) or 0.0
         if p99 > self.budget_ms:
-            if self._previous_p99 is not None and p99 >= self._previous_p99 * FUTILE_GAIN:
-                self._in_vain += 1
-            else:
-                self._in_vain = 0
-            self._previous_p99 = p99
-            if self._in_vain >= FUTILE_STEPS:
+            self._streak.append(p99)
+            recent = self._streak[-FUTILE_STEPS:]
+            if (len(self._streak) > FUTILE_STEPS
+                    and statistics.median(recent) >= self._streak[0] * FUTILE_GAIN):
                 self.futile += 1
                 self._stepped(now)
             else:
                 self._decrease(now, used)
+        elif p99 <= self.budget_ms * ROOM and not backends_wrote and not checkpoint_requested:
+            self._streak.clear()
+            self._increase(now, used)
         else:
-            self._previous_p99, self._in_vain = None, 0
-            if p99 <= self.budget_ms * ROOM and not backends_wrote and not checkpoint_requested:
-                self._increase(now, used)
-            else:
-                self._stepped(now)
+            self._stepped(now)
         return p99
 
     def stalled(self, waiting_ms: float, now: float) -> None:
