@@ -49,6 +49,9 @@ latency budget is measured against the others."""
 FALLBACK_CONNECTIONS = 10
 """While the server cannot be asked (down at start), the service holds no more than this."""
 REMEASURE_S = 30.0
+LIGHT_WAIT_S = 30.0
+"""Short work waits this long at most for a connection of the pool (deliveries to a slow
+callback server may hold them all): then its node answers 1014, and a poll tries again."""
 REFUSED_WINDOW_S = 10.0
 """A refused connection is retried this long (doubling waits from 50 ms up to 1 s)."""
 
@@ -197,11 +200,15 @@ class ServerSlots:
         with self._cond:
             self._waiting.append(turn)
             try:
-                self._cond.wait_for(lambda: self._waiting[0] is turn and (
-                    self._light_open < self.light or bool(self._idle)))
+                free = self._cond.wait_for(lambda: self._waiting[0] is turn and (
+                    self._light_open < self.light or bool(self._idle)), LIGHT_WAIT_S)
             finally:
                 self._waiting.remove(turn)
                 self._cond.notify_all()
+            if not free:
+                raise DatabaseUnreachable(f"no connection to {self.address} free in msggc's pool after"
+                                          f" {LIGHT_WAIT_S:g}s ({self.light} for polls, deliveries,"
+                                          " requests)")
             for key, (idle_dsn, idle) in self._idle.items():
                 if idle_dsn == dsn:
                     del self._idle[key]

@@ -58,7 +58,7 @@ from engine.service.notice import NoticeFinisher
 from engine.service.requests import AUTO_LATENCY_MARK, REQUESTED_MARK
 from engine.service.schedule import Schedule
 from engine.service.settings import ServiceSettings
-from engine.service.slots import Granted, auto_workers
+from engine.service.slots import Granted, auto_workers, refused
 from engine.status import RunStatus
 
 log = logging.getLogger("msggc.worker")
@@ -231,7 +231,7 @@ class Worker:
         """Run a claimed GC, again from its checkpoint with backoff while its database refuses
         or drops the connection; False when it must wait (its table is busy)."""
         log.info("node %s: run %s claimed", node.label, run_id)
-        delay = RETRY_FIRST_S
+        delay, gone_since = RETRY_FIRST_S, None
         while True:
             try:
                 options = self._fitted(node, self.settings.options_of_run(node, record), record, granted)
@@ -246,6 +246,11 @@ class Worker:
                 self._closing.wait(BUSY_TABLE_RETRY_S)
                 return False
             except (DatabaseUnreachable, psycopg.OperationalError) as exc:
+                gone_since = gone_since if gone_since is not None or refused(exc) else time.monotonic()
+                if gone_since is not None and time.monotonic() - gone_since > self.settings.stale_after_s:
+                    log.warning("node %s: run %s interrupted, resumed when the database is back: %s",
+                                node.label, run_id, str(exc).strip())
+                    return False  # its connections go to the other nodes meanwhile
                 log.warning("node %s: run %s interrupted, tried again in %.2gs: %s",
                             node.label, run_id, delay, str(exc).strip())
                 if self._closing.wait(delay):
