@@ -328,15 +328,16 @@ def waits_for(conn: Conn, pid: int) -> bool:
 
 
 def leaf_held(conn: Conn) -> str | None:
-    """The leaf a msggc session holds in ACCESS EXCLUSIVE mode (taken to detach, check or drop
-    it) while it waits for a lock, if any."""
+    """The leaf of a day a msggc session holds in ACCESS EXCLUSIVE mode (taken to detach, check
+    or drop it) while it waits for a lock, if any. Not the default partition: a detach locks it
+    too (its constraint changes), and it is never dropped."""
     row = conn.execute(
         "SELECT c.relname FROM pg_stat_activity a JOIN pg_locks l ON l.pid = a.pid"
         " JOIN pg_class c ON c.oid = l.relation"
         " WHERE a.datname = current_database() AND a.application_name = 'msggc'"
         " AND a.wait_event_type = 'Lock'"
-        " AND l.granted AND l.mode = 'AccessExclusiveLock' AND (c.relname ~ %s OR c.relname = %s)"
-        " LIMIT 1", (LEAF_PATTERN, DEFAULT_LEAF)).fetchone()
+        " AND l.granted AND l.mode = 'AccessExclusiveLock' AND c.relname ~ %s"
+        " LIMIT 1", (LEAF_PATTERN,)).fetchone()
     return row[0] if row else None
 
 
