@@ -163,3 +163,14 @@ def test_a_run_refused_for_too_many_connections_is_tried_again_at_once_not_after
     assert [gc_of(body) for body in posted_bodies(callback)] == [{"messages_deleted": 50,
                                                                   "status": "complete"}]
     assert waited < 10, f"the run went on {waited:.1f}s after the connections were free"
+
+
+def test_without_a_setting_the_service_takes_half_the_room_the_server_has_left(dsn):
+    settings = ServiceSettings(nodes=nodes.single(dsn), run_worker=False)
+    slots = settings.slots_of(settings.nodes[0])
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        total, superuser = (int(conn.execute(f"SHOW {name}").fetchone()[0])
+                            for name in ("max_connections", "superuser_reserved_connections"))
+    assert slots.measured and 3 <= slots.connections <= (total - superuser) // 2
+    assert slots.light == light_share(slots.connections) and slots.gcs == 4
+    assert settings.slots_of(settings.nodes[0]) is slots  # measured once per server
