@@ -439,11 +439,12 @@ class Soak:
             config = out / "soak-nodes.json"
             config.write_text(json.dumps({"nodes": {n.name: n.dsn for n in self.nodes}}, indent=1))
             cmd += ["--config", str(config)]
-        if a.trace:
+        if a.trace or a.malloc_stats:
             cmd = [sys.executable, "-m", "benchmarks.soak_trace", str(out / "tracemalloc.txt"), *cmd[1:]]
         log = (out / "service.log").open("wb")
         env = {**service_env(), "MSGGC_TRACE_WARMUP": str(a.trace_warmup),
-               "MSGGC_TRACE_EVERY": str(a.trace_every)}
+               "MSGGC_TRACE_EVERY": str(a.trace_every), "MSGGC_TRACE_PYTHON": "1" if a.trace else "0",
+               "MSGGC_TRACE_SHARED_HTTPX": "1" if a.shared_httpx else "0"}
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env,
                                 cwd=Path(__file__).resolve().parent.parent)
         deadline = time.monotonic() + 60
@@ -766,6 +767,10 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--out", default="benchmarks/results/soak")
     p.add_argument("--trace", action="store_true",
                    help="tracemalloc snapshots of the service (benchmarks/soak_trace.py)")
+    p.add_argument("--malloc-stats", action="store_true",
+                   help="glibc's bytes in use and free in the service (mallinfo2), without tracemalloc")
+    p.add_argument("--shared-httpx", action="store_true",
+                   help="experiment: httpx.post through one client in the service (with --malloc-stats)")
     p.add_argument("--trace-warmup", type=float, default=120.0, help="seconds before the baseline snapshot")
     p.add_argument("--trace-every", type=float, default=60.0, help="seconds between two snapshots")
     p.add_argument("--traced-slope-max", type=float, default=5.0,

@@ -13,6 +13,7 @@ production.
 
 from __future__ import annotations
 
+import ctypes
 import json
 import os
 import sys
@@ -63,12 +64,49 @@ def watch(report: Path, warmup_s: float, every_s: float) -> None:
         del snap, stats  # before the next snapshot: never traced as the service's
 
 
+class MallInfo2(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_size_t) for name in (
+        "arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks",
+        "keepcost")]
+
+
+def watch_malloc(report: Path, every_s: float) -> None:
+    """glibc's own count (mallinfo2, all arenas): bytes in use and bytes free but kept. What
+    tracemalloc cannot see: C libraries' allocations (libpq, OpenSSL) and the arenas' holes.
+    In use that grows is a leak in C; free that grows while in use stays is fragmentation."""
+    libc = ctypes.CDLL("libc.so.6")
+    libc.mallinfo2.restype = MallInfo2
+    start = time.monotonic()
+    while True:
+        info = libc.mallinfo2()
+        point = {"t": round(time.monotonic() - start, 1), "in_use_mb": info.uordblks / 2**20,
+                 "free_mb": info.fordblks / 2**20, "mmapped_mb": info.hblkhd / 2**20,
+                 "arena_mb": info.arena / 2**20}
+        with report.open("a") as out:
+            out.write(json.dumps(point) + "\n")
+        time.sleep(every_s)
+
+
+def shared_httpx() -> None:
+    """The experiment of ``MSGGC_TRACE_SHARED_HTTPX=1``: ``httpx.post`` through one client for the
+    process, instead of a new client (and a new TLS context, CA bundle loaded) per call."""
+    import httpx
+
+    client = httpx.Client()
+    httpx.post = client.post  # type: ignore[assignment]
+
+
 def main() -> None:
     report = Path(sys.argv[1])
-    tracemalloc.start(FRAMES)
-    threading.Thread(target=watch, name="tracemalloc", daemon=True,
-                     args=(report, float(os.environ.get("MSGGC_TRACE_WARMUP", "120")),
-                           float(os.environ.get("MSGGC_TRACE_EVERY", "60")))).start()
+    every = float(os.environ.get("MSGGC_TRACE_EVERY", "60"))
+    if os.environ.get("MSGGC_TRACE_PYTHON", "1") == "1":
+        tracemalloc.start(FRAMES)
+        threading.Thread(target=watch, name="tracemalloc", daemon=True,
+                         args=(report, float(os.environ.get("MSGGC_TRACE_WARMUP", "120")), every)).start()
+    threading.Thread(target=watch_malloc, name="mallinfo", daemon=True,
+                     args=(report.with_suffix(".malloc.jsonl"), every)).start()
+    if os.environ.get("MSGGC_TRACE_SHARED_HTTPX") == "1":
+        shared_httpx()
     from engine.cli import main as msggc
 
     sys.argv = ["msggc", *sys.argv[2:]]
