@@ -8,13 +8,17 @@ is told directly after the run.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import hmac
 import json
 import sys
-from typing import Any, Protocol, TextIO
+from typing import TYPE_CHECKING, Any, Protocol, TextIO
 
 from engine.errors import DeliveryFailed, UsageError
+
+if TYPE_CHECKING:
+    import httpx
 
 SIGNATURE_HEADER = "X-Msggc-Signature"
 DELIVERY_HEADER = "X-Msggc-Delivery"
@@ -86,6 +90,17 @@ def check_url(url: str) -> str:
     return url
 
 
+@functools.cache
+def _http_client() -> httpx.Client:
+    """One client for the process. Why: ``httpx.post`` builds a client, with a TLS context that
+    loads the CA bundle, at every call; in ``msggc serve`` those OpenSSL allocations left glibc's
+    arenas growing by about 15 MB an hour, a webhook every 20 s (the soak, BENCHMARKS.md). No
+    keep-alive: each POST opens its own connection, as before."""
+    import httpx
+
+    return httpx.Client(limits=httpx.Limits(max_keepalive_connections=0))
+
+
 class WebhookNotifier:
     """POSTs the body to the callback URL; any answer but 2xx is a failed attempt."""
 
@@ -106,8 +121,8 @@ class WebhookNotifier:
         if signature:
             headers[SIGNATURE_HEADER] = signature
         try:
-            answer = httpx.post(self.target, content=body, headers=headers,
-                                timeout=self.timeout_s, follow_redirects=False)
+            answer = _http_client().post(self.target, content=body, headers=headers,
+                                         timeout=self.timeout_s, follow_redirects=False)
         except httpx.HTTPError as exc:
             raise DeliveryFailed(
                 f"POST {display_url(self.target)} failed: {exc or type(exc).__name__}") from None
