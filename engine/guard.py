@@ -59,7 +59,9 @@ MAX_RATE = 4096.0 * MiB
 DECREASE = 0.5
 SLOW_START_GROWTH = 2.0
 INCREASE_SHARE = 0.125
-"""Past slow start, a calm step adds this share of the rate at the last decrease."""
+"""Past slow start, a calm step adds this share of the rate (at least of the rate at the last
+decrease): a share of the last decrease's rate alone took 240 s to climb back from 20 kB/s to
+2 MiB/s after a burst of another load's spikes had halved it seven times (3M dense, busy host)."""
 USED_HEADROOM = 2.0
 """The rate grows to at most this many times the WAL rate the server really wrote in the step:
 a grant far above what the run can use would take many halvings to bite when the p99 rises."""
@@ -202,7 +204,7 @@ class RateControl:
 
     def _increase(self, now: float, used: float | None) -> None:
         grown = (self.rate * SLOW_START_GROWTH if self.threshold is None
-                 else self.rate + self.threshold * INCREASE_SHARE)
+                 else self.rate + max(self.rate, self.threshold) * INCREASE_SHARE)
         cap = max(self.rate, used * USED_HEADROOM) if used else MAX_RATE
         new = min(MAX_RATE, grown, cap)
         if new > self.rate:

@@ -229,3 +229,13 @@ def test_the_api_refuses_a_latency_budget_that_is_not_a_positive_number_of_ms(va
     with pytest.raises(ValidationError):
         GcRequest(max_app_latency_ms=value)
     assert GcRequest(max_app_latency_ms=20).overrides() == {"max_app_latency_ms": 20}
+
+
+def test_past_slow_start_the_rate_climbs_back_by_a_share_of_itself_each_calm_step():
+    control = RateControl(budget_ms=20, rate=8 * MiB)
+    now = 0.0
+    for p99 in (200, 150, 100, 70, 50, 30):  # six halvings that each helped: 128 kB/s
+        now = feed(control, calm(1, p99), start=now)
+    assert control.rate == pytest.approx(8 * MiB * DECREASE**6)
+    feed(control, calm(40), start=now, used=64 * MiB)
+    assert control.rate == pytest.approx(8 * MiB * DECREASE**6 * (1 + INCREASE_SHARE) ** 40)
