@@ -74,6 +74,14 @@ def assert_promise(conn: Conn, ledger: Ledger, complete: bool) -> None:
         f" (not attached: {not_attached(conn)})")
 
 
+def assert_status_shows_the_detached_leaf(dsn: str, conn: Conn) -> None:
+    """``msggc status`` names every leaf a killed run left detached (the issue's rule)."""
+    status = run_cli("status", "--dsn", dsn)
+    assert status.returncode == 0, status.stderr
+    for leaf in detached_leaves(conn):
+        assert leaf in status.stdout, f"msggc status does not show {leaf}, left detached:\n{status.stdout}"
+
+
 def run_status(conn: Conn) -> str:
     return conn.execute("SELECT status FROM gc_runs ORDER BY id DESC LIMIT 1").fetchone()[0]
 
@@ -200,6 +208,8 @@ def test_a_run_killed_between_detach_and_drop_is_finished_by_a_no_drop_run(conn:
     point = kill_between_detach_and_drop(conn, dsn, reader, proc)
     assert point != "ended", f"the run ended before it detached a leaf: {proc.communicate()}"
     reader.close()
+    if point == "between":
+        assert_status_shows_the_detached_leaf(dsn, conn)
     app.insert([0, 0], [False, False])  # fails while d0 is detached; recorded only if it committed
 
     done, result = gc(dsn, "--no-drop", "--workers", "2")
@@ -235,6 +245,8 @@ def test_rows_the_default_partition_took_while_a_leaf_was_detached_stay_visible_
     point = kill_between_detach_and_drop(conn, dsn, reader, proc)
     assert point != "ended", f"the run ended before it detached a leaf: {proc.communicate()}"
     reader.close()
+    if point == "between":
+        assert_status_shows_the_detached_leaf(dsn, conn)
     written = app.insert([0, 0], [False, False])
     assert written, "with a default partition, a day's rows always have a partition"
     assert_promise(conn, ledger, complete=False)
