@@ -67,7 +67,7 @@ def dry_run(conn: Connection, plans: dict[str | None, Plan], whole: dict[str, pa
     seconds = None if unknown else sum(sample.predicted_seconds for sample in samples.values())
     advice = None if unknown else _checkpoint_advice(conn, wal)
     budget = (predict_under_budget(options.max_app_latency_ms, alone, during, None if unknown else wal,
-                                   seconds, advice["timed_wal_rate_bytes_per_s"] if advice else None)
+                                   seconds, _cycle(conn) if advice else None)
               if options.max_app_latency_ms else None)
     return GcResult(
         status=RunStatus.DRY_RUN,
@@ -128,6 +128,15 @@ def _checkpoint_advice(conn: Connection, wal_bytes: int) -> dict[str, Any] | Non
             "wal_between_checkpoints_bytes": round(between),
             "max_wal_size_to_avoid_them_bytes": round(wal_bytes * (1 + completion)),
             "timed_wal_rate_bytes_per_s": round(between / timeout)}
+
+
+def _cycle(conn: Connection) -> tuple[float, float]:
+    """The WAL that requests a checkpoint and the timer's interval: a guarded run's pace."""
+    between, timeout = one_row(conn.execute(
+        "SELECT pg_size_bytes(current_setting('max_wal_size'))"
+        " / (1 + current_setting('checkpoint_completion_target')::float8),"
+        " extract(epoch FROM current_setting('checkpoint_timeout')::interval)::float8"))
+    return float(between), float(timeout)
 
 
 ADVICE_COLUMNS = ("created_at", "inserted_at", "sent_at", "received_at")

@@ -642,12 +642,14 @@ def ramp_seconds(wal_bytes: float, rate: float) -> float:
 
 def predict_under_budget(budget_ms: float, alone: list[float], during: list[float],
                          wal_bytes: int | None, seconds: float | None,
-                         checkpoint_rate: float | None) -> BudgetPrediction:
+                         checkpoint: tuple[float, float] | None = None) -> BudgetPrediction:
     """The rate the guard settles at, by a straight line from (0, the p99 alone) through (the
     samples' WAL rate, the p99 beside them) to the middle of the band the controller holds
-    (between ``ROOM`` of the budget and the budget), capped by the pace that forces no
-    checkpoint; the duration is the second alone, then the run's WAL written in slow start up
-    to that rate (:func:`ramp_seconds`), or the unguarded prediction if that is longer. A p99
+    (between ``ROOM`` of the budget and the budget); the duration is the second alone, then the
+    run's WAL written in slow start up to that rate (:func:`ramp_seconds`), or the unguarded
+    prediction if that is longer. With ``checkpoint`` (the WAL between requested checkpoints
+    and ``checkpoint_timeout``) and more WAL than that, the run is paced (from a fresh
+    checkpoint) one timed cycle after another until its rest fits in one, then goes at the rate. A p99
     alone at or above the budget: the budget cannot hold, whatever msggc does."""
     p_alone, p_full = percentile(alone, 99), percentile(during, 99)
     if p_alone is None:
@@ -664,13 +666,20 @@ def predict_under_budget(budget_ms: float, alone: list[float], during: list[floa
     full = wal_bytes / seconds
     target = budget_ms * (1 + ROOM) / 2
     rate = full if p_full is None or p_full <= target else full * (target - p_alone) / (p_full - p_alone)
-    paced = checkpoint_rate is not None and checkpoint_rate < rate
-    rate = max(MIN_RATE, min(rate, checkpoint_rate) if checkpoint_rate else rate)
-    predicted = BEFORE_SAMPLES * PROBE_INTERVAL_S + max(seconds, ramp_seconds(wal_bytes, rate))
-    why = ("paced so that it forces no checkpoint" if paced
-           else f"the probe's p99 {p_full:.1f} ms beside full speed ({full / MiB:.1f} MB/s)"
+    rate = max(MIN_RATE, rate)
+    body = ramp_seconds(wal_bytes, rate)
+    paced = ""
+    if checkpoint is not None and wal_bytes > checkpoint[0]:
+        between, timeout = checkpoint  # paced one cycle after another while the rest does not fit
+        cycles = math.ceil(wal_bytes / between) - 1
+        rest = wal_bytes - cycles * between
+        body = cycles * timeout + rest / rate
+        paced = (f"; paced to force no checkpoint: {cycles} x checkpoint_timeout ({timeout:g} s) at"
+                 f" ~{between / timeout / MiB:.2f} MB/s, then the last {rest / MiB:.0f} MB")
+    predicted = BEFORE_SAMPLES * PROBE_INTERVAL_S + max(seconds, body)
+    why = (f"the probe's p99 {p_full:.1f} ms beside full speed ({full / MiB:.1f} MB/s)"
            if p_full is not None else "no probe beside the samples")
     verdict = (f"may not hold: the budget is under twice the application's commit p99 alone"
                f" ({p_alone:.1f} ms); " if budget_ms < 2 * p_alone else "holds: ")
-    return BudgetPrediction(f"{verdict}WAL at ~{rate / MiB:.2f} MB/s ({why}, {p_alone:.1f} ms alone)",
+    return BudgetPrediction(f"{verdict}WAL at ~{rate / MiB:.2f} MB/s ({why}, {p_alone:.1f} ms alone){paced}",
                             predicted, rate, p_alone)

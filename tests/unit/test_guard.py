@@ -183,10 +183,15 @@ def test_slow_start_writes_little_before_the_rate_is_reached():
     assert ramp_seconds(MiB, 0.5 * MiB) == pytest.approx(2.0)  # a rate under the initial one
 
 
-def test_the_dry_run_paces_to_the_checkpoint_rate_when_that_is_slower():
-    verdict = predict_under_budget(10.0, [2.0] * 20, [3.0] * 10, 500 * MiB, 10.0, 2 * MiB)
-    assert verdict.rate == 2 * MiB
-    assert "forces no checkpoint" in verdict.verdict
+def test_the_dry_run_paces_a_run_that_would_force_checkpoints_one_timed_cycle_after_another():
+    # 1,000 MiB of WAL, a checkpoint requested every 400 MiB, timed every 300 s: two paced
+    # cycles (800 MiB), then the last 200 MiB at the rate the budget allows (here full speed)
+    verdict = predict_under_budget(10.0, [2.0] * 20, [3.0] * 10, 1000 * MiB, 10.0, (400 * MiB, 300.0))
+    assert verdict.rate == pytest.approx(100 * MiB)
+    assert verdict.seconds == pytest.approx(1.0 + 2 * 300 + 200 / 100)
+    assert "2 x checkpoint_timeout (300 s)" in verdict.verdict
+    fits = predict_under_budget(10.0, [2.0] * 20, [3.0] * 10, 300 * MiB, 10.0, (400 * MiB, 300.0))
+    assert "checkpoint" not in fits.verdict
 
 
 def test_percentiles_of_few_samples_are_their_worst():
