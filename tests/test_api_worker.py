@@ -182,3 +182,26 @@ def test_a_number_in_the_put_overrides_the_services_auto_budget(conn, dsn, callb
     [(status, options, _p99, probes)] = run_options(dsn)
     assert (status, options["max_app_latency_ms"], probes > 0) == ("complete", 25, True)
     assert "app_latency_baseline" not in options
+
+
+def test_a_run_whose_table_another_gc_holds_waits_queued_without_its_connections(conn, dsn, callback):
+    """``msggc gc`` from the command line holds the table: the service's run goes back to queued
+    and its connections to the other nodes, then runs once the table is free."""
+    fill(conn, [True] * 30)
+    oid = conn.execute("SELECT 'messages'::regclass::oid").fetchone()[0]
+    assert runs.try_lock_table(conn, oid)
+    settings = dataclasses.replace(settings_for(dsn, callback), auto_app_latency=False)
+    requests.request_gc(settings, {})
+    worker = Worker(settings)
+    worker.start()
+    try:
+        slots = settings.slots_of(settings.nodes[0])
+        wait_until(lambda: slots.peak_gcs == 1 and slots.gcs_running == 0
+                   and runs_of(dsn)[0]["status"] == "queued", what="the run handed back")
+        assert not posted_bodies(callback)
+        runs.unlock_table(conn, oid)
+        wait_until(lambda: posted_bodies(callback), timeout_s=30)
+    finally:
+        worker.close()
+    assert [gc_of(body) for body in posted_bodies(callback)] == [{"messages_deleted": 30,
+                                                                  "status": "complete"}]

@@ -39,7 +39,7 @@ from collections import Counter
 from collections.abc import Callable
 from contextlib import AbstractContextManager
 from datetime import datetime
-from typing import Any
+from typing import Any, Literal
 
 import psycopg
 from psycopg.types.json import Jsonb
@@ -65,6 +65,8 @@ log = logging.getLogger("msggc.worker")
 
 BUSY_TABLE_RETRY_S = 5.0
 """How long a run waits when another GC holds its table: each attempt plans (samples) the table."""
+Busy = Literal["busy"]
+"""What :meth:`Worker._execute` says of a run whose table another GC holds."""
 DELIVERY_FAULT_LOG_EVERY_S = 60.0
 """A lasting delivery fault is logged once a minute per distinct error, not at every poll."""
 RETRY_FIRST_S = 0.25
@@ -199,10 +201,14 @@ class Worker:
             if claimed is None:  # another worker took it meanwhile
                 return True
             try:
-                return self._execute(node, granted, *claimed)
+                outcome = self._execute(node, granted, *claimed)
             finally:
                 with contextlib.suppress(MsggcError, psycopg.Error):
                     slots.await_exits(node.dsn, self.settings.connect_timeout_s)
+        if isinstance(outcome, str):  # its table is busy: waits with its connections given back
+            self._closing.wait(BUSY_TABLE_RETRY_S)
+            return False
+        return outcome
 
     def _connections_for(self, node: Node, record: dict[str, Any]) -> int:
         """The connections a run may open: its workers and, with a latency budget, its probe."""
@@ -227,9 +233,10 @@ class Worker:
                  node.label, max(1, room))
         return dataclasses.replace(options, workers=max(1, room))
 
-    def _execute(self, node: Node, granted: Granted, run_id: int, record: dict[str, Any]) -> bool:
+    def _execute(self, node: Node, granted: Granted, run_id: int, record: dict[str, Any]) -> bool | Busy:
         """Run a claimed GC, again from its checkpoint with backoff while its database refuses
-        or drops the connection; False when it must wait (its table is busy)."""
+        or drops the connection; False when it must wait for its database, "busy" when another
+        GC holds its table (it waits with its connections given back)."""
         log.info("node %s: run %s claimed", node.label, run_id)
         delay, gone_since = RETRY_FIRST_S, None
         while True:
@@ -243,8 +250,7 @@ class Worker:
             except GcAlreadyRunning as exc:
                 log.info("node %s: run %s waits: %s", node.label, run_id, exc)
                 self._release(node, run_id)
-                self._closing.wait(BUSY_TABLE_RETRY_S)
-                return False
+                return "busy"
             except (DatabaseUnreachable, psycopg.OperationalError) as exc:
                 gone_since = gone_since if gone_since is not None or refused(exc) else time.monotonic()
                 if gone_since is not None and time.monotonic() - gone_since > self.settings.stale_after_s:
