@@ -441,16 +441,6 @@ def _killed(conn: Conn, proc: subprocess.Popen[str], point: KillPoint) -> KillPo
     return point
 
 
-def kill_while_detach_pending(conn: Conn, proc: subprocess.Popen[str], timeout_s: float = 30) -> bool:
-    """``kill -9`` of ``proc`` once a leaf is pending detach (its concurrent detach waits for an
-    old snapshot); False when the run ended before."""
-    wait_until(lambda: pending_leaves(conn) or proc.poll() is not None, timeout_s, "a pending detach")
-    pending = proc.poll() is None and bool(pending_leaves(conn))
-    sigkill(proc)
-    end_backends(conn)
-    return pending
-
-
 def open_snapshot(dsn: str) -> Conn:
     """An application's long read: ``REPEATABLE READ``, a snapshot on ``pm`` held until rollback."""
     reader = psycopg.connect(dsn)
