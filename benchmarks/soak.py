@@ -530,6 +530,8 @@ class Soak:
                 outage_node.server.stop()
                 down_since = self.now()
                 self.event("node stopped", node=outage_node.name)
+            if outage_node and down_since is not None and self.put_during_outage is None \
+                    and self.now() >= down_since + 5:  # down, not merely shutting down
                 self.put_during_outage = self.put()
                 self.event("PUT while down", answer=self.put_during_outage)
             if outage_node and down_since is not None and outage_node.paused.is_set() \
