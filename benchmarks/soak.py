@@ -388,6 +388,7 @@ class Soak:
     api: str = ""
     out: Path = Path(".")
     put_during_outage: dict[str, Any] | None = None
+    commit: str | None = None
 
     def now(self) -> float:
         return round(time.monotonic() - self.t0, 1)
@@ -466,6 +467,7 @@ class Soak:
         self.out = Path(a.out)
         self.out.mkdir(parents=True, exist_ok=True)
         self.t0 = time.monotonic()
+        self.commit = git_commit()  # what the service runs: the tree as it is now, not at the end
         stop = threading.Event()
         try:
             self.setup()
@@ -641,7 +643,7 @@ class Soak:
             checks["service Python heap flat after warm-up (tracemalloc)"] = (
                 len(traced) >= 3 and slope_per_hour(traced) <= a.traced_slope_max)
         return {
-            "date": datetime.now(UTC).isoformat(timespec="seconds"), "commit": git_commit(),
+            "date": datetime.now(UTC).isoformat(timespec="seconds"), "commit": self.commit,
             "config": {k: v for k, v in vars(a).items()}, "events": self.events,
             "rss_mb": {"first": rss[0][1] if rss else None, "last": rss[-1][1] if rss else None,
                        "max": max((v for _, v in rss), default=None),
@@ -706,7 +708,7 @@ def git_commit() -> str | None:
 def markdown(r: dict[str, Any]) -> str:
     """The soak's figures as BENCHMARKS.md shows them."""
     c = r["config"]
-    lines = [f"Soak of {r['date']} (commit {r['commit']}): {c['minutes']} min, {c['nodes']} node(s), "
+    lines = [f"Soak ending {r['date']} (service at {r['commit']}): {c['minutes']} min, {c['nodes']} node(s), "
              f"{c['rate']} messages/s per node processed {c['process_after']} s later, one taken back every "
              f"{c['ledger_every']} s, `msggc serve --every {c['every']}`.", "",
              "| node | seeded | inserted | present | deleted (webhooks) | runs | webhooks | ledger "

@@ -49,9 +49,11 @@ def watch(report: Path, warmup_s: float, every_s: float) -> None:
             out.write(f"baseline at {time.monotonic() - start:.0f} s: traced {traced_mb(base):.2f} MB\n")
     threading.Thread(target=series, name="tracemalloc-series", daemon=True,
                      args=(report.with_suffix(".jsonl"), start, every_s)).start()
+    pause = every_s
     while True:
-        time.sleep(every_s)
+        time.sleep(pause)
         with BUSY:
+            began = time.monotonic()
             snap = snapshot()
             stats = snap.compare_to(base, "traceback")
             with report.open("a") as out:
@@ -65,6 +67,7 @@ def watch(report: Path, warmup_s: float, every_s: float) -> None:
                     for line in stat.traceback.format(most_recent_first=True)[: FRAMES * 2]:
                         out.write(f"      {line}\n")
             del snap, stats  # before the next sample: never traced as the service's
+            pause = max(every_s, 3 * (time.monotonic() - began))  # reports never block the series long
 
 
 def series(path: Path, start: float, every_s: float) -> None:

@@ -76,7 +76,7 @@ def test_soak_one_node(tmp_path: Path) -> None:
     heap is flat after its first minute (tracemalloc; its snapshots make the RSS meaningless)."""
     result = soak(tmp_path, "--trace", "--trace-warmup", "60", "--trace-every", "20",
                   "--traced-slope-max", TRACED_SLOPE_MAX, "--rss-slope-max", "inf")
-    assert len(result["traced_mb"]["points"]) >= 4
+    assert len(result["traced_mb"]["points"]) >= 3
     node = result["nodes"]["node1"]
     assert node["seeded"] + node["inserted"] == node["present"] + node["deleted_webhooks"]
     assert node["ledger"] >= 20  # one taken back every 5 s: the ledger was exercised
