@@ -294,7 +294,7 @@ def _result(walk: Walk, closed: Closed, reason: str, target: Target) -> GcResult
     return GcResult(
         status=outcome.status,
         strategy=walk.run.strategy,
-        reason=reason,
+        reason=reason + _drops_missed(walk),
         garbage_estimate=walk.garbage_estimate,
         rows_estimate=sum(leg.plan.facts.rows_estimate for leg in walk.legs.values()),
         run_id=walk.run.id,
@@ -318,6 +318,14 @@ def _result(walk: Walk, closed: Closed, reason: str, target: Target) -> GcResult
         partitions=_partitions(walk),
         **_foreign_keys(walk, target),
     )
+
+
+def _drops_missed(walk: Walk) -> str:
+    """The plan said "dropped whole"; what happened to the leaves that were walked instead."""
+    missed = sum(1 for leaf, leg in walk.legs.items() if leg.plan.drop_whole and leaf not in walk.dropped
+                 and walk.by_leaf[str(leaf)])
+    return (f"; {missed} of the leaves to drop walked row by row instead (the table's lock not granted"
+            " within lock_timeout, or a row not garbage)") if missed else ""
 
 
 def _partitions(walk: Walk) -> dict[str, dict[str, Any]]:

@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import json
 import threading
+from types import SimpleNamespace
 from typing import Any
 
 import psycopg
 import pytest
 
-from engine import collect, runs
+from engine import collect, partitions, runs
 from engine.config import GcOptions, TableSpec
 from engine.planner import DROP_WHOLE_REASON
 from engine.status import RunStatus
@@ -208,6 +209,30 @@ def test_a_row_written_live_while_the_leaf_waits_to_be_dropped_keeps_it_and_is_n
     assert conn.execute("SELECT body FROM inbox WHERE id = 999999").fetchone() == ("late",)
     assert "inbox_d0" in leaves(conn)
     assert conn.execute("SELECT count(*) FROM inbox WHERE processed_at IS NOT NULL").fetchone()[0] == 0
+
+
+def test_a_read_held_open_across_the_run_costs_the_first_drop_its_retries_and_the_others_one_try(
+        conn, dsn, monkeypatch):
+    """A transaction of the application's that read the table holds its lock: the first drop
+    backs off five times, then each other leaf tries once before it is walked; the result says
+    the planned drops were walked, nothing is left aside."""
+    make_daily(conn)
+    kept = expected_survivors(conn)
+    sleeps: list[float] = []
+    monkeypatch.setattr(partitions, "time", SimpleNamespace(sleep=sleeps.append))  # the backoff, not waited
+    reader = psycopg.connect(dsn)
+    reader.execute("BEGIN ISOLATION LEVEL REPEATABLE READ")
+    reader.execute("SELECT count(*) FROM inbox")
+    try:
+        result = collect(dsn, GcOptions(table=TableSpec(name="inbox"), workers=1))
+    finally:
+        reader.close()
+    assert result.status is RunStatus.COMPLETE, result.error
+    assert len(sleeps) == partitions.DETACH_ATTEMPTS + 2
+    assert not any(part["dropped"] for part in result.partitions.values()) and len(leaves(conn)) == 6
+    assert result.reason.endswith("; 3 of the leaves to drop walked row by row instead (the table's lock"
+                                  " not granted within lock_timeout, or a row not garbage)")
+    assert survivors(conn) == kept
 
 
 def test_two_workers_drop_many_wholly_garbage_leaves_side_by_side_and_count_them_exactly(conn, dsn):
