@@ -189,14 +189,10 @@ def test_a_detach_that_meets_an_open_snapshot_is_finished_by_the_next_run_whatev
     assert sorted(ledger.garbage() - rows_gone(conn, ledger)) == []
 
 
-def test_a_run_killed_between_detach_and_drop_is_finished_by_a_no_drop_run(conn: Conn, dsn: str) -> None:
-    """1b: ``kill -9`` of ``gc --workers 2`` after a wholly-garbage leaf is detached and before its
-    drop commits; meanwhile the application's insert into that day fails (no partition: it is
-    told, nothing is lost). The next run is ``gc --no-drop``: it must finish or undo the detach
-    before it says complete (today it returns early when drops are off, says complete, and the
-    leaf's rows are gone uncounted); then the day accepts rows again, or its leaf is gone with
-    every one of its rows counted."""
-    create_table(conn, days=3)
+def killed_between_detach_and_drop(conn: Conn, dsn: str, default: bool) -> tuple[Ledger, Application]:
+    """Days 0-2 (with a DEFAULT partition if asked), day 0 wholly garbage; ``gc --workers 2``
+    killed (``kill -9``) after day 0's leaf is detached and before its drop commits."""
+    create_table(conn, days=3, default=default)
     ledger = Ledger()
     app = Application(conn, ledger)
     app.insert([0] * 1000, [True] * 1000)
@@ -210,6 +206,17 @@ def test_a_run_killed_between_detach_and_drop_is_finished_by_a_no_drop_run(conn:
     reader.close()
     if point == "between":
         assert_status_shows_the_detached_leaf(dsn, conn)
+    return ledger, app
+
+
+def test_a_run_killed_between_detach_and_drop_is_finished_by_a_no_drop_run(conn: Conn, dsn: str) -> None:
+    """1b: ``kill -9`` of ``gc --workers 2`` after a wholly-garbage leaf is detached and before its
+    drop commits; meanwhile the application's insert into that day fails (no partition: it is
+    told, nothing is lost). The next run is ``gc --no-drop``: it must finish or undo the detach
+    before it says complete (today it returns early when drops are off, says complete, and the
+    leaf's rows are gone uncounted); then the day accepts rows again, or its leaf is gone with
+    every one of its rows counted."""
+    ledger, app = killed_between_detach_and_drop(conn, dsn, default=False)
     app.insert([0, 0], [False, False])  # fails while d0 is detached; recorded only if it committed
 
     done, result = gc(dsn, "--no-drop", "--workers", "2")
@@ -233,20 +240,7 @@ def test_rows_the_default_partition_took_while_a_leaf_was_detached_stay_visible_
     the same transaction: else the attach fails with ``updated partition constraint for
     default partition would be violated``) or drop the leaf after its full check, and say
     complete only then; the application's rows stay visible through ``pm`` all along."""
-    create_table(conn, days=3, default=True)
-    ledger = Ledger()
-    app = Application(conn, ledger)
-    app.insert([0] * 1000, [True] * 1000)
-    later_rows(app, day=1)
-    later_rows(app, day=2)
-    conn.execute("ANALYZE pm")
-    reader = open_snapshot(dsn)
-    proc = spawn_gc(dsn, "--workers", "2", *LONG_LOCK_TIMEOUT)
-    point = kill_between_detach_and_drop(conn, dsn, reader, proc)
-    assert point != "ended", f"the run ended before it detached a leaf: {proc.communicate()}"
-    reader.close()
-    if point == "between":
-        assert_status_shows_the_detached_leaf(dsn, conn)
+    ledger, app = killed_between_detach_and_drop(conn, dsn, default=True)
     written = app.insert([0, 0], [False, False])
     assert written, "with a default partition, a day's rows always have a partition"
     assert_promise(conn, ledger, complete=False)
