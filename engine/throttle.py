@@ -42,6 +42,7 @@ BATCH_PACE_S = 0.05
 MIN_BATCH_WAL = 64 * 1024
 FIRST_BATCH_ROWS = 50
 PACE_REFRESH_S = 1.0
+TIMED_SEEN_S = 2.0
 """How often the checkpoint pace reads the server's last checkpoint again."""
 MAX_PAUSE_S = 5.0
 """A single wait is capped so budgets and signals are still honoured while throttled."""
@@ -105,6 +106,9 @@ class Pace:
     rate: float | None = None
     refused: bool = False
     """``pg_control_checkpoint()`` refused to this role: no pace (the counts still show)."""
+    timed: tuple[int, int | None] | None = None
+    """A timed checkpoint in progress: the completed one's redo, and the WAL position when the
+    run saw it start (None: seen too late to know)."""
 
 
 class Throttle:
@@ -179,7 +183,8 @@ class Throttle:
             return None
         lsn = self._wal_lsn(conn)
         with self.lock:
-            headroom = between - (lsn - int(redo))
+            redo, since = self._timed_start(int(redo), float(since), float(timeout), lsn)
+            headroom = between - (lsn - redo)
             remaining = self._remaining_wal()
             if remaining is None or remaining <= headroom:
                 rate = None
@@ -188,6 +193,18 @@ class Throttle:
                 rate = max(MIN_RATE, headroom / left if left > 1 and headroom > 0 else between / timeout)
             self._pace.rate = rate
             return rate
+
+    def _timed_start(self, redo: int, since: float, timeout: float, lsn: int) -> tuple[int, float]:
+        """The checkpoint a run must not outrun: ``pg_control_checkpoint()`` shows the last one
+        completed, but a timed one starts ``checkpoint_timeout`` after it and takes its redo
+        there while it spreads its writes (minutes): seen starting (within ``TIMED_SEEN_S``),
+        its redo is the WAL position then, and the cycle's headroom counts from it."""
+        if since < timeout:
+            return redo, since
+        if self._pace.timed is None or self._pace.timed[0] != redo:
+            self._pace.timed = (redo, lsn) if since - timeout <= TIMED_SEEN_S else (redo, None)
+        guess = self._pace.timed[1]
+        return (redo, since) if guess is None else (guess, since - timeout)
 
     def _remaining_wal(self) -> float | None:
         """The WAL the rest of the run will write, from the WAL per row so far; None before a row."""
