@@ -157,6 +157,19 @@ def test_an_open_snapshot_during_the_run_leaves_no_leaf_pending_and_the_live_row
     assert sorted(ledger.garbage() - rows_gone(conn, ledger)) == []
 
 
+def garbage_day_zero(conn: Conn, rows: int, default: bool = False) -> tuple[Ledger, Application]:
+    """Days 0-2 (with a DEFAULT partition if asked): day 0 ``rows`` rows, all processed; days 1
+    and 2 the application's later rows; analyzed."""
+    create_table(conn, days=3, default=default)
+    ledger = Ledger()
+    app = Application(conn, ledger)
+    app.insert([0] * rows, [True] * rows)
+    later_rows(app, day=1)
+    later_rows(app, day=2)
+    conn.execute("ANALYZE pm")
+    return ledger, app
+
+
 def test_a_detach_that_meets_an_open_snapshot_is_finished_by_the_next_run_whatever_its_flags(
         conn: Conn, dsn: str) -> None:
     """1a, the pending detach itself: a wholly-garbage leaf whose detach meets an application's
@@ -164,13 +177,7 @@ def test_a_detach_that_meets_an_open_snapshot_is_finished_by_the_next_run_whatev
     did, it never issues a second ``DETACH CONCURRENTLY`` of a pending leaf (``already pending
     detach``), and says complete only with no leaf pending; once the snapshot is gone, the next
     run, even with ``--no-drop``, finishes or undoes what is left and says complete."""
-    create_table(conn, days=3)
-    ledger = Ledger()
-    app = Application(conn, ledger)
-    app.insert([0] * 500, [True] * 500)
-    later_rows(app, day=1)
-    later_rows(app, day=2)
-    conn.execute("ANALYZE pm")
+    ledger, _ = garbage_day_zero(conn, rows=500)
     reader = open_snapshot(dsn)
     try:
         first, result = gc(dsn, "--workers", "1")
@@ -192,13 +199,7 @@ def test_a_detach_that_meets_an_open_snapshot_is_finished_by_the_next_run_whatev
 def killed_between_detach_and_drop(conn: Conn, dsn: str, default: bool) -> tuple[Ledger, Application]:
     """Days 0-2 (with a DEFAULT partition if asked), day 0 wholly garbage; ``gc --workers 2``
     killed (``kill -9``) after day 0's leaf is detached and before its drop commits."""
-    create_table(conn, days=3, default=default)
-    ledger = Ledger()
-    app = Application(conn, ledger)
-    app.insert([0] * 1000, [True] * 1000)
-    later_rows(app, day=1)
-    later_rows(app, day=2)
-    conn.execute("ANALYZE pm")
+    ledger, app = garbage_day_zero(conn, rows=1000, default=default)
     reader = open_snapshot(dsn)
     proc = spawn_gc(dsn, "--workers", "2", *LONG_LOCK_TIMEOUT)
     point = kill_between_detach_and_drop(conn, dsn, reader, proc)
