@@ -74,6 +74,9 @@ LIVE_WINDOW = 600
 """Samples behind the live p50/p99 written to ``gc_probe`` with every beat (about a minute)."""
 SERIES_POINTS = 240
 """A run's time series keeps at most this many points: a long run's steps are merged in pairs."""
+LIVE_SERIES_STEPS = 4
+"""The series is written to ``gc_runs`` every this many control steps (~2 s) while the run goes,
+so ``msggc status``, the API and ``/metrics`` show it live; the whole run's again at its end."""
 RECONNECT_S = 1.0
 
 WAITS_SQL = """
@@ -109,6 +112,10 @@ UPDATE gc_probe SET p50_ms = %(p50)s, p99_ms = %(p99)s, held_back_seconds = %(he
 WHERE table_name = %(table)s AND node = %(node)s AND run_id = %(run_id)s
 """
 """The run's figures over all its samples, left in the row once it ended (not a beat)."""
+LIVE_SERIES_SQL = "UPDATE gc_runs SET guard_series = %(series)s WHERE id = %(run_id)s"
+LIVE_SERIES_SETTINGS = ("SET LOCAL synchronous_commit = off", "SET LOCAL lock_timeout = '100ms'")
+"""A batch checkpointing the run holds its row until it commits: a live write that would wait
+longer than 100 ms is skipped (the next one, or the run's end, writes the series)."""
 RUN_SQL = """
 UPDATE gc_runs SET app_latency_p50_ms = %(p50)s, app_latency_p99_ms = %(p99)s,
     app_probes = %(probes)s, held_back_seconds = %(held)s,
@@ -338,6 +345,7 @@ class Probe:
         self.wal_rate: float | None = None
         self._first: ServerCounters | None = None
         self._last: ServerCounters | None = None
+        self._steps = 0
         self._started_at = time.monotonic()
         self._stop = threading.Event()
         self._stopping = False
@@ -505,6 +513,23 @@ class Probe:
                 "checkpoints_requested": now.checkpoints_requested - first.checkpoints_requested,
                 "backend_writes": (None if now.backend_writes is None or first.backend_writes is None
                                    else now.backend_writes - first.backend_writes)})
+            self._steps += 1
+            live = self._steps % LIVE_SERIES_STEPS == 0
+            points = self.series.all() if live else None
+        if points is not None:
+            self._write_series(conn, points)
+
+    def _write_series(self, conn: Connection, points: list[Point]) -> None:
+        """The series so far into the run's row, in a short transaction of its own that waits for
+        no WAL flush (a lost write costs two seconds of a live view, never the run) and for no
+        lock long (``LIVE_SERIES_SETTINGS``)."""
+        try:
+            with conn.transaction():
+                for setting in LIVE_SERIES_SETTINGS:
+                    conn.execute(setting)
+                conn.execute(LIVE_SERIES_SQL, {"run_id": self.site.run_id, "series": Jsonb(points)})
+        except psycopg.errors.LockNotAvailable:
+            pass
 
     def _sample_waits(self, conn: Connection) -> None:
         for event, count in conn.execute(WAITS_SQL, {"ours": f"{APPLICATION_NAME}%"}):
@@ -544,8 +569,9 @@ class Probe:
 
 
 def latest_figures(conn: Connection, table: str, node: str) -> dict[str, Any] | None:
-    """The probe row of this table and node: the live (or last run's final) latency figures;
-    None before any guarded run, or on a schema older than the probe's (0008) or its rates' (0011)."""
+    """The probe row of this table and node: the live (or last run's final) latency figures, and
+    the backend writes of its run's series as last written (:data:`LIVE_SERIES_STEPS`); None
+    before any guarded run, or on a schema older than the probe's (0008) or its rates' (0011)."""
     row = conn.execute(
         "SELECT EXISTS (SELECT 1 FROM pg_attribute WHERE attrelid = to_regclass('gc_probe')"
         " AND attname = 'rate_bytes_per_s' AND NOT attisdropped)").fetchone()
@@ -553,8 +579,10 @@ def latest_figures(conn: Connection, table: str, node: str) -> dict[str, Any] | 
         return None
     cur = conn.execute(
         "SELECT run_id, beats, p50_ms, p99_ms, held_back_seconds, rate_share, rate_bytes_per_s,"
-        " wal_bytes_per_s, checkpoints_requested, before_p99_ms FROM gc_probe"
-        " WHERE table_name = %s AND node = %s",
+        " wal_bytes_per_s, checkpoints_requested, before_p99_ms,"
+        " (SELECT (guard_series -> -1 ->> 'backend_writes')::bigint FROM gc_runs r"
+        "  WHERE r.id = p.run_id) AS backend_writes"
+        " FROM gc_probe p WHERE table_name = %s AND node = %s",
         (table, node),
     )
     found = cur.fetchone()

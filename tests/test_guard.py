@@ -9,7 +9,7 @@ from typing import Any
 import psycopg
 import pytest
 
-from engine import collect
+from engine import collect, guard
 from engine.config import GcOptions
 from engine.guard import BEFORE_SAMPLES, MIN_RATE, PROBE_APPLICATION_NAME
 from engine.result import Progress
@@ -195,3 +195,44 @@ def test_the_api_and_metrics_show_the_guards_series_rate_and_p99_before(conn, ds
     assert 'msggc_guard_wal_bytes_per_second{kind="granted",node="postgresql"}' in scraped
     assert 'msggc_guard_checkpoints_requested{node="postgresql"}' in scraped
     assert 'msggc_app_latency_before_ms{node="postgresql"}' in scraped
+
+
+def test_the_guards_series_is_live_in_gc_runs_status_the_api_and_metrics_while_the_run_goes(conn, dsn):
+    """Every few control steps the probe writes the series so far into the run's row: a run still
+    going shows it in ``msggc status``, the API's GET and ``/metrics``, before it ends."""
+    import threading
+
+    from engine import runs
+    from engine.service import nodes
+    from engine.service.api_models import LatestRun
+    from engine.service.metrics import Metrics
+    from engine.service.settings import ServiceSettings
+
+    fill(conn, [True] * 5000)
+    stop = threading.Event()
+    results = []
+    going = threading.Thread(target=lambda: results.append(collect(
+        dsn, GcOptions(max_app_latency_ms=10_000, batch_size=10, sleep=0.05), stop=stop)))
+    going.start()
+    try:
+        def live() -> dict[str, Any] | None:
+            row = runs.latest(conn, "messages", "")
+            return row if row and row["status"] == "running" and row["guard_series"] else None
+
+        row = wait_until(live, timeout_s=20, what="a live series in gc_runs")
+        answer = LatestRun.model_validate(row).model_dump(mode="json")
+        assert answer["status"] == "running" and len(answer["guard_series"]) >= guard.LIVE_SERIES_STEPS
+        assert set(answer["guard_series"][-1]) == {"t_s", "rate_bytes_per_s", "p99_ms", "wal_bytes_per_s",
+                                                   "checkpoints_requested", "backend_writes"}
+        listed = json.loads(run_cli("status", "--dsn", dsn, "--json").stdout)[0]
+        assert listed["status"] == "running" and len(listed["guard_series"]) >= len(answer["guard_series"])
+        settings = ServiceSettings(nodes=nodes.single(dsn), defaults=GcOptions(), callback_url=None)
+        scraped = Metrics(settings).render().decode()
+        assert 'msggc_guard_backend_writes{node="postgresql"}' in scraped
+        assert conn.execute("SELECT count(*) FROM gc_runs WHERE finished_at IS NULL").fetchone()[0] == 1
+    finally:
+        stop.set()
+        going.join(30)
+    [result] = results
+    assert result.status == "stopped" and result.guard_series
+    assert runs.latest(conn, "messages", "")["guard_series"] == result.guard_series

@@ -176,7 +176,8 @@ class LatestRun(BaseModel):
         " (the application alone).")
     guard_series: list[GuardPoint] | None = Field(
         default=None, description="--max-app-latency: the guard's time series, one point per control"
-        " step (pairs merged on a long run), written when the run ends.")
+        " step (pairs merged on a long run), written every few steps while the run goes and whole at"
+        " its end.")
     reclaim: dict[str, Any] | None = Field(default=None, description="Sizes and dead tuples before, after.")
     garbage: str | None = Field(default=None, description="The garbage predicate in force.")
     foreign_keys: dict[str, int] | None = Field(

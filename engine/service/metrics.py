@@ -54,7 +54,10 @@ class DatabaseCollector(Collector):
                                         " requested since the latest guarded run began", labels=["node"])
         before = GaugeMetricFamily("msggc_app_latency_before_ms", "The probe's commit p99 in the second"
                                    " before the latest guarded run (the application alone)", labels=["node"])
-        guard_families = (latency, held_back, share, rates, checkpoints, before)
+        writes = GaugeMetricFamily("msggc_guard_backend_writes", "Buffers client backends wrote themselves"
+                                   " (dirty pages evicted) since the latest guarded run began, as its"
+                                   " series last said (live while it runs)", labels=["node"])
+        guard_families = (latency, held_back, share, rates, checkpoints, before, writes)
         for result in on_every_node(self.settings, self._read):
             label = result.node.label
             up.add_metric([label], 1 if result.value is not None else 0)
@@ -80,7 +83,7 @@ class DatabaseCollector(Collector):
 
 def _add_probe(label: str, probe: dict[str, Any], latency: GaugeMetricFamily, held_back: GaugeMetricFamily,
                share: GaugeMetricFamily, rates: GaugeMetricFamily, checkpoints: GaugeMetricFamily,
-               before: GaugeMetricFamily) -> None:
+               before: GaugeMetricFamily, writes: GaugeMetricFamily) -> None:
     """The probe row's figures as gauges (a figure not measured yet is left out)."""
     for quantile, column in (("0.5", "p50_ms"), ("0.99", "p99_ms")):
         if probe[column] is not None:
@@ -93,6 +96,8 @@ def _add_probe(label: str, probe: dict[str, Any], latency: GaugeMetricFamily, he
     checkpoints.add_metric([label], probe["checkpoints_requested"])
     if probe["before_p99_ms"] is not None:
         before.add_metric([label], probe["before_p99_ms"])
+    if probe["backend_writes"] is not None:
+        writes.add_metric([label], probe["backend_writes"])
 
 
 class Metrics:
