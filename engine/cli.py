@@ -48,6 +48,14 @@ def resolve_dsn(dsn: str | None) -> str:
     return resolve(dsn)
 
 
+def embedded_dsn() -> str:
+    """The embedded server's DSN, started on demand: the service's default database, handed to it
+    by this shell (the service layer never starts a server)."""
+    from engine.tools.embedded import ensure_running
+
+    return ensure_running()
+
+
 def connection(dsn: str) -> AbstractContextManager[Connection]:
     from engine.db import connection as connect
 
@@ -506,7 +514,7 @@ def serve(host: str, port: int, token: str | None, no_worker: bool, **service: A
     """Serve the HTTP API (PUT /v1/services/message/gc) and run its worker."""
     from engine.service.settings import load_settings, require_token_beyond_loopback
 
-    settings = load_settings(token=token, run_worker=not no_worker, **service)
+    settings = load_settings(token=token, run_worker=not no_worker, default_dsn=embedded_dsn, **service)
     require_token_beyond_loopback(host, settings.token)
     import uvicorn
 
@@ -524,7 +532,7 @@ def worker(**service: Any) -> None:
     from engine.service.settings import load_settings
     from engine.service.worker import Worker
 
-    settings = load_settings(**service)
+    settings = load_settings(default_dsn=embedded_dsn, **service)
     _log_to_stderr()
     runner = Worker(settings)
     runner.start()

@@ -65,6 +65,29 @@ def test_a_single_instance_gets_the_default_budget_and_a_queued_run_keeps_its_op
     assert settings.options_of_run(node, asked.describe()) == asked
 
 
+def test_a_service_with_no_dsn_takes_the_one_its_shell_hands_it(monkeypatch, tmp_path):
+    monkeypatch.delenv("MSGGC_DSN", raising=False)
+    asked: list[str] = []
+
+    def shells_server() -> str:
+        asked.append("asked")
+        return URI_2
+
+    assert load_settings(default_dsn=shells_server).nodes[0].dsn == URI_2
+    assert load_settings(dsn=URI_1, default_dsn=shells_server).nodes[0].dsn == URI_1
+    config = tmp_path / "msggc.toml"
+    config.write_text(f'[nodes]\nwacore1 = "{URI_1}"\n')
+    assert load_settings(config=str(config), default_dsn=shells_server).multiconnect
+    assert asked == ["asked"]  # only when nothing names a database: nodes never start a server
+
+
+def test_a_service_with_no_database_and_no_default_is_a_one_line_usage_error(monkeypatch):
+    monkeypatch.delenv("MSGGC_DSN", raising=False)
+    with pytest.raises(UsageError, match=r"^no database configured: give --dsn") as raised:
+        load_settings()
+    assert "\n" not in str(raised.value)
+
+
 @pytest.mark.parametrize(("content", "message"), [
     ('{"nodes": {"bad name": "postgresql://x/y"}}', "invalid node name"),
     ('{"gc": {"batch_size": 0}}', "batch size must be >= 1"),

@@ -38,7 +38,7 @@ import ipaddress
 import json
 import os
 import tomllib
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
@@ -50,6 +50,7 @@ from engine.config import (
     GcOptions,
     LatencySetting,
     TableSpec,
+    given_dsn,
     parse_duration,
     parse_latency,
     parse_latency_setting,
@@ -61,7 +62,6 @@ from engine.service.nodes import Node
 from engine.service.notify import LogNotifier, Notifier, WebhookNotifier, check_url
 from engine.service.slots import MIN_CONNECTIONS, ServerSlots, Slots
 from engine.service.triggers import Trigger, trigger_of
-from engine.tools.embedded import resolve_dsn
 
 DEFAULT_MAX_SECONDS = 3600.0
 """A run stops after an hour unless told otherwise; the next PUT continues where it stopped,
@@ -216,8 +216,12 @@ def load_settings(*, dsn: str | None = None, nodes_spec: str | None = None, conf
                   callback_url: str | None = None, webhook_secret: str | None = None,
                   token: str | None = None, table: str | None = None, stale_after_s: float | None = None,
                   every: timedelta | None = None, cron: str | None = None,
-                  run_worker: bool = True) -> ServiceSettings:
-    """Merge flags over the config file over the defaults; raise UsageError on any bad value."""
+                  run_worker: bool = True, default_dsn: Callable[[], str] | None = None) -> ServiceSettings:
+    """Merge flags over the config file over the defaults; raise UsageError on any bad value.
+
+    ``default_dsn`` is the shell's server for a service configured with no DSN and no nodes (the
+    CLI's embedded one): called only then, since the config file may name either, and handed in
+    because the service layer never starts a server itself."""
     file = read_config(config) if config else {}
 
     def pick(flag: Any, key: str, default: Any = None) -> Any:
@@ -237,7 +241,7 @@ def load_settings(*, dsn: str | None = None, nodes_spec: str | None = None, conf
                                                         file.get("processed_column"), file.get("where"))})
     except TypeError as exc:
         raise UsageError(f"invalid [gc] options: {exc}") from None
-    node_set, multiconnect = _nodes(pick(dsn, "dsn"), nodes_spec, file.get("nodes"))
+    node_set, multiconnect = _nodes(pick(dsn, "dsn"), nodes_spec, file.get("nodes"), default_dsn)
     return ServiceSettings(
         nodes=node_set,
         multiconnect=multiconnect,
@@ -275,8 +279,10 @@ def _count(value: Any, name: str, least: int, why: str) -> int | None:
     return number
 
 
-def _nodes(dsn: str | None, spec: str | None, from_file: Any) -> tuple[tuple[Node, ...], bool]:
-    """Nodes from the flag/env, else from the file; else the single instance on ``dsn``."""
+def _nodes(dsn: str | None, spec: str | None, from_file: Any,
+           default_dsn: Callable[[], str] | None) -> tuple[tuple[Node, ...], bool]:
+    """Nodes from the flag/env, else from the file; else the single instance on ``dsn``
+    (``$MSGGC_DSN``, else ``default_dsn()``)."""
     if spec and spec.strip():
         mapping: Mapping[str, Any] = nodes_config.parse_nodes(spec)
     elif from_file is not None:
@@ -284,10 +290,18 @@ def _nodes(dsn: str | None, spec: str | None, from_file: Any) -> tuple[tuple[Nod
             raise UsageError("config key 'nodes' must be a table of NAME = DSN")
         mapping = from_file
     else:
-        return nodes_config.single(resolve_dsn(dsn)), False
+        return nodes_config.single(_single_dsn(dsn, default_dsn)), False
     if dsn:
         raise UsageError("both a DSN (--dsn/MSGGC_DSN) and nodes are configured: keep only one")
     return nodes_config.build_nodes(mapping), True
+
+
+def _single_dsn(dsn: str | None, default_dsn: Callable[[], str] | None) -> str:
+    chosen = given_dsn(dsn) or (default_dsn() if default_dsn else None)
+    if not chosen:
+        raise UsageError("no database configured: give --dsn (MSGGC_DSN), --nodes (MSGGC_NODES)"
+                         " or a config file with dsn or nodes")
+    return chosen
 
 
 def _callback(url: str | None) -> str | None:
