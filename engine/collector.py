@@ -18,7 +18,7 @@ from typing import Any
 
 import psycopg
 
-from engine import archive_file, partitions, reclaim, runs
+from engine import archive_file, partitions, progress, reclaim, runs
 from engine.archive import resolve as resolve_archive
 from engine.archive_file import ArchiveFile
 from engine.config import GcOptions, StrategyName
@@ -210,6 +210,9 @@ def collect(
                     dsn=dsn, stop=stop or threading.Event(), on_progress=on_progress,
                     throttle=Throttle(_limits(options), target.oid,
                                       ProbeSite(dsn, run.id, options.table.qualified, options.node)))
+        progress.record_plan(conn, run.id, walk.garbage_estimate, reason, options.worker_count,
+                             [ref.name for ref in target.target.references
+                              if ref.effect(options.delete_dependents) == "kept"])
         conn, closed = _walk_and_close(conn, walk, target, whole, finisher or SilentFinisher())
         result = _result(walk, closed, reason, target.target)
         if closed.recorded and not conn.closed:

@@ -73,7 +73,8 @@ def require_bookkeeping(conn: Connection) -> None:
     """msggc's own tables must exist, up to the newest, before any run."""
     row = conn.execute(
         "SELECT to_regclass('gc_runs') IS NOT NULL AND to_regclass('gc_outbox') IS NOT NULL"
-        " AND to_regclass('gc_sweep') IS NOT NULL"
+        " AND to_regclass('gc_sweep') IS NOT NULL AND EXISTS (SELECT 1 FROM pg_attribute"
+        "   WHERE attrelid = to_regclass('gc_runs') AND attname = 'progress' AND NOT attisdropped)"
     ).fetchone()
     if not row or not row[0]:
         raise SchemaMissing("msggc tables are missing or out of date in this database:"

@@ -12,6 +12,7 @@ from typing import Any, cast
 
 from psycopg.types.json import Jsonb
 
+from engine import progress
 from engine.config import StrategyName
 from engine.db import Connection, one_row
 from engine.status import ACTIVE, RESUMABLE, RunStatus
@@ -159,12 +160,14 @@ def _key(cursor: dict[str, Any]) -> tuple[str, ...] | None:
 
 def checkpoint(conn: Connection, run_id: int, slice_index: int, part: Slice, deleted: int,
                skipped_locked: int, archive_bytes: int | None = None,
-               foreign_keys: dict[str, int] | None = None) -> None:
+               foreign_keys: dict[str, int] | None = None, live: progress.Live | None = None) -> None:
     """Called inside the batch's transaction: the delete and its record commit together.
-    ``foreign_keys`` holds the run's totals so far, this batch's included."""
+    ``foreign_keys`` holds the run's totals so far, this batch's included; with ``live``, the
+    batch also carries a sample of the run's progress (:mod:`engine.progress`)."""
     conn.execute(
         "UPDATE gc_runs SET"
         " cursor = jsonb_set(cursor, ARRAY['slices', %(i)s::text], %(part)s),"
+        f" {progress.SAMPLED},"
         " messages_deleted = messages_deleted + %(deleted)s,"
         " rows_skipped_locked = rows_skipped_locked + %(skipped)s,"
         " archive_bytes = coalesce(%(archived)s, archive_bytes),"
@@ -173,7 +176,7 @@ def checkpoint(conn: Connection, run_id: int, slice_index: int, part: Slice, del
         " WHERE id = %(run)s",
         {"i": slice_index, "part": Jsonb(part.as_json()), "deleted": deleted, "skipped": skipped_locked,
          "archived": archive_bytes, "foreign_keys": Jsonb(foreign_keys) if foreign_keys else None,
-         "run": run_id},
+         "sample": progress.sample_param(live), "run": run_id},
     )
 
 
@@ -260,6 +263,7 @@ def finish(conn: Connection, run_id: int, status: RunStatus, error: str | None,
     """Close the run; returns the rows it deleted, as committed batch by batch."""
     row = one_row(conn.execute(
         "UPDATE gc_runs SET status = %s, error = %s, finished_at = now(), heartbeat_at = now(),"
+        f" progress = {progress.POINT},"
         " throttle_pauses = throttle_pauses + %s, throttled_seconds = throttled_seconds + %s"
         " WHERE id = %s RETURNING messages_deleted",
         (status, error, throttle_pauses, throttled_s, run_id),

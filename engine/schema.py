@@ -89,6 +89,9 @@ gc_runs = sa.Table(
     # the checkpoints requested and the buffers backends wrote since the start (migration 0011).
     sa.Column("app_latency_before_p99_ms", sa.Float, nullable=True),
     sa.Column("guard_series", postgresql.JSONB, nullable=True),
+    # What the status page draws (engine.progress, migration 0012): the plan's garbage estimate
+    # and reason, live throttle figures, and samples of (seconds, rows deleted, WAL position).
+    sa.Column("progress", postgresql.JSONB, nullable=True),
     sa.Column("reclaim", postgresql.JSONB, nullable=True),
     # --archive-to: the file and its length as of the last committed batch (a longer file is cut back).
     sa.Column("archive_file", sa.Text, nullable=True),

@@ -21,7 +21,7 @@ from typing import Any
 import psycopg
 from psycopg import errors as pg_errors
 
-from engine import archive_file, runs
+from engine import archive_file, progress, runs
 from engine.archive_file import ArchiveFile
 from engine.config import GcOptions
 from engine.db import Connection, connect, helpful_lines, primary_message
@@ -86,6 +86,7 @@ class Walk:
     stop_reason: str | None = None
     error: str | None = None
     rewound: bool = False
+    sampler: progress.Sampler = field(default_factory=progress.Sampler)
 
     @property
     def walked_to_end(self) -> bool:
@@ -124,6 +125,13 @@ class Walk:
                                 time.monotonic() - self.started, self.garbage_estimate, seconds)
         if self.on_progress:
             self.on_progress(progress)
+
+    def live(self) -> progress.Live | None:
+        """The throttle's figures when this batch's checkpoint is to carry a progress sample."""
+        if not self.sampler.due():
+            return None
+        throttle = self.throttle
+        return progress.Live(throttle.pauses, throttle.paused_s, throttle.held_back_s, throttle.reasons)
 
     def take_drop(self, part: Slice) -> Callable[[Connection], int | None] | None:
         """The drop of the slice's leaf, to try once, by the worker that asks first."""
@@ -207,7 +215,8 @@ def run_batch(conn: Connection, walk: Walk, index: int, part: Slice,
                                                  walk.params, skip_locked)
                 reached = Slice(outcome.position, part.end, outcome.finished, part.leaf, part.strategy)
                 runs.checkpoint(conn, walk.run.id, index, reached, outcome.deleted, outcome.skipped_locked,
-                                turn.append(conn) if turn else None, walk.totals_with(outcome.references))
+                                turn.append(conn) if turn else None, walk.totals_with(outcome.references),
+                                walk.live())
             return outcome
         except pg_errors.LockNotAvailable:
             if skip_locked:
