@@ -22,6 +22,12 @@ AUTO_FLOOR_MS = 5.0
 """An ``auto`` budget is never tighter than this: on an idle local server a tiny commit takes well
 under a millisecond, and a budget of 1 ms would hold a run back for scheduler noise."""
 
+AUTO_MARK = "app_latency_auto"
+"""Set in ``gc_runs.options`` of a run whose latency budget is ``auto`` (measured before it runs)."""
+RECORD_KEY = "app_latency_baseline"
+"""Where ``gc_runs.options`` keeps the measurement an ``auto`` budget came from
+(:meth:`Baseline.describe`)."""
+
 CLAIM_SQL = """
 INSERT INTO gc_probe (table_name, node, beats, beat_at) VALUES (%(table)s, %(node)s, 0, now())
 ON CONFLICT (table_name, node) DO UPDATE SET beat_at = now()

@@ -72,13 +72,15 @@ def print_status(rows: list[dict[str, Any]]) -> None:
     from rich.table import Table
 
     table = Table("run", "node", "table", "garbage", "status", "strategy", "deleted", "batches",
-                  "foreign keys", "throttled", "app p50/p99, held back", "started", "error")
+                  "foreign keys", "throttled", "latency budget", "app p50/p99, held back", "started",
+                  "error")
     for row in rows:
         foreign_keys = ", ".join(f"{name} {n:,}" for name, n in (row["foreign_keys"] or {}).items())
         table.add_row(str(row["id"]), row["node"], row["table_name"], row["garbage"] or "", row["status"],
                       row["strategy"] or "", f"{row['messages_deleted']:,}", str(row["batches"]),
                       foreign_keys,
                       f"{row['throttle_pauses']} / {row['throttled_seconds']:.1f}s",
+                      _budget_cell(row),
                       _guard_cell(row),
                       f"{row['started_at']:%Y-%m-%d %H:%M:%S}" if row["started_at"] else "",
                       row["error"] or "")
@@ -125,6 +127,19 @@ def _guard_cell(row: dict[str, Any]) -> str:
     return ((f"{before:.1f} before, " if before is not None else "")
             + f"{row['app_latency_p50_ms']:.1f}/{row['app_latency_p99_ms']:.1f} ms,"
             f" {row['held_back_seconds']:.1f}s")
+
+
+def _budget_cell(row: dict[str, Any]) -> str:
+    """The budget a run goes by, for `msggc status`: ``12 ms``, ``auto 12 ms (3x the p99 of ...)``,
+    ``auto (not measured yet)``; empty without one."""
+    budget, measured = row.get("app_latency_budget_ms"), row.get("app_latency_baseline")
+    if not row.get("app_latency_auto"):
+        return "" if budget is None else f"{budget:g} ms"
+    if budget is None:
+        return "auto (not measured yet)"
+    came_from = (f" ({measured['factor']:g}x the p99 of {measured['p99_ms']:.2f} ms before the run,"
+                 f" at least {measured['floor_ms']:g})") if measured else ""
+    return f"auto {budget:g} ms{came_from}"
 
 
 def _foreign_key_lines(result: GcResult, about: str = "") -> str:

@@ -276,12 +276,22 @@ def record_reclaim(conn: Connection, run_id: int, space: dict[str, Any]) -> None
     conn.execute("UPDATE gc_runs SET reclaim = %s WHERE id = %s", (Jsonb(space), run_id))
 
 
+BUDGET_COLUMNS = (
+    "(options ->> 'max_app_latency_ms')::float8 AS app_latency_budget_ms,"
+    " coalesce((options ->> 'app_latency_auto')::boolean, false) AS app_latency_auto,"
+    " options -> 'app_latency_baseline' AS app_latency_baseline"
+)
+"""A run's latency budget as it went by it: the number (set, or what ``auto`` resolved to, NULL
+while an ``auto`` one is not measured yet) and, for ``auto``, the measurement it came from
+(the keys are :data:`engine.baseline.AUTO_MARK` and :data:`engine.baseline.RECORD_KEY`)."""
+
+
 def recent(conn: Connection, limit: int = 10) -> list[dict[str, Any]]:
     cur = conn.execute(
         "SELECT id, node, table_name, status, strategy, messages_deleted, rows_skipped_locked,"
         " batches, throttle_pauses, throttled_seconds, reclaim, garbage, foreign_keys, started_at,"
         " finished_at, error, app_latency_p50_ms, app_latency_p99_ms, app_probes, held_back_seconds,"
-        " app_latency_before_p99_ms, guard_series"
+        " app_latency_before_p99_ms, guard_series, " + BUDGET_COLUMNS +
         " FROM gc_runs ORDER BY id DESC LIMIT %s",
         (limit,),
     )
@@ -349,7 +359,7 @@ def latest(conn: Connection, table: str, node: str) -> dict[str, Any] | None:
         "SELECT id AS run_id, status, messages_deleted, batches, requested_at, started_at,"
         " finished_at, heartbeat_at, error, throttle_pauses, throttled_seconds, reclaim, garbage,"
         " foreign_keys, app_latency_p50_ms, app_latency_p99_ms, held_back_seconds,"
-        " app_latency_before_p99_ms, guard_series,"
+        " app_latency_before_p99_ms, guard_series, " + BUDGET_COLUMNS + ","
         " round((messages_deleted / greatest(extract(epoch FROM"
         "   coalesce(finished_at, heartbeat_at) - started_at), 0.001))::numeric, 1)::float8 AS rows_per_s"
         " FROM gc_runs WHERE table_name = %s AND node = %s ORDER BY id DESC LIMIT 1",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 from concurrent.futures import ThreadPoolExecutor
 
 import psycopg
@@ -11,11 +12,13 @@ import pytest
 from engine import baseline, runs
 from engine.config import GcOptions
 from engine.service import nodes, requests
+from engine.service.api_models import LatestRun
 from engine.service.settings import ServiceSettings
 from engine.service.worker import Worker
 from tests.api_support import gc_of, posted_bodies, runs_of
 from tests.data import fill
 from tests.polling import wait_until
+from tests.support import run_cli
 
 
 @pytest.fixture
@@ -205,3 +208,46 @@ def test_a_run_whose_table_another_gc_holds_waits_queued_without_its_connections
         worker.close()
     assert [gc_of(body) for body in posted_bodies(callback)] == [{"messages_deleted": 30,
                                                                   "status": "complete"}]
+
+
+def test_the_get_and_status_show_the_number_an_auto_budget_resolved_to_and_the_p99_it_came_from(conn, dsn,
+                                                                                                callback):
+    fill(conn, [True] * 60)
+    settings = dataclasses.replace(settings_for(dsn, callback), baseline_s=0.5,
+                                   defaults=GcOptions(**LONG_ENOUGH_TO_PROBE))
+    requests.request_gc(settings, {})
+    [queued] = requests.read_status(settings)
+    waiting = LatestRun.model_validate(queued.value).model_dump(mode="json")
+    assert (waiting["status"], waiting["app_latency_auto"], waiting["app_latency_budget_ms"]) == (
+        "queued", True, None)
+    assert "auto (not measured yet)" in run_cli("status", "--dsn", dsn).stdout
+
+    worker = Worker(settings)
+    worker.start()
+    try:
+        wait_until(lambda: posted_bodies(callback), timeout_s=30)
+    finally:
+        worker.close()
+    [(_status, options, _p99, _probes)] = run_options(dsn)
+    measured = options["app_latency_baseline"]
+    [latest] = requests.read_status(settings)
+    answer = LatestRun.model_validate(latest.value).model_dump(mode="json")
+    assert (answer["status"], answer["app_latency_auto"]) == ("complete", True)
+    assert answer["app_latency_budget_ms"] == measured["budget_ms"] == options["max_app_latency_ms"]
+    assert answer["app_latency_baseline"]["p99_ms"] == measured["p99_ms"] > 0
+    [listed] = json.loads(run_cli("status", "--dsn", dsn, "--json").stdout)
+    assert listed["app_latency_budget_ms"] == measured["budget_ms"]
+    assert listed["app_latency_baseline"] == measured
+    shown = run_cli("status", "--dsn", dsn).stdout
+    came_from = f"3x the p99 of {measured['p99_ms']:.2f} ms before the run"
+    assert f"auto {measured['budget_ms']:g} ms ({came_from}" in shown
+
+
+def test_the_get_shows_a_budget_set_as_a_number_as_it_is(conn, dsn, callback):
+    settings = dataclasses.replace(settings_for(dsn, callback), auto_app_latency=False,
+                                   defaults=GcOptions(max_app_latency_ms=40.0))
+    requests.request_gc(settings, {})
+    [queued] = requests.read_status(settings)
+    answer = LatestRun.model_validate(queued.value).model_dump(mode="json")
+    assert (answer["app_latency_budget_ms"], answer["app_latency_auto"], answer["app_latency_baseline"]) == (
+        40.0, False, None)

@@ -152,6 +152,20 @@ class GuardPoint(BaseModel):
         default=None, description="Buffers written by client backends since the run began.")
 
 
+class AutoBaseline(BaseModel):
+    """What an ``auto`` latency budget came from (:meth:`engine.baseline.Baseline.describe`)."""
+
+    model_config = ConfigDict(extra="allow")
+
+    p99_ms: float = Field(description="The probe's commit p99 before the run (the application alone).")
+    p50_ms: float | None = None
+    samples: int | None = None
+    seconds: float | None = None
+    factor: float | None = Field(default=None, description="budget = factor x p99 ...")
+    floor_ms: float | None = Field(default=None, description="... never under this.")
+    budget_ms: float | None = None
+
+
 class LatestRun(BaseModel):
     """The newest run of a node (beyond the seed)."""
 
@@ -167,6 +181,14 @@ class LatestRun(BaseModel):
     error: str | None = None
     throttle_pauses: int = 0
     throttled_seconds: float = 0.0
+    app_latency_budget_ms: float | None = Field(
+        default=None, description="The latency budget the run goes by: the number set, or the one"
+        " `auto` resolved to (null while an `auto` budget is not measured yet, or without a budget).")
+    app_latency_auto: bool = Field(default=False, description="The budget is `auto`: measured before"
+                                   " the run (see app_latency_baseline).")
+    app_latency_baseline: AutoBaseline | None = Field(
+        default=None, description="`auto`: the probe's commit latency before the run that the budget"
+        " was made of.")
     app_latency_p50_ms: float | None = Field(
         default=None, description="--max-app-latency: the probe's commit latency over the run (p50).")
     app_latency_p99_ms: float | None = Field(default=None, description="The same, p99.")

@@ -17,7 +17,7 @@ from typing import Any, Generic, TypeVar
 
 import psycopg
 
-from engine import runs
+from engine import baseline, runs
 from engine.config import AUTO_LATENCY
 from engine.db import helpful_lines, primary_message, require_bookkeeping
 from engine.errors import DatabaseUnreachable, MsggcError
@@ -27,7 +27,7 @@ from engine.target import resolve as resolve_target
 
 T = TypeVar("T")
 
-AUTO_LATENCY_MARK = "app_latency_auto"
+AUTO_LATENCY_MARK = baseline.AUTO_MARK
 """Set on a queued run whose latency budget is ``auto``: its worker measures it before the run."""
 REQUESTED_MARK = "requested_epoch"
 """When the request (a PUT, a scheduled time) was made, the same on every node: runs wait for

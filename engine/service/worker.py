@@ -284,7 +284,7 @@ class Worker:
         found = baseline.measure(node.dsn, options.table.qualified, node.name, self.settings.baseline_s)
         with self._connection(node) as conn:
             conn.execute(RECORD_BUDGET_SQL, (Jsonb({"max_app_latency_ms": found.budget_ms,
-                                                    "app_latency_baseline": found.describe()}), run_id))
+                                                    baseline.RECORD_KEY: found.describe()}), run_id))
         log.info("node %s: run %s: latency budget auto = %g ms"
                  " (%gx the probe's p99 of %.2f ms before the run)",
                  node.label, run_id, found.budget_ms, baseline.AUTO_FACTOR, found.p99_ms)
