@@ -15,7 +15,7 @@ from psycopg.types.json import Jsonb
 from engine import progress
 from engine.config import StrategyName
 from engine.db import Connection, one_row
-from engine.status import ACTIVE, RESUMABLE, RunStatus
+from engine.status import ACTIVE, FINISHED, RESUMABLE, RunStatus
 from engine.strategies import Slice
 
 ADVISORY_LOCK_CLASS = 0x6D736763
@@ -380,3 +380,25 @@ def totals(conn: Connection, table: str, node: str) -> dict[str, tuple[int, int]
         (table, node),
     )
     return {status: (count, deleted) for status, count, deleted in rows}
+
+
+
+SIGNALS_SQL = """
+SELECT last.status AS last_status, extract(epoch FROM last.finished_at)::float8 AS last_finished,
+       runs.progress, runs.throttled_seconds, runs.throttle_pauses
+FROM (SELECT extract(epoch FROM max(heartbeat_at) FILTER (WHERE status = 'running'))::float8 AS progress,
+             coalesce(sum(throttled_seconds), 0)::float8 AS throttled_seconds,
+             coalesce(sum(throttle_pauses), 0)::bigint AS throttle_pauses
+      FROM gc_runs WHERE table_name = %(table)s AND node = %(node)s) AS runs
+LEFT JOIN LATERAL (SELECT status, finished_at FROM gc_runs WHERE table_name = %(table)s AND node = %(node)s
+                   AND status = ANY(%(finished)s) ORDER BY id DESC LIMIT 1) AS last ON true
+"""
+
+
+def signals(conn: Connection, table: str, node: str) -> dict[str, Any]:
+    """What alerts watch, read at scrape time: the newest finished run's status and end, the last
+    checkpoint of a running run (every batch advances it: a stalled run does not) and the time
+    throttles held runs back. Times are epoch seconds, which Prometheus compares with ``time()``."""
+    cur = conn.execute(SIGNALS_SQL, {"table": table, "node": node, "finished": [str(s) for s in FINISHED]})
+    row = one_row(cur)
+    return dict(zip([c.name for c in cur.description or []], row, strict=True))

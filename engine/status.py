@@ -23,3 +23,5 @@ class RunStatus(StrEnum):
 STORED = tuple(s.value for s in RunStatus if s is not RunStatus.DRY_RUN)
 RESUMABLE = (RunStatus.QUEUED, RunStatus.RUNNING, RunStatus.STOPPED, RunStatus.FAILED)
 ACTIVE = (RunStatus.QUEUED, RunStatus.RUNNING)
+FINISHED = (RunStatus.COMPLETE, RunStatus.STOPPED, RunStatus.FAILED)
+"""How a run ends; the newest of these is a node's last run, which alerts watch."""

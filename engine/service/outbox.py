@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 
 from engine.db import Connection, one_row
 from engine.errors import MsggcError
@@ -97,11 +98,19 @@ def _deliver_with_retries(conn: Connection, notifier: Notifier, run_id: int, att
     return row[0] if row else None
 
 
-def backlog(conn: Connection, node: str) -> int:
-    """Notices of this node's runs not delivered yet (the metrics' outbox backlog)."""
+@dataclass(frozen=True)
+class Backlog:
+    """Notices of a node's runs not delivered yet, and since when the oldest waits (epoch seconds:
+    its run's end, when it was queued), for the metrics and the undelivered-webhook alert."""
+
+    pending: int
+    oldest_at: float | None
+
+
+def backlog(conn: Connection, node: str) -> Backlog:
     row = one_row(conn.execute(
-        "SELECT count(*) FROM gc_outbox o JOIN gc_runs r ON r.id = o.run_id"
-        " WHERE o.delivered_at IS NULL AND r.node = %s",
+        "SELECT count(*), extract(epoch FROM min(r.finished_at))::float8 FROM gc_outbox o"
+        " JOIN gc_runs r ON r.id = o.run_id WHERE o.delivered_at IS NULL AND r.node = %s",
         (node,),
     ))
-    return int(row[0])
+    return Backlog(int(row[0]), row[1])

@@ -11,6 +11,7 @@ import threading
 from collections.abc import Callable
 from datetime import UTC, datetime
 
+from engine.service.metrics import Metrics
 from engine.service.requests import request_gc
 from engine.service.settings import ServiceSettings
 from engine.service.triggers import Trigger
@@ -21,11 +22,14 @@ log = logging.getLogger("msggc.schedule")
 class Schedule:
     """Requests a GC on every node each time its trigger fires; run by the worker in its own thread."""
 
-    def __init__(self, settings: ServiceSettings, trigger: Trigger, on_request: Callable[[], None]) -> None:
+    def __init__(self, settings: ServiceSettings, trigger: Trigger, on_request: Callable[[], None],
+                 metrics: Metrics) -> None:
         self.settings = settings
         self.trigger = trigger
         self.on_request = on_request
+        self.metrics = metrics
         self.next_at: datetime | None = None
+        metrics.watch_schedule(settings.nodes, lambda: self.next_at)
 
     def run(self, stop: threading.Event) -> None:
         log.info("scheduled GC %s", self.trigger.describe())
@@ -43,6 +47,9 @@ class Schedule:
         for result in request_gc(self.settings, {}):
             if (started := result.value) is not None:
                 log.info("scheduled GC on node %r: run %s", result.node.label, started.run_id)
+                outcome = "joined" if started.joined else "queued"
             else:
                 log.warning("scheduled GC on node %r not started: %s", result.node.label, result.error)
+                outcome = "failed"
+            self.metrics.scheduled.labels(result.node.label, outcome).inc()
         self.on_request()

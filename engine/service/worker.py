@@ -103,7 +103,8 @@ class Worker:
         self._threads: list[threading.Thread] = []
         self._nodes_on_server = Counter(node.address for node in settings.nodes)
         self._place = {node.name: place for place, node in enumerate(settings.nodes)}
-        self.schedule = Schedule(settings, settings.schedule, self.wake) if settings.schedule else None
+        self.schedule = (Schedule(settings, settings.schedule, self.wake, self.metrics)
+                         if settings.schedule else None)
 
     def start(self) -> None:
         for node in self.settings.nodes:
@@ -274,6 +275,7 @@ class Worker:
                 self._fail(node, run_id, reason)
             else:
                 _log_result(node, result)
+                self.metrics.observe_run(node, result)
             self._deliver_now[node.name].set()
             return True
 

@@ -1,0 +1,132 @@
+"""The series the Grafana dashboard and the alert rules in ``deploy/`` read from ``/metrics``,
+each produced by real runs on a real database (``tests/test_deploy_prometheus.py`` then
+evaluates the rules themselves in a real Prometheus)."""
+
+from __future__ import annotations
+
+import time
+from datetime import timedelta
+
+import psycopg
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from engine import collect
+from engine.config import GcOptions
+from engine.service import nodes, requests
+from engine.service.metrics import Metrics
+from engine.service.notice import NoticeFinisher
+from engine.service.notify import WebhookNotifier
+from engine.service.settings import ServiceSettings
+from engine.service.triggers import Every
+from engine.service.worker import Worker
+from engine.status import RunStatus
+from tests.api_support import closed_port_dsn, free_port
+from tests.data import fill
+from tests.polling import wait_until
+
+Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
+
+REFUSE_DELETES = """
+CREATE FUNCTION refuse() RETURNS trigger LANGUAGE plpgsql AS
+  $$BEGIN RAISE EXCEPTION 'the application refuses this delete'; END$$;
+CREATE TRIGGER refuse BEFORE DELETE ON messages FOR EACH ROW EXECUTE FUNCTION refuse();
+"""
+
+
+def at(value: float) -> object:
+    """Timestamps go through the text format as floats: equal to the millisecond."""
+    return pytest.approx(value, abs=1e-3)
+
+
+def scrape(metrics: Metrics) -> Samples:
+    """Every sample of one scrape, by name and labels."""
+    return {(sample.name, frozenset(sample.labels.items())): sample.value
+            for family in text_string_to_metric_families(metrics.render().decode())
+            for sample in family.samples}
+
+
+def of(samples: Samples, name: str, **labels: str) -> float | None:
+    return samples.get((name, frozenset(labels.items())))
+
+
+def epoch(conn: psycopg.Connection, column: str, run_id: int) -> float:
+    [value] = conn.execute(f"SELECT extract(epoch FROM {column})::float8 FROM gc_runs WHERE id = %s",
+                           (run_id,)).fetchone()
+    return value
+
+
+def test_a_failed_run_is_the_last_status_until_one_completes_and_its_undelivered_webhook_waits_since_its_end(
+        conn, dsn):
+    fill(conn, [True] * 5 + [False] * 2)
+    conn.execute(REFUSE_DELETES)
+    unreachable = WebhookNotifier(f"http://127.0.0.1:{free_port()}/gc")
+    failed = collect(dsn, GcOptions(), NoticeFinisher(unreachable))
+    metrics = Metrics(ServiceSettings(nodes=nodes.single(dsn)))
+
+    after_failure = scrape(metrics)
+    conn.execute("DROP TRIGGER refuse ON messages")
+    complete = collect(dsn, GcOptions())
+    after_success = scrape(metrics)
+
+    assert (failed.status, complete.status) == (RunStatus.FAILED, RunStatus.COMPLETE)
+    node = "postgresql"
+    assert {status: of(after_failure, "msggc_last_run_status", node=node, status=status)
+            for status in ("complete", "stopped", "failed")} == {"complete": 0, "stopped": 0, "failed": 1}
+    assert of(after_failure, "msggc_last_run_finished_timestamp_seconds", node=node) == at(
+        epoch(conn, "finished_at", failed.run_id))
+    assert of(after_failure, "msggc_outbox_backlog", node=node) == 1
+    assert of(after_failure, "msggc_outbox_oldest_timestamp_seconds", node=node) == at(
+        epoch(conn, "finished_at", failed.run_id))
+    assert {status: of(after_success, "msggc_last_run_status", node=node, status=status)
+            for status in ("complete", "stopped", "failed")} == {"complete": 1, "stopped": 0, "failed": 0}
+    assert of(after_success, "msggc_last_run_finished_timestamp_seconds", node=node) == at(
+        epoch(conn, "finished_at", complete.run_id))
+    assert of(after_success, "msggc_run_last_progress_timestamp_seconds", node=node) is None
+
+
+def test_a_running_run_exports_its_last_checkpoint_and_a_node_without_runs_exports_no_last_status(conn, dsn):
+    settings = ServiceSettings(nodes=nodes.single(dsn))
+    metrics = Metrics(settings)
+    before = scrape(metrics)
+    [queued] = requests.request_gc(settings, {})
+    conn.execute("UPDATE gc_runs SET status = 'running', started_at = now(), heartbeat_at = now()"
+                 " - interval '10 minutes' WHERE id = %s", (queued.value.run_id,))
+
+    running = scrape(metrics)
+
+    assert of(before, "msggc_last_run_status", node="postgresql", status="failed") is None
+    assert of(before, "msggc_run_last_progress_timestamp_seconds", node="postgresql") is None
+    assert of(running, "msggc_run_last_progress_timestamp_seconds", node="postgresql") == at(
+        epoch(conn, "heartbeat_at", queued.value.run_id))
+    assert of(running, "msggc_runs", node="postgresql", status="running") == 1
+
+
+def test_the_schedule_exports_its_next_time_and_counts_a_request_a_stopped_node_missed(conn, dsn):
+    fill(conn, [True] * 3)
+    down = closed_port_dsn()
+    settings = ServiceSettings(nodes=nodes.build_nodes({"up": dsn, "down": down}), multiconnect=True,
+                               schedule=Every(timedelta(hours=1)), poll_s=0.1, connect_timeout_s=1)
+    worker = Worker(settings)
+    started = time.time()
+    worker.start()
+
+    def run_done() -> Samples | None:
+        samples = scrape(worker.metrics)
+        done = of(samples, "msggc_run_duration_seconds_count", node="up", status="complete")
+        return samples if done else None
+
+    try:
+        samples = wait_until(run_done, timeout_s=20)
+    finally:
+        worker.close()
+
+    counts = {(node, outcome): of(samples, "msggc_scheduled_requests_total", node=node, outcome=outcome)
+              for node in ("up", "down") for outcome in ("queued", "joined", "failed")}
+    assert counts == {("up", "queued"): 1, ("up", "joined"): 0, ("up", "failed"): 0,
+                      ("down", "queued"): 0, ("down", "joined"): 0, ("down", "failed"): 1}
+    next_at = of(samples, "msggc_schedule_next_timestamp_seconds")
+    assert next_at is not None and started + 3600 <= next_at <= time.time() + 3600
+    assert of(samples, "msggc_node_up", node="down") == 0
+    assert of(samples, "msggc_last_run_status", node="up", status="complete") == 1
+
