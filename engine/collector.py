@@ -21,6 +21,8 @@ import psycopg
 from engine import archive_file, partitions, progress, reclaim, runs
 from engine.archive import resolve as resolve_archive
 from engine.archive_file import ArchiveFile
+from engine.compact.flow import compact
+from engine.compact.recover import recover_table as compact_recover
 from engine.config import GcOptions, StrategyName
 from engine.db import Connection, connect, require_bookkeeping
 from engine.dryrun import dry_run
@@ -201,6 +203,12 @@ def collect(
         lock_table(conn, options, target.oid)
         if partitions.recover(conn, target.oid, options.lock_timeout_ms):
             target = check(conn, options)  # the leaves attached again are walked with the others
+        if compact_recover(conn, target.oid, options.lock_timeout_ms):
+            target = check(conn, options)  # a swap finished: the table is the compacted one
+        if options.strategy == "compact":
+            plain = target.legs.get(None, (None, None))[1]
+            return compact(conn, options, target.target, plain, finisher or SilentFinisher(),
+                           stop or threading.Event(), run_id)
         with filter_refused_on_rows(options.table):  # before the run exists: past it, the run fails
             plans, whole = _plans(conn, options, target)
         options = with_workers(conn, options, plans)

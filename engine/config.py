@@ -11,8 +11,8 @@ from typing import Any, Literal
 
 from engine.errors import UsageError
 
-StrategyName = Literal["auto", "physical", "index", "key"]
-STRATEGIES: tuple[StrategyName, ...] = ("auto", "physical", "index", "key")
+StrategyName = Literal["auto", "physical", "index", "key", "compact"]
+STRATEGIES: tuple[StrategyName, ...] = ("auto", "physical", "index", "key", "compact")
 ARCHIVE_FORMATS = ("gzip", "zstd", "parquet")
 
 

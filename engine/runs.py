@@ -69,7 +69,7 @@ def latest_resumable(conn: Connection, table: str, node: str, exclude: int | Non
     row = conn.execute(
         "SELECT id, strategy, cursor, resumed_from FROM gc_runs"
         " WHERE table_name = %s AND node = %s AND status = ANY(%s) AND cursor IS NOT NULL"
-        " AND id IS DISTINCT FROM %s ORDER BY id DESC LIMIT 1",
+        " AND strategy IS DISTINCT FROM 'compact' AND id IS DISTINCT FROM %s ORDER BY id DESC LIMIT 1",
         (table, node, list(RESUMABLE), exclude),
     ).fetchone()
     if row is None:
@@ -102,7 +102,8 @@ def enqueue(conn: Connection, table: str, node: str, options: dict[str, Any]) ->
 def walked_so_far(conn: Connection, run_id: int) -> Run | None:
     """A run that already walked part of the table (a worker died): it goes on in place."""
     row = conn.execute(
-        "SELECT strategy, cursor, resumed_from FROM gc_runs WHERE id = %s AND cursor IS NOT NULL",
+        "SELECT strategy, cursor, resumed_from FROM gc_runs WHERE id = %s AND cursor IS NOT NULL"
+        " AND strategy IS DISTINCT FROM 'compact'",
         (run_id,),
     ).fetchone()
     if row is None:

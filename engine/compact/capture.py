@@ -1,0 +1,65 @@
+"""The capture: a trigger that logs the key of every row the application changes from now on.
+
+Creating it waits for the application's writers of the moment (the trigger's lock conflicts with
+theirs), so once it commits, every change is either committed already (the copy's snapshot,
+taken after, sees it) or fires the trigger: nothing falls between the two (pg_repack's way).
+The function is ``SECURITY DEFINER``: the application's role needs no privilege on the log.
+"""
+
+from __future__ import annotations
+
+from psycopg import sql
+
+from engine.compact.state import TRIGGER, Compaction
+from engine.db import Connection, one_row, table_ident
+
+
+def create(conn: Connection, c: Compaction) -> None:
+    """The log (the key columns, typed as in the table, in arrival order), its function and
+    the trigger; inside the caller's transaction."""
+    keys = sql.SQL(", ").join(map(sql.Identifier, c.key))
+    log, table = table_ident(c.log), table_ident(c.table)
+    conn.execute(sql.SQL("CREATE TABLE {log} AS SELECT {keys} FROM {t} WITH NO DATA").format(
+        log=log, keys=keys, t=table))
+    conn.execute(sql.SQL("ALTER TABLE {} ADD COLUMN msggc_seq bigint GENERATED ALWAYS AS IDENTITY"
+                         " PRIMARY KEY").format(log))
+    conn.execute(sql.SQL(
+        "CREATE FUNCTION {f}() RETURNS trigger LANGUAGE plpgsql SECURITY DEFINER"
+        " SET search_path = pg_catalog, pg_temp AS {body}").format(
+            f=sql.Identifier(*c.function), body=sql.Literal(_body(conn, c))))
+    conn.execute(sql.SQL("CREATE TRIGGER {tg} AFTER INSERT OR UPDATE OR DELETE ON {t}"
+                         " FOR EACH ROW EXECUTE FUNCTION {f}()").format(
+        tg=sql.Identifier(TRIGGER), t=table, f=sql.Identifier(*c.function)))
+    # writes applied by logical replication (session_replication_role = replica) are changes too
+    conn.execute(sql.SQL("ALTER TABLE {} ENABLE ALWAYS TRIGGER {}").format(table, sql.Identifier(TRIGGER)))
+
+
+def _body(conn: Connection, c: Compaction) -> str:
+    """Log the new key of an insert or update, and the old one of a delete or of an update
+    that changed it (that key's row is gone)."""
+    keys = sql.SQL(", ").join(map(sql.Identifier, c.key))
+
+    def row(alias: str) -> sql.Composable:
+        return sql.SQL(", ").join(sql.Identifier(alias, name) for name in c.key)
+
+    return sql.SQL(
+        "BEGIN\n"
+        "  IF TG_OP <> 'DELETE' THEN INSERT INTO {log} ({keys}) VALUES ({new}); END IF;\n"
+        "  IF TG_OP = 'DELETE' THEN INSERT INTO {log} ({keys}) VALUES ({old});\n"
+        "  ELSIF TG_OP = 'UPDATE' AND ({old}) IS DISTINCT FROM ({new}) THEN\n"
+        "    INSERT INTO {log} ({keys}) VALUES ({old});\n"
+        "  END IF;\n"
+        "  RETURN NULL;\n"
+        "END"
+    ).format(log=table_ident(c.log), keys=keys, new=row("new"), old=row("old")).as_string(conn)
+
+
+def drop(conn: Connection, c: Compaction) -> None:
+    """Trigger, function and log, whichever exist (inside the caller's transaction)."""
+    present = one_row(conn.execute("SELECT EXISTS (SELECT 1 FROM pg_trigger WHERE tgrelid = to_regclass(%s)"
+                                   " AND tgname = %s)", (table_ident(c.table).as_string(conn), TRIGGER)))[0]
+    if present:  # only then: even IF EXISTS locks the table
+        conn.execute(sql.SQL("DROP TRIGGER IF EXISTS {} ON {}").format(
+            sql.Identifier(TRIGGER), table_ident(c.table)))
+    conn.execute(sql.SQL("DROP FUNCTION IF EXISTS {}()").format(sql.Identifier(*c.function)))
+    conn.execute(sql.SQL("DROP TABLE IF EXISTS {}").format(table_ident(c.log)))

@@ -1,0 +1,73 @@
+"""The catch-up: re-sync every key the capture logged from the table's current row.
+
+One round is one transaction: take (delete) the oldest logged keys, delete those rows from the
+new table and insert again the ones that are present and not garbage in the old, so the new
+table holds for each of those keys what the old one holds now. A change committed after the
+round's read logs its key again, for a later round; the log is consumed only with the sync it
+triggered, so a crash loses no change. The rows inserted and deleted keep ``c.live`` exact.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from psycopg import errors as pg_errors
+from psycopg import sql
+
+from engine.compact.state import Compaction, save
+from engine.db import Connection, table_ident
+
+ROUND_KEYS = 50_000
+SHORT_LOG = 1_000
+"""A log this short is synced inside the swap's lock: a round of it takes milliseconds."""
+ROUND_RETRIES = 5
+
+
+def sync_round(conn: Connection, c: Compaction, names: list[str],
+               limit: int | None = ROUND_KEYS) -> int:
+    """One round (``limit`` None: the whole log) inside the caller's transaction; returns the
+    log entries consumed. Its count of live rows is recorded with it."""
+    keys = sql.SQL(", ").join(map(sql.Identifier, c.key))
+    picked = sql.SQL("") if limit is None else sql.SQL(
+        " WHERE msggc_seq IN (SELECT msggc_seq FROM {log} ORDER BY msggc_seq LIMIT {n})").format(
+            log=table_ident(c.log), n=sql.Literal(limit))
+    consumed = conn.execute(sql.SQL(
+        "CREATE TEMP TABLE msggc_keys ON COMMIT DROP AS WITH taken AS (DELETE FROM {log}{picked}"
+        " RETURNING {keys}) SELECT DISTINCT {keys} FROM taken").format(
+            log=table_ident(c.log), picked=picked, keys=keys)).rowcount
+    if consumed == 0:
+        conn.execute("DROP TABLE msggc_keys")
+        return 0
+    match = sql.SQL(" AND ").join(sql.SQL("{} = {}").format(sql.Identifier("r", k), sql.Identifier("k", k))
+                                  for k in c.key)
+    deleted = conn.execute(sql.SQL("DELETE FROM {new} r USING msggc_keys k WHERE {match}").format(
+        new=table_ident(c.new), match=match)).rowcount
+    cols = sql.SQL(", ").join(map(sql.Identifier, names))
+    inserted = conn.execute(sql.SQL(
+        "INSERT INTO {new} ({cols}) OVERRIDING SYSTEM VALUE SELECT {cols} FROM ONLY {old}"
+        " WHERE ({keys}) IN (SELECT {keys} FROM msggc_keys) AND ({garbage}) IS NOT TRUE").format(
+            new=table_ident(c.new), cols=cols, old=table_ident(c.table), keys=keys, garbage=c.predicate),
+        c.params).rowcount
+    conn.execute("DROP TABLE msggc_keys")
+    c.live += inserted - deleted
+    save(conn, c)
+    return consumed
+
+
+def catch_up(conn: Connection, c: Compaction, names: list[str],
+             check: Callable[[], None] = lambda: None) -> None:
+    """Rounds until one leaves the log short. A round that meets a unique violation (a row
+    whose other unique value moved to a key of a later round) is tried again: the retry takes
+    the later change with it. ``check`` is called before each round (it raises to stop)."""
+    while True:
+        check()
+        for attempt in range(ROUND_RETRIES):
+            try:
+                with conn.transaction():
+                    consumed = sync_round(conn, c, names)
+                break
+            except pg_errors.UniqueViolation:  # raised before the round counted anything
+                if attempt == ROUND_RETRIES - 1:
+                    raise
+        if consumed < SHORT_LOG:
+            return

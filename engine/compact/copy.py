@@ -1,0 +1,91 @@
+"""The new table and the copy of the live rows into it, in one snapshot; then its indexes.
+
+The new table is made ``LIKE`` the old with everything a row needs to be the same row (defaults,
+identity, CHECK and NOT NULL constraints, storage, compression, generated columns, extended
+statistics, column comments) and its table options, but no index: the copy loads a bare heap,
+then each index is built once (not concurrently: nobody sees the table yet) under a name of its
+own. Outgoing foreign keys are added ``NOT VALID`` (the rows came from a table that held them).
+"""
+
+from __future__ import annotations
+
+from psycopg import sql
+
+from engine.compact.state import Compaction
+from engine.db import Connection, one_row, table_ident
+
+LIKE = sql.SQL("INCLUDING DEFAULTS INCLUDING IDENTITY INCLUDING CONSTRAINTS INCLUDING STORAGE"
+               " INCLUDING COMPRESSION INCLUDING GENERATED INCLUDING STATISTICS INCLUDING COMMENTS")
+
+
+def create_table(conn: Connection, c: Compaction, oid: int) -> None:
+    """The new table beside the old, same persistence and table options (caller's transaction)."""
+    unlogged, options = one_row(conn.execute(
+        "SELECT relpersistence = 'u', coalesce((SELECT array_agg(array[option_name, option_value])"
+        " FROM pg_options_to_table(reloptions)), '{}') FROM pg_class WHERE oid = %s", (oid,)))
+    with_options = sql.SQL(" WITH ({})").format(sql.SQL(", ").join(
+        sql.SQL("{} = {}").format(sql.Identifier(name), sql.Literal(value)) for name, value in options)
+    ) if options else sql.SQL("")
+    conn.execute(sql.SQL("CREATE {unlogged}TABLE {new} (LIKE {old} {like}){options}").format(
+        unlogged=sql.SQL("UNLOGGED " if unlogged else ""), new=table_ident(c.new), old=table_ident(c.table),
+        like=LIKE, options=with_options))
+
+
+def columns(conn: Connection, oid: int) -> list[str]:
+    """The columns a row is written with (generated ones are computed again by the table)."""
+    return [name for (name,) in conn.execute(
+        "SELECT attname FROM pg_attribute WHERE attrelid = %s AND attnum > 0 AND NOT attisdropped"
+        " AND attgenerated = '' ORDER BY attnum", (oid,))]
+
+
+def copy_live(conn: Connection, c: Compaction, names: list[str]) -> int:
+    """Every row that is not garbage, read in one statement's snapshot (inside the caller's
+    transaction, which records the count with it); returns the rows copied."""
+    cols = sql.SQL(", ").join(map(sql.Identifier, names))
+    conn.execute("SELECT set_config('statement_timeout', '0', true)")
+    cur = conn.execute(sql.SQL(
+        "INSERT INTO {new} ({cols}) OVERRIDING SYSTEM VALUE SELECT {cols} FROM ONLY {old}"
+        " WHERE ({garbage}) IS NOT TRUE").format(
+            new=table_ident(c.new), cols=cols, old=table_ident(c.table), garbage=c.predicate), c.params)
+    return cur.rowcount
+
+
+def build_indexes(conn: Connection, c: Compaction, oid: int) -> None:
+    """Each index of the old table on the new one, under a name of its own (the old one's at the
+    swap), a primary key or unique constraint made of it; the mapping goes into ``c.indexes``.
+    ``pg_get_indexdef`` always qualifies the table, so its text past ``ON schema.table`` is the
+    index's method, columns, options and predicate, as the server printed them."""
+    rows = conn.execute(
+        "SELECT ic.relname, x.indisunique, con.contype,"
+        " substr(d.def, length(format('CREATE %%sINDEX %%I ON %%I.%%I ',"
+        "   CASE WHEN x.indisunique THEN 'UNIQUE ' END, ic.relname, n.nspname, t.relname)) + 1)"
+        " FROM pg_index x JOIN pg_class ic ON ic.oid = x.indexrelid JOIN pg_class t ON t.oid = x.indrelid"
+        " JOIN pg_namespace n ON n.oid = t.relnamespace"
+        " CROSS JOIN LATERAL (SELECT pg_get_indexdef(x.indexrelid) AS def) d"
+        " LEFT JOIN pg_constraint con ON con.conindid = x.indexrelid AND con.conrelid = x.indrelid"
+        " AND con.contype IN ('p', 'u')"
+        " WHERE x.indrelid = %s ORDER BY x.indexrelid", (oid,)).fetchall()
+    c.indexes = []
+    for number, (name, unique, constraint, tail) in enumerate(rows):
+        built = f"msggc_{c.run_id}_{number}"
+        conn.execute(sql.SQL("SELECT set_config('statement_timeout', '0', true)"))
+        conn.execute(sql.SQL("CREATE {unique}INDEX {name} ON {new} {tail}").format(
+            unique=sql.SQL("UNIQUE " if unique else ""), name=sql.Identifier(built), new=table_ident(c.new),
+            tail=sql.SQL(tail)))  # the server's own text of the index
+        if constraint is not None:
+            kind = sql.SQL("PRIMARY KEY" if constraint == "p" else "UNIQUE")
+            conn.execute(sql.SQL("ALTER TABLE {new} ADD CONSTRAINT {name} {kind} USING INDEX {name}").format(
+                new=table_ident(c.new), name=sql.Identifier(built), kind=kind))
+        c.indexes.append([name, built])
+
+
+def add_foreign_keys(conn: Connection, c: Compaction, oid: int) -> list[str]:
+    """The old table's foreign keys onto other tables, ``NOT VALID`` (no scan, no long lock on
+    the referenced table); returns those to validate after the swap (the valid ones)."""
+    rows = conn.execute("SELECT conname, pg_get_constraintdef(oid), convalidated FROM pg_constraint"
+                        " WHERE conrelid = %s AND contype = 'f' ORDER BY oid", (oid,)).fetchall()
+    for name, definition, _valid in rows:
+        conn.execute(sql.SQL("ALTER TABLE {new} ADD CONSTRAINT {name} {definition}{not_valid}").format(
+            new=table_ident(c.new), name=sql.Identifier(name), definition=sql.SQL(definition),
+            not_valid=sql.SQL("" if definition.endswith("NOT VALID") else " NOT VALID")))
+    return [name for name, _definition, valid in rows if valid]

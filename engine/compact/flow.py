@@ -1,0 +1,155 @@
+"""One compaction run, phase by phase, each recorded; any way out of it closes the run, and a
+compaction stopped or failed before its swap is undone before the run closes."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import psycopg
+from psycopg import errors as pg_errors
+from psycopg import sql
+
+from engine import runs
+from engine.compact import capture, copy, preconditions, recover, swap
+from engine.compact.catchup import catch_up
+from engine.compact.state import BEFORE_SWAP, Compaction, save
+from engine.config import GcOptions
+from engine.db import Connection, one_row, regclass_of, table_ident
+from engine.errors import MsggcError
+from engine.finish import Finisher, close
+from engine.planner import cutoff_of
+from engine.queries import Statements
+from engine.result import GcResult
+from engine.status import RunStatus
+from engine.target import Target
+
+LOCK_ATTEMPTS = 6
+LOCK_BACKOFF_S = 0.1
+
+
+class Stopped(Exception):
+    """A budget or a signal: the compaction stops at a phase boundary and is undone."""
+
+
+@dataclass
+class Budget:
+    stop: threading.Event
+    deadline: float | None
+
+    def check(self) -> None:
+        if self.stop.is_set():
+            raise Stopped("a signal")
+        if self.deadline is not None and time.monotonic() > self.deadline:
+            raise Stopped("--max-seconds reached")
+
+
+def compact(conn: Connection, options: GcOptions, target: Target, statements: Statements | None,
+            finisher: Finisher, stop: threading.Event, run_id: int | None = None) -> GcResult:
+    """Compact the (plain) table: refused in one line before any run exists if it cannot be."""
+    started = time.monotonic()
+    preconditions.require(conn, target)
+    assert statements is not None  # a plain table: its one leg
+    if options.archive or options.archive_to:
+        raise preconditions.CompactRefused("--strategy compact does not archive yet: drop --archive"
+                                           " (--archive-to) or use the walk")
+    schema, name = one_row(conn.execute("SELECT n.nspname, c.relname FROM pg_class c JOIN pg_namespace n"
+                                        " ON n.oid = c.relnamespace WHERE c.oid = %s", (target.oid,)))
+    cutoff = cutoff_of(conn, options)
+    disk = preconditions.free_disk(conn, _copy_bytes(conn, target.oid, statements, cutoff))
+    names = copy.columns(conn, target.oid)
+    run = runs.start(conn, target.qualified, options.node, "compact", [], options.describe(),
+                     resumed_from=None, run_id=run_id, garbage=target.describe(), key=target.key)
+    c = Compaction(run.id, schema, name, list(target.key), statements.garbage.as_string(conn),
+                   cutoff.isoformat() if cutoff else None)
+    budget = Budget(stop, started + options.max_seconds if options.max_seconds else None)
+    status, failure, deleted = RunStatus.COMPLETE, None, 0
+    try:
+        _until_swap(conn, c, target.oid, names, options, budget)
+        swap.swap(conn, c, names, options.lock_timeout_ms)
+        deleted = recover.finish_swapped(conn, c)
+    except Stopped as exc:
+        status, failure = RunStatus.STOPPED, f"compaction stopped ({exc}) before its swap and undone"
+    except (MsggcError, psycopg.Error) as exc:
+        status, failure = RunStatus.FAILED, str(exc).strip().splitlines()[0]
+    if c.phase in BEFORE_SWAP:
+        failure = _undone(conn, c, options.lock_timeout_ms, failure)
+    closed = close(conn, run.id, options.node, lambda: (status, failure), finisher, deleted_so_far=deleted)
+    new_oid = regclass_of(conn, c.table)
+    for oid in (target.oid, new_oid):
+        if oid is not None:
+            runs.unlock_table(conn, oid)
+    return GcResult(status=closed.outcome.status, strategy="compact",
+                    reason=f"compaction asked for (--strategy compact); {disk}", garbage_estimate=deleted,
+                    rows_estimate=c.live + deleted, run_id=run.id, error=closed.outcome.failure,
+                    stop_reason=failure if status is RunStatus.STOPPED else None,
+                    messages_deleted=closed.outcome.messages_deleted, batches=1,
+                    elapsed_s=time.monotonic() - started, garbage=target.describe(),
+                    notification_error=closed.notification_error)
+
+
+def _until_swap(conn: Connection, c: Compaction, oid: int, names: list[str], options: GcOptions,
+                budget: Budget) -> None:
+    """Capture (with the new table, recorded in the same commit), copy, indexes and foreign keys,
+    catch-up rounds: each a transaction of its own, the budget checked between them."""
+
+    def begin() -> None:
+        capture.create(conn, c)
+        copy.create_table(conn, c, oid)
+        save(conn, c)
+
+    _locking(conn, begin, options.lock_timeout_ms)
+    new_oid = regclass_of(conn, c.new)
+    assert new_oid is not None
+    runs.try_lock_table(conn, new_oid)  # a GC of the table once swapped waits for this run's end
+    budget.check()
+    with conn.transaction():
+        c.live = copy.copy_live(conn, c, names)
+        c.phase = "copied"
+        save(conn, c)
+    budget.check()
+    with conn.transaction():
+        copy.build_indexes(conn, c, oid)
+        save(conn, c)
+
+    def foreign_keys() -> None:
+        c.validate = copy.add_foreign_keys(conn, c, oid)
+        c.phase = "indexed"
+        save(conn, c)
+
+    _locking(conn, foreign_keys, options.lock_timeout_ms)
+    catch_up(conn, c, names, budget.check)
+
+
+def _locking(conn: Connection, step: Callable[[], None], lock_timeout_ms: int) -> None:
+    """``step`` in a transaction under ``lock_timeout``, tried again with backoff."""
+    for attempt in range(LOCK_ATTEMPTS):
+        try:
+            with conn.transaction():
+                conn.execute("SELECT set_config('lock_timeout', %s, true)", (f"{lock_timeout_ms}ms",))
+                step()
+            return
+        except pg_errors.LockNotAvailable:
+            if attempt == LOCK_ATTEMPTS - 1:
+                raise
+            time.sleep(LOCK_BACKOFF_S * 2**attempt)
+
+
+def _undone(conn: Connection, c: Compaction, lock_timeout_ms: int, failure: str | None) -> str | None:
+    """Undo a compaction that did not reach its swap; if even that fails, the next run will."""
+    try:
+        recover.undo(conn, c, lock_timeout_ms)
+    except (MsggcError, psycopg.Error) as exc:
+        return f"{failure}; {exc}" if failure else str(exc)
+    return failure
+
+
+def _copy_bytes(conn: Connection, oid: int, statements: Statements, cutoff: object) -> int:
+    """The new table's size, about: the table's (with indexes) times the live share of a 1% sample."""
+    size, share = one_row(conn.execute(sql.SQL(
+        "SELECT pg_total_relation_size(%(oid)s), (SELECT coalesce(avg((({garbage}) IS NOT TRUE)::int), 1)"
+        " FROM {t} TABLESAMPLE SYSTEM (1))").format(
+            garbage=statements.garbage, t=table_ident(statements.table)), {"oid": oid, "cutoff": cutoff}))
+    return int(size * float(share))

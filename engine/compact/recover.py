@@ -1,0 +1,108 @@
+"""Seeing a compaction through, or undoing it: for the run itself, and for the next run on the
+table (whatever its flags) when the one that started it was killed.
+
+Before the swap the application's table is untouched but for the capture trigger: undoing
+removes the trigger, its function, the log and the half-built table. After the swap the old
+table is frozen: it is verified (``rows(old) = rows(new) + garbage(old)``), its garbage counted
+as the run's deleted rows, then dropped (or kept with ``--archive``).
+"""
+
+from __future__ import annotations
+
+import time
+
+from psycopg import errors as pg_errors
+from psycopg import sql
+
+from engine import runs
+from engine.compact import capture
+from engine.compact.state import BEFORE_SWAP, Compaction, save, unfinished
+from engine.db import Connection, one_row, table_ident
+from engine.errors import MsggcError
+from engine.status import RunStatus
+
+ATTEMPTS = 6
+BACKOFF_S = 0.1
+
+
+class CompactionKept(MsggcError):
+    """The verification failed after the swap: the old table is kept beside the new one."""
+
+
+def undo(conn: Connection, c: Compaction, lock_timeout_ms: int) -> None:
+    """Remove what a compaction built before its swap, in one transaction (the trigger's drop
+    waits at most ``lock_timeout`` for the table, retried with backoff)."""
+    for attempt in range(ATTEMPTS):
+        try:
+            with conn.transaction():
+                conn.execute("SELECT set_config('lock_timeout', %s, true)", (f"{lock_timeout_ms}ms",))
+                capture.drop(conn, c)
+                conn.execute(sql.SQL("DROP TABLE IF EXISTS {}").format(table_ident(c.new)))
+                c.phase = "undone"
+                save(conn, c)
+            return
+        except pg_errors.LockNotAvailable:
+            if attempt == ATTEMPTS - 1:
+                raise MsggcError(f"the capture trigger on {c.table.qualified} could not be removed: its"
+                                 f" lock was not granted within {lock_timeout_ms} ms; the next run removes it"
+                                 ) from None
+            time.sleep(BACKOFF_S * 2**attempt)
+
+
+def finish_swapped(conn: Connection, c: Compaction) -> int:
+    """Validate the carried foreign keys, verify and count the old table, drop it (or keep it as
+    the archive); returns the garbage it held: the run's deleted rows, exact. A count that does
+    not add up keeps the old table and raises :class:`CompactionKept`."""
+    capture.drop(conn, c)
+    for name in c.validate:
+        conn.execute(sql.SQL("ALTER TABLE {} VALIDATE CONSTRAINT {}").format(
+            table_ident(c.table), sql.Identifier(name)))
+    rows, garbage = one_row(conn.execute(sql.SQL(
+        "SELECT count(*), count(*) FILTER (WHERE ({garbage}) IS TRUE) FROM {old}").format(
+            garbage=c.predicate, old=table_ident(c.old)), c.params))
+    with conn.transaction():
+        if rows != c.live + garbage:
+            c.phase = "kept"
+            save(conn, c)
+        else:
+            if not c.archive:
+                conn.execute(sql.SQL("DROP TABLE {}").format(table_ident(c.old)))
+            c.phase = "done"
+            save(conn, c)
+            conn.execute("UPDATE gc_runs SET messages_deleted = %s, batches = batches + 1 WHERE id = %s",
+                         (garbage, c.run_id))
+    if c.phase == "kept":
+        raise CompactionKept(
+            f"compaction of {c.table.qualified} did not add up: the old table held {rows} rows, the new one"
+            f" {c.live} and garbage {garbage}; the old table is kept as {c.old.qualified}")
+    return int(garbage)
+
+
+def recover(conn: Connection, schema: str, name: str, lock_timeout_ms: int) -> list[str]:
+    """Undo or finish every compaction of ``schema.name`` a killed run left; returns what was
+    done, one line each. The killed run is closed (failed when undone, complete when finished)."""
+    done = []
+    for c in unfinished(conn, schema, name):
+        if c.phase in BEFORE_SWAP:
+            undo(conn, c, lock_timeout_ms)
+            _close(conn, c.run_id, RunStatus.FAILED, "killed before its swap: undone by the next run")
+            done.append(f"run {c.run_id}'s compaction, killed before its swap, undone")
+        else:
+            deleted = finish_swapped(conn, c)
+            _close(conn, c.run_id, RunStatus.COMPLETE, None)
+            done.append(f"run {c.run_id}'s compaction, killed after its swap, finished: {deleted} rows")
+    return done
+
+
+def recover_table(conn: Connection, oid: int, lock_timeout_ms: int) -> list[str]:
+    """:func:`recover` for the table ``oid`` (every run calls it, under the table's GC lock)."""
+    schema, name = one_row(conn.execute("SELECT n.nspname, c.relname FROM pg_class c JOIN pg_namespace n"
+                                        " ON n.oid = c.relnamespace WHERE c.oid = %s", (oid,)))
+    return recover(conn, schema, name, lock_timeout_ms)
+
+
+def _close(conn: Connection, run_id: int, status: RunStatus, error: str | None) -> None:
+    """A killed run's row, if it still says running (a run that closed itself keeps its word)."""
+    with conn.transaction():
+        if one_row(conn.execute("SELECT status FROM gc_runs WHERE id = %s", (run_id,)))[0] == "running":
+            runs.finish(conn, run_id, status, error)

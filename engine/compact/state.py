@@ -1,0 +1,97 @@
+"""The compaction's record in its run's ``gc_runs.cursor``: names, phase and counts.
+
+Written in the transaction of every change it describes, so a run killed at any instant leaves
+a record that says exactly what exists: :mod:`engine.compact.recover` reads it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any, Literal
+
+from psycopg import sql
+from psycopg.types.json import Jsonb
+
+from engine.config import TableSpec
+from engine.db import Connection
+
+Phase = Literal["capture", "copied", "indexed", "swapped", "done", "undone", "kept"]
+BEFORE_SWAP: tuple[Phase, ...] = ("capture", "copied", "indexed")
+TRIGGER = "msggc_compact_capture"
+"""The capture trigger's name on the application's table (never carried to the new one)."""
+
+
+@dataclass
+class Compaction:
+    """One compaction of ``schema.name`` by run ``run_id``; the other tables live beside it."""
+
+    run_id: int
+    schema: str
+    name: str
+    key: list[str]
+    garbage: str
+    """The garbage predicate as SQL text rendered by this run (its cutoff a parameter)."""
+    cutoff: str | None
+    phase: Phase = "capture"
+    live: int = 0
+    """Rows in the new table: the copy's, plus inserted minus deleted by every catch-up round."""
+    archive: bool = False
+    validate: list[str] = field(default_factory=list)
+    """Outgoing foreign keys added ``NOT VALID`` to validate once swapped (valid on the old)."""
+    indexes: list[list[str]] = field(default_factory=list)
+    """``[old name, new name]`` of each index of the table, built on the new one under a name of
+    its own and given the old one's at the swap."""
+
+    @property
+    def table(self) -> TableSpec:
+        return TableSpec(name=self.name, schema=self.schema)
+
+    @property
+    def new(self) -> TableSpec:
+        return TableSpec(name=f"msggc_new_{self.run_id}", schema=self.schema)
+
+    @property
+    def log(self) -> TableSpec:
+        return TableSpec(name=f"msggc_log_{self.run_id}", schema=self.schema)
+
+    @property
+    def old(self) -> TableSpec:
+        """The application's table once swapped out: frozen, then dropped or kept as the archive."""
+        return TableSpec(name=f"msggc_old_{self.run_id}", schema=self.schema)
+
+    @property
+    def function(self) -> tuple[str, str]:
+        return (self.schema, f"msggc_capture_{self.run_id}")
+
+    @property
+    def predicate(self) -> sql.Composable:
+        return sql.SQL(self.garbage)  # this run's own rendering of the checked predicate
+
+    @property
+    def prefix(self) -> str:
+        """What the old table's indexes and sequences are renamed to at the swap (plus a number)."""
+        return f"msggc_{self.run_id}_old"
+
+    @property
+    def params(self) -> dict[str, object]:
+        return {"cutoff": self.cutoff}
+
+
+def save(conn: Connection, compaction: Compaction) -> None:
+    """Record where the compaction stands (inside the transaction of the change it describes)."""
+    conn.execute("UPDATE gc_runs SET cursor = jsonb_set(coalesce(cursor, '{}'), '{compact}', %s),"
+                 " heartbeat_at = now() WHERE id = %s", (Jsonb(asdict(compaction)), compaction.run_id))
+
+
+def unfinished(conn: Connection, schema: str, name: str) -> list[Compaction]:
+    """Every compaction of this table that a run started and did not see through."""
+    rows = conn.execute(
+        "SELECT cursor -> 'compact' FROM gc_runs WHERE cursor ? 'compact'"
+        " AND cursor #>> '{compact,phase}' NOT IN ('done', 'undone', 'kept')"
+        " AND cursor #>> '{compact,schema}' = %s AND cursor #>> '{compact,name}' = %s ORDER BY id",
+        (schema, name)).fetchall()
+    return [_loaded(record) for (record,) in rows]
+
+
+def _loaded(record: dict[str, Any]) -> Compaction:
+    return Compaction(**record)

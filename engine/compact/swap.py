@@ -1,0 +1,76 @@
+"""The swap: one short transaction under ``lock_timeout`` that puts the new table in the old
+one's place, tried again with backoff (a catch-up round between tries keeps the log short).
+
+Under the table's ACCESS EXCLUSIVE lock nobody writes: the last logged keys are synced, the
+capture trigger goes, the indexes and tables trade names, and the new table takes over what the
+old one carried (:mod:`engine.compact.carry`); the record says ``swapped`` in the same commit.
+"""
+
+from __future__ import annotations
+
+import time
+
+from psycopg import errors as pg_errors
+from psycopg import sql
+
+from engine.compact import carry
+from engine.compact.catchup import catch_up, sync_round
+from engine.compact.state import TRIGGER, Compaction, save
+from engine.db import Connection, one_row, regclass_of, table_ident
+from engine.errors import MsggcError
+
+ATTEMPTS = 6
+BACKOFF_S = 0.1
+
+
+class SwapNotGranted(MsggcError):
+    """The table's lock was never granted within lock_timeout: the compaction is undone."""
+
+
+def swap(conn: Connection, c: Compaction, names: list[str], lock_timeout_ms: int) -> None:
+    """Swap, or raise :class:`SwapNotGranted` after every attempt waited its ``lock_timeout``."""
+    for attempt in range(ATTEMPTS):
+        try:
+            with conn.transaction():
+                _swap_locked(conn, c, names, lock_timeout_ms)
+            return
+        except pg_errors.LockNotAvailable:
+            time.sleep(BACKOFF_S * 2**attempt)
+            catch_up(conn, c, names)
+    raise SwapNotGranted(f"the lock on {c.table.qualified} was not granted within {lock_timeout_ms} ms"
+                         f" in {ATTEMPTS} attempts (a long transaction of the application's holds it);"
+                         " the compaction was undone, nothing changed")
+
+
+def _swap_locked(conn: Connection, c: Compaction, names: list[str], lock_timeout_ms: int) -> None:
+    conn.execute("SELECT set_config('lock_timeout', %s, true), set_config('statement_timeout', '0', true),"
+                 " set_config('synchronous_commit', 'on', true)", (f"{lock_timeout_ms}ms",))
+    table, new = table_ident(c.table), table_ident(c.new)
+    conn.execute(sql.SQL("LOCK TABLE {} IN ACCESS EXCLUSIVE MODE").format(table))
+    old_oid, new_oid = regclass_of(conn, c.table), regclass_of(conn, c.new)
+    assert old_oid is not None and new_oid is not None
+    _require_same_indexes(conn, c, old_oid)
+    sync_round(conn, c, names, limit=None)
+    conn.execute(sql.SQL("DROP TRIGGER {} ON {}").format(sql.Identifier(TRIGGER), table))
+    renamed = {}
+    for number, (name, built) in enumerate(c.indexes):
+        renamed[f"{c.prefix}_{number}"] = name
+        conn.execute(sql.SQL("ALTER INDEX {} RENAME TO {}").format(
+            sql.Identifier(c.schema, name), sql.Identifier(f"{c.prefix}_{number}")))
+        conn.execute(sql.SQL("ALTER INDEX {} RENAME TO {}").format(
+            sql.Identifier(c.schema, built), sql.Identifier(name)))
+    conn.execute(sql.SQL("ALTER TABLE {} RENAME TO {}").format(table, sql.Identifier(c.old.name)))
+    conn.execute(sql.SQL("ALTER TABLE {} RENAME TO {}").format(new, sql.Identifier(c.name)))
+    carry.carry_all(conn, old_oid, new_oid, table, c.prefix, renamed)
+    c.phase = "swapped"
+    save(conn, c)
+
+
+def _require_same_indexes(conn: Connection, c: Compaction, oid: int) -> None:
+    """An index the application created or dropped meanwhile would be lost or doubled: refuse."""
+    now = sorted(one_row(conn.execute(
+        "SELECT coalesce(array_agg(c.relname::text), '{}') FROM pg_index x"
+        " JOIN pg_class c ON c.oid = x.indexrelid WHERE x.indrelid = %s", (oid,)))[0])
+    if now != sorted(name for name, _built in c.indexes):
+        raise MsggcError(f"the indexes of {c.table.qualified} changed during the compaction"
+                         f" ({', '.join(now)}); it was undone, nothing changed: run it again")
