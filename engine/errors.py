@@ -47,3 +47,8 @@ class EmbeddedServerError(MsggcError):
 
 class DeliveryFailed(MsggcError):
     """A notification could not be delivered this time; it stays queued for a retry."""
+
+
+class BudgetCannotHold(MsggcError):
+    """The application is already over the latency budget before the run writes anything:
+    whatever the run does, the budget cannot hold, so the run deletes nothing."""

@@ -17,9 +17,15 @@ commits alone: the application's p99 without the run, reported beside the p99 du
 
 Beside the probe, once per step the probe reads the server's requested checkpoints and the
 buffers written by backends themselves (dirty pages evicted by a client, not the background
-writer or the checkpointer: the application's own commits and reads doing the run's writing):
-either holds the rate's growth. Each
-step is a point of the run's time series (rate granted, probe p99, WAL rate, checkpoints).
+writer or the checkpointer: the application's own commits and reads doing the run's writing).
+A requested checkpoint holds the rate's growth; backends writing well beyond their rate before
+the run halve it, as a p99 over the budget does: the probe's one-row commit does not feel an
+eviction that a transaction reading and dirtying pages does (issue 22: pgbench's p99 twice the
+budget while the probe's stayed under it and backends wrote 83 MB themselves). Each step is a
+point of the run's time series (rate granted, probe p99, WAL rate, checkpoints).
+
+A run whose application is over the budget before it starts (``REFUSE_PERCENTILE`` of the
+commits alone) is refused before it deletes anything (:class:`~engine.errors.BudgetCannotHold`).
 """
 
 from __future__ import annotations
@@ -38,17 +44,33 @@ import psycopg
 from psycopg.types.json import Jsonb
 
 from engine.db import APPLICATION_NAME, Connection, connect, one_row
-from engine.errors import MsggcError, SchemaMissing
+from engine.errors import BudgetCannotHold, MsggcError, SchemaMissing
 
 PROBE_INTERVAL_S = 0.1
 PROBE_APPLICATION_NAME = f"{APPLICATION_NAME}-probe"
 STEP_SAMPLES = 5
 """Probe samples per control step: the controller judges each ~0.5 s of fresh samples once,
 so one slow commit halves the rate once, not once per step it stays in a sliding window."""
-BEFORE_SAMPLES = 10
-"""Commits the probe times before the workers start (~1 s): the application's p99 alone."""
-BEFORE_WAIT_S = 3.0
+BEFORE_SAMPLES = 20
+"""Commits the probe times before the workers start (~2 s): the application's p99 alone."""
+BEFORE_MAX_SAMPLES = 100
+"""While the last ``BEFORE_SAMPLES`` commits are over the budget (``REFUSE_PERCENTILE``), the
+workers wait for a calmer window, up to this many commits (~10 s), then the run is refused."""
+BEFORE_WAIT_S = 12.0
 """The longest the workers wait for those (a probe that cannot connect does not hold the run)."""
+REFUSE_PERCENTILE = 90
+"""The application is over the budget alone when this percentile of its commits is: more than
+a tenth of them are, so the p99 over the run cannot keep the budget whatever msggc does, while
+one slow commit among twenty (the p99 of so few) does not refuse a run that could keep it."""
+EVICTING_FLOOR = 64.0
+"""Buffers a second (512 kB/s) that client backends may write themselves beyond their rate
+before the run, before the guard reads it as the run's dirty pages evicted by the application."""
+EVICTING_GROWTH = 2.0
+"""...or this many times that rate before the run, whichever is more."""
+EVICTING_ROOM = 0.4
+"""Backends evicting halve the rate only while the probe's p99 is over this share of the budget
+(else they hold it): on PostgreSQL before 18 the count includes the run's own backends, whose
+writes to the page cache nobody waits on, and an idle application feels none of it."""
 MiB = 2**20
 INITIAL_RATE = 1.0 * MiB
 """WAL bytes per second a guarded run starts at: gentle (about 3,000 dense rows a second),
@@ -164,11 +186,13 @@ class RateControl:
         return len(self.pending) >= STEP_SAMPLES
 
     def step(self, now: float, used: float | None = None, checkpoint_requested: bool = False,
-             backends_wrote: bool = False) -> float:
+             backends_evicting: bool = False) -> float:
         """Judge the step's samples; ``used`` is the WAL rate the server wrote over the step. A
-        requested checkpoint or backends writing dirty pages themselves hold the rate where it
-        is (not a decrease: a CREATE DATABASE requests a checkpoint too, and the probe's p99
-        says whether the application felt it). Returns the step's p99.
+        requested checkpoint holds the rate where it is (not a decrease: a CREATE DATABASE
+        requests a checkpoint too, and the probe's p99 says whether the application felt it);
+        backends evicting dirty pages themselves (see :class:`Probe`) halve it once the probe
+        feels something (``EVICTING_ROOM``), as the application's reads feel what the probe's
+        commit does not, and hold it otherwise. Returns the step's p99.
 
         Halving that does not help stops: once ``FUTILE_STEPS`` halvings since the p99 first
         passed the budget have left the median of the last steps' p99 as high as it was then
@@ -178,7 +202,9 @@ class RateControl:
         the steps held). The median, and the first step for reference, because one step's p99
         is the worst of five commits: noise on a busy host must not read as progress."""
         p99 = percentile(self.pending, 99) or 0.0
-        if p99 > self.budget_ms:
+        if backends_evicting and self.budget_ms * EVICTING_ROOM < p99 <= self.budget_ms:
+            self._decrease(now, used)
+        elif p99 > self.budget_ms:
             self._streak.append(p99)
             recent = self._streak[-FUTILE_STEPS:]
             if (len(self._streak) > FUTILE_STEPS
@@ -187,7 +213,7 @@ class RateControl:
                 self._stepped(now)
             else:
                 self._decrease(now, used)
-        elif p99 <= self.budget_ms * ROOM and not backends_wrote and not checkpoint_requested:
+        elif p99 <= self.budget_ms * ROOM and not checkpoint_requested and not backends_evicting:
             self._streak.clear()
             self._increase(now, used)
         else:
@@ -331,6 +357,8 @@ class Probe:
         """Samples taken before the workers started: the application alone."""
         self.ready = threading.Event()
         """Set once the samples alone are taken (or the probe cannot take them)."""
+        self.alone_over: float | None = None
+        """The ``REFUSE_PERCENTILE`` of the last window alone, when it is over the budget."""
         self.samples: list[float] = []
         self.recent: deque[float] = deque(maxlen=LIVE_WINDOW)
         self.waits: Counter[str] = Counter()
@@ -343,6 +371,10 @@ class Probe:
         the granted rate's share of it is how much the guard slows the run."""
         self.min_share = 1.0
         self.wal_rate: float | None = None
+        self.alone_writes_per_s: float | None = None
+        """Buffers a second client backends wrote themselves while the probe timed the
+        application alone: what they write beyond it (see ``EVICTING_*``) is the run's doing."""
+        self._alone_from: ServerCounters | None = None
         self._first: ServerCounters | None = None
         self._last: ServerCounters | None = None
         self._steps = 0
@@ -362,9 +394,19 @@ class Probe:
         self._thread.start()
 
     def wait_ready(self, timeout_s: float = BEFORE_WAIT_S) -> None:
-        """Block until the application's latency alone is measured (the workers start after)."""
+        """Block until the application's latency alone is measured (the workers start after);
+        refuse the run if the application is over the budget already."""
         self.ready.wait(timeout_s)
-        self.ready.set()
+        with self.lock:
+            self.ready.set()
+            over, count = self.alone_over, len(self.before)
+        if over is not None:
+            raise BudgetCannotHold(
+                f"the latency budget cannot hold: before msggc wrote anything, the application's"
+                f" commits were over the budget of {self.budget_ms:g} ms at the {REFUSE_PERCENTILE}th"
+                f" percentile in every window of {BEFORE_SAMPLES} of the {count} timed"
+                f" ({over:.1f} ms in the last); nothing was deleted: raise the budget (at least twice"
+                f" the application's p99 alone) or run when the server is quieter")
 
     @property
     def running(self) -> bool:
@@ -416,7 +458,7 @@ class Probe:
             return {"app_latency_budget_ms": self.control.budget_ms,
                     "app_latency_p50_ms": percentile(self.samples, 50),
                     "app_latency_p99_ms": percentile(self.samples, 99),
-                    "app_latency_before_p99_ms": percentile(self.before, 99),
+                    "app_latency_before_p99_ms": percentile(self.before[-BEFORE_SAMPLES:], 99),
                     "app_probes": len(self.samples),
                     "app_waits": dict(self.waits),
                     "held_back_s": self.held_back_s,
@@ -453,13 +495,17 @@ class Probe:
             conn.execute("SET synchronous_commit = on")
             conn.execute("SET statement_timeout = 0")
             self._timed(conn, CLAIM_SQL, self.site.params)
+            if self._alone_from is None:
+                self._alone_from = read_counters(conn)
             due = time.monotonic()
             while not self._stop.wait(max(0.0, due - time.monotonic())):
                 due += PROBE_INTERVAL_S
                 if not self._timed(conn, BEAT_SQL, self._beat_params()):
                     return
                 self._sample_waits(conn)
-                if self.ready.is_set() and len(self.control.pending) >= STEP_SAMPLES:
+                if self.ready.is_set() and self._first is None:
+                    self._workers_start(read_counters(conn))
+                elif self.ready.is_set() and len(self.control.pending) >= STEP_SAMPLES:
                     self._step(conn)
         finally:
             conn.close()
@@ -479,7 +525,7 @@ class Probe:
                 self._inflight_since = None
                 if not self.ready.is_set():
                     self.before.append(latency_ms)
-                    if len(self.before) >= BEFORE_SAMPLES:
+                    if self._alone_judged():
                         self.ready.set()
                 else:
                     self.samples.append(latency_ms)
@@ -488,25 +534,46 @@ class Probe:
                     self.min_share = min(self.min_share, self.share())
         return True
 
+    def _alone_judged(self) -> bool:
+        """Whether the workers may be told: a window of commits alone under the budget, or
+        ``BEFORE_MAX_SAMPLES`` of them without one (``alone_over`` says so). Under the lock."""
+        window = self.before[-BEFORE_SAMPLES:]
+        if len(window) < BEFORE_SAMPLES:
+            return False
+        alone = percentile(window, REFUSE_PERCENTILE) or 0.0
+        self.alone_over = alone if alone > self.budget_ms else None
+        return self.alone_over is None or len(self.before) >= BEFORE_MAX_SAMPLES
+
+    def _workers_start(self, now: ServerCounters) -> None:
+        """The counters as the workers start: the first step counts from here, and the backend
+        writes since the probe's first commit are the application's own rate alone."""
+        alone = self._alone_from
+        with self.lock:
+            self._first = self._last = now
+            if (alone is not None and alone.backend_writes is not None and now.backend_writes is not None
+                    and now.at > alone.at):
+                self.alone_writes_per_s = (now.backend_writes - alone.backend_writes) / (now.at - alone.at)
+
+    def _evicting(self, last: ServerCounters, now: ServerCounters) -> bool:
+        """Client backends writing dirty pages themselves well beyond their rate alone."""
+        if now.backend_writes is None or last.backend_writes is None or now.at <= last.at:
+            return False
+        rate = (now.backend_writes - last.backend_writes) / (now.at - last.at)
+        return rate > max(EVICTING_FLOOR, EVICTING_GROWTH * (self.alone_writes_per_s or 0.0))
+
     def _step(self, conn: Connection) -> None:
         """A control step: the server's counters since the last one, then the controller's
         judgement, then a point of the series."""
         now = read_counters(conn)
         with self.lock:
             last, self._last = self._last, now
-            if self._first is None:
-                self._first = last or now
-            used = wrote = None
-            checkpoint = False
-            if last is not None and now.at > last.at:
-                used = max(0, now.lsn - last.lsn) / (now.at - last.at)
-                checkpoint = now.checkpoints_requested > last.checkpoints_requested
-                wrote = (now.backend_writes is not None and last.backend_writes is not None
-                         and now.backend_writes > last.backend_writes)
-            self.wal_rate = used
-            p99 = self.control.step(now.at, used, checkpoint, bool(wrote))
-            self.min_share = min(self.min_share, self.share())
             first = self._first
+            assert last is not None and first is not None  # set as the workers start
+            used = max(0, now.lsn - last.lsn) / (now.at - last.at) if now.at > last.at else None
+            checkpoint = now.checkpoints_requested > last.checkpoints_requested
+            self.wal_rate = used
+            p99 = self.control.step(now.at, used, checkpoint, self._evicting(last, now))
+            self.min_share = min(self.min_share, self.share())
             self.series.add({
                 "t_s": round(now.at - self._started_at, 2), "rate_bytes_per_s": round(self.control.rate),
                 "p99_ms": round(p99, 2), "wal_bytes_per_s": None if used is None else round(used),
@@ -542,7 +609,7 @@ class Probe:
             return {**self.site.params, "p50": percentile(recent, 50), "p99": percentile(recent, 99),
                     "held": self.held_back_s, "share": self.share(), "rate": self.control.rate,
                     "wal_rate": self.wal_rate, "checkpoints": self._checkpoints(),
-                    "before_p99": percentile(self.before, 99)}
+                    "before_p99": percentile(self.before[-BEFORE_SAMPLES:], 99)}
 
     def _finish(self) -> None:
         """The run's final figures in ``gc_runs`` and ``gc_probe``, each committed alone on a
@@ -683,10 +750,14 @@ def predict_under_budget(budget_ms: float, alone: list[float], during: list[floa
     if p_alone is None:
         return BudgetPrediction("unknown: the probe could not time a commit", None, None, None)
     if p_alone >= budget_ms:
+        p_refuse = percentile(alone, REFUSE_PERCENTILE) or 0.0
         return BudgetPrediction(
             f"cannot hold: the application's commit p99 alone is {p_alone:.1f} ms over {len(alone)}"
-            f" commits, at or above the budget ({budget_ms:g} ms) before msggc writes anything;"
-            f" the run would crawl at {MIN_RATE / 1024:.0f} kB/s of WAL and still not keep it",
+            f" commits, at or above the budget ({budget_ms:g} ms) before msggc writes anything"
+            + (f"; a run now would be refused: its {REFUSE_PERCENTILE}th percentile alone is"
+               f" {p_refuse:.1f} ms (the run waits up to {BEFORE_MAX_SAMPLES * PROBE_INTERVAL_S:g} s"
+               " for a calmer moment first)" if p_refuse > budget_ms else
+               f"; the run would crawl at {MIN_RATE / 1024:.0f} kB/s of WAL and still not keep it"),
             None if not wal_bytes else wal_bytes / MIN_RATE, MIN_RATE, p_alone)
     if not wal_bytes or not seconds:
         return BudgetPrediction("holds by the probe; duration unknown (no sample batch finished)",

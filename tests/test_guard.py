@@ -236,3 +236,17 @@ def test_the_guards_series_is_live_in_gc_runs_status_the_api_and_metrics_while_t
     [result] = results
     assert result.status == "stopped" and result.guard_series
     assert runs.latest(conn, "messages", "")["guard_series"] == result.guard_series
+
+
+def test_a_budget_the_application_is_over_before_the_run_refuses_it_and_deletes_nothing(conn, dsn):
+    """10 microseconds: no commit of this server's is that fast, so every window of the
+    commits timed alone is over it; the run waits ~10 s for a calmer one, then fails in one
+    line saying why, with every row still there."""
+    garbage = [True] * 200
+    fill(conn, garbage)
+    result = collect(dsn, GcOptions(max_app_latency_ms=0.01, batch_size=10))
+    assert (result.status, result.messages_deleted) == ("failed", 0)
+    assert "the latency budget cannot hold" in result.error and "nothing was deleted" in result.error
+    assert "\n" not in result.error
+    assert len(surviving_ids(conn)) == len(garbage)
+    wait_until(lambda: probe_backends(conn) == 0, what="the probe's backend to exit")

@@ -7,10 +7,13 @@ import pytest
 from engine.config import GcOptions, parse_latency
 from engine.errors import UsageError
 from engine.guard import (
+    BEFORE_SAMPLES,
     DECREASE,
+    EVICTING_ROOM,
     INCREASE_SHARE,
     INITIAL_RATE,
     MIN_RATE,
+    PROBE_INTERVAL_S,
     SERIES_POINTS,
     STEP_SAMPLES,
     MiB,
@@ -109,10 +112,20 @@ def test_halving_goes_on_while_it_lowers_the_p99():
     assert control.decreases == 6 and control.futile == 0
 
 
-def test_backends_writing_dirty_pages_themselves_hold_the_rate_where_it_is():
+def test_backends_evicting_dirty_pages_hold_the_rate_while_the_probe_feels_nothing():
+    """On PostgreSQL before 18 the count includes the run's own backends: alone it holds."""
     control = RateControl(budget_ms=20, rate=8 * MiB)
-    feed(control, calm(2), backends_wrote=True)
+    feed(control, calm(2, 1.0), backends_evicting=True)
     assert control.rate == pytest.approx(8 * MiB)
+
+
+def test_backends_evicting_dirty_pages_halve_the_rate_once_the_probe_feels_something():
+    """Issue 22: pgbench's p99 twice the budget while the probe's one-row commit stayed under
+    it (11.2 of 16.5 ms) and client backends wrote 83 MB themselves: the eviction is the signal."""
+    control = RateControl(budget_ms=20, rate=8 * MiB)
+    feed(control, calm(2, 20 * EVICTING_ROOM + 1), backends_evicting=True)
+    assert control.rate == pytest.approx(8 * MiB * DECREASE**2)
+    assert control.futile == 0
 
 
 def test_the_rate_goes_as_low_as_its_floor_and_never_stops_the_run():
@@ -173,7 +186,8 @@ def test_the_dry_run_predicts_the_duration_at_the_rate_the_budget_allows():
     assert verdict.verdict.startswith("holds: WAL at ~19.44 MB/s")
     assert verdict.rate == pytest.approx(50 * MiB * 7 / 18)
     # slow start: 0.5 s at each of 1, 2, 4, 8, 16 MiB/s (15.5 MiB), then the rest at the rate
-    assert verdict.seconds == pytest.approx(1.0 + 2.5 + (500 - 15.5) * MiB / verdict.rate)
+    alone_s = BEFORE_SAMPLES * PROBE_INTERVAL_S
+    assert verdict.seconds == pytest.approx(alone_s + 2.5 + (500 - 15.5) * MiB / verdict.rate)
 
 
 def test_slow_start_writes_little_before_the_rate_is_reached():
@@ -188,7 +202,7 @@ def test_the_dry_run_paces_a_run_that_would_force_checkpoints_one_timed_cycle_af
     # cycles (800 MiB), then the last 200 MiB at the rate the budget allows (here full speed)
     verdict = predict_under_budget(10.0, [2.0] * 20, [3.0] * 10, 1000 * MiB, 10.0, (400 * MiB, 300.0))
     assert verdict.rate == pytest.approx(100 * MiB)
-    assert verdict.seconds == pytest.approx(1.0 + 2 * 300 + 200 / 100)
+    assert verdict.seconds == pytest.approx(BEFORE_SAMPLES * PROBE_INTERVAL_S + 2 * 300 + 200 / 100)
     assert "2 x checkpoint_timeout (300 s)" in verdict.verdict
     fits = predict_under_budget(10.0, [2.0] * 20, [3.0] * 10, 300 * MiB, 10.0, (400 * MiB, 300.0))
     assert "checkpoint" not in fits.verdict
@@ -244,3 +258,9 @@ def test_past_slow_start_the_rate_climbs_back_by_a_share_of_itself_each_calm_ste
     assert control.rate == pytest.approx(8 * MiB * DECREASE**6)
     feed(control, calm(40), start=now, used=64 * MiB)
     assert control.rate == pytest.approx(8 * MiB * DECREASE**6 * (1 + INCREASE_SHARE) ** 40)
+
+
+def test_the_dry_run_says_a_run_would_be_refused_when_a_tenth_of_the_commits_alone_are_over():
+    verdict = predict_under_budget(5.0, [4.0] * 17 + [6.0] * 3, [30.0] * 5, 100 * MiB, 10.0, None)
+    assert verdict.verdict.startswith("cannot hold")
+    assert "a run now would be refused: its 90th percentile alone is 6.0 ms" in verdict.verdict
