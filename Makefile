@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup test lint demo bench bench-small bench-real bench-partitions bench-huge soak soak-3 soak-ci clean
+.PHONY: setup test lint demo bench bench-guard bench-small bench-real bench-partitions bench-huge soak soak-3 soak-ci clean
 
 setup: $(STAMP)
 
@@ -25,9 +25,16 @@ lint: setup
 demo: setup
 	$(BIN)/msggc demo --rows 1000000
 
-bench: setup  ## 10M rows x dense/sparse/aged/hidden, 3 rounds, scale curve, planner crossover (~55 min)
+bench: setup  ## 10M rows x dense/sparse/aged/hidden, 3 rounds, scale curve, planner crossover (~55 min), then bench-guard
 	$(BIN)/python -m benchmarks --rows 10000000 --shapes dense,sparse,aged,hidden --repeats 3 \
 	    --scale 1000000,3000000 --crossover 0.01,0.02,0.05,0.1 --crossover-rows 3000000
+	$(MAKE) bench-guard
+
+GUARD_ROWS ?= 10000000
+bench-guard: setup  ## the latency budget beside pgbench (an application nobody here wrote): 10M dense/aged/sparse, one DELETE vs default vs budgets 2x and 3x its p99 alone, each against its dry run's prediction
+	$(BIN)/python -m benchmarks --rows $(GUARD_ROWS) --shapes dense,aged,sparse --app pgbench --load-rate 200 \
+	    --baseline-seconds 10 --contenders single,msggc_default,msggc_guard_2x,msggc_guard_3x \
+	    --out benchmarks/results/guard --markdown benchmarks/results/guard/BENCHMARKS.md
 
 bench-small: setup  ## 1M rows, the four synthetic shapes and every contender, one round (5-8 min), under benchmarks/results/tmp
 	$(BIN)/python -m benchmarks --rows 1000000 --shapes dense,sparse,aged,hidden \

@@ -59,12 +59,13 @@ MSGGC_NAME = re.compile(
     r"msggc_(auto|physical|index|key)((?:_(?:w\d+|t\d+|s\d+|r\d+|a\d|f\d|c\d|n\d))*)((?:\+[a-z]+)*)")
 GUARD_NAME = re.compile(r"msggc_guard_(\d+(?:\.\d+)?)(x|ms)")
 """``msggc_guard_2x``: msggc auto with ``--max-app-latency`` at twice the load's p99 measured alone
-in the same round; ``msggc_guard_20ms``: at a fixed budget."""
+in the same round (``_3x``: three times, the service's ``auto``); ``msggc_guard_20ms``: at a fixed
+budget."""
 WALCOMP = "_walcomp"
 DEFAULT_CONTENDERS = (
     "single", "naive", "each_batch", "msggc_default",
     "msggc_auto", "msggc_physical", "msggc_index", "msggc_key", "msggc_auto_w2", "msggc_auto_w2_t10_c1",
-    "msggc_auto_a1", "msggc_auto_f1", "msggc_auto_f2", "msggc_auto_f3", "msggc_guard_2x", "msggc_guard_20ms",
+    "msggc_auto_a1", "msggc_auto_f1", "msggc_auto_f2", "msggc_auto_f3", "msggc_guard_2x", "msggc_guard_3x",
 )
 
 

@@ -124,6 +124,39 @@ def shape_rows(doc: dict[str, Any]) -> list[list[str]]:
     return rows
 
 
+HELD_TOLERANCE = 1.1
+"""Issue 22's target: the application's p99 over the run at most 1.1x the budget."""
+
+
+def budget_rows(doc: dict[str, Any]) -> list[list[str]]:
+    """Each guarded contender: its budget, the application's own p99 over the run (the load's or
+    pgbench's log, not msggc's probe), whether it held, and the run against its dry run."""
+    rows = []
+    for entry in doc["contenders"]:
+        engine = entry.get("engine") or {}
+        budget = engine.get("app_latency_budget_ms")
+        if budget is None:
+            continue
+        p99 = app_p99(entry)
+        predicted = (entry.get("prediction") or {}).get("seconds")
+        held = "-" if p99 is None else (f"yes ({p99 / budget:.2f} B)" if p99 <= HELD_TOLERANCE * budget
+                                        else f"**no ({p99 / budget:.2f} B)**")
+        rows.append([
+            entry["label"], _num(budget, 1), _num(engine.get("app_latency_before_p99_ms"), 1),
+            _num(engine.get("app_latency_p99_ms"), 1), _num(p99, 1), held,
+            engine.get("status") or ("partial" if entry["partial"] else "-"),
+            _num(entry["elapsed_s"], 1), _num(predicted, 1),
+            _x(predicted / entry["elapsed_s"] if predicted and entry["elapsed_s"] else None),
+            _num(engine.get("held_back_s"), 1),
+        ])
+    return rows
+
+
+BUDGET_HEADERS = ["contender", "budget ms", "probe p99 before ms", "probe p99 during ms",
+                  "application p99 over the run ms", "held? (<= 1.1 B)", "status", "run s",
+                  "dry run predicted s", "x (predicted / run)", "held back s"]
+
+
 def prediction_rows(doc: dict[str, Any]) -> list[list[str]]:
     """``--dry-run``'s prediction (made before each msggc run) beside what the run measured."""
     rows = []
@@ -522,6 +555,10 @@ def render(markdown_path: Path, out: Path, context: dict[str, Any], shapes: dict
             " last column with the first):",
             table(["contender", *(f"{k}0%" for k in range(1, 11))], decile_rows(doc)),
             f"![rows/s by tenth, {shape}]({_rel(tenths_plot, base)})" if tenths_plot.exists() else "",
+            *(["The latency budget (`msggc_guard_<N>x`: N times the application's p99 alone in this"
+               " round; target: the application's own p99 over the run at most 1.1x the budget, and"
+               " the duration within 25% of the dry run's prediction under it):",
+               table(BUDGET_HEADERS, guarded)] if (guarded := budget_rows(doc)) else []),
             "`--dry-run` prediction (rolled-back sample batches, made before each msggc run) against"
             " the run (target: within 25%, i.e. 0.75x-1.25x):",
             table(["contender", "predicted s", "elapsed s", "x", "predicted WAL MB", "WAL MB", "x",
