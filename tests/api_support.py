@@ -9,12 +9,15 @@ from __future__ import annotations
 import json
 import re
 import socket
+import subprocess
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import httpx
 import psycopg
 import uvicorn
 
@@ -22,11 +25,14 @@ from engine.service.api import create_app
 from engine.service.settings import ServiceSettings
 from tests.data import run_rows
 from tests.polling import wait_until
+from tests.support import spawn_cli
 
 SEED = Path(__file__).parent / "fixtures" / "messages-gc-endpoint.txt"
 SEED_EXAMPLES = ("single_answer", "multi_answer", "single_webhook", "multi_webhook_first",
                  "multi_webhook_second", "single_error", "multi_error", "failure_webhook")
 GC_PATH = "/v1/services/message/gc"
+TOKEN = "e2e-token"
+"""The bearer token of the services :func:`cli_process` starts."""
 
 
 
@@ -105,3 +111,54 @@ def posted_bodies(httpserver: Any) -> list[dict[str, Any]]:
     """The JSON bodies the callback server answered 2xx to, in arrival order."""
     return [json.loads(request.get_data()) for request, response in list(httpserver.log)
             if 200 <= response.status_code < 300]
+
+
+@dataclass
+class Process:
+    url: str
+    popen: subprocess.Popen[str]
+    log: Path
+
+    def output(self) -> str:
+        return self.log.read_text(errors="replace")
+
+
+@contextmanager
+def cli_process(tmp_path: Path, command: str, config: dict[str, Any], *args: str) -> Iterator[Process]:
+    """``msggc <command> --config <file> ...`` in a subprocess (no MSGGC_* setting of the developer's
+    shell leaks in: the config file says it all); for ``serve``, wait until healthy."""
+    config_file = tmp_path / "msggc.json"
+    config_file.write_text(json.dumps(config))
+    port = free_port()
+    extra = ["--port", str(port), "--token", TOKEN] if command == "serve" else []
+    log = tmp_path / f"{command}-{port}.log"
+    with log.open("wb") as sink:
+        popen = spawn_cli(command, "--config", str(config_file), *extra, *args, stdout=sink,
+                          stderr=subprocess.STDOUT)
+    process = Process(f"http://127.0.0.1:{port}", popen, log)
+    try:
+        if command == "serve":
+            wait_until(lambda: popen.poll() is not None or answers(process.url + "/health"), timeout_s=30)
+            assert popen.poll() is None, process.output()
+        yield process
+    finally:
+        stop(popen)
+
+
+def answers(url: str) -> bool:
+    """A server's health (or readiness) page answers 200; False while it cannot answer."""
+    try:
+        return httpx.get(url, timeout=1).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+def stop(popen: subprocess.Popen[Any]) -> None:
+    """SIGTERM, then SIGKILL after 10 s: a test session stops every process it starts."""
+    if popen.poll() is None:
+        popen.terminate()
+        try:
+            popen.wait(10)
+        except subprocess.TimeoutExpired:
+            popen.kill()
+            popen.wait()

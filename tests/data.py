@@ -46,3 +46,12 @@ def run_rows(dsn: str, columns: Sequence[str] = RUN_COLUMNS) -> list[dict[str, A
     with psycopg.connect(dsn, autocommit=True) as conn:
         cur = conn.execute(query)
         return [dict(zip(columns, row, strict=True)) for row in cur]
+
+
+REFUSE_DELETES = """
+CREATE FUNCTION refuse_deletes() RETURNS trigger LANGUAGE plpgsql AS
+  $$BEGIN RAISE EXCEPTION 'the application refuses this delete'; END$$;
+CREATE TRIGGER refuse_deletes BEFORE DELETE ON messages FOR EACH ROW EXECUTE FUNCTION refuse_deletes();
+"""
+"""An application's trigger that fails every GC of ``messages`` (``DROP TRIGGER refuse_deletes
+ON messages`` lets the next one through)."""

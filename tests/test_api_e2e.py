@@ -6,13 +6,7 @@ a restart that resumes the run from its checkpoint, and the worker running in it
 
 from __future__ import annotations
 
-import json
-import subprocess
-from collections.abc import Iterator
-from contextlib import contextmanager
-from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
 from typing import Any
 
 import httpx
@@ -23,66 +17,20 @@ from engine.service.nodes import Node
 from engine.service.notify import SIGNATURE_HEADER, sign
 from tests.api_support import (
     GC_PATH,
+    TOKEN,
+    cli_process,
     closed_port_dsn,
-    free_port,
     gc_of,
     posted_bodies,
     runs_of,
 )
 from tests.data import fill, live_ids, surviving_ids
 from tests.polling import wait_until
-from tests.support import spawn_cli
 
 pytestmark = pytest.mark.slow
 
-TOKEN = "e2e-token"
 SECRET = "e2e-secret"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
-
-
-@dataclass
-class Process:
-    url: str
-    popen: subprocess.Popen[str]
-    log: Path
-
-    def output(self) -> str:
-        return self.log.read_text(errors="replace")
-
-
-@contextmanager
-def cli_process(tmp_path: Path, command: str, config: dict[str, Any], *args: str) -> Iterator[Process]:
-    """``msggc <command> --config <file> ...`` in a subprocess (no MSGGC_* setting of the developer's
-    shell leaks in: the config file says it all); for ``serve``, wait until healthy."""
-    config_file = tmp_path / "msggc.json"
-    config_file.write_text(json.dumps(config))
-    port = free_port()
-    extra = ["--port", str(port), "--token", TOKEN] if command == "serve" else []
-    log = tmp_path / f"{command}-{port}.log"
-    with log.open("wb") as sink:
-        popen = spawn_cli(command, "--config", str(config_file), *extra, *args, stdout=sink,
-                          stderr=subprocess.STDOUT)
-    process = Process(f"http://127.0.0.1:{port}", popen, log)
-    try:
-        if command == "serve":
-            wait_until(lambda: popen.poll() is not None or _healthy(process.url), timeout_s=30)
-            assert popen.poll() is None, process.output()
-        yield process
-    finally:
-        if popen.poll() is None:
-            popen.terminate()
-            try:
-                popen.wait(10)
-            except subprocess.TimeoutExpired:
-                popen.kill()
-                popen.wait()
-
-
-def _healthy(url: str) -> bool:
-    try:
-        return httpx.get(url + "/health", timeout=1).status_code == 200
-    except httpx.HTTPError:
-        return False
 
 
 @pytest.fixture

@@ -22,17 +22,10 @@ from engine.service.triggers import Every
 from engine.service.worker import Worker
 from engine.status import RunStatus
 from tests.api_support import closed_port_dsn, free_port
-from tests.data import fill
+from tests.data import REFUSE_DELETES, fill
 from tests.polling import wait_until
 
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
-
-REFUSE_DELETES = """
-CREATE FUNCTION refuse() RETURNS trigger LANGUAGE plpgsql AS
-  $$BEGIN RAISE EXCEPTION 'the application refuses this delete'; END$$;
-CREATE TRIGGER refuse BEFORE DELETE ON messages FOR EACH ROW EXECUTE FUNCTION refuse();
-"""
-
 
 def at(value: float) -> object:
     """Timestamps go through the text format as floats: equal to the millisecond."""
@@ -65,7 +58,7 @@ def test_a_failed_run_is_the_last_status_until_one_completes_and_its_undelivered
     metrics = Metrics(ServiceSettings(nodes=nodes.single(dsn)))
 
     after_failure = scrape(metrics)
-    conn.execute("DROP TRIGGER refuse ON messages")
+    conn.execute("DROP TRIGGER refuse_deletes ON messages")
     complete = collect(dsn, GcOptions())
     after_success = scrape(metrics)
 
