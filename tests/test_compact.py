@@ -4,6 +4,7 @@ indexes, constraints, comments) the same after the swap; the refusals, one line 
 
 from __future__ import annotations
 
+import threading
 from typing import Any
 
 import psycopg
@@ -13,71 +14,13 @@ from engine import collect
 from engine.compact.preconditions import CompactRefused
 from engine.config import GcOptions, TableSpec
 from engine.status import RunStatus
+from tests.compact_app import CATALOG, App, leftovers, make_inbox
+from tests.polling import wait_until
 
 Conn = psycopg.Connection[Any]
 
-APP_TABLE = """
-CREATE TABLE app_ref (code text PRIMARY KEY);
-INSERT INTO app_ref VALUES ('a'), ('b');
-CREATE TABLE inbox (
-    id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
-    msg text NOT NULL UNIQUE,
-    code text REFERENCES app_ref (code),
-    n int NOT NULL DEFAULT 7 CHECK (n > 0),
-    doubled int GENERATED ALWAYS AS (n * 2) STORED,
-    processed_at timestamptz
-) WITH (fillfactor = 90);
-CREATE INDEX inbox_garbage ON inbox (id) WHERE processed_at IS NOT NULL;
-CREATE INDEX inbox_lower ON inbox (lower(msg));
-COMMENT ON TABLE inbox IS 'the inbox';
-COMMENT ON COLUMN inbox.msg IS 'the text';
-ALTER TABLE inbox ALTER COLUMN msg SET STATISTICS 321;
-CREATE TABLE inbox_audit (id bigint, op text);
-CREATE FUNCTION inbox_audit() RETURNS trigger LANGUAGE plpgsql AS
-  $$BEGIN INSERT INTO inbox_audit VALUES (NEW.id, TG_OP); RETURN NEW; END$$;
-CREATE TRIGGER audit AFTER INSERT ON inbox FOR EACH ROW EXECUTE FUNCTION inbox_audit();
-CREATE TRIGGER audit_off AFTER UPDATE ON inbox FOR EACH ROW EXECUTE FUNCTION inbox_audit();
-ALTER TABLE inbox DISABLE TRIGGER audit_off;
-ALTER TABLE inbox ENABLE ROW LEVEL SECURITY;
-CREATE POLICY recent ON inbox FOR SELECT TO PUBLIC USING (n > 1);
-GRANT SELECT, INSERT ON inbox TO PUBLIC;
-GRANT UPDATE (processed_at) ON inbox TO PUBLIC;
-ALTER TABLE inbox REPLICA IDENTITY FULL;
-"""
-
-CATALOG = """
-SELECT jsonb_build_object(
- 'columns', (SELECT jsonb_agg(jsonb_build_array(attname, format_type(atttypid, atttypmod), attnotnull,
-    attidentity, attgenerated, pg_get_expr(d.adbin, d.adrelid), col_description(attrelid, attnum),
-    attacl::text, coalesce(attstattarget, -1)) ORDER BY attnum)
-    FROM pg_attribute LEFT JOIN pg_attrdef d ON d.adrelid = attrelid AND d.adnum = attnum
-    WHERE attrelid = 'inbox'::regclass AND attnum > 0 AND NOT attisdropped),
- 'indexes', (SELECT jsonb_agg(regexp_replace(indexdef, 'msggc_\\d+', '') ORDER BY indexname)
-    FROM pg_indexes WHERE tablename = 'inbox'),
- 'constraints', (SELECT jsonb_agg(jsonb_build_array(conname, pg_get_constraintdef(oid), convalidated)
-    ORDER BY conname) FROM pg_constraint WHERE conrelid = 'inbox'::regclass),
- 'triggers', (SELECT jsonb_agg(jsonb_build_array(tgname, tgenabled, pg_get_triggerdef(oid)) ORDER BY tgname)
-    FROM pg_trigger WHERE tgrelid = 'inbox'::regclass AND NOT tgisinternal),
- 'policies', (SELECT jsonb_agg(jsonb_build_array(policyname, cmd, roles, qual)) FROM pg_policies
-    WHERE tablename = 'inbox'),
- 'table', (SELECT jsonb_build_array(relacl::text, pg_get_userbyid(relowner), relrowsecurity, relreplident,
-    reloptions, obj_description(oid, 'pg_class')) FROM pg_class WHERE oid = 'inbox'::regclass),
- 'identity', pg_get_serial_sequence('inbox', 'id'),
- 'next_id', (SELECT last_value FROM inbox_id_seq))
-"""
-
-
 def options(**settings: Any) -> GcOptions:
     return GcOptions(table=TableSpec(name="inbox", schema="public"), strategy="compact", **settings)
-
-
-def make_inbox(conn: Conn, rows: int, live_every: int) -> set[int]:
-    """``rows`` rows, one in ``live_every`` not processed; returns the live ids."""
-    conn.execute(APP_TABLE)
-    conn.execute("INSERT INTO inbox (msg, code, processed_at) SELECT 'm' || g, 'a',"
-                 " CASE WHEN g %% %s = 0 THEN NULL ELSE now() END FROM generate_series(1, %s) g",
-                 (live_every, rows))
-    return {row[0] for row in conn.execute("SELECT id FROM inbox WHERE processed_at IS NULL")}
 
 
 def test_compaction_keeps_live_rows_counts_garbage_and_carries_the_catalog(conn: Conn, dsn: str) -> None:
@@ -126,3 +69,43 @@ def test_compaction_is_refused_to_a_role_that_does_not_own_the_table(
                      "GRANT SELECT, INSERT, UPDATE, DELETE ON gc_runs, gc_outbox, gc_sweep TO {role}")
     with pytest.raises(CompactRefused, match="the role does not own it"):
         collect(other, options())
+
+
+def test_compaction_beside_a_writing_application_keeps_every_change_and_counts_exactly(
+        conn: Conn, dsn: str) -> None:
+    make_inbox(conn, 20_000, 5)
+    app = App.on(conn, dsn, seed=7)
+    writer = threading.Thread(target=app.run)
+    writer.start()
+    try:
+        wait_until(lambda: app.inserted >= 20, 30, "the application to write")
+        result = collect(dsn, options())
+        assert result.status is RunStatus.COMPLETE, result.error
+    finally:
+        app.stop.set()
+        writer.join(30)
+    app.check(conn, 20_000)
+    assert leftovers(conn) == []
+
+
+def test_the_swap_waits_at_most_lock_timeout_behind_a_long_read_and_gives_up_undone(
+        conn: Conn, dsn: str) -> None:
+    make_inbox(conn, 2000, 5)
+    app = App.on(conn, dsn, seed=3)
+    writer = threading.Thread(target=app.run)
+    with psycopg.connect(dsn) as reader:
+        reader.execute("SELECT count(*) FROM inbox")  # an open transaction holding the table
+        writer.start()
+        try:
+            result = collect(dsn, options(lock_timeout_ms=50))
+        finally:
+            app.stop.set()
+            writer.join(30)
+        assert result.status is RunStatus.FAILED
+        assert "was not granted within 50 ms" in str(result.error)
+        # each attempt queued the application behind it for 50 ms at most (slack for a busy machine)
+        assert app.slowest_s < 1.0
+    walk = GcOptions(table=TableSpec(name="inbox", schema="public"))
+    assert collect(dsn, walk).status is RunStatus.COMPLETE
+    app.check(conn, 2000)
+    assert leftovers(conn) == []

@@ -60,10 +60,12 @@ def compact(conn: Connection, options: GcOptions, target: Target, statements: St
     cutoff = cutoff_of(conn, options)
     disk = preconditions.free_disk(conn, _copy_bytes(conn, target.oid, statements, cutoff))
     names = copy.columns(conn, target.oid)
-    run = runs.start(conn, target.qualified, options.node, "compact", [], options.describe(),
-                     resumed_from=None, run_id=run_id, garbage=target.describe(), key=target.key)
-    c = Compaction(run.id, schema, name, list(target.key), statements.garbage.as_string(conn),
-                   cutoff.isoformat() if cutoff else None)
+    with conn.transaction():  # the run and its record in one commit: never a run without it
+        run = runs.start(conn, target.qualified, options.node, "compact", [], options.describe(),
+                         resumed_from=None, run_id=run_id, garbage=target.describe(), key=target.key)
+        c = Compaction(run.id, schema, name, list(target.key), statements.garbage.as_string(conn),
+                       cutoff.isoformat() if cutoff else None)
+        save(conn, c)
     budget = Budget(stop, started + options.max_seconds if options.max_seconds else None)
     status, failure, deleted = RunStatus.COMPLETE, None, 0
     try:
@@ -98,6 +100,7 @@ def _until_swap(conn: Connection, c: Compaction, oid: int, names: list[str], opt
     def begin() -> None:
         capture.create(conn, c)
         copy.create_table(conn, c, oid)
+        c.phase = "capture"
         save(conn, c)
 
     _locking(conn, begin, options.lock_timeout_ms)

@@ -87,10 +87,13 @@ def recover(conn: Connection, schema: str, name: str, lock_timeout_ms: int) -> l
             undo(conn, c, lock_timeout_ms)
             _close(conn, c.run_id, RunStatus.FAILED, "killed before its swap: undone by the next run")
             done.append(f"run {c.run_id}'s compaction, killed before its swap, undone")
-        else:
+        elif c.phase == "swapped":
             deleted = finish_swapped(conn, c)
             _close(conn, c.run_id, RunStatus.COMPLETE, None)
             done.append(f"run {c.run_id}'s compaction, killed after its swap, finished: {deleted} rows")
+        else:  # killed between its last phase and its close: the record says how it ended
+            failure = None if c.phase == "done" else f"killed before its close, compaction {c.phase}"
+            _close(conn, c.run_id, RunStatus.COMPLETE if failure is None else RunStatus.FAILED, failure)
     return done
 
 

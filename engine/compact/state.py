@@ -15,8 +15,8 @@ from psycopg.types.json import Jsonb
 from engine.config import TableSpec
 from engine.db import Connection
 
-Phase = Literal["capture", "copied", "indexed", "swapped", "done", "undone", "kept"]
-BEFORE_SWAP: tuple[Phase, ...] = ("capture", "copied", "indexed")
+Phase = Literal["planned", "capture", "copied", "indexed", "swapped", "done", "undone", "kept"]
+BEFORE_SWAP: tuple[Phase, ...] = ("planned", "capture", "copied", "indexed")
 TRIGGER = "msggc_compact_capture"
 """The capture trigger's name on the application's table (never carried to the new one)."""
 
@@ -32,7 +32,8 @@ class Compaction:
     garbage: str
     """The garbage predicate as SQL text rendered by this run (its cutoff a parameter)."""
     cutoff: str | None
-    phase: Phase = "capture"
+    phase: Phase = "planned"
+    """``planned`` is recorded as the run starts, before anything is built."""
     live: int = 0
     """Rows in the new table: the copy's, plus inserted minus deleted by every catch-up round."""
     archive: bool = False
@@ -84,10 +85,11 @@ def save(conn: Connection, compaction: Compaction) -> None:
 
 
 def unfinished(conn: Connection, schema: str, name: str) -> list[Compaction]:
-    """Every compaction of this table that a run started and did not see through."""
+    """Every compaction of this table that a run started and did not see through: its phase
+    says so, or its run was killed after the last phase and before its own close."""
     rows = conn.execute(
         "SELECT cursor -> 'compact' FROM gc_runs WHERE cursor ? 'compact'"
-        " AND cursor #>> '{compact,phase}' NOT IN ('done', 'undone', 'kept')"
+        " AND (cursor #>> '{compact,phase}' NOT IN ('done', 'undone', 'kept') OR status = 'running')"
         " AND cursor #>> '{compact,schema}' = %s AND cursor #>> '{compact,name}' = %s ORDER BY id",
         (schema, name)).fetchall()
     return [_loaded(record) for (record,) in rows]
