@@ -5,12 +5,15 @@ connection while msggc compacts it, keeping a model of what must be there."""
 from __future__ import annotations
 
 import random
+import subprocess
 import threading
 import time
 from dataclasses import dataclass, field
 from typing import Any
 
 import psycopg
+
+from tests.polling import wait_until
 
 Conn = psycopg.Connection[Any]
 
@@ -165,3 +168,43 @@ class App:
         present = conn.execute("SELECT count(*) FROM inbox").fetchone()[0]
         collected = conn.execute("SELECT coalesce(sum(messages_deleted), 0) FROM gc_runs").fetchone()[0]
         assert collected == initial_rows + self.inserted - self.deleted - present
+
+
+POINTS = ("start", "capture", "copy", "indexes", "foreign keys", "catch-up", "swap", "finish", "close")
+"""Where a compaction records something, in order: "inside capture" is its capture's transaction
+with its work done, waiting to commit with its record."""
+
+
+def blocked_in(conn: Conn, pid: int) -> str:
+    """The point whose record msggc's backend ``pid`` waits to write."""
+    row = conn.execute(
+        "SELECT cursor #>> '{compact,phase}',"
+        " jsonb_array_length(coalesce(cursor #> '{compact,indexes}', '[]'))"
+        " FROM gc_runs WHERE strategy = 'compact' AND status = 'running'").fetchone()
+    phase, indexes = row or (None, 0)
+    if phase is None:
+        return "start"
+    swapping = conn.execute("SELECT EXISTS (SELECT FROM pg_locks WHERE pid = %s"
+                            " AND relation = 'inbox'::regclass"
+                            " AND mode = 'AccessExclusiveLock' AND granted)", (pid,)).fetchone()[0]
+    return {"planned": "capture", "capture": "copy", "copied": "foreign keys" if indexes else "indexes",
+            "indexed": "swap" if swapping else "catch-up", "swapped": "finish", "done": "close"}[phase]
+
+
+def pause_at(conn: Conn, holder: Conn, proc: subprocess.Popen[str], point: str) -> None:
+    """Return once msggc (``proc``) waits to record ``point``, ``holder`` holding ``gc_runs`` in
+    SHARE mode (every write of it waits): each release lets one of msggc's transactions commit
+    before the next request of the lock is granted (it queues behind that transaction)."""
+    holder_pid = holder.info.backend_pid
+    while True:
+        holder.execute("LOCK TABLE gc_runs IN SHARE MODE")
+        pid = wait_until(lambda: (conn.execute(
+            "SELECT pid FROM pg_stat_activity WHERE application_name = 'msggc'"
+            " AND %s = ANY(pg_blocking_pids(pid))", (holder_pid,)).fetchone() or [None])[0]
+            or proc.poll() is not None, 30, "msggc to record a phase")
+        assert proc.poll() is None, f"the run ended before {point}: {proc.communicate()}"
+        reached = blocked_in(conn, pid)
+        if reached == point:
+            return
+        assert POINTS.index(reached) < POINTS.index(point), f"passed {point}"
+        holder.rollback()

@@ -4,6 +4,7 @@ indexes, constraints, comments) the same after the swap; the refusals, one line 
 
 from __future__ import annotations
 
+import json
 import threading
 from typing import Any
 
@@ -14,8 +15,9 @@ from engine import collect
 from engine.compact.preconditions import CompactRefused
 from engine.config import GcOptions, TableSpec
 from engine.status import RunStatus
-from tests.compact_app import CATALOG, App, leftovers, make_inbox
+from tests.compact_app import CATALOG, App, leftovers, make_inbox, pause_at
 from tests.polling import wait_until
+from tests.support import spawn_cli
 
 Conn = psycopg.Connection[Any]
 
@@ -109,3 +111,22 @@ def test_the_swap_waits_at_most_lock_timeout_behind_a_long_read_and_gives_up_und
     assert collect(dsn, walk).status is RunStatus.COMPLETE
     app.check(conn, 2000)
     assert leftovers(conn) == []
+
+
+@pytest.mark.parametrize(("change", "reason"), [
+    ("TRUNCATE inbox", "the application truncated public.inbox during the compaction"),
+    ("ALTER TABLE inbox ADD COLUMN extra int", "the columns or constraints of public.inbox changed"),
+    ("CREATE INDEX inbox_n ON inbox (n)", "the indexes of public.inbox changed"),
+])
+def test_a_compaction_the_application_changes_the_table_under_is_undone(
+        conn: Conn, dsn: str, change: str, reason: str) -> None:
+    make_inbox(conn, 2000, 5)
+    proc = spawn_cli("gc", "--dsn", dsn, "--table", "public.inbox", "--strategy", "compact", "--json")
+    with psycopg.connect(dsn) as holder:
+        pause_at(conn, holder, proc, "indexes")
+        conn.execute(change)
+    out, _err = proc.communicate(timeout=60)
+    assert proc.returncode == 1
+    assert reason in json.loads(out)["error"]
+    assert leftovers(conn) == []
+    assert conn.execute("SELECT status FROM gc_runs").fetchall() == [("failed",)]

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 from psycopg import sql
 
-from engine.compact.state import TRIGGER, Compaction
-from engine.db import Connection, one_row, table_ident
+from engine.compact.state import TRIGGER, TRUNCATED, Compaction
+from engine.db import Connection, table_ident
 
 
 def create(conn: Connection, c: Compaction) -> None:
@@ -30,13 +30,17 @@ def create(conn: Connection, c: Compaction) -> None:
     conn.execute(sql.SQL("CREATE TRIGGER {tg} AFTER INSERT OR UPDATE OR DELETE ON {t}"
                          " FOR EACH ROW EXECUTE FUNCTION {f}()").format(
         tg=sql.Identifier(TRIGGER), t=table, f=sql.Identifier(*c.function)))
+    # a TRUNCATE logs a key of NULLs (a key is NOT NULL): the catch-up that meets it undoes the run
+    conn.execute(sql.SQL("CREATE TRIGGER {tg} AFTER TRUNCATE ON {t} FOR EACH STATEMENT EXECUTE FUNCTION {f}()"
+                         ).format(tg=sql.Identifier(TRUNCATED), t=table, f=sql.Identifier(*c.function)))
     # writes applied by logical replication (session_replication_role = replica) are changes too
-    conn.execute(sql.SQL("ALTER TABLE {} ENABLE ALWAYS TRIGGER {}").format(table, sql.Identifier(TRIGGER)))
+    for name in (TRIGGER, TRUNCATED):
+        conn.execute(sql.SQL("ALTER TABLE {} ENABLE ALWAYS TRIGGER {}").format(table, sql.Identifier(name)))
 
 
 def _body(conn: Connection, c: Compaction) -> str:
     """Log the new key of an insert or update, and the old one of a delete or of an update
-    that changed it (that key's row is gone)."""
+    that changed it (that key's row is gone); a truncate logs a key of NULLs."""
     keys = sql.SQL(", ").join(map(sql.Identifier, c.key))
 
     def row(alias: str) -> sql.Composable:
@@ -44,6 +48,7 @@ def _body(conn: Connection, c: Compaction) -> str:
 
     return sql.SQL(
         "BEGIN\n"
+        "  IF TG_OP = 'TRUNCATE' THEN INSERT INTO {log} DEFAULT VALUES; RETURN NULL; END IF;\n"
         "  IF TG_OP <> 'DELETE' THEN INSERT INTO {log} ({keys}) VALUES ({new}); END IF;\n"
         "  IF TG_OP = 'DELETE' THEN INSERT INTO {log} ({keys}) VALUES ({old});\n"
         "  ELSIF TG_OP = 'UPDATE' AND ({old}) IS DISTINCT FROM ({new}) THEN\n"
@@ -56,10 +61,10 @@ def _body(conn: Connection, c: Compaction) -> str:
 
 def drop(conn: Connection, c: Compaction) -> None:
     """Trigger, function and log, whichever exist (inside the caller's transaction)."""
-    present = one_row(conn.execute("SELECT EXISTS (SELECT 1 FROM pg_trigger WHERE tgrelid = to_regclass(%s)"
-                                   " AND tgname = %s)", (table_ident(c.table).as_string(conn), TRIGGER)))[0]
-    if present:  # only then: even IF EXISTS locks the table
-        conn.execute(sql.SQL("DROP TRIGGER IF EXISTS {} ON {}").format(
-            sql.Identifier(TRIGGER), table_ident(c.table)))
+    present = [name for (name,) in conn.execute(
+        "SELECT tgname FROM pg_trigger WHERE tgrelid = to_regclass(%s) AND tgname = ANY(%s)",
+        (table_ident(c.table).as_string(conn), [TRIGGER, TRUNCATED]))]
+    for name in present:  # only these: even IF EXISTS locks the table
+        conn.execute(sql.SQL("DROP TRIGGER {} ON {}").format(sql.Identifier(name), table_ident(c.table)))
     conn.execute(sql.SQL("DROP FUNCTION IF EXISTS {}()").format(sql.Identifier(*c.function)))
     conn.execute(sql.SQL("DROP TABLE IF EXISTS {}").format(table_ident(c.log)))

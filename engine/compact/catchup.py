@@ -15,7 +15,8 @@ from psycopg import errors as pg_errors
 from psycopg import sql
 
 from engine.compact.state import Compaction, save
-from engine.db import Connection, table_ident
+from engine.db import Connection, one_row, table_ident
+from engine.errors import MsggcError
 
 ROUND_KEYS = 50_000
 SHORT_LOG = 1_000
@@ -38,6 +39,10 @@ def sync_round(conn: Connection, c: Compaction, names: list[str],
     if consumed == 0:
         conn.execute("DROP TABLE msggc_keys")
         return 0
+    if one_row(conn.execute(sql.SQL("SELECT EXISTS (SELECT FROM msggc_keys WHERE {} IS NULL)").format(
+            sql.Identifier(c.key[0]))))[0]:
+        raise MsggcError(f"the application truncated {c.table.qualified} during the compaction;"
+                         " it was undone, nothing changed")
     match = sql.SQL(" AND ").join(sql.SQL("{} = {}").format(sql.Identifier("r", k), sql.Identifier("k", k))
                                   for k in c.key)
     deleted = conn.execute(sql.SQL("DELETE FROM {new} r USING msggc_keys k WHERE {match}").format(

@@ -18,7 +18,8 @@ from engine.db import Connection
 Phase = Literal["planned", "capture", "copied", "indexed", "swapped", "done", "undone", "kept"]
 BEFORE_SWAP: tuple[Phase, ...] = ("planned", "capture", "copied", "indexed")
 TRIGGER = "msggc_compact_capture"
-"""The capture trigger's name on the application's table (never carried to the new one)."""
+TRUNCATED = "msggc_compact_truncated"
+"""The capture triggers' names on the application's table (never carried to the new one)."""
 
 
 @dataclass

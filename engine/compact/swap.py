@@ -15,7 +15,7 @@ from psycopg import sql
 
 from engine.compact import carry
 from engine.compact.catchup import catch_up, sync_round
-from engine.compact.state import TRIGGER, Compaction, save
+from engine.compact.state import TRIGGER, TRUNCATED, Compaction, save
 from engine.db import Connection, one_row, regclass_of, table_ident
 from engine.errors import MsggcError
 
@@ -50,8 +50,10 @@ def _swap_locked(conn: Connection, c: Compaction, names: list[str], lock_timeout
     old_oid, new_oid = regclass_of(conn, c.table), regclass_of(conn, c.new)
     assert old_oid is not None and new_oid is not None
     _require_same_indexes(conn, c, old_oid)
+    _require_same_shape(conn, c, old_oid, new_oid)
     sync_round(conn, c, names, limit=None)
-    conn.execute(sql.SQL("DROP TRIGGER {} ON {}").format(sql.Identifier(TRIGGER), table))
+    for trigger in (TRIGGER, TRUNCATED):
+        conn.execute(sql.SQL("DROP TRIGGER {} ON {}").format(sql.Identifier(trigger), table))
     renamed = {}
     for number, (name, built) in enumerate(c.indexes):
         renamed[f"{c.prefix}_{number}"] = name
@@ -74,3 +76,21 @@ def _require_same_indexes(conn: Connection, c: Compaction, oid: int) -> None:
     if now != sorted(name for name, _built in c.indexes):
         raise MsggcError(f"the indexes of {c.table.qualified} changed during the compaction"
                          f" ({', '.join(now)}); it was undone, nothing changed: run it again")
+
+
+SHAPE = """
+SELECT (SELECT jsonb_agg(jsonb_build_array(attname, atttypid, atttypmod, attnotnull, attidentity,
+          attgenerated, pg_get_expr(d.adbin, d.adrelid), attcollation) ORDER BY attnum)
+        FROM pg_attribute LEFT JOIN pg_attrdef d ON d.adrelid = attrelid AND d.adnum = attnum
+        WHERE attrelid = %(oid)s AND attnum > 0 AND NOT attisdropped),
+       (SELECT jsonb_agg(jsonb_build_array(conname,
+          regexp_replace(pg_get_constraintdef(oid), ' NOT VALID$', '')) ORDER BY conname)
+        FROM pg_constraint WHERE conrelid = %(oid)s AND contype IN ('c', 'f'))
+"""
+
+
+def _require_same_shape(conn: Connection, c: Compaction, old: int, new: int) -> None:
+    """A column or constraint the application changed meanwhile would be lost: refuse."""
+    if conn.execute(SHAPE, {"oid": old}).fetchone() != conn.execute(SHAPE, {"oid": new}).fetchone():
+        raise MsggcError(f"the columns or constraints of {c.table.qualified} changed during the compaction;"
+                         " it was undone, nothing changed: run it again")
