@@ -358,6 +358,7 @@ def status(dsn: str | None, limit: int, as_json: bool) -> None:
 def restore(dsn: str | None, table: str, key: str | None, run_id: int | None, path: Path | None) -> None:
     """Put archived rows back into the table: a run's rows from the archive table, or a file's."""
     from engine import archive, archive_restore
+    from engine.compact import restore as compact_restore
     from engine.target import locate
 
     if (run_id is None) == (path is None):
@@ -374,6 +375,9 @@ def restore(dsn: str | None, table: str, key: str | None, run_id: int | None, pa
                 skipped = f" ({done.skipped:,} batches restored earlier were skipped)"
             if done.present:
                 skipped += f"; {done.present:,} rows not restored: the table holds their key already"
+        elif run_id is not None and (compacted := compact_restore.kept(conn, run_id)) is not None:
+            tables = {spec.qualified: compact_restore.restore(conn, compacted)}
+            source = f"run {run_id} (its old table {compacted.old.qualified})"
         elif run_id is not None:
             tables = archive.restore_with_children(conn, spec, oid, run_id, key_columns)
             source = f"run {run_id}"

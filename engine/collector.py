@@ -72,7 +72,7 @@ def check(conn: Connection, options: GcOptions) -> Checked:
         require_probe_table(conn)
     target = resolve_target(conn, options.table, with_retention=options.older_than is not None)
     archive = None
-    if options.archive:
+    if options.archive and options.strategy != "compact":  # a compaction keeps its old table instead
         archive = resolve_archive(conn, options.table, target.oid)
     elif options.archive_to:
         resuming = runs.resumable_archive_file(conn, options.table.qualified, options.node)

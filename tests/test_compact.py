@@ -17,7 +17,7 @@ from engine.config import GcOptions, TableSpec
 from engine.status import RunStatus
 from tests.compact_app import CATALOG, App, leftovers, make_inbox, pause_at
 from tests.polling import wait_until
-from tests.support import spawn_cli
+from tests.support import run_cli, spawn_cli
 
 Conn = psycopg.Connection[Any]
 
@@ -130,3 +130,20 @@ def test_a_compaction_the_application_changes_the_table_under_is_undone(
     assert reason in json.loads(out)["error"]
     assert leftovers(conn) == []
     assert conn.execute("SELECT status FROM gc_runs").fetchall() == [("failed",)]
+
+
+def test_a_compaction_with_archive_keeps_exactly_the_garbage_and_restore_puts_it_back(
+        conn: Conn, dsn: str) -> None:
+    make_inbox(conn, 3000, 4)
+    original = conn.execute("SELECT id, msg, code, n, processed_at FROM inbox ORDER BY id").fetchall()
+    result = collect(dsn, options(archive=True))
+    assert result.status is RunStatus.COMPLETE, result.error
+    kept = f"msggc_old_{result.run_id}"
+    assert conn.execute(f"SELECT count(*), bool_and(processed_at IS NOT NULL) FROM {kept}").fetchone() == (
+        2250, True)
+    conn.execute("DELETE FROM app_ref WHERE code = 'b'")  # the archive holds no foreign key
+    restored = run_cli("restore", "--dsn", dsn, "--table", "public.inbox", "--run", str(result.run_id))
+    assert restored.returncode == 0, restored.stderr
+    assert "restored 2,250 rows" in restored.stdout
+    assert conn.execute("SELECT id, msg, code, n, processed_at FROM inbox ORDER BY id").fetchall() == original
+    assert leftovers(conn) == []

@@ -52,9 +52,9 @@ def compact(conn: Connection, options: GcOptions, target: Target, statements: St
     started = time.monotonic()
     preconditions.require(conn, target)
     assert statements is not None  # a plain table: its one leg
-    if options.archive or options.archive_to:
-        raise preconditions.CompactRefused("--strategy compact does not archive yet: drop --archive"
-                                           " (--archive-to) or use the walk")
+    if options.archive_to:
+        raise preconditions.CompactRefused("--strategy compact keeps its archive in the database (--archive):"
+                                           " drop --archive-to, or use the walk")
     schema, name = one_row(conn.execute("SELECT n.nspname, c.relname FROM pg_class c JOIN pg_namespace n"
                                         " ON n.oid = c.relnamespace WHERE c.oid = %s", (target.oid,)))
     cutoff = cutoff_of(conn, options)
@@ -64,7 +64,7 @@ def compact(conn: Connection, options: GcOptions, target: Target, statements: St
         run = runs.start(conn, target.qualified, options.node, "compact", [], options.describe(),
                          resumed_from=None, run_id=run_id, garbage=target.describe(), key=target.key)
         c = Compaction(run.id, schema, name, list(target.key), statements.garbage.as_string(conn),
-                       cutoff.isoformat() if cutoff else None)
+                       cutoff.isoformat() if cutoff else None, archive=options.archive)
         save(conn, c)
     budget = Budget(stop, started + options.max_seconds if options.max_seconds else None)
     status, failure, deleted = RunStatus.COMPLETE, None, 0

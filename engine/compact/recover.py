@@ -65,7 +65,9 @@ def finish_swapped(conn: Connection, c: Compaction) -> int:
             c.phase = "kept"
             save(conn, c)
         else:
-            if not c.archive:
+            if c.archive:
+                _keep_garbage_only(conn, c)
+            else:
                 conn.execute(sql.SQL("DROP TABLE {}").format(table_ident(c.old)))
             c.phase = "done"
             save(conn, c)
@@ -76,6 +78,18 @@ def finish_swapped(conn: Connection, c: Compaction) -> int:
             f"compaction of {c.table.qualified} did not add up: the old table held {rows} rows, the new one"
             f" {c.live} and garbage {garbage}; the old table is kept as {c.old.qualified}")
     return int(garbage)
+
+
+def _keep_garbage_only(conn: Connection, c: Compaction) -> None:
+    """The old table as the run's archive: its live rows (now in the new table) deleted, and
+    nothing of it that acts on the application: its triggers disabled, its foreign keys dropped
+    (a referenced row the application deletes must not be held by the archive)."""
+    old = table_ident(c.old)
+    conn.execute(sql.SQL("ALTER TABLE {} DISABLE TRIGGER USER").format(old))
+    for (name,) in conn.execute("SELECT conname FROM pg_constraint WHERE conrelid = to_regclass(%s)"
+                                " AND contype = 'f'", (old.as_string(conn),)).fetchall():
+        conn.execute(sql.SQL("ALTER TABLE {} DROP CONSTRAINT {}").format(old, sql.Identifier(name)))
+    conn.execute(sql.SQL("DELETE FROM {} WHERE ({}) IS NOT TRUE").format(old, c.predicate), c.params)
 
 
 def recover(conn: Connection, schema: str, name: str, lock_timeout_ms: int) -> list[str]:

@@ -96,5 +96,11 @@ def unfinished(conn: Connection, schema: str, name: str) -> list[Compaction]:
     return [_loaded(record) for (record,) in rows]
 
 
+def load(conn: Connection, run_id: int) -> Compaction | None:
+    row = conn.execute("SELECT cursor -> 'compact' FROM gc_runs WHERE id = %s AND cursor ? 'compact'",
+                       (run_id,)).fetchone()
+    return _loaded(row[0]) if row else None
+
+
 def _loaded(record: dict[str, Any]) -> Compaction:
     return Compaction(**record)
