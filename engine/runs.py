@@ -373,6 +373,21 @@ def latest(conn: Connection, table: str, node: str) -> dict[str, Any] | None:
     return dict(zip(names, row, strict=True))
 
 
+def newest(conn: Connection, table: str, node: str, limit: int) -> list[dict[str, Any]]:
+    """The newest runs of this table and node, newest first, with their options and progress
+    (the status page's recent runs)."""
+    cur = conn.execute(
+        "SELECT id AS run_id, status, strategy, options, progress, messages_deleted, rows_skipped_locked,"
+        " batches, throttle_pauses, throttled_seconds, foreign_keys, requested_at, started_at,"
+        " heartbeat_at, finished_at, error, app_latency_p50_ms, app_latency_p99_ms, held_back_seconds,"
+        " app_latency_before_p99_ms"
+        " FROM gc_runs WHERE table_name = %s AND node = %s ORDER BY id DESC LIMIT %s",
+        (table, node, limit),
+    )
+    names = [c.name for c in cur.description or []]
+    return [dict(zip(names, row, strict=True)) for row in cur]
+
+
 def totals(conn: Connection, table: str, node: str) -> dict[str, tuple[int, int]]:
     """Per status: (runs, rows they deleted); the metrics read these at scrape time."""
     rows = conn.execute(

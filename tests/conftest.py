@@ -10,6 +10,7 @@ database is migrated once per session, and each test gets a fresh copy of it (``
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 import uuid
 from collections.abc import Callable, Iterator
@@ -24,6 +25,7 @@ from pytest_postgresql import factories
 from pytest_postgresql.executors import NoopExecutor
 from pytest_postgresql.janitor import DatabaseJanitor
 
+from tests.faults.helpers import PrivateServer
 from tests.sessions import SharedEmbeddedServer
 
 os.environ.setdefault("MSGGC_HOME", str(Path(tempfile.gettempdir()) / f"msggc-test-{os.getuid()}"))
@@ -147,3 +149,16 @@ def role_dsn(conn: psycopg.Connection[Any], dsn: str, server_dsn: str) -> Iterat
         conn.execute(sql.SQL("DROP OWNED BY {}").format(sql.Identifier(role)))
         with psycopg.connect(server_dsn, autocommit=True) as admin:
             admin.execute(sql.SQL("DROP ROLE {}").format(sql.Identifier(role)))
+
+
+@pytest.fixture(scope="module")
+def private_server() -> Iterator[PrivateServer]:
+    """A separate embedded server in a temporary MSGGC_HOME, for tests that stop it; stopped and
+    removed afterwards."""
+    server = PrivateServer(Path(tempfile.mkdtemp(prefix="msggc-private-")))
+    try:
+        server.start()
+        yield server
+    finally:
+        server.stop()
+        shutil.rmtree(server.home, ignore_errors=True)

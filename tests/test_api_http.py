@@ -98,7 +98,8 @@ def test_openapi_declares_a_schema_for_every_answer(service):
     assert "401" in schema["paths"]["/metrics"]["get"]["responses"]
     assert "401" not in schema["paths"]["/health"]["get"]["responses"]  # health is open
     assert "message-gc-completion" in schema["webhooks"]
-    assert set(schema["paths"]) == {GC_PATH, "/metrics", "/health"}
+    assert "401" in schema["paths"]["/v1/overview"]["get"]["responses"]
+    assert set(schema["paths"]) == {GC_PATH, "/v1/overview", "/metrics", "/health"}  # not the page
 
 
 def test_metrics_report_runs_rows_batches_and_backlog(service, conn):

@@ -26,6 +26,9 @@ Everywhere
       (1025 Invalid request); **403** an ``Origin`` that is not a loopback origin (1005).
     - **404** unknown path (1006 Resource not found); **405** wrong method (1025, ``Allow`` header);
       **500** unexpected error (1014). Every error body is ``{"meta":...,"errors":[...]}``.
+``GET /v1/overview`` (the status page's data): **200** every node, each with its newest runs,
+    outbox and guard figures, or its 1014 when its database cannot be read.
+``GET /``: the status page (:mod:`engine.service.page`), open: it holds no data.
 ``GET /health``: **200** while the worker threads live (or run elsewhere), **503** if one died.
 ``GET /metrics``: **200** Prometheus text format.
 """
@@ -35,6 +38,7 @@ from __future__ import annotations
 import hmac
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
+from datetime import UTC, datetime
 from typing import Annotated, Any
 
 from fastapi import Body, Depends, FastAPI, Request
@@ -46,7 +50,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match
 
 from engine.errors import UsageError
-from engine.service import contract, requests
+from engine.service import contract, page, requests
 from engine.service.api_models import (
     CompletionWebhook,
     ErrorAnswer,
@@ -55,6 +59,7 @@ from engine.service.api_models import (
     LatestRun,
     MultiStartAnswer,
     MultiStatusAnswer,
+    Overview,
     SingleStartAnswer,
     SingleStatusAnswer,
     WorkerState,
@@ -62,11 +67,13 @@ from engine.service.api_models import (
 from engine.service.body_limit import MAX_BODY_BYTES, BodyLimit
 from engine.service.loopback_only import LoopbackOnly
 from engine.service.metrics import Metrics
+from engine.service.overview import read_nodes
 from engine.service.requests import NodeResult
 from engine.service.settings import ServiceSettings
 from engine.service.worker import Worker
 
 GC_PATH = "/v1/services/message/gc"
+OVERVIEW_PATH = "/v1/overview"
 
 
 class ApiError(Exception):
@@ -149,6 +156,18 @@ def create_app(settings: ServiceSettings) -> FastAPI:
         """Per node: status, rows deleted so far, rows/s, started/finished, last error."""
         return _per_node(requests.read_status(settings), _run_status, multi)
 
+    @app.get(OVERVIEW_PATH, dependencies=auth, response_model=Overview, summary="The status page's data",
+             responses=guarded)
+    def overview() -> JSONResponse:
+        """Per node: the newest run's progress and chart, the recent runs, webhooks waiting, the
+        guard's figures; a node whose database cannot be read has its 1014 ``error``."""
+        schedule = worker.schedule if worker is not None else None
+        body = Overview(version=contract.package_version(), generated_at=datetime.now(UTC),
+                        worker=_worker_state(worker), nodes=read_nodes(settings),
+                        schedule=schedule.trigger.describe() if schedule else None,
+                        next_scheduled_gc=schedule.next_at if schedule else None)
+        return JSONResponse(body.model_dump(mode="json"), headers={"Cache-Control": "no-store"})
+
     @app.get("/metrics", dependencies=auth, response_class=Response, summary="Prometheus metrics",
              responses={200: {"content": {CONTENT_TYPE_LATEST: {}},
                               "description": "Prometheus text format."}, **guarded})
@@ -158,7 +177,7 @@ def create_app(settings: ServiceSettings) -> FastAPI:
     @app.get("/health", response_model=Health, summary="Liveness",
              responses={503: {"model": Health, "description": "A worker thread died."}})
     def health() -> JSONResponse:
-        state: WorkerState = "disabled" if worker is None else "running" if worker.alive else "stopped"
+        state = _worker_state(worker)
         schedule = worker.schedule if worker is not None else None
         body = Health(status="ok" if state != "stopped" else "unhealthy",
                       version=contract.package_version(), worker=state,
@@ -171,7 +190,12 @@ def create_app(settings: ServiceSettings) -> FastAPI:
         """POSTed to the configured callback URL once per node when its GC ends; the callback
         server answers 2xx, else the notice is retried with exponential backoff."""
 
+    page.install(app)
     return app
+
+
+def _worker_state(worker: Worker | None) -> WorkerState:
+    return "disabled" if worker is None else "running" if worker.alive else "stopped"
 
 
 def _per_node(results: list[NodeResult[Any]], render: Callable[[Any], dict[str, Any]],

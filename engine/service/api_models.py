@@ -241,3 +241,86 @@ class Health(BaseModel):
     worker: WorkerState
     schedule: str | None = Field(default=None, description="The worker's own GC requests, e.g. every 1:00:00")
     next_scheduled_gc: datetime | None = Field(default=None, description="When the worker next requests a GC")
+
+
+class ThrottleFigures(BaseModel):
+    """Pauses of the run so far: health throttling (WAL rate, replica lag, vacuum) and the guard."""
+
+    pauses: int = 0
+    paused_s: float = Field(default=0.0, description="Seconds paused, the guard's included.")
+    held_back_s: float = Field(default=0.0, description="Seconds the latency guard held the run back.")
+    reasons: dict[str, int] = Field(default_factory=dict, description="Pauses per reason.")
+
+
+class GuardFigures(BaseModel):
+    """The latency guard as it sees the application: its probe's commit latency."""
+
+    budget_ms: float | None = Field(default=None, description="The run's latency budget.")
+    p50_ms: float | None = None
+    p99_ms: float | None = Field(default=None, description="The probe's recent p99 (live while it runs).")
+    before_p99_ms: float | None = Field(default=None, description="The p99 before the run began.")
+    rate_share: float | None = Field(default=None, description="WAL rate granted as a share of full speed.")
+
+
+class ChartPoint(BaseModel):
+    t_s: float = Field(description="Seconds since the run started (the end of the interval).")
+    rows_per_s: float
+    wal_bytes_per_s: float = Field(description="WAL the server wrote (the application's included).")
+
+
+class RunSummary(BaseModel):
+    """A run as the status page lists it."""
+
+    run_id: int
+    status: StoredStatus
+    strategy: str | None = None
+    messages_deleted: int
+    rows_skipped_locked: int = Field(description="Left for the next run: locked by the application.")
+    kept_by_foreign_keys: int = Field(description="Garbage rows a foreign key's child row still references.")
+    batches: int
+    requested_at: datetime | None = None
+    started_at: datetime | None = None
+    finished_at: datetime | None = None
+    duration_s: float | None = Field(default=None, description="Started to finished (or to now).")
+    rows_per_s: float | None = Field(default=None, description="Recent rate while running, else overall.")
+    throttle: ThrottleFigures
+    error: str | None = None
+
+
+class RunDetail(RunSummary):
+    """The newest run with what its plan expected and its chart."""
+
+    reason: str | None = Field(default=None, description="Why the planner chose its strategy.")
+    workers: int | None = None
+    garbage_estimate: int | None = Field(default=None, description="Garbage the planner estimated.")
+    garbage_left: int | None = Field(default=None, description="That estimate minus the rows deleted since.")
+    eta_s: float | None = Field(default=None, description="Garbage left at the recent rate (running only).")
+    guard: GuardFigures | None = None
+    chart: list[ChartPoint] = Field(default_factory=list)
+
+
+class OutboxWaiting(BaseModel):
+    waiting: int = Field(description="Completion webhooks not delivered yet.")
+    attempts: int = Field(description="The most attempts one of them has had.")
+    last_error: str | None = None
+    next_attempt_at: datetime | None = None
+
+
+class NodeOverview(BaseModel):
+    node: str = Field(description="The node's name (the single instance: postgresql).")
+    address: str = Field(description="host:port of its database.")
+    error: ErrorEntry | None = Field(default=None, description="1014 when its database cannot be read.")
+    latest: RunDetail | None = None
+    recent: list[RunSummary] = Field(default_factory=list, description="The newest runs, newest first.")
+    outbox: OutboxWaiting | None = None
+
+
+class Overview(BaseModel):
+    """Everything the status page shows, read from every node's database."""
+
+    version: str
+    generated_at: datetime
+    worker: WorkerState
+    schedule: str | None = None
+    next_scheduled_gc: datetime | None = None
+    nodes: list[NodeOverview]

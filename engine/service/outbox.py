@@ -9,6 +9,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 from engine.db import Connection, one_row
 from engine.errors import MsggcError
@@ -114,3 +115,17 @@ def backlog(conn: Connection, node: str) -> Backlog:
         (node,),
     ))
     return Backlog(int(row[0]), row[1])
+
+
+def waiting(conn: Connection, node: str) -> dict[str, Any]:
+    """This node's notices not delivered yet: how many, the most attempts one has had, the last
+    error of the oldest, when the next is due (the status page's outbox)."""
+    cur = conn.execute(
+        "SELECT count(*) AS waiting, coalesce(max(o.attempts), 0) AS attempts,"
+        " (array_agg(o.last_error ORDER BY o.id) FILTER (WHERE o.last_error IS NOT NULL))[1] AS last_error,"
+        " min(o.next_attempt_at) AS next_attempt_at"
+        " FROM gc_outbox o JOIN gc_runs r ON r.id = o.run_id WHERE o.delivered_at IS NULL AND r.node = %s",
+        (node,),
+    )
+    row = one_row(cur)
+    return dict(zip([c.name for c in cur.description or []], row, strict=True))

@@ -100,6 +100,17 @@ def connect_patiently(dsn: str, timeout_s: float, window_s: float = REFUSED_WIND
             delay = min(delay * 2, 1.0)
 
 
+def _dropped(conn: Connection) -> bool:
+    """An idle connection the server has closed (stopped, restarted, backend terminated): its
+    socket is readable although nothing was asked. Lent again, it would fail its first query
+    with "terminating connection" instead of the node's "Connection refused"."""
+    try:
+        readable, _, _ = select.select([conn.fileno()], [], [], 0)
+    except (OSError, ValueError, psycopg.Error):
+        return True
+    return bool(readable)
+
+
 def close_and_wait(conn: Connection, timeout_s: float = 1.0) -> None:
     """Close and wait (briefly) until the server's backend has exited: a closed connection holds
     its slot of ``max_connections`` until then, and the pool may open the next one at once. The
@@ -212,8 +223,9 @@ class ServerSlots:
             for key, (idle_dsn, idle) in self._idle.items():
                 if idle_dsn == dsn:
                     del self._idle[key]
-                    if not idle.closed:
+                    if not idle.closed and not _dropped(idle):
                         return idle
+                    idle.close()
                     self._light_open -= 1
                     break
             if self._light_open >= self.light:

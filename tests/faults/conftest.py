@@ -4,14 +4,12 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from tests.faults.helpers import CallbackServer, Ledger, PrivateServer
+from tests.faults.helpers import CallbackServer, Ledger
 
 LEDGER = Ledger()
 
@@ -25,18 +23,6 @@ def ledger() -> Ledger:
 def callback() -> Iterator[CallbackServer]:
     with CallbackServer() as server:
         yield server
-
-
-@pytest.fixture(scope="module")
-def private_server() -> Iterator[PrivateServer]:
-    """A separate embedded server in a temporary MSGGC_HOME, stopped and removed afterwards."""
-    server = PrivateServer(Path(tempfile.mkdtemp(prefix="msggc-faults-")))
-    try:
-        server.start()
-        yield server
-    finally:
-        server.stop()
-        shutil.rmtree(server.home, ignore_errors=True)
 
 
 def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
