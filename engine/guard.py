@@ -9,7 +9,8 @@ or a lock, reported beside the latencies as evidence of what the latencies come 
 What the application feels is the rate at which the run writes WAL and dirties pages, not the
 share of time it spends in batches (issue 22: a run held to 10-30 MB/s of WAL kept pgbench's p99
 at 9-19 ms where one working 12% of its time made it 238 ms). So the controller's output is a
-rate of WAL bytes per second, which the throttle's token bucket holds every worker to: it
+rate of bytes per second, which the throttle's token bucket holds every worker to, each batch
+charged its WAL or the pages it dirtied (8 kB each), whichever is more: it
 starts gentle and doubles each calm control step (slow start) until the first step over the
 budget, then halves on every step whose p99 passes the budget and grows additively while it
 stays under ``ROOM`` of it. Before the workers start, the probe measures ``BEFORE_SAMPLES``
@@ -371,10 +372,14 @@ class Probe:
         the granted rate's share of it is how much the guard slows the run."""
         self.min_share = 1.0
         self.wal_rate: float | None = None
+        self.charged = 0
+        """Bytes the run's batches were charged (their WAL, or the pages they dirtied if more):
+        the rate the run really used, beside the server's WAL, caps the grant's growth."""
         self.alone_writes_per_s: float | None = None
         """Buffers a second client backends wrote themselves while the probe timed the
         application alone: what they write beyond it (see ``EVICTING_*``) is the run's doing."""
         self._alone_from: ServerCounters | None = None
+        self._charged_at_step = 0
         self._first: ServerCounters | None = None
         self._last: ServerCounters | None = None
         self._steps = 0
@@ -544,12 +549,18 @@ class Probe:
         self.alone_over = alone if alone > self.budget_ms else None
         return self.alone_over is None or len(self.before) >= BEFORE_MAX_SAMPLES
 
+    def charge(self, cost: int) -> None:
+        """A batch's cost (see :meth:`engine.throttle.Throttle.batch_wal`)."""
+        with self.lock:
+            self.charged += cost
+
     def _workers_start(self, now: ServerCounters) -> None:
         """The counters as the workers start: the first step counts from here, and the backend
         writes since the probe's first commit are the application's own rate alone."""
         alone = self._alone_from
         with self.lock:
             self._first = self._last = now
+            self._charged_at_step = self.charged
             if (alone is not None and alone.backend_writes is not None and now.backend_writes is not None
                     and now.at > alone.at):
                 self.alone_writes_per_s = (now.backend_writes - alone.backend_writes) / (now.at - alone.at)
@@ -569,14 +580,18 @@ class Probe:
             last, self._last = self._last, now
             first = self._first
             assert last is not None and first is not None  # set as the workers start
-            used = max(0, now.lsn - last.lsn) / (now.at - last.at) if now.at > last.at else None
+            wal = used = None
+            if now.at > last.at:  # the server's WAL, or the run's charge if more (dirtied pages)
+                wal = max(0, now.lsn - last.lsn) / (now.at - last.at)
+                used = max(wal, (self.charged - self._charged_at_step) / (now.at - last.at))
+            self._charged_at_step = self.charged
             checkpoint = now.checkpoints_requested > last.checkpoints_requested
-            self.wal_rate = used
+            self.wal_rate = wal
             p99 = self.control.step(now.at, used, checkpoint, self._evicting(last, now))
             self.min_share = min(self.min_share, self.share())
             self.series.add({
                 "t_s": round(now.at - self._started_at, 2), "rate_bytes_per_s": round(self.control.rate),
-                "p99_ms": round(p99, 2), "wal_bytes_per_s": None if used is None else round(used),
+                "p99_ms": round(p99, 2), "wal_bytes_per_s": None if wal is None else round(wal),
                 "checkpoints_requested": now.checkpoints_requested - first.checkpoints_requested,
                 "backend_writes": (None if now.backend_writes is None or first.backend_writes is None
                                    else now.backend_writes - first.backend_writes)})

@@ -78,6 +78,13 @@ class Sample:
     garbage: int
     analyzed_rows_per_block: float | None = None
     """``reltuples / relpages`` as the last VACUUM or ANALYZE left them (None: never analyzed)."""
+    garbage_blocks: int = 0
+    """Blocks of the sample holding garbage."""
+
+    @property
+    def garbage_per_block(self) -> float | None:
+        """Garbage rows a page that holds any holds: deleting them dirties one page per this many."""
+        return self.garbage / self.garbage_blocks if self.garbage_blocks else None
 
     @property
     def rows_estimate(self) -> int:
@@ -102,8 +109,10 @@ def take_sample(conn: Connection, statements: Statements, sample_blocks: int,
         " CASE WHEN relpages > 0 AND reltuples >= 0 THEN reltuples / relpages END"
         " FROM pg_class WHERE oid = %s", (statements.target.oid,)))
     percent = sample_percent(blocks, sample_blocks)
-    rows, garbage = one_row(conn.execute(statements.sample_garbage, {"percent": percent, "cutoff": cutoff}))
-    return Sample(int(blocks), percent, int(rows), int(garbage), None if density is None else float(density))
+    rows, garbage, garbage_blocks = one_row(conn.execute(statements.sample_garbage,
+                                                         {"percent": percent, "cutoff": cutoff}))
+    return Sample(int(blocks), percent, int(rows), int(garbage), None if density is None else float(density),
+                  int(garbage_blocks))
 
 
 @dataclass(frozen=True)
@@ -123,6 +132,8 @@ class TableFacts:
     integer_key: bool = False
     key_in_heap_order: bool = False
     """The integer key's values follow the heap's order (see ``HEAP_ORDER_CORRELATION``)."""
+    garbage_per_block: float | None = None
+    """Garbage rows per page holding garbage, from the sample (None: none sampled)."""
 
     @property
     def key_walk_reads_heap_in_order(self) -> bool:
@@ -180,6 +191,7 @@ def read_facts(conn: Connection, target: Target, statements: Statements, cutoff:
         key=target.key,
         integer_key=target.integer_key,
         key_in_heap_order=target.integer_key and _key_correlation(conn, target) >= HEAP_ORDER_CORRELATION,
+        garbage_per_block=sample.garbage_per_block,
     )
 
 
@@ -340,6 +352,6 @@ def whole_leaf_plan(conn: Connection, target: Target, cutoff: datetime | None, s
     facts = TableFacts(oid=target.oid, blocks=sample.blocks, rows_estimate=sample.rows_estimate,
                        garbage_fraction=1.0, garbage_index=None, key_indexed=False, key_min=None,
                        key_max=None, server_version=conn.info.server_version, key=target.key,
-                       integer_key=target.integer_key)
+                       integer_key=target.integer_key, garbage_per_block=sample.garbage_per_block)
     return Plan(strategy="physical", reason=DROP_WHOLE_REASON, facts=facts,
                 cutoff=cutoff, drop_whole=True)

@@ -536,8 +536,11 @@ class Statements:
 
     @property
     def sample_garbage(self) -> sql.Composed:
-        """Rows and garbage rows in a block sample: the planner's density estimate."""
+        """Rows, garbage rows, and blocks holding garbage in a block sample: the planner's
+        density estimate, and how many garbage rows a deleted page holds (the guard's pages
+        dirtied per row)."""
         return self._format(
-            "SELECT count(*), count(*) FILTER (WHERE {garbage})"
+            "SELECT count(*), count(*) FILTER (WHERE {garbage}),"
+            " count(DISTINCT (ctid::text::point)[0]) FILTER (WHERE {garbage})"
             " FROM {t} TABLESAMPLE SYSTEM (%(percent)s) REPEATABLE (7)"
         )

@@ -40,6 +40,8 @@ BATCH_PACE_S = 0.05
 """A guarded batch writes at most this many seconds of the granted rate (at least
 ``MIN_BATCH_WAL``): one batch cannot queue a burst of flushing ahead of the application."""
 MIN_BATCH_WAL = 64 * 1024
+BLOCK_BYTES = 8192
+"""A heap page (PostgreSQL's default ``block_size``): what one dirtied page costs to write out."""
 FIRST_BATCH_ROWS = 50
 PACE_REFRESH_S = 1.0
 TIMED_SEEN_S = 2.0
@@ -291,24 +293,31 @@ class Throttle:
         """The latency guard's figures for the run's result (none without a guard)."""
         return self.probe.report() if self.probe is not None else {}
 
-    def batch_wal(self, conn: Connection, rows: int) -> int | None:
-        """After a worker's batch: the WAL the server wrote since it began (the batch's own,
-        plus whatever other backends wrote meanwhile: an upper bound), for the sizer to bound
-        the next one. None without a guard (no query then)."""
+    def batch_wal(self, conn: Connection, rows: int, garbage_per_block: float | None = None) -> int | None:
+        """After a worker's batch: what it cost, for the guard's bucket and for the sizer to
+        bound the next one: the WAL the server wrote since it began (the batch's own, plus
+        whatever other backends wrote meanwhile: an upper bound), or the pages it dirtied (one
+        per ``garbage_per_block`` rows deleted, from the plan's sample) if more. Each dirty page
+        is a block the server must write out later: a sparse delete writes ~100 bytes of WAL a
+        row but dirties a whole 8 kB page for it, which a guard counting only WAL would let
+        through at 80 times the rate. None without a guard (no query then)."""
         worker = threading.get_ident()
         if self.probe is None or (began := self._batch_lsn.get(worker)) is None:
             return None
         wal = max(0, self._wal_lsn(conn) - began)
+        dirtied = math.ceil(rows / garbage_per_block) * BLOCK_BYTES if garbage_per_block else 0
+        cost = max(wal, dirtied)
         seconds = time.monotonic() - self._batch_began.get(worker, time.monotonic())
+        self.probe.charge(cost)
         with self.lock:
-            self._guard_credit -= wal
+            self._guard_credit -= cost
             self._own_wal += wal
             self._rows += rows
-            self._batch_wal += wal
+            self._batch_wal += cost
             self._batch_s += seconds
             if self._batch_s > 0:
                 self.probe.full_rate = self._batch_wal / self._batch_s
-        return wal
+        return cost
 
     def first_batch_rows(self, rows: int) -> int:
         """A guarded walk starts with small batches (``FIRST_BATCH_ROWS``): their WAL per row is

@@ -303,7 +303,8 @@ def work(link: Link, walk: Walk, todo: queue.SimpleQueue[int]) -> None:
                 began = time.monotonic()
                 outcome = run_batch(link.conn, walk, index, part, sizer)
                 seconds = time.monotonic() - began
-                wal = walk.throttle.batch_wal(link.conn, outcome.deleted)  # None without a guard
+                wal = walk.throttle.batch_wal(link.conn, outcome.deleted,  # None without a guard
+                                              walk.leg(part).plan.facts.garbage_per_block)
             except psycopg.OperationalError:
                 link.conn.close()
                 link.conn = reconnect(walk, link.holds_lock)

@@ -4,16 +4,20 @@ application (a lock really held on the probe's row) holds the run back without f
 from __future__ import annotations
 
 import json
+import threading
 from typing import Any
 
 import psycopg
 import pytest
 
 from engine import collect, guard
+from engine.collector import check
 from engine.config import GcOptions
-from engine.guard import BEFORE_SAMPLES, MIN_RATE, PROBE_APPLICATION_NAME
+from engine.db import connect
+from engine.guard import BEFORE_SAMPLES, MIN_RATE, PROBE_APPLICATION_NAME, ProbeSite
+from engine.planner import SAMPLE_BLOCKS, take_sample
 from engine.result import Progress
-from engine.throttle import FIRST_BATCH_ROWS
+from engine.throttle import BLOCK_BYTES, FIRST_BATCH_ROWS, Limits, Throttle
 from tests.data import fill, live_ids, surviving_ids
 from tests.polling import wait_until
 from tests.support import run_cli
@@ -155,6 +159,33 @@ def test_a_guarded_run_starts_with_small_batches_bounded_by_its_wal(conn, dsn):
     assert sizes[0] <= FIRST_BATCH_ROWS
     assert len(sizes) > 2, sizes
     assert max(sizes[:2]) < 5000
+
+
+@pytest.mark.parametrize(("every", "per_page"), [(100, (1.0, 1.0)), (2, (5.0, 30.0))])
+def test_the_plans_sample_says_how_many_garbage_rows_a_dirtied_page_holds(conn, dsn, every, per_page):
+    """One garbage row in a hundred: each deleted row dirties a page of its own; one in two:
+    a page holds a dozen of them (about 30 rows of this table a page)."""
+    fill(conn, [i % every == 0 for i in range(20_000)])
+    with connect(dsn) as engine_conn:
+        _table, statements = check(engine_conn, GcOptions()).legs[None]
+        sample = take_sample(engine_conn, statements, SAMPLE_BLOCKS, None)
+    assert sample.garbage_per_block is not None
+    assert per_page[0] <= sample.garbage_per_block <= per_page[1]
+
+
+def test_a_guarded_batch_is_charged_the_pages_it_dirtied_when_they_cost_more_than_its_wal(conn, dsn):
+    """A sparse delete writes ~100 bytes of WAL a row but dirties an 8 kB page for it: the
+    guard's bucket and the next batch's bound take the larger of the two."""
+    throttle = Throttle(Limits(max_app_latency_ms=50), 0, ProbeSite(dsn, 1, "messages", ""))
+    assert throttle.probe is not None
+    worker = threading.get_ident()
+    throttle._batch_lsn[worker] = throttle._wal_lsn(conn)  # as wait() marks a batch's start
+    sparse = throttle.batch_wal(conn, 100, garbage_per_block=1.0)
+    assert sparse is not None and sparse >= 100 * BLOCK_BYTES
+    throttle._batch_lsn[worker] = throttle._wal_lsn(conn)
+    dense = throttle.batch_wal(conn, 100, garbage_per_block=100.0)
+    assert dense is not None and dense >= BLOCK_BYTES  # one page at least (or the server's WAL meanwhile)
+    assert throttle.probe.charged == sparse + dense
 
 
 def test_a_dry_run_says_a_budget_below_the_applications_p99_alone_cannot_hold(conn, dsn):
