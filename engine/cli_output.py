@@ -19,6 +19,8 @@ if TYPE_CHECKING:
 def summary(result: GcResult) -> str:
     """The result of ``msggc gc`` (or a dry run) as one line, plus indented advice lines."""
     if result.status is RunStatus.DRY_RUN:
+        if result.compaction is not None:
+            return _compaction_line(result)
         if result.predicted_seconds is None:  # no sample batch finished: the reason is in result.reason
             return (f"dry run: strategy {result.strategy} ({result.reason}); would delete"
                     f" ~{result.garbage_estimate:,} rows" + _foreign_key_lines(result, "~")
@@ -64,6 +66,16 @@ def summary(result: GcResult) -> str:
     if result.notification_error:
         line += f"; webhook not delivered yet ({result.notification_error}), kept in the outbox"
     return line + more
+
+
+def _compaction_line(result: GcResult) -> str:
+    """A dry run of ``--strategy compact``: refused and why, or what it would copy and cost."""
+    if result.compaction and result.compaction["refused"]:
+        walk = result.compaction["walk"]["strategy"]
+        return f"dry run: {result.reason}; the walk ({walk}) can still collect it"
+    return (f"dry run: {result.reason}; would delete ~{result.garbage_estimate:,} rows, predicted"
+            f" ~{result.predicted_seconds or 0:,.1f}s and ~{_mib(result.predicted_wal_bytes or 0)} of WAL"
+            " (from a rolled-back sample copy)")
 
 
 def print_status(rows: list[dict[str, Any]]) -> None:

@@ -21,6 +21,7 @@ import psycopg
 from engine import archive_file, partitions, progress, reclaim, runs
 from engine.archive import resolve as resolve_archive
 from engine.archive_file import ArchiveFile
+from engine.compact.dryrun import predict as predict_compaction
 from engine.compact.flow import compact
 from engine.compact.recover import recover_table as compact_recover
 from engine.config import GcOptions, StrategyName
@@ -196,10 +197,15 @@ def collect(
     try:
         target = check(conn, options)
         if options.dry_run:
+            walking = replace(options, strategy="auto") if options.strategy == "compact" else options
             legs = {leaf: statements for leaf, (_table, statements) in target.legs.items()}
             with filter_refused_on_rows(options.table):  # the planner's samples, the sample batches
-                plans, whole = _plans(conn, options, target)
-                return dry_run(conn, plans, whole, legs, with_workers(conn, options, plans), target.target)
+                plans, whole = _plans(conn, walking, target)
+                walked = dry_run(conn, plans, whole, legs, with_workers(conn, walking, plans), target.target)
+                if options.strategy != "compact":
+                    return walked
+                cutoff = cutoff_of(conn, options)
+                return predict_compaction(conn, target.target, legs.get(None), walked, cutoff)
         lock_table(conn, options, target.oid)
         if partitions.recover(conn, target.oid, options.lock_timeout_ms):
             target = check(conn, options)  # the leaves attached again are walked with the others

@@ -103,6 +103,9 @@ class GcResult:
     """Per NO ACTION/RESTRICT foreign key: garbage rows left because a child row references them."""
     predicted_seconds: float | None = None
     predicted_wal_bytes: int | None = None
+    compaction: dict[str, Any] | None = None
+    """A dry run of ``--strategy compact``: the conditions checked (and the refusals), the live rows
+    to copy, the predicted seconds, WAL and disk from a sample copy, and the walk's prediction."""
 
     @property
     def rows_per_s(self) -> float:

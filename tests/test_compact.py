@@ -147,3 +147,23 @@ def test_a_compaction_with_archive_keeps_exactly_the_garbage_and_restore_puts_it
     assert "restored 2,250 rows" in restored.stdout
     assert conn.execute("SELECT id, msg, code, n, processed_at FROM inbox ORDER BY id").fetchall() == original
     assert leftovers(conn) == []
+
+
+def test_a_compaction_dry_run_predicts_from_a_rolled_back_sample_copy_and_changes_nothing(
+        conn: Conn, dsn: str) -> None:
+    make_inbox(conn, 5000, 5)
+    conn.execute("ANALYZE inbox")
+    before = conn.execute(CATALOG).fetchone()[0]
+    result = collect(dsn, options(dry_run=True))
+    assert result.status is RunStatus.DRY_RUN
+    figures = result.compaction
+    assert figures is not None and figures["refused"] == []
+    assert 500 <= figures["live_rows"] <= 1500  # 1000 live, from a sample
+    assert result.predicted_wal_bytes and result.predicted_wal_bytes > 0
+    assert figures["disk_bytes"] > 0 and figures["walk"]["strategy"] in ("physical", "index", "key")
+    assert conn.execute(CATALOG).fetchone()[0] == before
+    assert leftovers(conn) == [] and conn.execute("SELECT count(*) FROM inbox").fetchone()[0] == 5000
+    conn.execute("CREATE VIEW inbox_view AS SELECT id FROM inbox")
+    refused = run_cli("gc", "--dsn", dsn, "--table", "public.inbox", "--strategy", "compact", "--dry-run")
+    assert refused.returncode == 0
+    assert "compaction refused: views, materialized views or rules depend on it" in refused.stdout

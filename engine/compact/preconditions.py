@@ -95,15 +95,22 @@ _DEPENDENTS = (
 )
 
 
-def free_disk(conn: Connection, needed: int) -> str:
-    """Whether the disk holding the database has room for ``needed`` bytes, as far as can be
-    told: only a server on this machine whose data directory this process may read says."""
+def disk_room(conn: Connection, needed: int) -> tuple[bool | None, str]:
+    """Whether the disk holding the database has room for ``needed`` bytes (with 20% to spare),
+    and the line that says so; None when it cannot be told: only a server on this machine
+    whose data directory this process may read says."""
     row = conn.execute("SELECT current_setting('data_directory', true)").fetchone()
     directory = row[0] if row else None
     if not directory or not os.path.isdir(directory):
-        return f"free disk unknown (the server does not say); the copy needs about {needed // 2**20} MB"
+        return None, f"free disk unknown (the server does not say); the copy needs about {needed // 2**20} MB"
     free = shutil.disk_usage(directory).free
-    if free < needed * 1.2:
-        raise CompactRefused(f"not enough free disk for the copy: {free // 2**20} MB free in {directory},"
-                             f" about {needed // 2**20} MB needed (with 20% to spare)")
-    return f"free disk {free // 2**20} MB, the copy needs about {needed // 2**20} MB"
+    return free >= needed * 1.2, (f"free disk {free // 2**20} MB in {directory}, the copy needs about"
+                                  f" {needed // 2**20} MB (with 20% to spare)")
+
+
+def free_disk(conn: Connection, needed: int) -> str:
+    """:func:`disk_room`'s line, or :class:`CompactRefused` when there is not enough."""
+    room, line = disk_room(conn, needed)
+    if room is False:
+        raise CompactRefused(f"not enough free disk for the copy: {line}")
+    return line

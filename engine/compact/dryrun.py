@@ -1,0 +1,119 @@
+"""``--dry-run --strategy compact``: the conditions checked, the live rows the copy would move,
+and its duration, WAL and disk predicted from a real sample copy that is rolled back, beside the
+walk's own prediction (the same dry run with the strategy the planner would pick).
+
+The copy's time is the sequential read of the whole table (timed on its first blocks) plus the
+writing of its live rows and the building of its indexes (timed on the sample's live rows, made
+into a table like the new one would be, inside a transaction rolled back).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from typing import Any
+
+from psycopg import sql
+
+from engine.compact import copy, preconditions
+from engine.compact.state import Compaction
+from engine.db import Connection, one_row, table_ident
+from engine.queries import Statements
+from engine.result import GcResult
+from engine.target import Target
+
+CHECKED = ("a key", "owned", "no view, rule or materialized view", "no foreign key onto it", "not published",
+           "no inheritance", "no object on its row type")
+SAMPLE_ROWS = 20_000
+READ_BLOCKS = 4_096
+"""The live rows written in the sample copy, and the blocks read to time the scan (32 MB)."""
+
+
+def predict(conn: Connection, target: Target, statements: Statements | None, walk: GcResult,
+            cutoff: object) -> GcResult:
+    """The walk's dry run ``walk`` turned into the compaction's, the walk's figures kept beside."""
+    refused = preconditions.refusals(conn, target)
+    figures: dict[str, Any] = {"refused": refused, "walk": {
+        "strategy": walk.strategy, "predicted_seconds": walk.predicted_seconds,
+        "predicted_wal_bytes": walk.predicted_wal_bytes}}
+    if statements is None or refused:
+        return dataclasses.replace(walk, strategy="compact", compaction=figures,
+                                   reason=f"compaction refused: {'; '.join(refused)}")
+    params = {"cutoff": cutoff}
+    pages, heap_bytes, rows = one_row(conn.execute(
+        "SELECT relpages, pg_relation_size(oid), greatest(reltuples, 0)::bigint FROM pg_class"
+        " WHERE oid = %s", (target.oid,)))
+    share = _live_share(conn, statements, params)
+    live = round(rows * share)
+    copied = _sample_copy(conn, target, statements, params) if live else None
+    read_s = _read_seconds(conn, statements, int(pages))
+    scale = live / copied[0] if copied and copied[0] else 0.0
+    seconds = read_s + (copied[1] * scale if copied else 0.0)
+    wal = round(copied[2] * scale) if copied else 0
+    disk = round(copied[3] * scale) if copied else 0
+    room, disk_line = preconditions.disk_room(conn, disk)
+    figures.update(live_rows=live, rows=int(rows), heap_bytes=int(heap_bytes), predicted_seconds=seconds,
+                   predicted_wal_bytes=wal, disk_bytes=disk, disk=disk_line, room=room, checked=CHECKED)
+    versus = _versus(walk, seconds, wal)
+    return dataclasses.replace(
+        walk, strategy="compact", compaction=figures, predicted_seconds=seconds, predicted_wal_bytes=wal,
+        planned_batches=None,
+        reason=f"compaction: copy ~{live:,} live rows of ~{int(rows):,}; {disk_line}{versus}")
+
+
+def _live_share(conn: Connection, statements: Statements, params: dict[str, object]) -> float:
+    """The share of rows that are not garbage, from about 1% of the blocks (all of a small table)."""
+    total, live = one_row(conn.execute(sql.SQL(
+        "SELECT count(*), count(*) FILTER (WHERE ({g}) IS NOT TRUE) FROM {t}"
+        " TABLESAMPLE SYSTEM (least(100, greatest(1, 100 * 1000.0 / greatest("
+        "   (SELECT relpages FROM pg_class WHERE oid = {oid}), 1))))").format(
+            g=statements.garbage, t=table_ident(statements.table), oid=sql.Literal(statements.target.oid)),
+        params))
+    return live / total if total else 0.0
+
+
+def _sample_copy(conn: Connection, target: Target, statements: Statements,
+                 params: dict[str, object]) -> tuple[int, float, int, int] | None:
+    """(rows, seconds, WAL bytes, bytes on disk) of a copy of sampled live rows into a table like
+    the new one, with its indexes, in a transaction that is rolled back."""
+    c = Compaction(-conn.info.backend_pid, _schema(conn, target.oid), target.spec.name, list(target.key),
+                   statements.garbage.as_string(conn), None)
+    conn.execute("BEGIN")
+    try:
+        copy.create_table(conn, c, target.oid)
+        lsn, started = one_row(conn.execute("SELECT pg_current_wal_insert_lsn()"))[0], time.monotonic()
+        cols = sql.SQL(", ").join(map(sql.Identifier, copy.columns(conn, target.oid)))
+        rows = conn.execute(sql.SQL(
+            "INSERT INTO {new} ({cols}) OVERRIDING SYSTEM VALUE SELECT {cols} FROM {t}"
+            " TABLESAMPLE SYSTEM (10) WHERE ({g}) IS NOT TRUE LIMIT {n}").format(
+                new=table_ident(c.new), cols=cols, t=table_ident(target.spec), g=statements.garbage,
+                n=sql.Literal(SAMPLE_ROWS)), params).rowcount
+        copy.build_indexes(conn, c, target.oid)
+        wal, size = one_row(conn.execute(
+            "SELECT pg_wal_lsn_diff(pg_current_wal_insert_lsn(), %s)::bigint,"
+            " pg_total_relation_size(to_regclass(%s))", (lsn, table_ident(c.new).as_string(conn))))
+        return rows, time.monotonic() - started, int(wal), int(size)
+    finally:
+        conn.execute("ROLLBACK")
+
+
+def _read_seconds(conn: Connection, statements: Statements, pages: int) -> float:
+    """The whole heap's sequential read, timed on its first blocks."""
+    blocks = max(1, min(pages, READ_BLOCKS))
+    started = time.monotonic()
+    conn.execute(sql.SQL("SELECT count(*) FROM {} WHERE ctid < {}::tid").format(
+        table_ident(statements.table), sql.Literal(f"({blocks},0)")))
+    return (time.monotonic() - started) * max(pages, 1) / blocks
+
+
+def _schema(conn: Connection, oid: int) -> str:
+    return str(one_row(conn.execute("SELECT relnamespace::regnamespace::text FROM pg_class WHERE oid = %s",
+                                    (oid,)))[0]).strip('"')
+
+
+def _versus(walk: GcResult, seconds: float, wal: int) -> str:
+    if not walk.predicted_seconds or not walk.predicted_wal_bytes:
+        return f"; the walk ({walk.strategy}) has no prediction to compare"
+    speedup = walk.predicted_seconds / max(seconds, 1e-3)
+    return (f"; against the walk ({walk.strategy}): {speedup:.1f}x as fast,"
+            f" {wal / walk.predicted_wal_bytes:.2f}x its WAL")
