@@ -8,14 +8,19 @@ import json
 import threading
 from typing import Any
 
+import httpx
 import psycopg
 import pytest
 
 from engine import collect
 from engine.compact.preconditions import CompactRefused
 from engine.config import GcOptions, TableSpec
+from engine.service import nodes
+from engine.service.settings import ServiceSettings
 from engine.status import RunStatus
+from tests.api_support import GC_PATH, gc_of, posted_bodies, running_service
 from tests.compact_app import CATALOG, App, leftovers, make_inbox, pause_at
+from tests.data import fill, surviving_ids
 from tests.polling import wait_until
 from tests.support import run_cli, spawn_cli
 
@@ -167,3 +172,21 @@ def test_a_compaction_dry_run_predicts_from_a_rolled_back_sample_copy_and_change
     refused = run_cli("gc", "--dsn", dsn, "--table", "public.inbox", "--strategy", "compact", "--dry-run")
     assert refused.returncode == 0
     assert "compaction refused: views, materialized views or rules depend on it" in refused.stdout
+
+
+def test_a_put_with_strategy_compact_compacts_and_its_webhook_counts_exactly(
+        conn: Conn, dsn: str, httpserver: Any) -> None:
+    httpserver.expect_request("/gc", method="POST").respond_with_data("ok")
+    fill(conn, [i % 3 != 0 for i in range(600)])
+    settings = ServiceSettings(nodes=tuple(nodes.single(dsn)), defaults=GcOptions(),
+                               callback_url=httpserver.url_for("/gc"), poll_s=0.2, auto_app_latency=False)
+    with running_service(settings) as url:
+        answer = httpx.put(url + GC_PATH, json={"strategy": "compact"})
+        wait_until(lambda: posted_bodies(httpserver))
+        status = httpx.get(url + GC_PATH).json()["services"]["message"]["gc"]
+    assert answer.status_code == 200
+    bodies = [gc_of(body) for body in posted_bodies(httpserver)]
+    assert bodies == [{"messages_deleted": 400, "status": "complete"}]
+    assert status["status"] == "complete" and status["messages_deleted"] == 400
+    assert conn.execute("SELECT strategy FROM gc_runs").fetchall() == [("compact",)]
+    assert surviving_ids(conn) == list(range(1, 601, 3))

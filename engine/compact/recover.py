@@ -71,7 +71,8 @@ def finish_swapped(conn: Connection, c: Compaction) -> int:
                 conn.execute(sql.SQL("DROP TABLE {}").format(table_ident(c.old)))
             c.phase = "done"
             save(conn, c)
-            conn.execute("UPDATE gc_runs SET messages_deleted = %s, batches = batches + 1 WHERE id = %s",
+            conn.execute("UPDATE gc_runs SET messages_deleted = messages_deleted + %s, batches = batches + 1"
+                         " WHERE id = %s",
                          (garbage, c.run_id))
     if c.phase == "kept":
         raise CompactionKept(

@@ -62,6 +62,10 @@ class GcRequest(BaseModel):
     model_config = ConfigDict(extra="forbid",
                               json_schema_extra={"examples": [{"max_seconds": 600, "older_than": "30d"}]})
 
+    strategy: Literal["auto", "physical", "index", "key", "compact"] | None = Field(
+        None, description="How to collect: a walk (auto: the planner's choice), or compact (copy the live"
+                          " rows into a new table and swap it in; refused where a rename cannot carry the"
+                          " table).")
     max_seconds: float | None = Field(None, gt=0, allow_inf_nan=False,
                                       description="Stop after this many seconds (resumable).")
     max_rows: int | None = Field(None, ge=1, description="Stop after about this many deleted rows.")
