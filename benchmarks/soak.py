@@ -340,16 +340,29 @@ def webhook_gc(body: object) -> dict[str, Any]:
     return body["services"][0]["message"]["gc"]  # type: ignore[no-any-return]
 
 
-def final_state(node: Node) -> dict[str, Any]:
+def runs_of(name: str, databases: list[Node]) -> dict[str, dict[str, int]]:
+    """The runs of the service's node ``name`` by status, from every node's database: the failures
+    of a scheduled GC while its node was down are kept in another's (engine.service.unstarted)."""
+    found: dict[str, dict[str, int]] = {}
+    for database in databases:
+        with psycopg.connect(database.dsn, autocommit=True) as conn:
+            for status, count, deleted in conn.execute(
+                    "SELECT status, count(*), coalesce(sum(messages_deleted), 0) FROM gc_runs"
+                    " WHERE node = %s GROUP BY status", (name,)):
+                mine = found.setdefault(status, {"count": 0, "deleted": 0})
+                mine["count"] += int(count)
+                mine["deleted"] += int(deleted)
+    return found
+
+
+def final_state(node: Node, name: str, databases: list[Node]) -> dict[str, Any]:
+    """``name``: the node as the service calls it (empty for a single instance)."""
     with psycopg.connect(node.dsn, autocommit=True) as conn:
         present = conn.execute("SELECT count(*) FROM messages").fetchone()
         missing = conn.execute(
             "SELECT count(*) FROM soak_ledger l LEFT JOIN messages m USING (message_id)"
             " WHERE m.id IS NULL OR m.processed_at IS NOT NULL").fetchone()
         ledger = conn.execute("SELECT count(*) FROM soak_ledger").fetchone()
-        runs = conn.execute(
-            "SELECT status, count(*), coalesce(sum(messages_deleted), 0) FROM gc_runs GROUP BY status"
-        ).fetchall()
         undelivered = conn.execute("SELECT count(*) FROM gc_outbox WHERE delivered_at IS NULL").fetchone()
         indexes = conn.execute(
             "SELECT count(*) FROM pg_index WHERE indrelid = 'messages'::regclass").fetchone()
@@ -358,19 +371,20 @@ def final_state(node: Node) -> dict[str, Any]:
     assert present and missing and ledger and undelivered and indexes
     return {"indexes": int(indexes[0]), "present": int(present[0]), "ledger_rows": int(ledger[0]),
             "ledger_missing": int(missing[0]),
-            "runs": {s: {"count": int(c), "deleted": int(d)} for s, c, d in runs},
+            "runs": runs_of(name, databases),
             "undelivered": int(undelivered[0]), "errors": errors}
 
 
-def quiescent(node: Node, webhooks: int) -> bool:
+def quiescent(node: Node, name: str, databases: list[Node], webhooks: int) -> bool:
     """No run queued or running, every notice delivered and received."""
     with psycopg.connect(node.dsn, autocommit=True) as conn:
         row = conn.execute(
             "SELECT (SELECT count(*) FROM gc_runs WHERE status IN ('queued', 'running')),"
-            "       (SELECT count(*) FROM gc_outbox WHERE delivered_at IS NULL),"
-            "       (SELECT count(*) FROM gc_runs WHERE status IN ('complete', 'failed'))").fetchone()
+            "       (SELECT count(*) FROM gc_outbox WHERE delivered_at IS NULL)").fetchone()
     assert row is not None
-    return bool(row[0] == 0 and row[1] == 0 and row[2] == webhooks)
+    runs = runs_of(name, databases)
+    finished = sum(runs.get(status, {}).get("count", 0) for status in ("complete", "failed"))
+    return bool(row[0] == 0 and row[1] == 0 and finished == webhooks)
 
 
 # --- the soak -----------------------------------------------------------------------------------
@@ -574,11 +588,15 @@ class Soak:
             counts = {n.name: self.webhooks_of(n) for n in self.nodes}
             # two webhooks later: the first may belong to a run that began while the app still wrote
             if all(counts[k] >= start_count[k] + 2 for k in counts) and all(
-                    quiescent(n, counts[n.name]) for n in self.nodes):
+                    quiescent(n, self.service_name(n), self.nodes, counts[n.name]) for n in self.nodes):
                 self.event("settled", webhooks=counts)
                 return
             time.sleep(0.5)
         self.event("not settled", webhooks={n.name: self.webhooks_of(n) for n in self.nodes})
+
+    def service_name(self, node: Node) -> str:
+        """How the service names the node in ``gc_runs``: a single instance has no name."""
+        return node.name if self.args.nodes > 1 else ""
 
     def webhooks_of(self, node: Node) -> int:
         default = self.nodes[0].name if self.args.nodes == 1 else None
@@ -590,7 +608,7 @@ class Soak:
         nodes: dict[str, Any] = {}
         checks: dict[str, bool] = {}
         for node in self.nodes:
-            final = final_state(node)
+            final = final_state(node, self.service_name(node), self.nodes)
             gcs = [(t, webhook_gc(b)) for t, b in self.bodies
                    if webhook_gc(b).get("node", default) == node.name]
             deleted = sum(int(g.get("messages_deleted", 0)) for _, g in gcs)

@@ -99,6 +99,17 @@ def enqueue(conn: Connection, table: str, node: str, options: dict[str, Any]) ->
     return int(row[0])
 
 
+def record_unstarted(conn: Connection, table: str, node: str, error: str, options: dict[str, Any]) -> int:
+    """A requested run that could not start, closed at once as ``failed``: the record its failure
+    notice is queued with (its node's database may be another's, see ``gc_runs.node``)."""
+    row = one_row(conn.execute(
+        "INSERT INTO gc_runs (node, table_name, status, options, error, finished_at)"
+        " VALUES (%s, %s, 'failed', %s, %s, now()) RETURNING id",
+        (node, table, Jsonb(options), error),
+    ))
+    return int(row[0])
+
+
 def walked_so_far(conn: Connection, run_id: int) -> Run | None:
     """A run that already walked part of the table (a worker died): it goes on in place."""
     row = conn.execute(

@@ -1,7 +1,8 @@
 """Periodic GC without an external cron: one loop waits for its trigger (:mod:`engine.service.triggers`),
 then requests a GC on every node as the API's PUT does (queue, or join a run in flight). The worker
 executes each request with the configured budget; the next request continues where a stopped run
-left off.
+left off. A node where the request cannot start gets its failure webhook all the same
+(:mod:`engine.service.unstarted`).
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import threading
 from collections.abc import Callable
 from datetime import UTC, datetime
 
+from engine.service import unstarted
 from engine.service.metrics import Metrics
 from engine.service.requests import request_gc
 from engine.service.settings import ServiceSettings
@@ -44,7 +46,8 @@ class Schedule:
                 due = self.trigger.next_after(now)
 
     def _request(self) -> None:
-        for result in request_gc(self.settings, {}):
+        results = request_gc(self.settings, {})
+        for result in results:
             if (started := result.value) is not None:
                 log.info("scheduled GC on node %r: run %s", result.node.label, started.run_id)
                 outcome = "joined" if started.joined else "queued"
@@ -52,4 +55,5 @@ class Schedule:
                 log.warning("scheduled GC on node %r not started: %s", result.node.label, result.error)
                 outcome = "failed"
             self.metrics.scheduled.labels(result.node.label, outcome).inc()
+        unstarted.notify(self.settings, results)  # no answer tells anyone: a webhook does
         self.on_request()

@@ -123,8 +123,9 @@ class Worker:
         return bool(self._threads) and all(thread.is_alive() for thread in self._threads)
 
     def wake(self) -> None:
-        """A run was just queued: claim it now instead of at the next poll."""
-        for event in self._wake.values():
+        """A run was just queued: claim it now instead of at the next poll; a notice may have
+        been queued with it (:mod:`engine.service.unstarted`): deliver it now too."""
+        for event in (*self._wake.values(), *self._deliver_now.values()):
             event.set()
 
     def close(self, timeout_s: float = 2.0) -> None:
