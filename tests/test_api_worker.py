@@ -251,3 +251,34 @@ def test_the_get_shows_a_budget_set_as_a_number_as_it_is(conn, dsn, callback):
     answer = LatestRun.model_validate(queued.value).model_dump(mode="json")
     assert (answer["app_latency_budget_ms"], answer["app_latency_auto"], answer["app_latency_baseline"]) == (
         40.0, False, None)
+
+
+def test_the_nodes_of_one_server_go_by_one_auto_baseline_measured_before_their_runs(conn, dsn, make_dsn,
+                                                                                     callback):
+    """Three databases of one server, one request: the probe is timed once, before any of their
+    runs writes, and every run records that one measurement (not one timed beside the others)."""
+    dsns = [dsn, make_dsn(), make_dsn()]
+    for node_dsn in dsns:
+        with psycopg.connect(node_dsn, autocommit=True) as node_conn:
+            fill(node_conn, [True] * 60)
+    node_set = nodes.build_nodes({f"wacore{i + 1}": node_dsn for i, node_dsn in enumerate(dsns)})
+    settings = ServiceSettings(nodes=node_set, multiconnect=True, callback_url=callback.url_for("/gc"),
+                               defaults=GcOptions(**LONG_ENOUGH_TO_PROBE), baseline_s=0.5, poll_s=0.1,
+                               max_concurrent_gcs=3)
+    requests.request_gc(settings, {})
+    worker = Worker(settings)
+    worker.start()
+    try:
+        wait_until(lambda: len(posted_bodies(callback)) == 3, timeout_s=40)
+    finally:
+        worker.close()
+
+    recorded = {}
+    for name, node_dsn in zip(("wacore1", "wacore2", "wacore3"), dsns, strict=True):
+        [(status, options, _p99, probes)] = run_options(node_dsn)
+        assert status == "complete" and probes > 0
+        recorded[name] = options["app_latency_baseline"]
+    assert worker.baselines.of(node_set[0].address).measurements == 1
+    assert len({(r["measured_at"], r["p99_ms"], r["budget_ms"]) for r in recorded.values()}) == 1
+    assert sorted(r["shared"] for r in recorded.values()) == [False, True, True]
+    assert all(r["server"] == node_set[0].address and r["beside_runs"] == 0 for r in recorded.values())

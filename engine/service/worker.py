@@ -20,8 +20,9 @@ a fan-out over the databases of one server never opens more than the server has 
 A run whose database refuses or drops its connection (full, restarting) is tried again by its
 own worker with backoff, from its checkpoint, not left ``running`` until ``stale_after_s``.
 
-A run without a latency budget of its own gets the service's ``auto`` one, measured before the
-run (:mod:`engine.baseline`) and recorded with it in ``gc_runs.options``.
+A run without a latency budget of its own gets the service's ``auto`` one, made of its server's
+baseline (measured before the server's runs start, shared while they go:
+:mod:`engine.service.baselines`) and recorded with it in ``gc_runs.options``.
 
 Stopping the worker (SIGTERM, Ctrl-C) leaves a run in flight exactly as a crash would: its
 batch in flight rolls back, and the next worker resumes it, so the client still gets one
@@ -52,6 +53,7 @@ from engine.errors import DatabaseUnreachable, GcAlreadyRunning, MsggcError
 from engine.finish import close
 from engine.result import GcResult
 from engine.service import outbox
+from engine.service.baselines import Baselines
 from engine.service.metrics import Metrics
 from engine.service.nodes import Node
 from engine.service.notice import NoticeFinisher
@@ -103,6 +105,7 @@ class Worker:
         self._threads: list[threading.Thread] = []
         self._nodes_on_server = Counter(node.address for node in settings.nodes)
         self._place = {node.name: place for place, node in enumerate(settings.nodes)}
+        self.baselines = Baselines()
         self.schedule = (Schedule(settings, settings.schedule, self.wake, self.metrics)
                          if settings.schedule else None)
 
@@ -247,8 +250,9 @@ class Worker:
                 if options.max_app_latency_ms is None and record.get(AUTO_LATENCY_MARK):
                     options = self._auto_budget(node, run_id, options)
                     record = {**record, "max_app_latency_ms": options.max_app_latency_ms}
-                result = collect(node.dsn, options, self._finisher(), run_id=run_id,
-                                 on_progress=self.metrics.batch_observer(node))
+                with self.baselines.of(node.address).writing():
+                    result = collect(node.dsn, options, self._finisher(), run_id=run_id,
+                                     on_progress=self.metrics.batch_observer(node))
             except GcAlreadyRunning as exc:
                 log.info("node %s: run %s waits: %s", node.label, run_id, exc)
                 self._release(node, run_id)
@@ -281,16 +285,22 @@ class Worker:
             return True
 
     def _auto_budget(self, node: Node, run_id: int, options: GcOptions) -> GcOptions:
-        """The ``auto`` latency budget: the probe's p99 measured now, times the factor, on the
-        connection the run's probe will use (counted in its reservation); recorded with the run
-        before it starts (a run resumed later keeps it)."""
-        found = baseline.measure(node.dsn, options.table.qualified, node.name, self.settings.baseline_s)
+        """The ``auto`` latency budget: its server's baseline (:mod:`engine.service.baselines`),
+        measured if need be on the connection the run's probe will use (counted in its
+        reservation), times the factor; recorded with the run before it starts (a run resumed
+        later keeps it)."""
+        def measure() -> baseline.Baseline:
+            return baseline.measure(node.dsn, options.table.qualified, node.name, self.settings.baseline_s)
+
+        shared = self.baselines.of(node.address).baseline(node.name, run_id, measure)
+        found = shared.found
         with self._connection(node) as conn:
             conn.execute(RECORD_BUDGET_SQL, (Jsonb({"max_app_latency_ms": found.budget_ms,
-                                                    baseline.RECORD_KEY: found.describe()}), run_id))
-        log.info("node %s: run %s: latency budget auto = %g ms"
-                 " (%gx the probe's p99 of %.2f ms before the run)",
-                 node.label, run_id, found.budget_ms, baseline.AUTO_FACTOR, found.p99_ms)
+                                                    baseline.RECORD_KEY: shared.describe(node.name, run_id)}),
+                                             run_id))
+        log.info("node %s: run %s: latency budget auto = %g ms (%gx the probe's p99 of %.2f ms %s)",
+                 node.label, run_id, found.budget_ms, baseline.AUTO_FACTOR, found.p99_ms,
+                 shared.source(node.name, run_id))
         return dataclasses.replace(options, max_app_latency_ms=found.budget_ms)
 
     def _still_ours(self, node: Node, run_id: int) -> bool:
