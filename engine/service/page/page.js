@@ -119,7 +119,8 @@ function renderLatest(section, run, set) {
   if (!run) return;
   const running = ["queued", "running"].includes(run.status);
   set("run", `run ${run.run_id} ${run.status}`);
-  set("strategy", run.strategy ? `${run.strategy} walk` : "planning");
+  const workers = run.workers ? ` · ${run.workers} worker${run.workers > 1 ? "s" : ""}` : "";
+  set("strategy", run.strategy ? `${run.strategy} walk${workers}` : "planning");
   set("reason", run.reason ? `— ${run.reason}` : "");
   set("deleted", number(run.messages_deleted));
   set("left", run.garbage_left === null ? "–" : number(run.garbage_left));
