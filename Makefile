@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup test lint demo bench bench-guard bench-small bench-real bench-partitions bench-huge soak soak-3 soak-ci clean
+.PHONY: setup test test-pg16 lint demo bench bench-guard bench-small bench-real bench-partitions bench-huge soak soak-3 soak-ci clean
 
 setup: $(STAMP)
 
@@ -16,6 +16,21 @@ $(STAMP): pyproject.toml
 
 test: setup
 	$(BIN)/pytest
+
+# The core, partition, archive, guard and fault tests on PostgreSQL 16 (a private server from the
+# pgserver wheel, started for the session and removed after it; tests/pg16.py). Not tests/unit (no
+# server) nor tests/faults/test_restart.py (it restarts a private embedded server of its own).
+PG16_TESTS := tests/test_strategies.py tests/test_resume.py tests/test_batch_atomicity.py \
+	tests/test_predicate_db.py tests/test_promise.py tests/test_complete_under_writes.py \
+	tests/test_concurrency.py tests/test_finish.py tests/test_foreign_keys.py tests/test_real_tables.py \
+	tests/test_reclaim.py tests/test_throttle.py tests/test_migrations.py \
+	tests/test_partitions.py tests/test_partitions_recovery.py tests/test_promise_partitions.py \
+	tests/test_archive.py tests/test_archive_exact.py tests/test_archive_file.py tests/test_archive_for.py \
+	tests/test_archive_formats.py tests/test_archive_roundtrip.py tests/test_guard.py tests/faults
+
+test-pg16: setup  ## the core, partition, archive, guard and fault tests on PostgreSQL 16 (pgserver wheel)
+	env -u MSGGC_TEST_DSN MSGGC_TEST_SERVER=pg16 $(BIN)/pytest $(PG16_TESTS) \
+	    --ignore tests/faults/test_restart.py
 
 lint: setup
 	$(BIN)/ruff check .

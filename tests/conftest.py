@@ -1,8 +1,10 @@
-"""Real PostgreSQL for the tests that need one: ``MSGGC_TEST_DSN`` when set, else the embedded server.
+"""Real PostgreSQL for the tests that need one: ``MSGGC_TEST_DSN`` when set, else the embedded server
+(PostgreSQL 18), or with ``MSGGC_TEST_SERVER=pg16`` a private PostgreSQL 16 (:mod:`tests.pg16`).
 
 Importing this starts nothing: the server is reached (the embedded one started) by the session
 fixture ``server_dsn``, the first time a test needs a database, so tests/unit runs with none.
-A session that started the embedded server stops it at its end (:mod:`tests.sessions`).
+A session that started the embedded server stops it at its end (:mod:`tests.sessions`); a PostgreSQL
+16 is the session's own, stopped and removed at its end.
 ``postgresql_noproc`` (pytest-postgresql's process fixture) points at that server; its template
 database is migrated once per session, and each test gets a fresh copy of it (``dsn``).
 """
@@ -26,26 +28,42 @@ from pytest_postgresql.executors import NoopExecutor
 from pytest_postgresql.janitor import DatabaseJanitor
 
 from tests.faults.helpers import PrivateServer
+from tests.pg16 import Pg16Server
 from tests.sessions import SharedEmbeddedServer
 
 os.environ.setdefault("MSGGC_HOME", str(Path(tempfile.gettempdir()) / f"msggc-test-{os.getuid()}"))
 
 EMBEDDED = SharedEmbeddedServer()
+PG16 = Pg16Server()
+SERVERS = ("embedded", "pg16")
+
+
+def _test_server() -> str:
+    """``MSGGC_TEST_SERVER``: ``embedded`` (the default) or ``pg16``; ``MSGGC_TEST_DSN`` wins over both."""
+    name = os.environ.get("MSGGC_TEST_SERVER") or "embedded"
+    if name not in SERVERS:
+        raise pytest.UsageError(f"MSGGC_TEST_SERVER={name!r}: expected one of {', '.join(SERVERS)}")
+    return name
 
 
 def pytest_sessionstart(session: pytest.Session) -> None:
+    _test_server()
     EMBEDDED.join()
 
 
+@pytest.hookimpl(trylast=True)  # after pytest's own, which tears down the fixtures still set up
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    PG16.stop()
     EMBEDDED.leave()
 
 
 @pytest.fixture(scope="session")
 def server_dsn() -> str:
     """The server's maintenance DSN (database postgres), for tests that create databases:
-    ``MSGGC_TEST_DSN``, else the embedded server, started now when it is not running."""
-    return os.environ.get("MSGGC_TEST_DSN") or EMBEDDED.dsn()
+    ``MSGGC_TEST_DSN``, else the session's server, started now when it is not running."""
+    if given := os.environ.get("MSGGC_TEST_DSN"):
+        return given
+    return PG16.dsn() if _test_server() == "pg16" else EMBEDDED.dsn()
 
 
 def _migrate_template(**connect_kwargs: Any) -> None:

@@ -81,10 +81,10 @@ def test_run_without_vacuum_reports_what_it_left_and_leaves_it(conn, dsn):
 
 
 def test_pgstattuple_free_space_is_reported_when_installed(conn, dsn):
-    try:
-        conn.execute("CREATE EXTENSION pgstattuple")
-    except psycopg.errors.UndefinedFile as exc:
-        pytest.skip(f"pgstattuple is not available on this server: {exc}")
+    # Asked, not tried: 16.2 answers CREATE EXTENSION of a missing contrib with 0A000, not 58P01.
+    if conn.execute("SELECT 1 FROM pg_available_extensions WHERE name = 'pgstattuple'").fetchone() is None:
+        pytest.skip("the server has no pgstattuple extension (contrib not installed)")
+    conn.execute("CREATE EXTENSION pgstattuple")
     fill(conn, [i % 2 == 0 for i in range(20_000)])  # every other row: pages half empty, none truncated
 
     space = collect(dsn, GcOptions(vacuum=True)).reclaim
