@@ -117,12 +117,18 @@ def run_options(dsn: str) -> list[tuple[str, dict, float | None, int | None]]:
 
 def run_to_completion(settings: ServiceSettings, dsn: str, callback, overrides: dict | None = None) -> None:
     requests.request_gc(settings, overrides or {})
+    work_until_notified(settings, callback)
+
+
+def work_until_notified(settings: ServiceSettings, callback, webhooks: int = 1) -> Worker:
+    """A worker runs what is queued until the callback server has taken ``webhooks`` bodies."""
     worker = Worker(settings)
     worker.start()
     try:
-        wait_until(lambda: posted_bodies(callback), timeout_s=30)
+        wait_until(lambda: len(posted_bodies(callback)) >= webhooks, timeout_s=40)
     finally:
         worker.close()
+    return worker
 
 
 def test_an_auto_budget_is_three_times_the_probes_p99_measured_before_the_run_and_is_recorded(conn, dsn,
@@ -222,12 +228,7 @@ def test_the_get_and_status_show_the_number_an_auto_budget_resolved_to_and_the_p
         "queued", True, None)
     assert "auto (not measured yet)" in run_cli("status", "--dsn", dsn).stdout
 
-    worker = Worker(settings)
-    worker.start()
-    try:
-        wait_until(lambda: posted_bodies(callback), timeout_s=30)
-    finally:
-        worker.close()
+    work_until_notified(settings, callback)
     [(_status, options, _p99, _probes)] = run_options(dsn)
     measured = options["app_latency_baseline"]
     [latest] = requests.read_status(settings)
@@ -266,12 +267,7 @@ def test_the_nodes_of_one_server_go_by_one_auto_baseline_measured_before_their_r
                                defaults=GcOptions(**LONG_ENOUGH_TO_PROBE), baseline_s=0.5, poll_s=0.1,
                                max_concurrent_gcs=3)
     requests.request_gc(settings, {})
-    worker = Worker(settings)
-    worker.start()
-    try:
-        wait_until(lambda: len(posted_bodies(callback)) == 3, timeout_s=40)
-    finally:
-        worker.close()
+    worker = work_until_notified(settings, callback, webhooks=3)
 
     recorded = {}
     for name, node_dsn in zip(("wacore1", "wacore2", "wacore3"), dsns, strict=True):
