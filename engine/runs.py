@@ -18,6 +18,9 @@ from engine.db import Connection, one_row
 from engine.status import ACTIVE, FINISHED, RESUMABLE, RunStatus
 from engine.strategies import Slice
 
+ENDED_KEY = "ended"
+"""In a superseded run's ``options``: the status it had when a later run took over its walk."""
+
 ADVISORY_LOCK_CLASS = 0x6D736763
 """First key of msggc's advisory locks ('msgc'); the second is the table's oid."""
 
@@ -131,13 +134,13 @@ def start(conn: Connection, table: str, node: str, strategy: StrategyName, slice
           options: dict[str, Any], resumed_from: int | None, run_id: int | None = None,
           garbage: str | None = None, key: tuple[str, ...] = ()) -> Run:
     """Open a running row (or promote the queued ``run_id``); a resumed predecessor is marked
-    superseded in the same transaction."""
+    superseded in the same transaction, keeping how it ended (``ENDED_KEY``)."""
     with conn.transaction():
         if resumed_from is not None:
             conn.execute(
-                "UPDATE gc_runs SET status = 'superseded', finished_at = coalesce(finished_at, now())"
-                " WHERE id = %s",
-                (resumed_from,),
+                "UPDATE gc_runs SET status = 'superseded', finished_at = coalesce(finished_at, now()),"
+                " options = options || jsonb_build_object(%s::text, status) WHERE id = %s",
+                (ENDED_KEY, resumed_from),
             )
             forget_sweep(conn, resumed_from)
         values = (strategy, Jsonb(_cursor(slices, key)), resumed_from, garbage)
@@ -417,15 +420,21 @@ FROM (SELECT extract(epoch FROM max(heartbeat_at) FILTER (WHERE status = 'runnin
              coalesce(sum(throttled_seconds), 0)::float8 AS throttled_seconds,
              coalesce(sum(throttle_pauses), 0)::bigint AS throttle_pauses
       FROM gc_runs WHERE table_name = %(table)s AND node = %(node)s) AS runs
-LEFT JOIN LATERAL (SELECT status, finished_at FROM gc_runs WHERE table_name = %(table)s AND node = %(node)s
-                   AND status = ANY(%(finished)s) ORDER BY id DESC LIMIT 1) AS last ON true
+LEFT JOIN LATERAL (SELECT ended.status, finished_at FROM gc_runs,
+                   LATERAL (SELECT CASE status WHEN 'superseded' THEN options ->> %(ended)s::text
+                                   ELSE status END AS status) AS ended
+                   WHERE table_name = %(table)s AND node = %(node)s AND ended.status = ANY(%(finished)s)
+                   ORDER BY id DESC LIMIT 1) AS last ON true
 """
+"""A superseded run counts as it ended: a failed run stays the node's last while the next run
+resumes its walk, until that one ends."""
 
 
 def signals(conn: Connection, table: str, node: str) -> dict[str, Any]:
     """What alerts watch, read at scrape time: the newest finished run's status and end, the last
     checkpoint of a running run (every batch advances it: a stalled run does not) and the time
     throttles held runs back. Times are epoch seconds, which Prometheus compares with ``time()``."""
-    cur = conn.execute(SIGNALS_SQL, {"table": table, "node": node, "finished": [str(s) for s in FINISHED]})
+    cur = conn.execute(SIGNALS_SQL, {"table": table, "node": node, "ended": ENDED_KEY,
+                                     "finished": [str(s) for s in FINISHED]})
     row = one_row(cur)
     return dict(zip([c.name for c in cur.description or []], row, strict=True))

@@ -4,16 +4,19 @@ evaluates the rules themselves in a real Prometheus)."""
 
 from __future__ import annotations
 
+import threading
 import time
 from datetime import timedelta
 
 import psycopg
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
+from psycopg import sql
 
 from engine import collect
 from engine.config import GcOptions
-from engine.service import nodes, requests
+from engine.result import GcResult
+from engine.service import nodes
 from engine.service.metrics import Metrics
 from engine.service.notice import NoticeFinisher
 from engine.service.notify import WebhookNotifier
@@ -22,7 +25,7 @@ from engine.service.triggers import Every
 from engine.service.worker import Worker
 from engine.status import RunStatus
 from tests.api_support import closed_port_dsn, free_port
-from tests.data import REFUSE_DELETES, fill
+from tests.data import REFUSE_DELETES, fill, run_rows
 from tests.polling import wait_until
 
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
@@ -44,9 +47,15 @@ def of(samples: Samples, name: str, **labels: str) -> float | None:
 
 
 def epoch(conn: psycopg.Connection, column: str, run_id: int) -> float:
-    [value] = conn.execute(f"SELECT extract(epoch FROM {column})::float8 FROM gc_runs WHERE id = %s",
-                           (run_id,)).fetchone()
+    query = sql.SQL("SELECT extract(epoch FROM {})::float8 FROM gc_runs WHERE id = %s").format(
+        sql.Identifier(column))
+    [value] = conn.execute(query, (run_id,)).fetchone()
     return value
+
+
+def last_status(samples: Samples, node: str = "postgresql") -> dict[str, float | None]:
+    return {status: of(samples, "msggc_last_run_status", node=node, status=status)
+            for status in ("complete", "stopped", "failed")}
 
 
 def test_a_failed_run_is_the_last_status_until_one_completes_and_its_undelivered_webhook_waits_since_its_end(
@@ -64,35 +73,45 @@ def test_a_failed_run_is_the_last_status_until_one_completes_and_its_undelivered
 
     assert (failed.status, complete.status) == (RunStatus.FAILED, RunStatus.COMPLETE)
     node = "postgresql"
-    assert {status: of(after_failure, "msggc_last_run_status", node=node, status=status)
-            for status in ("complete", "stopped", "failed")} == {"complete": 0, "stopped": 0, "failed": 1}
+    assert last_status(after_failure) == {"complete": 0, "stopped": 0, "failed": 1}
     assert of(after_failure, "msggc_last_run_finished_timestamp_seconds", node=node) == at(
         epoch(conn, "finished_at", failed.run_id))
     assert of(after_failure, "msggc_outbox_backlog", node=node) == 1
     assert of(after_failure, "msggc_outbox_oldest_timestamp_seconds", node=node) == at(
         epoch(conn, "finished_at", failed.run_id))
-    assert {status: of(after_success, "msggc_last_run_status", node=node, status=status)
-            for status in ("complete", "stopped", "failed")} == {"complete": 1, "stopped": 0, "failed": 0}
+    assert last_status(after_success) == {"complete": 1, "stopped": 0, "failed": 0}
     assert of(after_success, "msggc_last_run_finished_timestamp_seconds", node=node) == at(
         epoch(conn, "finished_at", complete.run_id))
     assert of(after_success, "msggc_run_last_progress_timestamp_seconds", node=node) is None
 
 
-def test_a_running_run_exports_its_last_checkpoint_and_a_node_without_runs_exports_no_last_status(conn, dsn):
-    settings = ServiceSettings(nodes=nodes.single(dsn))
-    metrics = Metrics(settings)
+def test_a_failed_run_stays_the_last_status_while_a_stalled_run_resumes_its_walk_which_exports_its_checkpoint(
+        conn, dsn):
+    """The resumed run supersedes the failed one as it starts: the alert must not clear before it ends."""
+    metrics = Metrics(ServiceSettings(nodes=nodes.single(dsn)))
     before = scrape(metrics)
-    [queued] = requests.request_gc(settings, {})
-    conn.execute("UPDATE gc_runs SET status = 'running', started_at = now(), heartbeat_at = now()"
-                 " - interval '10 minutes' WHERE id = %s", (queued.value.run_id,))
+    fill(conn, [True] * 5)
+    conn.execute(REFUSE_DELETES)
+    failed = collect(dsn, GcOptions())
+    conn.execute("DROP TRIGGER refuse_deletes ON messages")
+    resumed: list[GcResult] = []
+    patient = GcOptions(lock_timeout_ms=60_000, statement_timeout_ms=60_000)
+    with psycopg.connect(dsn) as application:
+        application.execute("LOCK TABLE messages IN SHARE MODE")  # the resumed run's delete waits
+        thread = threading.Thread(target=lambda: resumed.append(collect(dsn, patient)))
+        thread.start()
+        wait_until(lambda: [run["status"] for run in run_rows(dsn)] == ["superseded", "running"])
+        during = scrape(metrics)
+        heartbeat = epoch(conn, "heartbeat_at", failed.run_id + 1)
+    thread.join(30)
+    after = scrape(metrics)
 
-    running = scrape(metrics)
-
-    assert of(before, "msggc_last_run_status", node="postgresql", status="failed") is None
+    assert last_status(before) == {"complete": None, "stopped": None, "failed": None}
     assert of(before, "msggc_run_last_progress_timestamp_seconds", node="postgresql") is None
-    assert of(running, "msggc_run_last_progress_timestamp_seconds", node="postgresql") == at(
-        epoch(conn, "heartbeat_at", queued.value.run_id))
-    assert of(running, "msggc_runs", node="postgresql", status="running") == 1
+    assert last_status(during) == {"complete": 0, "stopped": 0, "failed": 1}
+    assert of(during, "msggc_run_last_progress_timestamp_seconds", node="postgresql") == at(heartbeat)
+    assert [result.status for result in resumed] == [RunStatus.COMPLETE]
+    assert last_status(after) == {"complete": 1, "stopped": 0, "failed": 0}
 
 
 def test_the_schedule_exports_its_next_time_and_counts_a_request_a_stopped_node_missed(conn, dsn):
