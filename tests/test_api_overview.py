@@ -5,6 +5,7 @@ from __future__ import annotations
 import httpx
 
 from engine.config import GcOptions
+from engine.migrate import upgrade
 from engine.service import nodes
 from engine.service.api_models import Overview
 from engine.service.settings import ServiceSettings
@@ -62,3 +63,21 @@ def test_the_overview_needs_the_token_the_page_and_its_files_do_not(dsn):
     assert '<script src="/page/page.js"' in page.text
     assert script.status_code == 200 and OVERVIEW in script.text
     assert missing.status_code == 404 and missing.json()["errors"][0]["code"] == 1006
+
+
+def test_a_node_whose_server_stops_is_a_1014_at_the_next_read_not_a_dead_connection(dsn, private_server):
+    stopping = private_server.start()
+    upgrade(stopping)
+    settings = ServiceSettings(nodes=nodes.build_nodes({"wacore1": dsn, "wacore2": stopping}),
+                               multiconnect=True, run_worker=False, connect_timeout_s=1.0)
+    with running_service(settings) as url:
+        before = Overview.model_validate(httpx.get(url + OVERVIEW).json())  # leaves a pooled connection
+        private_server.stop()
+        after = Overview.model_validate(httpx.get(url + OVERVIEW).json())
+        status = httpx.get(url + GC_PATH).json()["services"]["message"]["gc"]
+    assert [node.error for node in before.nodes] == [None, None]
+    assert after.nodes[0].error is None
+    error = after.nodes[1].error
+    assert error is not None and error.code == 1014
+    assert error.details.endswith(f"Please check if wacore2 is running: {settings.nodes[1].address}")
+    assert status["wacore2"]["errors"][0]["details"].endswith(settings.nodes[1].address)

@@ -20,6 +20,7 @@ from engine.config import GcOptions
 from engine.migrate import upgrade
 from engine.service import nodes
 from engine.service.settings import ServiceSettings
+from engine.service.triggers import Cron
 from tests.api_support import GC_PATH, garbage_left, running_service
 from tests.data import fill
 from tests.polling import wait_until
@@ -117,7 +118,8 @@ def test_a_node_whose_server_stops_shows_its_1014_beside_the_others(page, dsn, p
 
 
 def test_with_a_token_the_page_asks_for_it_and_sends_it_only_as_a_header(page, dsn):
-    settings = ServiceSettings(nodes=nodes.single(dsn), token=TOKEN, run_worker=False)
+    daily = Cron("0 3 * * *")
+    settings = ServiceSettings(nodes=nodes.single(dsn), token=TOKEN, schedule=daily)
     sent: list[Any] = []
     page.on("request", lambda request: sent.append(request))
     with running_service(settings) as url:
@@ -134,6 +136,8 @@ def test_with_a_token_the_page_asks_for_it_and_sends_it_only_as_a_header(page, d
         page.click("#token-form button")
         page.wait_for_selector("section.node[data-node='postgresql'][data-status='idle']", timeout=10_000)
         assert form.is_hidden()
+        scheduled = page.locator("header [data-field='schedule']").text_content() or ""
+        assert scheduled.endswith(f"({daily.describe()})"), scheduled
         assert page.evaluate("sessionStorage.getItem('msggc-token')") == TOKEN
         assert page.evaluate("localStorage.length") == 0
     assert all(TOKEN not in request.url for request in sent)
