@@ -32,6 +32,7 @@ from tests.polling import wait_until
 
 DEPLOY = Path(__file__).resolve().parent.parent / "deploy"
 RULES = DEPLOY / "prometheus" / "msggc-alerts.yml"
+RULES_TEST = DEPLOY / "prometheus" / "msggc-alerts.test.yml"
 SAMPLE_CONFIG = DEPLOY / "prometheus" / "prometheus.yml"
 DASHBOARD = DEPLOY / "grafana" / "msggc-dashboard.json"
 PROMETHEUS, PROMTOOL = shutil.which("prometheus"), shutil.which("promtool")
@@ -127,19 +128,28 @@ def all_fired(url: str) -> set[tuple[str, str]] | None:
 
 
 @pytest.mark.skipif(PROMTOOL is None, reason=f"promtool {MISSING}")
-def test_promtool_accepts_the_alert_rules_and_the_sample_prometheus_config(tmp_path):
-    (tmp_path / "msggc-alerts.yml").write_text(RULES.read_text())
+def test_promtool_accepts_the_rules_the_sample_config_and_the_rules_unit_tests_of_the_shipped_thresholds(
+        tmp_path):
+    """``msggc-alerts.test.yml`` fires each shipped rule on synthetic series at its own threshold
+    (not before) with its annotations rendered; the live test below shortens the thresholds."""
     token = tmp_path / "msggc-token"
     token.write_text(TOKEN)
     config = tmp_path / "prometheus.yml"
     config.write_text(SAMPLE_CONFIG.read_text().replace("/etc/prometheus/msggc-token", str(token)))
+    (tmp_path / "msggc-alerts.yml").write_text(RULES.read_text())
 
     rules = subprocess.run([PROMTOOL, "check", "rules", str(RULES)], capture_output=True, text=True)
     sample = subprocess.run([PROMTOOL, "check", "config", str(config)], capture_output=True, text=True)
+    unit = subprocess.run([PROMTOOL, "test", "rules", RULES_TEST.name], capture_output=True, text=True,
+                          cwd=RULES_TEST.parent)
 
     assert rules.returncode == 0, rules.stdout + rules.stderr
     assert f"SUCCESS: {len(alert_rules(RULES.read_text()))} rules found" in rules.stdout
     assert sample.returncode == 0, sample.stdout + sample.stderr
+    assert unit.returncode == 0, unit.stdout + unit.stderr
+    tested = {test["alertname"] for case in yaml.safe_load(RULES_TEST.read_text())["tests"]
+              for test in case["alert_rule_test"] if test["exp_alerts"]}
+    assert tested == {rule["alert"] for rule in alert_rules(RULES.read_text())}
 
 
 def test_every_alert_threshold_is_written_in_minutes_and_the_test_copy_shortens_each(tmp_path):
