@@ -13,12 +13,13 @@ from psycopg import sql
 from werkzeug import Request, Response
 
 from engine.config import GcOptions
-from engine.service import nodes
+from engine.service import nodes, outbox, unstarted
+from engine.service.metrics import Metrics
+from engine.service.requests import NodeResult, Started
 from engine.service.settings import ServiceSettings
 from engine.service.triggers import Every
-from engine.service.unstarted import RELAYED_BY
 from engine.service.worker import Worker
-from tests.api_support import closed_port_dsn, gc_of, posted_bodies
+from tests.api_support import closed_port_dsn, free_port, gc_of, posted_bodies
 from tests.data import fill
 from tests.polling import wait_until
 
@@ -98,7 +99,7 @@ def test_a_scheduled_gc_on_a_node_that_is_down_posts_its_1014_through_a_live_nod
     ).fetchall()
     assert kept, "wacore2's failures are kept in wacore1's database"
     status, table, options, error, attempts, delivered = kept[0]
-    assert (status, table, options, error, delivered) == ("failed", "messages", {RELAYED_BY: "wacore1"},
+    assert (status, table, options, error, delivered) == ("failed", "messages", {outbox.KEPT_BY: "wacore1"},
                                                           details, True)
     assert attempts == 2, "the first POST, refused, was retried from the outbox"
     assert sum(gc["messages_deleted"] for gc in webhooks_of(httpserver, "wacore2")) == 7
@@ -120,3 +121,22 @@ def test_a_scheduled_gc_on_a_single_instance_that_is_down_posts_its_1014_directl
     gc = webhooks_of(httpserver, None)[0]
     details = f"Connection refused. Please check if postgresql is running: {down[0].address}"
     assert gc == {"messages_deleted": 0, "errors": [{"code": 1014, "details": details}], "status": "failed"}
+
+
+def test_a_notice_kept_for_a_node_that_is_down_is_in_the_keepers_outbox_backlog_until_delivered(conn, dsn):
+    """The callback server is down too: the notice waits in wacore1's outbox, and the metrics'
+    backlog of wacore1 (whose delivery loop posts it) counts it."""
+    node_set = nodes.build_nodes({"wacore1": dsn, "wacore2": closed_port_dsn()})
+    settings = settings_for(node_set, f"http://127.0.0.1:{free_port()}/gc")
+    unstarted.notify(settings, [NodeResult(node_set[0], value=Started(1, joined=False)),
+                                NodeResult(node_set[1], error="Connection refused. Please check ...")])
+
+    assert outbox.backlog(conn, "wacore1").pending == 1
+    assert outbox.waiting(conn, "wacore1")["waiting"] == 1
+    scraped = Metrics(settings).render().decode()
+    assert 'msggc_outbox_backlog{node="wacore1"} 1.0' in scraped
+    [(node, status, body)] = conn.execute(
+        "SELECT r.node, r.status, o.body FROM gc_runs r JOIN gc_outbox o ON o.run_id = r.id").fetchall()
+    assert (node, status) == ("wacore2", "failed")
+    assert gc_of(json.loads(body)) == {"messages_deleted": 0, "node": "wacore2", "errors": [
+        {"code": 1014, "details": "Connection refused. Please check ..."}], "status": "failed"}

@@ -108,11 +108,18 @@ class Backlog:
     oldest_at: float | None
 
 
+KEPT_BY = "notice_kept_by"
+"""In ``gc_runs.options`` of a failed run of an unreachable node recorded in another node's
+database (:mod:`engine.service.unstarted`): that node, whose outbox holds and delivers its notice."""
+NODES_NOTICES = "o.delivered_at IS NULL AND (r.node = %(node)s OR r.options ->> %(kept_by)s = %(node)s)"
+"""A node's notices waiting in its database: its runs', and those it keeps for a node that was down."""
+
+
 def backlog(conn: Connection, node: str) -> Backlog:
     row = one_row(conn.execute(
         "SELECT count(*), extract(epoch FROM min(r.finished_at))::float8 FROM gc_outbox o"
-        " JOIN gc_runs r ON r.id = o.run_id WHERE o.delivered_at IS NULL AND r.node = %s",
-        (node,),
+        " JOIN gc_runs r ON r.id = o.run_id WHERE " + NODES_NOTICES,
+        {"node": node, "kept_by": KEPT_BY},
     ))
     return Backlog(int(row[0]), row[1])
 
@@ -124,8 +131,8 @@ def waiting(conn: Connection, node: str) -> dict[str, Any]:
         "SELECT count(*) AS waiting, coalesce(max(o.attempts), 0) AS attempts,"
         " (array_agg(o.last_error ORDER BY o.id) FILTER (WHERE o.last_error IS NOT NULL))[1] AS last_error,"
         " min(o.next_attempt_at) AS next_attempt_at"
-        " FROM gc_outbox o JOIN gc_runs r ON r.id = o.run_id WHERE o.delivered_at IS NULL AND r.node = %s",
-        (node,),
+        " FROM gc_outbox o JOIN gc_runs r ON r.id = o.run_id WHERE " + NODES_NOTICES,
+        {"node": node, "kept_by": KEPT_BY},
     )
     row = one_row(cur)
     return dict(zip([c.name for c in cur.description or []], row, strict=True))

@@ -24,6 +24,7 @@ import psycopg
 from engine import runs
 from engine.errors import MsggcError
 from engine.finish import Outcome
+from engine.service import outbox
 from engine.service.nodes import Node
 from engine.service.notice import NoticeFinisher
 from engine.service.requests import NodeResult
@@ -31,9 +32,6 @@ from engine.service.settings import ServiceSettings
 from engine.status import RunStatus
 
 log = logging.getLogger("msggc.unstarted")
-
-RELAYED_BY = "notice_kept_by"
-"""Recorded in the failed run's options: the node whose database keeps it and its notice."""
 
 
 def notify(settings: ServiceSettings, results: list[NodeResult[Any]]) -> None:
@@ -62,7 +60,7 @@ def _kept(settings: ServiceSettings, keeper: Node, node: Node, details: str,
         pool = settings.slots_of(keeper)
         with pool.connection(keeper.dsn, settings.connect_timeout_s) as conn, conn.transaction():
             run_id = runs.record_unstarted(conn, settings.table_name(node), node.name, details,
-                                           {RELAYED_BY: keeper.name})
+                                           {outbox.KEPT_BY: keeper.name})
             outcome = Outcome(run_id, node.name, RunStatus.FAILED, 0, details)
             finisher.record(conn, outcome)
     except (MsggcError, psycopg.Error) as exc:
