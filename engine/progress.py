@@ -10,7 +10,8 @@ included), the rate the latency guard watches.
 
 The series stays short whatever the run's length: a sample at most every :func:`step_s`
 seconds, a step that doubles as the run grows, and every other point dropped when the series
-reaches ``MAX_POINTS`` (rows and WAL are cumulative, so a rate over a wider interval stays exact).
+reaches ``MAX_POINTS``, recorded with the plan (rows and WAL are cumulative, so a rate over a wider
+interval stays exact).
 """
 
 from __future__ import annotations
@@ -77,7 +78,8 @@ def _point(deleted: str) -> str:
     series = "progress -> 'series'"
     thinned = (f"(SELECT jsonb_agg(p ORDER BY n) FROM jsonb_array_elements({series})"
                " WITH ORDINALITY AS e(p, n) WHERE n %% 2 = 1)")
-    return (f"jsonb_set(progress, '{{series}}', (CASE WHEN jsonb_array_length({series}) >= {MAX_POINTS}"
+    return (f"jsonb_set(progress, '{{series}}', (CASE WHEN jsonb_array_length({series})"
+            " >= (progress ->> 'max_points')::int"
             f" THEN {thinned} ELSE {series} END) || jsonb_build_array(jsonb_build_array("
             "round(extract(epoch FROM clock_timestamp() - started_at)::numeric, 2),"
             f" {deleted}, pg_wal_lsn_diff(pg_current_wal_lsn(), '0/0'))))")
@@ -108,7 +110,7 @@ def record_plan(conn: Connection, run_id: int, garbage_estimate: int, reason: st
     in place keeps its series; ``deleted_at_plan`` says how much of its count came before this
     estimate. ``kept_by``: the foreign keys whose counts are rows kept (not child rows changed)."""
     plan = {"garbage_estimate": garbage_estimate, "reason": reason, "workers": workers,
-            "kept_by": list(kept_by)}
+            "kept_by": list(kept_by), "max_points": MAX_POINTS}
     conn.execute(PLAN_SQL, {"plan": Jsonb(plan), "run": run_id})
     conn.execute(f"UPDATE gc_runs SET progress = {POINT} WHERE id = %s", (run_id,))
 

@@ -38,7 +38,7 @@ def test_a_full_series_drops_every_other_point_before_the_next(conn):
     run_id = conn.execute(
         "INSERT INTO gc_runs (table_name, status, started_at, messages_deleted, progress)"
         " VALUES ('public.messages', 'running', now(), 5000, %s) RETURNING id",
-        (Jsonb({"series": full}),)).fetchone()[0]
+        (Jsonb({"series": full, "max_points": progress.MAX_POINTS}),)).fetchone()[0]
 
     conn.execute(f"UPDATE gc_runs SET progress = {progress.POINT} WHERE id = %s", (run_id,))
 
