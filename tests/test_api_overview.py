@@ -39,7 +39,7 @@ def test_the_overview_shows_each_run_its_chart_its_kept_rows_its_webhook_waiting
     run = first.latest
     assert run is not None and run.status == "complete"
     assert (run.messages_deleted, run.kept_by_foreign_keys) == (1500 - 3, 3)
-    assert run.garbage_estimate and run.reason and run.strategy and run.workers
+    assert run.garbage_estimate and run.reason and run.strategy and run.workers and run.garbage_left == 0
     assert run.chart and all(point.rows_per_s >= 0 and point.wal_bytes_per_s >= 0 for point in run.chart)
     assert run.eta_s is None and run.duration_s and run.rows_per_s
     assert [r.run_id for r in first.recent] == [run.run_id]

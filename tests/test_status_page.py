@@ -88,6 +88,8 @@ def test_a_running_gc_advances_on_the_page_then_shows_complete_with_its_exact_co
 
         page.wait_for_selector("section.node[data-status='complete']", timeout=30_000)
         assert number(deleted.text_content()) == sum(garbage)
+        assert (card.locator("[data-field='left']").text_content(),
+                card.locator("[data-field='eta']").text_content()) == ("0", "done")
         newest = card.locator("table.runs tbody tr").first
         assert newest.get_attribute("data-status") == "complete"
         assert number(newest.locator("td").nth(2).text_content()) == sum(garbage)

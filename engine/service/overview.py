@@ -26,7 +26,7 @@ from engine.service.api_models import (
 from engine.service.nodes import Node
 from engine.service.requests import NodeResult, on_every_node
 from engine.service.settings import ServiceSettings
-from engine.status import ACTIVE
+from engine.status import ACTIVE, RunStatus
 
 RECENT_RUNS = 10
 
@@ -88,7 +88,9 @@ def detail(row: dict[str, Any], probe: dict[str, Any] | None) -> RunDetail:
     recorded = row["progress"] or {}
     estimate = recorded.get("garbage_estimate")
     left = None
-    if estimate is not None:
+    if row["status"] == RunStatus.COMPLETE:
+        left = 0  # what complete promises: every row garbage at its start and still garbage is gone
+    elif estimate is not None:
         left = max(0, estimate - (row["messages_deleted"] - recorded.get("deleted_at_plan", 0)))
     running = row["status"] in ACTIVE
     rate = fields["rows_per_s"]
