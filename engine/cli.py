@@ -530,21 +530,35 @@ def serve(host: str, port: int, token: str | None, no_worker: bool, **service: A
 
 @main.command()
 @with_service_options
+@click.option("--metrics-port", type=click.IntRange(1, 65535), default=None,
+              help="Serve this worker's /metrics here: its batch and run duration histograms and its"
+                   " schedule's series (msggc serve exports what the databases know).")
+@click.option("--metrics-host", default="127.0.0.1", show_default=True, help="Address of --metrics-port.")
+@click.option("--token", envvar="MSGGC_API_TOKEN", default=None,
+              help="Bearer token of its /metrics (env MSGGC_API_TOKEN); mandatory beyond loopback.")
 @friendly_errors
-def worker(**service: Any) -> None:
+def worker(metrics_port: int | None, metrics_host: str, token: str | None, **service: Any) -> None:
     """Claim and execute queued GC runs and deliver their webhooks, without the HTTP API."""
+    from engine.service.metrics import Metrics
+    from engine.service.metrics_server import serve_metrics
     from engine.service.settings import load_settings
     from engine.service.worker import Worker
 
-    settings = load_settings(default_dsn=embedded_dsn, **service)
+    settings = load_settings(default_dsn=embedded_dsn, token=token, **service)
+    metrics = Metrics(settings, from_databases=False)
+    stop_metrics = None
+    if metrics_port is not None:
+        stop_metrics = serve_metrics(metrics.registry, metrics_host, metrics_port, settings.token)
     _log_to_stderr()
-    runner = Worker(settings)
+    runner = Worker(settings, metrics)
     runner.start()
     stop = threading.Event()
     with _stop_on_signals(stop):
         while not stop.wait(1.0) and runner.alive:
             pass
     runner.close()
+    if stop_metrics is not None:
+        stop_metrics()
     sys.exit(0 if stop.is_set() else 1)
 
 

@@ -72,27 +72,33 @@ def exec_start(unit: str, env: dict[str, str]) -> list[str]:
     return words
 
 
-def test_the_serve_units_command_line_with_the_environment_file_and_the_sample_config_serves(dsn, tmp_path):
+@pytest.mark.parametrize(("unit", "page", "expected"), [
+    (UNITS[0], "/health", '"worker":"running"'),
+    (UNITS[1], "/metrics", "# TYPE msggc_batch_duration_seconds histogram"),
+], ids=["serve", "worker"])
+def test_the_units_command_line_with_the_environment_file_and_the_sample_config_answers(
+        unit, page, expected, dsn, tmp_path):
     config = tmp_path / "msggc.toml"
     sample_dsn = '# dsn = "postgresql://msggc@db.example/app"'
     config.write_text(SAMPLE.read_text().replace(sample_dsn, f'dsn = "{dsn}"'))
-    env = environment(ENV_FILE.read_text()) | {"MSGGC_CONFIG": str(config),
-                                               "MSGGC_LISTEN_PORT": str(free_port())}
-    command = exec_start(unit_text(UNITS[0]), env)
-    url = f"http://{env['MSGGC_LISTEN_HOST']}:{env['MSGGC_LISTEN_PORT']}"
-    log = tmp_path / "serve.log"
+    port = str(free_port())
+    env = environment(ENV_FILE.read_text()) | {"MSGGC_CONFIG": str(config), "MSGGC_LISTEN_PORT": port}
+    env["MSGGC_WORKER_FLAGS"] = env["MSGGC_WORKER_FLAGS"].replace("8081", port)
+    command = exec_start(unit_text(unit), env)
+    url = f"http://127.0.0.1:{port}{page}"
+    log = tmp_path / "msggc.log"
     with log.open("wb") as sink:
         popen = subprocess.Popen(command, env=cli_env(env), stdout=sink, stderr=subprocess.STDOUT)
     try:
-        wait_until(lambda: popen.poll() is not None or answers(url + "/health"), timeout_s=30,
-                   what="msggc serve to answer")
-        health = httpx.get(url + "/health").json()
+        wait_until(lambda: popen.poll() is not None or answers(url), timeout_s=30, what=f"{url} to answer")
+        body = httpx.get(url).text
     finally:
         stop(popen)
 
     assert popen.returncode in (0, -15), log.read_text(errors="replace")
-    assert (health["status"], health["worker"]) == ("ok", "running")
-    assert command[1:] == ["serve", "--host", "127.0.0.1", "--port", env["MSGGC_LISTEN_PORT"]]
+    assert expected in body
+    assert command[1:] in (["serve", "--host", "127.0.0.1", "--port", port],
+                           ["worker", "--metrics-port", port])
 
 
 def test_the_environment_file_names_only_variables_msggc_or_its_units_read():

@@ -148,9 +148,10 @@ class AlertFamilies:
 
 
 class Metrics:
-    """One registry per service instance (tests run several in one process)."""
+    """One registry per service instance (tests run several in one process). ``from_databases``
+    off: only this process's own series (``msggc worker``'s, :mod:`engine.service.metrics_server`)."""
 
-    def __init__(self, settings: ServiceSettings) -> None:
+    def __init__(self, settings: ServiceSettings, from_databases: bool = True) -> None:
         self.registry = CollectorRegistry()
         self.batch_seconds = Histogram(
             "msggc_batch_duration_seconds", "Duration of one delete batch and its checkpoint",
@@ -160,7 +161,8 @@ class Metrics:
             "msggc_run_duration_seconds", "Duration of the runs this process executed, by how they ended",
             ["node", "status"], buckets=RUN_BUCKETS, registry=self.registry,
         )
-        self.registry.register(DatabaseCollector(settings))
+        if from_databases:
+            self.registry.register(DatabaseCollector(settings))
         self.scheduled = Counter(
             "msggc_scheduled_requests", "GC requests this process's schedule made, by node and outcome"
             " (queued, joined, or failed: that node missed its scheduled GC)", ["node", "outcome"],
