@@ -213,7 +213,7 @@ def collect(
             target = check(conn, options)  # a swap finished: the table is the compacted one
         if options.strategy == "compact":
             plain = target.legs.get(None, (None, None))[1]
-            return compact(conn, options, target.target, plain, finisher or SilentFinisher(),
+            return compact(conn, dsn, options, target.target, plain, finisher or SilentFinisher(),
                            stop or threading.Event(), run_id)
         with filter_refused_on_rows(options.table):  # before the run exists: past it, the run fails
             plans, whole = _plans(conn, options, target)

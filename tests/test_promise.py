@@ -3,6 +3,10 @@ counts, strategies and failures, a run that says ``complete`` left no garbage be
 add up to the rows gone, no run stays ``running``, every webhook tells its run's status, and no
 live row is ever deleted.
 
+The compaction (``--strategy compact``) takes its turns among the runs: with no fault it must
+complete; stopped by its budget, or its connections killed at any moment of it, it is undone
+before its swap (or finished after it), its run closed with its notice.
+
 One real, migrated database per test (the ``dsn`` fixture), emptied at the start of every
 hypothesis example; one real HTTP callback receiver for the webhooks.
 
@@ -36,6 +40,7 @@ import pytest
 from hypothesis import HealthCheck, event, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
+from psycopg import sql
 
 from engine import GcOptions, GcResult, MsggcError, Progress, RunStatus, collect
 from engine.service.notice import NoticeFinisher
@@ -59,6 +64,7 @@ LOCK_HOLDER = "SELECT pid FROM pg_locks WHERE locktype = 'advisory' AND granted"
 KILL_HELPERS = KILL_COLLECTOR + f" AND pid NOT IN ({LOCK_HOLDER})"
 """The helper workers' connections only: the lead's (the one holding the table lock) survives."""
 FAULTS = ("raise", "kill", "archive", "none")
+COMPACT_FAULTS = ("kill", "stop", "none")
 """Hypothesis starts from (and shrinks toward) the first choice: a fault, so the few examples
 exercise faults from the start."""
 MAX_ROWS_INSERTED = 3000
@@ -186,7 +192,8 @@ class GcPromise(RuleBasedStateMachine):
         return self.conn.execute(
             "SELECT id, status, messages_deleted, resumed_from, error FROM gc_runs ORDER BY id").fetchall()
 
-    def _collect(self, options: GcOptions, injector: Injector | None = None) -> GcResult:
+    def _collect(self, options: GcOptions, injector: Injector | None = None,
+                 faulted: bool = False) -> GcResult:
         start = ChainStart(frozenset(i for i, g in self.garbage.items() if g), self.step)
         live_before = {i for i, g in self.garbage.items() if not g}
         finisher = NoticeFinisher(WebhookNotifier(self.callback.url))
@@ -219,10 +226,11 @@ class GcPromise(RuleBasedStateMachine):
             assert "cannot write archive file" in (result.error or ""), result.error
         if injector is not None and injector.kind == "kill":
             assert result.status != RunStatus.FAILED, f"a killed connection failed the run: {result.error}"
-        if result.status == RunStatus.FAILED and (injector is None or not injector.fired):
+        if result.status == RunStatus.FAILED and not faulted and (injector is None or not injector.fired):
             raise AssertionError(f"run failed without a fault: {result.error}")
         self._check_complete(result.run_id, status)
-        fault = f"{injector.kind} fired" if injector is not None and injector.fired else "no fault"
+        fault = (f"{injector.kind} fired" if injector is not None and injector.fired
+                 else "compaction's fault" if faulted else "no fault")
         event(f"run {status} ({fault}, {'resumed' if resumed_from else 'new chain'})")
         return result
 
@@ -260,6 +268,40 @@ class GcPromise(RuleBasedStateMachine):
         """Just run again, without a budget or a fault: continues the unfinished chain."""
         result = self._collect(GcOptions(strategy=strategy, workers=workers))  # type: ignore[arg-type]
         assert result.status == RunStatus.COMPLETE, result
+
+    @rule(fault=st.sampled_from(COMPACT_FAULTS), delay=st.floats(0.0, 0.03), archive=st.booleans())
+    def compact(self, fault: str, delay: float, archive: bool) -> None:
+        """``--strategy compact``: undone when stopped or when its connections are killed before
+        its swap (by a thread, at any moment of it), finished when after."""
+        options = GcOptions(strategy="compact", archive=archive,
+                            max_seconds=0.001 if fault == "stop" else None)
+        done = threading.Event()
+        killer = (threading.Thread(target=self._kill_compaction, args=(delay, done))
+                  if fault == "kill" else None)
+        if killer is not None:
+            killer.start()
+        try:
+            result = self._collect(options, faulted=fault != "none")
+        finally:
+            done.set()
+            if killer is not None:
+                killer.join()
+        assert result.status in ((RunStatus.COMPLETE,) if fault == "none" else tuple(RunStatus)), result.error
+        event(f"compaction {result.status} ({fault})")
+        assert not self.conn.execute(
+            "SELECT relname FROM pg_class WHERE relname ~ '^msggc_(new|log)_'").fetchall()  # undone or done
+        if archive and result.status is RunStatus.COMPLETE:
+            self.conn.execute(sql.SQL("DROP TABLE IF EXISTS {}").format(
+                sql.Identifier(f"msggc_old_{result.run_id}")))  # the archive, kept: not the model's
+
+    def _kill_compaction(self, delay: float, done: threading.Event) -> None:
+        """Kill msggc's connections ``delay`` seconds into the compaction's run (once it exists)."""
+        with psycopg.connect(self.dsn, autocommit=True) as admin:
+            while not done.is_set() and not admin.execute(
+                    "SELECT 1 FROM gc_runs WHERE strategy = 'compact' AND status = 'running'").fetchone():
+                time.sleep(0.002)
+            if not done.wait(delay):
+                admin.execute(KILL_COLLECTOR)
 
     @rule(kind=st.sampled_from(["existing file", "missing directory", "missing slash directory"]),
           workers=st.integers(1, 3))

@@ -15,9 +15,9 @@ from psycopg import sql
 from engine import runs
 from engine.compact import capture, copy, preconditions, recover, swap
 from engine.compact.catchup import catch_up
-from engine.compact.state import BEFORE_SWAP, Compaction, save
+from engine.compact.state import BEFORE_SWAP, Compaction, load, save
 from engine.config import GcOptions
-from engine.db import Connection, one_row, regclass_of, table_ident
+from engine.db import Connection, connect, one_row, regclass_of, table_ident
 from engine.errors import MsggcError
 from engine.finish import Finisher, close
 from engine.planner import cutoff_of
@@ -46,7 +46,7 @@ class Budget:
             raise Stopped("--max-seconds reached")
 
 
-def compact(conn: Connection, options: GcOptions, target: Target, statements: Statements | None,
+def compact(conn: Connection, dsn: str, options: GcOptions, target: Target, statements: Statements | None,
             finisher: Finisher, stop: threading.Event, run_id: int | None = None) -> GcResult:
     """Compact the (plain) table: refused in one line before any run exists if it cannot be."""
     started = time.monotonic()
@@ -67,29 +67,59 @@ def compact(conn: Connection, options: GcOptions, target: Target, statements: St
                        cutoff.isoformat() if cutoff else None, archive=options.archive)
         save(conn, c)
     budget = Budget(stop, started + options.max_seconds if options.max_seconds else None)
-    status, failure, deleted = RunStatus.COMPLETE, None, 0
+    status, failure = RunStatus.COMPLETE, None
     try:
         _until_swap(conn, c, target.oid, names, options, budget)
         swap.swap(conn, c, names, options.lock_timeout_ms)
-        deleted = recover.finish_swapped(conn, c)
+        recover.finish_swapped(conn, c)
     except Stopped as exc:
         status, failure = RunStatus.STOPPED, f"compaction stopped ({exc}) before its swap and undone"
     except (MsggcError, psycopg.Error) as exc:
         status, failure = RunStatus.FAILED, str(exc).strip().splitlines()[0]
-    if c.phase in BEFORE_SWAP:
-        failure = _undone(conn, c, options.lock_timeout_ms, failure)
-    closed = close(conn, run.id, options.node, lambda: (status, failure), finisher, deleted_so_far=deleted)
-    new_oid = regclass_of(conn, c.table)
-    for oid in (target.oid, new_oid):
-        if oid is not None:
-            runs.unlock_table(conn, oid)
+
+    def reconnect() -> Connection:
+        return _reconnected(dsn, target.oid)
+
+    used = reconnect() if conn.broken or conn.closed else conn
+    if failure is not None:
+        status, failure = _settled(used, c.run_id, options.lock_timeout_ms, status, failure)
+    closed = close(used, run.id, options.node, lambda: (status, failure), finisher, reconnect=reconnect)
+    if not closed.conn.closed:
+        for oid in (target.oid, regclass_of(closed.conn, c.table)):
+            if oid is not None:
+                runs.unlock_table(closed.conn, oid)
+    for other in {used, closed.conn} - {conn}:
+        other.close()
+    deleted = closed.outcome.messages_deleted
     return GcResult(status=closed.outcome.status, strategy="compact",
                     reason=f"compaction asked for (--strategy compact); {disk}", garbage_estimate=deleted,
                     rows_estimate=c.live + deleted, run_id=run.id, error=closed.outcome.failure,
                     stop_reason=failure if status is RunStatus.STOPPED else None,
-                    messages_deleted=closed.outcome.messages_deleted, batches=1,
-                    elapsed_s=time.monotonic() - started, garbage=target.describe(),
-                    notification_error=closed.notification_error)
+                    messages_deleted=deleted, batches=1, elapsed_s=time.monotonic() - started,
+                    garbage=target.describe(), notification_error=closed.notification_error)
+
+
+def _settled(conn: Connection, run_id: int, lock_timeout_ms: int, status: RunStatus,
+             failure: str) -> tuple[RunStatus, str | None]:
+    """After a failure, what the record says (not what this process believed: a transaction whose
+    connection went away did not commit): undone before the swap, finished after it."""
+    try:
+        c = load(conn, run_id)
+        if c is not None and c.phase in BEFORE_SWAP:
+            recover.undo(conn, c, lock_timeout_ms)
+        elif c is not None and c.phase == "swapped":
+            recover.finish_swapped(conn, c)
+            return RunStatus.COMPLETE, None
+    except (MsggcError, psycopg.Error) as exc:
+        return status, f"{failure}; {str(exc).strip().splitlines()[0]}"
+    return status, failure
+
+
+def _reconnected(dsn: str, oid: int) -> Connection:
+    """A fresh connection holding the table's GC lock again (the lost one's went with it)."""
+    fresh = connect(dsn)
+    runs.try_lock_table(fresh, oid)
+    return fresh
 
 
 def _until_swap(conn: Connection, c: Compaction, oid: int, names: list[str], options: GcOptions,
@@ -138,15 +168,6 @@ def _locking(conn: Connection, step: Callable[[], None], lock_timeout_ms: int) -
             if attempt == LOCK_ATTEMPTS - 1:
                 raise
             time.sleep(LOCK_BACKOFF_S * 2**attempt)
-
-
-def _undone(conn: Connection, c: Compaction, lock_timeout_ms: int, failure: str | None) -> str | None:
-    """Undo a compaction that did not reach its swap; if even that fails, the next run will."""
-    try:
-        recover.undo(conn, c, lock_timeout_ms)
-    except (MsggcError, psycopg.Error) as exc:
-        return f"{failure}; {exc}" if failure else str(exc)
-    return failure
 
 
 def _copy_bytes(conn: Connection, oid: int, statements: Statements, cutoff: object) -> int:
