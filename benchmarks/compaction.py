@@ -1,0 +1,124 @@
+"""Compaction against the walk and one ``DELETE`` on a mostly-garbage table, side by side:
+``python -m benchmarks.compaction [--rows N] [--fractions 0.8,0.99] [--dsn DSN] [--out F.json]``.
+
+Every contender runs on its own copy (``FILE_COPY``) of the same seeded template, in the same run,
+after a ``CHECKPOINT`` (the same full-page-image debt for all): one ``DELETE``; one ``DELETE``
+then ``VACUUM`` (the space reusable); msggc's default walk; msggc ``--strategy compact``. Each is
+timed as the wall time of its statements or of ``engine.collect`` in this process (no process
+start), its WAL is the server's LSN difference (so the server should be this benchmark's alone:
+the embedded one by default), and every count is checked: no garbage left, every live row kept.
+No application writes beside it (the capture trigger's cost per write is not measured here).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import psycopg
+
+from benchmarks.dataset import build
+from benchmarks.server import BenchmarkError, Server
+
+CONTENDERS = ("single", "single_vacuum", "walk", "compact")
+GARBAGE = "processed_at IS NOT NULL"
+
+
+def _single(dsn: str, vacuum: bool) -> int:
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        deleted = conn.execute(f"DELETE FROM messages WHERE {GARBAGE}").rowcount
+        if vacuum:
+            conn.execute("VACUUM messages")
+    return deleted
+
+
+def _msggc(dsn: str, strategy: str) -> int:
+    from engine import GcOptions, collect
+
+    result = collect(dsn, GcOptions(strategy=strategy))  # type: ignore[arg-type]
+    if result.status != "complete":
+        raise BenchmarkError(f"msggc {strategy}: {result.status} {result.error}")
+    return result.messages_deleted
+
+
+RUNS: dict[str, Callable[[str], int]] = {
+    "single": lambda dsn: _single(dsn, vacuum=False),
+    "single_vacuum": lambda dsn: _single(dsn, vacuum=True),
+    "walk": lambda dsn: _msggc(dsn, "auto"),
+    "compact": lambda dsn: _msggc(dsn, "compact"),
+}
+
+
+def measure(server: Server, template: str, contender: str, garbage: int, rows: int) -> dict[str, Any]:
+    """One contender on a fresh copy of ``template``: seconds, WAL, sizes, counts checked."""
+    name = f"msggc_bench_compact_{contender}"
+    server.create_database(name, template)
+    dsn = server.database(name)
+    try:
+        server.checkpoint()
+        before = server.wal_snapshot()
+        began = time.monotonic()
+        deleted = RUNS[contender](dsn)
+        seconds = time.monotonic() - began
+        wal = server.wal_bytes(before, server.wal_snapshot())
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            left, present, size = conn.execute(
+                f"SELECT count(*) FILTER (WHERE {GARBAGE}), count(*),"
+                " pg_total_relation_size('messages') FROM messages").fetchone() or (None, None, None)
+        if deleted != garbage or left != 0 or present != rows - garbage:
+            raise BenchmarkError(f"{contender}: deleted {deleted} of {garbage}, {left} left,"
+                                 f" {present} present")
+        return {"contender": contender, "seconds": seconds, "rows_per_s": deleted / seconds,
+                "wal_bytes": wal, "table_bytes_after": size, "deleted": deleted}
+    finally:
+        server.drop_database(name)
+
+
+def ratios(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Each contender against one ``DELETE``: speed (its time / theirs) and WAL (theirs / its)."""
+    single = next(r for r in results if r["contender"] == "single")
+    return [{**r, "speed_vs_single": single["seconds"] / r["seconds"],
+             "wal_vs_single": r["wal_bytes"] / single["wal_bytes"]} for r in results]
+
+
+def markdown(shape: dict[str, Any]) -> str:
+    lines = [f"**{shape['rows']:,} rows, {shape['fraction']:.0%} garbage** ({shape['server']})", "",
+             "| contender | seconds | rows/s | WAL MB | table after MB | speed vs DELETE | WAL vs DELETE |",
+             "|---|---:|---:|---:|---:|---:|---:|"]
+    for r in shape["results"]:
+        lines.append(f"| {r['contender']} | {r['seconds']:.2f} | {r['rows_per_s']:,.0f}"
+                     f" | {r['wal_bytes'] / 2**20:,.0f} | {r['table_bytes_after'] / 2**20:,.0f}"
+                     f" | {r['speed_vs_single']:.2f}x"
+                     f" | {r['wal_vs_single']:.2f}x |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.compaction")
+    parser.add_argument("--rows", type=int, default=1_000_000)
+    parser.add_argument("--fractions", default="0.8,0.99", help="garbage fractions, comma-separated")
+    parser.add_argument("--dsn", default=None, help="a local server (default: the embedded one)")
+    parser.add_argument("--out", type=Path, default=None)
+    args = parser.parse_args(argv)
+    server = Server.open(args.dsn)
+    shapes = []
+    for fraction in (float(f) for f in args.fractions.split(",")):
+        template = build(server, "dense", args.rows, reuse=True, fraction=fraction)
+        results = [measure(server, template.name, contender, template.expected_garbage, args.rows)
+                   for contender in CONTENDERS]
+        version = server.settings()["version"].split(" on ")[0]
+        shape = {"rows": args.rows, "fraction": fraction, "server": version, "results": ratios(results)}
+        print(markdown(shape) + "\n", file=sys.stderr)
+        shapes.append(shape)
+    if args.out:
+        args.out.write_text(json.dumps(shapes, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
