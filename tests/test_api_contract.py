@@ -8,6 +8,7 @@ equal the seed's example outright; only ``meta.version`` and error ``details`` a
 from __future__ import annotations
 
 import copy
+import dataclasses
 
 import httpx
 import psycopg
@@ -168,7 +169,8 @@ def test_a_budget_stop_posts_the_seeds_failure_body_and_the_next_put_continues(c
 
 def test_a_put_while_a_gc_runs_joins_it_instead_of_starting_a_second(conn, dsn, callback):
     fill(conn, [True] * 20)
-    settings = settings_for(nodes.single(dsn), callback, batch_size=4, sleep=0.15)
+    settings = dataclasses.replace(  # no auto budget: a guarded batch's size follows the server's WAL
+        settings_for(nodes.single(dsn), callback, batch_size=4, sleep=0.15), auto_app_latency=False)
     with running_service(settings) as url:
         first = httpx.put(url + GC_PATH)
         wait_until(lambda: runs_of(dsn) and runs_of(dsn)[0]["batches"] >= 1)
