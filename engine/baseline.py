@@ -13,7 +13,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from engine.db import Connection, connect
-from engine.guard import PROBE_APPLICATION_NAME, PROBE_INTERVAL_S, percentile, require_probe_table
+from engine.guard import PROBE_APPLICATION_NAME, require_probe_table
+from engine.rate_control import PROBE_INTERVAL_S, percentile
 
 BASELINE_S = 2.0
 """How long the probe is timed before a run (about 20 samples at the guard's interval)."""

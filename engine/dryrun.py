@@ -13,11 +13,11 @@ from psycopg import sql
 from psycopg.conninfo import make_conninfo
 
 from engine import partitions
+from engine.budget_prediction import ALONE_S, CommitTimer, predict_under_budget
 from engine.config import GcOptions
 from engine.db import Connection, one_row, table_ident
 from engine.errors import MsggcError
 from engine.estimate import Estimate, estimate
-from engine.guard import ALONE_S, CommitTimer, predict_under_budget
 from engine.planner import DROP_WHOLE_REASON, Plan, partitioned_reason
 from engine.queries import Statements
 from engine.result import GcResult

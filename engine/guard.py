@@ -33,25 +33,22 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import math
-import statistics
 import threading
 import time
 from collections import Counter, deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import psycopg
 from psycopg.types.json import Jsonb
 
-from engine.db import APPLICATION_NAME, Connection, connect, one_row
+from engine.db import APPLICATION_NAME, Connection, connect
 from engine.errors import BudgetCannotHold, MsggcError, SchemaMissing
+from engine.guard_series import Point, Series
+from engine.rate_control import PROBE_INTERVAL_S, STEP_SAMPLES, RateControl, percentile
+from engine.server_counters import ServerCounters, read_counters
 
-PROBE_INTERVAL_S = 0.1
 PROBE_APPLICATION_NAME = f"{APPLICATION_NAME}-probe"
-STEP_SAMPLES = 5
-"""Probe samples per control step: the controller judges each ~0.5 s of fresh samples once,
-so one slow commit halves the rate once, not once per step it stays in a sliding window."""
 BEFORE_SAMPLES = 20
 """Commits the probe times before the workers start (~2 s): the application's p99 alone."""
 BEFORE_MAX_SAMPLES = 100
@@ -68,35 +65,8 @@ EVICTING_FLOOR = 64.0
 before the run, before the guard reads it as the run's dirty pages evicted by the application."""
 EVICTING_GROWTH = 2.0
 """...or this many times that rate before the run, whichever is more."""
-EVICTING_ROOM = 0.4
-"""Backends evicting halve the rate only while the probe's p99 is over this share of the budget
-(else they hold it): on PostgreSQL before 18 the count includes the run's own backends, whose
-writes to the page cache nobody waits on, and an idle application feels none of it."""
-MiB = 2**20
-INITIAL_RATE = 1.0 * MiB
-"""WAL bytes per second a guarded run starts at: gentle (about 3,000 dense rows a second),
-doubled each calm step, so a short run does not spend the budget in its first seconds."""
-MIN_RATE = 16.0 * 1024
-"""The floor (about 45 dense rows a second): an impossible budget still lets a run finish."""
-MAX_RATE = 4096.0 * MiB
-DECREASE = 0.5
-SLOW_START_GROWTH = 2.0
-INCREASE_SHARE = 0.125
-"""Past slow start, a calm step adds this share of the rate (at least of the rate at the last
-decrease): a share of the last decrease's rate alone took 240 s to climb back from 20 kB/s to
-2 MiB/s after a burst of another load's spikes had halved it seven times (3M dense, busy host)."""
-USED_HEADROOM = 2.0
-"""The rate grows to at most this many times the WAL rate the server really wrote in the step:
-a grant far above what the run can use would take many halvings to bite when the p99 rises."""
-ROOM = 0.8
-"""The rate goes up only while the step's p99 is under this share of the budget."""
-FUTILE_STEPS = 3
-FUTILE_GAIN = 0.9
-"""Halvings whose steps' median p99 stays at 90% or more of the first step's did not help."""
 LIVE_WINDOW = 600
 """Samples behind the live p50/p99 written to ``gc_probe`` with every beat (about a minute)."""
-SERIES_POINTS = 240
-"""A run's time series keeps at most this many points: a long run's steps are merged in pairs."""
 LIVE_SERIES_STEPS = 4
 """The series is written to ``gc_runs`` every this many of its points (~2 s of control steps at
 first) while the run goes, so ``msggc status``, the API and ``/metrics`` show it live; the whole
@@ -152,179 +122,6 @@ WHERE id = %(run_id)s
 """
 
 log = logging.getLogger("msggc.guard")
-
-
-def percentile(values: list[float], q: float) -> float | None:
-    """Nearest-rank percentile: with few samples the p99 is the worst one, as it should be."""
-    if not values:
-        return None
-    ordered = sorted(values)
-    return ordered[max(0, math.ceil(q / 100 * len(ordered)) - 1)]
-
-
-@dataclass
-class RateControl:
-    """The WAL rate (bytes per second) a run may write: slow start, then additive increase and
-    multiplicative decrease on the probe's p99 against the budget.
-
-    Pure logic, fed the probe's samples and, once per step, what the server says (tests give
-    their own): :meth:`observe` says when a step is due, :meth:`step` takes it.
-    """
-
-    budget_ms: float
-    rate: float = INITIAL_RATE
-    threshold: float | None = None
-    """The rate at the last decrease; None while the run is still in slow start."""
-    pending: list[float] = field(default_factory=list)
-    """Samples since the last step."""
-    last_step_at: float | None = None
-    decreases: int = 0
-    increases: int = 0
-    futile: int = 0
-    """Steps over the budget that did not decrease, halving having not helped (see :meth:`step`)."""
-    lowest: float = INITIAL_RATE
-    _streak: list[float] = field(default_factory=list)
-    """The p99 of each step over the budget since the last step well under it."""
-
-    def observe(self, latency_ms: float) -> bool:
-        """One probe sample; True once ``STEP_SAMPLES`` of them are due for a step."""
-        self.pending.append(latency_ms)
-        return len(self.pending) >= STEP_SAMPLES
-
-    def step(self, now: float, used: float | None = None, checkpoint_requested: bool = False,
-             backends_evicting: bool = False) -> float:
-        """Judge the step's samples; ``used`` is the WAL rate the server wrote over the step. A
-        requested checkpoint holds the rate where it is (not a decrease: a CREATE DATABASE
-        requests a checkpoint too, and the probe's p99 says whether the application felt it);
-        backends evicting dirty pages themselves (see :class:`Probe`) halve it once the probe
-        feels something (``EVICTING_ROOM``), as the application's reads feel what the probe's
-        commit does not, and hold it otherwise. Returns the step's p99.
-
-        Halving that does not help stops: once ``FUTILE_STEPS`` halvings since the p99 first
-        passed the budget have left the median of the last steps' p99 as high as it was then
-        (the rate 8x lower, the application as slow), the latency is not the run's doing
-        (another load, a lock, a busy CPU), and going slower would only keep the run from
-        completing; the rate holds until a step comes well under the budget (``futile`` counts
-        the steps held). The median, and the first step for reference, because one step's p99
-        is the worst of five commits: noise on a busy host must not read as progress."""
-        p99 = percentile(self.pending, 99) or 0.0
-        if backends_evicting and self.budget_ms * EVICTING_ROOM < p99 <= self.budget_ms:
-            self._decrease(now, used)
-        elif p99 > self.budget_ms:
-            self._streak.append(p99)
-            recent = self._streak[-FUTILE_STEPS:]
-            if (len(self._streak) > FUTILE_STEPS
-                    and statistics.median(recent) >= self._streak[0] * FUTILE_GAIN):
-                self.futile += 1
-                self._stepped(now)
-            else:
-                self._decrease(now, used)
-        elif p99 <= self.budget_ms * ROOM and not checkpoint_requested and not backends_evicting:
-            self._streak.clear()
-            self._increase(now, used)
-        else:
-            self._stepped(now)
-        return p99
-
-    def stalled(self, waiting_ms: float, now: float) -> None:
-        """A probe write still in flight after more than the budget is a sample over it already:
-        the controller must not wait for it to finish (a lock may hold it for seconds)."""
-        step_s = STEP_SAMPLES * PROBE_INTERVAL_S
-        if waiting_ms > self.budget_ms and (self.last_step_at is None or now - self.last_step_at >= step_s):
-            self._decrease(now, None)
-
-    def _decrease(self, now: float, used: float | None) -> None:
-        base = min(self.rate, used) if used else self.rate  # halving an unused grant would not bite
-        self.rate = max(MIN_RATE, base * DECREASE)
-        self.threshold = self.rate
-        self.decreases += 1
-        self.lowest = min(self.lowest, self.rate)
-        self._stepped(now)
-
-    def _increase(self, now: float, used: float | None) -> None:
-        grown = (self.rate * SLOW_START_GROWTH if self.threshold is None
-                 else self.rate + max(self.rate, self.threshold) * INCREASE_SHARE)
-        cap = max(self.rate, used * USED_HEADROOM) if used else MAX_RATE
-        new = min(MAX_RATE, grown, cap)
-        if new > self.rate:
-            self.increases += 1
-        self.rate = new
-        self._stepped(now)
-
-    def _stepped(self, now: float) -> None:
-        self.pending.clear()
-        self.last_step_at = now
-
-
-Point = dict[str, float | int | None]
-
-
-def _merge(points: list[Point]) -> Point:
-    """Points of consecutive steps as one: rates averaged, p99 the worst, counters the last."""
-    def mean(key: str) -> float | None:
-        values = [float(v) for p in points if (v := p.get(key)) is not None]
-        return round(sum(values) / len(values), 1) if values else None
-
-    p99s = [float(v) for p in points if (v := p.get("p99_ms")) is not None]
-    last = points[-1]
-    return {"t_s": last["t_s"], "rate_bytes_per_s": mean("rate_bytes_per_s"),
-            "p99_ms": max(p99s) if p99s else None, "wal_bytes_per_s": mean("wal_bytes_per_s"),
-            "checkpoints_requested": last.get("checkpoints_requested"),
-            "backend_writes": last.get("backend_writes")}
-
-
-@dataclass
-class Series:
-    """The guard's time series: one point per control step, pairs merged once it is full, so a
-    run of days keeps ``SERIES_POINTS`` points spread over all of it."""
-
-    limit: int = SERIES_POINTS
-    points: list[Point] = field(default_factory=list)
-    stride: int = 1
-    """Steps per point."""
-    _open: list[Point] = field(default_factory=list)
-
-    def add(self, point: Point) -> None:
-        self._open.append(point)
-        if len(self._open) >= self.stride:
-            self.points.append(_merge(self._open))
-            self._open = []
-        if len(self.points) >= self.limit:
-            self.points = [_merge(self.points[i:i + 2]) for i in range(0, len(self.points), 2)]
-            self.stride *= 2
-
-    def all(self) -> list[Point]:
-        return self.points + ([_merge(self._open)] if self._open else [])
-
-
-@dataclass(frozen=True)
-class ServerCounters:
-    """What the server says once per step, beside the probe: its WAL position, its requested
-    checkpoints, and buffers written by client backends (None where the version cannot say)."""
-
-    at: float
-    lsn: int
-    checkpoints_requested: int
-    backend_writes: int | None
-
-
-def counters_sql(server_version: int) -> str:
-    """The checkpointer's count moved to ``pg_stat_checkpointer`` in 17; backend writes are in
-    ``pg_stat_io`` from 16 and ``pg_stat_bgwriter.buffers_backend`` before (gone in 17)."""
-    lsn = "(pg_current_wal_insert_lsn() - '0/0'::pg_lsn)::bigint"
-    io = ("(SELECT coalesce(sum(writes), 0)::bigint FROM pg_stat_io"
-          " WHERE backend_type = 'client backend' AND object = 'relation')")
-    if server_version >= 170000:
-        return f"SELECT {lsn}, (SELECT num_requested FROM pg_stat_checkpointer), {io}"
-    if server_version >= 160000:
-        return f"SELECT {lsn}, (SELECT checkpoints_req FROM pg_stat_bgwriter), {io}"
-    return f"SELECT {lsn}, checkpoints_req, buffers_backend FROM pg_stat_bgwriter"
-
-
-def read_counters(conn: Connection) -> ServerCounters:
-    lsn, checkpoints, writes = one_row(conn.execute(counters_sql(conn.info.server_version)))
-    return ServerCounters(time.monotonic(), int(lsn), int(checkpoints),
-                          None if writes is None else int(writes))
 
 
 @dataclass(frozen=True)
@@ -676,129 +473,3 @@ def latest_figures(conn: Connection, table: str, node: str) -> dict[str, Any] | 
     if found is None:
         return None
     return dict(zip([c.name for c in cur.description or []], found, strict=True))
-
-
-class CommitTimer:
-    """Probe commits on a thread of their own, every ``interval_s``, on a ``gc_probe`` row of
-    their own (the dry run's, beside any run's): :meth:`take` hands over what they felt since
-    the last take, so a dry run times the application's commits alone, then beside its samples."""
-
-    def __init__(self, dsn: str, table: str, node: str, interval_s: float = 0.02) -> None:
-        self.dsn = dsn
-        self.site = {"table": table, "node": f"{node}\x1fdry-run", "run_id": None}
-        self.interval_s = interval_s
-        self._latencies: list[float] = []
-        self._lock = threading.Lock()
-        self._stop = threading.Event()
-        self._conn: Connection | None = None
-        self._thread = threading.Thread(target=self._run, name="msggc-dry-run-probe", daemon=True)
-
-    def __enter__(self) -> CommitTimer:
-        self._conn = connect(self.dsn)
-        self._conn.execute("SELECT set_config('application_name', %s, false)", (PROBE_APPLICATION_NAME,))
-        self._conn.execute("SET synchronous_commit = on")
-        self._conn.execute(CLAIM_SQL, self.site)
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join(10)
-        if self._conn is not None:
-            with contextlib.suppress(psycopg.Error):
-                self._conn.execute("DELETE FROM gc_probe WHERE table_name = %(table)s AND node = %(node)s",
-                                   self.site)
-            self._conn.close()
-
-    def take(self) -> list[float]:
-        with self._lock:
-            taken, self._latencies = self._latencies, []
-        return taken
-
-    def _run(self) -> None:
-        assert self._conn is not None
-        with contextlib.suppress(psycopg.Error):
-            while not self._stop.wait(self.interval_s):
-                began = time.monotonic()
-                self._conn.execute("UPDATE gc_probe SET beats = beats + 1, beat_at = now()"
-                                   " WHERE table_name = %(table)s AND node = %(node)s", self.site)
-                with self._lock:
-                    self._latencies.append((time.monotonic() - began) * 1000)
-
-
-@dataclass(frozen=True)
-class BudgetPrediction:
-    """A dry run's word on a latency budget: whether it can hold, at what WAL rate, how long."""
-
-    verdict: str
-    seconds: float | None
-    rate: float | None
-    alone_p99_ms: float | None
-
-
-ALONE_S = 1.5
-"""How long a dry run times the application's commits alone before its sample batches."""
-
-
-def ramp_seconds(wal_bytes: float, rate: float) -> float:
-    """Seconds to write ``wal_bytes`` from ``INITIAL_RATE`` doubled each control step (slow
-    start) up to ``rate``, then at it."""
-    step_s = STEP_SAMPLES * PROBE_INTERVAL_S
-    elapsed, written, granted = 0.0, 0.0, min(INITIAL_RATE, rate)
-    while written < wal_bytes:
-        if granted >= rate:
-            return elapsed + (wal_bytes - written) / rate
-        span = min(step_s, (wal_bytes - written) / granted)
-        written += granted * span
-        elapsed += span
-        granted = min(rate, granted * SLOW_START_GROWTH)
-    return elapsed
-
-
-def predict_under_budget(budget_ms: float, alone: list[float], during: list[float],
-                         wal_bytes: int | None, seconds: float | None,
-                         checkpoint: tuple[float, float] | None = None) -> BudgetPrediction:
-    """The rate the guard settles at, by a straight line from (0, the p99 alone) through (the
-    samples' WAL rate, the p99 beside them) to the middle of the band the controller holds
-    (between ``ROOM`` of the budget and the budget); the duration is the second alone, then the
-    run's WAL written in slow start up to that rate (:func:`ramp_seconds`), or the unguarded
-    prediction if that is longer. With ``checkpoint`` (the WAL between requested checkpoints
-    and ``checkpoint_timeout``) and more WAL than that, the run is paced (from a fresh
-    checkpoint) one timed cycle after another until its rest fits in one, then goes at the rate. A p99
-    alone at or above the budget: the budget cannot hold, whatever msggc does."""
-    p_alone, p_full = percentile(alone, 99), percentile(during, 99)
-    if p_alone is None:
-        return BudgetPrediction("unknown: the probe could not time a commit", None, None, None)
-    if p_alone >= budget_ms:
-        p_refuse = percentile(alone, REFUSE_PERCENTILE) or 0.0
-        return BudgetPrediction(
-            f"cannot hold: the application's commit p99 alone is {p_alone:.1f} ms over {len(alone)}"
-            f" commits, at or above the budget ({budget_ms:g} ms) before msggc writes anything"
-            + (f"; a run now would be refused: its {REFUSE_PERCENTILE}th percentile alone is"
-               f" {p_refuse:.1f} ms (the run waits up to {BEFORE_MAX_SAMPLES * PROBE_INTERVAL_S:g} s"
-               " for a calmer moment first)" if p_refuse > budget_ms else
-               f"; the run would crawl at {MIN_RATE / 1024:.0f} kB/s of WAL and still not keep it"),
-            None if not wal_bytes else wal_bytes / MIN_RATE, MIN_RATE, p_alone)
-    if not wal_bytes or not seconds:
-        return BudgetPrediction("holds by the probe; duration unknown (no sample batch finished)",
-                                None, None, p_alone)
-    full = wal_bytes / seconds
-    target = budget_ms * (1 + ROOM) / 2
-    rate = full if p_full is None or p_full <= target else full * (target - p_alone) / (p_full - p_alone)
-    rate = max(MIN_RATE, rate)
-    body = ramp_seconds(wal_bytes, rate)
-    paced = ""
-    if checkpoint is not None and wal_bytes > checkpoint[0]:
-        between, timeout = checkpoint  # paced one cycle after another while the rest does not fit
-        cycles = math.ceil(wal_bytes / between) - 1
-        rest = wal_bytes - cycles * between
-        body = cycles * timeout + rest / rate
-        paced = (f"; paced to force no checkpoint: {cycles} x checkpoint_timeout ({timeout:g} s) at"
-                 f" ~{between / timeout / MiB:.2f} MB/s, then the last {rest / MiB:.0f} MB")
-    predicted = BEFORE_SAMPLES * PROBE_INTERVAL_S + max(seconds, body)
-    why = (f"the probe's p99 {p_full:.1f} ms beside full speed ({full / MiB:.1f} MB/s)"
-           if p_full is not None else "no probe beside the samples")
-    verdict = (f"may not hold: the budget is under twice the application's commit p99 alone"
-               f" ({p_alone:.1f} ms); " if budget_ms < 2 * p_alone else "holds: ")
-    return BudgetPrediction(f"{verdict}WAL at ~{rate / MiB:.2f} MB/s ({why}, {p_alone:.1f} ms alone){paced}",
-                            predicted, rate, p_alone)

@@ -27,7 +27,8 @@ from typing import Any
 import psycopg
 
 from engine.db import Connection, one_row
-from engine.guard import MIN_RATE, Probe, ProbeSite
+from engine.guard import Probe, ProbeSite
+from engine.rate_control import MIN_RATE
 
 POLL_S = 0.2
 APP_LATENCY = "app_latency"

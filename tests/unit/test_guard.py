@@ -4,24 +4,22 @@ from __future__ import annotations
 
 import pytest
 
+from engine.budget_prediction import predict_under_budget, ramp_seconds
 from engine.config import GcOptions, parse_latency
 from engine.errors import UsageError
-from engine.guard import (
-    BEFORE_SAMPLES,
+from engine.guard import BEFORE_SAMPLES
+from engine.guard_series import SERIES_POINTS, Series
+from engine.rate_control import (
     DECREASE,
     EVICTING_ROOM,
     INCREASE_SHARE,
     INITIAL_RATE,
     MIN_RATE,
     PROBE_INTERVAL_S,
-    SERIES_POINTS,
     STEP_SAMPLES,
     MiB,
     RateControl,
-    Series,
     percentile,
-    predict_under_budget,
-    ramp_seconds,
 )
 from engine.sizer import BatchSizer
 
