@@ -4,11 +4,9 @@ from __future__ import annotations
 
 import functools
 import json
-import signal
 import sys
 import threading
-from collections.abc import Callable, Iterator
-from contextlib import ExitStack, contextmanager
+from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -16,6 +14,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import click
 
 from engine.cli_output import print_status, summary
+from engine.cli_progress import gc_progress, phase_progress, stop_on_signals
 from engine.config import (
     STRATEGIES,
     GcOptions,
@@ -35,7 +34,6 @@ if TYPE_CHECKING:
     from contextlib import AbstractContextManager
 
     from engine.db import Connection
-    from engine.result import Progress
     from engine.service.notify import Notifier
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -159,7 +157,7 @@ def seed(dsn: str | None, table: str, rows: int, shape: str, garbage_fraction: f
     from engine.tools import synth
 
     dsn = resolve_dsn(dsn)
-    with _phase_progress() as on_progress:
+    with phase_progress() as on_progress:
         report = synth.seed(dsn, rows, shape, garbage_fraction,  # type: ignore[arg-type]
                             table=TableSpec.parse(table).qualified, on_progress=on_progress)
     indexes = ", ".join(f"{name} {seconds:.1f}s" for name, seconds in report.index_seconds.items())
@@ -242,83 +240,10 @@ def gc(dsn: str | None, table: str, key: str | None, processed_column: str | Non
     dsn = resolve_dsn(dsn)
     notifier: Notifier = WebhookNotifier(webhook, secret=webhook_secret) if webhook else LogNotifier()
     stop = threading.Event()
-    with _stop_on_signals(stop), _gc_progress(enabled=not as_json and not options.dry_run) as on_progress:
+    with stop_on_signals(stop), gc_progress(enabled=not as_json and not options.dry_run) as on_progress:
         result = collect(dsn, options, NoticeFinisher(notifier), stop=stop, on_progress=on_progress)
     click.echo(json.dumps(result.as_json(), default=str) if as_json else summary(result))
     sys.exit(result.exit_code)
-
-
-@contextmanager
-def _stop_on_signals(stop: threading.Event) -> Iterator[None]:
-    """SIGINT/SIGTERM finish the batch in flight, checkpoint and stop."""
-
-    def request_stop(signum: int, _frame: object) -> None:
-        stop.set()
-
-    previous = {sig: signal.signal(sig, request_stop) for sig in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        yield
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-
-
-@contextmanager
-def _gc_progress(enabled: bool) -> Iterator[Callable[[Progress], None] | None]:
-    """A progress bar on a terminal, shown from the first batch on: rich takes ~100 ms to import,
-    which a GC with nothing to delete (or a dry run) never pays."""
-    if not enabled or not sys.stderr.isatty():
-        yield None
-        return
-    with ExitStack() as stack:
-        shown: list[Callable[[Progress], None]] = []
-        lock = threading.Lock()  # workers report from their own threads
-
-        def update(progress: Progress) -> None:
-            with lock:
-                if not shown:
-                    shown.append(stack.enter_context(_gc_bar()))
-                shown[0](progress)
-
-        yield update
-
-
-@contextmanager
-def _gc_bar() -> Iterator[Callable[[Progress], None]]:
-    from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeRemainingColumn
-    from rich.progress import Progress as Bar
-
-    columns = (TextColumn("deleting"), BarColumn(), MofNCompleteColumn(),
-               TextColumn("{task.fields[rate]} rows/s"), TimeRemainingColumn())
-    with Bar(*columns, transient=True) as bar:
-        task = bar.add_task("gc", total=None, rate="0")
-
-        def update(progress: Progress) -> None:
-            rate = progress.deleted / progress.elapsed_s if progress.elapsed_s else 0
-            bar.update(task, completed=progress.deleted, rate=f"{rate:,.0f}",
-                       total=max(progress.garbage_estimate, progress.deleted))
-
-        yield update
-
-
-@contextmanager
-def _phase_progress() -> Iterator[Callable[[str, float], None] | None]:
-    if not sys.stderr.isatty():
-        yield None
-        return
-    from rich.progress import BarColumn, TaskID, TextColumn, TimeElapsedColumn
-    from rich.progress import Progress as Bar
-
-    with Bar(TextColumn("{task.description:<28}"), BarColumn(), TimeElapsedColumn(),
-             transient=True) as bar:
-        tasks: dict[str, TaskID] = {}
-
-        def update(phase: str, fraction: float) -> None:
-            if phase not in tasks:
-                tasks[phase] = bar.add_task(phase, total=1.0)
-            bar.update(tasks[phase], completed=fraction)
-
-        yield update
 
 
 @main.command()
@@ -413,7 +338,7 @@ def demo(dsn: str | None, rows: int) -> None:
     """Seed a demo database and collect it, with a webhook to a local receiver."""
     from engine.tools.demo import run_demo
 
-    with _phase_progress() as on_seed, _gc_progress(enabled=True) as on_progress:
+    with phase_progress() as on_seed, gc_progress(enabled=True) as on_progress:
         result = run_demo(rows, click.echo, on_seed, on_progress, dsn)
     click.echo(summary(result))
     sys.exit(result.exit_code)
@@ -553,7 +478,7 @@ def worker(metrics_port: int | None, metrics_host: str, token: str | None, **ser
     runner = Worker(settings, metrics)
     runner.start()
     stop = threading.Event()
-    with _stop_on_signals(stop):
+    with stop_on_signals(stop):
         while not stop.wait(1.0) and runner.alive:
             pass
     runner.close()

@@ -8,7 +8,7 @@ from collections.abc import Iterator
 import pytest
 
 from engine import collect
-from engine.cli import summary
+from engine.cli_output import summary
 from engine.config import GcOptions
 from tests.data import fill, live_ids, surviving_ids
 from tests.polling import wait_until

@@ -100,9 +100,9 @@ class Terminal(io.StringIO):
         return True
 
 sys.stderr = Terminal()
-from engine.cli import _gc_progress
+from engine.cli_progress import gc_progress
 from engine.result import Progress
-with _gc_progress(enabled=True) as update:
+with gc_progress(enabled=True) as update:
     print("rich" in sys.modules)
     update(Progress(1, 500, 1, 0.1, 1000, 0.1))
     print("rich" in sys.modules)
