@@ -21,6 +21,7 @@ import psycopg
 from engine import archive_file, partitions, progress, reclaim, runs
 from engine.archive import resolve as resolve_archive
 from engine.archive_file import ArchiveFile
+from engine.compact.choice import chosen as compaction_chosen
 from engine.compact.dryrun import predict as predict_compaction
 from engine.compact.flow import compact
 from engine.compact.recover import recover_table as compact_recover
@@ -202,7 +203,8 @@ def collect(
             with filter_refused_on_rows(options.table):  # the planner's samples, the sample batches
                 plans, whole = _plans(conn, walking, target)
                 walked = dry_run(conn, plans, whole, legs, with_workers(conn, walking, plans), target.target)
-                if options.strategy != "compact":
+                chosen = compaction_chosen(conn, options, target.target, plans)
+                if options.strategy != "compact" and chosen is None:
                     return walked
                 cutoff = cutoff_of(conn, options)
                 return predict_compaction(conn, target.target, legs.get(None), walked, cutoff)
@@ -217,6 +219,10 @@ def collect(
                            stop or threading.Event(), run_id)
         with filter_refused_on_rows(options.table):  # before the run exists: past it, the run fails
             plans, whole = _plans(conn, options, target)
+        if (why := compaction_chosen(conn, options, target.target, plans)) is not None:
+            plain = target.legs[None][1]
+            return compact(conn, dsn, options, target.target, plain, finisher or SilentFinisher(),
+                           stop or threading.Event(), run_id, reason=why)
         options = with_workers(conn, options, plans)
         before = reclaim.health(conn, target.oid)
         run, reason = resume_or_start(conn, options, plans, run_id, target.target.describe())

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import threading
+from dataclasses import replace
 from typing import Any
 
 import httpx
@@ -13,6 +14,7 @@ import psycopg
 import pytest
 
 from engine import collect
+from engine.compact import choice
 from engine.compact.preconditions import CompactRefused
 from engine.config import GcOptions, TableSpec
 from engine.service import nodes
@@ -190,3 +192,31 @@ def test_a_put_with_strategy_compact_compacts_and_its_webhook_counts_exactly(
     assert status["status"] == "complete" and status["messages_deleted"] == 400
     assert conn.execute("SELECT strategy FROM gc_runs").fetchall() == [("compact",)]
     assert surviving_ids(conn) == list(range(1, 601, 3))
+
+
+def test_auto_compacts_a_table_mostly_garbage_above_the_threshold_unless_a_walk_is_to_continue(
+        conn: Conn, dsn: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(choice, "MIN_ROWS", 1000)  # the measured threshold is a million rows
+    make_inbox(conn, 4000, 50)
+    conn.execute("ANALYZE inbox")
+    auto = GcOptions(table=TableSpec(name="inbox", schema="public"))
+    planned = collect(dsn, replace(auto, dry_run=True))
+    assert planned.strategy == "compact" and planned.compaction is not None
+    stopped = collect(dsn, replace(auto, strategy="index", max_rows=10, batch_size=10))
+    assert stopped.status is RunStatus.STOPPED  # a walk to continue: auto walks on
+    assert collect(dsn, auto).strategy == "index"
+    make_more = "INSERT INTO inbox (msg, processed_at) SELECT 'x' || g, now() FROM generate_series(1, 4000) g"
+    conn.execute(make_more)
+    conn.execute("ANALYZE inbox")
+    result = collect(dsn, auto)
+    assert result.status is RunStatus.COMPLETE, result.error
+    assert result.strategy == "compact" and result.reason.startswith("compacts: ~")
+    assert conn.execute("SELECT count(*) FROM inbox WHERE processed_at IS NOT NULL").fetchone()[0] == 0
+
+
+def test_the_compacted_table_has_its_planner_statistics_at_once(conn: Conn, dsn: str) -> None:
+    make_inbox(conn, 3000, 3)
+    assert collect(dsn, options()).status is RunStatus.COMPLETE
+    analyzed = conn.execute("SELECT reltuples, (SELECT count(*) FROM pg_stats WHERE tablename = 'inbox')"
+                            " FROM pg_class WHERE oid = 'inbox'::regclass").fetchone()
+    assert analyzed == (1000, 6)  # each of its 6 columns, 1,000 live rows; no ANALYZE by the test

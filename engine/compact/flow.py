@@ -47,8 +47,10 @@ class Budget:
 
 
 def compact(conn: Connection, dsn: str, options: GcOptions, target: Target, statements: Statements | None,
-            finisher: Finisher, stop: threading.Event, run_id: int | None = None) -> GcResult:
-    """Compact the (plain) table: refused in one line before any run exists if it cannot be."""
+            finisher: Finisher, stop: threading.Event, run_id: int | None = None,
+            reason: str = "compaction asked for (--strategy compact)") -> GcResult:
+    """Compact the (plain) table: refused in one line before any run exists if it cannot be;
+    ``reason``: why it compacts (asked for, or ``auto``'s choice)."""
     started = time.monotonic()
     preconditions.require(conn, target)
     assert statements is not None  # a plain table: its one leg
@@ -92,7 +94,7 @@ def compact(conn: Connection, dsn: str, options: GcOptions, target: Target, stat
         other.close()
     deleted = closed.outcome.messages_deleted
     return GcResult(status=closed.outcome.status, strategy="compact",
-                    reason=f"compaction asked for (--strategy compact); {disk}", garbage_estimate=deleted,
+                    reason=f"{reason}; {disk}", garbage_estimate=deleted,
                     rows_estimate=c.live + deleted, run_id=run.id, error=closed.outcome.failure,
                     stop_reason=failure if status is RunStatus.STOPPED else None,
                     messages_deleted=deleted, batches=1, elapsed_s=time.monotonic() - started,
@@ -153,6 +155,8 @@ def _until_swap(conn: Connection, c: Compaction, oid: int, names: list[str], opt
         save(conn, c)
 
     _locking(conn, foreign_keys, options.lock_timeout_ms)
+    # statistics before the application's queries meet the table (else planned blind until autovacuum's)
+    conn.execute(sql.SQL("ANALYZE {}").format(table_ident(c.new)))
     catch_up(conn, c, names, budget.check)
 
 
