@@ -220,3 +220,14 @@ def test_the_compacted_table_has_its_planner_statistics_at_once(conn: Conn, dsn:
     analyzed = conn.execute("SELECT reltuples, (SELECT count(*) FROM pg_stats WHERE tablename = 'inbox')"
                             " FROM pg_class WHERE oid = 'inbox'::regclass").fetchone()
     assert analyzed == (1000, 6)  # each of its 6 columns, 1,000 live rows; no ANALYZE by the test
+
+
+def test_a_row_budget_is_refused_by_compaction_and_keeps_auto_on_the_walk(
+        conn: Conn, dsn: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(choice, "MIN_ROWS", 1000)
+    make_inbox(conn, 4000, 50)
+    conn.execute("ANALYZE inbox")
+    with pytest.raises(CompactRefused, match="cannot stop after --max-rows"):
+        collect(dsn, options(max_rows=100))
+    walked = collect(dsn, GcOptions(table=TableSpec(name="inbox", schema="public"), max_rows=100))
+    assert walked.strategy != "compact" and walked.messages_deleted >= 100

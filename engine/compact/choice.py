@@ -6,7 +6,8 @@ Measured (``benchmarks/compaction.py``, 2M rows, PostgreSQL 18, one DELETE = 1.0
 garbage compaction ran at 1.68x and wrote 0.01x the WAL, the default walk 0.90x and 1.00x; at 80%
 compaction 1.04x with 0.22x the WAL, the walk 0.98x. Below a million rows its fixed costs (a
 second read of the old table to verify, the swap, the drop) weigh more than what it saves; the
-share is held high because every application write pays the capture trigger meanwhile.
+share is held high because every application write pays the capture trigger meanwhile. A run
+with a budget compaction cannot hold (rows, WAL rate, replica lag, application latency) walks.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ def chosen(conn: Connection, options: GcOptions, target: Target,
            plans: dict[str | None, Plan]) -> str | None:
     """Why ``auto`` compacts this table, or None when it walks it."""
     plan = plans.get(None)
-    if options.strategy != "auto" or plan is None or options.archive_to:
+    if options.strategy != "auto" or plan is None or options.archive_to or unheld(options):
         return None
     facts = plan.facts
     if facts.rows_estimate < MIN_ROWS or facts.garbage_fraction < MIN_GARBAGE:
@@ -37,3 +38,10 @@ def chosen(conn: Connection, options: GcOptions, target: Target,
         return None
     return (f"compacts: ~{facts.garbage_fraction:.0%} of ~{facts.rows_estimate:,} rows are garbage"
             f" (auto compacts from {MIN_GARBAGE:.0%} of {MIN_ROWS:,} rows)")
+
+
+def unheld(options: GcOptions) -> list[str]:
+    """The budgets a compaction cannot hold (it copies in one statement): a walk honours them."""
+    flags = {"--max-rows": options.max_rows, "--max-wal-rate": options.max_wal_rate,
+             "--max-replica-lag": options.max_replica_lag, "--max-app-latency": options.max_app_latency_ms}
+    return [flag for flag, value in flags.items() if value is not None]

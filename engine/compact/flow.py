@@ -15,6 +15,7 @@ from psycopg import sql
 from engine import runs
 from engine.compact import capture, copy, preconditions, recover, swap
 from engine.compact.catchup import catch_up
+from engine.compact.choice import unheld
 from engine.compact.state import BEFORE_SWAP, Compaction, load, save
 from engine.config import GcOptions
 from engine.db import Connection, connect, one_row, regclass_of, table_ident
@@ -54,6 +55,9 @@ def compact(conn: Connection, dsn: str, options: GcOptions, target: Target, stat
     started = time.monotonic()
     preconditions.require(conn, target)
     assert statements is not None  # a plain table: its one leg
+    if options.max_rows is not None:
+        raise preconditions.CompactRefused("--strategy compact cannot stop after --max-rows (it copies the"
+                                           " live rows in one statement): use the walk, or --max-seconds")
     if options.archive_to:
         raise preconditions.CompactRefused("--strategy compact keeps its archive in the database (--archive):"
                                            " drop --archive-to, or use the walk")
@@ -94,11 +98,19 @@ def compact(conn: Connection, dsn: str, options: GcOptions, target: Target, stat
         other.close()
     deleted = closed.outcome.messages_deleted
     return GcResult(status=closed.outcome.status, strategy="compact",
-                    reason=f"{reason}; {disk}", garbage_estimate=deleted,
+                    reason=f"{reason}; {disk}{_unpaced(options)}", garbage_estimate=deleted,
                     rows_estimate=c.live + deleted, run_id=run.id, error=closed.outcome.failure,
                     stop_reason=failure if status is RunStatus.STOPPED else None,
                     messages_deleted=deleted, batches=1, elapsed_s=time.monotonic() - started,
                     garbage=target.describe(), notification_error=closed.notification_error)
+
+
+def _unpaced(options: GcOptions) -> str:
+    """The pacing budgets asked for that a compaction does not apply (it has no batches to pace)."""
+    flags = [flag for flag in unheld(options) if flag != "--max-rows"]
+    if not flags:
+        return ""
+    return f"; not paced by {', '.join(flags)} (no batches: the swap waits lock_timeout at most)"
 
 
 def _settled(conn: Connection, run_id: int, lock_timeout_ms: int, status: RunStatus,
