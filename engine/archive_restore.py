@@ -60,9 +60,9 @@ def restore(conn: Connection, table: TableSpec, target_oid: int, path: Path) -> 
         header = _read_header(first.rows if (first := next(read, None)) else b"")
     except unreadable as exc:
         if _damaged(exc):
-            raise MsggcError(f"{path}: its first batch (the column names) is damaged ({exc}):"
+            raise MsggcError(f"{path}: its first batch (the column names) is damaged ({_said(exc)}):"
                              " nothing restored") from None
-        raise UsageError(f"{path} is not an msggc archive file: {exc}") from None
+        raise UsageError(f"{path} is not an msggc archive file: {_said(exc)}") from None
     columns = [c for c in header if c not in BOOKKEEPING_COLUMNS]
     missing = set(columns) - set(table_columns(conn, target_oid))
     if missing:
@@ -92,8 +92,8 @@ def restore(conn: Connection, table: TableSpec, target_oid: int, path: Path) -> 
         raise _stopped(path, f"batch {number} does not load: {exc.diag.message_primary}", done) from None
     except unreadable as exc:
         number += 1  # the batch being read
-        reason = (f"batch {number} is damaged ({exc}): none of its rows is restored" if _damaged(exc)
-                  else f"cannot read batch {number}: {exc}")
+        reason = (f"batch {number} is damaged ({_said(exc)}): none of its rows is restored" if _damaged(exc)
+                  else f"cannot read batch {number}: {_said(exc)}")
         raise _stopped(path, reason, done) from None
     finally:
         with suppress(psycopg.Error):  # the session's temp table would hold the table's types
@@ -155,6 +155,11 @@ def _read_header(member: bytes) -> list[str]:
         raise ValueError("it does not start with a header line of column names ending in"
                          f" {', '.join(BOOKKEEPING_COLUMNS)}")
     return header
+
+
+def _said(exc: Exception) -> str:
+    """A reader's message on one line: pyarrow's span several (``... at type: \\nDeserializing ...``)."""
+    return " ".join(str(exc).split())
 
 
 def _stopped(path: Path, reason: str, done: FileRestored) -> MsggcError:
