@@ -19,7 +19,10 @@ import pytest
 
 from engine import collect
 from engine.config import GcOptions, StrategyName, TableSpec
+from engine.service.notice import NoticeFinisher
+from engine.service.notify import WebhookNotifier
 from tests.compact_app import CATALOG, POINTS, App, leftovers, make_inbox, pause_at
+from tests.faults.helpers import CallbackServer, notice
 from tests.support import spawn_cli
 
 Conn = psycopg.Connection[Any]
@@ -46,7 +49,10 @@ def test_a_compaction_killed_inside_any_phase_is_undone_or_finished_by_the_next_
         killed = (conn.execute("SELECT cursor #>> '{compact,phase}' FROM gc_runs WHERE strategy = 'compact'"
                                ).fetchone() or [None])[0]
         strategy: StrategyName = "compact" if POINTS.index(point) % 2 else "auto"
-        result = collect(dsn, GcOptions(table=TableSpec(name="inbox", schema="public"), strategy=strategy))
+        with CallbackServer() as callback:
+            options = GcOptions(table=TableSpec(name="inbox", schema="public"), strategy=strategy)
+            result = collect(dsn, options, NoticeFinisher(WebhookNotifier(callback.url)))
+            notices = [notice(body) for body in callback.accepted]
         assert result.status.value == "complete", result.error
     finally:
         app.stop.set()
@@ -55,6 +61,8 @@ def test_a_compaction_killed_inside_any_phase_is_undone_or_finished_by_the_next_
     assert leftovers(conn) == []
     after = conn.execute(CATALOG).fetchone()[0]
     assert {**after, "next_id": None} == {**before, "next_id": None}
-    statuses = [status for (status,) in conn.execute("SELECT status FROM gc_runs ORDER BY id")]
+    runs = conn.execute("SELECT status, messages_deleted FROM gc_runs ORDER BY id").fetchall()
     killed_run = [] if point == "start" else ["complete" if killed in ("swapped", "done") else "failed"]
-    assert statuses == [*killed_run, "complete"]
+    assert [status for status, _deleted in runs] == [*killed_run, "complete"]
+    # the killed run's notice too, told by the run that closed it, with its exact count
+    assert [(n["status"], n["messages_deleted"]) for n in notices] == runs

@@ -2,9 +2,9 @@
 ``MIN_ROWS`` rows (the planner's estimate) of which at least ``MIN_GARBAGE`` is garbage, that no
 condition refuses, with no walk of an earlier run to continue, and no ``--archive-to`` file.
 
-Measured (``benchmarks/compaction.py``, 2M rows, PostgreSQL 18, one DELETE = 1.00x): at 99%
-garbage compaction ran at 1.68x and wrote 0.01x the WAL, the default walk 0.90x and 1.00x; at 80%
-compaction 1.04x with 0.22x the WAL, the walk 0.98x. Below a million rows its fixed costs (a
+Measured (``benchmarks/compaction.py``, 10M rows, PostgreSQL 18, BENCHMARKS.md): at 99% garbage
+compaction ran at 2.96x one ``DELETE`` and wrote 0.01x its WAL, the walk 1.13x and 1.00x; at 80%
+compaction 1.04x with 0.22x the WAL, the walk 1.38x. Below a million rows its fixed costs (a
 second read of the old table to verify, the swap, the drop) weigh more than what it saves; the
 share is held high because every application write pays the capture trigger meanwhile. A run
 with a budget compaction cannot hold (rows, WAL rate, replica lag, application latency) walks.

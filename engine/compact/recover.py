@@ -14,11 +14,11 @@ import time
 from psycopg import errors as pg_errors
 from psycopg import sql
 
-from engine import runs
 from engine.compact import capture
 from engine.compact.state import BEFORE_SWAP, Compaction, save, unfinished
 from engine.db import Connection, one_row, table_ident
 from engine.errors import MsggcError
+from engine.finish import Finisher, SilentFinisher, close
 from engine.status import RunStatus
 
 ATTEMPTS = 6
@@ -95,34 +95,40 @@ def _keep_garbage_only(conn: Connection, c: Compaction) -> None:
     conn.execute(sql.SQL("DELETE FROM {} WHERE ({}) IS NOT TRUE").format(old, c.predicate), c.params)
 
 
-def recover(conn: Connection, schema: str, name: str, lock_timeout_ms: int) -> list[str]:
+def recover(conn: Connection, schema: str, name: str, lock_timeout_ms: int,
+            finisher: Finisher | None = None) -> list[str]:
     """Undo or finish every compaction of ``schema.name`` a killed run left; returns what was
     done, one line each. The killed run is closed (failed when undone, complete when finished)."""
     done = []
     for c in unfinished(conn, schema, name):
         if c.phase in BEFORE_SWAP:
             undo(conn, c, lock_timeout_ms)
-            _close(conn, c.run_id, RunStatus.FAILED, "killed before its swap: undone by the next run")
+            _close(conn, c.run_id, RunStatus.FAILED, "killed before its swap: undone by the next run",
+                   finisher)
             done.append(f"run {c.run_id}'s compaction, killed before its swap, undone")
         elif c.phase == "swapped":
             deleted = finish_swapped(conn, c)
-            _close(conn, c.run_id, RunStatus.COMPLETE, None)
+            _close(conn, c.run_id, RunStatus.COMPLETE, None, finisher)
             done.append(f"run {c.run_id}'s compaction, killed after its swap, finished: {deleted} rows")
         else:  # killed between its last phase and its close: the record says how it ended
             failure = None if c.phase == "done" else f"killed before its close, compaction {c.phase}"
-            _close(conn, c.run_id, RunStatus.COMPLETE if failure is None else RunStatus.FAILED, failure)
+            ended = RunStatus.COMPLETE if failure is None else RunStatus.FAILED
+            _close(conn, c.run_id, ended, failure, finisher)
     return done
 
 
-def recover_table(conn: Connection, oid: int, lock_timeout_ms: int) -> list[str]:
+def recover_table(conn: Connection, oid: int, lock_timeout_ms: int,
+                  finisher: Finisher | None = None) -> list[str]:
     """:func:`recover` for the table ``oid`` (every run calls it, under the table's GC lock)."""
     schema, name = one_row(conn.execute("SELECT n.nspname, c.relname FROM pg_class c JOIN pg_namespace n"
                                         " ON n.oid = c.relnamespace WHERE c.oid = %s", (oid,)))
-    return recover(conn, schema, name, lock_timeout_ms)
+    return recover(conn, schema, name, lock_timeout_ms, finisher)
 
 
-def _close(conn: Connection, run_id: int, status: RunStatus, error: str | None) -> None:
-    """A killed run's row, if it still says running (a run that closed itself keeps its word)."""
-    with conn.transaction():
-        if one_row(conn.execute("SELECT status FROM gc_runs WHERE id = %s", (run_id,)))[0] == "running":
-            runs.finish(conn, run_id, status, error)
+def _close(conn: Connection, run_id: int, status: RunStatus, error: str | None,
+           finisher: Finisher | None) -> None:
+    """A killed run's row, if it still says running (a run that closed itself keeps its word),
+    closed with its notice, as it would have closed itself."""
+    row = one_row(conn.execute("SELECT status, node FROM gc_runs WHERE id = %s", (run_id,)))
+    if row[0] == "running":
+        close(conn, run_id, row[1], lambda: (status, error), finisher or SilentFinisher())
