@@ -78,6 +78,34 @@ def make_inbox(conn: Conn, rows: int, live_every: int) -> set[int]:
 
 
 
+LEAVES = """
+CREATE TABLE events (id bigint NOT NULL, day date NOT NULL, body text, processed_at timestamptz,
+                     PRIMARY KEY (id, day)) PARTITION BY RANGE (day);
+CREATE INDEX events_garbage ON events (id) WHERE processed_at IS NOT NULL;
+CREATE TABLE events_1 PARTITION OF events FOR VALUES FROM ('2026-01-01') TO ('2026-01-02');
+CREATE TABLE events_2 PARTITION OF events FOR VALUES FROM ('2026-01-02') TO ('2026-01-03');
+CREATE TABLE event_log (id bigint, op text);
+CREATE FUNCTION event_log() RETURNS trigger LANGUAGE plpgsql AS
+  $$BEGIN INSERT INTO event_log VALUES (NEW.id, TG_OP); RETURN NEW; END$$;
+CREATE TRIGGER logged AFTER INSERT ON events FOR EACH ROW EXECUTE FUNCTION event_log();
+CREATE TRIGGER own AFTER UPDATE ON events_1 FOR EACH ROW EXECUTE FUNCTION event_log();
+GRANT SELECT ON events_1 TO PUBLIC;
+INSERT INTO events SELECT g, date '2026-01-01' + (g % 2), 'b', CASE WHEN g % 10 = 0 THEN NULL ELSE now() END
+  FROM generate_series(1, 4000) g;
+"""
+
+LEAF_CATALOG = """
+SELECT pg_get_expr(c.relpartbound, c.oid), c.relacl::text,
+  (SELECT jsonb_agg(jsonb_build_array(ic.relname, pi.inhparent::regclass::text) ORDER BY ic.relname)
+   FROM pg_index x JOIN pg_class ic ON ic.oid = x.indexrelid
+   LEFT JOIN pg_inherits pi ON pi.inhrelid = x.indexrelid WHERE x.indrelid = c.oid),
+  (SELECT jsonb_agg(jsonb_build_array(tgname, tgparentid <> 0) ORDER BY tgname) FROM pg_trigger
+   WHERE tgrelid = c.oid AND NOT tgisinternal),
+  (SELECT jsonb_agg(conname ORDER BY conname) FROM pg_constraint WHERE conrelid = c.oid)
+FROM pg_class c WHERE c.oid = 'events_1'::regclass
+"""
+
+
 def leftovers(conn: Conn) -> list[str]:
     """What a compaction builds beside the table: nothing of it may remain once a run closed."""
     return [row[0] for row in conn.execute(
@@ -185,7 +213,7 @@ def blocked_in(conn: Conn, pid: int) -> str:
     if phase is None:
         return "start"
     swapping = conn.execute("SELECT EXISTS (SELECT FROM pg_locks WHERE pid = %s"
-                            " AND relation = 'inbox'::regclass"
+                            " AND relation = to_regclass('inbox')"
                             " AND mode = 'AccessExclusiveLock' AND granted)", (pid,)).fetchone()[0]
     return {"planned": "capture", "capture": "copy", "copied": "foreign keys" if indexes else "indexes",
             "indexed": "swap" if swapping else "catch-up", "swapped": "finish", "done": "close"}[phase]

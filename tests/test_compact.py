@@ -21,7 +21,7 @@ from engine.service import nodes
 from engine.service.settings import ServiceSettings
 from engine.status import RunStatus
 from tests.api_support import GC_PATH, gc_of, posted_bodies, running_service
-from tests.compact_app import CATALOG, App, leftovers, make_inbox, pause_at
+from tests.compact_app import CATALOG, LEAF_CATALOG, LEAVES, App, leftovers, make_inbox, pause_at
 from tests.data import fill, surviving_ids
 from tests.polling import wait_until
 from tests.support import run_cli, spawn_cli
@@ -231,3 +231,28 @@ def test_a_row_budget_is_refused_by_compaction_and_keeps_auto_on_the_walk(
         collect(dsn, options(max_rows=100))
     walked = collect(dsn, GcOptions(table=TableSpec(name="inbox", schema="public"), max_rows=100))
     assert walked.strategy != "compact" and walked.messages_deleted >= 100
+
+
+def test_a_leaf_is_compacted_by_detach_and_attach_keeping_its_bound_indexes_and_triggers(
+        conn: Conn, dsn: str) -> None:
+    conn.execute(LEAVES)
+    live = conn.execute("SELECT id FROM events WHERE processed_at IS NULL ORDER BY id").fetchall()
+    before = conn.execute(LEAF_CATALOG).fetchone()
+    result = collect(dsn, GcOptions(table=TableSpec(name="events_1", schema="public"), strategy="compact"))
+    assert result.status is RunStatus.COMPLETE, result.error
+    assert result.messages_deleted == 1600  # the leaf's garbage (2,000 rows, 400 live); events_2 untouched
+    assert conn.execute(LEAF_CATALOG).fetchone() == before
+    assert conn.execute("SELECT count(*) FROM events_2").fetchone()[0] == 2000
+    assert conn.execute("SELECT id FROM events WHERE processed_at IS NULL ORDER BY id").fetchall() == live
+    conn.execute("INSERT INTO events VALUES (9001, '2026-01-01', 'new', NULL)")  # routed into the new leaf
+    routed = conn.execute("SELECT tableoid::regclass::text FROM events WHERE id = 9001").fetchone()
+    assert routed == ("events_1",)
+    assert conn.execute("SELECT count(*) FROM event_log WHERE id = 9001").fetchone()[0] == 1  # cloned once
+    assert leftovers(conn) == []
+
+
+def test_a_leaf_whose_parent_has_a_default_partition_is_refused(conn: Conn, dsn: str) -> None:
+    conn.execute(LEAVES)
+    conn.execute("CREATE TABLE events_other PARTITION OF events DEFAULT")
+    with pytest.raises(CompactRefused, match="its parent has a default partition"):
+        collect(dsn, GcOptions(table=TableSpec(name="events_1", schema="public"), strategy="compact"))

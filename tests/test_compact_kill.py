@@ -21,7 +21,7 @@ from engine import collect
 from engine.config import GcOptions, StrategyName, TableSpec
 from engine.service.notice import NoticeFinisher
 from engine.service.notify import WebhookNotifier
-from tests.compact_app import CATALOG, POINTS, App, leftovers, make_inbox, pause_at
+from tests.compact_app import CATALOG, LEAF_CATALOG, LEAVES, POINTS, App, leftovers, make_inbox, pause_at
 from tests.faults.helpers import CallbackServer, notice
 from tests.support import spawn_cli
 
@@ -66,3 +66,19 @@ def test_a_compaction_killed_inside_any_phase_is_undone_or_finished_by_the_next_
     assert [status for status, _deleted in runs] == [*killed_run, "complete"]
     # the killed run's notice too, told by the run that closed it, with its exact count
     assert [(n["status"], n["messages_deleted"]) for n in notices] == runs
+
+
+@pytest.mark.parametrize("point", ["copy", "finish"])
+def test_a_leaf_compaction_killed_before_or_after_its_swap_is_undone_or_finished(
+        conn: Conn, dsn: str, point: str) -> None:
+    conn.execute(LEAVES)
+    live = conn.execute("SELECT id FROM events WHERE processed_at IS NULL ORDER BY id").fetchall()
+    before = conn.execute(LEAF_CATALOG).fetchone()
+    proc = spawn_cli("gc", "--dsn", dsn, "--table", "public.events_1", "--strategy", "compact")
+    kill_inside(conn, dsn, proc, point)
+    result = collect(dsn, GcOptions(table=TableSpec(name="events_1", schema="public")))
+    assert result.status.value == "complete", result.error
+    assert conn.execute("SELECT id FROM events WHERE processed_at IS NULL ORDER BY id").fetchall() == live
+    assert conn.execute(LEAF_CATALOG).fetchone() == before
+    assert conn.execute("SELECT sum(messages_deleted) FROM gc_runs").fetchone()[0] == 1600
+    assert leftovers(conn) == []

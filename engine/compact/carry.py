@@ -56,14 +56,16 @@ def _grants(conn: Connection, old: int, new: int, ident: sql.Composable) -> None
 
 def _triggers(conn: Connection, old: int, new: int, ident: sql.Composable) -> None:
     """The application's triggers, from the server's own text with the table's name replaced
-    (``pg_get_triggerdef`` always qualifies it), each enabled as it was; not the capture's."""
+    (``pg_get_triggerdef`` always qualifies it), each enabled as it was; not the capture's, nor a
+    leaf's clones of its parent's (the attach clones them again)."""
     rows = conn.execute(
         "SELECT tg.tgname, tg.tgenabled, pg_get_triggerdef(tg.oid),"
         " format(' ON %%I.%%I ', n.nspname, c.relname), format(' ON %%I.%%I ', nn.nspname, cn.relname)"
         " FROM pg_trigger tg JOIN pg_class c ON c.oid = tg.tgrelid"
         " JOIN pg_namespace n ON n.oid = c.relnamespace,"
         " pg_class cn JOIN pg_namespace nn ON nn.oid = cn.relnamespace"
-        " WHERE tg.tgrelid = %s AND cn.oid = %s AND NOT tg.tgisinternal AND tg.tgname <> %s ORDER BY tg.oid",
+        " WHERE tg.tgrelid = %s AND cn.oid = %s AND NOT tg.tgisinternal AND tg.tgname <> %s"
+        " AND tg.tgparentid = 0 ORDER BY tg.oid",
         (old, new, TRIGGER)).fetchall()
     for name, enabled, definition, old_on, new_on in rows:
         conn.execute(sql.SQL(definition.replace(old_on, new_on, 1)))  # the server's text of it

@@ -11,9 +11,13 @@ from __future__ import annotations
 
 from psycopg import sql
 
+from engine.compact import leaf
 from engine.compact.state import Compaction
 from engine.db import Connection, one_row, table_ident
 
+LIKE_LEAF = sql.SQL("INCLUDING DEFAULTS INCLUDING CONSTRAINTS INCLUDING STORAGE INCLUDING COMPRESSION"
+                    " INCLUDING GENERATED INCLUDING STATISTICS INCLUDING COMMENTS")
+"""A leaf's: its identity, if any, is its parent's, which the attach gives back."""
 INDEX_MEMORY = "256MB"
 LIKE = sql.SQL("INCLUDING DEFAULTS INCLUDING IDENTITY INCLUDING CONSTRAINTS INCLUDING STORAGE"
                " INCLUDING COMPRESSION INCLUDING GENERATED INCLUDING STATISTICS INCLUDING COMMENTS")
@@ -29,7 +33,9 @@ def create_table(conn: Connection, c: Compaction, oid: int) -> None:
     ) if options else sql.SQL("")
     conn.execute(sql.SQL("CREATE {unlogged}TABLE {new} (LIKE {old} {like}){options}").format(
         unlogged=sql.SQL("UNLOGGED " if unlogged else ""), new=table_ident(c.new), old=table_ident(c.table),
-        like=LIKE, options=with_options))
+        like=LIKE_LEAF if c.parent else LIKE, options=with_options))
+    if c.parent:
+        leaf.add_bound_check(conn, c, oid)
 
 
 def columns(conn: Connection, oid: int) -> list[str]:
@@ -88,7 +94,8 @@ def add_foreign_keys(conn: Connection, c: Compaction, oid: int) -> list[str]:
     """The old table's foreign keys onto other tables, ``NOT VALID`` (no scan, no long lock on
     the referenced table); returns those to validate after the swap (the valid ones)."""
     rows = conn.execute("SELECT conname, pg_get_constraintdef(oid), convalidated FROM pg_constraint"
-                        " WHERE conrelid = %s AND contype = 'f' ORDER BY oid", (oid,)).fetchall()
+                        " WHERE conrelid = %s AND contype = 'f'"
+                        " AND conparentid = 0 ORDER BY oid", (oid,)).fetchall()  # a leaf's clones: by attach
     for name, definition, _valid in rows:
         conn.execute(sql.SQL("ALTER TABLE {new} ADD CONSTRAINT {name} {definition}{not_valid}").format(
             new=table_ident(c.new), name=sql.Identifier(name), definition=sql.SQL(definition),

@@ -13,7 +13,7 @@ from psycopg import errors as pg_errors
 from psycopg import sql
 
 from engine import runs
-from engine.compact import capture, copy, preconditions, recover, swap
+from engine.compact import capture, copy, leaf, preconditions, recover, swap
 from engine.compact.catchup import catch_up
 from engine.compact.choice import unheld
 from engine.compact.state import BEFORE_SWAP, Compaction, load, save
@@ -69,8 +69,10 @@ def compact(conn: Connection, dsn: str, options: GcOptions, target: Target, stat
     with conn.transaction():  # the run and its record in one commit: never a run without it
         run = runs.start(conn, target.qualified, options.node, "compact", [], options.describe(),
                          resumed_from=None, run_id=run_id, garbage=target.describe(), key=target.key)
+        parent = leaf.parent_of(conn, target.oid)
         c = Compaction(run.id, schema, name, list(target.key), statements.garbage.as_string(conn),
-                       cutoff.isoformat() if cutoff else None, archive=options.archive)
+                       cutoff.isoformat() if cutoff else None, archive=options.archive,
+                       parent=list(parent[:2]) if parent else None, bound=parent[2] if parent else None)
         save(conn, c)
     budget = Budget(stop, started + options.max_seconds if options.max_seconds else None)
     status, failure = RunStatus.COMPLETE, None

@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import shutil
 
+from engine.compact import leaf
 from engine.db import Connection, one_row
 from engine.errors import UsageError
 from engine.target import Target
@@ -24,9 +25,9 @@ def refusals(conn: Connection, target: Target) -> list[str]:
     """Every reason the table cannot be compacted (empty: it can)."""
     oid = target.oid
     reasons = []
-    if target.leaves or one_row(conn.execute("SELECT relispartition FROM pg_class WHERE oid = %s",
-                                             (oid,)))[0]:
-        reasons.append("a partitioned table or a partition (not supported by compaction yet)")
+    if target.leaves:
+        reasons.append("a partitioned table (compact its leaves one by one: --table LEAF)")
+    reasons.extend(leaf.refusals(conn, oid))
     if not target.key:
         reasons.append("no key (a primary key or --key naming a unique index):"
                        " the catch-up matches rows by it")
@@ -75,8 +76,9 @@ _DEPENDENTS = (
      " WHERE c.oid = %(oid)s AND n.oid = c.relnamespace AND t.schemaname = n.nspname"
      " AND t.tablename = c.relname ORDER BY 1"),
     ("it takes part in inheritance",
-     "SELECT format('%%s inherits %%s', inhrelid::regclass, inhparent::regclass) FROM pg_inherits"
-     " WHERE %(oid)s IN (inhrelid, inhparent) ORDER BY 1"),
+     "SELECT format('%%s inherits %%s', inhrelid::regclass, inhparent::regclass) FROM pg_inherits i"
+     " JOIN pg_class ch ON ch.oid = i.inhrelid"
+     " WHERE %(oid)s IN (inhrelid, inhparent) AND NOT ch.relispartition ORDER BY 1"),
     ("constraints a swap cannot rebuild (exclusion, deferrable)",
      "SELECT conname::text FROM pg_constraint WHERE conrelid = %(oid)s"
      " AND (contype = 'x' OR (contype IN ('p', 'u') AND condeferrable)) ORDER BY 1"),

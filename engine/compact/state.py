@@ -40,6 +40,9 @@ class Compaction:
     archive: bool = False
     validate: list[str] = field(default_factory=list)
     """Outgoing foreign keys added ``NOT VALID`` to validate once swapped (valid on the old)."""
+    parent: list[str] | None = None
+    """A leaf's parent (schema, name): swapped by DETACH and ATTACH with ``bound``."""
+    bound: str | None = None
     indexes: list[list[str]] = field(default_factory=list)
     """``[old name, new name]`` of each index of the table, built on the new one under a name of
     its own and given the old one's at the swap."""

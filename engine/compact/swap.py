@@ -13,7 +13,7 @@ import time
 from psycopg import errors as pg_errors
 from psycopg import sql
 
-from engine.compact import carry
+from engine.compact import carry, leaf
 from engine.compact.catchup import catch_up, sync_round
 from engine.compact.state import TRIGGER, TRUNCATED, Compaction, save
 from engine.db import Connection, one_row, regclass_of, table_ident
@@ -46,6 +46,8 @@ def _swap_locked(conn: Connection, c: Compaction, names: list[str], lock_timeout
     conn.execute("SELECT set_config('lock_timeout', %s, true), set_config('statement_timeout', '0', true),"
                  " set_config('synchronous_commit', 'on', true)", (f"{lock_timeout_ms}ms",))
     table, new = table_ident(c.table), table_ident(c.new)
+    if c.parent:  # the parent first, as the application's statements take them
+        conn.execute(sql.SQL("LOCK TABLE ONLY {} IN ACCESS EXCLUSIVE MODE").format(sql.Identifier(*c.parent)))
     conn.execute(sql.SQL("LOCK TABLE {} IN ACCESS EXCLUSIVE MODE").format(table))
     old_oid, new_oid = regclass_of(conn, c.table), regclass_of(conn, c.new)
     assert old_oid is not None and new_oid is not None
@@ -54,6 +56,8 @@ def _swap_locked(conn: Connection, c: Compaction, names: list[str], lock_timeout
     sync_round(conn, c, names, limit=None)
     for trigger in (TRIGGER, TRUNCATED):
         conn.execute(sql.SQL("DROP TRIGGER {} ON {}").format(sql.Identifier(trigger), table))
+    if c.parent:
+        leaf.detach(conn, c)
     renamed = {}
     for number, (name, built) in enumerate(c.indexes):
         renamed[f"{c.prefix}_{number}"] = name
@@ -64,6 +68,8 @@ def _swap_locked(conn: Connection, c: Compaction, names: list[str], lock_timeout
     conn.execute(sql.SQL("ALTER TABLE {} RENAME TO {}").format(table, sql.Identifier(c.old.name)))
     conn.execute(sql.SQL("ALTER TABLE {} RENAME TO {}").format(new, sql.Identifier(c.name)))
     carry.carry_all(conn, old_oid, new_oid, table, c.prefix, renamed)
+    if c.parent:
+        leaf.attach(conn, c)
     c.phase = "swapped"
     save(conn, c)
 
@@ -85,7 +91,8 @@ SELECT (SELECT jsonb_agg(jsonb_build_array(attname, atttypid, atttypmod, attnotn
         WHERE attrelid = %(oid)s AND attnum > 0 AND NOT attisdropped),
        (SELECT jsonb_agg(jsonb_build_array(conname,
           regexp_replace(pg_get_constraintdef(oid), ' NOT VALID$', '')) ORDER BY conname)
-        FROM pg_constraint WHERE conrelid = %(oid)s AND contype IN ('c', 'f'))
+        FROM pg_constraint WHERE conrelid = %(oid)s AND contype IN ('c', 'f') AND conname NOT LIKE 'msggc%%'
+          AND conparentid = 0)
 """
 
 
