@@ -167,6 +167,24 @@ class Drop:
                 self._drop_detached(conn, rows)
             return rows
 
+    def resumed(self, conn: Connection) -> int | None:
+        """On a new connection, after the worker's was lost during the drop: the leaf's rows once
+        it is dropped (its detach had committed: dropped now; its drop had: read from its record),
+        or None when nothing of it had committed and the leaf is to be walked row by row."""
+        state = detach_state(conn, self.leaf)
+        if state == "attached":
+            return None
+        name = self.leaf.table.qualified
+        if state == "gone" and (rows := runs.dropped_rows(conn, self.run_id, name)) is not None:
+            return rows
+        if state != "detached":
+            raise MsggcError(f"{name}: the connection was lost while it was being dropped, and it is"
+                             f" now {state}; the next run sees to it first")
+        rows = int(one_row(conn.execute(sql.SQL("SELECT count(*) FROM {}").format(
+            table_ident(self.leaf.table))))[0])  # counted wholly garbage in the detach's transaction
+        self._drop_detached(conn, rows)
+        return rows
+
     def _detach_if_wholly_garbage(self, conn: Connection) -> int | None:
         """The leaf's rows, once it is detached with its record; None (nothing changed) when it
         holds a row that is not garbage."""

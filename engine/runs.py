@@ -253,6 +253,13 @@ def record_drop(conn: Connection, run_id: int, leaf: str, rows: int) -> None:
     )
 
 
+def dropped_rows(conn: Connection, run_id: int, leaf: str) -> int | None:
+    """The rows :func:`record_drop` counted for the leaf, or None when the run dropped no such leaf."""
+    rows = one_row(conn.execute("SELECT (cursor -> 'dropped' ->> %s)::bigint FROM gc_runs WHERE id = %s",
+                                (leaf, run_id)))[0]
+    return None if rows is None else int(rows)
+
+
 def recorded_slices(conn: Connection, run_id: int) -> list[Slice]:
     """Where each slice of the run stands as of its last committed (and kept) checkpoint."""
     row = one_row(conn.execute("SELECT cursor FROM gc_runs WHERE id = %s", (run_id,)))

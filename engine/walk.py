@@ -16,7 +16,7 @@ from collections import Counter
 from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import psycopg
 from psycopg import errors as pg_errors
@@ -32,6 +32,9 @@ from engine.result import Progress
 from engine.sizer import DEFAULT_BATCH_ROWS, BatchSizer
 from engine.strategies import SWEEP, BatchOutcome, Slice, Strategy, SweepStrategy
 from engine.throttle import Throttle
+
+if TYPE_CHECKING:
+    from engine.partitions import Drop
 
 LOCKED_TABLE_RETRIES = 5
 RECONNECT_WINDOW_S = 30.0
@@ -66,7 +69,7 @@ class Walk:
     on_progress: Callable[[Progress], None] | None
     throttle: Throttle
     archive_file: ArchiveFile | None = None
-    drops: dict[str, Callable[[Connection], int | None]] = field(default_factory=dict)
+    drops: dict[str, Drop] = field(default_factory=dict)
     """Leaves to drop whole, by name: the worker that takes a leaf's (one) slice tries it first
     (see :class:`engine.partitions.Drop`), so workers drop leaves side by side."""
     started: float = field(default_factory=time.monotonic)
@@ -133,7 +136,7 @@ class Walk:
         throttle = self.throttle
         return progress.Live(throttle.pauses, throttle.paused_s, throttle.held_back_s, throttle.reasons)
 
-    def take_drop(self, part: Slice) -> Callable[[Connection], int | None] | None:
+    def take_drop(self, part: Slice) -> Drop | None:
         """The drop of the slice's leaf, to try once, by the worker that asks first."""
         with self.lock:
             return self.drops.pop(part.leaf, None) if part.leaf is not None else None
@@ -295,9 +298,17 @@ def work(link: Link, walk: Walk, todo: queue.SimpleQueue[int]) -> None:
                 with walk.lock:
                     walk.stop_reason = walk.stop_reason or reason
                 return
-            if (drop := walk.take_drop(part)) is not None and (rows := drop(link.conn)) is not None:
-                walk.record_drop(str(part.leaf), rows)
-                continue
+            if (drop := walk.take_drop(part)) is not None:
+                try:
+                    rows = drop(link.conn)
+                except psycopg.OperationalError:
+                    link.conn.close()
+                    link.conn = reconnect(walk, link.holds_lock)
+                    walk.rewind(link.conn)
+                    rows = drop.resumed(link.conn)  # what of it committed, seen through
+                if rows is not None:
+                    walk.record_drop(str(part.leaf), rows)
+                    continue
             try:
                 walk.throttle.wait(link.conn, lambda: walk.budget_reason() is not None, walk.stop.wait)
                 began = time.monotonic()
