@@ -8,7 +8,8 @@ msggc ``--strategy compact``; msggc with no flag (``auto``: a walk or a compacti
 timed as the wall time of its statements or of ``engine.collect`` in this process (no process
 start), its WAL is the server's LSN difference (so the server should be this benchmark's alone:
 the embedded one by default), and every count is checked: no garbage left, every live row kept.
-No application writes beside it (the capture trigger's cost per write is not measured here).
+No application writes beside it; the capture trigger's cost per application write is measured
+apart (one-row updates, each its own transaction, without then with the trigger).
 """
 
 from __future__ import annotations
@@ -89,6 +90,36 @@ def measure(server: Server, template: str, contender: str, garbage: int, rows: i
         server.drop_database(name)
 
 
+def trigger_cost(server: Server, template: str, writes: int = 20_000) -> dict[str, float]:
+    """What the capture trigger adds to an application's write: ``writes`` one-row updates (one
+    transaction each, as an application commits them) timed without it, then with it."""
+    from engine.compact import capture
+    from engine.compact.state import Compaction
+
+    name = "msggc_bench_compact_trigger"
+    server.create_database(name, template)
+    try:
+        with psycopg.connect(server.database(name), autocommit=True) as conn:
+            top = (conn.execute("SELECT max(id) FROM messages").fetchone() or (1,))[0]
+            ids = [(1 + (i * 7919) % top,) for i in range(writes)]
+
+            def timed() -> float:
+                began = time.monotonic()
+                for key in ids:
+                    conn.execute("UPDATE messages SET status = status WHERE id = %s", key)
+                return (time.monotonic() - began) / writes * 1e6
+
+            timed()  # the pages in cache for both passes alike
+            alone = timed()
+            with conn.transaction():
+                capture.create(conn, Compaction(0, "public", "messages", ["id"], GARBAGE, None))
+            captured = timed()
+        return {"writes": writes, "us_per_write_alone": alone, "us_per_write_captured": captured,
+                "ratio": captured / alone}
+    finally:
+        server.drop_database(name)
+
+
 def ratios(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Each contender against one ``DELETE``: speed (its time / theirs) and WAL (theirs / its)."""
     single = next(r for r in results if r["contender"] == "single")
@@ -105,6 +136,10 @@ def markdown(shape: dict[str, Any]) -> str:
                      f" | {r['wal_bytes'] / 2**20:,.0f} | {r['table_bytes_after'] / 2**20:,.0f}"
                      f" | {r['speed_vs_single']:.2f}x"
                      f" | {r['wal_vs_single']:.2f}x |")
+    cost = shape["trigger"]
+    lines.append(f"\nThe capture trigger on {cost['writes']:,} one-row updates (a transaction each):"
+                 f" {cost['us_per_write_alone']:.0f} µs a write alone,"
+                 f" {cost['us_per_write_captured']:.0f} µs captured ({cost['ratio']:.2f}x)")
     return "\n".join(lines)
 
 
@@ -122,7 +157,8 @@ def main(argv: list[str] | None = None) -> int:
         results = [measure(server, template.name, contender, template.expected_garbage, args.rows)
                    for contender in CONTENDERS]
         version = server.settings()["version"].split(" on ")[0]
-        shape = {"rows": args.rows, "fraction": fraction, "server": version, "results": ratios(results)}
+        shape = {"rows": args.rows, "fraction": fraction, "server": version, "results": ratios(results),
+                 "trigger": trigger_cost(server, template.name)}
         print(markdown(shape) + "\n", file=sys.stderr)
         shapes.append(shape)
     if args.out:
