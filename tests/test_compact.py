@@ -5,6 +5,7 @@ indexes, constraints, comments) the same after the swap; the refusals, one line 
 from __future__ import annotations
 
 import json
+import re
 import threading
 from dataclasses import replace
 from typing import Any
@@ -38,6 +39,7 @@ def test_compaction_keeps_live_rows_counts_garbage_and_carries_the_catalog(conn:
     result = collect(dsn, options())
     assert result.status is RunStatus.COMPLETE, result.error
     assert result.strategy == "compact"
+    assert re.search(r"the swap held the table's lock \d+ ms", result.reason), result.reason
     assert result.messages_deleted == 4500
     assert {row[0] for row in conn.execute("SELECT id FROM inbox")} == live
     assert conn.execute(CATALOG).fetchone()[0] == before

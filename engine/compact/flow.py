@@ -100,11 +100,15 @@ def compact(conn: Connection, dsn: str, options: GcOptions, target: Target, stat
         other.close()
     deleted = closed.outcome.messages_deleted
     return GcResult(status=closed.outcome.status, strategy="compact",
-                    reason=f"{reason}; {disk}{_unpaced(options)}", garbage_estimate=deleted,
+                    reason=f"{reason}; {disk}{_held(c)}{_unpaced(options)}", garbage_estimate=deleted,
                     rows_estimate=c.live + deleted, run_id=run.id, error=closed.outcome.failure,
                     stop_reason=failure if status is RunStatus.STOPPED else None,
                     messages_deleted=deleted, batches=1, elapsed_s=time.monotonic() - started,
                     garbage=target.describe(), notification_error=closed.notification_error)
+
+
+def _held(c: Compaction) -> str:
+    return f"; the swap held the table's lock {c.swap_ms:.0f} ms" if c.swap_ms is not None else ""
 
 
 def _unpaced(options: GcOptions) -> str:

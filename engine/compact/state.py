@@ -40,6 +40,8 @@ class Compaction:
     archive: bool = False
     validate: list[str] = field(default_factory=list)
     """Outgoing foreign keys added ``NOT VALID`` to validate once swapped (valid on the old)."""
+    swap_ms: float | None = None
+    """How long the swap's transaction held the table's lock, from the lock granted to the commit."""
     parent: list[str] | None = None
     """A leaf's parent (schema, name): swapped by DETACH and ATTACH with ``bound``."""
     bound: str | None = None

@@ -32,7 +32,8 @@ def swap(conn: Connection, c: Compaction, names: list[str], lock_timeout_ms: int
     for attempt in range(ATTEMPTS):
         try:
             with conn.transaction():
-                _swap_locked(conn, c, names, lock_timeout_ms)
+                locked = _swap_locked(conn, c, names, lock_timeout_ms)
+            c.swap_ms = (time.monotonic() - locked) * 1000
             return
         except pg_errors.LockNotAvailable:
             time.sleep(BACKOFF_S * 2**attempt)
@@ -42,13 +43,15 @@ def swap(conn: Connection, c: Compaction, names: list[str], lock_timeout_ms: int
                          " the compaction was undone, nothing changed")
 
 
-def _swap_locked(conn: Connection, c: Compaction, names: list[str], lock_timeout_ms: int) -> None:
+def _swap_locked(conn: Connection, c: Compaction, names: list[str], lock_timeout_ms: int) -> float:
+    """The swap inside its transaction; returns when (monotonic) the table's lock was granted."""
     conn.execute("SELECT set_config('lock_timeout', %s, true), set_config('statement_timeout', '0', true),"
                  " set_config('synchronous_commit', 'on', true)", (f"{lock_timeout_ms}ms",))
     table, new = table_ident(c.table), table_ident(c.new)
     if c.parent:  # the parent first, as the application's statements take them
         conn.execute(sql.SQL("LOCK TABLE ONLY {} IN ACCESS EXCLUSIVE MODE").format(sql.Identifier(*c.parent)))
     conn.execute(sql.SQL("LOCK TABLE {} IN ACCESS EXCLUSIVE MODE").format(table))
+    locked = time.monotonic()
     old_oid, new_oid = regclass_of(conn, c.table), regclass_of(conn, c.new)
     assert old_oid is not None and new_oid is not None
     _require_same_indexes(conn, c, old_oid)
@@ -72,6 +75,7 @@ def _swap_locked(conn: Connection, c: Compaction, names: list[str], lock_timeout
         leaf.attach(conn, c)
     c.phase = "swapped"
     save(conn, c)
+    return locked
 
 
 def _require_same_indexes(conn: Connection, c: Compaction, oid: int) -> None:
