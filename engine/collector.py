@@ -211,7 +211,7 @@ def collect(
         lock_table(conn, options, target.oid)
         if partitions.recover(conn, target.oid, options.lock_timeout_ms):
             target = check(conn, options)  # the leaves attached again are walked with the others
-        if compact_recover(conn, target.oid, options.lock_timeout_ms, finisher):
+        if compact_recover(conn, target.oid, options.lock_timeout_ms, finisher, continuing=run_id):
             target = check(conn, options)  # a swap finished: the table is the compacted one
         if options.strategy == "compact":
             plain = target.legs.get(None, (None, None))[1]

@@ -82,3 +82,21 @@ def test_a_leaf_compaction_killed_before_or_after_its_swap_is_undone_or_finished
     assert conn.execute(LEAF_CATALOG).fetchone() == before
     assert conn.execute("SELECT sum(messages_deleted) FROM gc_runs").fetchone()[0] == 1600
     assert leftovers(conn) == []
+
+
+@pytest.mark.parametrize("point", ["copy", "finish"])
+def test_a_killed_compaction_claimed_again_by_a_worker_goes_on_in_its_row_and_tells_its_end_once(
+        conn: Conn, dsn: str, point: str) -> None:
+    make_inbox(conn, 3000, 10)
+    proc = spawn_cli("gc", "--dsn", dsn, "--table", "public.inbox", "--strategy", "compact")
+    kill_inside(conn, dsn, proc, point)
+    run_id = conn.execute("SELECT id FROM gc_runs WHERE status = 'running'").fetchone()[0]
+    with CallbackServer() as callback:  # as the service's worker executes a run it claimed
+        options = GcOptions(table=TableSpec(name="inbox", schema="public"), strategy="compact")
+        result = collect(dsn, options, NoticeFinisher(WebhookNotifier(callback.url)), run_id=run_id)
+        notices = [notice(body) for body in callback.accepted]
+    assert result.run_id == run_id and result.status.value == "complete", result.error
+    assert conn.execute("SELECT id, status, messages_deleted FROM gc_runs").fetchall() == [
+        (run_id, "complete", 2700)]
+    assert notices == [{"messages_deleted": 2700, "status": "complete"}]
+    assert leftovers(conn) == []

@@ -96,39 +96,42 @@ def _keep_garbage_only(conn: Connection, c: Compaction) -> None:
 
 
 def recover(conn: Connection, schema: str, name: str, lock_timeout_ms: int,
-            finisher: Finisher | None = None) -> list[str]:
+            finisher: Finisher | None = None, continuing: int | None = None) -> list[str]:
     """Undo or finish every compaction of ``schema.name`` a killed run left; returns what was
-    done, one line each. The killed run is closed (failed when undone, complete when finished)."""
+    done, one line each. The killed run is closed (failed when undone, complete when finished)
+    with its notice, but for ``continuing``: the run a worker claimed again goes on in its row
+    (its count so far kept there) and tells its end once."""
     done = []
     for c in unfinished(conn, schema, name):
+        finisher_of = None if c.run_id == continuing else finisher or SilentFinisher()
         if c.phase in BEFORE_SWAP:
             undo(conn, c, lock_timeout_ms)
             _close(conn, c.run_id, RunStatus.FAILED, "killed before its swap: undone by the next run",
-                   finisher)
+                   finisher_of)
             done.append(f"run {c.run_id}'s compaction, killed before its swap, undone")
         elif c.phase == "swapped":
             deleted = finish_swapped(conn, c)
-            _close(conn, c.run_id, RunStatus.COMPLETE, None, finisher)
+            _close(conn, c.run_id, RunStatus.COMPLETE, None, finisher_of)
             done.append(f"run {c.run_id}'s compaction, killed after its swap, finished: {deleted} rows")
         else:  # killed between its last phase and its close: the record says how it ended
             failure = None if c.phase == "done" else f"killed before its close, compaction {c.phase}"
             ended = RunStatus.COMPLETE if failure is None else RunStatus.FAILED
-            _close(conn, c.run_id, ended, failure, finisher)
+            _close(conn, c.run_id, ended, failure, finisher_of)
     return done
 
 
 def recover_table(conn: Connection, oid: int, lock_timeout_ms: int,
-                  finisher: Finisher | None = None) -> list[str]:
+                  finisher: Finisher | None = None, continuing: int | None = None) -> list[str]:
     """:func:`recover` for the table ``oid`` (every run calls it, under the table's GC lock)."""
     schema, name = one_row(conn.execute("SELECT n.nspname, c.relname FROM pg_class c JOIN pg_namespace n"
                                         " ON n.oid = c.relnamespace WHERE c.oid = %s", (oid,)))
-    return recover(conn, schema, name, lock_timeout_ms, finisher)
+    return recover(conn, schema, name, lock_timeout_ms, finisher, continuing)
 
 
 def _close(conn: Connection, run_id: int, status: RunStatus, error: str | None,
            finisher: Finisher | None) -> None:
     """A killed run's row, if it still says running (a run that closed itself keeps its word),
-    closed with its notice, as it would have closed itself."""
+    closed with its notice, as it would have closed itself; None: left to the run going on in it."""
     row = one_row(conn.execute("SELECT status, node FROM gc_runs WHERE id = %s", (run_id,)))
-    if row[0] == "running":
-        close(conn, run_id, row[1], lambda: (status, error), finisher or SilentFinisher())
+    if row[0] == "running" and finisher is not None:
+        close(conn, run_id, row[1], lambda: (status, error), finisher)
