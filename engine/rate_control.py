@@ -17,10 +17,6 @@ PROBE_INTERVAL_S = 0.1
 STEP_SAMPLES = 5
 """Probe samples per control step: the controller judges each ~0.5 s of fresh samples once,
 so one slow commit halves the rate once, not once per step it stays in a sliding window."""
-EVICTING_ROOM = 0.4
-"""Backends evicting halve the rate only while the probe's p99 is over this share of the budget
-(else they hold it): on PostgreSQL before 18 the count includes the run's own backends, whose
-writes to the page cache nobody waits on, and an idle application feels none of it."""
 MiB = 2**20
 INITIAL_RATE = 1.0 * MiB
 """WAL bytes per second a guarded run starts at: gentle (about 3,000 dense rows a second),
@@ -75,6 +71,8 @@ class RateControl:
     lowest: float = INITIAL_RATE
     _streak: list[float] = field(default_factory=list)
     """The p99 of each step over the budget since the last step well under it."""
+    _evictions: list[float] = field(default_factory=list)
+    """The eviction rate of each step with backends evicting since the last calm step."""
 
     def observe(self, latency_ms: float) -> bool:
         """One probe sample; True once ``STEP_SAMPLES`` of them are due for a step."""
@@ -82,13 +80,16 @@ class RateControl:
         return len(self.pending) >= STEP_SAMPLES
 
     def step(self, now: float, used: float | None = None, checkpoint_requested: bool = False,
-             backends_evicting: bool = False) -> float:
+             evicting: float | None = None) -> float:
         """Judge the step's samples; ``used`` is the WAL rate the server wrote over the step. A
         requested checkpoint holds the rate where it is (not a decrease: a CREATE DATABASE
         requests a checkpoint too, and the probe's p99 says whether the application felt it);
-        backends evicting dirty pages themselves (see :class:`Probe`) halve it once the probe
-        feels something (``EVICTING_ROOM``), as the application's reads feel what the probe's
-        commit does not, and hold it otherwise. Returns the step's p99.
+        ``evicting`` (buffers a second client backends wrote themselves beyond their rate alone,
+        see :class:`~engine.guard.Probe`) halves it however calm the probe: the application's
+        reads and writes feel the run's dirty pages evicted in their way where the probe's
+        one-row commit does not (10M dense beside pgbench, budget 14.5 ms: the probe's p99 under
+        6 ms most steps, backends writing 15,000 buffers a second, pgbench's p99 94.6 ms).
+        Returns the step's p99.
 
         Halving that does not help stops: once ``FUTILE_STEPS`` halvings since the p99 first
         passed the budget have left the median of the last steps' p99 as high as it was then
@@ -98,23 +99,28 @@ class RateControl:
         the steps held). The median, and the first step for reference, because one step's p99
         is the worst of five commits: noise on a busy host must not read as progress."""
         p99 = percentile(self.pending, 99) or 0.0
-        if backends_evicting and self.budget_ms * EVICTING_ROOM < p99 <= self.budget_ms:
-            self._decrease(now, used)
-        elif p99 > self.budget_ms:
-            self._streak.append(p99)
-            recent = self._streak[-FUTILE_STEPS:]
-            if (len(self._streak) > FUTILE_STEPS
-                    and statistics.median(recent) >= self._streak[0] * FUTILE_GAIN):
-                self.futile += 1
-                self._stepped(now)
-            else:
-                self._decrease(now, used)
-        elif p99 <= self.budget_ms * ROOM and not checkpoint_requested and not backends_evicting:
+        if p99 > self.budget_ms:
+            self._judged(self._streak, p99, now, used)
+        elif evicting is not None:
+            self._judged(self._evictions, evicting, now, used)
+        elif p99 <= self.budget_ms * ROOM and not checkpoint_requested:
             self._streak.clear()
+            self._evictions.clear()
             self._increase(now, used)
         else:
             self._stepped(now)
         return p99
+
+    def _judged(self, streak: list[float], level: float, now: float, used: float | None) -> None:
+        """Halve, unless ``FUTILE_STEPS`` halvings have left ``level`` (a p99, an eviction rate)
+        as high as it was when the streak began: then hold (see :meth:`step`)."""
+        streak.append(level)
+        recent = streak[-FUTILE_STEPS:]
+        if len(streak) > FUTILE_STEPS and statistics.median(recent) >= streak[0] * FUTILE_GAIN:
+            self.futile += 1
+            self._stepped(now)
+        else:
+            self._decrease(now, used)
 
     def stalled(self, waiting_ms: float, now: float) -> None:
         """A probe write still in flight after more than the budget is a sample over it already:
