@@ -327,6 +327,8 @@ class Worker:
                 close(conn, run_id, node.name, lambda: (RunStatus.FAILED, details), self._finisher())
         except (MsggcError, psycopg.Error) as exc:
             log.warning("node %s: cannot record the failure of run %s: %s", node.label, run_id, exc)
+        except Exception:  # a bug here must not end the node's loop: its next runs still come
+            log.exception("node %s: cannot record the failure of run %s", node.label, run_id)
 
     def _finisher(self) -> NoticeFinisher:
         return NoticeFinisher(self.settings.notifier())
