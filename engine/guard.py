@@ -357,7 +357,7 @@ class Probe:
         return self.alone_over is None or len(self.before) >= BEFORE_MAX_SAMPLES
 
     def charge(self, cost: int) -> None:
-        """A batch's cost (see :meth:`engine.throttle.Throttle.batch_wal`)."""
+        """A batch's cost (see :meth:`engine.throttle.Throttle.batch_cost`)."""
         with self.lock:
             self.charged += cost
 

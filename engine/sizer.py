@@ -26,15 +26,16 @@ class BatchSizer:
         self.target_s = target_s
         self.target_rows = target_rows
 
-    def observe(self, seconds: float, rows: int, wal_bytes: int | None = None,
-                wal_cap: int | None = None) -> None:
-        """Step toward the target after a batch of ``rows`` that took ``seconds``; with a WAL
-        bound (the latency guard's), never past the size whose WAL, at this batch's WAL per
-        unit, would exceed ``wal_cap``: one batch must not queue a burst of flushing."""
+    def observe(self, seconds: float, rows: int, cost: int | None = None,
+                cost_cap: int | None = None) -> None:
+        """Step toward the target after a batch of ``rows`` that took ``seconds``; with a bound
+        (the latency guard's), never past the size whose cost (its WAL, or its dirtied pages if
+        more), at this batch's cost per unit, would exceed ``cost_cap``: one batch must not
+        queue a burst of flushing."""
         walked = self.size
         self._toward_target(seconds, rows)
-        if wal_bytes and wal_cap:
-            self.size = max(1, min(self.size, math.floor(wal_cap * walked / wal_bytes)))
+        if cost and cost_cap:
+            self.size = max(1, min(self.size, math.floor(cost_cap * walked / cost)))
 
     def _toward_target(self, seconds: float, rows: int) -> None:
         if self.target_rows is not None:

@@ -45,8 +45,9 @@ BLOCK_BYTES = 8192
 """A heap page (PostgreSQL's default ``block_size``): what one dirtied page costs to write out."""
 FIRST_BATCH_ROWS = 50
 PACE_REFRESH_S = 1.0
-TIMED_SEEN_S = 2.0
 """How often the checkpoint pace reads the server's last checkpoint again."""
+TIMED_SEEN_S = 2.0
+"""A timed checkpoint seen this soon after it is due is taken to start now (see ``_timed_start``)."""
 MAX_PAUSE_S = 5.0
 """A single wait is capped so budgets and signals are still honoured while throttled."""
 WAL_BURST_S = 1.0
@@ -145,7 +146,7 @@ class Throttle:
         self._remaining_rows: int | None = None
         self._rows = 0
         self._own_wal = 0
-        self._batch_wal = 0
+        self._batch_cost = 0
         self._batch_s = 0.0
         self._pace = Pace()
 
@@ -232,7 +233,7 @@ class Throttle:
             return max(0.0, -self._wal_credit / rate)
 
     def _guard_excess_s(self, conn: Connection) -> tuple[float, str]:
-        """Seconds to wait until the run's own WAL (its batches', see :meth:`batch_wal`: not
+        """Seconds to wait until the run's own WAL (its batches', see :meth:`batch_cost`: not
         what the application writes between them) fits the guard's rate, and what set it."""
         limit = self.guard_rate(conn)
         if limit is None:
@@ -294,7 +295,7 @@ class Throttle:
         """The latency guard's figures for the run's result (none without a guard)."""
         return self.probe.report() if self.probe is not None else {}
 
-    def batch_wal(self, conn: Connection, rows: int, garbage_per_block: float | None = None) -> int | None:
+    def batch_cost(self, conn: Connection, rows: int, garbage_per_block: float | None = None) -> int | None:
         """After a worker's batch: what it cost, for the guard's bucket and for the sizer to
         bound the next one: the WAL the server wrote since it began (the batch's own, plus
         whatever other backends wrote meanwhile: an upper bound), or the pages it dirtied (one
@@ -314,10 +315,10 @@ class Throttle:
             self._guard_credit -= cost
             self._own_wal += wal
             self._rows += rows
-            self._batch_wal += cost
+            self._batch_cost += cost
             self._batch_s += seconds
             if self._batch_s > 0:
-                self.probe.full_rate = self._batch_wal / self._batch_s
+                self.probe.full_rate = self._batch_cost / self._batch_s
         return cost
 
     def first_batch_rows(self, rows: int) -> int:
@@ -325,8 +326,9 @@ class Throttle:
         not known yet, and a sparse table's first 2,000 rows may write 15 MB at once."""
         return min(rows, FIRST_BATCH_ROWS) if self.probe is not None else rows
 
-    def batch_wal_cap(self) -> int | None:
-        """The most WAL one batch may write: ``BATCH_PACE_S`` of the rate the guard grants."""
+    def batch_cost_cap(self) -> int | None:
+        """The most one batch may cost (its WAL, or its dirtied pages if more): ``BATCH_PACE_S``
+        of the rate the guard grants."""
         if self.probe is None:
             return None
         return max(MIN_BATCH_WAL, round(self.probe.rate() * BATCH_PACE_S))

@@ -314,16 +314,16 @@ def work(link: Link, walk: Walk, todo: queue.SimpleQueue[int]) -> None:
                 began = time.monotonic()
                 outcome = run_batch(link.conn, walk, index, part, sizer)
                 seconds = time.monotonic() - began
-                wal = walk.throttle.batch_wal(link.conn, outcome.deleted,  # None without a guard
-                                              walk.leg(part).plan.facts.garbage_per_block)
+                cost = walk.throttle.batch_cost(link.conn, outcome.deleted,  # None without a guard
+                                                walk.leg(part).plan.facts.garbage_per_block)
             except psycopg.OperationalError:
                 link.conn.close()
                 link.conn = reconnect(walk, link.holds_lock)
                 walk.rewind(link.conn)
                 continue
             part.position, part.finished = outcome.position, outcome.finished
-            sizer.observe(seconds, outcome.deleted + outcome.skipped_locked, wal,
-                          walk.throttle.batch_wal_cap())
+            sizer.observe(seconds, outcome.deleted + outcome.skipped_locked, cost,
+                          walk.throttle.batch_cost_cap())
             walk.record(part, outcome, seconds)
             if walk.options.sleep:
                 walk.stop.wait(walk.options.sleep)

@@ -181,10 +181,10 @@ def test_a_guarded_batch_is_charged_the_pages_it_dirtied_when_they_cost_more_tha
     assert throttle.probe is not None
     worker = threading.get_ident()
     throttle._batch_lsn[worker] = throttle._wal_lsn(conn)  # as wait() marks a batch's start
-    sparse = throttle.batch_wal(conn, 100, garbage_per_block=1.0)
+    sparse = throttle.batch_cost(conn, 100, garbage_per_block=1.0)
     assert sparse is not None and sparse >= 100 * BLOCK_BYTES
     throttle._batch_lsn[worker] = throttle._wal_lsn(conn)
-    dense = throttle.batch_wal(conn, 100, garbage_per_block=100.0)
+    dense = throttle.batch_cost(conn, 100, garbage_per_block=100.0)
     assert dense is not None and dense >= BLOCK_BYTES  # one page at least (or the server's WAL meanwhile)
     assert throttle.probe.charged == sparse + dense
 

@@ -171,9 +171,9 @@ def test_the_series_keeps_a_bounded_number_of_points_over_a_long_run():
 
 def test_a_batch_never_writes_more_wal_than_the_guards_bound():
     sizer = BatchSizer(initial=400, maximum=10_000, target_s=0.05, target_rows=None)
-    sizer.observe(0.01, 400, wal_bytes=400 * 360, wal_cap=36_000)  # fast: would double, WAL says 100
+    sizer.observe(0.01, 400, cost=400 * 360, cost_cap=36_000)  # fast: would double, WAL says 100
     assert sizer.size == 100
-    sizer.observe(0.01, 100, wal_bytes=100 * 360, wal_cap=None)  # no guard: toward the duration
+    sizer.observe(0.01, 100, cost=100 * 360, cost_cap=None)  # no guard: toward the duration
     assert sizer.size == 200
 
 
