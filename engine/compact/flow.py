@@ -16,7 +16,7 @@ from engine import runs
 from engine.compact import capture, copy, leaf, preconditions, recover, swap
 from engine.compact.catchup import catch_up
 from engine.compact.choice import unheld
-from engine.compact.state import BEFORE_SWAP, Compaction, load, save
+from engine.compact.state import BEFORE_SWAP, Compaction, load, names_of, save
 from engine.config import GcOptions
 from engine.db import Connection, connect, one_row, regclass_of, table_ident
 from engine.errors import MsggcError
@@ -61,8 +61,7 @@ def compact(conn: Connection, dsn: str, options: GcOptions, target: Target, stat
     if options.archive_to:
         raise preconditions.CompactRefused("--strategy compact keeps its archive in the database (--archive):"
                                            " drop --archive-to, or use the walk")
-    schema, name = one_row(conn.execute("SELECT n.nspname, c.relname FROM pg_class c JOIN pg_namespace n"
-                                        " ON n.oid = c.relnamespace WHERE c.oid = %s", (target.oid,)))
+    schema, name = names_of(conn, target.oid)
     cutoff = cutoff_of(conn, options)
     disk = preconditions.free_disk(conn, _copy_bytes(conn, target.oid, statements, cutoff))
     names = copy.columns(conn, target.oid)

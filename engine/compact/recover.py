@@ -15,7 +15,7 @@ from psycopg import errors as pg_errors
 from psycopg import sql
 
 from engine.compact import capture
-from engine.compact.state import BEFORE_SWAP, Compaction, save, unfinished
+from engine.compact.state import BEFORE_SWAP, Compaction, names_of, save, unfinished
 from engine.db import Connection, one_row, table_ident
 from engine.errors import MsggcError
 from engine.finish import Finisher, SilentFinisher, close
@@ -123,9 +123,7 @@ def recover(conn: Connection, schema: str, name: str, lock_timeout_ms: int,
 def recover_table(conn: Connection, oid: int, lock_timeout_ms: int,
                   finisher: Finisher | None = None, continuing: int | None = None) -> list[str]:
     """:func:`recover` for the table ``oid`` (every run calls it, under the table's GC lock)."""
-    schema, name = one_row(conn.execute("SELECT n.nspname, c.relname FROM pg_class c JOIN pg_namespace n"
-                                        " ON n.oid = c.relnamespace WHERE c.oid = %s", (oid,)))
-    return recover(conn, schema, name, lock_timeout_ms, finisher, continuing)
+    return recover(conn, *names_of(conn, oid), lock_timeout_ms, finisher, continuing)
 
 
 def _close(conn: Connection, run_id: int, status: RunStatus, error: str | None,

@@ -13,7 +13,7 @@ from psycopg import sql
 from psycopg.types.json import Jsonb
 
 from engine.config import TableSpec
-from engine.db import Connection
+from engine.db import Connection, one_row
 
 Phase = Literal["planned", "capture", "copied", "indexed", "swapped", "done", "undone", "kept"]
 BEFORE_SWAP: tuple[Phase, ...] = ("planned", "capture", "copied", "indexed")
@@ -82,6 +82,13 @@ class Compaction:
     @property
     def params(self) -> dict[str, object]:
         return {"cutoff": self.cutoff}
+
+
+def names_of(conn: Connection, oid: int) -> tuple[str, str]:
+    """The table's schema and name, as the catalog spells them now."""
+    schema, name = one_row(conn.execute("SELECT n.nspname, c.relname FROM pg_class c JOIN pg_namespace n"
+                                        " ON n.oid = c.relnamespace WHERE c.oid = %s", (oid,)))
+    return schema, name
 
 
 def save(conn: Connection, compaction: Compaction) -> None:
