@@ -5,11 +5,9 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import psycopg
-from psycopg import errors as pg_errors
 from psycopg import sql
 
 from engine import runs
@@ -26,9 +24,6 @@ from engine.queries import Statements
 from engine.result import GcResult
 from engine.status import RunStatus
 from engine.target import Target
-
-LOCK_ATTEMPTS = 6
-LOCK_BACKOFF_S = 0.1
 
 
 class Stopped(Exception):
@@ -152,7 +147,7 @@ def _until_swap(conn: Connection, c: Compaction, oid: int, names: list[str], opt
         c.phase = "capture"
         save(conn, c)
 
-    _locking(conn, begin, options.lock_timeout_ms)
+    recover.locking(conn, begin, options.lock_timeout_ms)
     new_oid = regclass_of(conn, c.new)
     assert new_oid is not None
     runs.try_lock_table(conn, new_oid)  # a GC of the table once swapped waits for this run's end
@@ -171,24 +166,10 @@ def _until_swap(conn: Connection, c: Compaction, oid: int, names: list[str], opt
         c.phase = "indexed"
         save(conn, c)
 
-    _locking(conn, foreign_keys, options.lock_timeout_ms)
+    recover.locking(conn, foreign_keys, options.lock_timeout_ms)
     # statistics before the application's queries meet the table (else planned blind until autovacuum's)
     conn.execute(sql.SQL("ANALYZE {}").format(table_ident(c.new)))
     catch_up(conn, c, names, budget.check)
-
-
-def _locking(conn: Connection, step: Callable[[], None], lock_timeout_ms: int) -> None:
-    """``step`` in a transaction under ``lock_timeout``, tried again with backoff."""
-    for attempt in range(LOCK_ATTEMPTS):
-        try:
-            with conn.transaction():
-                conn.execute("SELECT set_config('lock_timeout', %s, true)", (f"{lock_timeout_ms}ms",))
-                step()
-            return
-        except pg_errors.LockNotAvailable:
-            if attempt == LOCK_ATTEMPTS - 1:
-                raise
-            time.sleep(LOCK_BACKOFF_S * 2**attempt)
 
 
 def _copy_bytes(conn: Connection, oid: int, statements: Statements, cutoff: object) -> int:

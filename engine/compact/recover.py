@@ -10,6 +10,7 @@ as the run's deleted rows, then dropped (or kept with ``--archive``).
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 
 from psycopg import errors as pg_errors
 from psycopg import sql
@@ -32,20 +33,32 @@ class CompactionKept(MsggcError):
 def undo(conn: Connection, c: Compaction, lock_timeout_ms: int) -> None:
     """Remove what a compaction built before its swap, in one transaction (the trigger's drop
     waits at most ``lock_timeout`` for the table, retried with backoff)."""
+
+    def removed() -> None:
+        capture.drop(conn, c)
+        conn.execute(sql.SQL("DROP TABLE IF EXISTS {}").format(table_ident(c.new)))
+        c.phase = "undone"
+        save(conn, c)
+
+    try:
+        locking(conn, removed, lock_timeout_ms)
+    except pg_errors.LockNotAvailable:
+        raise MsggcError(f"the capture trigger on {c.table.qualified} could not be removed: its"
+                         f" lock was not granted within {lock_timeout_ms} ms; the next run removes it"
+                         ) from None
+
+
+def locking(conn: Connection, step: Callable[[], None], lock_timeout_ms: int) -> None:
+    """``step`` in a transaction under ``lock_timeout``, tried again with backoff."""
     for attempt in range(ATTEMPTS):
         try:
             with conn.transaction():
                 conn.execute("SELECT set_config('lock_timeout', %s, true)", (f"{lock_timeout_ms}ms",))
-                capture.drop(conn, c)
-                conn.execute(sql.SQL("DROP TABLE IF EXISTS {}").format(table_ident(c.new)))
-                c.phase = "undone"
-                save(conn, c)
+                step()
             return
         except pg_errors.LockNotAvailable:
             if attempt == ATTEMPTS - 1:
-                raise MsggcError(f"the capture trigger on {c.table.qualified} could not be removed: its"
-                                 f" lock was not granted within {lock_timeout_ms} ms; the next run removes it"
-                                 ) from None
+                raise
             time.sleep(BACKOFF_S * 2**attempt)
 
 
