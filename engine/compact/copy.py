@@ -77,9 +77,9 @@ def build_indexes(conn: Connection, c: Compaction, oid: int) -> None:
     conn.execute("SELECT set_config('maintenance_work_mem', %s, true)"
                  " WHERE pg_size_bytes(current_setting('maintenance_work_mem')) < pg_size_bytes(%s)",
                  (INDEX_MEMORY, INDEX_MEMORY))
+    conn.execute("SELECT set_config('statement_timeout', '0', true)")
     for number, (name, unique, constraint, tail) in enumerate(rows):
         built = f"msggc_{c.run_id}_{number}"
-        conn.execute(sql.SQL("SELECT set_config('statement_timeout', '0', true)"))
         conn.execute(sql.SQL("CREATE {unique}INDEX {name} ON {new} {tail}").format(
             unique=sql.SQL("UNIQUE " if unique else ""), name=sql.Identifier(built), new=table_ident(c.new),
             tail=sql.SQL(tail)))  # the server's own text of the index
