@@ -16,7 +16,7 @@ from typing import Any
 from psycopg import sql
 
 from engine.compact import copy, preconditions
-from engine.compact.state import Compaction
+from engine.compact.state import Compaction, names_of
 from engine.db import Connection, one_row, table_ident
 from engine.queries import Statements
 from engine.result import GcResult
@@ -76,7 +76,7 @@ def _sample_copy(conn: Connection, target: Target, statements: Statements,
                  params: dict[str, object]) -> tuple[int, float, int, int] | None:
     """(rows, seconds, WAL bytes, bytes on disk) of a copy of sampled live rows into a table like
     the new one, with its indexes, in a transaction that is rolled back."""
-    c = Compaction(-conn.info.backend_pid, _schema(conn, target.oid), target.spec.name, list(target.key),
+    c = Compaction(-conn.info.backend_pid, names_of(conn, target.oid)[0], target.spec.name, list(target.key),
                    statements.garbage.as_string(conn), None)
     conn.execute("BEGIN")
     try:
@@ -104,11 +104,6 @@ def _read_seconds(conn: Connection, statements: Statements, pages: int) -> float
     conn.execute(sql.SQL("SELECT count(*) FROM {} WHERE ctid < {}::tid").format(
         table_ident(statements.table), sql.Literal(f"({blocks},0)")))
     return (time.monotonic() - started) * max(pages, 1) / blocks
-
-
-def _schema(conn: Connection, oid: int) -> str:
-    return str(one_row(conn.execute("SELECT relnamespace::regnamespace::text FROM pg_class WHERE oid = %s",
-                                    (oid,)))[0]).strip('"')
 
 
 def _versus(walk: GcResult, seconds: float, wal: int) -> str:
