@@ -82,16 +82,18 @@ class ServerBaseline:
             if latest is not None and (self._writing or self._clock() - latest.monotonic_at < REUSE_IDLE_S):
                 return latest
             self._measuring, beside = True, self._writing
+        measured: Measured | None = None
         try:
             found = measure()
+            measured = Measured(found, self.server, node, run_id, datetime.now(UTC), beside, self._clock())
         finally:
-            with self._cond:
+            with self._cond:  # latest set with the flag cleared: a run let through sees it
                 self._measuring = False
+                if measured is not None:
+                    self.measurements += 1
+                    self.latest = measured
                 self._cond.notify_all()
-        with self._cond:
-            self.measurements += 1
-            self.latest = Measured(found, self.server, node, run_id, datetime.now(UTC), beside, self._clock())
-            return self.latest
+        return measured
 
     @contextlib.contextmanager
     def writing(self) -> Iterator[None]:
