@@ -161,11 +161,7 @@ def create_app(settings: ServiceSettings) -> FastAPI:
     def overview() -> JSONResponse:
         """Per node: the newest run's progress and chart, the recent runs, webhooks waiting, the
         guard's figures; a node whose database cannot be read has its 1014 ``error``."""
-        schedule = worker.schedule if worker is not None else None
-        body = Overview(version=contract.package_version(), generated_at=datetime.now(UTC),
-                        worker=_worker_state(worker), nodes=read_nodes(settings),
-                        schedule=schedule.trigger.describe() if schedule else None,
-                        next_scheduled_gc=schedule.next_at if schedule else None)
+        body = Overview(generated_at=datetime.now(UTC), nodes=read_nodes(settings), **_process_fields(worker))
         return JSONResponse(body.model_dump(mode="json"), headers={"Cache-Control": "no-store"})
 
     @app.get("/metrics", dependencies=auth, response_class=Response, summary="Prometheus metrics",
@@ -177,12 +173,8 @@ def create_app(settings: ServiceSettings) -> FastAPI:
     @app.get("/health", response_model=Health, summary="Liveness",
              responses={503: {"model": Health, "description": "A worker thread died."}})
     def health() -> JSONResponse:
-        state = _worker_state(worker)
-        schedule = worker.schedule if worker is not None else None
-        body = Health(status="ok" if state != "stopped" else "unhealthy",
-                      version=contract.package_version(), worker=state,
-                      schedule=schedule.trigger.describe() if schedule else None,
-                      next_scheduled_gc=schedule.next_at if schedule else None)
+        fields = _process_fields(worker)
+        body = Health(status="ok" if fields["worker"] != "stopped" else "unhealthy", **fields)
         return JSONResponse(body.model_dump(mode="json"), status_code=200 if body.status == "ok" else 503)
 
     @app.webhooks.post("message-gc-completion")
@@ -194,8 +186,13 @@ def create_app(settings: ServiceSettings) -> FastAPI:
     return app
 
 
-def _worker_state(worker: Worker | None) -> WorkerState:
-    return "disabled" if worker is None else "running" if worker.alive else "stopped"
+def _process_fields(worker: Worker | None) -> dict[str, Any]:
+    """What ``/health`` and the overview both say of this process: version, worker, schedule."""
+    state: WorkerState = "disabled" if worker is None else "running" if worker.alive else "stopped"
+    schedule = worker.schedule if worker is not None else None
+    return {"version": contract.package_version(), "worker": state,
+            "schedule": schedule.trigger.describe() if schedule else None,
+            "next_scheduled_gc": schedule.next_at if schedule else None}
 
 
 def _per_node(results: list[NodeResult[Any]], render: Callable[[Any], dict[str, Any]],
