@@ -297,7 +297,8 @@ class RunDetail(RunSummary):
     reason: str | None = Field(default=None, description="Why the planner chose its strategy.")
     workers: int | None = None
     garbage_estimate: int | None = Field(default=None, description="Garbage the planner estimated.")
-    garbage_left: int | None = Field(default=None, description="That estimate minus the rows deleted since.")
+    garbage_left: int | None = Field(default=None, description="That estimate minus the rows deleted since"
+                                     " (0 once complete).")
     eta_s: float | None = Field(default=None, description="Garbage left at the recent rate (running only).")
     guard: GuardFigures | None = None
     chart: list[ChartPoint] = Field(default_factory=list)
