@@ -186,9 +186,8 @@ class Probe:
         self._alone_from: ServerCounters | None = None
         self._charged_at_step = 0
         self._recent: deque[ServerCounters] = deque()
-        """Counters of the last steps, back to ``EVICTING_WINDOW_S`` ago."""
+        """Counters of the last steps, back to ``EVICTING_WINDOW_S`` ago: the last is the latest."""
         self._first: ServerCounters | None = None
-        self._last: ServerCounters | None = None
         self._steps = 0
         self._started_at = time.monotonic()
         self._stop = threading.Event()
@@ -255,6 +254,10 @@ class Probe:
                 conn.cancel_safe()
         if self._thread.ident is not None:
             self._thread.join(timeout_s)
+
+    @property
+    def _last(self) -> ServerCounters | None:
+        return self._recent[-1] if self._recent else None
 
     def _checkpoints(self) -> int:
         if self._first is None or self._last is None:
@@ -366,7 +369,7 @@ class Probe:
         writes since the probe's first commit are the application's own rate alone."""
         alone = self._alone_from
         with self.lock:
-            self._first = self._last = now
+            self._first = now
             self._recent.append(now)
             self._charged_at_step = self.charged
             if (alone is not None and alone.backend_writes is not None and now.backend_writes is not None
@@ -376,8 +379,8 @@ class Probe:
     def _evicting(self, now: ServerCounters) -> float | None:
         """Buffers a second client backends wrote themselves over the last ``EVICTING_WINDOW_S``,
         when well beyond their rate alone (else None). Over a window, not a step: the server
-        publishes backends' counts about once a second, so step by step they read 0, then 2x."""
-        self._recent.append(now)
+        publishes backends' counts about once a second, so step by step they read 0, then 2x.
+        ``now`` is the latest of ``_recent``."""
         while len(self._recent) > 2 and now.at - self._recent[1].at >= EVICTING_WINDOW_S:
             self._recent.popleft()
         then = self._recent[0]
@@ -392,9 +395,9 @@ class Probe:
         judgement, then a point of the series."""
         now = read_counters(conn)
         with self.lock:
-            last, self._last = self._last, now
-            first = self._first
+            last, first = self._last, self._first
             assert last is not None and first is not None  # set as the workers start
+            self._recent.append(now)
             wal = used = None
             if now.at > last.at:  # the server's WAL, or the run's charge if more (dirtied pages)
                 wal = max(0, now.lsn - last.lsn) / (now.at - last.at)
