@@ -46,6 +46,7 @@ import httpx
 import psycopg
 from psycopg import sql
 
+from engine import runs
 from engine.tools.embedded import dsn_for_database
 from engine.tools.receiver import Receiver
 
@@ -341,14 +342,17 @@ def webhook_gc(body: object) -> dict[str, Any]:
 
 
 def runs_of(name: str, databases: list[Node]) -> dict[str, dict[str, int]]:
-    """The runs of the service's node ``name`` by status, from every node's database: the failures
-    of a scheduled GC while its node was down are kept in another's (engine.service.unstarted)."""
+    """The runs of the service's node ``name`` by how they ended, from every node's database: the
+    failures of a scheduled GC while its node was down are kept in another's
+    (engine.service.unstarted); a run the next one resumed (superseded) counts as it ended, its
+    webhook sent then."""
     found: dict[str, dict[str, int]] = {}
     for database in databases:
         with psycopg.connect(database.dsn, autocommit=True) as conn:
             for status, count, deleted in conn.execute(
-                    "SELECT status, count(*), coalesce(sum(messages_deleted), 0) FROM gc_runs"
-                    " WHERE node = %s GROUP BY status", (name,)):
+                    "SELECT CASE status WHEN 'superseded' THEN options ->> %s ELSE status END AS ended,"
+                    " count(*), coalesce(sum(messages_deleted), 0) FROM gc_runs"
+                    " WHERE node = %s GROUP BY ended", (runs.ENDED_KEY, name)):
                 mine = found.setdefault(status, {"count": 0, "deleted": 0})
                 mine["count"] += int(count)
                 mine["deleted"] += int(deleted)

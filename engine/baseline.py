@@ -37,6 +37,11 @@ BEAT_SQL = "UPDATE gc_probe SET beat_at = now() WHERE table_name = %(table)s AND
 """The guard's write: one row of ``gc_probe``, updated and committed alone with a WAL flush."""
 
 
+def auto_budget_ms(p99_ms: float) -> float:
+    """The ``auto`` budget made of the probe's p99 alone."""
+    return round(max(AUTO_FLOOR_MS, AUTO_FACTOR * p99_ms), 3)
+
+
 @dataclass(frozen=True)
 class Baseline:
     """The probe's commit latency before a run, and the ``auto`` budget made of it."""
@@ -48,7 +53,7 @@ class Baseline:
 
     @property
     def budget_ms(self) -> float:
-        return round(max(AUTO_FLOOR_MS, AUTO_FACTOR * self.p99_ms), 3)
+        return auto_budget_ms(self.p99_ms)
 
     def describe(self) -> dict[str, Any]:
         """Recorded with the run: how its budget was chosen."""

@@ -274,7 +274,7 @@ def with_workers(conn: Connection, options: GcOptions, plans: dict[str | None, P
 
 def _limits(options: GcOptions) -> Limits:
     return Limits(options.max_wal_rate, options.max_replica_lag, options.pause_for_vacuum,
-                  options.max_app_latency_ms)
+                  options.max_app_latency_ms, options.latency_budget_auto)
 
 
 def _walk_and_close(conn: Connection, walk: Walk, target: Checked, whole: dict[str, partitions.Leaf],

@@ -94,6 +94,10 @@ class GcOptions:
     max_app_latency_ms: float | None = None
     """Keep a probe's commit latency (p99 of the last ~0.5 s) under this: the run slows down
     (additive increase, multiplicative decrease) while it is over (:mod:`engine.guard`)."""
+    latency_budget_auto: bool = False
+    """``max_app_latency_ms`` was measured before the run (``auto``): if the application alone is
+    over it before the run writes anything, it is measured again from those commits rather than
+    the run refused (the application is slower than when it was measured, not the budget wrong)."""
     vacuum: bool = False
     """``VACUUM (ANALYZE)`` the table after the run, reporting sizes before and after."""
     async_commit: bool = True

@@ -27,7 +27,9 @@ most steps and backends wrote 15,000 buffers a second). Each step is a point of 
 series (rate granted, probe p99, WAL rate, checkpoints, backend writes).
 
 A run whose application is over the budget before it starts (``REFUSE_PERCENTILE`` of the
-commits alone) is refused before it deletes anything (:class:`~engine.errors.BudgetCannotHold`).
+commits alone) is refused before it deletes anything (:class:`~engine.errors.BudgetCannotHold`),
+but for a budget measured before the run (``auto``): that one is measured again from the commits
+just timed (the application slower than when it was measured), as ``rebudget`` makes it.
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ import logging
 import threading
 import time
 from collections import Counter, deque
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -120,7 +123,8 @@ longer than 100 ms is skipped (the next one, or the run's end, writes the series
 RUN_SQL = """
 UPDATE gc_runs SET app_latency_p50_ms = %(p50)s, app_latency_p99_ms = %(p99)s,
     app_probes = %(probes)s, held_back_seconds = %(held)s,
-    app_latency_before_p99_ms = %(before_p99)s, guard_series = %(series)s
+    app_latency_before_p99_ms = %(before_p99)s, guard_series = %(series)s,
+    options = options || coalesce(%(measured_again)s, '{}'::jsonb)
 WHERE id = %(run_id)s
 """
 
@@ -155,9 +159,15 @@ def require_probe_table(conn: Connection) -> None:
 class Probe:
     """The probe thread and the controller it feeds; shared by a run's workers."""
 
-    def __init__(self, budget_ms: float, site: ProbeSite) -> None:
+    def __init__(self, budget_ms: float, site: ProbeSite,
+                 rebudget: Callable[[float], float] | None = None) -> None:
         self.site = site
         self.control = RateControl(budget_ms)
+        self.rebudget = rebudget
+        """An ``auto`` budget's rule (the application's p99 alone -> the budget): a window alone
+        over the budget makes it again instead of refusing the run."""
+        self.measured_again_from: float | None = None
+        """The budget before it was measured again (``rebudget``), if it was."""
         self.lock = threading.Lock()
         self.before: list[float] = []
         """Samples taken before the workers started: the application alone."""
@@ -271,6 +281,7 @@ class Probe:
             writes = (None if first is None or last is None or first.backend_writes is None
                       or last.backend_writes is None else last.backend_writes - first.backend_writes)
             return {"app_latency_budget_ms": self.control.budget_ms,
+                    "app_latency_budget_measured_again_from_ms": self.measured_again_from,
                     "app_latency_p50_ms": percentile(self.samples, 50),
                     "app_latency_p99_ms": percentile(self.samples, 99),
                     "app_latency_before_p99_ms": percentile(self.before[-BEFORE_SAMPLES:], 99),
@@ -356,6 +367,12 @@ class Probe:
         if len(window) < BEFORE_SAMPLES:
             return False
         alone = percentile(window, REFUSE_PERCENTILE) or 0.0
+        if alone > self.budget_ms and self.rebudget is not None:
+            self.measured_again_from = self.budget_ms
+            self.control.budget_ms = self.rebudget(percentile(window, 99) or alone)
+            log.info("run %s: the application alone was over its auto latency budget of %g ms (p%d %.1f ms):"
+                     " the budget is measured again from it, %g ms", self.site.run_id,
+                     self.measured_again_from, REFUSE_PERCENTILE, alone, self.budget_ms)
         self.alone_over = alone if alone > self.budget_ms else None
         return self.alone_over is None or len(self.before) >= BEFORE_MAX_SAMPLES
 
@@ -454,7 +471,10 @@ class Probe:
                   "held": figures["held_back_s"], "share": self.share(),
                   "before_p99": figures["app_latency_before_p99_ms"],
                   "checkpoints": figures["checkpoints_requested"],
-                  "series": Jsonb(figures["guard_series"])}
+                  "series": Jsonb(figures["guard_series"]),
+                  "measured_again": None if self.measured_again_from is None else Jsonb({
+                      "max_app_latency_ms": self.budget_ms,
+                      "app_latency_budget_measured_again_from_ms": self.measured_again_from})}
         try:
             with connect(self.site.dsn) as conn:
                 conn.execute("SELECT set_config('application_name', %s, false)", (PROBE_APPLICATION_NAME,))

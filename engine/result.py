@@ -53,6 +53,9 @@ class GcResult:
     throttle_reasons: dict[str, int] = field(default_factory=dict)
     app_latency_budget_ms: float | None = None
     """``--max-app-latency``: the latency guard's budget (None: no guard, no probe)."""
+    app_latency_budget_measured_again_from_ms: float | None = None
+    """An ``auto`` budget the application alone was over before the run wrote: the budget it was,
+    before being measured again from those commits (``app_latency_budget_ms`` is the new one)."""
     app_latency_p50_ms: float | None = None
     app_latency_p99_ms: float | None = None
     """The probe's commit latency over the run: what an application's commit felt beside it."""

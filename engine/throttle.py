@@ -26,6 +26,7 @@ from typing import Any
 
 import psycopg
 
+from engine.baseline import auto_budget_ms
 from engine.db import Connection, one_row
 from engine.guard import Probe, ProbeSite
 from engine.rate_control import MIN_RATE
@@ -84,6 +85,8 @@ class Limits:
     pause_for_vacuum: bool = False
     max_app_latency_ms: float | None = None
     """The probe's recent p99 commit latency the run keeps the application under."""
+    latency_budget_auto: bool = False
+    """That budget was measured before the run (``auto``): see :attr:`GcOptions.latency_budget_auto`."""
 
     @property
     def active(self) -> bool:
@@ -121,7 +124,8 @@ class Throttle:
     def __init__(self, limits: Limits, table_oid: int, probe_site: ProbeSite | None = None) -> None:
         self.limits = limits
         self.table_oid = table_oid
-        self.probe = (Probe(limits.max_app_latency_ms, probe_site)
+        self.probe = (Probe(limits.max_app_latency_ms, probe_site,
+                            rebudget=auto_budget_ms if limits.latency_budget_auto else None)
                       if limits.max_app_latency_ms and probe_site else None)
         self.held_back_s = 0.0
         """Seconds the latency guard held workers back (also counted in ``paused_s``)."""

@@ -10,7 +10,7 @@ from typing import Any
 import psycopg
 import pytest
 
-from engine import collect, guard
+from engine import collect, guard, runs
 from engine.collector import check
 from engine.config import GcOptions
 from engine.db import connect
@@ -211,7 +211,6 @@ def test_a_dry_run_with_a_budget_predicts_the_duration_under_it(conn, dsn):
 
 
 def test_the_api_and_metrics_show_the_guards_series_rate_and_p99_before(conn, dsn):
-    from engine import runs
     from engine.service import nodes
     from engine.service.api_models import LatestRun
     from engine.service.metrics import Metrics
@@ -234,7 +233,6 @@ def test_the_guards_series_is_live_in_gc_runs_status_the_api_and_metrics_while_t
     going shows it in ``msggc status``, the API's GET and ``/metrics``, before it ends."""
     import threading
 
-    from engine import runs
     from engine.service import nodes
     from engine.service.api_models import LatestRun
     from engine.service.metrics import Metrics
@@ -282,3 +280,18 @@ def test_a_budget_the_application_is_over_before_the_run_refuses_it_and_deletes_
     assert "\n" not in result.error
     assert len(surviving_ids(conn)) == len(garbage)
     wait_until(lambda: probe_backends(conn) == 0, what="the probe's backend to exit")
+
+
+def test_an_auto_budget_the_application_is_over_before_the_run_is_measured_again_and_the_run_completes(
+        conn, dsn):
+    """The same 10 microseconds, as an ``auto`` budget measured a moment before (the service's
+    schedule): the application alone is slower than when it was measured, so the budget is made
+    again from the commits just timed (3x their p99), the run completes, and its record says so."""
+    fill(conn, [True] * 200)
+    result = collect(dsn, GcOptions(max_app_latency_ms=0.01, latency_budget_auto=True, batch_size=10))
+    assert (result.status, result.messages_deleted) == ("complete", 200)
+    assert result.app_latency_budget_measured_again_from_ms == 0.01
+    assert result.app_latency_budget_ms is not None and result.app_latency_budget_ms >= 5.0
+
+    recorded = runs.latest(conn, "messages", "")
+    assert recorded["app_latency_budget_ms"] == result.app_latency_budget_ms

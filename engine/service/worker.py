@@ -301,7 +301,7 @@ class Worker:
         log.info("node %s: run %s: latency budget auto = %g ms (%gx the probe's p99 of %.2f ms %s)",
                  node.label, run_id, found.budget_ms, baseline.AUTO_FACTOR, found.p99_ms,
                  shared.source(node.name, run_id))
-        return dataclasses.replace(options, max_app_latency_ms=found.budget_ms)
+        return dataclasses.replace(options, max_app_latency_ms=found.budget_ms, latency_budget_auto=True)
 
     def _still_ours(self, node: Node, run_id: int) -> bool:
         """Whether the run is still running (nobody closed it meanwhile); refreshes its heartbeat.
