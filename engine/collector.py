@@ -222,7 +222,7 @@ def collect(
         if (why := compaction_chosen(conn, options, target.target, plans)) is not None:
             plain = target.legs[None][1]
             return compact(conn, dsn, options, target.target, plain, finisher or SilentFinisher(),
-                           stop or threading.Event(), run_id, reason=why)
+                           stop or threading.Event(), run_id, reason=why, checked=True)
         options = with_workers(conn, options, plans)
         before = reclaim.health(conn, target.oid)
         run, reason = resume_or_start(conn, options, plans, run_id, target.target.describe())

@@ -14,8 +14,8 @@ import httpx
 import psycopg
 import pytest
 
-from engine import collect
-from engine.compact import choice
+from engine import collect, runs
+from engine.compact import choice, flow
 from engine.compact.preconditions import CompactRefused
 from engine.config import GcOptions, TableSpec
 from engine.service import nodes
@@ -258,3 +258,25 @@ def test_a_leaf_whose_parent_has_a_default_partition_is_refused(conn: Conn, dsn:
     conn.execute("CREATE TABLE events_other PARTITION OF events DEFAULT")
     with pytest.raises(CompactRefused, match="its parent has a default partition"):
         collect(dsn, GcOptions(table=TableSpec(name="events_1", schema="public"), strategy="compact"))
+
+
+def test_a_stopped_compaction_leaves_no_walk_to_resume_and_the_next_walk_collects_everything(
+        conn: Conn, dsn: str) -> None:
+    make_inbox(conn, 2000, 4)
+    stopped = collect(dsn, options(max_seconds=1e-6))
+    assert stopped.status is RunStatus.STOPPED and leftovers(conn) == []
+    walk = collect(dsn, GcOptions(table=TableSpec(name="inbox", schema="public")))
+    assert walk.status is RunStatus.COMPLETE and walk.messages_deleted == 1500
+    resumed = conn.execute("SELECT resumed_from FROM gc_runs WHERE id = %s", (walk.run_id,)).fetchone()
+    assert resumed == (None,)
+
+
+def test_a_compaction_reconnecting_after_another_run_took_the_table_does_not_touch_it(
+        conn: Conn, dsn: str) -> None:
+    make_inbox(conn, 100, 2)
+    oid = conn.execute("SELECT 'inbox'::regclass::oid").fetchone()[0]
+    with psycopg.connect(dsn, autocommit=True) as other:
+        assert runs.try_lock_table(other, oid)
+        fresh, held = flow._reconnected(dsn, oid)
+        fresh.close()
+    assert held is False

@@ -12,11 +12,14 @@ with a budget compaction cannot hold (rows, WAL rate, replica lag, application l
 
 from __future__ import annotations
 
+from psycopg import sql
+
 from engine import runs
 from engine.compact.preconditions import refusals
 from engine.config import GcOptions
-from engine.db import Connection
+from engine.db import Connection, one_row, table_ident
 from engine.planner import Plan
+from engine.queries import Statements
 from engine.target import Target
 
 MIN_ROWS = 1_000_000
@@ -30,7 +33,7 @@ def chosen(conn: Connection, options: GcOptions, target: Target,
     if options.strategy != "auto" or plan is None or options.archive_to or unheld(options):
         return None
     facts = plan.facts
-    if facts.rows_estimate < MIN_ROWS or facts.garbage_fraction < MIN_GARBAGE:
+    if facts.rows_estimate < MIN_ROWS or facts.garbage_fraction < MIN_GARBAGE:  # the planner's sample
         return None
     if runs.latest_resumable(conn, options.table.qualified, options.node) is not None:
         return None  # the walk an earlier run began goes on
@@ -45,3 +48,16 @@ def unheld(options: GcOptions) -> list[str]:
     flags = {"--max-rows": options.max_rows, "--max-wal-rate": options.max_wal_rate,
              "--max-replica-lag": options.max_replica_lag, "--max-app-latency": options.max_app_latency_ms}
     return [flag for flag, value in flags.items() if value is not None]
+
+
+def live_share(conn: Connection, statements: Statements, params: dict[str, object]) -> float:
+    """The share of rows that are not garbage, from about 1% of the blocks (all of a small
+    table): the one sample the dry run and the run's disk check both size the copy by (``auto``
+    decides on the planner's own sample, already taken)."""
+    total, live = one_row(conn.execute(sql.SQL(
+        "SELECT count(*), count(*) FILTER (WHERE ({g}) IS NOT TRUE) FROM {t}"
+        " TABLESAMPLE SYSTEM (least(100, greatest(1, 100 * 1000.0 / greatest("
+        "   (SELECT relpages FROM pg_class WHERE oid = {oid}), 1))))").format(
+            g=statements.garbage, t=table_ident(statements.table), oid=sql.Literal(statements.target.oid)),
+        params))
+    return live / total if total else 0.0

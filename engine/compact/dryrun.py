@@ -16,6 +16,7 @@ from typing import Any
 from psycopg import sql
 
 from engine.compact import copy, preconditions
+from engine.compact.choice import live_share
 from engine.compact.state import Compaction, names_of
 from engine.db import Connection, one_row, table_ident
 from engine.queries import Statements
@@ -43,7 +44,7 @@ def predict(conn: Connection, target: Target, statements: Statements | None, wal
     pages, heap_bytes, rows = one_row(conn.execute(
         "SELECT relpages, pg_relation_size(oid), greatest(reltuples, 0)::bigint FROM pg_class"
         " WHERE oid = %s", (target.oid,)))
-    share = _live_share(conn, statements, params)
+    share = live_share(conn, statements, params)
     live = round(rows * share)
     copied = _sample_copy(conn, target, statements, params) if live else None
     read_s = _read_seconds(conn, statements, int(pages))
@@ -59,17 +60,6 @@ def predict(conn: Connection, target: Target, statements: Statements | None, wal
         walk, strategy="compact", compaction=figures, predicted_seconds=seconds, predicted_wal_bytes=wal,
         planned_batches=None,
         reason=f"compaction: copy ~{live:,} live rows of ~{int(rows):,}; {disk_line}{versus}")
-
-
-def _live_share(conn: Connection, statements: Statements, params: dict[str, object]) -> float:
-    """The share of rows that are not garbage, from about 1% of the blocks (all of a small table)."""
-    total, live = one_row(conn.execute(sql.SQL(
-        "SELECT count(*), count(*) FILTER (WHERE ({g}) IS NOT TRUE) FROM {t}"
-        " TABLESAMPLE SYSTEM (least(100, greatest(1, 100 * 1000.0 / greatest("
-        "   (SELECT relpages FROM pg_class WHERE oid = {oid}), 1))))").format(
-            g=statements.garbage, t=table_ident(statements.table), oid=sql.Literal(statements.target.oid)),
-        params))
-    return live / total if total else 0.0
 
 
 def _sample_copy(conn: Connection, target: Target, statements: Statements,

@@ -13,7 +13,7 @@ from psycopg import sql
 from engine import runs
 from engine.compact import capture, copy, leaf, preconditions, recover, swap
 from engine.compact.catchup import catch_up
-from engine.compact.choice import unheld
+from engine.compact.choice import live_share, unheld
 from engine.compact.state import BEFORE_SWAP, Compaction, load, names_of, save
 from engine.config import GcOptions
 from engine.db import Connection, connect, one_row, regclass_of, table_ident
@@ -44,11 +44,13 @@ class Budget:
 
 def compact(conn: Connection, dsn: str, options: GcOptions, target: Target, statements: Statements | None,
             finisher: Finisher, stop: threading.Event, run_id: int | None = None,
-            reason: str = "compaction asked for (--strategy compact)") -> GcResult:
+            reason: str = "compaction asked for (--strategy compact)", checked: bool = False) -> GcResult:
     """Compact the (plain) table: refused in one line before any run exists if it cannot be;
-    ``reason``: why it compacts (asked for, or ``auto``'s choice)."""
+    ``reason``: why it compacts (asked for, or ``auto``'s choice); ``checked``: the refusals were
+    just found empty (``auto`` chose it under the same GC lock), not asked again."""
     started = time.monotonic()
-    preconditions.require(conn, target)
+    if not checked:
+        preconditions.require(conn, target)
     assert statements is not None  # a plain table: its one leg
     if options.max_rows is not None:
         raise preconditions.CompactRefused("--strategy compact cannot stop after --max-rows (it copies the"
@@ -80,11 +82,13 @@ def compact(conn: Connection, dsn: str, options: GcOptions, target: Target, stat
         status, failure = RunStatus.FAILED, str(exc).strip().splitlines()[0]
 
     def reconnect() -> Connection:
-        return _reconnected(dsn, target.oid)
+        return _reconnected(dsn, target.oid)[0]  # the row is closed with or without the table's lock
 
-    used = reconnect() if conn.broken or conn.closed else conn
-    if failure is not None:
+    used, held = _reconnected(dsn, target.oid) if conn.broken or conn.closed else (conn, True)
+    if failure is not None and held:
         status, failure = _settled(used, c.run_id, options.lock_timeout_ms, status, failure)
+    elif failure is not None:  # another run holds the table: it finishes or undoes the compaction first
+        failure = f"{failure}; another run took the table's GC lock meanwhile and finishes or undoes it"
     closed = close(used, run.id, options.node, lambda: (status, failure), finisher, reconnect=reconnect)
     if not closed.conn.closed:
         for oid in (target.oid, regclass_of(closed.conn, c.table)):
@@ -129,11 +133,11 @@ def _settled(conn: Connection, run_id: int, lock_timeout_ms: int, status: RunSta
     return status, failure
 
 
-def _reconnected(dsn: str, oid: int) -> Connection:
-    """A fresh connection holding the table's GC lock again (the lost one's went with it)."""
+def _reconnected(dsn: str, oid: int) -> tuple[Connection, bool]:
+    """A fresh connection, and whether it holds the table's GC lock again (the lost one's went
+    with it, and another run may have taken it since: then only that run may touch the table)."""
     fresh = connect(dsn)
-    runs.try_lock_table(fresh, oid)
-    return fresh
+    return fresh, runs.try_lock_table(fresh, oid)
 
 
 def _until_swap(conn: Connection, c: Compaction, oid: int, names: list[str], options: GcOptions,
@@ -173,9 +177,6 @@ def _until_swap(conn: Connection, c: Compaction, oid: int, names: list[str], opt
 
 
 def _copy_bytes(conn: Connection, oid: int, statements: Statements, cutoff: object) -> int:
-    """The new table's size, about: the table's (with indexes) times the live share of a 1% sample."""
-    size, share = one_row(conn.execute(sql.SQL(
-        "SELECT pg_total_relation_size(%(oid)s), (SELECT coalesce(avg((({garbage}) IS NOT TRUE)::int), 1)"
-        " FROM {t} TABLESAMPLE SYSTEM (1))").format(
-            garbage=statements.garbage, t=table_ident(statements.table)), {"oid": oid, "cutoff": cutoff}))
-    return int(size * float(share))
+    """The new table's size, about: the table's (with indexes) times its live share."""
+    size = one_row(conn.execute("SELECT pg_total_relation_size(%s)", (oid,)))[0]
+    return int(size * live_share(conn, statements, {"cutoff": cutoff}))
