@@ -201,6 +201,8 @@ class App:
 POINTS = ("start", "capture", "copy", "indexes", "foreign keys", "catch-up", "swap", "finish", "close")
 """Where a compaction records something, in order: "inside capture" is its capture's transaction
 with its work done, waiting to commit with its record."""
+ORDER = (*POINTS[:-1], "undo", "close")
+"""With a swap undone: "undo" is the undo's transaction, under the table's lock, its work done."""
 
 
 def blocked_in(conn: Conn, pid: int) -> str:
@@ -216,7 +218,8 @@ def blocked_in(conn: Conn, pid: int) -> str:
                             " AND relation = to_regclass('inbox')"
                             " AND mode = 'AccessExclusiveLock' AND granted)", (pid,)).fetchone()[0]
     return {"planned": "capture", "capture": "copy", "copied": "foreign keys" if indexes else "indexes",
-            "indexed": "swap" if swapping else "catch-up", "swapped": "finish", "done": "close"}[phase]
+            "indexed": "swap" if swapping else "catch-up", "swapped": "finish", "undoing": "undo",
+            "done": "close", "unswapped": "close", "kept": "close"}[phase]
 
 
 def pause_at(conn: Conn, holder: Conn, proc: subprocess.Popen[str], point: str) -> None:
@@ -234,5 +237,5 @@ def pause_at(conn: Conn, holder: Conn, proc: subprocess.Popen[str], point: str) 
         reached = blocked_in(conn, pid)
         if reached == point:
             return
-        assert POINTS.index(reached) < POINTS.index(point), f"passed {point}"
+        assert ORDER.index(reached) < ORDER.index(point), f"passed {point}"
         holder.rollback()

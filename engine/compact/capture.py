@@ -4,6 +4,10 @@ Creating it waits for the application's writers of the moment (the trigger's loc
 theirs), so once it commits, every change is either committed already (the copy's snapshot,
 taken after, sees it) or fires the trigger: nothing falls between the two (pg_repack's way).
 The function is ``SECURITY DEFINER``: the application's role needs no privilege on the log.
+
+The swap moves the triggers onto the new table (the log is empty then): until the verification
+after it passes, the keys the application changes there are logged, so that a swap undone takes
+them back into the old table (:mod:`engine.compact.unswap`).
 """
 
 from __future__ import annotations
@@ -27,10 +31,17 @@ def create(conn: Connection, c: Compaction) -> None:
         "CREATE FUNCTION {f}() RETURNS trigger LANGUAGE plpgsql SECURITY DEFINER"
         " SET search_path = pg_catalog, pg_temp AS {body}").format(
             f=sql.Identifier(*c.function), body=sql.Literal(_body(conn, c))))
+    attach(conn, c)
+
+
+def attach(conn: Connection, c: Compaction) -> None:
+    """The triggers on the table named ``c.table`` now (the new one, once swapped)."""
+    table = table_ident(c.table)
     conn.execute(sql.SQL("CREATE TRIGGER {tg} AFTER INSERT OR UPDATE OR DELETE ON {t}"
                          " FOR EACH ROW EXECUTE FUNCTION {f}()").format(
         tg=sql.Identifier(TRIGGER), t=table, f=sql.Identifier(*c.function)))
     # a TRUNCATE logs a key of NULLs (a key is NOT NULL): the catch-up that meets it undoes the run
+    # (and a swap undone takes the whole table back)
     conn.execute(sql.SQL("CREATE TRIGGER {tg} AFTER TRUNCATE ON {t} FOR EACH STATEMENT EXECUTE FUNCTION {f}()"
                          ).format(tg=sql.Identifier(TRUNCATED), t=table, f=sql.Identifier(*c.function)))
     # writes applied by logical replication (session_replication_role = replica) are changes too

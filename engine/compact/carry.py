@@ -145,3 +145,29 @@ def _replica_identity(conn: Connection, old: int, ident: sql.Composable, indexes
     elif kind == "i" and index in indexes:
         conn.execute(sql.SQL("ALTER TABLE {} REPLICA IDENTITY USING INDEX {}").format(
             ident, sql.Identifier(indexes[index])))
+
+
+def sequences_back(conn: Connection, new: int, old_ident: sql.Composable) -> list[tuple[str, str]]:
+    """A swap undone, before the new table is dropped: the sequences it was given are the old
+    one's again (an owned one would go with it) and an identity's sequence of the old table
+    goes on where the new one's stands (the application inserted meanwhile); returns, for each
+    of those, the old sequence (regclass text) and the name to give it back once the new one's
+    is dropped."""
+    owned = conn.execute(
+        "SELECT s.oid::regclass::text, s.relname, a.attname, d.deptype FROM pg_depend d"
+        " JOIN pg_class s ON s.oid = d.objid AND s.relkind = 'S'"
+        " JOIN pg_attribute a ON a.attrelid = d.refobjid AND a.attnum = d.refobjsubid"
+        " WHERE d.classid = 'pg_class'::regclass AND d.refobjid = %s AND d.deptype IN ('a', 'i')"
+        " ORDER BY s.oid", (new,)).fetchall()
+    renames = []
+    for sequence, name, column, kind in owned:
+        if kind == "a":
+            conn.execute(sql.SQL("ALTER SEQUENCE {} OWNED BY {}.{}").format(
+                sql.SQL(sequence), old_ident, sql.Identifier(column)))
+            continue
+        mine = one_row(conn.execute(sql.SQL(
+            "SELECT pg_get_serial_sequence({t}, {c}), setval(pg_get_serial_sequence({t}, {c}), last_value,"
+            " is_called) FROM {s}").format(t=sql.Literal(old_ident.as_string(conn)), c=sql.Literal(column),
+                                            s=sql.SQL(sequence))))[0]
+        renames.append((mine, name))
+    return renames

@@ -5,6 +5,11 @@ new table and insert again the ones that are present and not garbage in the old,
 table holds for each of those keys what the old one holds now. A change committed after the
 round's read logs its key again, for a later round; the log is consumed only with the sync it
 triggered, so a crash loses no change. The rows inserted and deleted keep ``c.live`` exact.
+
+``back``: the other way, once the swap is to be undone: the keys the application changed in the
+new table (in place under the table's name) are synced into the old one, garbage included (the
+old table must hold again everything the application's table holds), and a truncate logged
+there takes the whole table back.
 """
 
 from __future__ import annotations
@@ -25,9 +30,10 @@ ROUND_RETRIES = 5
 
 
 def sync_round(conn: Connection, c: Compaction, names: list[str],
-               limit: int | None = ROUND_KEYS) -> int:
+               limit: int | None = ROUND_KEYS, back: bool = False) -> int:
     """One round (``limit`` None: the whole log) inside the caller's transaction; returns the
-    log entries consumed. Its count of live rows is recorded with it."""
+    log entries consumed. Its count of live rows is recorded with it (not ``back``: the old
+    table's rows are counted by nobody)."""
     keys = sql.SQL(", ").join(map(sql.Identifier, c.key))
     picked = sql.SQL("") if limit is None else sql.SQL(
         " WHERE msggc_seq IN (SELECT msggc_seq FROM {log} ORDER BY msggc_seq LIMIT {n})").format(
@@ -39,28 +45,43 @@ def sync_round(conn: Connection, c: Compaction, names: list[str],
     if consumed == 0:
         conn.execute("DROP TABLE msggc_keys")
         return 0
-    if one_row(conn.execute(sql.SQL("SELECT EXISTS (SELECT FROM msggc_keys WHERE {} IS NULL)").format(
-            sql.Identifier(c.key[0]))))[0]:
+    truncated = bool(one_row(conn.execute(sql.SQL(
+        "SELECT EXISTS (SELECT FROM msggc_keys WHERE {} IS NULL)").format(sql.Identifier(c.key[0]))))[0])
+    if truncated and not back:
         raise MsggcError(f"the application truncated {c.table.qualified} during the compaction;"
                          " it was undone, nothing changed")
-    match = sql.SQL(" AND ").join(sql.SQL("{} = {}").format(sql.Identifier("r", k), sql.Identifier("k", k))
-                                  for k in c.key)
-    deleted = conn.execute(sql.SQL("DELETE FROM {new} r USING msggc_keys k WHERE {match}").format(
-        new=table_ident(c.new), match=match)).rowcount
-    cols = sql.SQL(", ").join(map(sql.Identifier, names))
-    inserted = conn.execute(sql.SQL(
-        "INSERT INTO {new} ({cols}) OVERRIDING SYSTEM VALUE SELECT {cols} FROM ONLY {old}"
-        " WHERE ({keys}) IN (SELECT {keys} FROM msggc_keys) AND ({garbage}) IS NOT TRUE").format(
-            new=table_ident(c.new), cols=cols, old=table_ident(c.table), keys=keys, garbage=c.predicate),
-        c.params).rowcount
+    inserted, deleted = _resync(conn, c, names, back, everything=truncated)
     conn.execute("DROP TABLE msggc_keys")
-    c.live += inserted - deleted
-    save(conn, c)
+    if not back:
+        c.live += inserted - deleted
+        save(conn, c)
     return consumed
 
 
+def _resync(conn: Connection, c: Compaction, names: list[str], back: bool,
+            everything: bool) -> tuple[int, int]:
+    """The rows of the keys taken (``everything``: of all keys, after a truncate) deleted from the
+    table synced into and inserted again from ``c.table`` as it is now (forward: the live ones);
+    returns (inserted, deleted)."""
+    keys = sql.SQL(", ").join(map(sql.Identifier, c.key))
+    into = table_ident(c.old if back else c.new)
+    match = sql.SQL(" AND ").join(sql.SQL("{} = {}").format(sql.Identifier("r", k), sql.Identifier("k", k))
+                                  for k in c.key)
+    taken = sql.SQL(" r USING msggc_keys k WHERE {}").format(match)
+    deleted = conn.execute(sql.SQL("DELETE FROM {}{}").format(
+        into, sql.SQL("") if everything else taken)).rowcount
+    which = [] if everything else [sql.SQL("({keys}) IN (SELECT {keys} FROM msggc_keys)").format(keys=keys)]
+    live = [] if back else [sql.SQL("({}) IS NOT TRUE").format(c.predicate)]
+    where = sql.SQL(" WHERE {}").format(sql.SQL(" AND ").join(which + live)) if which + live else sql.SQL("")
+    cols = sql.SQL(", ").join(map(sql.Identifier, names))
+    inserted = conn.execute(sql.SQL(
+        "INSERT INTO {into} ({cols}) OVERRIDING SYSTEM VALUE SELECT {cols} FROM ONLY {table}{where}").format(
+            into=into, cols=cols, table=table_ident(c.table), where=where), c.params).rowcount
+    return inserted, deleted
+
+
 def catch_up(conn: Connection, c: Compaction, names: list[str],
-             check: Callable[[], None] = lambda: None) -> None:
+             check: Callable[[], None] = lambda: None, back: bool = False) -> None:
     """Rounds until one leaves the log short. A round that meets a unique violation (a row
     whose other unique value moved to a key of a later round) is tried again: the retry takes
     the later change with it. ``check`` is called before each round (it raises to stop)."""
@@ -69,7 +90,7 @@ def catch_up(conn: Connection, c: Compaction, names: list[str],
         for attempt in range(ROUND_RETRIES):
             try:
                 with conn.transaction():
-                    consumed = sync_round(conn, c, names)
+                    consumed = sync_round(conn, c, names, back=back)
                 break
             except pg_errors.UniqueViolation:  # raised before the round counted anything
                 if attempt == ROUND_RETRIES - 1:

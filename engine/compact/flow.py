@@ -14,7 +14,7 @@ from engine import runs
 from engine.compact import capture, copy, leaf, preconditions, recover, swap
 from engine.compact.catchup import catch_up
 from engine.compact.choice import live_share, unheld
-from engine.compact.state import BEFORE_SWAP, Compaction, load, names_of, save
+from engine.compact.state import AFTER_SWAP, BEFORE_SWAP, Compaction, load, names_of, save
 from engine.config import GcOptions
 from engine.db import Connection, connect, one_row, regclass_of, table_ident
 from engine.errors import MsggcError
@@ -75,7 +75,7 @@ def compact(conn: Connection, dsn: str, options: GcOptions, target: Target, stat
     try:
         _until_swap(conn, c, target.oid, names, options, budget)
         swap.swap(conn, c, names, options.lock_timeout_ms)
-        recover.finish_swapped(conn, c)
+        recover.finish_swapped(conn, c, options.lock_timeout_ms)
     except Stopped as exc:
         status, failure = RunStatus.STOPPED, f"compaction stopped ({exc}) before its swap and undone"
     except (MsggcError, psycopg.Error) as exc:
@@ -125,8 +125,8 @@ def _settled(conn: Connection, run_id: int, lock_timeout_ms: int, status: RunSta
         c = load(conn, run_id)
         if c is not None and c.phase in BEFORE_SWAP:
             recover.undo(conn, c, lock_timeout_ms)
-        elif c is not None and c.phase == "swapped":
-            recover.finish_swapped(conn, c)
+        elif c is not None and c.phase in AFTER_SWAP:
+            recover.finish_swapped(conn, c, lock_timeout_ms)
             return RunStatus.COMPLETE, None
     except (MsggcError, psycopg.Error) as exc:
         return status, f"{failure}; {str(exc).strip().splitlines()[0]}"

@@ -82,3 +82,18 @@ def attach(conn: Connection, c: Compaction) -> None:
         sql.Identifier(*c.parent), table_ident(c.table), sql.SQL(c.bound)))  # the bound from the catalog
     conn.execute(sql.SQL("ALTER TABLE {} DROP CONSTRAINT IF EXISTS {}").format(
         table_ident(c.table), sql.Identifier(bound_name(c))))
+
+
+def bound_on_old(conn: Connection, c: Compaction) -> None:
+    """A leaf's swap to be undone: the old table takes the leaf's partition constraint as a
+    CHECK (validated now, outside the parent's lock: nobody reads the old table), so that its
+    attach again does not scan; the attach drops it as it drops the new one's."""
+    old = table_ident(c.old).as_string(conn)
+    if conn.execute("SELECT FROM pg_constraint WHERE conrelid = to_regclass(%s) AND conname = %s",
+                    (old, bound_name(c))).fetchone():
+        return
+    definition = conn.execute("SELECT pg_get_partition_constraintdef(to_regclass(%s))",
+                              (table_ident(c.table).as_string(conn),)).fetchone()
+    if definition and definition[0]:
+        conn.execute(sql.SQL("ALTER TABLE {} ADD CONSTRAINT {} CHECK ({})").format(
+            table_ident(c.old), sql.Identifier(bound_name(c)), sql.SQL(definition[0])))  # the server's text

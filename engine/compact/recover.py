@@ -4,30 +4,27 @@ table (whatever its flags) when the one that started it was killed.
 Before the swap the application's table is untouched but for the capture trigger: undoing
 removes the trigger, its function, the log and the half-built table. After the swap the old
 table is frozen: it is verified (``rows(old) = rows(new) + garbage(old)``), its garbage counted
-as the run's deleted rows, then dropped (or kept with ``--archive``).
+as the run's deleted rows, then dropped (or kept with ``--archive``); the capture trigger the
+swap put on the new table goes once the count adds up. If it does not, the swap is undone
+(:mod:`engine.compact.unswap`) and the run fails.
 """
 
 from __future__ import annotations
-
-import time
-from collections.abc import Callable
 
 from psycopg import errors as pg_errors
 from psycopg import sql
 
 from engine.compact import capture
-from engine.compact.state import BEFORE_SWAP, Compaction, names_of, save, unfinished
+from engine.compact.locking import locking
+from engine.compact.state import AFTER_SWAP, BEFORE_SWAP, Compaction, names_of, save, unfinished
+from engine.compact.unswap import CompactionKept, CompactionUndone, unswap
 from engine.db import Connection, one_row, table_ident
 from engine.errors import MsggcError
 from engine.finish import Finisher, SilentFinisher, close
 from engine.status import RunStatus
 
-ATTEMPTS = 6
-BACKOFF_S = 0.1
-
-
-class CompactionKept(MsggcError):
-    """The verification failed after the swap: the old table is kept beside the new one."""
+__all__ = ["CompactionKept", "CompactionUndone", "finish_swapped", "locking", "recover", "recover_table",
+           "undo"]
 
 
 def undo(conn: Connection, c: Compaction, lock_timeout_ms: int) -> None:
@@ -48,25 +45,13 @@ def undo(conn: Connection, c: Compaction, lock_timeout_ms: int) -> None:
                          ) from None
 
 
-def locking(conn: Connection, step: Callable[[], None], lock_timeout_ms: int) -> None:
-    """``step`` in a transaction under ``lock_timeout``, tried again with backoff."""
-    for attempt in range(ATTEMPTS):
-        try:
-            with conn.transaction():
-                conn.execute("SELECT set_config('lock_timeout', %s, true)", (f"{lock_timeout_ms}ms",))
-                step()
-            return
-        except pg_errors.LockNotAvailable:
-            if attempt == ATTEMPTS - 1:
-                raise
-            time.sleep(BACKOFF_S * 2**attempt)
-
-
-def finish_swapped(conn: Connection, c: Compaction) -> int:
-    """Validate the carried foreign keys, verify and count the old table, drop it (or keep it as
-    the archive); returns the garbage it held: the run's deleted rows, exact. A count that does
-    not add up keeps the old table and raises :class:`CompactionKept`."""
-    capture.drop(conn, c)
+def finish_swapped(conn: Connection, c: Compaction, lock_timeout_ms: int) -> int:
+    """Validate the carried foreign keys, verify and count the old table, remove the capture
+    from the new one, drop the old table (or keep it as the archive); returns the garbage it
+    held: the run's deleted rows, exact. A count that does not add up undoes the swap
+    (:func:`engine.compact.unswap.unswap` raises); so does a compaction found ``undoing``."""
+    if c.phase == "undoing":
+        unswap(conn, c, lock_timeout_ms, f"compaction of {c.table.qualified} did not add up")
     for name in c.validate:
         conn.execute(sql.SQL("ALTER TABLE {} VALIDATE CONSTRAINT {}").format(
             table_ident(c.table), sql.Identifier(name)))
@@ -75,25 +60,36 @@ def finish_swapped(conn: Connection, c: Compaction) -> int:
     rows = one_row(conn.execute(sql.SQL("SELECT count(*) FROM {}").format(table_ident(c.old))))[0]
     garbage = one_row(conn.execute(sql.SQL("SELECT count(*) FROM {old} WHERE ({garbage})").format(
         garbage=c.predicate, old=table_ident(c.old)), c.params))[0]
-    with conn.transaction():
-        if rows != c.live + garbage:
-            c.phase = "kept"
+    if rows != c.live + garbage:
+        with conn.transaction():  # before the old table is first written: never verified again
+            c.phase = "undoing"
             save(conn, c)
+        unswap(conn, c, lock_timeout_ms,
+               f"compaction of {c.table.qualified} did not add up: the old table held {rows} rows, the new"
+               f" one {c.live} and garbage {garbage}")
+    _drop_capture(conn, c, lock_timeout_ms)
+    with conn.transaction():  # not under the table's lock: the archive's delete may take a while
+        if c.archive:
+            _keep_garbage_only(conn, c)
         else:
-            if c.archive:
-                _keep_garbage_only(conn, c)
-            else:
-                conn.execute(sql.SQL("DROP TABLE {}").format(table_ident(c.old)))
-            c.phase = "done"
-            save(conn, c)
-            conn.execute("UPDATE gc_runs SET messages_deleted = messages_deleted + %s, batches = batches + 1"
-                         " WHERE id = %s",
-                         (garbage, c.run_id))
-    if c.phase == "kept":
-        raise CompactionKept(
-            f"compaction of {c.table.qualified} did not add up: the old table held {rows} rows, the new one"
-            f" {c.live} and garbage {garbage}; the old table is kept as {c.old.qualified}")
+            conn.execute(sql.SQL("DROP TABLE {}").format(table_ident(c.old)))
+        c.phase = "done"
+        save(conn, c)
+        conn.execute("UPDATE gc_runs SET messages_deleted = messages_deleted + %s, batches = batches + 1"
+                     " WHERE id = %s",
+                     (garbage, c.run_id))
     return int(garbage)
+
+
+def _drop_capture(conn: Connection, c: Compaction, lock_timeout_ms: int) -> None:
+    """The verification passed: the capture trigger leaves the new table (the application's
+    writes pay it no longer), under ``lock_timeout``; not granted, the next run finishes."""
+    try:
+        locking(conn, lambda: capture.drop(conn, c), lock_timeout_ms)
+    except pg_errors.LockNotAvailable:
+        raise MsggcError(f"the capture trigger on {c.table.qualified} could not be removed after the swap:"
+                         f" its lock was not granted within {lock_timeout_ms} ms; the next run removes it"
+                         ) from None
 
 
 def _keep_garbage_only(conn: Connection, c: Compaction) -> None:
@@ -122,8 +118,13 @@ def recover(conn: Connection, schema: str, name: str, lock_timeout_ms: int,
             _close(conn, c.run_id, RunStatus.FAILED, "killed before its swap: undone by the next run",
                    finisher_of)
             done.append(f"run {c.run_id}'s compaction, killed before its swap, undone")
-        elif c.phase == "swapped":
-            deleted = finish_swapped(conn, c)
+        elif c.phase in AFTER_SWAP:
+            try:
+                deleted = finish_swapped(conn, c, lock_timeout_ms)
+            except (CompactionUndone, CompactionKept) as exc:
+                _close(conn, c.run_id, RunStatus.FAILED, f"killed after its swap: {exc}", finisher_of)
+                done.append(f"run {c.run_id}'s compaction, killed after its swap: {exc}")
+                continue
             _close(conn, c.run_id, RunStatus.COMPLETE, None, finisher_of)
             done.append(f"run {c.run_id}'s compaction, killed after its swap, finished: {deleted} rows")
         else:  # killed between its last phase and its close: the record says how it ended

@@ -15,8 +15,12 @@ from psycopg.types.json import Jsonb
 from engine.config import TableSpec
 from engine.db import Connection, one_row
 
-Phase = Literal["planned", "capture", "copied", "indexed", "swapped", "done", "undone", "kept"]
+Phase = Literal["planned", "capture", "copied", "indexed", "swapped", "undoing", "done", "undone",
+                "unswapped", "kept"]
 BEFORE_SWAP: tuple[Phase, ...] = ("planned", "capture", "copied", "indexed")
+AFTER_SWAP: tuple[Phase, ...] = ("swapped", "undoing")
+"""``undoing``: the verification failed; from then on the old table takes the new one's changes
+back (:mod:`engine.compact.unswap`) and is never verified again. ``unswapped``: it is back."""
 TRIGGER = "msggc_compact_capture"
 TRUNCATED = "msggc_compact_truncated"
 """The capture triggers' names on the application's table (never carried to the new one)."""
@@ -102,7 +106,8 @@ def unfinished(conn: Connection, schema: str, name: str) -> list[Compaction]:
     says so, or its run was killed after the last phase and before its own close."""
     rows = conn.execute(
         "SELECT cursor -> 'compact' FROM gc_runs WHERE cursor ? 'compact'"
-        " AND (cursor #>> '{compact,phase}' NOT IN ('done', 'undone', 'kept') OR status = 'running')"
+        " AND (cursor #>> '{compact,phase}' NOT IN ('done', 'undone', 'unswapped', 'kept')"
+        "      OR status = 'running')"
         " AND cursor #>> '{compact,schema}' = %s AND cursor #>> '{compact,name}' = %s ORDER BY id",
         (schema, name)).fetchall()
     return [_loaded(record) for (record,) in rows]

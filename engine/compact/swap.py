@@ -3,7 +3,9 @@ one's place, tried again with backoff (a catch-up round between tries keeps the 
 
 Under the table's ACCESS EXCLUSIVE lock nobody writes: the last logged keys are synced, the
 capture trigger goes, the indexes and tables trade names, and the new table takes over what the
-old one carried (:mod:`engine.compact.carry`); the record says ``swapped`` in the same commit.
+old one carried (:mod:`engine.compact.carry`) and the capture trigger, which logs the application's
+changes to it until the verification passes (a swap undone takes them back to the old table);
+the record says ``swapped`` in the same commit.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ import time
 from psycopg import errors as pg_errors
 from psycopg import sql
 
-from engine.compact import carry, leaf
+from engine.compact import capture, carry, leaf
 from engine.compact.catchup import catch_up, sync_round
 from engine.compact.state import TRIGGER, TRUNCATED, Compaction, save
 from engine.db import Connection, one_row, regclass_of, table_ident
@@ -25,6 +27,10 @@ BACKOFF_S = 0.1
 
 class SwapNotGranted(MsggcError):
     """The table's lock was never granted within lock_timeout: the compaction is undone."""
+
+
+class ShapeChanged(MsggcError):
+    """The application changed the table's columns, constraints or indexes meanwhile."""
 
 
 def swap(conn: Connection, c: Compaction, names: list[str], lock_timeout_ms: int) -> None:
@@ -54,8 +60,8 @@ def _swap_locked(conn: Connection, c: Compaction, names: list[str], lock_timeout
     locked = time.monotonic()
     old_oid, new_oid = regclass_of(conn, c.table), regclass_of(conn, c.new)
     assert old_oid is not None and new_oid is not None
-    _require_same_indexes(conn, c, old_oid)
-    _require_same_shape(conn, c, old_oid, new_oid)
+    require_same_indexes(conn, c, old_oid)
+    require_same_shape(conn, c, old_oid, new_oid)
     sync_round(conn, c, names, limit=None)
     for trigger in (TRIGGER, TRUNCATED):
         conn.execute(sql.SQL("DROP TRIGGER {} ON {}").format(sql.Identifier(trigger), table))
@@ -73,18 +79,20 @@ def _swap_locked(conn: Connection, c: Compaction, names: list[str], lock_timeout
     carry.carry_all(conn, old_oid, new_oid, table, c.prefix, renamed)
     if c.parent:
         leaf.attach(conn, c)
+    capture.attach(conn, c)  # the log is empty: from now on it holds the keys changed in the new table
     c.phase = "swapped"
     save(conn, c)
     return locked
 
 
-def _require_same_indexes(conn: Connection, c: Compaction, oid: int) -> None:
-    """An index the application created or dropped meanwhile would be lost or doubled: refuse."""
+def require_same_indexes(conn: Connection, c: Compaction, oid: int) -> None:
+    """An index the application created or dropped meanwhile would be lost or doubled: refuse
+    (:class:`ShapeChanged`). ``oid``: the table in place, whose index names are the old ones."""
     now = sorted(one_row(conn.execute(
         "SELECT coalesce(array_agg(c.relname::text), '{}') FROM pg_index x"
         " JOIN pg_class c ON c.oid = x.indexrelid WHERE x.indrelid = %s", (oid,)))[0])
     if now != sorted(name for name, _built in c.indexes):
-        raise MsggcError(f"the indexes of {c.table.qualified} changed during the compaction"
+        raise ShapeChanged(f"the indexes of {c.table.qualified} changed during the compaction"
                          f" ({', '.join(now)}); it was undone, nothing changed: run it again")
 
 
@@ -100,8 +108,9 @@ SELECT (SELECT jsonb_agg(jsonb_build_array(attname, atttypid, atttypmod, attnotn
 """
 
 
-def _require_same_shape(conn: Connection, c: Compaction, old: int, new: int) -> None:
-    """A column or constraint the application changed meanwhile would be lost: refuse."""
+def require_same_shape(conn: Connection, c: Compaction, old: int, new: int) -> None:
+    """A column or constraint the application changed meanwhile would be lost: refuse
+    (:class:`ShapeChanged`)."""
     if conn.execute(SHAPE, {"oid": old}).fetchone() != conn.execute(SHAPE, {"oid": new}).fetchone():
-        raise MsggcError(f"the columns or constraints of {c.table.qualified} changed during the compaction;"
+        raise ShapeChanged(f"the columns or constraints of {c.table.qualified} changed during the compaction;"
                          " it was undone, nothing changed: run it again")
