@@ -22,6 +22,7 @@ from engine.rate_control import (
     RateControl,
     percentile,
 )
+from engine.server_counters import others_writes
 from engine.sizer import BatchSizer
 
 
@@ -268,3 +269,15 @@ def test_the_dry_run_says_a_run_would_be_refused_when_a_tenth_of_the_commits_alo
     verdict = predict_under_budget(5.0, [4.0] * 17 + [6.0] * 3, [30.0] * 5, 100 * MiB, 10.0, None)
     assert verdict.verdict.startswith("cannot hold")
     assert "a run now would be refused: its 90th percentile alone is 6.0 ms" in verdict.verdict
+
+
+def test_the_other_sessions_writes_are_all_client_backends_less_msggcs_own_since_the_last_reading() -> None:
+    """msggc's worker 7 wrote 300 buffers, worker 8 (new since) 50, the others 120 of 470."""
+    assert others_writes(470, {7: 1000}, {7: 1300, 8: 50}) == 120
+
+
+def test_a_msggc_session_gone_since_the_last_reading_never_makes_the_others_writes_negative() -> None:
+    """Worker 7 ended (its last writes counted in the total, not in msggc's reading): at most
+    a step's worth goes to the others' side, never below zero."""
+    assert others_writes(10, {7: 1000}, {}) == 10
+    assert others_writes(10, {7: 1000}, {7: 1100}) == 0
