@@ -1,8 +1,13 @@
 """What the new table takes over from the old at the swap, besides its rows and indexes:
 owner, grants (table and column), the application's triggers and their enabled state, row
-security and its policies, the table's comment, statistics targets, replica identity, and its
-sequences (owned ones change owner; an identity's position is carried). Called inside the swap's
-transaction, after the renames: ``old`` is the table swapped out, ``new`` the one now in place.
+security and its policies, the table's comment and those of its indexes, constraints, triggers
+and policies, statistics targets (of columns and of index columns), column options
+(``n_distinct``...), TOAST options (``toast.*``), the CLUSTER mark, extended statistics' names,
+replica identity, and its sequences (owned ones change owner; an identity's position is
+carried). Called inside the swap's transaction, after the renames: ``old`` is the table swapped
+out, ``new`` the one now in place. (The tablespaces are the old ones' from the creation on:
+:func:`engine.compact.copy.in_tablespace`. Security labels are not carried: no label provider
+to prove it with; a table that has one is refused.)
 """
 
 from __future__ import annotations
@@ -22,10 +27,17 @@ def carry_all(conn: Connection, old: int, new: int, ident: sql.Composable, prefi
               indexes: dict[str, str]) -> None:
     """``indexes``: each index of the old table (as named now) to its twin on the new one;
     ``prefix`` names what the old table's sequences become."""
-    for step in (_owner, _grants, _triggers, _row_security, _comment, _statistics):
+    for step in (_owner, _grants, _triggers, _row_security, _comment, _statistics, _column_options,
+                 _toast_options):
         step(conn, old, new, ident)
     _sequences(conn, old, new, ident, prefix)
     _replica_identity(conn, old, ident, indexes)
+    _clustered(conn, old, ident, indexes)
+    schema = sql.SQL(one_row(conn.execute(  # regnamespace text: quoted as needed
+        "SELECT relnamespace::regnamespace::text FROM pg_class WHERE oid = %s", (new,)))[0])
+    _index_statistics(conn, old, schema, indexes)
+    _extended_statistics(conn, old, new, prefix)
+    _object_comments(conn, old, ident, schema, indexes)
 
 
 def _role(name: str | None) -> sql.Composable:
@@ -171,3 +183,105 @@ def sequences_back(conn: Connection, new: int, old_ident: sql.Composable) -> lis
                                             s=sql.SQL(sequence))))[0]
         renames.append((mine, name))
     return renames
+
+
+def _column_options(conn: Connection, old: int, new: int, ident: sql.Composable) -> None:
+    """Per-column planner options (``n_distinct``, ``n_distinct_inherited``): those only (a server
+    may stamp options of its own on every column it creates)."""
+    for column, name, value in conn.execute(
+            "SELECT attname, option_name, option_value FROM pg_attribute, pg_options_to_table(attoptions)"
+            " WHERE attrelid = %s AND attnum > 0 AND NOT attisdropped"
+            " AND option_name IN ('n_distinct', 'n_distinct_inherited') ORDER BY attnum", (old,)).fetchall():
+        conn.execute(sql.SQL("ALTER TABLE {} ALTER COLUMN {} SET ({} = {})").format(
+            ident, sql.Identifier(column), sql.Identifier(name), sql.Literal(value)))
+
+
+def _toast_options(conn: Connection, old: int, new: int, ident: sql.Composable) -> None:
+    """The TOAST table's options (``toast.autovacuum_enabled``...): the copy took the heap's only."""
+    for name, value in conn.execute(
+            "SELECT option_name, option_value FROM pg_class c JOIN pg_class t ON t.oid = c.reltoastrelid,"
+            " pg_options_to_table(t.reloptions) WHERE c.oid = %s", (old,)).fetchall():
+        conn.execute(sql.SQL("ALTER TABLE {} SET ({} = {})").format(
+            ident, sql.SQL("toast.{}").format(sql.Identifier(name)), sql.Literal(value)))
+
+
+def _clustered(conn: Connection, old: int, ident: sql.Composable, indexes: dict[str, str]) -> None:
+    """The index ``CLUSTER`` without a name would use."""
+    for (index,) in conn.execute("SELECT ic.relname FROM pg_index x JOIN pg_class ic ON ic.oid = x.indexrelid"
+                                 " WHERE x.indrelid = %s AND x.indisclustered", (old,)).fetchall():
+        if index in indexes:
+            conn.execute(sql.SQL("ALTER TABLE {} CLUSTER ON {}").format(
+            ident, sql.Identifier(indexes[index])))
+
+
+def _index_statistics(conn: Connection, old: int, schema: sql.Composable, indexes: dict[str, str]) -> None:
+    """Statistics targets set on an expression index's columns (by position)."""
+    for index, number, target in conn.execute(
+            "SELECT ic.relname, a.attnum, a.attstattarget FROM pg_index x"
+            " JOIN pg_class ic ON ic.oid = x.indexrelid JOIN pg_attribute a ON a.attrelid = ic.oid"
+            " WHERE x.indrelid = %s AND coalesce(a.attstattarget, -1) >= 0 ORDER BY 1, 2", (old,)).fetchall():
+        if index in indexes:
+            conn.execute(sql.SQL("ALTER INDEX {}.{} ALTER COLUMN {} SET STATISTICS {}").format(
+                schema, sql.Identifier(indexes[index]), sql.Literal(int(number)), sql.Literal(int(target))))
+
+
+STATISTICS_OBJECTS = """
+SELECT s.oid, s.stxname, pg_get_statisticsobjdef_columns(s.oid), s.stxkind::text,
+       coalesce(s.stxstattarget, -1), n.nspname
+FROM pg_statistic_ext s JOIN pg_namespace n ON n.oid = s.stxnamespace
+WHERE s.stxrelid = %s ORDER BY s.oid
+"""
+
+
+def _extended_statistics(conn: Connection, old: int, new: int, prefix: str) -> None:
+    """The new table's extended statistics (made by ``LIKE`` with their comments, named after
+    it, in its schema) take the old ones' names and schemas, once those are renamed away, and
+    their statistics targets; matched by definition."""
+    theirs = {(row[2], row[3]): row for row in conn.execute(STATISTICS_OBJECTS, (new,)).fetchall()}
+    mine = conn.execute(STATISTICS_OBJECTS, (old,)).fetchall()
+    for number, (_oid, name, columns, kinds, target, namespace) in enumerate(mine):
+        twin = theirs.get((columns, kinds))
+        if twin is None:
+            continue
+        conn.execute(sql.SQL("ALTER STATISTICS {} RENAME TO {}").format(
+            sql.Identifier(namespace, name), sql.Identifier(f"{prefix}_stat_{number}")))
+        conn.execute(sql.SQL("ALTER STATISTICS {} RENAME TO {}").format(
+            sql.Identifier(twin[5], twin[1]), sql.Identifier(name)))
+        if twin[5] != namespace:
+            conn.execute(sql.SQL("ALTER STATISTICS {} SET SCHEMA {}").format(
+                sql.Identifier(twin[5], name), sql.Identifier(namespace)))
+        if target >= 0:
+            conn.execute(sql.SQL("ALTER STATISTICS {} SET STATISTICS {}").format(
+                sql.Identifier(namespace, name), sql.Literal(int(target))))
+
+
+COMMENTED = """
+SELECT 'INDEX', ic.relname, d.description FROM pg_index x JOIN pg_class ic ON ic.oid = x.indexrelid
+  JOIN pg_description d ON d.objoid = ic.oid AND d.classoid = 'pg_class'::regclass AND d.objsubid = 0
+  WHERE x.indrelid = %(old)s
+UNION ALL SELECT 'CONSTRAINT', co.conname, d.description FROM pg_constraint co
+  JOIN pg_description d ON d.objoid = co.oid AND d.classoid = 'pg_constraint'::regclass
+  WHERE co.conrelid = %(old)s AND co.contype IN ('p', 'u', 'f') AND co.conparentid = 0
+UNION ALL SELECT 'TRIGGER', tg.tgname, d.description FROM pg_trigger tg
+  JOIN pg_description d ON d.objoid = tg.oid AND d.classoid = 'pg_trigger'::regclass
+  WHERE tg.tgrelid = %(old)s AND NOT tg.tgisinternal AND tg.tgparentid = 0
+UNION ALL SELECT 'POLICY', p.polname, d.description FROM pg_policy p
+  JOIN pg_description d ON d.objoid = p.oid AND d.classoid = 'pg_policy'::regclass
+  WHERE p.polrelid = %(old)s
+"""
+
+
+def _object_comments(conn: Connection, old: int, ident: sql.Composable, schema: sql.Composable,
+                     indexes: dict[str, str]) -> None:
+    """Comments on the table's indexes, the constraints made of them and its foreign keys, its
+    triggers and policies (the copy carried the columns', CHECKs' and extended statistics'). An
+    index's (and its constraint's) name is its twin's; the others' names are the same."""
+    for kind, name, comment in conn.execute(COMMENTED, {"old": old}).fetchall():
+        twin = indexes[name] if name in indexes else str(name)
+        if kind == "INDEX" and name in indexes:
+            target = sql.SQL("INDEX {}.{}").format(schema, sql.Identifier(twin))
+        elif kind in ("CONSTRAINT", "TRIGGER", "POLICY"):
+            target = sql.SQL("{} {} ON {}").format(sql.SQL(kind), sql.Identifier(twin), ident)
+        else:
+            continue
+        conn.execute(sql.SQL("COMMENT ON {} IS {}").format(target, sql.Literal(comment)))

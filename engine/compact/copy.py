@@ -24,10 +24,12 @@ LIKE = sql.SQL("INCLUDING DEFAULTS INCLUDING IDENTITY INCLUDING CONSTRAINTS INCL
 
 
 def create_table(conn: Connection, c: Compaction, oid: int) -> None:
-    """The new table beside the old, same persistence and table options (caller's transaction)."""
+    """The new table beside the old, same persistence, table options and tablespace (caller's
+    transaction)."""
     unlogged, options = one_row(conn.execute(
         "SELECT relpersistence = 'u', coalesce((SELECT array_agg(array[option_name, option_value])"
         " FROM pg_options_to_table(reloptions)), '{}') FROM pg_class WHERE oid = %s", (oid,)))
+    in_tablespace(conn, oid)
     with_options = sql.SQL(" WITH ({})").format(sql.SQL(", ").join(
         sql.SQL("{} = {}").format(sql.Identifier(name), sql.Literal(value)) for name, value in options)
     ) if options else sql.SQL("")
@@ -36,6 +38,13 @@ def create_table(conn: Connection, c: Compaction, oid: int) -> None:
         like=LIKE_LEAF if c.parent else LIKE, options=with_options))
     if c.parent:
         leaf.add_bound_check(conn, c, oid)
+
+
+def in_tablespace(conn: Connection, oid: int) -> None:
+    """What the transaction creates from now on goes where the relation ``oid`` lies (its
+    tablespace, or the database's default): created there, nothing is moved later."""
+    conn.execute("SELECT set_config('default_tablespace', coalesce((SELECT spcname FROM pg_tablespace"
+                 " WHERE oid = (SELECT reltablespace FROM pg_class WHERE oid = %s)), ''), true)", (oid,))
 
 
 def columns(conn: Connection, oid: int) -> list[str]:
@@ -63,7 +72,7 @@ def build_indexes(conn: Connection, c: Compaction, oid: int) -> None:
     ``pg_get_indexdef`` always qualifies the table, so its text past ``ON schema.table`` is the
     index's method, columns, options and predicate, as the server printed them."""
     rows = conn.execute(
-        "SELECT ic.relname, x.indisunique, con.contype,"
+        "SELECT ic.oid, ic.relname, x.indisunique, con.contype,"
         " substr(d.def, length(format('CREATE %%sINDEX %%I ON %%I.%%I ',"
         "   CASE WHEN x.indisunique THEN 'UNIQUE ' END, ic.relname, n.nspname, t.relname)) + 1)"
         " FROM pg_index x JOIN pg_class ic ON ic.oid = x.indexrelid JOIN pg_class t ON t.oid = x.indrelid"
@@ -78,8 +87,9 @@ def build_indexes(conn: Connection, c: Compaction, oid: int) -> None:
                  " WHERE pg_size_bytes(current_setting('maintenance_work_mem')) < pg_size_bytes(%s)",
                  (INDEX_MEMORY, INDEX_MEMORY))
     conn.execute("SELECT set_config('statement_timeout', '0', true)")
-    for number, (name, unique, constraint, tail) in enumerate(rows):
+    for number, (index, name, unique, constraint, tail) in enumerate(rows):
         built = f"msggc_{c.run_id}_{number}"
+        in_tablespace(conn, index)
         conn.execute(sql.SQL("CREATE {unique}INDEX {name} ON {new} {tail}").format(
             unique=sql.SQL("UNIQUE " if unique else ""), name=sql.Identifier(built), new=table_ident(c.new),
             tail=sql.SQL(tail)))  # the server's own text of the index

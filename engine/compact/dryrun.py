@@ -24,7 +24,7 @@ from engine.result import GcResult
 from engine.target import Target
 
 CHECKED = ("a key", "owned", "no view, rule or materialized view", "no foreign key onto it", "not published",
-           "no inheritance", "no object on its row type")
+           "no inheritance", "no object on its row type", "no security label")
 SAMPLE_ROWS = 20_000
 READ_BLOCKS = 4_096
 """The live rows written in the sample copy, and the blocks read to time the scan (32 MB)."""

@@ -82,6 +82,11 @@ _DEPENDENTS = (
     ("constraints a swap cannot rebuild (exclusion, deferrable)",
      "SELECT conname::text FROM pg_constraint WHERE conrelid = %(oid)s"
      " AND (contype = 'x' OR (contype IN ('p', 'u') AND condeferrable)) ORDER BY 1"),
+    ("security labels (a swap does not carry them)",
+     "SELECT DISTINCT format('%%s by %%s', coalesce(a.attname::text, 'the table'), s.provider)"
+     " FROM pg_seclabel s"
+     " LEFT JOIN pg_attribute a ON a.attrelid = s.objoid AND a.attnum = s.objsubid AND s.objsubid > 0"
+     " WHERE s.classoid = 'pg_class'::regclass AND s.objoid = %(oid)s ORDER BY 1"),
     ("objects depend on it or on its row type",
      "SELECT DISTINCT pg_describe_object(d.classid, d.objid, d.objsubid) FROM pg_depend d, pg_class c"
      " WHERE c.oid = %(oid)s AND d.deptype = 'n'"
