@@ -18,12 +18,13 @@ import psycopg
 import pytest
 
 from engine import collect
+from engine.archive import create_archive
 from engine.config import GcOptions, StrategyName, TableSpec
 from engine.service.notice import NoticeFinisher
 from engine.service.notify import WebhookNotifier
 from tests.compact_app import CATALOG, LEAF_CATALOG, LEAVES, POINTS, App, leftovers, make_inbox, pause_at
 from tests.faults.helpers import CallbackServer, notice
-from tests.support import spawn_cli
+from tests.support import run_cli, spawn_cli
 
 Conn = psycopg.Connection[Any]
 
@@ -100,3 +101,32 @@ def test_a_killed_compaction_claimed_again_by_a_worker_goes_on_in_its_row_and_te
         (run_id, "complete", 2700)]
     assert notices == [{"messages_deleted": 2700, "status": "complete"}]
     assert leftovers(conn) == []
+
+
+@pytest.mark.parametrize("point", ["copy", "finish"])
+@pytest.mark.parametrize("killed_archive", [False, True])
+@pytest.mark.parametrize("rerun_archive", [False, True])
+def test_a_compaction_killed_then_a_run_with_or_without_archive_finishes_or_undoes_it_leaving_nothing(
+        conn: Conn, dsn: str, point: str, killed_archive: bool, rerun_archive: bool) -> None:
+    make_inbox(conn, 4000, 10)
+    live = conn.execute("SELECT * FROM inbox WHERE processed_at IS NULL ORDER BY id").fetchall()
+    garbage = conn.execute("SELECT * FROM inbox WHERE processed_at IS NOT NULL ORDER BY id").fetchall()
+    create_archive(conn, TableSpec(name="inbox", schema="public"))
+    archive = ["--archive"] if killed_archive else []
+    proc = spawn_cli("gc", "--dsn", dsn, "--table", "public.inbox", "--strategy", "compact", *archive)
+    kill_inside(conn, dsn, proc, point)
+    rerun = run_cli("gc", "--dsn", dsn, "--table", "public.inbox", *(["--archive"] if rerun_archive else []))
+    assert rerun.returncode == 0, rerun.stderr
+    assert conn.execute("SELECT * FROM inbox ORDER BY id").fetchall() == live
+    runs = conn.execute("SELECT status, messages_deleted FROM gc_runs ORDER BY id").fetchall()
+    swapped = point == "finish"
+    assert runs == [("complete", 3600), ("complete", 0)] if swapped else [("failed", 0), ("complete", 3600)]
+    first = conn.execute("SELECT min(id) FROM gc_runs").fetchone()[0]
+    kept = f"msggc_old_{first}"  # with its indexes and identity sequence, renamed msggc_<run>_old_*
+    if swapped and killed_archive:  # the killed run's archive: exactly its garbage, restorable
+        assert conn.execute(f"SELECT * FROM {kept} ORDER BY id").fetchall() == garbage
+    archived = conn.execute("SELECT count(*) FROM inbox_archive").fetchone()[0]
+    assert archived == (3600 if rerun_archive and not swapped else 0)
+    left = leftovers(conn)
+    assert (kept in left) == (swapped and killed_archive)
+    assert [name for name in left if name != kept and not name.startswith(f"msggc_{first}_old_")] == []

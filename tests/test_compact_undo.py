@@ -108,3 +108,28 @@ def test_a_leaf_whose_count_does_not_add_up_is_attached_again_with_every_row(con
         "events_1",)
     assert conn.execute(LEAF_CATALOG).fetchone() == before
     assert leftovers(conn) == []
+
+
+def test_a_swap_that_cannot_be_undone_keeps_the_old_table_beside_and_says_so(conn: Conn, dsn: str) -> None:
+    make_inbox(conn, 2000, 10)
+    oid = conn.execute("SELECT 'inbox'::regclass::oid").fetchone()[0]
+    conn.execute(tamper("(id, msg, code) OVERRIDING SYSTEM VALUE VALUES (1000000, 'missed', 'a')"))
+    proc = spawn_cli("gc", "--dsn", dsn, "--table", "public.inbox", "--strategy", "compact", "--json")
+    with psycopg.connect(dsn) as holder:
+        pause_at(conn, holder, proc, "finish")
+        # the application takes the old table's unique value: that row cannot go back beside it
+        conn.execute("INSERT INTO inbox (msg) VALUES ('missed')")
+    out, _err = proc.communicate(timeout=60)
+    assert proc.returncode == 1
+    error = json.loads(out)["error"]
+    assert "did not add up" in error and "the swap could not be undone" in error, error
+    run_id = conn.execute("SELECT id FROM gc_runs").fetchone()[0]
+    assert f"kept beside it as public.msggc_old_{run_id}" in error
+    assert conn.execute("SELECT 'inbox'::regclass::oid").fetchone()[0] != oid  # the new table stays
+    assert conn.execute("SELECT count(*) FROM inbox WHERE msg = 'missed'").fetchone()[0] == 1
+    assert conn.execute(f"SELECT count(*) FROM msggc_old_{run_id}").fetchone()[0] == 2001
+    assert conn.execute("SELECT status, cursor #>> '{compact,phase}' FROM gc_runs").fetchone() == (
+        "failed", "kept")
+    kept = (f"msggc_old_{run_id}", f"msggc_{run_id}_old")  # the table, its indexes and sequence
+    left = [name for name in leftovers(conn) if not name.startswith(kept)]
+    assert left == []  # no trigger, function or log: the application pays nothing more
