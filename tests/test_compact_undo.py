@@ -96,10 +96,14 @@ def test_a_swap_whose_count_does_not_add_up_is_undone_with_the_applications_late
 
 def test_a_leaf_whose_count_does_not_add_up_is_attached_again_with_every_row(conn: Conn, dsn: str) -> None:
     conn.execute(LEAVES)
+    # foreign keys of the parent's (a detached leaf holds them as its own) and of the leaf's own
+    conn.execute("CREATE TABLE app_ref (code text PRIMARY KEY); INSERT INTO app_ref VALUES ('a')")
+    conn.execute("ALTER TABLE events ADD COLUMN code text DEFAULT 'a' REFERENCES app_ref (code)")
+    conn.execute("ALTER TABLE events_1 ADD CONSTRAINT own_code FOREIGN KEY (code) REFERENCES app_ref (code)")
     rows = conn.execute("SELECT * FROM events ORDER BY id").fetchall()
     before = conn.execute(LEAF_CATALOG).fetchone()
     oid = conn.execute("SELECT 'events_1'::regclass::oid").fetchone()[0]
-    conn.execute(tamper("VALUES (1000000, '2026-01-01', 'missed', NULL)"))
+    conn.execute(tamper("VALUES (1000000, '2026-01-01', 'missed', NULL, 'a')"))
     result = collect(dsn, GcOptions(table=TableSpec(name="events_1", schema="public"), strategy="compact"))
     assert result.status is RunStatus.FAILED and "the swap was undone" in str(result.error), result.error
     assert conn.execute("SELECT 'events_1'::regclass::oid").fetchone()[0] == oid

@@ -103,14 +103,18 @@ SELECT (SELECT jsonb_agg(jsonb_build_array(attname, atttypid, atttypmod, attnotn
         WHERE attrelid = %(oid)s AND attnum > 0 AND NOT attisdropped),
        (SELECT jsonb_agg(jsonb_build_array(conname,
           regexp_replace(pg_get_constraintdef(oid), ' NOT VALID$', '')) ORDER BY conname)
-        FROM pg_constraint WHERE conrelid = %(oid)s AND contype IN ('c', 'f') AND conname NOT LIKE 'msggc%%'
-          AND conparentid = 0)
+        FROM pg_constraint WHERE conrelid = %(oid)s AND contype = ANY(%(kinds)s::"char"[])
+          AND conname NOT LIKE 'msggc%%' AND conparentid = 0)
 """
 
 
-def require_same_shape(conn: Connection, c: Compaction, old: int, new: int) -> None:
+def require_same_shape(conn: Connection, c: Compaction, old: int, new: int,
+                       foreign_keys: bool = True) -> None:
     """A column or constraint the application changed meanwhile would be lost: refuse
-    (:class:`ShapeChanged`)."""
-    if conn.execute(SHAPE, {"oid": old}).fetchone() != conn.execute(SHAPE, {"oid": new}).fetchone():
+    (:class:`ShapeChanged`). ``foreign_keys`` False: CHECKs only (a leaf detached holds its
+    parent's foreign keys as its own until attached again)."""
+    kinds = ["c", "f"] if foreign_keys else ["c"]
+    if conn.execute(SHAPE, {"oid": old, "kinds": kinds}).fetchone() != conn.execute(
+            SHAPE, {"oid": new, "kinds": kinds}).fetchone():
         raise ShapeChanged(f"the columns or constraints of {c.table.qualified} changed during the compaction;"
                          " it was undone, nothing changed: run it again")

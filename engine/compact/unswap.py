@@ -32,8 +32,13 @@ from engine.compact.swap import ShapeChanged, require_same_indexes, require_same
 from engine.db import Connection, regclass_of, table_ident
 from engine.errors import MsggcError
 
-UNDOABLE = (pg_errors.UniqueViolation, pg_errors.DependentObjectsStillExist, ShapeChanged)
-"""What makes a swap impossible to undo right: the old table is then kept beside the new."""
+UNDOABLE: dict[type[Exception], str] = {
+    ShapeChanged: "the application changed its columns, constraints or indexes since the swap",
+    pg_errors.DependentObjectsStillExist: "an object made since the swap depends on the new table",
+    pg_errors.UniqueViolation: "a row written since the swap takes a unique value the old table holds",
+}
+"""What makes a swap impossible to undo right (the old table is then kept beside the new), and
+how the run's error says it."""
 
 
 class CompactionUndone(MsggcError):
@@ -60,8 +65,9 @@ def unswap(conn: Connection, c: Compaction, lock_timeout_ms: int, why: str) -> N
     except pg_errors.LockNotAvailable:
         raise MsggcError(f"{why}; undoing the swap: the lock on {c.table.qualified} was not granted within"
                          f" {lock_timeout_ms} ms; the next run undoes it") from None
-    except UNDOABLE as exc:
-        _keep(conn, c, lock_timeout_ms, why, str(exc).strip().splitlines()[0])
+    except tuple(UNDOABLE) as exc:
+        said = next(said for kind, said in UNDOABLE.items() if isinstance(exc, kind))
+        _keep(conn, c, lock_timeout_ms, why, said)
     raise CompactionUndone(f"{why}; the swap was undone: {c.table.qualified} is the table it was, with"
                            " every change since")
 
@@ -76,7 +82,7 @@ def _swapped_back(conn: Connection, c: Compaction, names: list[str]) -> None:
     new, old = regclass_of(conn, c.table), regclass_of(conn, c.old)
     assert new is not None and old is not None
     require_same_indexes(conn, c, new)
-    require_same_shape(conn, c, old, new)
+    require_same_shape(conn, c, old, new, foreign_keys=not c.parent)
     sync_round(conn, c, names, limit=None, back=True)
     capture.drop(conn, c)
     sequences = carry.sequences_back(conn, new, old_ident)
