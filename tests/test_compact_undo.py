@@ -88,6 +88,9 @@ def test_a_swap_whose_count_does_not_add_up_is_undone_with_the_applications_late
         assert conn.execute("SELECT count(*) FROM inbox").fetchone()[0] == 5001 + app.inserted - app.deleted
         gone = conn.execute("SELECT count(*) FROM inbox WHERE id = ANY(%s)", (list(app.gone),)).fetchone()
         assert gone == (0,)
+    # the old table's triggers did not fire for the changes taken back: each insert audited once
+    twice = conn.execute("SELECT id FROM inbox_audit WHERE op = 'INSERT' GROUP BY id HAVING count(*) > 1")
+    assert twice.fetchall() == []
     after = conn.execute(CATALOG).fetchone()[0]
     assert {**after, "next_id": None} == {**before, "next_id": None}
     assert after["next_id"] >= before["next_id"] + app.inserted  # the identity went on past the new table's
@@ -132,6 +135,9 @@ def test_a_swap_that_cannot_be_undone_keeps_the_old_table_beside_and_says_so(con
     assert conn.execute("SELECT 'inbox'::regclass::oid").fetchone()[0] != oid  # the new table stays
     assert conn.execute("SELECT count(*) FROM inbox WHERE msg = 'missed'").fetchone()[0] == 1
     assert conn.execute(f"SELECT count(*) FROM msggc_old_{run_id}").fetchone()[0] == 2001
+    held = conn.execute(f"SELECT count(*) FROM pg_constraint WHERE conrelid = 'msggc_old_{run_id}'::regclass"
+                        " AND contype = 'f'").fetchone()
+    assert held == (0,)  # nothing of the kept table acts on the application's other tables
     assert conn.execute("SELECT status, cursor #>> '{compact,phase}' FROM gc_runs").fetchone() == (
         "failed", "kept")
     kept = (f"msggc_old_{run_id}", f"msggc_{run_id}_old")  # the table, its indexes and sequence

@@ -14,10 +14,10 @@ from __future__ import annotations
 from psycopg import errors as pg_errors
 from psycopg import sql
 
-from engine.compact import capture
+from engine.compact import capture, unswap
 from engine.compact.locking import locking
 from engine.compact.state import AFTER_SWAP, BEFORE_SWAP, Compaction, names_of, save, unfinished
-from engine.compact.unswap import CompactionKept, CompactionUndone, unswap
+from engine.compact.unswap import CompactionKept, CompactionUndone
 from engine.db import Connection, one_row, table_ident
 from engine.errors import MsggcError
 from engine.finish import Finisher, SilentFinisher, close
@@ -51,7 +51,7 @@ def finish_swapped(conn: Connection, c: Compaction, lock_timeout_ms: int) -> int
     held: the run's deleted rows, exact. A count that does not add up undoes the swap
     (:func:`engine.compact.unswap.unswap` raises); so does a compaction found ``undoing``."""
     if c.phase == "undoing":
-        unswap(conn, c, lock_timeout_ms, f"compaction of {c.table.qualified} did not add up")
+        unswap.unswap(conn, c, lock_timeout_ms, f"compaction of {c.table.qualified} did not add up")
     for name in c.validate:
         conn.execute(sql.SQL("ALTER TABLE {} VALIDATE CONSTRAINT {}").format(
             table_ident(c.table), sql.Identifier(name)))
@@ -62,11 +62,10 @@ def finish_swapped(conn: Connection, c: Compaction, lock_timeout_ms: int) -> int
         garbage=c.predicate, old=table_ident(c.old)), c.params))[0]
     if rows != c.live + garbage:
         with conn.transaction():  # before the old table is first written: never verified again
-            c.phase = "undoing"
-            save(conn, c)
-        unswap(conn, c, lock_timeout_ms,
-               f"compaction of {c.table.qualified} did not add up: the old table held {rows} rows, the new"
-               f" one {c.live} and garbage {garbage}")
+            unswap.begin(conn, c)
+        why = (f"compaction of {c.table.qualified} did not add up: the old table held {rows} rows,"
+               f" the new one {c.live} and garbage {garbage}")
+        unswap.unswap(conn, c, lock_timeout_ms, why)
     _drop_capture(conn, c, lock_timeout_ms)
     with conn.transaction():  # not under the table's lock: the archive's delete may take a while
         if c.archive:

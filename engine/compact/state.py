@@ -52,6 +52,10 @@ class Compaction:
     indexes: list[list[str]] = field(default_factory=list)
     """``[old name, new name]`` of each index of the table, built on the new one under a name of
     its own and given the old one's at the swap."""
+    triggers: dict[str, str] = field(default_factory=dict)
+    """A swap being undone: the old table's own triggers (name -> ``tgenabled``), disabled while
+    the application's changes are taken back into it (they fired on the new table already) and
+    enabled as they were once it is back."""
 
     @property
     def table(self) -> TableSpec:

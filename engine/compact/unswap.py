@@ -6,14 +6,17 @@ After the swap the application wrote to the new table; the capture trigger the s
 logged each key it changed. Those keys are synced back into the old table (present -> its row,
 garbage or not; gone -> deleted), in rounds without a lock and a last one under the table's
 lock, in the transaction that also trades the names back (tables, indexes, identity sequences),
-gives the sequences back, drops the new table and records ``unswapped``. ``undoing`` is recorded
+gives the sequences back, drops the new table and records ``unswapped``. The old table's own
+triggers are off meanwhile (each change fired the new table's already) and enabled as they were
+once it is back. ``undoing`` is recorded
 before the old table is first written, so a run killed anywhere in here is undone again by the
 next (:func:`engine.compact.recover.recover`), never verified again.
 
 Where the undo cannot be done right (the application changed the new table's columns,
 constraints or indexes, made an object depend on it, or wrote a unique value a garbage row of the
 old table holds), the new table stays in place, the old one is kept beside it as
-``msggc_old_<run>`` with the changes synced so far, and the run fails saying so (``kept``).
+``msggc_old_<run>`` with the changes synced so far, its triggers off and its foreign keys dropped
+(nothing of it acts on the application), and the run fails saying so (``kept``).
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from psycopg import errors as pg_errors
 from psycopg import sql
 
 from engine.compact import capture, carry, leaf
+from engine.compact.carry import ENABLED
 from engine.compact.catchup import catch_up, sync_round
 from engine.compact.copy import columns
 from engine.compact.locking import locking
@@ -47,6 +51,18 @@ class CompactionUndone(MsggcError):
 
 class CompactionKept(MsggcError):
     """The verification failed and the swap could not be undone: the old table is kept beside."""
+
+
+def begin(conn: Connection, c: Compaction) -> None:
+    """Record ``undoing`` (inside the caller's transaction, before the old table is written):
+    from now on the old table's own triggers are off, their states kept in the record."""
+    old = table_ident(c.old)
+    c.triggers = dict(conn.execute("SELECT tgname::text, tgenabled::text FROM pg_trigger"
+                                   " WHERE tgrelid = to_regclass(%s) AND NOT tgisinternal",
+                                   (old.as_string(conn),)).fetchall())
+    conn.execute(sql.SQL("ALTER TABLE {} DISABLE TRIGGER USER").format(old))
+    c.phase = "undoing"
+    save(conn, c)
 
 
 def unswap(conn: Connection, c: Compaction, lock_timeout_ms: int, why: str) -> NoReturn:
@@ -96,6 +112,9 @@ def _swapped_back(conn: Connection, c: Compaction, names: list[str]) -> None:
         conn.execute(sql.SQL("ALTER SEQUENCE {} RENAME TO {}").format(
             sql.SQL(sequence), sql.Identifier(name)))  # regclass text: quoted as needed
     conn.execute(sql.SQL("ALTER TABLE {} RENAME TO {}").format(old_ident, sql.Identifier(c.name)))
+    for trigger, enabled in c.triggers.items():
+        conn.execute(sql.SQL("ALTER TABLE {} {} {}").format(
+            table, sql.SQL(ENABLED.get(enabled, "ENABLE TRIGGER")), sql.Identifier(trigger)))
     if c.parent:
         leaf.attach(conn, c)
     c.phase = "unswapped"
@@ -107,6 +126,10 @@ def _keep(conn: Connection, c: Compaction, lock_timeout_ms: int, why: str, reaso
 
     def kept() -> None:
         capture.drop(conn, c)
+        old = table_ident(c.old)  # its triggers are off already; its foreign keys would hold the others
+        for (name,) in conn.execute("SELECT conname FROM pg_constraint WHERE conrelid = to_regclass(%s)"
+                                    " AND contype = 'f'", (old.as_string(conn),)).fetchall():
+            conn.execute(sql.SQL("ALTER TABLE {} DROP CONSTRAINT {}").format(old, sql.Identifier(name)))
         c.phase = "kept"
         save(conn, c)
 
