@@ -207,7 +207,8 @@ def collect(
                 if options.strategy != "compact" and chosen is None:
                     return walked
                 cutoff = cutoff_of(conn, options)
-                return predict_compaction(conn, target.target, legs.get(None), walked, cutoff)
+                return predict_compaction(conn, target.target, legs.get(None), walked, cutoff,
+                                          refused=[] if chosen else None)
         lock_table(conn, options, target.oid)
         if partitions.recover(conn, target.oid, options.lock_timeout_ms):
             target = check(conn, options)  # the leaves attached again are walked with the others

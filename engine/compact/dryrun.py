@@ -31,9 +31,10 @@ READ_BLOCKS = 4_096
 
 
 def predict(conn: Connection, target: Target, statements: Statements | None, walk: GcResult,
-            cutoff: object) -> GcResult:
-    """The walk's dry run ``walk`` turned into the compaction's, the walk's figures kept beside."""
-    refused = preconditions.refusals(conn, target)
+            cutoff: object, refused: list[str] | None = None) -> GcResult:
+    """The walk's dry run ``walk`` turned into the compaction's, the walk's figures kept beside;
+    ``refused``: the refusals if just asked (``auto`` chose compaction: none), else asked here."""
+    refused = preconditions.refusals(conn, target) if refused is None else refused
     figures: dict[str, Any] = {"refused": refused, "walk": {
         "strategy": walk.strategy, "predicted_seconds": walk.predicted_seconds,
         "predicted_wal_bytes": walk.predicted_wal_bytes}}
