@@ -1,7 +1,8 @@
 """What a swap carries beyond the basics (tests/test_compact.py compares those): the comments of
 indexes, constraints, triggers and policies; TOAST options; the tablespaces of the table and of
-its indexes; the CLUSTER mark; statistics targets of index columns; column options; extended
-statistics (names, targets, comments). Each compared in the catalog before and after."""
+its indexes and its access method; the CLUSTER mark; statistics targets of index columns; column
+options; extended statistics (names, targets, comments); the identity sequence's grants and
+comment. Each compared in the catalog before and after."""
 
 from __future__ import annotations
 
@@ -33,6 +34,10 @@ ALTER TABLE inbox ALTER COLUMN code SET (n_distinct = 2);
 CREATE STATISTICS inbox_stats (ndistinct) ON code, n FROM inbox;
 ALTER STATISTICS inbox_stats SET STATISTICS 55;
 COMMENT ON STATISTICS inbox_stats IS 'codes by n';
+GRANT SELECT, USAGE ON SEQUENCE inbox_id_seq TO PUBLIC;
+COMMENT ON SEQUENCE inbox_id_seq IS 'the ids';
+CREATE ACCESS METHOD heap_too TYPE TABLE HANDLER heap_tableam_handler;
+ALTER TABLE inbox SET ACCESS METHOD heap_too;
 """
 
 CARRIED = """
@@ -50,8 +55,11 @@ SELECT jsonb_build_object(
  'policies', (SELECT jsonb_object_agg(polname, obj_description(oid, 'pg_policy'))
     FROM pg_policy WHERE polrelid = 'inbox'::regclass),
  'table', (SELECT jsonb_build_array(coalesce(ts.spcname, ''),
-    (SELECT reloptions FROM pg_class t WHERE t.oid = c.reltoastrelid)) FROM pg_class c
+    (SELECT reloptions FROM pg_class t WHERE t.oid = c.reltoastrelid),
+    (SELECT amname FROM pg_am WHERE oid = c.relam)) FROM pg_class c
     LEFT JOIN pg_tablespace ts ON ts.oid = c.reltablespace WHERE c.oid = 'inbox'::regclass),
+ 'sequence', (SELECT jsonb_build_array(relacl::text, obj_description(oid, 'pg_class')) FROM pg_class
+    WHERE oid = pg_get_serial_sequence('inbox', 'id')::regclass),
  'column_options', (SELECT jsonb_agg(jsonb_build_array(attname, o) ORDER BY attnum, o)
     FROM pg_attribute, unnest(attoptions) o
     WHERE attrelid = 'inbox'::regclass AND o LIKE 'n_distinct%'),
@@ -73,6 +81,7 @@ def tablespace(conn: Conn) -> Iterator[str]:
     finally:
         conn.execute("DROP SCHEMA public CASCADE")
         conn.execute(sql.SQL("DROP TABLESPACE {}").format(sql.Identifier(name)))
+        conn.execute("DROP ACCESS METHOD IF EXISTS heap_too")
 
 
 def test_a_swap_carries_comments_toast_options_tablespaces_cluster_mark_and_statistics(
@@ -83,7 +92,8 @@ def test_a_swap_carries_comments_toast_options_tablespaces_cluster_mark_and_stat
     conn.execute(sql.SQL("ALTER TABLE inbox SET TABLESPACE {}").format(ts))
     conn.execute(sql.SQL("ALTER INDEX inbox_garbage SET TABLESPACE {}").format(ts))
     before, basics = conn.execute(CARRIED).fetchone()[0], conn.execute(CATALOG).fetchone()[0]
-    assert before["table"] == [tablespace, ["autovacuum_enabled=false", "vacuum_truncate=false"]]
+    assert before["table"] == [tablespace, ["autovacuum_enabled=false", "vacuum_truncate=false"], "heap_too"]
+    assert before["sequence"][1] == "the ids" and "=rU/" in before["sequence"][0]
     assert before["column_options"] == [["code", "n_distinct=2"]]
     result = collect(dsn, GcOptions(table=TableSpec(name="inbox", schema="public"), strategy="compact"))
     assert result.status is RunStatus.COMPLETE, result.error

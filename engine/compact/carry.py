@@ -3,8 +3,8 @@ owner, grants (table and column), the application's triggers and their enabled s
 security and its policies, the table's comment and those of its indexes, constraints, triggers
 and policies, statistics targets (of columns and of index columns), column options
 (``n_distinct``...), TOAST options (``toast.*``), the CLUSTER mark, extended statistics' names,
-replica identity, and its sequences (owned ones change owner; an identity's position is
-carried). Called inside the swap's transaction, after the renames: ``old`` is the table swapped
+replica identity, and its sequences (owned ones change owner; an identity's position, grants and
+comment are carried). Called inside the swap's transaction, after the renames: ``old`` is the table swapped
 out, ``new`` the one now in place. (The tablespaces are the old ones' from the creation on:
 :func:`engine.compact.copy.in_tablespace`. Security labels are not carried: no label provider
 to prove it with; a table that has one is refused.)
@@ -141,9 +141,24 @@ def _sequences(conn: Connection, old: int, new: int, ident: sql.Composable, pref
             "SELECT pg_get_serial_sequence({t}, {c}), setval(pg_get_serial_sequence({t}, {c}), last_value,"
             " is_called) FROM {s}").format(t=sql.Literal(ident.as_string(conn)), c=sql.Literal(column),
                                             s=sql.SQL(sequence))))[0]
+        _sequence_grants(conn, sequence, fresh)
         conn.execute(sql.SQL("ALTER SEQUENCE {} RENAME TO {}").format(
             sql.SQL(sequence), sql.Identifier(f"{prefix}_seq_{number}")))
         conn.execute(sql.SQL("ALTER SEQUENCE {} RENAME TO {}").format(sql.SQL(fresh), sql.Identifier(name)))
+
+
+def _sequence_grants(conn: Connection, sequence: str, fresh: str) -> None:
+    """The identity sequence's grants and comment (``LIKE`` made a bare one): ``sequence`` the
+    old one, ``fresh`` the new table's (regclass text both)."""
+    for privilege, grantee, grantable in conn.execute(
+            "SELECT a.privilege_type, r.rolname, a.is_grantable FROM pg_class c, aclexplode(c.relacl) a"
+            " LEFT JOIN pg_roles r ON r.oid = a.grantee WHERE c.oid = %s::regclass", (sequence,)).fetchall():
+        conn.execute(sql.SQL("GRANT {} ON SEQUENCE {} TO {}{}").format(
+            sql.SQL(privilege), sql.SQL(fresh), _role(grantee),
+            sql.SQL(" WITH GRANT OPTION" if grantable else "")))
+    comment = one_row(conn.execute("SELECT obj_description(%s::regclass, 'pg_class')", (sequence,)))[0]
+    if comment is not None:
+        conn.execute(sql.SQL("COMMENT ON SEQUENCE {} IS {}").format(sql.SQL(fresh), sql.Literal(comment)))
 
 
 def _replica_identity(conn: Connection, old: int, ident: sql.Composable, indexes: dict[str, str]) -> None:

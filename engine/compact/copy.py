@@ -24,12 +24,14 @@ LIKE = sql.SQL("INCLUDING DEFAULTS INCLUDING IDENTITY INCLUDING CONSTRAINTS INCL
 
 
 def create_table(conn: Connection, c: Compaction, oid: int) -> None:
-    """The new table beside the old, same persistence, table options and tablespace (caller's
-    transaction)."""
+    """The new table beside the old, same persistence, table options, tablespace and access
+    method (caller's transaction)."""
     unlogged, options = one_row(conn.execute(
         "SELECT relpersistence = 'u', coalesce((SELECT array_agg(array[option_name, option_value])"
         " FROM pg_options_to_table(reloptions)), '{}') FROM pg_class WHERE oid = %s", (oid,)))
     in_tablespace(conn, oid)
+    conn.execute("SELECT set_config('default_table_access_method', (SELECT a.amname FROM pg_class c"
+                 " JOIN pg_am a ON a.oid = c.relam WHERE c.oid = %s), true)", (oid,))  # its table AM too
     with_options = sql.SQL(" WITH ({})").format(sql.SQL(", ").join(
         sql.SQL("{} = {}").format(sql.Identifier(name), sql.Literal(value)) for name, value in options)
     ) if options else sql.SQL("")
