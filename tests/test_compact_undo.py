@@ -117,23 +117,30 @@ def test_a_leaf_whose_count_does_not_add_up_is_attached_again_with_every_row(con
     assert leftovers(conn) == []
 
 
-def test_a_swap_that_cannot_be_undone_keeps_the_old_table_beside_and_says_so(conn: Conn, dsn: str) -> None:
+@pytest.mark.parametrize(("change", "why"), [
+    # the application takes the old table's unique value: that row cannot go back beside it
+    ("INSERT INTO inbox (msg) VALUES ('missed')", "takes a unique value the old table holds"),
+    # a column the old table lacks: its values would be lost
+    ("ALTER TABLE inbox ADD COLUMN extra int; INSERT INTO inbox (msg, extra) VALUES ('x', 1)",
+     "changed its columns, constraints or indexes since the swap"),
+])
+def test_a_swap_that_cannot_be_undone_keeps_the_old_table_beside_and_says_so(
+        conn: Conn, dsn: str, change: str, why: str) -> None:
     make_inbox(conn, 2000, 10)
     oid = conn.execute("SELECT 'inbox'::regclass::oid").fetchone()[0]
     conn.execute(tamper("(id, msg, code) OVERRIDING SYSTEM VALUE VALUES (1000000, 'missed', 'a')"))
     proc = spawn_cli("gc", "--dsn", dsn, "--table", "public.inbox", "--strategy", "compact", "--json")
     with psycopg.connect(dsn) as holder:
         pause_at(conn, holder, proc, "finish")
-        # the application takes the old table's unique value: that row cannot go back beside it
-        conn.execute("INSERT INTO inbox (msg) VALUES ('missed')")
+        conn.execute(change)
     out, _err = proc.communicate(timeout=60)
     assert proc.returncode == 1
     error = json.loads(out)["error"]
-    assert "did not add up" in error and "the swap could not be undone" in error, error
+    assert "did not add up" in error and "the swap could not be undone (" in error and why in error, error
     run_id = conn.execute("SELECT id FROM gc_runs").fetchone()[0]
     assert f"kept beside it as public.msggc_old_{run_id}" in error
     assert conn.execute("SELECT 'inbox'::regclass::oid").fetchone()[0] != oid  # the new table stays
-    assert conn.execute("SELECT count(*) FROM inbox WHERE msg = 'missed'").fetchone()[0] == 1
+    assert conn.execute("SELECT count(*) FROM inbox").fetchone()[0] == 201  # its live rows and the new one
     assert conn.execute(f"SELECT count(*) FROM msggc_old_{run_id}").fetchone()[0] == 2001
     held = conn.execute(f"SELECT count(*) FROM pg_constraint WHERE conrelid = 'msggc_old_{run_id}'::regclass"
                         " AND contype = 'f'").fetchone()

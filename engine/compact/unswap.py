@@ -76,6 +76,7 @@ def unswap(conn: Connection, c: Compaction, lock_timeout_ms: int, why: str) -> N
         if c.parent:
             with conn.transaction():
                 leaf.bound_on_old(conn, c)
+        _require_unchanged(conn, c)  # before the rounds too: nothing taken back in vain
         catch_up(conn, c, names, back=True)
         locking(conn, lambda: _swapped_back(conn, c, names), lock_timeout_ms)
     except pg_errors.LockNotAvailable:
@@ -95,10 +96,7 @@ def _swapped_back(conn: Connection, c: Compaction, names: list[str]) -> None:
         conn.execute(sql.SQL("LOCK TABLE ONLY {} IN ACCESS EXCLUSIVE MODE").format(sql.Identifier(*c.parent)))
     table, old_ident = table_ident(c.table), table_ident(c.old)
     conn.execute(sql.SQL("LOCK TABLE {} IN ACCESS EXCLUSIVE MODE").format(table))
-    new, old = regclass_of(conn, c.table), regclass_of(conn, c.old)
-    assert new is not None and old is not None
-    require_same_indexes(conn, c, new)
-    require_same_shape(conn, c, old, new, foreign_keys=not c.parent)
+    new = _require_unchanged(conn, c)
     sync_round(conn, c, names, limit=None, back=True)
     capture.drop(conn, c)
     sequences = carry.sequences_back(conn, new, old_ident)
@@ -119,6 +117,16 @@ def _swapped_back(conn: Connection, c: Compaction, names: list[str]) -> None:
         leaf.attach(conn, c)
     c.phase = "unswapped"
     save(conn, c)
+
+
+def _require_unchanged(conn: Connection, c: Compaction) -> int:
+    """The new table's columns, constraints and indexes as the old one's (raises
+    :class:`ShapeChanged`); returns the new table's oid."""
+    new, old = regclass_of(conn, c.table), regclass_of(conn, c.old)
+    assert new is not None and old is not None
+    require_same_indexes(conn, c, new)
+    require_same_shape(conn, c, old, new, foreign_keys=not c.parent)
+    return new
 
 
 def _keep(conn: Connection, c: Compaction, lock_timeout_ms: int, why: str, reason: str) -> NoReturn:
