@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import psycopg
@@ -24,6 +26,9 @@ from engine.queries import Statements
 from engine.result import GcResult
 from engine.status import RunStatus
 from engine.target import Target
+
+COPY_PARTS = 2
+"""Connections copying a big table at once when ``--workers`` does not say (auto)."""
 
 
 class Stopped(Exception):
@@ -73,9 +78,13 @@ def compact(conn: Connection, dsn: str, options: GcOptions, target: Target, stat
     budget = Budget(stop, started + options.max_seconds if options.max_seconds else None)
     status, failure = RunStatus.COMPLETE, None
     try:
-        _until_swap(conn, c, target.oid, names, options, budget)
-        swap.swap(conn, c, names, options.lock_timeout_ms)
-        recover.finish_swapped(conn, c, options.lock_timeout_ms)
+        never_null = target.filter is None and target.processed is not None
+        _until_swap(conn, dsn, c, target.oid, names, options, budget, never_null)
+        with _timed(c, "swap"):
+            swap.swap(conn, c, names, options.lock_timeout_ms)
+        with _timed(c, "verify"):
+            recover.finish_swapped(conn, c, options.lock_timeout_ms)
+        save(conn, c)  # with the verify's seconds
     except Stopped as exc:
         status, failure = RunStatus.STOPPED, f"compaction stopped ({exc}) before its swap and undone"
     except (MsggcError, psycopg.Error) as exc:
@@ -98,11 +107,16 @@ def compact(conn: Connection, dsn: str, options: GcOptions, target: Target, stat
         other.close()
     deleted = closed.outcome.messages_deleted
     return GcResult(status=closed.outcome.status, strategy="compact",
-                    reason=f"{reason}; {disk}{_held(c)}{_unpaced(options)}", garbage_estimate=deleted,
-                    rows_estimate=c.live + deleted, run_id=run.id, error=closed.outcome.failure,
+                    reason=f"{reason}; {disk}{_copied(c)}{_held(c)}{_unpaced(options)}",
+                    garbage_estimate=deleted, rows_estimate=c.live + deleted, run_id=run.id,
+                    error=closed.outcome.failure,
                     stop_reason=failure if status is RunStatus.STOPPED else None,
                     messages_deleted=deleted, batches=1, elapsed_s=time.monotonic() - started,
                     garbage=target.describe(), notification_error=closed.notification_error)
+
+
+def _copied(c: Compaction) -> str:
+    return f"; copied by {len(c.copied)} connections in one snapshot" if len(c.copied) > 1 else ""
 
 
 def _held(c: Compaction) -> str:
@@ -140,8 +154,8 @@ def _reconnected(dsn: str, oid: int) -> tuple[Connection, bool]:
     return fresh, runs.try_lock_table(fresh, oid)
 
 
-def _until_swap(conn: Connection, c: Compaction, oid: int, names: list[str], options: GcOptions,
-                budget: Budget) -> None:
+def _until_swap(conn: Connection, dsn: str, c: Compaction, oid: int, names: list[str], options: GcOptions,
+                budget: Budget, never_null: bool) -> None:
     """Capture (with the new table, recorded in the same commit), copy, indexes and foreign keys,
     catch-up rounds: each a transaction of its own, the budget checked between them."""
 
@@ -151,17 +165,22 @@ def _until_swap(conn: Connection, c: Compaction, oid: int, names: list[str], opt
         c.phase = "capture"
         save(conn, c)
 
-    recover.locking(conn, begin, options.lock_timeout_ms)
+    with _timed(c, "capture"):
+        recover.locking(conn, begin, options.lock_timeout_ms)
     new_oid = regclass_of(conn, c.new)
     assert new_oid is not None
     runs.try_lock_table(conn, new_oid)  # a GC of the table once swapped waits for this run's end
     budget.check()
-    with conn.transaction():
-        c.live = copy.copy_live(conn, c, names)
-        c.phase = "copied"
-        save(conn, c)
+    with _timed(c, "copy"):
+        live = copy.live_rows(c, never_null)
+        ranges = copy.parts(conn, c, oid, live, options.workers or COPY_PARTS)
+        with conn.transaction():
+            c.copied = copy.copy_live(conn, dsn, c, names, live, ranges)
+            c.live = sum(c.copied)
+            c.phase = "copied"
+            save(conn, c)
     budget.check()
-    with conn.transaction():
+    with _timed(c, "indexes"), conn.transaction():
         copy.build_indexes(conn, c, oid)
         save(conn, c)
 
@@ -170,10 +189,23 @@ def _until_swap(conn: Connection, c: Compaction, oid: int, names: list[str], opt
         c.phase = "indexed"
         save(conn, c)
 
-    recover.locking(conn, foreign_keys, options.lock_timeout_ms)
-    # statistics before the application's queries meet the table (else planned blind until autovacuum's)
-    conn.execute(sql.SQL("ANALYZE {}").format(table_ident(c.new)))
-    catch_up(conn, c, names, budget.check)
+    with _timed(c, "foreign keys"):
+        recover.locking(conn, foreign_keys, options.lock_timeout_ms)
+    with _timed(c, "analyze"):
+        # statistics before the application's queries meet the table (else planned blind until autovacuum's)
+        conn.execute(sql.SQL("ANALYZE {}").format(table_ident(c.new)))
+    with _timed(c, "catch-up"):
+        catch_up(conn, c, names, budget.check)
+
+
+@contextmanager
+def _timed(c: Compaction, phase: str) -> Iterator[None]:
+    """The phase's seconds into ``c.seconds`` (recorded with the next save)."""
+    began = time.monotonic()
+    try:
+        yield
+    finally:
+        c.seconds[phase] = round(time.monotonic() - began, 3)
 
 
 def _copy_bytes(conn: Connection, oid: int, statements: Statements, cutoff: object) -> int:
