@@ -8,8 +8,11 @@ msggc ``--strategy compact``; msggc with no flag (``auto``: a walk or a compacti
 timed as the wall time of its statements or of ``engine.collect`` in this process (no process
 start), its WAL is the server's LSN difference (so the server should be this benchmark's alone:
 the embedded one by default), and every count is checked: no garbage left, every live row kept.
-No application writes beside it; the capture trigger's cost per application write is measured
-apart (one-row updates, each its own transaction, without then with the trigger).
+A compaction's phases are timed by the run itself (its record's ``seconds``). ``--live-index``
+runs every contender on a copy of the template with a btree on ``processed_at``, an index that
+finds the live rows (``IS NULL``). No application writes beside it; the capture trigger's cost per
+application write is measured apart (one-row updates, each its own transaction, without then
+with the trigger).
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ from benchmarks.dataset import build
 from benchmarks.server import BenchmarkError, Server
 
 CONTENDERS = ("single", "single_vacuum", "walk", "compact", "default")
+MSGGC = ("walk", "compact", "default")
 GARBAGE = "processed_at IS NOT NULL"
 
 
@@ -81,13 +85,29 @@ def measure(server: Server, template: str, contender: str, garbage: int, rows: i
             left, present, size = conn.execute(
                 f"SELECT count(*) FILTER (WHERE {GARBAGE}), count(*),"
                 " pg_total_relation_size('messages') FROM messages").fetchone() or (None, None, None)
+            record = conn.execute("SELECT cursor -> 'compact' FROM gc_runs WHERE cursor ? 'compact'"
+                                  " ORDER BY id DESC LIMIT 1").fetchone() if contender in MSGGC else None
         if deleted != garbage or left != 0 or present != rows - garbage:
             raise BenchmarkError(f"{contender}: deleted {deleted} of {garbage}, {left} left,"
                                  f" {present} present")
+        compaction = {"phases_s": record[0]["seconds"], "copied": record[0]["copied"]} if record else {}
         return {"contender": contender, "seconds": seconds, "rows_per_s": deleted / seconds,
-                "wal_bytes": wal, "table_bytes_after": size, "deleted": deleted}
+                "wal_bytes": wal, "table_bytes_after": size, "deleted": deleted, **compaction}
     finally:
         server.drop_database(name)
+
+
+def with_live_index(server: Server, template: str) -> str:
+    """A copy of ``template`` with a btree on ``processed_at`` (it answers ``IS NULL``: the live
+    rows), analyzed; built again on every call (a minute at 10M rows, before any contender)."""
+    name = f"{template}_live_index"
+    server.create_database(name, template)
+    with psycopg.connect(server.database(name), autocommit=True) as conn:
+        conn.execute("SET maintenance_work_mem = '256MB'")
+        conn.execute("CREATE INDEX messages_processed_at ON messages (processed_at)")
+        conn.execute("VACUUM (ANALYZE) messages")
+    server.checkpoint()
+    return name
 
 
 def trigger_cost(server: Server, template: str, writes: int = 20_000) -> dict[str, float]:
@@ -128,7 +148,8 @@ def ratios(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def markdown(shape: dict[str, Any]) -> str:
-    lines = [f"**{shape['rows']:,} rows, {shape['fraction']:.0%} garbage** ({shape['server']})", "",
+    index = ", an index finding the live rows" if shape.get("live_index") else ""
+    lines = [f"**{shape['rows']:,} rows, {shape['fraction']:.0%} garbage{index}** ({shape['server']})", "",
              "| contender | seconds | rows/s | WAL MB | table after MB | speed vs DELETE | WAL vs DELETE |",
              "|---|---:|---:|---:|---:|---:|---:|"]
     for r in shape["results"]:
@@ -136,7 +157,14 @@ def markdown(shape: dict[str, Any]) -> str:
                      f" | {r['wal_bytes'] / 2**20:,.0f} | {r['table_bytes_after'] / 2**20:,.0f}"
                      f" | {r['speed_vs_single']:.2f}x"
                      f" | {r['wal_vs_single']:.2f}x |")
-    cost = shape["trigger"]
+    for r in shape["results"]:
+        if "phases_s" in r:
+            phases = ", ".join(f"{phase} {seconds:.2f}" for phase, seconds in r["phases_s"].items())
+            lines.append(f"\n{r['contender']}: copied by {len(r['copied'])} connection(s);"
+                         f" phases (s): {phases}")
+    cost = shape.get("trigger")
+    if cost is None:
+        return "\n".join(lines)
     lines.append(f"\nThe capture trigger on {cost['writes']:,} one-row updates (a transaction each):"
                  f" {cost['us_per_write_alone']:.0f} µs a write alone,"
                  f" {cost['us_per_write_captured']:.0f} µs captured ({cost['ratio']:.2f}x)")
@@ -149,16 +177,26 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--fractions", default="0.8,0.99", help="garbage fractions, comma-separated")
     parser.add_argument("--dsn", default=None, help="a local server (default: the embedded one)")
     parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument("--contenders", default=",".join(CONTENDERS),
+                        help="comma-separated; single always runs")
+    parser.add_argument("--live-index", action="store_true", help="a btree on processed_at on every copy")
+    parser.add_argument("--no-trigger-cost", action="store_true", help="skip the capture trigger's cost")
     args = parser.parse_args(argv)
+    contenders = ["single", *(c for c in args.contenders.split(",") if c in CONTENDERS and c != "single")]
     server = Server.open(args.dsn)
     shapes = []
     for fraction in (float(f) for f in args.fractions.split(",")):
         template = build(server, "dense", args.rows, reuse=True, fraction=fraction)
-        results = [measure(server, template.name, contender, template.expected_garbage, args.rows)
-                   for contender in CONTENDERS]
+        copied = with_live_index(server, template.name) if args.live_index else template.name
+        results = [measure(server, copied, contender, template.expected_garbage, args.rows)
+                   for contender in contenders]
         version = server.settings()["version"].split(" on ")[0]
-        shape = {"rows": args.rows, "fraction": fraction, "server": version, "results": ratios(results),
-                 "trigger": trigger_cost(server, template.name)}
+        shape = {"rows": args.rows, "fraction": fraction, "server": version, "live_index": args.live_index,
+                 "results": ratios(results)}
+        if not args.no_trigger_cost:
+            shape["trigger"] = trigger_cost(server, copied)
+        if args.live_index:
+            server.drop_database(copied)
         print(markdown(shape) + "\n", file=sys.stderr)
         shapes.append(shape)
     if args.out:
