@@ -6,6 +6,7 @@ the split is not used where an index finds the live rows."""
 from __future__ import annotations
 
 import threading
+from datetime import timedelta
 from typing import Any
 
 import psycopg
@@ -116,3 +117,19 @@ def test_the_copy_is_not_split_where_an_index_finds_the_live_rows(conn: Conn, ds
     assert result.status is RunStatus.COMPLETE, result.error
     assert recorded(conn, result.run_id)["copied"] == [len(live)]
     assert {row[0] for row in conn.execute("SELECT id FROM inbox")} == live
+
+
+@pytest.mark.usefixtures("split")
+def test_a_split_copy_keeps_the_rows_a_where_filter_leaves_null_and_those_newer_than_the_cutoff(
+        conn: Conn, dsn: str) -> None:
+    make_inbox(conn, ROWS, 10)
+    conn.execute("UPDATE inbox SET processed_at = now() - interval '2 days' WHERE id % 3 = 0")
+    conn.execute("UPDATE inbox SET code = NULL WHERE id % 7 = 0")  # `code <> 'b'` is NULL: not garbage
+    garbage = "processed_at < now() - interval '1 day' AND (code <> 'b') IS TRUE"
+    kept = {row[0] for row in conn.execute(f"SELECT id FROM inbox WHERE ({garbage}) IS NOT TRUE")}
+    spec = TableSpec(name="inbox", schema="public", where="code <> 'b'")
+    result = collect(dsn, GcOptions(table=spec, strategy="compact", older_than=timedelta(days=1), workers=2))
+    assert result.status is RunStatus.COMPLETE, result.error
+    assert "copied by 2 connections in one snapshot" in result.reason
+    assert result.messages_deleted == ROWS - len(kept)
+    assert {row[0] for row in conn.execute("SELECT id FROM inbox")} == kept

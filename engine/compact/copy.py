@@ -105,19 +105,21 @@ def _scans_sequentially(conn: Connection, c: Compaction, live: sql.Composable) -
 
 
 def copy_live(conn: Connection, dsn: str, c: Compaction, names: list[str], live: sql.Composable,
-              ranges: list[Blocks]) -> list[int]:
+              ranges: list[Blocks], lock_timeout_ms: int) -> list[int]:
     """Every row that is not garbage, in one snapshot, inside the caller's transaction (which
     records the count with it); returns the rows copied per range. One range: one statement.
     More: this transaction exports its snapshot and copies the first range; a helper connection
     per other range imports it, copies its range and commits, all at once; this one commits
-    after every helper did (or fails, the helpers' rows dropped with the new table)."""
+    after every helper did (or fails, the helpers' rows dropped with the new table). A helper
+    waits ``lock_timeout`` at most for its lock on the table: behind an application's request
+    queued after this transaction's lock, it would wait for this transaction, which waits for it."""
     if ranges == [WHOLE]:
         conn.execute("SELECT set_config('statement_timeout', '0', true)")
         return [_insert(conn, c, names, live, WHOLE)]
     conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
     snapshot = one_row(conn.execute("SELECT pg_export_snapshot()"))[0]
     conn.execute("SELECT set_config('statement_timeout', '0', true)")
-    helpers = [_Helper(dsn, snapshot, c, names, live, blocks) for blocks in ranges[1:]]
+    helpers = [_Helper(dsn, snapshot, c, names, live, blocks, lock_timeout_ms) for blocks in ranges[1:]]
     for helper in helpers:
         helper.start()
     try:
@@ -135,9 +137,10 @@ class _Helper(threading.Thread):
     """One range copied on a connection of its own, in the exported snapshot, committed."""
 
     def __init__(self, dsn: str, snapshot: str, c: Compaction, names: list[str], live: sql.Composable,
-                 blocks: Blocks) -> None:
+                 blocks: Blocks, lock_timeout_ms: int) -> None:
         super().__init__(name=f"msggc-copy-{blocks[0]}", daemon=True)
         self.args = (dsn, snapshot, c, names, live, blocks)
+        self.lock_timeout = f"{lock_timeout_ms}ms"
         self.rows = 0
         self.error: Exception | None = None
 
@@ -147,7 +150,8 @@ class _Helper(threading.Thread):
             with connect(dsn) as helper, helper.transaction():
                 helper.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
                 helper.execute(sql.SQL("SET TRANSACTION SNAPSHOT {}").format(sql.Literal(snapshot)))
-                helper.execute("SELECT set_config('statement_timeout', '0', true)")
+                helper.execute("SELECT set_config('statement_timeout', '0', true),"
+                               " set_config('lock_timeout', %s, true)", (self.lock_timeout,))
                 self.rows = _insert(helper, c, names, live, blocks)
         except Exception as exc:  # the run's thread raises it
             self.error = exc

@@ -175,7 +175,7 @@ def _until_swap(conn: Connection, dsn: str, c: Compaction, oid: int, names: list
         live = copy.live_rows(c, never_null)
         ranges = copy.parts(conn, c, oid, live, options.workers or COPY_PARTS)
         with conn.transaction():
-            c.copied = copy.copy_live(conn, dsn, c, names, live, ranges)
+            c.copied = copy.copy_live(conn, dsn, c, names, live, ranges, options.lock_timeout_ms)
             c.live = sum(c.copied)
             c.phase = "copied"
             save(conn, c)
