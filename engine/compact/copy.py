@@ -27,8 +27,8 @@ LIKE_LEAF = sql.SQL("INCLUDING DEFAULTS INCLUDING CONSTRAINTS INCLUDING STORAGE 
 """A leaf's: its identity, if any, is its parent's, which the attach gives back."""
 INDEX_MEMORY = "256MB"
 SPLIT_MIN_PAGES = 16_384
-"""Below 128 MB of heap one statement copies about as fast as several (a connection's start and
-the snapshot's export cost more than the halves save)."""
+"""128 MB of heap: below it, one statement (a connection's start and the snapshot's export are
+a fixed cost the halves must repay; the threshold is a guess, not yet measured)."""
 MAX_PARTS = 4
 LIKE = sql.SQL("INCLUDING DEFAULTS INCLUDING IDENTITY INCLUDING CONSTRAINTS INCLUDING STORAGE"
                " INCLUDING COMPRESSION INCLUDING GENERATED INCLUDING STATISTICS INCLUDING COMMENTS")

@@ -27,8 +27,9 @@ from engine.result import GcResult
 from engine.status import RunStatus
 from engine.target import Target
 
-COPY_PARTS = 2
-"""Connections copying a big table at once when ``--workers`` does not say (auto)."""
+COPY_PARTS = 1
+"""Connections copying a big table at once when ``--workers`` does not say (auto): one until
+the split is measured to pay beside an application (``--workers N`` splits it)."""
 
 
 class Stopped(Exception):
