@@ -17,6 +17,7 @@ from engine.guard import (
     BEFORE_MAX_SAMPLES,
     BEFORE_SAMPLES,
     CLAIM_SQL,
+    EVICTING_FLOOR,
     PROBE_APPLICATION_NAME,
     REFUSE_PERCENTILE,
 )
@@ -90,6 +91,42 @@ class BudgetPrediction:
     alone_p99_ms: float | None
 
 
+@dataclass(frozen=True)
+class CleaningPace:
+    """Before PostgreSQL 18 the guard cannot tell msggc's backends' writes from the application's
+    (:mod:`engine.server_counters`): a run that dirties more heap than shared_buffers evicts its
+    own pages, which reads as evictions, and is held near the pace the server cleans pages at
+    without backends: the background writer's most (``bgwriter_lru_maxpages`` per
+    ``bgwriter_delay``) and what the guard lets backends write (``EVICTING_FLOOR``). Measured
+    (PostgreSQL 15, shared_buffers 128 MB, defaults): 10M rows, 80% garbage, budget 2x: 546 s
+    (dense) and 1,301 s (aged) where one ``DELETE`` took 7-12 s."""
+
+    dirtied_bytes: float
+    shared_buffers_bytes: float
+    clean_bytes_per_s: float
+
+    @property
+    def floor_seconds(self) -> float | None:
+        """The least time the run takes at that pace (None: its pages fit in shared_buffers)."""
+        excess = self.dirtied_bytes - self.shared_buffers_bytes
+        return excess / self.clean_bytes_per_s if excess > 0 else None
+
+    def describe(self) -> str:
+        return (f"; before PostgreSQL 18 the guard counts msggc's own evictions as the application's: this"
+                f" run dirties ~{self.dirtied_bytes / MiB:,.0f} MB of heap, more than shared_buffers"
+                f" ({self.shared_buffers_bytes / MiB:,.0f} MB), so it is held near the pace the server"
+                f" cleans pages at (~{self.clean_bytes_per_s / MiB:.1f} MB/s): at least"
+                f" {self.floor_seconds or 0:,.0f} s, measured up to 2-3x that (raise bgwriter_lru_maxpages"
+                " or shared_buffers, or run without a budget at a quiet hour)")
+
+
+def cleaning_pace(dirtied_bytes: float, shared_buffers_bytes: float, block_bytes: int,
+                  lru_maxpages: int, bgwriter_delay_s: float) -> CleaningPace:
+    """The pace from the server's settings (see :class:`CleaningPace`)."""
+    pages_per_s = lru_maxpages / bgwriter_delay_s + EVICTING_FLOOR
+    return CleaningPace(dirtied_bytes, shared_buffers_bytes, pages_per_s * block_bytes)
+
+
 ALONE_S = 1.5
 """How long a dry run times the application's commits alone before its sample batches."""
 
@@ -111,14 +148,16 @@ def ramp_seconds(wal_bytes: float, rate: float) -> float:
 
 def predict_under_budget(budget_ms: float, alone: list[float], during: list[float],
                          wal_bytes: int | None, seconds: float | None,
-                         checkpoint: tuple[float, float] | None = None) -> BudgetPrediction:
+                         checkpoint: tuple[float, float] | None = None,
+                         cleaning: CleaningPace | None = None) -> BudgetPrediction:
     """The rate the guard settles at, by a straight line from (0, the p99 alone) through (the
     samples' WAL rate, the p99 beside them) to the middle of the band the controller holds
     (between ``ROOM`` of the budget and the budget); the duration is the second alone, then the
     run's WAL written in slow start up to that rate (:func:`ramp_seconds`), or the unguarded
     prediction if that is longer. With ``checkpoint`` (the WAL between requested checkpoints
     and ``checkpoint_timeout``) and more WAL than that, the run is paced (from a fresh
-    checkpoint) one timed cycle after another until its rest fits in one, then goes at the rate. A p99
+    checkpoint) one timed cycle after another until its rest fits in one, then goes at the rate.
+    With ``cleaning`` (before PostgreSQL 18) it takes at least its floor. A p99
     alone at or above the budget: the budget cannot hold, whatever msggc does."""
     p_alone, p_full = percentile(alone, 99), percentile(during, 99)
     if p_alone is None:
@@ -149,6 +188,8 @@ def predict_under_budget(budget_ms: float, alone: list[float], during: list[floa
         body = cycles * timeout + rest / rate
         paced = (f"; paced to force no checkpoint: {cycles} x checkpoint_timeout ({timeout:g} s) at"
                  f" ~{between / timeout / MiB:.2f} MB/s, then the last {rest / MiB:.0f} MB")
+    if cleaning is not None and (cleaning.floor_seconds or 0.0) > body:
+        body, paced = cleaning.floor_seconds or 0.0, paced + cleaning.describe()
     predicted = BEFORE_SAMPLES * PROBE_INTERVAL_S + max(seconds, body)
     why = (f"the probe's p99 {p_full:.1f} ms beside full speed ({full / MiB:.1f} MB/s)"
            if p_full is not None else "no probe beside the samples")

@@ -13,7 +13,7 @@ from psycopg import sql
 from psycopg.conninfo import make_conninfo
 
 from engine import partitions
-from engine.budget_prediction import ALONE_S, CommitTimer, predict_under_budget
+from engine.budget_prediction import ALONE_S, CleaningPace, CommitTimer, cleaning_pace, predict_under_budget
 from engine.config import GcOptions
 from engine.db import Connection, one_row, table_ident
 from engine.errors import MsggcError
@@ -67,7 +67,8 @@ def dry_run(conn: Connection, plans: dict[str | None, Plan], whole: dict[str, pa
     seconds = None if unknown else sum(sample.predicted_seconds for sample in samples.values())
     advice = None if unknown else _checkpoint_advice(conn, wal)
     budget = (predict_under_budget(options.max_app_latency_ms, alone, during, None if unknown else wal,
-                                   seconds, _cycle(conn) if advice else None)
+                                   seconds, _cycle(conn) if advice else None,
+                                   _cleaning(conn, [plans[leaf] for leaf in samples]))
               if options.max_app_latency_ms else None)
     return GcResult(
         status=RunStatus.DRY_RUN,
@@ -137,6 +138,20 @@ def _cycle(conn: Connection) -> tuple[float, float]:
         " / (1 + current_setting('checkpoint_completion_target')::float8),"
         " extract(epoch FROM current_setting('checkpoint_timeout')::interval)::float8"))
     return float(between), float(timeout)
+
+
+def _cleaning(conn: Connection, walked: list[Plan]) -> CleaningPace | None:
+    """Before PostgreSQL 18: the heap the walks dirty (garbage rows over garbage rows per page)
+    against shared_buffers and the server's cleaning pace (:class:`CleaningPace`)."""
+    if conn.info.server_version >= 180000:
+        return None
+    block, buffers, lru_maxpages, delay = one_row(conn.execute(
+        "SELECT current_setting('block_size')::int, pg_size_bytes(current_setting('shared_buffers')),"
+        " current_setting('bgwriter_lru_maxpages')::int,"
+        " extract(epoch FROM current_setting('bgwriter_delay')::interval)::float8"))
+    dirtied = sum(plan.facts.garbage_rows_estimate / plan.facts.garbage_per_block * block
+                  for plan in walked if plan.facts.garbage_per_block)
+    return cleaning_pace(dirtied, float(buffers), int(block), int(lru_maxpages), float(delay))
 
 
 ADVICE_COLUMNS = ("created_at", "inserted_at", "sent_at", "received_at")

@@ -6,7 +6,7 @@ from typing import Any
 
 import pytest
 
-from engine.budget_prediction import predict_under_budget, ramp_seconds
+from engine.budget_prediction import cleaning_pace, predict_under_budget, ramp_seconds
 from engine.config import GcOptions, parse_latency
 from engine.errors import UsageError
 from engine.guard import BEFORE_SAMPLES
@@ -281,3 +281,22 @@ def test_a_msggc_session_gone_since_the_last_reading_never_makes_the_others_writ
     a step's worth goes to the others' side, never below zero."""
     assert others_writes(10, {7: 1000}, {}) == 10
     assert others_writes(10, {7: 1000}, {7: 1100}) == 0
+
+
+def test_before_postgresql_18_a_run_dirtying_more_than_shared_buffers_is_predicted_at_cleaning_pace() -> None:
+    """10M dense rows dirty ~2.8 GB of heap through 128 MB of shared_buffers: at the default
+    background writer's 100 pages per 200 ms (and the 64 a second the guard lets backends write)
+    that is ~620 s (546 s measured on PostgreSQL 15), not the WAL rate's few seconds."""
+    pace = cleaning_pace(2860 * MiB, 128 * MiB, 8192, 100, 0.2)
+    assert pace.clean_bytes_per_s == pytest.approx(564 * 8192)
+    verdict = predict_under_budget(10.0, [2.0] * 20, [3.0] * 10, 1000 * MiB, 10.0, None, pace)
+    floor = (2860 - 128) * MiB / (564 * 8192)
+    assert verdict.seconds == pytest.approx(BEFORE_SAMPLES * PROBE_INTERVAL_S + floor)
+    assert "before PostgreSQL 18" in verdict.verdict and "at least 620 s" in verdict.verdict
+
+
+def test_a_run_whose_dirtied_pages_fit_in_shared_buffers_keeps_its_wal_paced_prediction() -> None:
+    fits = cleaning_pace(64 * MiB, 128 * MiB, 8192, 100, 0.2)
+    assert fits.floor_seconds is None
+    assert predict_under_budget(10.0, [2.0] * 20, [3.0] * 10, 100 * MiB, 10.0, None, fits) == \
+        predict_under_budget(10.0, [2.0] * 20, [3.0] * 10, 100 * MiB, 10.0, None)
