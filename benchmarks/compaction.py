@@ -4,15 +4,15 @@
 Every contender runs on its own copy (``FILE_COPY``) of the same seeded template, in the same run,
 after a ``CHECKPOINT`` (the same full-page-image debt for all): one ``DELETE``; one ``DELETE``
 then ``VACUUM`` (the space reusable); msggc's walk (``auto`` with its compaction out of reach);
-msggc ``--strategy compact``, and with ``--workers 2`` (its copy split over two connections);
-msggc with no flag (``auto``: a walk or a compaction). Each is timed as the wall time of its
-statements or of ``engine.collect`` in this process (no process start), its WAL is the server's
-LSN difference (so the server should be this benchmark's alone: the embedded one by default), and
-every count is checked: no garbage left, every live row kept. A compaction's phases are timed by
-the run itself (its record's ``seconds``). ``--live-index`` runs every contender on a copy of the
-template with a btree on ``processed_at``, an index that finds the live rows (``IS NULL``). No
-application writes beside it; the capture trigger's cost per application write is measured apart
-(one-row updates, each its own transaction, without then with the trigger).
+msggc ``--strategy compact``; msggc with no flag (``auto``: a walk or a compaction). Each is
+timed as the wall time of its statements or of ``engine.collect`` in this process (no process
+start), its WAL is the server's LSN difference (so the server should be this benchmark's alone:
+the embedded one by default), and every count is checked: no garbage left, every live row kept.
+A compaction's phases are timed by the run itself (its record's ``seconds``). ``--live-index``
+runs every contender on a copy of the template with a btree on ``processed_at``, an index that
+finds the live rows (``IS NULL``). No application writes beside it; the capture trigger's cost per
+application write is measured apart (one-row updates, each its own transaction, without then
+with the trigger).
 """
 
 from __future__ import annotations
@@ -30,8 +30,8 @@ import psycopg
 from benchmarks.dataset import build
 from benchmarks.server import BenchmarkError, Server
 
-CONTENDERS = ("single", "single_vacuum", "walk", "compact", "compact_w2", "default")
-MSGGC = ("walk", "compact", "compact_w2", "default")
+CONTENDERS = ("single", "single_vacuum", "walk", "compact", "default")
+MSGGC = ("walk", "compact", "default")
 GARBAGE = "processed_at IS NOT NULL"
 
 
@@ -43,16 +43,16 @@ def _single(dsn: str, vacuum: bool) -> int:
     return deleted
 
 
-def _msggc(dsn: str, strategy: str, may_compact: bool = True, workers: int | None = None) -> int:
-    """``engine.collect`` with that strategy (and ``--workers``); ``may_compact`` False: auto's
-    walk, whatever the table (its compaction threshold out of reach)."""
+def _msggc(dsn: str, strategy: str, may_compact: bool = True) -> int:
+    """``engine.collect`` with that strategy; ``may_compact`` False: auto's walk, whatever the
+    table (its compaction threshold out of reach)."""
     from engine import GcOptions, collect
     from engine.compact import choice
 
     threshold = choice.MIN_ROWS
     choice.MIN_ROWS = threshold if may_compact else 2**62
     try:
-        result = collect(dsn, GcOptions(strategy=strategy, workers=workers))  # type: ignore[arg-type]
+        result = collect(dsn, GcOptions(strategy=strategy))  # type: ignore[arg-type]
     finally:
         choice.MIN_ROWS = threshold
     if result.status != "complete":
@@ -65,7 +65,6 @@ RUNS: dict[str, Callable[[str], int]] = {
     "single_vacuum": lambda dsn: _single(dsn, vacuum=True),
     "walk": lambda dsn: _msggc(dsn, "auto", may_compact=False),
     "compact": lambda dsn: _msggc(dsn, "compact"),
-    "compact_w2": lambda dsn: _msggc(dsn, "compact", workers=2),
     "default": lambda dsn: _msggc(dsn, "auto"),
 }
 
@@ -91,7 +90,7 @@ def measure(server: Server, template: str, contender: str, garbage: int, rows: i
         if deleted != garbage or left != 0 or present != rows - garbage:
             raise BenchmarkError(f"{contender}: deleted {deleted} of {garbage}, {left} left,"
                                  f" {present} present")
-        compaction = {"phases_s": record[0]["seconds"], "copied": record[0]["copied"]} if record else {}
+        compaction = {"phases_s": record[0]["seconds"]} if record else {}
         return {"contender": contender, "seconds": seconds, "rows_per_s": deleted / seconds,
                 "wal_bytes": wal, "table_bytes_after": size, "deleted": deleted, **compaction}
     finally:
@@ -161,8 +160,7 @@ def markdown(shape: dict[str, Any]) -> str:
     for r in shape["results"]:
         if "phases_s" in r:
             phases = ", ".join(f"{phase} {seconds:.2f}" for phase, seconds in r["phases_s"].items())
-            lines.append(f"\n{r['contender']}: copied by {len(r['copied'])} connection(s);"
-                         f" phases (s): {phases}")
+            lines.append(f"\n{r['contender']}: phases (s): {phases}")
     cost = shape.get("trigger")
     if cost is None:
         return "\n".join(lines)

@@ -27,10 +27,6 @@ from engine.result import GcResult
 from engine.status import RunStatus
 from engine.target import Target
 
-COPY_PARTS = 1
-"""Connections copying a big table at once when ``--workers`` does not say (auto): one until
-the split is measured to pay beside an application (``--workers N`` splits it)."""
-
 
 class Stopped(Exception):
     """A budget or a signal: the compaction stops at a phase boundary and is undone."""
@@ -80,7 +76,7 @@ def compact(conn: Connection, dsn: str, options: GcOptions, target: Target, stat
     status, failure = RunStatus.COMPLETE, None
     try:
         never_null = target.filter is None and target.processed is not None
-        _until_swap(conn, dsn, c, target.oid, names, options, budget, never_null)
+        _until_swap(conn, c, target.oid, names, options, budget, never_null)
         with _timed(c, "swap"):
             swap.swap(conn, c, names, options.lock_timeout_ms)
         with _timed(c, "verify"):
@@ -108,16 +104,12 @@ def compact(conn: Connection, dsn: str, options: GcOptions, target: Target, stat
         other.close()
     deleted = closed.outcome.messages_deleted
     return GcResult(status=closed.outcome.status, strategy="compact",
-                    reason=f"{reason}; {disk}{_copied(c)}{_held(c)}{_unpaced(options)}",
+                    reason=f"{reason}; {disk}{_held(c)}{_unpaced(options)}",
                     garbage_estimate=deleted, rows_estimate=c.live + deleted, run_id=run.id,
                     error=closed.outcome.failure,
                     stop_reason=failure if status is RunStatus.STOPPED else None,
                     messages_deleted=deleted, batches=1, elapsed_s=time.monotonic() - started,
                     garbage=target.describe(), notification_error=closed.notification_error)
-
-
-def _copied(c: Compaction) -> str:
-    return f"; copied by {len(c.copied)} connections in one snapshot" if len(c.copied) > 1 else ""
 
 
 def _held(c: Compaction) -> str:
@@ -155,7 +147,7 @@ def _reconnected(dsn: str, oid: int) -> tuple[Connection, bool]:
     return fresh, runs.try_lock_table(fresh, oid)
 
 
-def _until_swap(conn: Connection, dsn: str, c: Compaction, oid: int, names: list[str], options: GcOptions,
+def _until_swap(conn: Connection, c: Compaction, oid: int, names: list[str], options: GcOptions,
                 budget: Budget, never_null: bool) -> None:
     """Capture (with the new table, recorded in the same commit), copy, indexes and foreign keys,
     catch-up rounds: each a transaction of its own, the budget checked between them."""
@@ -172,14 +164,10 @@ def _until_swap(conn: Connection, dsn: str, c: Compaction, oid: int, names: list
     assert new_oid is not None
     runs.try_lock_table(conn, new_oid)  # a GC of the table once swapped waits for this run's end
     budget.check()
-    with _timed(c, "copy"):
-        live = copy.live_rows(c, never_null)
-        ranges = copy.parts(conn, c, oid, live, options.workers or COPY_PARTS)
-        with conn.transaction():
-            c.copied = copy.copy_live(conn, dsn, c, names, live, ranges, options.lock_timeout_ms)
-            c.live = sum(c.copied)
-            c.phase = "copied"
-            save(conn, c)
+    with _timed(c, "copy"), conn.transaction():
+        c.live = copy.copy_live(conn, c, names, copy.live_rows(c, never_null))
+        c.phase = "copied"
+        save(conn, c)
     budget.check()
     with _timed(c, "indexes"), conn.transaction():
         copy.build_indexes(conn, c, oid)

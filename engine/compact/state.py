@@ -49,8 +49,6 @@ class Compaction:
     parent: list[str] | None = None
     """A leaf's parent (schema, name): swapped by DETACH and ATTACH with ``bound``."""
     bound: str | None = None
-    copied: list[int] = field(default_factory=list)
-    """The rows each connection of the copy copied (one: one statement)."""
     seconds: dict[str, float] = field(default_factory=dict)
     """How long each phase took so far, by name."""
     indexes: list[list[str]] = field(default_factory=list)
