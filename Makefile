@@ -27,7 +27,8 @@ PG16_TESTS := tests/test_strategies.py tests/test_resume.py tests/test_batch_ato
 	tests/test_partitions.py tests/test_partitions_recovery.py tests/test_promise_partitions.py \
 	tests/test_archive.py tests/test_archive_exact.py tests/test_archive_file.py tests/test_archive_for.py \
 	tests/test_archive_formats.py tests/test_archive_roundtrip.py tests/test_guard.py tests/faults \
-	tests/test_compact.py tests/test_compact_kill.py tests/test_compact_undo.py tests/test_compact_carry.py
+	tests/test_compact.py tests/test_compact_kill.py tests/test_compact_undo.py tests/test_compact_carry.py \
+	tests/test_compact_copy.py
 
 test-pg16: setup  ## the core, partition, archive, guard and fault tests on PostgreSQL 16 (pgserver wheel)
 	env -u MSGGC_TEST_DSN MSGGC_TEST_SERVER=pg16 $(BIN)/pytest $(PG16_TESTS) \
