@@ -93,13 +93,14 @@ class BudgetPrediction:
 
 @dataclass(frozen=True)
 class CleaningPace:
-    """Before PostgreSQL 18 the guard cannot tell msggc's backends' writes from the application's
-    (:mod:`engine.server_counters`): a run that dirties more heap than shared_buffers evicts its
-    own pages, which reads as evictions, and is held near the pace the server cleans pages at
-    without backends: the background writer's most (``bgwriter_lru_maxpages`` per
-    ``bgwriter_delay``) and what the guard lets backends write (``EVICTING_FLOOR``). Measured
-    (PostgreSQL 15, shared_buffers 128 MB, defaults): 10M rows, 80% garbage, budget 2x: 546 s
-    (dense) and 1,301 s (aged) where one ``DELETE`` took 7-12 s."""
+    """A run that dirties more heap than shared_buffers leaves its dirty pages in the way of the
+    application's reads, which then write them out themselves (evictions); the guard halves its
+    rate while they do, so a budget holds near the pace the server cleans pages at without
+    backends: the background writer's most (``bgwriter_lru_maxpages`` per ``bgwriter_delay``)
+    and what the guard lets backends write (``EVICTING_FLOOR``). Before PostgreSQL 18 msggc's
+    own workers' evictions count too (:mod:`engine.server_counters`). Measured (shared_buffers
+    128 MB, defaults, 10M rows, 80% garbage, budget 2x beside pgbench): 546 s dense, 1,301 s
+    aged on PostgreSQL 15, where one ``DELETE`` took 7-12 s."""
 
     dirtied_bytes: float
     shared_buffers_bytes: float
@@ -112,10 +113,9 @@ class CleaningPace:
         return excess / self.clean_bytes_per_s if excess > 0 else None
 
     def describe(self) -> str:
-        return (f"; before PostgreSQL 18 the guard counts msggc's own evictions as the application's: this"
-                f" run dirties ~{self.dirtied_bytes / MiB:,.0f} MB of heap, more than shared_buffers"
-                f" ({self.shared_buffers_bytes / MiB:,.0f} MB), so it is held near the pace the server"
-                f" cleans pages at (~{self.clean_bytes_per_s / MiB:.1f} MB/s): at least"
+        return (f"; this run dirties ~{self.dirtied_bytes / MiB:,.0f} MB of heap, more than shared_buffers"
+                f" ({self.shared_buffers_bytes / MiB:,.0f} MB): the budget holds near the pace the server"
+                f" cleans pages at (~{self.clean_bytes_per_s / MiB:.1f} MB/s), at least"
                 f" {self.floor_seconds or 0:,.0f} s, measured up to 2-3x that (raise bgwriter_lru_maxpages"
                 " or shared_buffers, or run without a budget at a quiet hour)")
 
@@ -157,7 +157,7 @@ def predict_under_budget(budget_ms: float, alone: list[float], during: list[floa
     prediction if that is longer. With ``checkpoint`` (the WAL between requested checkpoints
     and ``checkpoint_timeout``) and more WAL than that, the run is paced (from a fresh
     checkpoint) one timed cycle after another until its rest fits in one, then goes at the rate.
-    With ``cleaning`` (before PostgreSQL 18) it takes at least its floor. A p99
+    With ``cleaning`` it takes at least that floor. A p99
     alone at or above the budget: the budget cannot hold, whatever msggc does."""
     p_alone, p_full = percentile(alone, 99), percentile(during, 99)
     if p_alone is None:

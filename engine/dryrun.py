@@ -140,11 +140,9 @@ def _cycle(conn: Connection) -> tuple[float, float]:
     return float(between), float(timeout)
 
 
-def _cleaning(conn: Connection, walked: list[Plan]) -> CleaningPace | None:
-    """Before PostgreSQL 18: the heap the walks dirty (garbage rows over garbage rows per page)
-    against shared_buffers and the server's cleaning pace (:class:`CleaningPace`)."""
-    if conn.info.server_version >= 180000:
-        return None
+def _cleaning(conn: Connection, walked: list[Plan]) -> CleaningPace:
+    """The heap the walks dirty (garbage rows over garbage rows per page) against shared_buffers
+    and the server's cleaning pace (:class:`CleaningPace`)."""
     block, buffers, lru_maxpages, delay = one_row(conn.execute(
         "SELECT current_setting('block_size')::int, pg_size_bytes(current_setting('shared_buffers')),"
         " current_setting('bgwriter_lru_maxpages')::int,"

@@ -122,15 +122,16 @@ def test_backends_evicting_dirty_pages_halve_the_rate_however_calm_the_probe():
     assert control.futile == 0
 
 
-def test_halving_that_leaves_the_evictions_as_high_stops_after_three_steps_and_a_calm_step_grows():
-    """Another load's evictions (or the run's old dirty pages) do not fall with the rate: three
-    halvings, then the rate holds; once a step is calm and free of them it grows again."""
+def test_halving_goes_on_while_backends_evict_and_a_calm_step_grows_again():
+    """Evictions lag the rate (the run's dirty pages stay until cleaned): held after three
+    halvings, pgbench's p99 stayed at 1.5x a 2x budget (10M dense, PostgreSQL 18); so the rate
+    halves as long as they last, and grows again once a step is calm and free of them."""
     control = RateControl(budget_ms=20, rate=8 * MiB)
     feed(control, calm(6, 1.0), evicting=5_000.0)
-    assert control.rate == pytest.approx(8 * MiB * DECREASE**3)
-    assert control.futile == 3
+    assert control.rate == pytest.approx(8 * MiB * DECREASE**6)
+    assert control.futile == 0
     feed(control, calm(1, 1.0))
-    assert control.rate > 8 * MiB * DECREASE**3
+    assert control.rate > 8 * MiB * DECREASE**6
 
 
 def test_the_rate_goes_as_low_as_its_floor_and_never_stops_the_run():
@@ -283,7 +284,7 @@ def test_a_msggc_session_gone_since_the_last_reading_never_makes_the_others_writ
     assert others_writes(10, {7: 1000}, {7: 1100}) == 0
 
 
-def test_before_postgresql_18_a_run_dirtying_more_than_shared_buffers_is_predicted_at_cleaning_pace() -> None:
+def test_a_budgeted_run_dirtying_more_than_shared_buffers_is_predicted_at_the_cleaning_pace() -> None:
     """10M dense rows dirty ~2.8 GB of heap through 128 MB of shared_buffers: at the default
     background writer's 100 pages per 200 ms (and the 64 a second the guard lets backends write)
     that is ~620 s (546 s measured on PostgreSQL 15), not the WAL rate's few seconds."""
@@ -292,7 +293,7 @@ def test_before_postgresql_18_a_run_dirtying_more_than_shared_buffers_is_predict
     verdict = predict_under_budget(10.0, [2.0] * 20, [3.0] * 10, 1000 * MiB, 10.0, None, pace)
     floor = (2860 - 128) * MiB / (564 * 8192)
     assert verdict.seconds == pytest.approx(BEFORE_SAMPLES * PROBE_INTERVAL_S + floor)
-    assert "before PostgreSQL 18" in verdict.verdict and "at least 620 s" in verdict.verdict
+    assert "more than shared_buffers" in verdict.verdict and "at least 620 s" in verdict.verdict
 
 
 def test_a_run_whose_dirtied_pages_fit_in_shared_buffers_keeps_its_wal_paced_prediction() -> None:
