@@ -97,8 +97,9 @@ class CleaningPace:
     application's reads, which then write them out themselves (evictions); the guard halves its
     rate while they do, so a budget holds near the pace the server cleans pages at without
     backends: the background writer's most (``bgwriter_lru_maxpages`` per ``bgwriter_delay``)
-    and what the guard lets backends write (``EVICTING_FLOOR``). Before PostgreSQL 18 msggc's
-    own workers' evictions count too (:mod:`engine.server_counters`). Measured (shared_buffers
+    and what the guard lets backends write (``EVICTING_FLOOR``): msggc's own workers' evictions
+    count too (no view before PostgreSQL 18 tells them apart; on 18, leaving them out made the
+    guard miss a 2x budget by 1.5-4.4x, BENCHMARKS.md). Measured (shared_buffers
     128 MB, defaults, 10M rows, 80% garbage, budget 2x beside pgbench): 546 s dense, 1,301 s
     aged on PostgreSQL 15, where one ``DELETE`` took 7-12 s."""
 

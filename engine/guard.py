@@ -50,7 +50,7 @@ from engine.db import APPLICATION_NAME, Connection, connect
 from engine.errors import BudgetCannotHold, MsggcError, SchemaMissing
 from engine.guard_series import Point, Series
 from engine.rate_control import PROBE_INTERVAL_S, STEP_SAMPLES, RateControl, percentile
-from engine.server_counters import CounterReader, ServerCounters
+from engine.server_counters import ServerCounters, read_counters
 
 PROBE_APPLICATION_NAME = f"{APPLICATION_NAME}-probe"
 BEFORE_SAMPLES = 20
@@ -194,7 +194,6 @@ class Probe:
         """Buffers a second client backends wrote themselves while the probe timed the
         application alone: what they write beyond it (see ``EVICTING_*``) is the run's doing."""
         self._alone_from: ServerCounters | None = None
-        self._counters = CounterReader()
         self._charged_at_step = 0
         self._recent: deque[ServerCounters] = deque()
         """Counters of the last steps, back to ``EVICTING_WINDOW_S`` ago: the last is the latest."""
@@ -323,7 +322,7 @@ class Probe:
             conn.execute("SET statement_timeout = 0")
             self._timed(conn, CLAIM_SQL, self.site.params)
             if self._alone_from is None:
-                self._alone_from = self._counters.read(conn)
+                self._alone_from = read_counters(conn)
             due = time.monotonic()
             while not self._stop.wait(max(0.0, due - time.monotonic())):
                 due += PROBE_INTERVAL_S
@@ -331,7 +330,7 @@ class Probe:
                     return
                 self._sample_waits(conn)
                 if self.ready.is_set() and self._first is None:
-                    self._workers_start(self._counters.read(conn))
+                    self._workers_start(read_counters(conn))
                 elif self.ready.is_set() and len(self.control.pending) >= STEP_SAMPLES:
                     self._step(conn)
         finally:
@@ -411,7 +410,7 @@ class Probe:
     def _step(self, conn: Connection) -> None:
         """A control step: the server's counters since the last one, then the controller's
         judgement, then a point of the series."""
-        now = self._counters.read(conn)
+        now = read_counters(conn)
         with self.lock:
             last, first = self._last, self._first
             assert last is not None and first is not None  # set as the workers start

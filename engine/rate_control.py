@@ -71,6 +71,8 @@ class RateControl:
     lowest: float = INITIAL_RATE
     _streak: list[float] = field(default_factory=list)
     """The p99 of each step over the budget since the last step well under it."""
+    _evictions: list[float] = field(default_factory=list)
+    """The eviction rate of each step with backends evicting since the last calm step."""
 
     def observe(self, latency_ms: float) -> bool:
         """One probe sample; True once ``STEP_SAMPLES`` of them are due for a step."""
@@ -95,27 +97,23 @@ class RateControl:
         (another load, a lock, a busy CPU), and going slower would only keep the run from
         completing; the rate holds until a step comes well under the budget (``futile`` counts
         the steps held). The median, and the first step for reference, because one step's p99
-        is the worst of five commits: noise on a busy host must not read as progress.
-
-        Evictions are not judged so: they lag the rate (the run's dirty pages stay in
-        shared_buffers until cleaned, about shared_buffers / the background writer's pace, ~30 s
-        at the defaults), so three halvings never show, and holding there kept pgbench's p99 at
-        1.5x a 2x budget (10M dense, PostgreSQL 18): the rate halves while they last."""
+        is the worst of five commits: noise on a busy host must not read as progress."""
         p99 = percentile(self.pending, 99) or 0.0
         if p99 > self.budget_ms:
             self._judged(self._streak, p99, now, used)
         elif evicting is not None:
-            self._decrease(now, used)
+            self._judged(self._evictions, evicting, now, used)
         elif p99 <= self.budget_ms * ROOM and not checkpoint_requested:
             self._streak.clear()
+            self._evictions.clear()
             self._increase(now, used)
         else:
             self._stepped(now)
         return p99
 
     def _judged(self, streak: list[float], level: float, now: float, used: float | None) -> None:
-        """Halve, unless ``FUTILE_STEPS`` halvings have left ``level`` (a p99) as high as it was
-        when the streak began: then hold (see :meth:`step`)."""
+        """Halve, unless ``FUTILE_STEPS`` halvings have left ``level`` (a p99, an eviction rate)
+        as high as it was when the streak began: then hold (see :meth:`step`)."""
         streak.append(level)
         recent = streak[-FUTILE_STEPS:]
         if len(streak) > FUTILE_STEPS and statistics.median(recent) >= streak[0] * FUTILE_GAIN:
