@@ -222,20 +222,56 @@ def blocked_in(conn: Conn, pid: int) -> str:
             "done": "close", "unswapped": "close", "kept": "close"}[phase]
 
 
-def pause_at(conn: Conn, holder: Conn, proc: subprocess.Popen[str], point: str) -> None:
-    """Return once msggc (``proc``) waits to record ``point``, ``holder`` holding ``gc_runs`` in
-    SHARE mode (every write of it waits): each release lets one of msggc's transactions commit
-    before the next request of the lock is granted (it queues behind that transaction)."""
-    holder_pid = holder.info.backend_pid
-    while True:
-        holder.execute("LOCK TABLE gc_runs IN SHARE MODE")
-        pid = wait_until(lambda: (conn.execute(
+class Turnstile:
+    """Stops msggc (``proc``) where it waits to record a point, by holding ``gc_runs`` in SHARE
+    mode (every write of it waits). Two connections take turns: to let one of msggc's
+    transactions commit, the spare's lock request is queued behind msggc's before the holding one
+    lets go, so the next write waits again however slowly this process goes on (one connection
+    releasing and locking again let msggc pass two points on a loaded host)."""
+
+    def __init__(self, conn: Conn, dsn: str, proc: subprocess.Popen[str]) -> None:
+        self.conn, self.proc = conn, proc
+        self.holding: Conn = psycopg.connect(dsn)
+        self.spare: Conn = psycopg.connect(dsn)
+        self.holding.execute("LOCK TABLE gc_runs IN SHARE MODE")
+
+    def __enter__(self) -> Turnstile:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.holding.close()
+        self.spare.close()
+
+    def pause_at(self, point: str) -> None:
+        """Return once msggc waits to record ``point`` (:data:`ORDER`), held there."""
+        while True:
+            pid = self._blocked()
+            reached = blocked_in(self.conn, pid)
+            if reached == point:
+                return
+            assert ORDER.index(reached) < ORDER.index(point), f"passed {point}"
+            self._let_one_through()
+
+    def release(self) -> None:
+        """Let msggc go on freely."""
+        self.holding.rollback()
+
+    def _blocked(self) -> int:
+        holder_pid = self.holding.info.backend_pid
+        pid = wait_until(lambda: (self.conn.execute(
             "SELECT pid FROM pg_stat_activity WHERE application_name = 'msggc'"
             " AND %s = ANY(pg_blocking_pids(pid))", (holder_pid,)).fetchone() or [None])[0]
-            or proc.poll() is not None, 30, "msggc to record a phase")
-        assert proc.poll() is None, f"the run ended before {point}: {proc.communicate()}"
-        reached = blocked_in(conn, pid)
-        if reached == point:
-            return
-        assert ORDER.index(reached) < ORDER.index(point), f"passed {point}"
-        holder.rollback()
+            or self.proc.poll() is not None, 30, "msggc to record a phase")
+        assert self.proc.poll() is None, f"the run ended: {self.proc.communicate()}"
+        return int(pid)
+
+    def _let_one_through(self) -> None:
+        queued = threading.Thread(target=self.spare.execute, args=("LOCK TABLE gc_runs IN SHARE MODE",))
+        queued.start()
+        spare_pid = self.spare.info.backend_pid
+        wait_until(lambda: self.conn.execute(
+            "SELECT EXISTS (SELECT FROM pg_locks WHERE pid = %s AND relation = 'gc_runs'::regclass"
+            " AND NOT granted)", (spare_pid,)).fetchone()[0], 30, "the spare's lock request to queue")
+        self.holding.rollback()
+        queued.join(60)
+        self.holding, self.spare = self.spare, self.holding

@@ -22,7 +22,7 @@ from engine.service import nodes
 from engine.service.settings import ServiceSettings
 from engine.status import RunStatus
 from tests.api_support import GC_PATH, gc_of, posted_bodies, running_service
-from tests.compact_app import CATALOG, LEAF_CATALOG, LEAVES, App, leftovers, make_inbox, pause_at
+from tests.compact_app import CATALOG, LEAF_CATALOG, LEAVES, App, Turnstile, leftovers, make_inbox
 from tests.data import fill, surviving_ids
 from tests.polling import wait_until
 from tests.support import run_cli, spawn_cli
@@ -131,8 +131,8 @@ def test_a_compaction_the_application_changes_the_table_under_is_undone(
         conn: Conn, dsn: str, change: str, reason: str) -> None:
     make_inbox(conn, 2000, 5)
     proc = spawn_cli("gc", "--dsn", dsn, "--table", "public.inbox", "--strategy", "compact", "--json")
-    with psycopg.connect(dsn) as holder:
-        pause_at(conn, holder, proc, "indexes")
+    with Turnstile(conn, dsn, proc) as gate:
+        gate.pause_at("indexes")
         conn.execute(change)
     out, _err = proc.communicate(timeout=60)
     assert proc.returncode == 1

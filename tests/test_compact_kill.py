@@ -22,7 +22,7 @@ from engine.archive import create_archive
 from engine.config import GcOptions, StrategyName, TableSpec
 from engine.service.notice import NoticeFinisher
 from engine.service.notify import WebhookNotifier
-from tests.compact_app import CATALOG, LEAF_CATALOG, LEAVES, POINTS, App, leftovers, make_inbox, pause_at
+from tests.compact_app import CATALOG, LEAF_CATALOG, LEAVES, POINTS, App, Turnstile, leftovers, make_inbox
 from tests.faults.helpers import CallbackServer, notice
 from tests.support import run_cli, spawn_cli
 
@@ -30,8 +30,8 @@ Conn = psycopg.Connection[Any]
 
 
 def kill_inside(conn: Conn, dsn: str, proc: subprocess.Popen[str], point: str) -> None:
-    with psycopg.connect(dsn) as holder:
-        pause_at(conn, holder, proc, point)
+    with Turnstile(conn, dsn, proc) as gate:
+        gate.pause_at(point)
         proc.kill()
         proc.wait()
 

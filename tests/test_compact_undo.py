@@ -19,7 +19,7 @@ import pytest
 from engine import collect
 from engine.config import GcOptions, TableSpec
 from engine.status import RunStatus
-from tests.compact_app import CATALOG, LEAF_CATALOG, LEAVES, App, leftovers, make_inbox, pause_at
+from tests.compact_app import CATALOG, LEAF_CATALOG, LEAVES, App, Turnstile, leftovers, make_inbox
 from tests.polling import wait_until
 from tests.support import spawn_cli
 
@@ -56,13 +56,12 @@ def test_a_swap_whose_count_does_not_add_up_is_undone_with_the_applications_late
     writer.start()
     try:
         proc = spawn_cli("gc", "--dsn", dsn, "--table", "public.inbox", "--strategy", "compact", "--json")
-        with psycopg.connect(dsn) as holder:
-            pause_at(conn, holder, proc, "finish")  # swapped, about to record "undoing"
+        with Turnstile(conn, dsn, proc) as gate:
+            gate.pause_at("finish")  # swapped, about to record "undoing"
             written = app.inserted + app.deleted
             wait_until(lambda: app.inserted + app.deleted >= written + 20, 30, "the application to write")
             if killed:
-                holder.rollback()
-                pause_at(conn, holder, proc, "undo")  # inside the undo's transaction, under the lock
+                gate.pause_at("undo")  # inside the undo's transaction, under the lock
                 proc.kill()
                 proc.wait()
         if killed:
@@ -130,8 +129,8 @@ def test_a_swap_that_cannot_be_undone_keeps_the_old_table_beside_and_says_so(
     oid = conn.execute("SELECT 'inbox'::regclass::oid").fetchone()[0]
     conn.execute(tamper("(id, msg, code) OVERRIDING SYSTEM VALUE VALUES (1000000, 'missed', 'a')"))
     proc = spawn_cli("gc", "--dsn", dsn, "--table", "public.inbox", "--strategy", "compact", "--json")
-    with psycopg.connect(dsn) as holder:
-        pause_at(conn, holder, proc, "finish")
+    with Turnstile(conn, dsn, proc) as gate:
+        gate.pause_at("finish")
         conn.execute(change)
     out, _err = proc.communicate(timeout=60)
     assert proc.returncode == 1
