@@ -67,8 +67,10 @@ DEFAULT_MAX_SECONDS = 3600.0
 """A run stops after an hour unless told otherwise; the next PUT continues where it stopped,
 as the seed recommends for large tables."""
 
-GC_KEYS = tuple(f.name for f in dataclasses.fields(GcOptions) if f.name not in ("table", "node", "dry_run"))
-"""Options a config file may default and a queued run carries (table and node come from the service)."""
+GC_KEYS = tuple(f.name for f in dataclasses.fields(GcOptions)
+                if f.name not in ("table", "node", "dry_run", "latency_budget_auto"))
+"""Options a config file may default and a queued run carries (table and node come from the service;
+``latency_budget_auto`` from a run's ``auto`` mark, by its worker)."""
 DURATION_KEYS = ("older_than", "max_replica_lag")
 SIZE_KEYS = ("max_wal_rate",)
 LATENCY_KEYS = ("max_app_latency_ms",)

@@ -247,9 +247,11 @@ class Worker:
         while True:
             try:
                 options = self._fitted(node, self.settings.options_of_run(node, record), record, granted)
-                if options.max_app_latency_ms is None and record.get(AUTO_LATENCY_MARK):
-                    options = self._auto_budget(node, run_id, options)
-                    record = {**record, "max_app_latency_ms": options.max_app_latency_ms}
+                if record.get(AUTO_LATENCY_MARK):  # measured once, kept by the record for the retries
+                    if options.max_app_latency_ms is None:
+                        options = self._auto_budget(node, run_id, options)
+                        record = {**record, "max_app_latency_ms": options.max_app_latency_ms}
+                    options = dataclasses.replace(options, latency_budget_auto=True)
                 with self.baselines.of(node.address).writing():
                     result = collect(node.dsn, options, self._finisher(), run_id=run_id,
                                      on_progress=self.metrics.batch_observer(node))
@@ -301,7 +303,7 @@ class Worker:
         log.info("node %s: run %s: latency budget auto = %g ms (%gx the probe's p99 of %.2f ms %s)",
                  node.label, run_id, found.budget_ms, baseline.AUTO_FACTOR, found.p99_ms,
                  shared.source(node.name, run_id))
-        return dataclasses.replace(options, max_app_latency_ms=found.budget_ms, latency_budget_auto=True)
+        return dataclasses.replace(options, max_app_latency_ms=found.budget_ms)
 
     def _still_ours(self, node: Node, run_id: int) -> bool:
         """Whether the run is still running (nobody closed it meanwhile); refreshes its heartbeat.
