@@ -11,6 +11,8 @@ swap put on the new table goes once the count adds up. If it does not, the swap 
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from psycopg import errors as pg_errors
 from psycopg import sql
 
@@ -37,12 +39,7 @@ def undo(conn: Connection, c: Compaction, lock_timeout_ms: int) -> None:
         c.phase = "undone"
         save(conn, c)
 
-    try:
-        locking(conn, removed, lock_timeout_ms)
-    except pg_errors.LockNotAvailable:
-        raise MsggcError(f"the capture trigger on {c.table.qualified} could not be removed: its"
-                         f" lock was not granted within {lock_timeout_ms} ms; the next run removes it"
-                         ) from None
+    _removing_capture(conn, c, removed, lock_timeout_ms, "")
 
 
 def finish_swapped(conn: Connection, c: Compaction, lock_timeout_ms: int) -> int:
@@ -83,11 +80,18 @@ def finish_swapped(conn: Connection, c: Compaction, lock_timeout_ms: int) -> int
 def _drop_capture(conn: Connection, c: Compaction, lock_timeout_ms: int) -> None:
     """The verification passed: the capture trigger leaves the new table (the application's
     writes pay it no longer), under ``lock_timeout``; not granted, the next run finishes."""
+    _removing_capture(conn, c, lambda: capture.drop(conn, c), lock_timeout_ms, " after the swap")
+
+
+def _removing_capture(conn: Connection, c: Compaction, step: Callable[[], None], lock_timeout_ms: int,
+                      when: str) -> None:
+    """``step`` (it drops the capture trigger) under ``lock_timeout`` with retries; never granted,
+    a one-line error: the next run removes it."""
     try:
-        locking(conn, lambda: capture.drop(conn, c), lock_timeout_ms)
+        locking(conn, step, lock_timeout_ms)
     except pg_errors.LockNotAvailable:
-        raise MsggcError(f"the capture trigger on {c.table.qualified} could not be removed after the swap:"
-                         f" its lock was not granted within {lock_timeout_ms} ms; the next run removes it"
+        raise MsggcError(f"the capture trigger on {c.table.qualified} could not be removed{when}: its"
+                         f" lock was not granted within {lock_timeout_ms} ms; the next run removes it"
                          ) from None
 
 

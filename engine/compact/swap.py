@@ -17,12 +17,10 @@ from psycopg import sql
 
 from engine.compact import capture, carry, leaf
 from engine.compact.catchup import catch_up, sync_round
+from engine.compact.locking import ATTEMPTS, BACKOFF_S
 from engine.compact.state import TRIGGER, TRUNCATED, Compaction, save
 from engine.db import Connection, one_row, regclass_of, table_ident
 from engine.errors import MsggcError
-
-ATTEMPTS = 6
-BACKOFF_S = 0.1
 
 
 class SwapNotGranted(MsggcError):
