@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from engine.db import Connection, connect
-from engine.guard import PROBE_APPLICATION_NAME, require_probe_table
+from engine.probe_record import PROBE_APPLICATION_NAME, require_probe_table
 from engine.rate_control import PROBE_INTERVAL_S, percentile
 
 BASELINE_S = 2.0

@@ -13,14 +13,8 @@ from dataclasses import dataclass
 import psycopg
 
 from engine.db import Connection, connect
-from engine.guard import (
-    BEFORE_MAX_SAMPLES,
-    BEFORE_SAMPLES,
-    CLAIM_SQL,
-    EVICTING_FLOOR,
-    PROBE_APPLICATION_NAME,
-    REFUSE_PERCENTILE,
-)
+from engine.guard import BEFORE_MAX_SAMPLES, BEFORE_SAMPLES, EVICTING_FLOOR, REFUSE_PERCENTILE
+from engine.probe_record import CLAIM_SQL, PROBE_APPLICATION_NAME
 from engine.rate_control import (
     INITIAL_RATE,
     MIN_RATE,

@@ -30,7 +30,6 @@ from engine.db import Connection, connect, require_bookkeeping
 from engine.dryrun import dry_run
 from engine.errors import GcAlreadyRunning
 from engine.finish import Closed, Finisher, SilentFinisher, close, decide
-from engine.guard import ProbeSite, require_probe_table
 from engine.planner import (
     LEAF_SAMPLE_BLOCKS,
     Plan,
@@ -42,6 +41,7 @@ from engine.planner import (
     whole_leaf_plan,
     workers_for,
 )
+from engine.probe_record import ProbeSite, require_probe_table
 from engine.queries import Archive, Statements
 from engine.result import GcResult, Progress, percentile
 from engine.status import RunStatus

@@ -28,7 +28,8 @@ import psycopg
 
 from engine.baseline import auto_budget_ms
 from engine.db import Connection, one_row
-from engine.guard import Probe, ProbeSite
+from engine.guard import Probe
+from engine.probe_record import ProbeSite
 from engine.rate_control import MIN_RATE
 
 POLL_S = 0.2

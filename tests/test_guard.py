@@ -14,8 +14,9 @@ from engine import collect, guard, runs
 from engine.collector import check
 from engine.config import GcOptions
 from engine.db import connect
-from engine.guard import BEFORE_SAMPLES, PROBE_APPLICATION_NAME, ProbeSite
+from engine.guard import BEFORE_SAMPLES
 from engine.planner import SAMPLE_BLOCKS, take_sample
+from engine.probe_record import PROBE_APPLICATION_NAME, ProbeSite
 from engine.rate_control import MIN_RATE
 from engine.result import Progress
 from engine.throttle import BLOCK_BYTES, FIRST_BATCH_ROWS, Limits, Throttle

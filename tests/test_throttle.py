@@ -292,7 +292,7 @@ def test_replica_lag_holds_the_run_while_standby_replay_is_paused_and_resumes_on
 
 def guarded_throttle(dsn: str, rows_left: int) -> Any:
     """A guarded run's throttle (its probe not started), told that ``rows_left`` rows remain."""
-    from engine.guard import ProbeSite
+    from engine.probe_record import ProbeSite
     from engine.throttle import Limits, Throttle
 
     throttle = Throttle(Limits(max_app_latency_ms=50), 0, ProbeSite(dsn, 1, "messages", ""))

@@ -17,7 +17,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from engine import guard, runs
+from engine import probe_record, runs
 from engine.db import connect
 from engine.result import GcResult, Progress
 from engine.service import outbox
@@ -86,7 +86,7 @@ class DatabaseCollector(Collector):
         with connect(node.dsn, timeout_s=self.settings.connect_timeout_s) as conn:
             table = self.settings.table_name(node)
             return (runs.totals(conn, table, node.name), outbox.backlog(conn, node.name),
-                    guard.latest_figures(conn, table, node.name), runs.signals(conn, table, node.name))
+                    probe_record.latest_figures(conn, table, node.name), runs.signals(conn, table, node.name))
 
 
 def _add_probe(label: str, probe: dict[str, Any], latency: GaugeMetricFamily, held_back: GaugeMetricFamily,

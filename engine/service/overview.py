@@ -10,7 +10,7 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Any
 
-from engine import guard, progress, runs
+from engine import probe_record, progress, runs
 from engine.db import require_bookkeeping
 from engine.service import contract, outbox
 from engine.service.api_models import (
@@ -42,7 +42,7 @@ def _read(settings: ServiceSettings, node: Node) -> tuple[list[dict[str, Any]], 
         require_bookkeeping(conn)
         table = settings.table_name(node)
         return (runs.newest(conn, table, node.name, RECENT_RUNS), outbox.waiting(conn, node.name),
-                guard.latest_figures(conn, table, node.name))
+                probe_record.latest_figures(conn, table, node.name))
 
 
 def _node_overview(result: NodeResult[tuple[list[dict[str, Any]], dict[str, Any],
