@@ -273,11 +273,12 @@ class Statements:
     # -- child rows of a range's deletable garbage ------------------------------------------
 
     def _children_of(self, ref: Reference, range_: sql.Composable,
-                     predicate: sql.Composable) -> sql.Composed:
+                     predicate: sql.Composable, exact: bool = False) -> sql.Composed:
         """The child rows of ``ref`` whose parent in ``range_`` passes ``predicate``; when the
         table references itself, whose parent the range's DELETE takes (:meth:`delete_range`:
-        subtrees reach past the range)."""
-        if self.self_references:
+        subtrees reach past the range), unless ``range_`` is ``exact``: the rows locked for
+        :meth:`delete_locked`, which takes no subtree."""
+        if self.self_references and not exact:
             range_ = sql.SQL("ctid = ANY(ARRAY({}))").format(self._subtrees(range_))
             predicate = sql.SQL("{} AND NOT ({})").format(self.garbage, self._held_by_others())
         template = "ROW({child_cols}) IN (SELECT {parent_cols} FROM {t} WHERE {range} AND {pred})"
@@ -286,23 +287,25 @@ class Statements:
             parent_cols=sql.SQL(", ").join(map(sql.Identifier, ref.parent_columns)),
             t=table_ident(self.table), range=range_, pred=predicate)
 
-    def count_children(self, ref: Reference, range_: sql.Composable) -> sql.Composed:
+    def count_children(self, ref: Reference, range_: sql.Composable, exact: bool = False) -> sql.Composed:
         return sql.SQL("SELECT count(*) FROM {child} AS msggc_child WHERE {match}").format(
-            child=table_ident(ref.child), match=self._children_of(ref, range_, self.deletable))
+            child=table_ident(ref.child), match=self._children_of(ref, range_, self.deletable, exact))
 
-    def delete_children(self, ref: Reference, range_: sql.Composable) -> sql.Composed:
+    def delete_children(self, ref: Reference, range_: sql.Composable, exact: bool = False) -> sql.Composed:
         """``--delete-dependents``: the child rows that hold the range's garbage go first."""
         return sql.SQL("DELETE FROM {child} AS msggc_child WHERE {match}").format(
-            child=table_ident(ref.child), match=self._children_of(ref, range_, self.garbage))
+            child=table_ident(ref.child), match=self._children_of(ref, range_, self.garbage, exact))
 
-    def archive_children(self, ref: Reference, range_: sql.Composable, archive: Archive) -> sql.Composed:
+    def archive_children(self, ref: Reference, range_: sql.Composable, archive: Archive,
+                         exact: bool = False) -> sql.Composed:
         """The child rows about to go with their parents, copied to the child's archive."""
         columns = sql.SQL(", ").join(map(sql.Identifier, archive.columns))
         return sql.SQL(
             "INSERT INTO {archive} ({columns}, archived_at, run_id)"
             " SELECT {columns}, now(), %(run_id)s FROM {child} AS msggc_child WHERE {match}"
         ).format(archive=table_ident(archive.table), columns=columns, child=table_ident(ref.child),
-                 match=self._children_of(ref, range_, self.deletable if not ref.blocks else self.garbage))
+                 match=self._children_of(ref, range_, self.deletable if not ref.blocks else self.garbage,
+                                         exact))
 
     def sample_foreign_key(self, ref: Reference) -> sql.Composed:
         """In a block sample of the table: the garbage rows ``ref`` holds, or the child rows a
@@ -376,16 +379,25 @@ class Statements:
                 subtrees=self._subtrees(range_), held=self._held_by_others()))
         return self._moving(self._format("DELETE FROM {t} WHERE {range} AND {deletable}", range=range_))
 
-    def delete_range_skip_locked(self, range_: sql.Composable, by_ctid: bool) -> sql.Composed:
-        """The slow path after a lock timeout: lock what is free, leave what the app holds."""
-        column = sql.SQL("ctid") if by_ctid else sql.Identifier(self.target.key[0])
-        return self._moving(self._format(
-            "DELETE FROM {t} WHERE {col} = ANY(ARRAY("
-            "SELECT {col} FROM {t} WHERE {range} AND {deletable} FOR UPDATE SKIP LOCKED"
-            ")) AND {deletable}",
-            col=column,
-            range=range_,
-        ))
+    def lock_free_garbage(self, range_: sql.Composable, by_ctid: bool) -> sql.Composed:
+        """The slow path after a lock timeout: lock the range's garbage the application does not
+        hold, and return it; the batch then archives, counts and deletes exactly those rows
+        (:meth:`locked`), so a child row of a parent left behind is never archived."""
+        return self._format("SELECT {col} FROM {t} WHERE {range} AND {garbage} FOR UPDATE SKIP LOCKED",
+                            col=self._row_column(by_ctid), range=range_)
+
+    def locked(self, by_ctid: bool) -> sql.Composed:
+        """The rows :meth:`lock_free_garbage` locked (parameter ``msggc_locked``), as a range."""
+        cast = sql.SQL("::tid[]" if by_ctid else "")
+        return sql.SQL("{col} = ANY(%(msggc_locked)s{cast})").format(col=self._row_column(by_ctid), cast=cast)
+
+    def delete_locked(self, by_ctid: bool) -> sql.Composed:
+        """Delete the locked rows that are still deletable (none can have changed: they are ours)."""
+        return self._moving(self._format("DELETE FROM {t} WHERE {locked} AND {deletable}",
+                                         locked=self.locked(by_ctid)))
+
+    def _row_column(self, by_ctid: bool) -> sql.Composable:
+        return sql.SQL("ctid") if by_ctid else sql.Identifier(self.target.key[0])
 
     def count_garbage_in(self, range_: sql.Composable) -> sql.Composed:
         """Garbage still present in a range after a skip-locked delete: the rows skipped."""

@@ -116,13 +116,19 @@ class RangeOutcome:
 
 def _delete_range(conn: Connection, st: Statements, range_: sql.Composable, params: dict[str, Any],
                   skip_locked: bool, by_ctid: bool) -> RangeOutcome:
-    """Delete the garbage of a range; with skip_locked, leave the rows the app has locked. The
-    child rows that go or change with it are counted first (and archived, or deleted first with
+    """Delete the garbage of a range; with skip_locked, leave the rows the app has locked (the
+    free ones are locked first, and the rest of the batch works on exactly those). The child
+    rows that go or change with it are counted first (and archived, or deleted first with
     ``--delete-dependents``); the garbage rows a foreign key holds are counted after."""
-    references = _before_delete(conn, st, range_, params)
+    rows, exact = range_, skip_locked
+    if skip_locked:
+        locked = [value for (value,) in conn.execute(st.lock_free_garbage(range_, by_ctid), params)]
+        rows, params = st.locked(by_ctid), {**params, "msggc_locked": [str(v) for v in locked] if by_ctid
+                                            else locked}
+    references = _before_delete(conn, st, rows, params, exact)
     watched = st.changes_seen_in_statistics
     before = one_row(conn.execute(st.child_changes)) if watched else ()
-    delete = st.delete_range(range_) if not skip_locked else st.delete_range_skip_locked(range_, by_ctid)
+    delete = st.delete_locked(by_ctid) if skip_locked else st.delete_range(range_)
     deleted = _streamed(conn, delete, params) if st.archive and st.archive.stream else \
         conn.execute(delete, params).rowcount
     skipped = int(one_row(conn.execute(st.count_garbage_in(range_), params))[0]) if skip_locked else 0
@@ -142,20 +148,20 @@ def _streamed(conn: Connection, statement: sql.Composed, params: dict[str, Any])
 
 
 def _before_delete(conn: Connection, st: Statements, range_: sql.Composable,
-                   params: dict[str, Any]) -> dict[str, int]:
+                   params: dict[str, Any], exact: bool) -> dict[str, int]:
     counts: dict[str, int] = {}
     for ref in st.changes_children:
         if ref in st.changes_seen_in_statistics:
             continue
         archived = None
         if (archive := st.child_archives.get(ref.name)) is not None:
-            archived = conn.execute(st.archive_children(ref, range_, archive), params).rowcount
+            archived = conn.execute(st.archive_children(ref, range_, archive, exact), params).rowcount
         if ref.blocks:  # --delete-dependents: the children that hold the rows go first
-            counts[ref.name] = conn.execute(st.delete_children(ref, range_), params).rowcount
+            counts[ref.name] = conn.execute(st.delete_children(ref, range_, exact), params).rowcount
         elif archived is not None:  # the copy read exactly the rows the cascade will delete
             counts[ref.name] = archived
         else:
-            counts[ref.name] = int(one_row(conn.execute(st.count_children(ref, range_), params))[0])
+            counts[ref.name] = int(one_row(conn.execute(st.count_children(ref, range_, exact), params))[0])
     return counts
 
 

@@ -158,6 +158,35 @@ def test_archived_cascades_come_back_parents_first_then_children_exactly(conn, d
     assert inbox_digest(conn) == inbox and content_digest(conn, None, "attachments") == children
 
 
+def test_a_parent_the_application_holds_locked_keeps_its_children_out_of_the_archive(conn, dsn):
+    """After a lock timeout the batch leaves the rows the application holds: the children of a
+    parent left behind are neither deleted nor archived (restoring the run must not bring back
+    a copy of rows still there), and the next run archives them once, with their parent."""
+    make_inbox(conn)
+    add_child(conn, "attachments", "CASCADE", HELD + LIVE_REFERENCED)
+    inbox, children = inbox_digest(conn), content_digest(conn, None, "attachments")
+    for table in ("app.inbox", "attachments"):
+        assert run_cli("migrate", "--dsn", dsn, "--archive-for", table).returncode == 0
+    with psycopg.connect(dsn) as app:
+        app.execute("SELECT id FROM app.inbox WHERE n = 3 FOR UPDATE")
+        first = collect(dsn, GcOptions(table=INBOX, archive=True, batch_size=100, lock_timeout_ms=50))
+        app.rollback()
+    assert first.status is RunStatus.COMPLETE, first.error
+    assert first.rows_skipped_locked == 1 and garbage_ns(conn) == [3]
+    archived = conn.execute("SELECT count(*) FROM attachments_archive WHERE run_id = %s", (first.run_id,))
+    assert archived.fetchone()[0] == len(HELD) - 1
+    assert first.foreign_keys["attachments_inbox_id_fkey"]["rows"] == len(HELD) - 1
+
+    back = run_cli("restore", "--dsn", dsn, "--table", "app.inbox", "--run", str(first.run_id))
+    assert back.returncode == 0, back.stderr
+    assert inbox_digest(conn) == inbox and content_digest(conn, None, "attachments") == children
+
+    second = collect(dsn, GcOptions(table=INBOX, archive=True, batch_size=100))
+    assert second.status is RunStatus.COMPLETE and garbage_ns(conn) == []
+    assert conn.execute("SELECT count(*) FROM attachments_archive WHERE run_id = %s",
+                        (second.run_id,)).fetchone()[0] == len(HELD)
+
+
 def test_dependents_deleted_on_request_are_archived_and_restored_with_their_parents(conn, dsn):
     make_inbox(conn)
     add_child(conn, "replies", "RESTRICT", HELD + LIVE_REFERENCED)
