@@ -492,6 +492,33 @@ def test_a_reply_the_application_holds_locked_keeps_its_thread_and_the_next_run_
     assert first.messages_deleted + second.messages_deleted == before - len(stays)
 
 
+def test_threads_the_application_holds_locked_keep_their_attachments_out_of_the_archive(conn, dsn):
+    """A table onto itself, a cascading child, ``--archive``, and replies held by the application
+    (the batch retried with SKIP LOCKED): only the attachments of messages deleted are archived,
+    and restoring the run gives back exactly the tables as they were."""
+    make_thread_shapes(conn, index=True)
+    conn.execute("CREATE TABLE attachments (id serial PRIMARY KEY, msg_id bigint REFERENCES msg (id)"
+                 " ON DELETE CASCADE)")
+    conn.execute("INSERT INTO attachments (msg_id) SELECT unnest(ARRAY[4, 5, 6, 8, 120, 130, 139, 6001])")
+    digests = {t: content_digest(conn, None, t) for t in ("msg", "attachments")}
+    for table in ("public.msg", "attachments"):
+        assert run_cli("migrate", "--dsn", dsn, "--archive-for", table).returncode == 0
+    with psycopg.connect(dsn) as app:
+        app.execute("SELECT id FROM msg WHERE id IN (5, 120) FOR UPDATE")
+        result = collect(dsn, GcOptions(table=MSG, archive=True, batch_size=20, lock_timeout_ms=50))
+        app.rollback()
+    assert result.status is RunStatus.COMPLETE, result.error
+    assert result.rows_skipped_locked >= 2 and {5, 120} <= set(msg_ids(conn))
+    archived = {row for (row,) in conn.execute(
+        "SELECT id FROM attachments_archive WHERE run_id = %s", (result.run_id,))}
+    present = {row for (row,) in conn.execute("SELECT id FROM attachments")}
+    assert archived and not archived & present and len(archived | present) == 8
+
+    back = run_cli("restore", "--dsn", dsn, "--table", "public.msg", "--run", str(result.run_id))
+    assert back.returncode == 0, back.stderr
+    assert {t: content_digest(conn, None, t) for t in digests} == digests
+
+
 def test_two_keys_of_the_table_onto_itself_both_hold_and_a_whole_garbage_thread_goes(conn, dsn):
     conn.execute("CREATE TABLE msg (id bigint PRIMARY KEY, processed_at timestamptz,"
                  " parent_id bigint REFERENCES msg (id), root_id bigint REFERENCES msg (id))")
