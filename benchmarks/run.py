@@ -423,9 +423,25 @@ def scored_over_run(load: dict[str, Any], document: dict[str, Any]) -> None:
     if not log or began is None:
         return
     ended = began + document["elapsed_s"]
+    during = [(at, ms) for at, ms in log if began <= at <= ended]
     load["latency_ms_whole"] = load["latency_ms"]
-    load["latency_ms"] = asdict(LatencySummary.of([ms for at, ms in log if began <= at <= ended]))
+    load["latency_ms"] = asdict(LatencySummary.of([ms for _, ms in during]))
     load["scored_over"] = "the contender's run"
+    load["p99_by_window"] = p99_by_window(during, began)
+
+
+P99_WINDOW_S = 30.0
+
+
+def p99_by_window(log: list[tuple[float, float]], began: float) -> list[dict[str, float | None]]:
+    """The load's p99 per ``P99_WINDOW_S`` of the run (seconds from its start): where in a long
+    run the application felt it (a timed checkpoint, the run's first minutes), beside the
+    guard's own series."""
+    windows: dict[int, list[float]] = {}
+    for at, ms in log:
+        windows.setdefault(int((at - began) // P99_WINDOW_S), []).append(ms)
+    return [{"from_s": n * P99_WINDOW_S, "ops": len(values), "p99_ms": LatencySummary.of(values).p99}
+            for n, values in sorted(windows.items())]
 
 
 def measure_once_more(server: Server, databases: Databases, entry: Entry, settings: Settings,
