@@ -114,9 +114,6 @@ def _guard_line(result: GcResult) -> str:
     if result.guard_rate_min_bytes_per_s is not None:
         line += (f" (lowest WAL rate granted {_mib(result.guard_rate_min_bytes_per_s)}/s,"
                  f" {result.rate_decreases} decreases")
-        if result.guard_quiet_tests:
-            line += (f", {result.guard_quiet_tests} quiet tests, {result.guard_quiet_tests_ours} of them"
-                     " finding the latency the run's")
         if result.guard_futile_steps:
             line += (f", {result.guard_futile_steps} steps over the budget not slowed further: halving"
                      " left the latency as high")

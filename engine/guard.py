@@ -238,8 +238,6 @@ class Probe:
                     "rate_share_min": self.min_share,
                     "rate_decreases": self.control.decreases,
                     "guard_futile_steps": self.control.futile,
-                    "guard_quiet_tests": self.control.quiet_tests,
-                    "guard_quiet_tests_ours": self.control.quiet_ours,
                     "guard_rate_min_bytes_per_s": round(self.control.lowest),
                     "checkpoints_requested": self._checkpoints(),
                     "backend_writes": writes,

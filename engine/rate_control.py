@@ -5,8 +5,6 @@ gives it commit latencies and, once per control step, what the server says; it a
 rate in bytes per second (WAL, or pages dirtied if more: see :mod:`engine.throttle`). Slow start
 from ``INITIAL_RATE``, doubled each calm step until the first step over the budget; then halved
 on every step whose p99 passes the budget, grown by a share while it stays under ``ROOM`` of it.
-Halvings that do not help lead to a quiet test: the run all but stops for a while to ask whether
-the latency is its own, late (cap the rate) or not (hold it, so the run completes).
 """
 
 from __future__ import annotations
@@ -40,12 +38,6 @@ ROOM = 0.8
 FUTILE_STEPS = 3
 FUTILE_GAIN = 0.9
 """Halvings whose steps' median p99 stays at 90% or more of the first step's did not help."""
-QUIET_TEST_S = 20.0
-"""Before halving is called futile, the run goes quiet (``MIN_RATE``) for at most this long to
-ask whether the latency is its own doing: the run's dirty pages reach the disk (the background
-writer, the checkpointer, the kernel's writeback after ~30 s) long after they were written, so
-halvings may not show for many steps, and a rule judging them step by step let a run on
-PostgreSQL 18 hold a rate its application paid 6x the budget for (issue 22)."""
 
 
 def percentile(values: list[float], q: float) -> float | None:
@@ -77,15 +69,6 @@ class RateControl:
     futile: int = 0
     """Steps over the budget that did not decrease, halving having not helped (see :meth:`step`)."""
     lowest: float = INITIAL_RATE
-    quiet_tests: int = 0
-    """Quiet tests taken (see :meth:`_quiet_step`), and how many found the run the cause."""
-    quiet_ours: int = 0
-    ceiling: float = MAX_RATE
-    """The most the rate may grow to: the rate a quiet test found the run's doing began at."""
-    _quiet_since: float | None = None
-    _quiet_from: float = INITIAL_RATE
-    _tested: bool = False
-    """A quiet test was taken in this streak over the budget (one per streak)."""
     _streak: list[float] = field(default_factory=list)
     """The p99 of each step over the budget since the last step well under it."""
     _evictions: list[float] = field(default_factory=list)
@@ -114,20 +97,15 @@ class RateControl:
         (another load, a lock, a busy CPU), and going slower would only keep the run from
         completing; the rate holds until a step comes well under the budget (``futile`` counts
         the steps held). The median, and the first step for reference, because one step's p99
-        is the worst of five commits: noise on a busy host must not read as progress. Before
-        that, once per streak, a quiet test asks whether the run is the cause after all (see
-        :meth:`_quiet_step`)."""
+        is the worst of five commits: noise on a busy host must not read as progress."""
         p99 = percentile(self.pending, 99) or 0.0
-        if self._quiet_since is not None:
-            self._quiet_step(now, p99 <= self.budget_ms and evicting is None)
-        elif p99 > self.budget_ms:
+        if p99 > self.budget_ms:
             self._judged(self._streak, p99, now, used)
         elif evicting is not None:
             self._judged(self._evictions, evicting, now, used)
         elif p99 <= self.budget_ms * ROOM and not checkpoint_requested:
             self._streak.clear()
             self._evictions.clear()
-            self._tested = False
             self._increase(now, used)
         else:
             self._stepped(now)
@@ -139,42 +117,10 @@ class RateControl:
         streak.append(level)
         recent = streak[-FUTILE_STEPS:]
         if len(streak) > FUTILE_STEPS and statistics.median(recent) >= streak[0] * FUTILE_GAIN:
-            if self._tested:
-                self.futile += 1
-                self._stepped(now)
-            else:
-                self._go_quiet(now)
+            self.futile += 1
+            self._stepped(now)
         else:
             self._decrease(now, used)
-
-    def _go_quiet(self, now: float) -> None:
-        self._tested = True
-        self.quiet_tests += 1
-        self._quiet_since, self._quiet_from = now, self.rate
-        self.rate = self.lowest = MIN_RATE
-        self.decreases += 1  # the throttle drops what was banked at the old rate
-        self._stepped(now)
-
-    def _quiet_step(self, now: float, under: bool) -> None:
-        """A step of a quiet test. The application back under the budget while the run barely
-        writes: the latency was the run's, arriving late; it resumes at half the rate the test
-        began at and never grows past that rate again (``ceiling``): growing step by step, it
-        would overshoot again before the pages reached the disk (a later test lowers it more).
-        Still over after ``QUIET_TEST_S``: not the run's doing; the rate it had comes back and
-        holds (futile)."""
-        assert self._quiet_since is not None
-        if under:
-            self.quiet_ours += 1
-            self.ceiling = min(self.ceiling, self._quiet_from)
-            self.rate = self.threshold = max(MIN_RATE, self.ceiling * DECREASE)
-            self._streak.clear()
-            self._evictions.clear()
-            self._quiet_since = None
-        elif now - self._quiet_since >= QUIET_TEST_S:
-            self.rate = self._quiet_from
-            self.futile += 1
-            self._quiet_since = None
-        self._stepped(now)
 
     def stalled(self, waiting_ms: float, now: float) -> None:
         """A probe write still in flight after more than the budget is a sample over it already:
@@ -195,7 +141,7 @@ class RateControl:
         grown = (self.rate * SLOW_START_GROWTH if self.threshold is None
                  else self.rate + max(self.rate, self.threshold) * INCREASE_SHARE)
         cap = max(self.rate, used * USED_HEADROOM) if used else MAX_RATE
-        new = min(self.ceiling, grown, cap)
+        new = min(MAX_RATE, grown, cap)
         if new > self.rate:
             self.increases += 1
         self.rate = new

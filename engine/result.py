@@ -73,10 +73,6 @@ class GcResult:
     guard_futile_steps: int = 0
     """Control steps over the budget in which the guard did not slow down, three halvings in a
     row having left the probe's p99 as high: the latency was not the run's doing."""
-    guard_quiet_tests: int = 0
-    """Times the guard went quiet to ask whether the latency over the budget was the run's."""
-    guard_quiet_tests_ours: int = 0
-    """...and found it was (the latency ended): the rate was capped where that test began."""
     guard_rate_min_bytes_per_s: int | None = None
     """The lowest WAL rate the guard granted (bytes per second)."""
     checkpoints_requested: int | None = None
