@@ -169,6 +169,8 @@ def test_a_compaction_dry_run_predicts_from_a_rolled_back_sample_copy_and_change
     assert figures is not None and figures["refused"] == []
     assert 500 <= figures["live_rows"] <= 1500  # 1000 live, from a sample
     assert result.predicted_wal_bytes and result.predicted_wal_bytes > 0
+    find, verify = figures["predicted_find_seconds"], figures["predicted_verify_seconds"]
+    assert find > 0 and verify > 0 and result.predicted_seconds and result.predicted_seconds > find + verify
     assert figures["disk_bytes"] > 0 and figures["walk"]["strategy"] in ("physical", "index", "key")
     assert conn.execute(CATALOG).fetchone()[0] == before
     assert leftovers(conn) == [] and conn.execute("SELECT count(*) FROM inbox").fetchone()[0] == 5000

@@ -17,6 +17,7 @@ from psycopg import sql
 from engine.compact import leaf
 from engine.compact.state import Compaction
 from engine.db import Connection, one_row, table_ident
+from engine.target import Target
 
 LIKE_LEAF = sql.SQL("INCLUDING DEFAULTS INCLUDING CONSTRAINTS INCLUDING STORAGE INCLUDING COMPRESSION"
                     " INCLUDING GENERATED INCLUDING STATISTICS INCLUDING COMMENTS")
@@ -59,11 +60,12 @@ def columns(conn: Connection, oid: int) -> list[str]:
         " AND attgenerated = '' ORDER BY attnum", (oid,))]
 
 
-def live_rows(c: Compaction, never_null: bool) -> sql.Composable:
+def live_rows(garbage: sql.Composable, target: Target) -> sql.Composable:
     """The rows that are not garbage: ``NOT (garbage)`` when the predicate is never NULL (no
     ``--where``: the planner turns it into ``processed_at IS NULL``, which an index on the column
     answers), else ``(garbage) IS NOT TRUE`` (a NULL is not garbage)."""
-    return sql.SQL("NOT ({})" if never_null else "({}) IS NOT TRUE").format(c.predicate)
+    never_null = target.filter is None and target.processed is not None
+    return sql.SQL("NOT ({})" if never_null else "({}) IS NOT TRUE").format(garbage)
 
 
 def copy_live(conn: Connection, c: Compaction, names: list[str], live: sql.Composable) -> int:

@@ -2,9 +2,12 @@
 and its duration, WAL and disk predicted from a real sample copy that is rolled back, beside the
 walk's own prediction (the same dry run with the strategy the planner would pick).
 
-The copy's time is the sequential read of the whole table (timed on its first blocks) plus the
+The copy's time is the finding of its live rows (timed on the first ``FIND_ROWS`` of them as the
+copy finds them: a sequential read, or an index that answers the predicate's negation) plus the
 writing of its live rows and the building of its indexes (timed on the sample's live rows, made
-into a table like the new one would be, inside a transaction rolled back).
+into a table like the new one would be, inside a transaction rolled back), plus the verification
+after the swap: two counts of the old table, each about a sequential read of it (timed on its
+first blocks).
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from psycopg import sql
 from engine.compact import copy, preconditions
 from engine.compact.choice import live_share
 from engine.compact.state import Compaction, names_of
+from engine.config import TableSpec
 from engine.db import Connection, one_row, table_ident
 from engine.queries import Statements
 from engine.result import GcResult
@@ -27,7 +31,10 @@ CHECKED = ("a key", "owned", "no view, rule or materialized view", "no foreign k
            "no inheritance", "no object on its row type", "no security label")
 SAMPLE_ROWS = 20_000
 READ_BLOCKS = 4_096
-"""The live rows written in the sample copy, and the blocks read to time the scan (32 MB)."""
+"""The live rows written in the sample copy, and the blocks read to time a count (32 MB)."""
+FIND_ROWS = 5_000
+"""The live rows found to time the copy's search for them (at 1% live, a twentieth of 10M rows)."""
+VERIFY_COUNTS = 2
 
 
 def predict(conn: Connection, target: Target, statements: Statements | None, walk: GcResult,
@@ -48,13 +55,15 @@ def predict(conn: Connection, target: Target, statements: Statements | None, wal
     share = live_share(conn, statements, params)
     live = round(rows * share)
     copied = _sample_copy(conn, target, statements, params) if live else None
-    read_s = _read_seconds(conn, statements, int(pages))
+    find_s = _find_seconds(conn, statements.table, copy.live_rows(statements.garbage, target), params, live)
+    verify_s = VERIFY_COUNTS * _read_seconds(conn, statements, int(pages))
     scale = live / copied[0] if copied and copied[0] else 0.0
-    seconds = read_s + (copied[1] * scale if copied else 0.0)
+    seconds = find_s + (copied[1] * scale if copied else 0.0) + verify_s
     wal = round(copied[2] * scale) if copied else 0
     disk = round(copied[3] * scale) if copied else 0
     room, disk_line = preconditions.disk_room(conn, disk)
     figures.update(live_rows=live, rows=int(rows), heap_bytes=int(heap_bytes), predicted_seconds=seconds,
+                   predicted_find_seconds=find_s, predicted_verify_seconds=verify_s,
                    predicted_wal_bytes=wal, disk_bytes=disk, disk=disk_line, room=room, checked=CHECKED)
     versus = _versus(walk, seconds, wal)
     return dataclasses.replace(
@@ -86,6 +95,20 @@ def _sample_copy(conn: Connection, target: Target, statements: Statements,
         return rows, time.monotonic() - started, int(wal), int(size)
     finally:
         conn.execute("ROLLBACK")
+
+
+def _find_seconds(conn: Connection, table: TableSpec, live_rows: sql.Composable, params: dict[str, object],
+                  live: int) -> float:
+    """The copy's search for the live rows, timed on its first ``FIND_ROWS`` (the copy's predicate,
+    so the same plan: a btree on the processed column finds a backlog's few live rows without
+    reading the heap's garbage), scaled to ``live``."""
+    if not live:
+        return 0.0
+    started = time.monotonic()
+    found = one_row(conn.execute(sql.SQL(
+        "SELECT count(*) FROM (SELECT 1 FROM ONLY {t} WHERE {live} LIMIT {n}) AS live").format(
+            t=table_ident(table), live=live_rows, n=sql.Literal(FIND_ROWS)), params))[0]
+    return (time.monotonic() - started) * live / max(int(found), 1)
 
 
 def _read_seconds(conn: Connection, statements: Statements, pages: int) -> float:

@@ -75,8 +75,7 @@ def compact(conn: Connection, dsn: str, options: GcOptions, target: Target, stat
     budget = Budget(stop, started + options.max_seconds if options.max_seconds else None)
     status, failure = RunStatus.COMPLETE, None
     try:
-        never_null = target.filter is None and target.processed is not None
-        _until_swap(conn, c, target.oid, names, options, budget, never_null)
+        _until_swap(conn, c, target.oid, names, options, budget, copy.live_rows(c.predicate, target))
         with _timed(c, "swap"):
             swap.swap(conn, c, names, options.lock_timeout_ms)
         with _timed(c, "verify"):
@@ -148,7 +147,7 @@ def _reconnected(dsn: str, oid: int) -> tuple[Connection, bool]:
 
 
 def _until_swap(conn: Connection, c: Compaction, oid: int, names: list[str], options: GcOptions,
-                budget: Budget, never_null: bool) -> None:
+                budget: Budget, live: sql.Composable) -> None:
     """Capture (with the new table, recorded in the same commit), copy, indexes and foreign keys,
     catch-up rounds: each a transaction of its own, the budget checked between them."""
 
@@ -165,7 +164,7 @@ def _until_swap(conn: Connection, c: Compaction, oid: int, names: list[str], opt
     runs.try_lock_table(conn, new_oid)  # a GC of the table once swapped waits for this run's end
     budget.check()
     with _timed(c, "copy"), conn.transaction():
-        c.live = copy.copy_live(conn, c, names, copy.live_rows(c, never_null))
+        c.live = copy.copy_live(conn, c, names, live)
         c.phase = "copied"
         save(conn, c)
     budget.check()
