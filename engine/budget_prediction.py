@@ -12,8 +12,9 @@ from dataclasses import dataclass
 
 import psycopg
 
+from engine.cleaning import CleaningPace
 from engine.db import Connection, connect
-from engine.guard import BEFORE_MAX_SAMPLES, BEFORE_SAMPLES, EVICTING_FLOOR, REFUSE_PERCENTILE
+from engine.guard import BEFORE_MAX_SAMPLES, BEFORE_SAMPLES, REFUSE_PERCENTILE
 from engine.probe_record import CLAIM_SQL, PROBE_APPLICATION_NAME
 from engine.rate_control import (
     INITIAL_RATE,
@@ -83,43 +84,6 @@ class BudgetPrediction:
     seconds: float | None
     rate: float | None
     alone_p99_ms: float | None
-
-
-@dataclass(frozen=True)
-class CleaningPace:
-    """A run that dirties more heap than shared_buffers leaves its dirty pages in the way of the
-    application's reads, which then write them out themselves (evictions); the guard halves its
-    rate while they do, so a budget holds near the pace the server cleans pages at without
-    backends: the background writer's most (``bgwriter_lru_maxpages`` per ``bgwriter_delay``)
-    and what the guard lets backends write (``EVICTING_FLOOR``): msggc's own workers' evictions
-    count too (no view before PostgreSQL 18 tells them apart; on 18, leaving them out made the
-    guard miss a 2x budget by 1.5-4.4x, BENCHMARKS.md). Measured (shared_buffers
-    128 MB, defaults, 10M rows, 80% garbage, budget 2x beside pgbench): 546 s dense, 1,301 s
-    aged on PostgreSQL 15, where one ``DELETE`` took 7-12 s."""
-
-    dirtied_bytes: float
-    shared_buffers_bytes: float
-    clean_bytes_per_s: float
-
-    @property
-    def floor_seconds(self) -> float | None:
-        """The least time the run takes at that pace (None: its pages fit in shared_buffers)."""
-        excess = self.dirtied_bytes - self.shared_buffers_bytes
-        return excess / self.clean_bytes_per_s if excess > 0 else None
-
-    def describe(self) -> str:
-        return (f"; this run dirties ~{self.dirtied_bytes / MiB:,.0f} MB of heap, more than shared_buffers"
-                f" ({self.shared_buffers_bytes / MiB:,.0f} MB): the budget holds near the pace the server"
-                f" cleans pages at (~{self.clean_bytes_per_s / MiB:.1f} MB/s), at least"
-                f" {self.floor_seconds or 0:,.0f} s, measured up to 2-3x that (raise bgwriter_lru_maxpages"
-                " or shared_buffers, or run without a budget at a quiet hour)")
-
-
-def cleaning_pace(dirtied_bytes: float, shared_buffers_bytes: float, block_bytes: int,
-                  lru_maxpages: int, bgwriter_delay_s: float) -> CleaningPace:
-    """The pace from the server's settings (see :class:`CleaningPace`)."""
-    pages_per_s = lru_maxpages / bgwriter_delay_s + EVICTING_FLOOR
-    return CleaningPace(dirtied_bytes, shared_buffers_bytes, pages_per_s * block_bytes)
 
 
 ALONE_S = 1.5

@@ -13,7 +13,8 @@ from psycopg import sql
 from psycopg.conninfo import make_conninfo
 
 from engine import partitions
-from engine.budget_prediction import ALONE_S, CleaningPace, CommitTimer, cleaning_pace, predict_under_budget
+from engine.budget_prediction import ALONE_S, CommitTimer, predict_under_budget
+from engine.cleaning import CleaningPace, read_cleaning_pace
 from engine.config import GcOptions
 from engine.db import Connection, one_row, table_ident
 from engine.errors import MsggcError
@@ -143,13 +144,10 @@ def _cycle(conn: Connection) -> tuple[float, float]:
 def _cleaning(conn: Connection, walked: list[Plan]) -> CleaningPace:
     """The heap the walks dirty (garbage rows over garbage rows per page) against shared_buffers
     and the server's cleaning pace (:class:`CleaningPace`)."""
-    block, buffers, lru_maxpages, delay = one_row(conn.execute(
-        "SELECT current_setting('block_size')::int, pg_size_bytes(current_setting('shared_buffers')),"
-        " current_setting('bgwriter_lru_maxpages')::int,"
-        " extract(epoch FROM current_setting('bgwriter_delay')::interval)::float8"))
+    block = int(one_row(conn.execute("SELECT current_setting('block_size')::int"))[0])
     dirtied = sum(plan.facts.garbage_rows_estimate / plan.facts.garbage_per_block * block
                   for plan in walked if plan.facts.garbage_per_block)
-    return cleaning_pace(dirtied, float(buffers), int(block), int(lru_maxpages), float(delay))
+    return read_cleaning_pace(conn, dirtied)
 
 
 ADVICE_COLUMNS = ("created_at", "inserted_at", "sent_at", "received_at")

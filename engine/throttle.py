@@ -8,7 +8,8 @@ WAL rate that the same token bucket holds every worker to (with at most ``GUARD_
 banked, and each batch's WAL bounded to ``BATCH_PACE_S`` of it, so the rate arrives as a stream
 of small batches, not as a burst that the application's commits queue behind). A guarded run
 is also paced so that its WAL forces no checkpoint: the headroom left before ``max_wal_size``
-forces one, spread over the time until the timed one (see :meth:`Throttle.checkpoint_pace`).
+forces one, spread over the time until the timed one (see :meth:`Throttle.checkpoint_pace`),
+and its dirtied pages so that they do not outrun the server's cleaning (:mod:`engine.cleaning`).
 
 Seeing other backends' progress and replication lag needs ``pg_read_all_stats`` (or superuser):
 without it PostgreSQL hides those columns and the lag and vacuum signals never fire.
@@ -27,6 +28,7 @@ from typing import Any
 import psycopg
 
 from engine.baseline import auto_budget_ms
+from engine.cleaning import DirtyBucket, read_cleaning_pace
 from engine.db import Connection, one_row
 from engine.guard import Probe
 from engine.probe_record import ProbeSite
@@ -35,7 +37,8 @@ from engine.rate_control import MIN_RATE
 POLL_S = 0.2
 APP_LATENCY = "app_latency"
 CHECKPOINT_PACE = "checkpoint_pace"
-GUARD_REASONS = (APP_LATENCY, CHECKPOINT_PACE)
+CLEANING_PACE = "cleaning_pace"
+GUARD_REASONS = (APP_LATENCY, CHECKPOINT_PACE, CLEANING_PACE)
 """Waits counted as the guard holding the run back."""
 GUARD_BURST_S = 0.1
 """A guarded run banks at most this much of its rate: it never writes a second's worth at once."""
@@ -154,6 +157,8 @@ class Throttle:
         self._batch_cost = 0
         self._batch_s = 0.0
         self._pace = Pace()
+        self._dirty: DirtyBucket | None = None
+        """The pages a guarded run may dirty ahead of the server's cleaning (:mod:`engine.cleaning`)."""
 
     @property
     def reasons(self) -> dict[str, int]:
@@ -239,7 +244,8 @@ class Throttle:
 
     def _guard_excess_s(self, conn: Connection) -> tuple[float, str]:
         """Seconds to wait until the run's own WAL (its batches', see :meth:`batch_cost`: not
-        what the application writes between them) fits the guard's rate, and what set it."""
+        what the application writes between them) fits the guard's rate, and what set it; or
+        until its dirtied pages fit the server's cleaning pace, if that is longer."""
         limit = self.guard_rate(conn)
         if limit is None:
             return 0.0, ""
@@ -252,7 +258,10 @@ class Throttle:
             seen = self._guard_seen if self._guard_seen is not None else now
             self._guard_credit = min(rate * GUARD_BURST_S, self._guard_credit + (now - seen) * rate)
             self._guard_seen = now
-            return max(0.0, -self._guard_credit / rate), reason
+            waits = [(max(0.0, -self._guard_credit / rate), reason)]
+            if self._dirty is not None:
+                waits.append((self._dirty.wait_s(now), CLEANING_PACE))
+            return max(waits)
 
     def _replica_lagging(self, conn: Connection) -> bool:
         if not self.limits.max_replica_lag:
@@ -288,6 +297,8 @@ class Throttle:
                 self._remaining_rows = remaining_rows
                 self._own_wal = self._rows = 0
                 self._pace = Pace()
+        if self.probe is not None and self._dirty is None:  # once per run: passes share it
+            self._dirty = DirtyBucket.full(read_cleaning_pace(conn), time.monotonic())
 
     def stop(self) -> None:
         """End the latency probe (its connection closed, the run's figures recorded)."""
@@ -318,6 +329,8 @@ class Throttle:
         self.probe.charge(cost)
         with self.lock:
             self._guard_credit -= cost
+            if self._dirty is not None:
+                self._dirty.charge(dirtied or wal)  # no page count (an index walk): its WAL
             self._own_wal += wal
             self._rows += rows
             self._batch_cost += cost

@@ -6,7 +6,8 @@ from typing import Any
 
 import pytest
 
-from engine.budget_prediction import cleaning_pace, predict_under_budget, ramp_seconds
+from engine.budget_prediction import predict_under_budget, ramp_seconds
+from engine.cleaning import DirtyBucket, cleaning_pace
 from engine.config import GcOptions, parse_latency
 from engine.errors import UsageError
 from engine.guard import BEFORE_SAMPLES
@@ -277,9 +278,9 @@ def test_a_budgeted_run_dirtying_more_than_shared_buffers_is_predicted_at_the_cl
     pace = cleaning_pace(2860 * MiB, 128 * MiB, 8192, 100, 0.2)
     assert pace.clean_bytes_per_s == pytest.approx(564 * 8192)
     verdict = predict_under_budget(10.0, [2.0] * 20, [3.0] * 10, 1000 * MiB, 10.0, None, pace)
-    floor = (2860 - 128) * MiB / (564 * 8192)
+    floor = (2860 - 64) * MiB / (564 * 8192)
     assert verdict.seconds == pytest.approx(BEFORE_SAMPLES * PROBE_INTERVAL_S + floor)
-    assert "more than shared_buffers" in verdict.verdict and "at least 620 s" in verdict.verdict
+    assert "more than half of shared_buffers" in verdict.verdict and "at least 635 s" in verdict.verdict
 
 
 def test_a_run_whose_dirtied_pages_fit_in_shared_buffers_keeps_its_wal_paced_prediction() -> None:
@@ -287,3 +288,14 @@ def test_a_run_whose_dirtied_pages_fit_in_shared_buffers_keeps_its_wal_paced_pre
     assert fits.floor_seconds is None
     assert predict_under_budget(10.0, [2.0] * 20, [3.0] * 10, 100 * MiB, 10.0, None, fits) == \
         predict_under_budget(10.0, [2.0] * 20, [3.0] * 10, 100 * MiB, 10.0, None)
+
+
+def test_a_guarded_run_dirties_half_of_shared_buffers_at_once_then_goes_at_the_cleaning_pace():
+    pace = cleaning_pace(0, 128 * MiB, 8192, 100, 0.2)
+    bucket = DirtyBucket.full(pace, now=0.0)
+    bucket.charge(64 * MiB)
+    assert bucket.wait_s(0.0) == 0.0  # the burst: what shared_buffers absorbs
+    bucket.charge(10 * pace.clean_bytes_per_s)
+    assert bucket.wait_s(0.0) == pytest.approx(10.0)  # then at the pace the server cleans
+    assert bucket.wait_s(4.0) == pytest.approx(6.0)
+    assert bucket.wait_s(1000.0) == 0.0 and bucket.credit == pytest.approx(64 * MiB)  # never banks more
