@@ -11,6 +11,7 @@ import pytest
 
 from engine import collect
 from engine.config import GcOptions, TableSpec
+from engine.result import GcResult
 from engine.status import RunStatus
 from tests.faults.helpers import content_digest
 from tests.support import run_cli
@@ -158,6 +159,18 @@ def test_archived_cascades_come_back_parents_first_then_children_exactly(conn, d
     assert inbox_digest(conn) == inbox and content_digest(conn, None, "attachments") == children
 
 
+def archived_beside_a_lock(dsn: str, tables: tuple[str, ...], rows: str, options: GcOptions) -> GcResult:
+    """A run with ``--archive`` (an archive table made for each of ``tables``) while the
+    application holds the ``rows`` selected locked (``FOR UPDATE``)."""
+    for table in tables:
+        assert run_cli("migrate", "--dsn", dsn, "--archive-for", table).returncode == 0
+    with psycopg.connect(dsn) as app:
+        app.execute(rows + " FOR UPDATE")
+        result = collect(dsn, options)
+        app.rollback()
+    return result
+
+
 def test_a_parent_the_application_holds_locked_keeps_its_children_out_of_the_archive(conn, dsn):
     """After a lock timeout the batch leaves the rows the application holds: the children of a
     parent left behind are neither deleted nor archived (restoring the run must not bring back
@@ -165,12 +178,8 @@ def test_a_parent_the_application_holds_locked_keeps_its_children_out_of_the_arc
     make_inbox(conn)
     add_child(conn, "attachments", "CASCADE", HELD + LIVE_REFERENCED)
     inbox, children = inbox_digest(conn), content_digest(conn, None, "attachments")
-    for table in ("app.inbox", "attachments"):
-        assert run_cli("migrate", "--dsn", dsn, "--archive-for", table).returncode == 0
-    with psycopg.connect(dsn) as app:
-        app.execute("SELECT id FROM app.inbox WHERE n = 3 FOR UPDATE")
-        first = collect(dsn, GcOptions(table=INBOX, archive=True, batch_size=100, lock_timeout_ms=50))
-        app.rollback()
+    first = archived_beside_a_lock(dsn, ("app.inbox", "attachments"), "SELECT id FROM app.inbox WHERE n = 3",
+                                   GcOptions(table=INBOX, archive=True, batch_size=100, lock_timeout_ms=50))
     assert first.status is RunStatus.COMPLETE, first.error
     assert first.rows_skipped_locked == 1 and garbage_ns(conn) == [3]
     archived = conn.execute("SELECT count(*) FROM attachments_archive WHERE run_id = %s", (first.run_id,))
@@ -501,12 +510,9 @@ def test_threads_the_application_holds_locked_keep_their_attachments_out_of_the_
                  " ON DELETE CASCADE)")
     conn.execute("INSERT INTO attachments (msg_id) SELECT unnest(ARRAY[4, 5, 6, 8, 120, 130, 139, 6001])")
     digests = {t: content_digest(conn, None, t) for t in ("msg", "attachments")}
-    for table in ("public.msg", "attachments"):
-        assert run_cli("migrate", "--dsn", dsn, "--archive-for", table).returncode == 0
-    with psycopg.connect(dsn) as app:
-        app.execute("SELECT id FROM msg WHERE id IN (5, 120) FOR UPDATE")
-        result = collect(dsn, GcOptions(table=MSG, archive=True, batch_size=20, lock_timeout_ms=50))
-        app.rollback()
+    result = archived_beside_a_lock(dsn, ("public.msg", "attachments"),
+                                    "SELECT id FROM msg WHERE id IN (5, 120)",
+                                    GcOptions(table=MSG, archive=True, batch_size=20, lock_timeout_ms=50))
     assert result.status is RunStatus.COMPLETE, result.error
     assert result.rows_skipped_locked >= 2 and {5, 120} <= set(msg_ids(conn))
     archived = {row for (row,) in conn.execute(
