@@ -71,6 +71,10 @@ def derived(doc: dict[str, Any], entry: dict[str, Any]) -> dict[str, float | Non
 # --- formatting ----------------------------------------------------------------------------------
 
 
+def _mib(value: float | None) -> float | None:
+    return None if value is None else value / 2**20
+
+
 def _num(value: float | None, digits: int = 0, suffix: str = "") -> str:
     if value is None:
         return "n/a"
@@ -116,7 +120,7 @@ def shape_rows(doc: dict[str, Any]) -> list[list[str]]:
         rows.append([
             label, strategy, _num(entry["deleted"]), _num(entry["elapsed_s"], 2), _rate(entry),
             _x(extra["x_single"]), _ms_triplet(entry["batch_ms"]), _num(entry["longest_txn_s"], 2),
-            _num(entry["wal_bytes_gc"] / 2**20, 0), _num(entry["wal_bytes_per_row"]),
+            _num(_mib(entry["wal_bytes_gc"]), 0), _num(entry["wal_bytes_per_row"]),
             _x(extra["x_single_wal"]),
             _num(entry["wal_fpi"]), _num(entry["rss_mb"], 0), _x(entry["tenth_ratio"]),
             _num(app_p99(entry), 1), _x(extra["x_app_p99"]),
@@ -167,7 +171,7 @@ def prediction_rows(doc: dict[str, Any]) -> list[list[str]]:
         rows.append([
             entry["label"], _num(predicted["seconds"], 2), _num(entry["elapsed_s"], 2),
             _x(predicted["seconds"] / entry["elapsed_s"] if entry["elapsed_s"] else None),
-            _num(predicted["wal_bytes"] / 2**20), _num(entry["wal_bytes_gc"] / 2**20),
+            _num(predicted["wal_bytes"] / 2**20), _num(_mib(entry["wal_bytes_gc"])),
             _x(predicted["wal_bytes"] / entry["wal_bytes_gc"] if entry["wal_bytes_gc"] else None),
             _num(predicted["garbage_estimate"]), _num(entry["deleted"]),
         ])

@@ -169,3 +169,11 @@ def test_the_applications_p99_is_also_given_per_window_of_the_run():
     assert run.p99_by_window(log, began) == [
         {"from_s": 0.0, "ops": 2, "p99_ms": 4.0}, {"from_s": 30.0, "ops": 1, "p99_ms": 50.0},
         {"from_s": 90.0, "ops": 1, "p99_ms": 3.0}]
+
+
+def test_a_contenders_wal_is_unknown_where_the_loads_estimate_is_most_of_it():
+    """Beside a load, the contender's WAL is the server's less the load's estimate; where that
+    estimate is half of everything or more (a long run: the load's full-page images come once per
+    checkpoint, not at the baseline's rate) it is not reported as a difference near 0."""
+    assert run.gc_wal(100_000, 20_000.0) == 80_000
+    assert run.gc_wal(100_000, 60_000.0) is None
