@@ -19,12 +19,13 @@ commits alone: the application's p99 without the run, reported beside the p99 du
 Beside the probe, once per step the probe reads the server's requested checkpoints and the
 buffers written by backends themselves (dirty pages evicted by a client, not the background
 writer or the checkpointer: the application's own commits and reads doing the run's writing).
-A requested checkpoint holds the rate's growth; backends writing well beyond their rate before
-the run (over a window of ``EVICTING_WINDOW_S``) halve it, as a p99 over the budget does, however
-calm the probe: its one-row commit does not feel an eviction that a transaction reading and
-dirtying pages does (issue 22: pgbench's p99 6.5x the budget while the probe's stayed under it
-most steps and backends wrote 15,000 buffers a second). Each step is a point of the run's time
-series (rate granted, probe p99, WAL rate, checkpoints, backend writes).
+A requested checkpoint holds the rate's growth; so do backends writing well beyond their rate
+before the run (over a window of ``EVICTING_WINDOW_S``), however calm the probe: its one-row
+commit does not feel an eviction that a transaction reading and dirtying pages does (issue 22:
+pgbench's p99 6.5x the budget while the probe's stayed under it most steps and backends wrote
+15,000 buffers a second, before the run's dirtying was held to the server's cleaning pace).
+Each step is a point of the run's time series (rate granted, probe p99, WAL rate, checkpoints,
+backend writes).
 
 A run whose application is over the budget before it starts (``REFUSE_PERCENTILE`` of the
 commits alone) is refused before it deletes anything (:class:`~engine.errors.BudgetCannotHold`),
