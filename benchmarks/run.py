@@ -323,6 +323,7 @@ def baseline_load(server: Server, databases: Databases, settings: Settings,
         return None
     print(f"baseline: load alone for {settings.baseline_s:g}s", file=sys.stderr)
     dsn, _, _ = databases.make()
+    os.sync()  # the seed's and the copy's pages written out first: the server alone, not its disk's backlog
     template = databases.template
     before = server.wal_snapshot()
     load = application(dsn, settings, workdir, "baseline", template.table)
