@@ -30,10 +30,11 @@ SETTINGS_SQL = (
 
 @dataclass(frozen=True)
 class CleaningPace:
-    """The heap a run dirties against the server's shared_buffers and cleaning pace; measured
-    before this pace was the guard's own (shared_buffers 128 MB, defaults, 10M rows, 80%
-    garbage, budget 2x beside pgbench): 546 s dense, 1,301 s aged on PostgreSQL 15, where one
-    ``DELETE`` took 7-12 s."""
+    """The heap a run dirties against the server's shared_buffers and cleaning pace. Measured
+    (shared_buffers 128 MB, defaults, 10M rows, budget 2x beside pgbench, BENCHMARKS.md): dense
+    485 s against 480 s predicted, aged 400 against 394, sparse 165 against 171 on PostgreSQL
+    15, dense 486 against 480 on 18, pgbench's p99 at 0.47-0.60 of the budget; one ``DELETE``
+    took 1-6 s."""
 
     dirtied_bytes: float
     shared_buffers_bytes: float
