@@ -35,6 +35,7 @@ READ_BLOCKS = 4_096
 FIND_ROWS = 5_000
 """The live rows found to time the copy's search for them (at 1% live, a twentieth of 10M rows)."""
 VERIFY_COUNTS = 2
+"""The verification's reads of the old table: its rows, and its garbage (``recover.finish_swapped``)."""
 
 
 def predict(conn: Connection, target: Target, statements: Statements | None, walk: GcResult,
