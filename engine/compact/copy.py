@@ -60,12 +60,16 @@ def columns(conn: Connection, oid: int) -> list[str]:
         " AND attgenerated = '' ORDER BY attnum", (oid,))]
 
 
-def live_rows(garbage: sql.Composable, target: Target) -> sql.Composable:
+def live_rows(garbage: sql.Composable, never_null: bool) -> sql.Composable:
     """The rows that are not garbage: ``NOT (garbage)`` when the predicate is never NULL (no
     ``--where``: the planner turns it into ``processed_at IS NULL``, which an index on the column
     answers), else ``(garbage) IS NOT TRUE`` (a NULL is not garbage)."""
-    never_null = target.filter is None and target.processed is not None
     return sql.SQL("NOT ({})" if never_null else "({}) IS NOT TRUE").format(garbage)
+
+
+def never_null(target: Target) -> bool:
+    """Whether the garbage predicate is never NULL: the processed column alone, no ``--where``."""
+    return target.filter is None and target.processed is not None
 
 
 def copy_live(conn: Connection, c: Compaction, names: list[str], live: sql.Composable) -> int:

@@ -56,7 +56,8 @@ def predict(conn: Connection, target: Target, statements: Statements | None, wal
     share = live_share(conn, statements, params)
     live = round(rows * share)
     copied = _sample_copy(conn, target, statements, params) if live else None
-    find_s = _find_seconds(conn, statements.table, copy.live_rows(statements.garbage, target), params, live)
+    live_rows = copy.live_rows(statements.garbage, copy.never_null(target))
+    find_s = _find_seconds(conn, statements.table, live_rows, params, live)
     verify_s = VERIFY_COUNTS * _read_seconds(conn, statements, int(pages))
     scale = live / copied[0] if copied and copied[0] else 0.0
     seconds = find_s + (copied[1] * scale if copied else 0.0) + verify_s

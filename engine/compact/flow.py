@@ -75,7 +75,8 @@ def compact(conn: Connection, dsn: str, options: GcOptions, target: Target, stat
     budget = Budget(stop, started + options.max_seconds if options.max_seconds else None)
     status, failure = RunStatus.COMPLETE, None
     try:
-        _until_swap(conn, c, target.oid, names, options, budget, copy.live_rows(c.predicate, target))
+        live = copy.live_rows(c.predicate, copy.never_null(target))
+        _until_swap(conn, c, target.oid, names, options, budget, live)
         with _timed(c, "swap"):
             swap.swap(conn, c, names, options.lock_timeout_ms)
         with _timed(c, "verify"):
