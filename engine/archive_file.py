@@ -30,6 +30,7 @@ from __future__ import annotations
 import csv
 import io
 import os
+import shutil
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -101,7 +102,9 @@ class ArchiveFile:
         fmt = archive_format_for(None if container else str(target), requested)
         path = target / f"{table.qualified}-run{run.id}{SUFFIXES[fmt]}" if container else target
         size = 0
-        if previous is not None and earlier is not None:
+        if previous is not None and earlier is not None and previous[1] == 0:
+            _discard(earlier)  # claimed, never committed to: a run killed around its creation
+        elif previous is not None and earlier is not None:
             recorded = previous[1]
             same = earlier.resolve() == path.resolve()
             found = detected(earlier)
@@ -119,8 +122,7 @@ class ArchiveFile:
             types = column_types(conn, oid) if oid is not None else {}
             schema = arrow_schema({c: types.get(c, "text") for c in columns})
         if size == 0:
-            size = create_directory(path, schema) if fmt == "parquet" else _create(
-                path, compressed(fmt, _header(columns)))
+            size = _claim_and_create(conn, run.id, path, fmt, schema, columns)
         runs.record_archive(conn, run.id, str(path.resolve()), size)
         return cls(path, run.id, size, fmt, schema)
 
@@ -217,6 +219,29 @@ def _require_writable(directory: Path) -> None:
 
 def _exists(path: Path) -> UsageError:
     return UsageError(f"archive file {path} already exists: choose a new path")
+
+
+def _claim_and_create(conn: Connection, run_id: int, path: Path, fmt: str, schema: Any,
+                      columns: tuple[str, ...]) -> int:
+    """Record the path with 0 bytes (committed: autocommit) before creating the file, so a run
+    killed between the two leaves a path its resumption knows as its own (and discards, nothing
+    having been committed to it), not a file no run knows and every later run refuses. A file
+    found there already is not the run's: the claim is withdrawn and the run refused."""
+    runs.record_archive(conn, run_id, str(path.resolve()), 0)
+    try:
+        return create_directory(path, schema) if fmt == "parquet" else _create(
+            path, compressed(fmt, _header(columns)))
+    except UsageError:
+        runs.record_archive(conn, run_id, None, None)
+        raise
+
+
+def _discard(path: Path) -> None:
+    """The file (parquet: directory) of a claim no batch committed to, if it was created."""
+    if path.is_dir():
+        shutil.rmtree(path)
+    else:
+        path.unlink(missing_ok=True)
 
 
 def _create(path: Path, header: bytes) -> int:

@@ -275,7 +275,8 @@ def archive_state(conn: Connection, run_id: int) -> tuple[str, int] | None:
     return (row[0], row[1]) if row else None
 
 
-def record_archive(conn: Connection, run_id: int, path: str, size: int) -> None:
+def record_archive(conn: Connection, run_id: int, path: str | None, size: int | None) -> None:
+    """The run's archive file and its committed length (0: claimed, not yet created)."""
     conn.execute("UPDATE gc_runs SET archive_file = %s, archive_bytes = %s WHERE id = %s",
                  (path, size, run_id))
 
