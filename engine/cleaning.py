@@ -17,8 +17,8 @@ from dataclasses import dataclass
 
 from engine.db import Connection, one_row
 from engine.guard import EVICTING_FLOOR
+from engine.rate_control import MiB
 
-MiB = 2**20
 BURST_SHARE = 0.5
 """The share of shared_buffers a guarded run may dirty ahead of the cleaning pace."""
 
@@ -65,9 +65,11 @@ def cleaning_pace(dirtied_bytes: float, shared_buffers_bytes: float, block_bytes
     return CleaningPace(dirtied_bytes, shared_buffers_bytes, pages_per_s * block_bytes)
 
 
-def read_cleaning_pace(conn: Connection, dirtied_bytes: float = 0.0) -> CleaningPace:
+def read_cleaning_pace(conn: Connection, dirtied_pages: float = 0.0) -> CleaningPace:
+    """The pace from this server's settings, for a run dirtying ``dirtied_pages`` heap pages."""
     block, buffers, lru_maxpages, delay = one_row(conn.execute(SETTINGS_SQL))
-    return cleaning_pace(dirtied_bytes, float(buffers), int(block), int(lru_maxpages), float(delay))
+    block = int(block)
+    return cleaning_pace(dirtied_pages * block, float(buffers), block, int(lru_maxpages), float(delay))
 
 
 @dataclass

@@ -144,10 +144,8 @@ def _cycle(conn: Connection) -> tuple[float, float]:
 def _cleaning(conn: Connection, walked: list[Plan]) -> CleaningPace:
     """The heap the walks dirty (garbage rows over garbage rows per page) against shared_buffers
     and the server's cleaning pace (:class:`CleaningPace`)."""
-    block = int(one_row(conn.execute("SELECT current_setting('block_size')::int"))[0])
-    dirtied = sum(plan.facts.garbage_rows_estimate / plan.facts.garbage_per_block * block
-                  for plan in walked if plan.facts.garbage_per_block)
-    return read_cleaning_pace(conn, dirtied)
+    return read_cleaning_pace(conn, sum(plan.facts.garbage_rows_estimate / plan.facts.garbage_per_block
+                                        for plan in walked if plan.facts.garbage_per_block))
 
 
 ADVICE_COLUMNS = ("created_at", "inserted_at", "sent_at", "received_at")
