@@ -92,8 +92,7 @@ class ArchiveFile:
         new file with a CSV header (parquet: a directory with the schema part); an existing file
         that is not the run's own is never touched. ``target`` is the file, or a directory for one
         ``<table>-run<id>.csv.gz`` (``.csv.zst``, ``.parquet``) per run."""
-        previous = runs.archive_state(conn, run.id) or (
-            runs.archive_state(conn, run.resumed_from) if run.resumed_from else None)
+        previous = runs.archive_state_to_continue(conn, run.id)
         earlier = Path(previous[0]) if previous else None
         check_target(target, earlier)
         target = Path(target)

@@ -84,7 +84,7 @@ def latest_resumable(conn: Connection, table: str, node: str, exclude: int | Non
 def resumable_archive_file(conn: Connection, table: str, node: str) -> Path | None:
     """The archive file the next run of this table and node would continue, if any."""
     previous = latest_resumable(conn, table, node)
-    state = archive_state(conn, previous.id) if previous else None
+    state = archive_state_to_continue(conn, previous.id) if previous else None
     return Path(state[0]) if state else None
 
 
@@ -270,6 +270,23 @@ def archive_state(conn: Connection, run_id: int) -> tuple[str, int] | None:
     """The run's archive file and its committed length, if it wrote one."""
     row = conn.execute(
         "SELECT archive_file, archive_bytes FROM gc_runs WHERE id = %s AND archive_file IS NOT NULL",
+        (run_id,),
+    ).fetchone()
+    return (row[0], row[1]) if row else None
+
+
+def archive_state_to_continue(conn: Connection, run_id: int) -> tuple[str, int] | None:
+    """The archive file and committed length of the run or, if it recorded none, of the nearest run
+    it resumes: a run killed after it started and before it recorded its file leaves its
+    predecessor's file the one its resumption continues (one step back was not enough: the
+    resumption refused that file as 'already exists')."""
+    row = conn.execute(
+        "WITH RECURSIVE chain AS ("
+        " SELECT id, resumed_from, archive_file, archive_bytes, 0 AS depth FROM gc_runs WHERE id = %s"
+        " UNION ALL SELECT r.id, r.resumed_from, r.archive_file, r.archive_bytes, c.depth + 1"
+        " FROM gc_runs r JOIN chain c ON r.id = c.resumed_from WHERE c.archive_file IS NULL)"
+        " SELECT archive_file, archive_bytes FROM chain WHERE archive_file IS NOT NULL"
+        " ORDER BY depth LIMIT 1",
         (run_id,),
     ).fetchone()
     return (row[0], row[1]) if row else None

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from engine import collect
+from engine import collect, runs
 from engine.archive_file import check_target
 from engine.archive_formats import members
 from engine.archive_restore import restore
@@ -90,6 +90,27 @@ def test_a_resumed_run_cuts_the_uncommitted_tail_and_continues_the_same_file(con
     assert surviving_ids(conn) == []
     assert archived_ids(path) == list(range(1, 2001))
     assert path.stat().st_size > committed
+
+
+def test_a_run_killed_before_it_recorded_its_file_leaves_it_to_the_run_that_resumes_it(conn, dsn, tmp_path):
+    """A resumption killed after it took over the walk and before it recorded the file (CI's
+    random kill test found the moment): the run after it continues the same file, each row once,
+    instead of refusing the file as 'already exists'."""
+    fill(conn, [True] * 2000)
+    path = tmp_path / "gone.parquet"
+    first = collect(dsn, GcOptions(strategy="index", batch_size=100, max_rows=500, archive_to=str(path)))
+    assert first.status == "stopped"
+    stopped = runs.latest_resumable(conn, GcOptions().table.qualified, GcOptions().node)
+    assert stopped is not None and stopped.id == first.run_id
+    killed = runs.start(conn, GcOptions().table.qualified, GcOptions().node, stopped.strategy, stopped.slices,
+                        {}, resumed_from=stopped.id, key=stopped.key)  # its process died here
+
+    last = collect(dsn, GcOptions(strategy="index", batch_size=100, archive_to=str(path)))
+
+    assert last.status == "complete"
+    assert runs.archive_state(conn, killed.id) is None
+    assert surviving_ids(conn) == []
+    assert archived_ids(path) == list(range(1, 2001))
 
 
 def test_a_directory_gets_one_file_per_run_and_every_row_once(conn, dsn, tmp_path):
