@@ -149,7 +149,8 @@ def ratios(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 def markdown(shape: dict[str, Any]) -> str:
     index = ", an index finding the live rows" if shape.get("live_index") else ""
-    lines = [f"**{shape['rows']:,} rows, {shape['fraction']:.0%} garbage{index}** ({shape['server']})", "",
+    lines = [f"**{shape['rows']:,} rows, {shape['shape']}, {shape['fraction']:.0%} garbage{index}**"
+             f" ({shape['server']})", "",
              "| contender | seconds | rows/s | WAL MB | table after MB | speed vs DELETE | WAL vs DELETE |",
              "|---|---:|---:|---:|---:|---:|---:|"]
     for r in shape["results"]:
@@ -174,6 +175,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.compaction")
     parser.add_argument("--rows", type=int, default=1_000_000)
     parser.add_argument("--fractions", default="0.8,0.99", help="garbage fractions, comma-separated")
+    parser.add_argument("--shapes", default="dense",
+                        help="comma-separated: dense (garbage spread evenly), aged (the oldest rows garbage,"
+                             " the live ones at the table's end)")
     parser.add_argument("--dsn", default=None, help="a local server (default: the embedded one)")
     parser.add_argument("--out", type=Path, default=None)
     parser.add_argument("--contenders", default=",".join(CONTENDERS),
@@ -184,13 +188,15 @@ def main(argv: list[str] | None = None) -> int:
     contenders = ["single", *(c for c in args.contenders.split(",") if c in CONTENDERS and c != "single")]
     server = Server.open(args.dsn)
     shapes = []
-    for fraction in (float(f) for f in args.fractions.split(",")):
-        template = build(server, "dense", args.rows, reuse=True, fraction=fraction)
+    for garbage_shape, fraction in ((g, float(f)) for g in args.shapes.split(",")
+                                    for f in args.fractions.split(",")):
+        template = build(server, garbage_shape, args.rows, reuse=True, fraction=fraction)
         copied = with_live_index(server, template.name) if args.live_index else template.name
         results = [measure(server, copied, contender, template.expected_garbage, args.rows)
                    for contender in contenders]
         version = server.settings()["version"].split(" on ")[0]
-        shape = {"rows": args.rows, "fraction": fraction, "server": version, "live_index": args.live_index,
+        shape = {"rows": args.rows, "shape": garbage_shape, "fraction": fraction, "server": version,
+                 "live_index": args.live_index,
                  "results": ratios(results)}
         if not args.no_trigger_cost:
             shape["trigger"] = trigger_cost(server, copied)

@@ -52,7 +52,7 @@ def test_a_compaction_with_an_index_finding_the_live_rows_keeps_exactly_them_and
     seconds = conn.execute("SELECT cursor #> '{compact,seconds}' FROM gc_runs WHERE id = %s",
                            (result.run_id,)).fetchone()[0]
     assert set(seconds) == {"capture", "copy", "indexes", "foreign keys", "analyze", "catch-up", "swap",
-                            "verify"}
+                            "verify", "count", "drop"}
 
 
 def test_a_compaction_keeps_the_rows_a_where_filter_leaves_null_and_those_newer_than_the_cutoff(

@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 
 import psycopg
@@ -77,9 +75,9 @@ def compact(conn: Connection, dsn: str, options: GcOptions, target: Target, stat
     try:
         live = copy.live_rows(c.predicate, copy.never_null(target))
         _until_swap(conn, c, target.oid, names, options, budget, live)
-        with _timed(c, "swap"):
+        with c.timed("swap"):
             swap.swap(conn, c, names, options.lock_timeout_ms)
-        with _timed(c, "verify"):
+        with c.timed("verify"):
             recover.finish_swapped(conn, c, options.lock_timeout_ms)
         save(conn, c)  # with the verify's seconds
     except Stopped as exc:
@@ -158,18 +156,18 @@ def _until_swap(conn: Connection, c: Compaction, oid: int, names: list[str], opt
         c.phase = "capture"
         save(conn, c)
 
-    with _timed(c, "capture"):
+    with c.timed("capture"):
         recover.locking(conn, begin, options.lock_timeout_ms)
     new_oid = regclass_of(conn, c.new)
     assert new_oid is not None
     runs.try_lock_table(conn, new_oid)  # a GC of the table once swapped waits for this run's end
     budget.check()
-    with _timed(c, "copy"), conn.transaction():
+    with c.timed("copy"), conn.transaction():
         c.live = copy.copy_live(conn, c, names, live)
         c.phase = "copied"
         save(conn, c)
     budget.check()
-    with _timed(c, "indexes"), conn.transaction():
+    with c.timed("indexes"), conn.transaction():
         copy.build_indexes(conn, c, oid)
         save(conn, c)
 
@@ -178,23 +176,13 @@ def _until_swap(conn: Connection, c: Compaction, oid: int, names: list[str], opt
         c.phase = "indexed"
         save(conn, c)
 
-    with _timed(c, "foreign keys"):
+    with c.timed("foreign keys"):
         recover.locking(conn, foreign_keys, options.lock_timeout_ms)
-    with _timed(c, "analyze"):
+    with c.timed("analyze"):
         # statistics before the application's queries meet the table (else planned blind until autovacuum's)
         conn.execute(sql.SQL("ANALYZE {}").format(table_ident(c.new)))
-    with _timed(c, "catch-up"):
+    with c.timed("catch-up"):
         catch_up(conn, c, names, budget.check)
-
-
-@contextmanager
-def _timed(c: Compaction, phase: str) -> Iterator[None]:
-    """The phase's seconds into ``c.seconds`` (recorded with the next save)."""
-    began = time.monotonic()
-    try:
-        yield
-    finally:
-        c.seconds[phase] = round(time.monotonic() - began, 3)
 
 
 def _copy_bytes(conn: Connection, oid: int, statements: Statements, cutoff: object) -> int:

@@ -54,9 +54,10 @@ def finish_swapped(conn: Connection, c: Compaction, lock_timeout_ms: int) -> int
             table_ident(c.table), sql.Identifier(name)))
     # two statements (nobody writes the old table now): each may count on an index alone (a
     # partial index on the garbage, the primary key), which `count(*) FILTER (...)` never does
-    rows = one_row(conn.execute(sql.SQL("SELECT count(*) FROM {}").format(table_ident(c.old))))[0]
-    garbage = one_row(conn.execute(sql.SQL("SELECT count(*) FROM {old} WHERE ({garbage})").format(
-        garbage=c.predicate, old=table_ident(c.old)), c.params))[0]
+    with c.timed("count"):
+        rows = one_row(conn.execute(sql.SQL("SELECT count(*) FROM {}").format(table_ident(c.old))))[0]
+        garbage = one_row(conn.execute(sql.SQL("SELECT count(*) FROM {old} WHERE ({garbage})").format(
+            garbage=c.predicate, old=table_ident(c.old)), c.params))[0]
     if rows != c.live + garbage:
         with conn.transaction():  # before the old table is first written: never verified again
             unswap.begin(conn, c)
@@ -64,7 +65,8 @@ def finish_swapped(conn: Connection, c: Compaction, lock_timeout_ms: int) -> int
                f" the new one {c.live} and garbage {garbage}")
         unswap.unswap(conn, c, lock_timeout_ms, why)
     _drop_capture(conn, c, lock_timeout_ms)
-    with conn.transaction():  # not under the table's lock: the archive's delete may take a while
+    # not under the table's lock: the archive's delete may take a while
+    with c.timed("drop"), conn.transaction():
         if c.archive:
             _keep_garbage_only(conn, c)
         else:

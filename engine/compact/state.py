@@ -6,6 +6,9 @@ a record that says exactly what exists: :mod:`engine.compact.recover` reads it.
 
 from __future__ import annotations
 
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
@@ -92,6 +95,15 @@ class Compaction:
     @property
     def params(self) -> dict[str, object]:
         return {"cutoff": self.cutoff}
+
+    @contextmanager
+    def timed(self, phase: str) -> Iterator[None]:
+        """The phase's seconds into :attr:`seconds` (recorded with the next save)."""
+        began = time.monotonic()
+        try:
+            yield
+        finally:
+            self.seconds[phase] = round(time.monotonic() - began, 3)
 
 
 def names_of(conn: Connection, oid: int) -> tuple[str, str]:
