@@ -56,7 +56,7 @@ def on_table(template: str, table: str, garbage: str = GARBAGE_SQL) -> sql.Compo
 ARCHIVE_FORMATS = (None, "gzip", "zstd", "parquet")
 """``_f<n>``: the format of ``--archive-to``."""
 MSGGC_NAME = re.compile(
-    r"msggc_(auto|physical|index|key)((?:_(?:w\d+|t\d+|s\d+|r\d+|a\d|f\d|c\d|n\d))*)((?:\+[a-z]+)*)")
+    r"msggc_(auto|physical|index|key|compact)((?:_(?:w\d+|t\d+|s\d+|r\d+|a\d|f\d|c\d|n\d))*)((?:\+[a-z]+)*)")
 GUARD_NAME = re.compile(r"msggc_guard_(\d+(?:\.\d+)?)(x|ms)")
 """``msggc_guard_2x``: msggc auto with ``--max-app-latency`` at twice the load's p99 measured alone
 in the same round (``_3x``: three times, the service's ``auto``); ``msggc_guard_20ms``: at a fixed
@@ -147,8 +147,8 @@ def parse_contender(name: str) -> ContenderSpec:
     if not match:
         raise ValueError(
             f"unknown contender {name!r}: use single, naive, each_batch or"
-            " msggc_<auto|physical|index|key>[_w<workers>][_t<ms>][_s<ms>][_r<MB/s>][_a1][_f1][_c1][_n1]"
-            "[+prototype...][_walcomp]"
+            " msggc_<auto|physical|index|key|compact>[_w<workers>][_t<ms>][_s<ms>][_r<MB/s>][_a1][_f1][_c1]"
+            "[_n1][+prototype...][_walcomp]"
         )
     mods = {part[0]: int(part[1:]) for part in match[2].split("_") if part}
     return ContenderSpec(
@@ -359,8 +359,12 @@ def run_msggc(dsn: str, rec: Recorder, spec: ContenderSpec, table: str,
     with tempfile.TemporaryDirectory(prefix="msggc-bench-") as archive_dir:
         options = msggc_options(spec, archive_dir=archive_dir, table=table, retention_days=retention_days,
                                 app_p99_ms=app_p99_ms)
+        began = rec.now()
         result = collect(dsn, options, on_progress=on_progress)
         archived = sum(f.stat().st_size for f in Path(archive_dir).rglob("*") if f.is_file())
+    if not first.is_set():  # a compaction: no batches, its count is committed once, at its end
+        rec.walk_started(began)
+        rec.committed(result.messages_deleted, result.elapsed_s)
     if result.status != "complete":
         raise RuntimeError(f"msggc ended {result.status}: {result.error or result.stop_reason}")
     engine = {**result.as_json(), "archive_file_bytes": archived}

@@ -90,6 +90,9 @@ LAYOUTS: dict[str, Layout] = {
     "dense": Layout(garbage="dense"),
     "sparse": Layout(garbage="sparse"),
     "aged": Layout(garbage="aged"),
+    "backlog": Layout(garbage="aged", fraction=0.99,
+                      description="`messages`, 99% garbage: the oldest rows processed, the newest 1% not"
+                                  " (a neglected table, the case for `--strategy compact`)"),
     "uuid-dense": Layout(
         table=UUID_TABLE, seeding="uuid", garbage="dense", fraction=0.8, integer_key=False,
         garbage_index=False,
@@ -369,7 +372,8 @@ def _seed_synth(dsn: str, shape_layout: Layout, rows: int, fraction: float | Non
                 progress: Progress) -> Any:
     from engine.tools import synth
 
-    return synth.seed(dsn, rows, shape_layout.garbage, fraction, table=shape_layout.table,
+    share = shape_layout.fraction if fraction is None else fraction
+    return synth.seed(dsn, rows, shape_layout.garbage, share, table=shape_layout.table,
                       on_progress=progress)
 
 
