@@ -6,8 +6,9 @@ The copy's time is the finding of its live rows (timed on the first ``FIND_ROWS`
 copy finds them: a sequential read, or an index that answers the predicate's negation) plus the
 writing of its live rows and the building of its indexes (timed on the sample's live rows, made
 into a table like the new one would be, inside a transaction rolled back), plus the verification
-after the swap: two counts of the old table, each about a sequential read of it (timed on its
-first blocks).
+after the swap: a sequential read of the old table (timed on its first blocks) per whole count of
+it (:mod:`engine.compact.tally`: one where an index counts its live rows, else two), standing
+for the counts and the old table's drop.
 """
 
 from __future__ import annotations
@@ -18,10 +19,9 @@ from typing import Any
 
 from psycopg import sql
 
-from engine.compact import copy, preconditions
+from engine.compact import copy, preconditions, tally
 from engine.compact.choice import live_share
 from engine.compact.state import Compaction, names_of
-from engine.config import TableSpec
 from engine.db import Connection, one_row, table_ident
 from engine.queries import Statements
 from engine.result import GcResult
@@ -34,8 +34,6 @@ READ_BLOCKS = 4_096
 """The live rows written in the sample copy, and the blocks read to time a count (32 MB)."""
 FIND_ROWS = 5_000
 """The live rows found to time the copy's search for them (at 1% live, a twentieth of 10M rows)."""
-VERIFY_COUNTS = 2
-"""The verification's reads of the old table: its rows, and its garbage (``recover.finish_swapped``)."""
 
 
 def predict(conn: Connection, target: Target, statements: Statements | None, walk: GcResult,
@@ -57,8 +55,10 @@ def predict(conn: Connection, target: Target, statements: Statements | None, wal
     live = round(rows * share)
     copied = _sample_copy(conn, target, statements, params) if live else None
     live_rows = copy.live_rows(statements.garbage, copy.never_null(target))
-    find_s = _find_seconds(conn, statements.table, live_rows, params, live)
-    verify_s = VERIFY_COUNTS * _read_seconds(conn, statements, int(pages))
+    read_s = _read_seconds(conn, statements, int(pages))
+    find_s = _find_seconds(conn, table_ident(statements.table), live_rows, params, live, read_s)
+    whole_counts = 1 if tally.live_is_cheaper(conn, table_ident(statements.table), live_rows, params) else 2
+    verify_s = whole_counts * read_s
     scale = live / copied[0] if copied and copied[0] else 0.0
     seconds = find_s + (copied[1] * scale if copied else 0.0) + verify_s
     wal = round(copied[2] * scale) if copied else 0
@@ -99,17 +99,21 @@ def _sample_copy(conn: Connection, target: Target, statements: Statements,
         conn.execute("ROLLBACK")
 
 
-def _find_seconds(conn: Connection, table: TableSpec, live_rows: sql.Composable, params: dict[str, object],
-                  live: int) -> float:
-    """The copy's search for the live rows, timed on its first ``FIND_ROWS`` (the copy's predicate,
-    so the same plan: a btree on the processed column finds a backlog's few live rows without
-    reading the heap's garbage), scaled to ``live``."""
+def _find_seconds(conn: Connection, table: sql.Composable, live_rows: sql.Composable,
+                  params: dict[str, object], live: int, read_s: float) -> float:
+    """The copy's search for the live rows: a sequential read of the whole heap (``read_s``)
+    where its plan is one, wherever the live rows lie (an aged table's are all at its end: timing
+    its first ``FIND_ROWS`` and scaling read the table twenty times over); else timed on its
+    first ``FIND_ROWS`` (a btree on the processed column finds a backlog's few without reading
+    the heap's garbage), scaled to ``live``."""
+    search = sql.SQL("SELECT 1 FROM ONLY {} WHERE {}").format(table, live_rows)
     if not live:
         return 0.0
+    if tally.sequential(conn, search, params):
+        return read_s
     started = time.monotonic()
-    found = one_row(conn.execute(sql.SQL(
-        "SELECT count(*) FROM (SELECT 1 FROM ONLY {t} WHERE {live} LIMIT {n}) AS live").format(
-            t=table_ident(table), live=live_rows, n=sql.Literal(FIND_ROWS)), params))[0]
+    found = one_row(conn.execute(sql.SQL("SELECT count(*) FROM ({} LIMIT {}) AS live").format(
+        search, sql.Literal(FIND_ROWS)), params))[0]
     return (time.monotonic() - started) * live / max(int(found), 1)
 
 

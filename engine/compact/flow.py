@@ -67,14 +67,14 @@ def compact(conn: Connection, dsn: str, options: GcOptions, target: Target, stat
                          resumed_from=None, run_id=run_id, garbage=target.describe(), key=target.key)
         parent = leaf.parent_of(conn, target.oid)
         c = Compaction(run.id, schema, name, list(target.key), statements.garbage.as_string(conn),
-                       cutoff.isoformat() if cutoff else None, archive=options.archive,
+                       cutoff.isoformat() if cutoff else None, never_null=copy.never_null(target),
+                       archive=options.archive,
                        parent=list(parent[:2]) if parent else None, bound=parent[2] if parent else None)
         save(conn, c)
     budget = Budget(stop, started + options.max_seconds if options.max_seconds else None)
     status, failure = RunStatus.COMPLETE, None
     try:
-        live = copy.live_rows(c.predicate, copy.never_null(target))
-        _until_swap(conn, c, target.oid, names, options, budget, live)
+        _until_swap(conn, c, target.oid, names, options, budget, copy.live_rows(c.predicate, c.never_null))
         with c.timed("swap"):
             swap.swap(conn, c, names, options.lock_timeout_ms)
         with c.timed("verify"):

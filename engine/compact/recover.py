@@ -16,7 +16,7 @@ from collections.abc import Callable
 from psycopg import errors as pg_errors
 from psycopg import sql
 
-from engine.compact import capture, unswap
+from engine.compact import capture, copy, tally, unswap
 from engine.compact.locking import locking
 from engine.compact.state import AFTER_SWAP, BEFORE_SWAP, Compaction, names_of, save, unfinished
 from engine.compact.unswap import CompactionKept, CompactionUndone
@@ -52,12 +52,9 @@ def finish_swapped(conn: Connection, c: Compaction, lock_timeout_ms: int) -> int
     for name in c.validate:
         conn.execute(sql.SQL("ALTER TABLE {} VALIDATE CONSTRAINT {}").format(
             table_ident(c.table), sql.Identifier(name)))
-    # two statements (nobody writes the old table now): each may count on an index alone (a
-    # partial index on the garbage, the primary key), which `count(*) FILTER (...)` never does
     with c.timed("count"):
-        rows = one_row(conn.execute(sql.SQL("SELECT count(*) FROM {}").format(table_ident(c.old))))[0]
-        garbage = one_row(conn.execute(sql.SQL("SELECT count(*) FROM {old} WHERE ({garbage})").format(
-            garbage=c.predicate, old=table_ident(c.old)), c.params))[0]
+        rows, garbage = tally.counts(conn, table_ident(c.old), c.predicate,
+                                     copy.live_rows(c.predicate, c.never_null), c.params)
     if rows != c.live + garbage:
         with conn.transaction():  # before the old table is first written: never verified again
             unswap.begin(conn, c)

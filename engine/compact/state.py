@@ -40,6 +40,10 @@ class Compaction:
     garbage: str
     """The garbage predicate as SQL text rendered by this run (its cutoff a parameter)."""
     cutoff: str | None
+    never_null: bool = False
+    """The garbage predicate is never NULL (the processed column alone, no ``--where``): its
+    negation is ``NOT (garbage)``, which an index on the column answers
+    (:func:`engine.compact.copy.live_rows`)."""
     phase: Phase = "planned"
     """``planned`` is recorded as the run starts, before anything is built."""
     live: int = 0
