@@ -8,7 +8,8 @@ msggc ``--strategy compact``; msggc with no flag (``auto``: a walk or a compacti
 timed as the wall time of its statements or of ``engine.collect`` in this process (no process
 start), its WAL is the server's LSN difference (so the server should be this benchmark's alone:
 the embedded one by default), and every count is checked: no garbage left, every live row kept.
-A compaction's phases are timed by the run itself (its record's ``seconds``). ``--live-index``
+A compaction's phases are timed by the run itself (its record's ``seconds``), and its
+``--dry-run`` on the same copy (before the checkpoint) is reported beside. ``--live-index``
 runs every contender on a copy of the template with a btree on ``processed_at``, an index that
 finds the live rows (``IS NULL``). No application writes beside it; the capture trigger's cost per
 application write is measured apart (one-row updates, each its own transaction, without then
@@ -75,6 +76,7 @@ def measure(server: Server, template: str, contender: str, garbage: int, rows: i
     server.create_database(name, template)
     dsn = server.database(name)
     try:
+        predicted = _predicted(dsn) if contender == "compact" else {}
         server.checkpoint()
         before = server.wal_snapshot()
         began = time.monotonic()
@@ -92,9 +94,20 @@ def measure(server: Server, template: str, contender: str, garbage: int, rows: i
                                  f" {present} present")
         compaction = {"phases_s": record[0]["seconds"]} if record else {}
         return {"contender": contender, "seconds": seconds, "rows_per_s": deleted / seconds,
-                "wal_bytes": wal, "table_bytes_after": size, "deleted": deleted, **compaction}
+                "wal_bytes": wal, "table_bytes_after": size, "deleted": deleted, **compaction, **predicted}
     finally:
         server.drop_database(name)
+
+
+def _predicted(dsn: str) -> dict[str, Any]:
+    """The compaction's ``--dry-run`` on the same copy, before the checkpoint that precedes the run."""
+    from engine import GcOptions, collect
+
+    result = collect(dsn, GcOptions(strategy="compact", dry_run=True))
+    figures = result.compaction or {}
+    return {"predicted_s": result.predicted_seconds, "predicted_wal_bytes": result.predicted_wal_bytes,
+            "predicted_phases_s": {"find": figures.get("predicted_find_seconds"),
+                                   "verify": figures.get("predicted_verify_seconds")}}
 
 
 def with_live_index(server: Server, template: str) -> str:
@@ -162,6 +175,9 @@ def markdown(shape: dict[str, Any]) -> str:
         if "phases_s" in r:
             phases = ", ".join(f"{phase} {seconds:.2f}" for phase, seconds in r["phases_s"].items())
             lines.append(f"\n{r['contender']}: phases (s): {phases}")
+        if r.get("predicted_s"):
+            lines.append(f"\n{r['contender']}: its --dry-run predicted {r['predicted_s']:.2f} s"
+                         f" ({r['predicted_s'] / r['seconds']:.2f}x the measured)")
     cost = shape.get("trigger")
     if cost is None:
         return "\n".join(lines)
