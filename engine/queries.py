@@ -2,7 +2,8 @@
 
 The garbage predicate is defined here and nowhere else; every DELETE repeats it, so a row that
 stopped being garbage after it was picked (un-processed concurrently) is re-checked under the
-row lock and survives.
+row lock and survives. The foreign keys' parts of them (a child row that holds a row, a
+self-referencing table's subtrees) are composed in :mod:`engine.reference_queries`.
 """
 
 from __future__ import annotations
@@ -15,8 +16,8 @@ from psycopg import sql
 
 from engine.config import TableSpec
 from engine.db import table_ident
-from engine.errors import UsageError
-from engine.references import SAFE_SELF_ACTIONS, Reference
+from engine.reference_queries import garbage_subtrees, held_by, referenced, refuse_unsafe_self_references
+from engine.references import Reference
 from engine.target import Target
 
 SET_BATCH_SETTINGS = sql.SQL(
@@ -55,49 +56,6 @@ def garbage_predicate(target: Target, with_cutoff: bool) -> sql.Composable:
     return sql.SQL(" AND ").join(parts)
 
 
-def _referenced(target: Target, ref: Reference, outer: str | None = None,
-                child_test: sql.Composable | None = None) -> sql.Composed:
-    """``EXISTS`` a child row of ``ref`` pointing at the outer row of the target (named ``outer``
-    when the outer query gives it an alias), and passing ``child_test`` when given (its columns,
-    unqualified, are the child's)."""
-    parent_table = (outer,) if outer else _qualified(target)
-    pairs = sql.SQL(" AND ").join([
-        *(sql.SQL("{} = {}").format(sql.Identifier("msggc_child", child),
-                                    sql.Identifier(*parent_table, parent))
-          for child, parent in zip(ref.child_columns, ref.parent_columns, strict=True)),
-        *([child_test] if child_test is not None else [])])
-    return sql.SQL("EXISTS (SELECT 1 FROM {child} AS msggc_child WHERE {pairs})").format(
-        child=table_ident(ref.child), pairs=pairs)
-
-
-UNINDEXED_DEPTH = 32
-"""How deep below a batch's range a subtree is followed when the key onto the table itself has no
-index (see :meth:`Statements._subtrees`): each level may read the whole table, so deeper threads
-are left, counted, for a later run (measured on a 20,000-reply chain: 100 levels made a batch of
-6 keys take 228 ms, and the sizer's batches shrank toward nothing)."""
-
-CHANGE = {"cascade": "delete", "set null": "set to NULL the key of",
-          "set default": "set to default the key of"}
-"""What a self-referencing key's action would do to the rows that reference a deleted one."""
-
-
-def _refuse_unsafe_self_references(target: Target) -> None:
-    """A key of the table onto itself whose action changes rows of the table: see
-    :data:`engine.references.SAFE_SELF_ACTIONS`."""
-    for ref in target.references:
-        if ref.self_referencing and ref.action not in SAFE_SELF_ACTIONS:
-            raise UsageError(
-                f"foreign key {ref.name} of {target.spec.qualified} onto itself is ON DELETE"
-                f" {ref.action.upper()}: deleting a garbage row would {CHANGE[ref.action]} rows of the"
-                " table that reference it, which may not be garbage; msggc refuses such a table (under"
-                " NO ACTION or RESTRICT a run keeps the referenced garbage rows and counts them)")
-
-
-def _qualified(target: Target) -> tuple[str, ...]:
-    spec = target.spec
-    return (spec.schema, spec.name) if spec.schema else (spec.name,)
-
-
 @dataclass(frozen=True)
 class Archive:
     """Where ``--archive`` moves deleted rows, and the columns it copies."""
@@ -131,12 +89,12 @@ class Statements:
     def for_target(cls, target: Target, with_cutoff: bool, archive: Archive | None = None,
                    delete_dependents: bool = False,
                    child_archives: dict[str, Archive] | None = None) -> Statements:
-        _refuse_unsafe_self_references(target)
+        refuse_unsafe_self_references(target)
         garbage = garbage_predicate(target, with_cutoff)
         holding = [ref for ref in target.references
                    if ref.blocks and not ref.deletes_dependents(delete_dependents)]
         deletable = sql.SQL(" AND ").join(
-            [garbage, *(sql.SQL("NOT {}").format(_referenced(target, ref)) for ref in holding)])
+            [garbage, *(sql.SQL("NOT {}").format(referenced(target, ref)) for ref in holding)])
         archives = {name: archive for name, archive in (child_archives or {}).items()
                     if name not in {ref.name for ref in target.references if ref.self_referencing}}
         return cls(target=target, garbage=garbage, deletable=deletable, archive=archive,
@@ -166,79 +124,13 @@ class Statements:
 
     def _held_by_others(self, outer: str | None = None) -> sql.Composable:
         """The row is referenced by a child of another table that holds it."""
-        return sql.SQL(" OR ").join([sql.SQL("FALSE"), *(_referenced(self.target, ref, outer)
-                                                         for ref in self._holding_others)])
+        return held_by(self.target, self._holding_others, outer)
 
     def _subtrees(self, range_: sql.Composable) -> sql.Composed:
-        """The addresses (ctid) of the rows a DELETE of the range takes when the table references
-        itself: each garbage row of the range with every row that descends from it, when all of
-        them are garbage of this table (or leaf) that no other key holds. A row one of whose
-        descendants stays (not garbage, in another leaf, held) stays too, and so does every row on
-        the way up to it. Descendants outside the range go with their ancestor in the same
-        statement, so that NO ACTION and RESTRICT are satisfied at its end; the walk finds them
-        gone when it reaches them. Followed downward through the garbage rows only, from the
-        range's: the children of a row are found through the referencing columns (an index on
-        them makes each step a lookup); then upward from the rows that stay, by the referenced
-        key (unique, so indexed), as far as the rows found on the way down.
-
-        Without such an index PostgreSQL reads the whole table for each row deleted, so the rows
-        are followed down at most :data:`UNINDEXED_DEPTH` levels below the range (each row at
-        the least depth it is found at): a row with a descendant beyond stays, like one with a
-        descendant that stays, counted, for a run that reaches the lower part first. A fully
-        processed chain of 20,000 replies otherwise made one statement of 20,000 table reads that
-        no batch size could keep under statement_timeout, and every run failed."""
-        refs = self.self_references
-        columns = list(dict.fromkeys(c for ref in refs for c in (*ref.parent_columns, *ref.child_columns)))
-        slot = {c: f"msggc_c{i}" for i, c in enumerate(columns)}
-
-        def carried(alias: str | None, slots: bool = False) -> sql.Composable:
-            """The columns of a row (or their slots in the CTEs), as ``alias`` names them."""
-            names = [slot[c] if slots else c for c in columns]
-            return sql.SQL(", ").join(sql.Identifier(alias, n) if alias else sql.Identifier(n) for n in names)
-
-        def edges(child: str, parent: str, child_slots: bool, parent_slots: bool = True) -> sql.Composable:
-            """``child`` references ``parent`` through one of the keys (each a row of the table,
-            or of a CTE where its columns are in their slots)."""
-            return sql.SQL(" OR ").join(sql.SQL("({})").format(sql.SQL(" AND ").join(
-                sql.SQL("{} = {}").format(sql.Identifier(child, slot[c] if child_slots else c),
-                                          sql.Identifier(parent, slot[p] if parent_slots else p))
-                for c, p in zip(ref.child_columns, ref.parent_columns, strict=True))) for ref in refs)
-
-        capped = not all(ref.indexed for ref in refs)
-        cap = sql.Literal(UNINDEXED_DEPTH)
-        none = sql.SQL("")
-        return sql.SQL(
-            "WITH RECURSIVE msggc_down (msggc_rel, msggc_tid, msggc_ok, {slots}{depth}) AS ("
-            " SELECT tableoid, ctid, (NOT ({held_root})) IS TRUE, {own}{root_depth} FROM {t}"
-            " WHERE {range} AND {garbage}"
-            " UNION"
-            " SELECT msggc_k.tableoid, msggc_k.ctid,"
-            " (msggc_k.tableoid = {oid}::oid AND {garbage} AND NOT ({held_k})) IS TRUE, {k}{child_depth}"
-            " FROM {tree} AS msggc_k JOIN msggc_down AS msggc_d ON {down} WHERE msggc_d.msggc_ok{deeper}),"
-            " msggc_up (msggc_rel, msggc_tid, {slots}) AS ("
-            " SELECT msggc_rel, msggc_tid, {slots} FROM msggc_down WHERE NOT msggc_ok{unexplored}"
-            " UNION"
-            " SELECT msggc_p.tableoid, msggc_p.ctid, {p}"
-            " FROM msggc_up AS msggc_u JOIN {tree} AS msggc_p ON {up}"
-            " WHERE (msggc_p.tableoid, msggc_p.ctid) IN"
-            " (SELECT msggc_rel, msggc_tid FROM msggc_down WHERE msggc_ok{explored}))"
-            " SELECT msggc_tid FROM msggc_down WHERE msggc_ok AND msggc_rel = {oid}::oid{explored}"
-            " EXCEPT SELECT msggc_tid FROM msggc_up WHERE msggc_rel = {oid}::oid"
-        ).format(
-            slots=carried(None, slots=True), held_root=self._held_by_others(), own=carried(None),
-            t=table_ident(self.table), range=range_, garbage=self.garbage, oid=sql.Literal(self.target.oid),
-            held_k=self._held_by_others("msggc_k"), k=carried("msggc_k"), tree=table_ident(refs[0].child),
-            down=edges("msggc_k", "msggc_d", child_slots=False), p=carried("msggc_p"),
-            up=edges("msggc_u", "msggc_p", child_slots=True, parent_slots=False),
-            depth=sql.SQL(", msggc_depth") if capped else none,
-            root_depth=sql.SQL(", 0") if capped else none,
-            child_depth=sql.SQL(", msggc_d.msggc_depth + 1") if capped else none,
-            deeper=sql.SQL(" AND msggc_d.msggc_depth <= {}").format(cap) if capped else none,
-            explored=sql.SQL(" AND msggc_depth <= {}").format(cap) if capped else none,
-            unexplored=sql.SQL(
-                " OR (msggc_depth > {cap} AND (msggc_rel, msggc_tid) NOT IN"
-                " (SELECT msggc_rel, msggc_tid FROM msggc_down WHERE msggc_depth <= {cap}))"
-            ).format(cap=cap) if capped else none)
+        """The rows a DELETE of the range takes when the table references itself (see
+        :func:`engine.reference_queries.garbage_subtrees`)."""
+        return garbage_subtrees(self.target, self.self_references, self._holding_others, self.garbage,
+                                range_)
 
     @cached_property
     def changes_seen_in_statistics(self) -> tuple[Reference, ...]:
@@ -314,7 +206,7 @@ class Statements:
         if ref in self.kept_by:  # a key onto the table itself: held by a row that stays (one level)
             staying = sql.SQL("({}) IS NOT TRUE").format(self.garbage) if ref.self_referencing else None
             return sql.SQL("SELECT count(*) FROM {sample} WHERE {garbage} AND {held}").format(
-                sample=sample, garbage=self.garbage, held=_referenced(self.target, ref, child_test=staying))
+                sample=sample, garbage=self.garbage, held=referenced(self.target, ref, child_test=staying))
         parents = sql.SQL("SELECT {cols} FROM {sample} WHERE {pred}").format(
             cols=sql.SQL(", ").join(map(sql.Identifier, ref.parent_columns)), sample=sample,
             pred=self.garbage if ref.blocks else self.deletable)
@@ -325,7 +217,7 @@ class Statements:
     def count_kept(self, range_: sql.Composable) -> sql.Composed:
         """Per holding foreign key, the range's garbage rows left because a child references them."""
         counts = sql.SQL(", ").join(sql.SQL("count(*) FILTER (WHERE {})").format(
-            _referenced(self.target, ref)) for ref in self.kept_by)
+            referenced(self.target, ref)) for ref in self.kept_by)
         return self._format("SELECT {counts} FROM {t} WHERE {range} AND {garbage}", counts=counts,
                             range=range_)
 
