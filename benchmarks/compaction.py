@@ -107,6 +107,7 @@ def _predicted(dsn: str) -> dict[str, Any]:
     figures = result.compaction or {}
     return {"predicted_s": result.predicted_seconds, "predicted_wal_bytes": result.predicted_wal_bytes,
             "predicted_phases_s": {"find": figures.get("predicted_find_seconds"),
+                                   "write": figures.get("predicted_write_seconds"),
                                    "verify": figures.get("predicted_verify_seconds")}}
 
 

@@ -5,7 +5,8 @@ walk's own prediction (the same dry run with the strategy the planner would pick
 The copy's time is the finding of its live rows (timed on the first ``FIND_ROWS`` of them as the
 copy finds them: a sequential read, or an index that answers the predicate's negation) plus the
 writing of its live rows and the building of its indexes (timed on the sample's live rows, made
-into a table like the new one would be, inside a transaction rolled back), plus the verification
+into a table like the new one would be, inside a transaction rolled back, and scaled; the index
+builds' cost on no rows added once), plus the verification
 after the swap: a sequential read of the old table (timed on its first blocks) per whole count of
 it (:mod:`engine.compact.tally`: one where an index counts its live rows, else two), standing
 for the counts and the old table's drop.
@@ -59,13 +60,15 @@ def predict(conn: Connection, target: Target, statements: Statements | None, wal
     find_s = _find_seconds(conn, table_ident(statements.table), live_rows, params, live, read_s)
     whole_counts = 1 if tally.live_is_cheaper(conn, table_ident(statements.table), live_rows, params) else 2
     verify_s = whole_counts * read_s
-    scale = live / copied[0] if copied and copied[0] else 0.0
-    seconds = find_s + (copied[1] * scale if copied else 0.0) + verify_s
-    wal = round(copied[2] * scale) if copied else 0
-    disk = round(copied[3] * scale) if copied else 0
+    scale = live / copied.rows if copied and copied.rows else 0.0
+    write_s = copied.seconds * scale + copied.fixed_seconds if copied else 0.0
+    seconds = find_s + write_s + verify_s
+    wal = round(copied.wal_bytes * scale) if copied else 0
+    disk = round(copied.disk_bytes * scale) if copied else 0
     room, disk_line = preconditions.disk_room(conn, disk)
     figures.update(live_rows=live, rows=int(rows), heap_bytes=int(heap_bytes), predicted_seconds=seconds,
-                   predicted_find_seconds=find_s, predicted_verify_seconds=verify_s,
+                   predicted_find_seconds=find_s, predicted_write_seconds=write_s,
+                   predicted_verify_seconds=verify_s,
                    predicted_wal_bytes=wal, disk_bytes=disk, disk=disk_line, room=room, checked=CHECKED)
     versus = _versus(walk, seconds, wal)
     return dataclasses.replace(
@@ -74,27 +77,49 @@ def predict(conn: Connection, target: Target, statements: Statements | None, wal
         reason=f"compaction: copy ~{live:,} live rows of ~{int(rows):,}; {disk_line}{versus}")
 
 
+@dataclasses.dataclass(frozen=True)
+class SampleCopy:
+    rows: int
+    seconds: float
+    """Writing the rows and building the indexes, less ``fixed_seconds``."""
+    fixed_seconds: float
+    """Building the indexes on no rows: paid once, whatever the rows (scaled, a 20,000-row
+    sample's fixed cost made a 10M-row backlog's prediction twice its time)."""
+    wal_bytes: int
+    disk_bytes: int
+
+
 def _sample_copy(conn: Connection, target: Target, statements: Statements,
-                 params: dict[str, object]) -> tuple[int, float, int, int] | None:
-    """(rows, seconds, WAL bytes, bytes on disk) of a copy of sampled live rows into a table like
-    the new one, with its indexes, in a transaction that is rolled back."""
-    c = Compaction(-conn.info.backend_pid, names_of(conn, target.oid)[0], target.spec.name, list(target.key),
-                   statements.garbage.as_string(conn), None)
+                 params: dict[str, object]) -> SampleCopy | None:
+    """Sampled live rows written into a table like the new one, with its indexes, in a
+    transaction that is rolled back. The sample is first staged untimed (finding the live rows
+    is timed apart, as the copy finds them: a sample of an aged table's blocks holds few)."""
+    schema, oid = names_of(conn, target.oid)[0], target.oid
+    garbage = statements.garbage.as_string(conn)
+    stage, empty, new = (Compaction(-3 * conn.info.backend_pid - n, schema, target.spec.name,
+                                    list(target.key), garbage, None) for n in range(3))
+    cols = sql.SQL(", ").join(map(sql.Identifier, copy.columns(conn, oid)))
     conn.execute("BEGIN")
     try:
-        copy.create_table(conn, c, target.oid)
-        lsn, started = one_row(conn.execute("SELECT pg_current_wal_insert_lsn()"))[0], time.monotonic()
-        cols = sql.SQL(", ").join(map(sql.Identifier, copy.columns(conn, target.oid)))
+        for table in (stage, empty, new):
+            copy.create_table(conn, table, oid)
         rows = conn.execute(sql.SQL(
-            "INSERT INTO {new} ({cols}) OVERRIDING SYSTEM VALUE SELECT {cols} FROM {t}"
+            "INSERT INTO {stage} ({cols}) OVERRIDING SYSTEM VALUE SELECT {cols} FROM {t}"
             " TABLESAMPLE SYSTEM (10) WHERE ({g}) IS NOT TRUE LIMIT {n}").format(
-                new=table_ident(c.new), cols=cols, t=table_ident(target.spec), g=statements.garbage,
+                stage=table_ident(stage.new), cols=cols, t=table_ident(target.spec), g=statements.garbage,
                 n=sql.Literal(SAMPLE_ROWS)), params).rowcount
-        copy.build_indexes(conn, c, target.oid)
+        started = time.monotonic()
+        copy.build_indexes(conn, empty, oid)
+        fixed = time.monotonic() - started
+        lsn, started = one_row(conn.execute("SELECT pg_current_wal_insert_lsn()"))[0], time.monotonic()
+        conn.execute(sql.SQL("INSERT INTO {new} ({cols}) OVERRIDING SYSTEM VALUE SELECT {cols} FROM {stage}"
+                             ).format(new=table_ident(new.new), cols=cols, stage=table_ident(stage.new)))
+        copy.build_indexes(conn, new, oid)
+        seconds = time.monotonic() - started
         wal, size = one_row(conn.execute(
             "SELECT pg_wal_lsn_diff(pg_current_wal_insert_lsn(), %s)::bigint,"
-            " pg_total_relation_size(to_regclass(%s))", (lsn, table_ident(c.new).as_string(conn))))
-        return rows, time.monotonic() - started, int(wal), int(size)
+            " pg_total_relation_size(to_regclass(%s))", (lsn, table_ident(new.new).as_string(conn))))
+        return SampleCopy(rows, max(seconds - fixed, 0.0), fixed, int(wal), int(size))
     finally:
         conn.execute("ROLLBACK")
 
