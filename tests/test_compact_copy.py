@@ -96,7 +96,4 @@ def test_the_dry_run_predicts_the_search_of_an_aged_tables_live_rows_as_one_read
     result = collect(dsn, options(dry_run=True))
     figures = result.compaction
     assert figures is not None and figures["refused"] == []
-    live = copy.live_rows(sql.SQL("processed_at IS NOT NULL"), True)
-    whole_counts = 1 if tally.live_is_cheaper(conn, sql.Identifier("public", "inbox"), live, {}) else 2
-    find, verify = figures["predicted_find_seconds"], figures["predicted_verify_seconds"]
-    assert find * whole_counts == pytest.approx(verify)
+    assert figures["predicted_find_seconds"] == figures["predicted_verify_seconds"]  # a heap read each
