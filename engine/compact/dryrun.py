@@ -2,13 +2,13 @@
 and its duration, WAL and disk predicted from a real sample copy that is rolled back, beside the
 walk's own prediction (the same dry run with the strategy the planner would pick).
 
-The copy's time is the finding of its live rows (timed on the first ``FIND_ROWS`` of them as the
-copy finds them: a sequential read, or an index that answers the predicate's negation) plus the
-writing of its live rows and the building of its indexes (timed on the sample's live rows, made
-into a table like the new one would be, inside a transaction rolled back, and scaled; the index
-builds' cost on no rows added once), plus the verification
-after the swap (its counts and the old table's drop), which took 0.9-1.5 times a sequential read
-of the heap at 10M and 100M rows: predicted as one.
+The copy's time is the finding of its live rows (a sequential search: one read of the heap, timed
+on chunks spread through it; an index that answers the predicate's negation: timed on the first
+``FIND_ROWS`` it finds, scaled), plus the writing of its live rows and the building of its indexes
+(timed on sampled live rows written into a table like the new one, inside a transaction rolled
+back, and scaled; the index builds' cost on no rows added once), plus the verification after the
+swap (its counts and the old table's drop): predicted as one read of the heap, which it took 0.9-1.5
+times at 10M and 100M rows with the heap in memory or not.
 """
 
 from __future__ import annotations
